@@ -1,0 +1,84 @@
+"""Command line: `python -m server serve | models fetch | models build-offline | db upgrade | bench`."""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from server.core.config import get_settings
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run("server.main:app", host=args.host or settings.host, port=args.port or settings.port,
+                log_level=settings.log_level.lower())
+
+
+def fetch_models(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    settings = get_settings()
+    for model_id, model_class in ((settings.generator_model, AutoModelForCausalLM),
+                                  (settings.sentiment_model, AutoModelForSequenceClassification)):
+        print(f"fetching {model_id} into {settings.models_cache_dir}")
+        AutoTokenizer.from_pretrained(model_id, cache_dir=settings.models_cache_dir)
+        model_class.from_pretrained(model_id, cache_dir=settings.models_cache_dir)
+
+
+def build_offline(args: argparse.Namespace) -> None:
+    from server.ml.offline import build_standins
+
+    settings = get_settings()
+    root = args.dir or settings.models_cache_dir / "offline"
+    generator, classifier = build_standins(root, settings.generator_model, settings.sentiment_model)
+    print(f"stand-in generator: {generator}\nstand-in classifier: {classifier}")
+
+
+def upgrade_db(args: argparse.Namespace) -> None:
+    from server.db.migrate import upgrade
+
+    upgrade(get_settings().database_url)
+    print("database at the latest revision")
+
+
+def bench(args: argparse.Namespace) -> None:
+    from server.bench.run import main
+
+    main(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="python -m server", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="run the HTTP server (settings from the environment / .env)")
+    serve_cmd.add_argument("--host")
+    serve_cmd.add_argument("--port", type=int)
+    serve_cmd.set_defaults(run=serve)
+
+    models = commands.add_parser("models", help="model files").add_subparsers(dest="action", required=True)
+    models.add_parser("fetch", help="download GENERATOR_MODEL and SENTIMENT_MODEL into the cache").set_defaults(
+        run=fetch_models)
+    offline = models.add_parser("build-offline", help="write the random-weight stand-in models (no network)")
+    offline.add_argument("--dir", type=Path, help="default: MODELS_CACHE_DIR/offline")
+    offline.set_defaults(run=build_offline)
+
+    db = commands.add_parser("db", help="database").add_subparsers(dest="action", required=True)
+    db.add_parser("upgrade", help="apply Alembic migrations").set_defaults(run=upgrade_db)
+
+    from server.bench.run import add_arguments
+
+    add_arguments(commands.add_parser("bench", help="throughput and latency benchmark (see README)"))
+    commands.choices["bench"].set_defaults(run=bench)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Request and response bodies (the HTTP contract; see README "API")."""
+
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, model_validator
+
+Prompt = Annotated[StrictStr, Field(min_length=1)]
+# SQLite returns naive datetimes; every timestamp the server stores is UTC.
+UtcDatetime = Annotated[datetime, AfterValidator(lambda d: d if d.tzinfo else d.replace(tzinfo=UTC))]
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"prompts": ["Once upon a time"], "max_new_tokens": 20}]})
+
+    prompts: list[Prompt] = Field(min_length=1, max_length=32)
+    max_new_tokens: int | None = Field(None, ge=1, le=256, description="New tokens per prompt (default 50)")
+    max_length: int | None = Field(None, ge=2, description="Total tokens, prompt included (instead of max_new_tokens)")
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy (deterministic)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Makes sampling reproducible")
+
+    @model_validator(mode="after")
+    def one_length(self) -> "GenerateRequest":
+        if self.max_new_tokens is not None and self.max_length is not None:
+            raise ValueError("give max_new_tokens or max_length, not both")
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerationOut(BaseModel):
+    id: str
+    prompt: str
+    generated_text: str
+    completion: str
+    model_name: str
+    created_at: datetime
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "I love this!"}]})
+
+    text: Prompt | None = None
+    texts: list[Prompt] | None = Field(None, min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def one_input(self) -> "PredictRequest":
+        if (self.text is None) == (self.texts is None):
+            raise ValueError("give exactly one of text or texts")
+        return self
+
+
+class PredictionOut(BaseModel):
+    id: str
+    text: str
+    label: str
+    score: float
+    model_name: str
+    created_at: datetime
+
+
+class HistoryItem(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    prompt: str
+    generated_text: str
+    completion: str
+    model: str
+    params: dict
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    created_at: UtcDatetime
+
+
+class HistoryPage(BaseModel):
+    items: list[HistoryItem]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page")
+
+
+class CheckOut(BaseModel):
+    status: Literal["ok", "degraded", "down"]
+    latency_ms: float
+    detail: dict = {}
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "degraded", "down"]
+    checks: dict[str, CheckOut]
+
+
+class AppInfo(BaseModel):
+    name: str
+    version: str
+    models: dict[str, dict]
+    docs: str = "/docs"
+
+
+class ErrorOut(BaseModel):
+    detail: str

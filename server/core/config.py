@@ -1,0 +1,45 @@
+"""Settings, read once from the environment (and `.env`) with pydantic-settings.
+
+Every field maps to the upper-case environment variable of the same name; `.env.example` lists them all.
+"""
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
+
+    app_name: str = "inference-server"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: str = "info"
+
+    generator_model: str = "gpt2"
+    sentiment_model: str = "distilbert/distilbert-base-uncased-finetuned-sst-2-english"
+    model_source: Literal["auto", "local", "hub"] = "auto"
+    models_cache_dir: Path = PROJECT_ROOT / "models_cache"
+    torch_num_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+
+    batch_max_size: int = Field(32, ge=1, le=1024)
+    batch_max_wait_ms: float = Field(5.0, ge=0)
+    batch_queue_limit: int = Field(1024, ge=1)
+    request_timeout_s: float = Field(60.0, gt=0)
+    max_prompt_chars: int = Field(4000, ge=1)
+
+    database_url: str = f"sqlite+aiosqlite:///{PROJECT_ROOT / 'data' / 'server.db'}"
+    record_flush_interval_ms: float = Field(200.0, gt=0)
+    record_flush_max_items: int = Field(500, ge=1)
+    record_spill_dir: Path = PROJECT_ROOT / "data" / "unflushed"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,28 @@
+"""Prometheus metrics shared by every layer (served by GET /metrics from the default registry)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+
+MODEL_BATCHES = Counter(
+    "model_batches", "Batches run by a model; param_sets counts distinct parameter sets among the batch's "
+    "items (always 1: items with different parameters never share a call)", ["model", "param_sets"])
+MODEL_ITEMS = Counter("model_items", "Items actually computed by a model (after in-batch deduplication)", ["model"])
+MODEL_BATCH_SIZE = Histogram("model_batch_size", "Items computed per model call", ["model"],
+                             buckets=BATCH_SIZE_BUCKETS)
+MODEL_BATCH_SECONDS = Histogram("model_batch_seconds", "Wall time of one model call", ["model"])
+MODEL_ITEM_FAILURES = Counter("model_item_failures", "Items whose computation raised", ["model"])
+BATCH_QUEUE_WAIT = Histogram(
+    "batch_queue_wait_seconds", "Time an item waited in the batcher's queue before its batch started", ["model"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+BATCH_QUEUE_DEPTH = Gauge("batch_queue_depth", "Items waiting for a batch", ["model"])
+BATCH_DROPPED = Counter("batch_dropped_items", "Items dropped before computation", ["model", "reason"])
+BATCH_REJECTED = Counter("batch_rejected_items", "Items refused because the queue was full", ["model"])
+
+HTTP_REQUESTS = Counter("http_requests", "HTTP requests answered", ["method", "route", "status"])
+HTTP_LATENCY = Histogram("http_request_duration_seconds", "HTTP request latency", ["method", "route"],
+                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+
+RECORDS_WRITTEN = Counter("records_written", "Rows written to the database", ["table"])
+RECORD_WRITE_FAILURES = Counter("record_write_failures", "Failed attempts to write a batch of rows")
+RECORDS_PENDING = Gauge("records_pending", "Rows waiting to be written")

@@ -1,0 +1,101 @@
+"""Finding model weights: a local directory, the hub cache, the hub, or (in `auto` mode) offline stand-ins.
+
+`MODEL_SOURCE` decides:
+- `local`: a directory or the cache under `models_cache/`, never the network;
+- `hub`: download into the cache when missing, fail with a clear message when that is impossible;
+- `auto`: cache, then hub, then, when the hub cannot be reached, stand-ins built by `offline.py`.
+"""
+
+import hashlib
+import json
+import logging
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from huggingface_hub import constants as hub_constants
+
+from server.ml import offline
+
+log = logging.getLogger(__name__)
+Kind = Literal["generator", "classifier"]
+
+
+class ModelUnavailable(RuntimeError):
+    """The configured model cannot be loaded from any source allowed by `MODEL_SOURCE`."""
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """Where `from_pretrained` should look, and what to call the model in responses."""
+
+    path: str
+    name: str
+    local_files_only: bool
+    standin: bool = False
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """A TCP connect to the hub endpoint: cheap, unlike transformers' own retries (tens of seconds offline)."""
+    url = urlparse(hub_constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def in_hub_cache(model_id: str, cache_dir: Path) -> bool:
+    snapshots = cache_dir / f"models--{model_id.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any(p.joinpath("config.json").exists() for p in snapshots.iterdir())
+
+
+def standin_info(directory: Path) -> dict | None:
+    marker = directory / offline.STANDIN_MARKER
+    return json.loads(marker.read_text()) if marker.exists() else None
+
+
+def locate(model_id: str, kind: Kind, source: str, cache_dir: Path) -> ModelLocation:
+    """Decide where to load `model_id` from, building stand-ins in `auto` mode when the hub is unreachable."""
+    directory = Path(model_id)
+    if directory.is_dir():
+        info = standin_info(directory)
+        name = f"offline-stand-in:{info['stands_in_for']}" if info else model_id
+        return ModelLocation(str(directory), name, local_files_only=True, standin=info is not None)
+    if in_hub_cache(model_id, cache_dir):
+        return ModelLocation(model_id, model_id, local_files_only=True)
+    if source == "local":
+        raise ModelUnavailable(
+            f"{kind} model {model_id!r} is neither a directory nor in the cache {cache_dir} and MODEL_SOURCE=local "
+            "forbids downloads: run `python -m server models fetch` on a connected machine, or set MODEL_SOURCE=hub")
+    if hub_reachable():
+        return ModelLocation(model_id, model_id, local_files_only=False)
+    if source == "hub":
+        raise ModelUnavailable(
+            f"{kind} model {model_id!r} is not in the cache {cache_dir} and the hub ({hub_constants.ENDPOINT}) "
+            "cannot be reached: connect this machine, copy the model into a local directory and point the "
+            "setting at it, or set MODEL_SOURCE=auto to serve offline stand-ins")
+    standin_dir = cache_dir / "offline" / kind
+    if standin_info(standin_dir) is None:
+        build = offline.build_generator if kind == "generator" else offline.build_classifier
+        build(standin_dir, stands_in_for=model_id)
+    log.warning("!" * 78)
+    log.warning("%s model %r: the hub cannot be reached and it is not cached; serving an OFFLINE STAND-IN "
+                "with RANDOM WEIGHTS from %s. Its outputs are meaningless. Run `python -m server models fetch` "
+                "on a connected machine for the real model.", kind, model_id, standin_dir)
+    log.warning("!" * 78)
+    return ModelLocation(str(standin_dir), f"offline-stand-in:{model_id}", local_files_only=True, standin=True)
+
+
+def weights_revision(model_config: object, location: ModelLocation) -> str:
+    """An identifier that changes whenever the weights do: the hub commit, else a digest of the weight files."""
+    commit = getattr(model_config, "_commit_hash", None)
+    if commit:
+        return str(commit)
+    digest = hashlib.sha256()
+    for path in sorted(Path(location.path).glob("*.safetensors")) + sorted(Path(location.path).glob("*.bin")):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,227 @@
+"""Dynamic micro-batching: one `MicroBatcher` per model gathers concurrent items into model calls.
+
+Semantics (see ../../shared/reference/batching.md for what other servers do):
+
+- One batch in flight per model. Its blocking call runs in the `ThreadPoolExecutor` (torch releases the
+  GIL), so the event loop keeps accepting requests; items that arrive meanwhile form the next batch.
+- An idle model dispatches at once: a lone request waits for nothing.
+- After a batch completes, its callers usually send their next request within milliseconds. The
+  batcher lingers for them, so that they join the waiting items instead of forming a small batch of
+  their own (without this, closed-loop clients settle into alternating small and large batches). The
+  linger ends as soon as the batch is full, or as many items arrived as the last batch answered, or no
+  item arrived for `max_wait_s`, or it has lasted `LINGER_FRACTION` of the last batch's duration
+  (at least `max_wait_s`): waiting never costs more than a small fraction of a model call.
+- A batch holds items of one group only (`group_of`: generation parameters, say), oldest item first.
+- Items with equal `dedup_key_of` (not None) in one batch are computed once; each caller gets the result.
+- Bounded queue: past `queue_limit` waiting items, `submit` raises `Overloaded` and enqueues nothing.
+- Cancelled items (client gone, deadline passed) still waiting are dropped, never computed.
+- A batch that raises is retried item by item, so only the guilty item's caller gets `ModelFailed`.
+"""
+
+import asyncio
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from server.core import metrics
+from server.services.errors import DeadlineExceeded, ModelFailed, Overloaded
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+LINGER_FRACTION = 0.1
+
+
+@dataclass(eq=False)
+class _Entry(Generic[T, R]):
+    item: T
+    future: "asyncio.Future[R]"
+    enqueued_at: float
+
+
+@dataclass
+class _History:
+    """What the last batch did, which decides how long to linger for its callers' next requests."""
+
+    done_at: float = -math.inf
+    duration_s: float = 0.0
+    callers: int = 0
+    arrived_since: int = 0
+    last_arrival_at: float = field(default=-math.inf)
+
+
+class MicroBatcher(Generic[T, R]):
+    def __init__(self, name: str, compute: Callable[[list[T]], list[R]], executor: Executor, *,
+                 max_batch_size: int, max_wait_s: float, queue_limit: int,
+                 group_of: Callable[[T], Hashable] = lambda item: None,
+                 dedup_key_of: Callable[[T], Hashable | None] = lambda item: None):
+        self.name = name
+        self.compute = compute
+        self.executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.queue_limit = queue_limit
+        self.group_of = group_of
+        self.dedup_key_of = dedup_key_of
+        self._queue: deque[_Entry[T, R]] = deque()
+        self._wakeup = asyncio.Event()
+        self._history = _History()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run_forever(), name=f"batcher-{self.name}")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for entry in self._queue:
+            if not entry.future.done():
+                entry.future.set_exception(Overloaded(self.name, 1))
+        self._queue.clear()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, items: Sequence[T], *, timeout_s: float) -> list[R]:
+        """Compute `items` (all or none enqueued) within `timeout_s`, else `DeadlineExceeded`.
+
+        A caller cancelled or timed out drops its items that have not started yet.
+        """
+        self._prune()
+        if len(self._queue) + len(items) > self.queue_limit:
+            metrics.BATCH_REJECTED.labels(self.name).inc(len(items))
+            raise Overloaded(self.name, self._retry_after_s())
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        entries = [_Entry(item, loop.create_future(), now) for item in items]
+        self._queue.extend(entries)
+        self._history.arrived_since += len(entries)
+        self._history.last_arrival_at = now
+        metrics.BATCH_QUEUE_DEPTH.labels(self.name).set(len(self._queue))
+        self._wakeup.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                return list(await asyncio.gather(*(entry.future for entry in entries)))
+        except TimeoutError:
+            raise DeadlineExceeded(f"the {self.name} model did not answer within {timeout_s:g} s "
+                                   "(REQUEST_TIMEOUT_S)") from None
+        finally:
+            for entry in entries:
+                entry.future.cancel()
+
+    def _retry_after_s(self) -> float:
+        batches_ahead = len(self._queue) / self.max_batch_size + 1
+        return max(1.0, math.ceil(self._history.duration_s * batches_ahead))
+
+    def _prune(self) -> None:
+        live = deque(e for e in self._queue if not e.future.done())
+        if dropped := len(self._queue) - len(live):
+            metrics.BATCH_DROPPED.labels(self.name, "cancelled").inc(dropped)
+            self._queue = live
+
+    async def _run_forever(self) -> None:
+        while True:
+            self._prune()
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._linger()
+            batch = self._take_batch()
+            metrics.BATCH_QUEUE_DEPTH.labels(self.name).set(len(self._queue))
+            if batch:
+                await self._execute(batch)
+
+    async def _linger(self) -> None:
+        loop = asyncio.get_running_loop()
+        history = self._history
+        give_up_at = history.done_at + max(self.max_wait_s, LINGER_FRACTION * history.duration_s)
+        while len(self._queue) < self.max_batch_size and history.arrived_since < history.callers:
+            quiet_until = max(history.last_arrival_at, history.done_at) + self.max_wait_s
+            timeout = min(give_up_at, quiet_until) - loop.time()
+            if timeout <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except TimeoutError:
+                return
+            self._prune()
+
+    def _take_batch(self) -> list[list[_Entry[T, R]]]:
+        """The oldest item's group, in arrival order, up to `max_batch_size` distinct items."""
+        self._prune()
+        if not self._queue:
+            return []
+        group = self.group_of(self._queue[0].item)
+        batch: dict[Hashable, list[_Entry[T, R]]] = {}
+        rest: deque[_Entry[T, R]] = deque()
+        for entry in self._queue:
+            key = self.dedup_key_of(entry.item)
+            key = id(entry) if key is None else key
+            if self.group_of(entry.item) != group:
+                rest.append(entry)
+            elif key in batch:
+                batch[key].append(entry)
+            elif len(batch) < self.max_batch_size:
+                batch[key] = [entry]
+            else:
+                rest.append(entry)
+        self._queue = rest
+        return list(batch.values())
+
+    def _call(self, items: list[T]) -> list[R]:
+        """Runs in the executor: one model call, with its metrics."""
+        groups = len({self.group_of(item) for item in items})
+        metrics.MODEL_BATCHES.labels(self.name, str(groups)).inc()
+        metrics.MODEL_ITEMS.labels(self.name).inc(len(items))
+        metrics.MODEL_BATCH_SIZE.labels(self.name).observe(len(items))
+        with metrics.MODEL_BATCH_SECONDS.labels(self.name).time():
+            results = self.compute(items)
+        if len(results) != len(items):
+            raise RuntimeError(f"{self.name} returned {len(results)} results for {len(items)} items")
+        return results
+
+    def _call_singly(self, items: list[T]) -> list[R | BaseException]:
+        outcomes: list[R | BaseException] = []
+        for item in items:
+            try:
+                outcomes.extend(self._call([item]))
+            except Exception as exc:
+                metrics.MODEL_ITEM_FAILURES.labels(self.name).inc()
+                log.exception("%s failed on one item; its batch-mates are unaffected", self.name)
+                outcomes.append(exc)
+        return outcomes
+
+    async def _execute(self, batch: list[list[_Entry[T, R]]]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        wait = metrics.BATCH_QUEUE_WAIT.labels(self.name)
+        for entries in batch:
+            for entry in entries:
+                wait.observe(started - entry.enqueued_at)
+        items = [entries[0].item for entries in batch]
+        try:
+            outcomes: list[R | BaseException] = await loop.run_in_executor(self.executor, self._call, items)
+        except Exception:
+            log.warning("%s batch of %d failed; retrying its items one by one", self.name, len(items))
+            outcomes = await loop.run_in_executor(self.executor, self._call_singly, items)
+        for entries, outcome in zip(batch, outcomes):
+            for entry in entries:
+                if entry.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    failure = ModelFailed(f"the {self.name} model failed on this input: {outcome}")
+                    entry.future.set_exception(failure)
+                else:
+                    entry.future.set_result(outcome)
+        finished = loop.time()
+        self._history = _History(done_at=finished, duration_s=finished - started,
+                                 callers=sum(len(entries) for entries in batch),
+                                 last_arrival_at=self._history.last_arrival_at)

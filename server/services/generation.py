@@ -1,0 +1,127 @@
+"""Text generation requests: validation against the model's context, batching, response records.
+
+A request's prompts become separate batch items, so items from many requests fill one model call.
+"""
+
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from server.db.models import GenerationRecord
+from server.ml.generator import Generation, GenerationParams, TextGenerator
+from server.services.batching import MicroBatcher
+from server.services.errors import FieldError, InputError
+from server.services.recording import RecordWriter
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """One prompt to continue; the batcher groups jobs by `params` and merges equal deterministic jobs."""
+
+    prompt_ids: tuple[int, ...]
+    params: GenerationParams
+    seed: int | None
+
+    @property
+    def deterministic(self) -> bool:
+        return self.params.greedy or self.seed is not None
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What the client asked for; `max_length` (prompt included) and `max_new_tokens` exclude each other."""
+
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    id: str
+    prompt: str
+    generated_text: str
+    completion: str
+    model_name: str
+    created_at: datetime
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+DEFAULT_MAX_NEW_TOKENS = 50
+
+
+def run_jobs(generator: TextGenerator, jobs: list[GenerationJob]) -> list[Generation]:
+    """The batcher's compute function: one `generate` call for jobs that share their params."""
+    return generator.generate([job.prompt_ids for job in jobs], jobs[0].params, [job.seed for job in jobs])
+
+
+class GenerationService:
+    def __init__(self, generator: TextGenerator, batcher: MicroBatcher[GenerationJob, Generation],
+                 recorder: RecordWriter, *, max_prompt_chars: int, timeout_s: float):
+        self.generator = generator
+        self.batcher = batcher
+        self.recorder = recorder
+        self.max_prompt_chars = max_prompt_chars
+        self.timeout_s = timeout_s
+
+    def plan(self, prompts: list[str], options: GenerationOptions) -> list[GenerationJob]:
+        """Tokenise and check every prompt; all problems are reported at once, as a 422 would list them."""
+        errors: list[FieldError] = []
+        jobs: list[GenerationJob] = []
+        context = self.generator.context_size
+        for index, prompt in enumerate(prompts):
+            loc = ("body", "prompts", index)
+            if len(prompt) > self.max_prompt_chars:
+                errors.append(FieldError(loc, f"prompt is {len(prompt)} characters; MAX_PROMPT_CHARS is "
+                                              f"{self.max_prompt_chars}"))
+                continue
+            ids = tuple(self.generator.encode(prompt))
+            if not ids:
+                errors.append(FieldError(loc, "prompt encodes to no tokens"))
+                continue
+            if options.max_length is not None:
+                new_tokens = options.max_length - len(ids)
+                if new_tokens < 1:
+                    errors.append(FieldError(loc, f"max_length {options.max_length} leaves no room for new tokens "
+                                                  f"after this prompt's {len(ids)} tokens"))
+                    continue
+            else:
+                new_tokens = options.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+            if len(ids) + new_tokens > context:
+                errors.append(FieldError(loc, f"prompt ({len(ids)} tokens) + {new_tokens} new tokens exceeds the "
+                                              f"model's context of {context} tokens"))
+                continue
+            params = GenerationParams(new_tokens, options.temperature, options.top_p if options.temperature else 1.0)
+            jobs.append(GenerationJob(ids, params, options.seed if options.temperature else None))
+        if errors:
+            raise InputError(errors)
+        return jobs
+
+    async def generate(self, prompts: list[str], options: GenerationOptions) -> list[GenerationResult]:
+        started = time.perf_counter()
+        jobs = self.plan(prompts, options)
+        outputs = await self.batcher.submit(jobs, timeout_s=self.timeout_s)
+        created = datetime.now(UTC)
+        results = [
+            GenerationResult(id=uuid.uuid4().hex, prompt=prompt, generated_text=prompt + out.text, completion=out.text,
+                             model_name=self.generator.name, created_at=created, finish_reason=out.finish_reason,
+                             prompt_tokens=len(job.prompt_ids), completion_tokens=len(out.token_ids))
+            for prompt, job, out in zip(prompts, jobs, outputs)
+        ]
+        self._record(results, jobs, (time.perf_counter() - started) * 1000)
+        return results
+
+    def _record(self, results: list[GenerationResult], jobs: list[GenerationJob], latency_ms: float) -> None:
+        self.recorder.add(GenerationRecord, [
+            {"id": r.id, "prompt": r.prompt, "generated_text": r.generated_text, "completion": r.completion,
+             "model": r.model_name, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
+             "completion_tokens": r.completion_tokens, "latency_ms": latency_ms, "created_at": r.created_at,
+             "params": {"max_new_tokens": job.params.max_new_tokens, "temperature": job.params.temperature,
+                        "top_p": job.params.top_p, "seed": job.seed}}
+            for r, job in zip(results, jobs)
+        ])

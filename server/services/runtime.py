@@ -1,0 +1,83 @@
+"""Everything the server holds for its lifetime, built once at startup and closed at shutdown."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from server.core.config import Settings
+from server.db import migrate
+from server.db.session import create_engine, session_factory
+from server.ml import configure_threads
+from server.ml.classifier import SentimentClassifier
+from server.ml.generator import TextGenerator
+from server.ml.loader import locate
+from server.services.batching import MicroBatcher
+from server.services.generation import GenerationService, run_jobs
+from server.services.recording import RecordWriter
+from server.services.sentiment import SentimentService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    generator: TextGenerator
+    classifier: SentimentClassifier
+    recorder: RecordWriter
+    generation: GenerationService
+    sentiment: SentimentService
+
+
+async def load_models(settings: Settings) -> tuple[TextGenerator, SentimentClassifier]:
+    cache = str(settings.models_cache_dir)
+    generator_at = await asyncio.to_thread(locate, settings.generator_model, "generator", settings.model_source,
+                                           settings.models_cache_dir)
+    classifier_at = await asyncio.to_thread(locate, settings.sentiment_model, "classifier", settings.model_source,
+                                            settings.models_cache_dir)
+    return (await asyncio.to_thread(TextGenerator.load, generator_at, cache),
+            await asyncio.to_thread(SentimentClassifier.load, classifier_at, cache))
+
+
+@asynccontextmanager
+async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    configure_threads(settings.torch_num_threads)
+    await asyncio.to_thread(migrate.upgrade, settings.database_url)
+    generator, classifier = await load_models(settings)
+    engine = create_engine(settings.database_url)
+    sessions = session_factory(engine)
+    recorder = RecordWriter(sessions, flush_interval_s=settings.record_flush_interval_ms / 1000,
+                            max_items=settings.record_flush_max_items, spill_dir=settings.record_spill_dir)
+    executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="model")
+    limits = {"executor": executor, "max_batch_size": settings.batch_max_size,
+              "max_wait_s": settings.batch_max_wait_ms / 1000, "queue_limit": settings.batch_queue_limit}
+    generate_batcher = MicroBatcher("generator", lambda jobs: run_jobs(generator, jobs), **limits,
+                                    group_of=lambda job: job.params,
+                                    dedup_key_of=lambda job: job if job.deterministic else None)
+    predict_batcher = MicroBatcher("classifier", classifier.classify, **limits, dedup_key_of=lambda text: text)
+    runtime = Runtime(
+        settings, engine, sessions, generator, classifier, recorder,
+        GenerationService(generator, generate_batcher, recorder, max_prompt_chars=settings.max_prompt_chars,
+                          timeout_s=settings.request_timeout_s),
+        SentimentService(classifier, predict_batcher, recorder, max_text_chars=settings.max_prompt_chars,
+                         timeout_s=settings.request_timeout_s),
+    )
+    batchers = (generate_batcher, predict_batcher)
+    for component in (*batchers, recorder):
+        component.start()
+    log.info("serving %s and %s (database %s)", generator.name, classifier.name, engine.url.render_as_string())
+    try:
+        yield runtime
+    finally:
+        for batcher in batchers:
+            await batcher.close()
+        await recorder.close()
+        await engine.dispose()
+        executor.shutdown(wait=True)

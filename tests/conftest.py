@@ -1,0 +1,69 @@
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.core.config import Settings
+from server.main import create_app
+from server.ml.offline import build_standins
+from tests.support.servers import PostgresServer
+
+_databases = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def standins(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny random-weight generator and classifier, built once per test session."""
+    return build_standins(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer().start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each test gets an empty database: a SQLite file, or a fresh database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres")
+    name = f"test_{next(_databases)}"
+    asyncio.run(_create_database(server, name))
+    yield server.url(name)
+
+
+async def _create_database(server: PostgresServer, name: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(host="127.0.0.1", port=server.port, user="test", database="postgres")
+    try:
+        await connection.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+def settings(standins: tuple[Path, Path], tmp_path: Path) -> Settings:
+    generator, classifier = standins
+    return Settings(_env_file=None, generator_model=str(generator), sentiment_model=str(classifier),
+                    model_source="local", models_cache_dir=tmp_path / "cache",
+                    database_url=f"sqlite+aiosqlite:///{tmp_path / 'server.db'}", torch_num_threads=1,
+                    record_flush_interval_ms=20, record_spill_dir=tmp_path / "spill")
+
+
+@pytest.fixture
+async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan running, over an in-process transport; `client.app` is the app."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            client.app = app
+            yield client
+

@@ -1,0 +1,52 @@
+from pathlib import Path
+
+import pytest
+
+from server.ml.generator import GenerationParams, TextGenerator
+from server.ml.loader import locate
+
+SHORT, MIDDLE, LONG = "The cat", "Once upon a time there was a small village", (
+    "The stock market rose sharply on Tuesday after the central bank held interest rates steady and")
+
+
+@pytest.fixture(scope="module")
+def generator(standins: tuple[Path, Path]) -> TextGenerator:
+    location = locate(str(standins[0]), "generator", "local", standins[0].parent)
+    return TextGenerator.load(location, str(standins[0].parent))
+
+
+def test_greedy_output_is_identical_batched_and_alone(generator: TextGenerator):
+    params = GenerationParams(max_new_tokens=12)
+    prompts = [generator.encode(p) for p in (LONG, MIDDLE, SHORT)]
+    batched = generator.generate(prompts, params)
+    for prompt, together in zip(prompts, batched):
+        alone = generator.generate([prompt], params)[0]
+        assert together.token_ids == alone.token_ids
+        assert together.text == alone.text
+
+
+def test_seeded_sampling_does_not_depend_on_batch_mates(generator: TextGenerator):
+    params = GenerationParams(max_new_tokens=10, temperature=1.0, top_p=0.9)
+    prompt = generator.encode(MIDDLE)
+    alone = generator.generate([prompt], params, [1234])[0]
+    among = generator.generate([generator.encode(LONG), prompt, generator.encode(SHORT)], params, [5, 1234, 6])[1]
+    assert alone.token_ids == among.token_ids
+
+
+def test_unseeded_sampling_draws_fresh_samples(generator: TextGenerator):
+    params = GenerationParams(max_new_tokens=16, temperature=5.0)
+    prompt = generator.encode(SHORT)
+    draws = {tuple(generator.generate([prompt], params)[0].token_ids) for _ in range(4)}
+    assert len(draws) > 1
+
+
+def test_length_limit_and_eos_are_reported(generator: TextGenerator, standins: tuple[Path, Path]):
+    out = generator.generate([generator.encode(SHORT)], GenerationParams(max_new_tokens=5))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 5
+    third = out.token_ids[2]
+    location = locate(str(standins[0]), "generator", "local", standins[0].parent)
+    stopping = TextGenerator.load(location, str(standins[0].parent))
+    stopping.tokenizer.eos_token = stopping.tokenizer.convert_ids_to_tokens(third)
+    stopped = stopping.generate([generator.encode(SHORT)], GenerationParams(max_new_tokens=5))[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == out.token_ids[:out.token_ids.index(third)]

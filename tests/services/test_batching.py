@@ -1,0 +1,167 @@
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from server.services.batching import MicroBatcher
+from server.services.errors import DeadlineExceeded, ModelFailed, Overloaded
+
+
+class Model:
+    """Doubles numbers; records each call; can be held mid-call with `gate`; raises on 'poison' items."""
+
+    def __init__(self):
+        self.calls: list[list] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, items: list) -> list:
+        self.calls.append(list(items))
+        self.entered.set()
+        self.gate.wait(10)
+        if "poison" in items:
+            raise ValueError("poisoned")
+        return [item * 2 for item in items]
+
+
+@pytest.fixture
+def model() -> Model:
+    return Model()
+
+
+@pytest.fixture
+async def make_batcher(model: Model):
+    executor = ThreadPoolExecutor(1)
+    made = []
+
+    def make(**overrides) -> MicroBatcher:
+        options = {"max_batch_size": 4, "max_wait_s": 0.005, "queue_limit": 100} | overrides
+        batcher = MicroBatcher("test", model, executor, **options)
+        batcher.start()
+        made.append(batcher)
+        return batcher
+
+    yield make
+    model.gate.set()
+    for batcher in made:
+        await batcher.close()
+    executor.shutdown()
+
+
+async def hold(model: Model, batcher: MicroBatcher, item=0) -> asyncio.Task:
+    """Occupy the model with one call that waits for `model.gate`."""
+    model.gate.clear()
+    model.entered.clear()
+    task = asyncio.create_task(batcher.submit([item], timeout_s=10))
+    await asyncio.to_thread(model.entered.wait, 5)
+    return task
+
+
+async def test_lone_item_is_dispatched_alone_and_at_once(model, make_batcher):
+    batcher = make_batcher(max_wait_s=5.0)
+    assert await asyncio.wait_for(batcher.submit([3], timeout_s=10), 1.0) == [6]
+    assert model.calls == [[3]]
+
+
+async def test_items_arriving_during_a_batch_form_the_next_one(model, make_batcher):
+    batcher = make_batcher()
+    first = await hold(model, batcher)
+    waiting = [asyncio.create_task(batcher.submit([i], timeout_s=10)) for i in range(1, 4)]
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    assert [await t for t in waiting] == [[2], [4], [6]]
+    assert await first == [0]
+    assert model.calls == [[0], [1, 2, 3]]
+
+
+async def test_batches_never_exceed_max_size_and_keep_arrival_order(model, make_batcher):
+    batcher = make_batcher(max_batch_size=3)
+    first = await hold(model, batcher)
+    waiting = asyncio.create_task(batcher.submit(list(range(1, 8)), timeout_s=10))
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    assert await waiting == [2 * i for i in range(1, 8)]
+    await first
+    assert model.calls[1:] == [[1, 2, 3], [4, 5, 6], [7]]
+
+
+async def test_groups_never_share_a_batch(model, make_batcher):
+    batcher = make_batcher(max_batch_size=10, group_of=lambda item: item % 2)
+    first = await hold(model, batcher, item=100)
+    waiting = [asyncio.create_task(batcher.submit([i], timeout_s=10)) for i in range(1, 7)]
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    await asyncio.gather(first, *waiting)
+    assert model.calls[1:] == [[1, 3, 5], [2, 4, 6]]
+
+
+async def test_equal_items_in_one_batch_are_computed_once(model, make_batcher):
+    batcher = make_batcher(dedup_key_of=lambda item: item)
+    first = await hold(model, batcher)
+    waiting = [asyncio.create_task(batcher.submit([5], timeout_s=10)) for _ in range(3)]
+    waiting.append(asyncio.create_task(batcher.submit([6], timeout_s=10)))
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    assert [await t for t in waiting] == [[10], [10], [10], [12]]
+    await first
+    assert model.calls[1:] == [[5, 6]]
+
+
+async def test_full_queue_refuses_with_retry_after_and_enqueues_nothing(model, make_batcher):
+    batcher = make_batcher(queue_limit=3)
+    first = await hold(model, batcher)
+    queued = asyncio.create_task(batcher.submit([1, 2], timeout_s=10))
+    await asyncio.sleep(0.01)
+    with pytest.raises(Overloaded) as refused:
+        await batcher.submit([3, 4], timeout_s=10)
+    assert refused.value.retry_after_s >= 1
+    assert batcher.queued == 2
+    model.gate.set()
+    assert await queued == [2, 4]
+    await first
+
+
+async def test_cancelled_and_timed_out_items_are_dropped_before_computing(model, make_batcher):
+    batcher = make_batcher()
+    first = await hold(model, batcher)
+    gone = asyncio.create_task(batcher.submit([1], timeout_s=10))
+    late = asyncio.create_task(batcher.submit([2], timeout_s=0.05))
+    kept = asyncio.create_task(batcher.submit([3], timeout_s=10))
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    with pytest.raises(DeadlineExceeded):
+        await late
+    model.gate.set()
+    assert await kept == [6]
+    await first
+    assert model.calls[1:] == [[3]]
+
+
+async def test_one_failing_item_does_not_fail_its_batch_mates(model, make_batcher):
+    batcher = make_batcher()
+    first = await hold(model, batcher)
+    good = [asyncio.create_task(batcher.submit([i], timeout_s=10)) for i in (1, 2)]
+    bad = asyncio.create_task(batcher.submit(["poison"], timeout_s=10))
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    assert [await t for t in good] == [[2], [4]]
+    with pytest.raises(ModelFailed, match="poisoned"):
+        await bad
+    await first
+    assert model.calls[1:] == [[1, 2, "poison"], [1], [2], ["poison"]]
+
+
+async def test_callers_of_a_finished_batch_rejoin_the_waiting_items(model, make_batcher):
+    """Closed-loop clients: the answered caller's next item is merged with those already waiting."""
+    batcher = make_batcher(max_wait_s=0.5)
+    first = await hold(model, batcher)
+    waiting = [asyncio.create_task(batcher.submit([i], timeout_s=10)) for i in (1, 2)]
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    await first
+    again = await batcher.submit([9], timeout_s=10)
+    assert again == [18]
+    await asyncio.gather(*waiting)
+    assert model.calls == [[0], [1, 2, 9]]

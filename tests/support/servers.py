@@ -1,0 +1,72 @@
+"""Real PostgreSQL and Redis servers for tests, on free ports in temporary directories."""
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout_s} s")
+
+
+def _pg_bin(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    if not candidates:
+        raise FileNotFoundError(f"{name} not found: install PostgreSQL (apt-get install -y postgresql)")
+    return str(candidates[-1])
+
+
+class PostgresServer:
+    """initdb + pg_ctl in a temp dir. PostgreSQL refuses to run as root, so root runs it as `postgres`
+    (in a directory of its own under /tmp: pytest's temp dirs are closed to other users)."""
+
+    def __init__(self):
+        self.directory = Path(tempfile.mkdtemp(prefix="pg-test-"))
+        self.port = free_port()
+        self.data = self.directory / "pgdata"
+        self.user = "postgres" if os.geteuid() == 0 else None
+        if self.user:
+            entry = pwd.getpwnam(self.user)
+            os.chown(self.directory, entry.pw_uid, entry.pw_gid)
+
+    def _run(self, *args: str) -> None:
+        command = [*(["runuser", "-u", self.user, "--"] if self.user else []), *args]
+        subprocess.run(command, check=True, capture_output=True)
+
+    def start(self) -> "PostgresServer":
+        if not self.data.exists():
+            self._run(_pg_bin("initdb"), "-D", str(self.data), "-U", "test", "--auth=trust", "-E", "UTF8")
+        self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-w", "-l", str(self.directory / "log"), "-o",
+                  f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        return self
+
+    def stop(self) -> None:
+        self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-w", "-m", "immediate", "stop")
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+asyncpg://test@127.0.0.1:{self.port}/{database}"
