@@ -1,0 +1,37 @@
+import pytest
+
+from server.core.config import Settings
+from server.main import create_app
+
+import httpx
+
+
+@pytest.fixture
+async def client(settings: Settings, database_url: str):
+    app = create_app(settings.model_copy(update={"database_url": database_url}))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            client.app = app
+            yield client
+
+
+async def test_history_is_newest_first_and_pages_by_cursor_and_offset(client):
+    for i in range(5):
+        await client.post("/generate", json={"prompts": [f"prompt {i}"], "max_new_tokens": 2})
+    await client.app.state.runtime.recorder.flush()
+    first = (await client.get("/history", params={"limit": 2})).json()
+    assert [item["prompt"] for item in first["items"]] == ["prompt 4", "prompt 3"]
+    second = (await client.get("/history", params={"limit": 2, "cursor": first["next_cursor"]})).json()
+    assert [item["prompt"] for item in second["items"]] == ["prompt 2", "prompt 1"]
+    last = (await client.get("/history", params={"limit": 2, "cursor": second["next_cursor"]})).json()
+    assert [item["prompt"] for item in last["items"]] == ["prompt 0"] and last["next_cursor"] is None
+    by_offset = (await client.get("/history", params={"limit": 2, "offset": 3})).json()
+    assert [item["prompt"] for item in by_offset["items"]] == ["prompt 1", "prompt 0"]
+    item = first["items"][0]
+    assert item["params"] == {"max_new_tokens": 2, "temperature": 0.0, "top_p": 1.0, "seed": None}
+    assert item["completion_tokens"] == 2 and item["created_at"].endswith("Z")
+
+
+async def test_bad_paging_parameters_are_422(client):
+    for params in ({"limit": 0}, {"limit": 1000}, {"cursor": "abc"}, {"offset": -1}):
+        assert (await client.get("/history", params=params)).status_code == 422
