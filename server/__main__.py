@@ -23,8 +23,11 @@ def fetch_models(args: argparse.Namespace) -> None:
     for model_id, model_class in ((settings.generator_model, AutoModelForCausalLM),
                                   (settings.sentiment_model, AutoModelForSequenceClassification)):
         print(f"fetching {model_id} into {settings.models_cache_dir}")
-        AutoTokenizer.from_pretrained(model_id, cache_dir=settings.models_cache_dir)
-        model_class.from_pretrained(model_id, cache_dir=settings.models_cache_dir)
+        try:
+            AutoTokenizer.from_pretrained(model_id, cache_dir=settings.models_cache_dir)
+            model_class.from_pretrained(model_id, cache_dir=settings.models_cache_dir)
+        except OSError as exc:
+            raise SystemExit(f"could not fetch {model_id}: {exc}") from None
 
 
 def build_offline(args: argparse.Namespace) -> None:
@@ -76,6 +79,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     args = parser().parse_args(argv)
     args.run(args)
 

@@ -1,0 +1,1 @@
+"""`python -m server bench`: the server measured against the hardware's limit and the naive recipe."""

@@ -1,2 +1,231 @@
-def add_arguments(p): pass
-def main(args): pass
+"""Orchestrates the benchmark phases; see README "Performance".
+
+Phases: offline limits (the model called directly, batch 1 and batch BATCH_MAX_SIZE) -> the real server
+(`python -m server serve`, as users start it) at each concurrency -> the naive baseline server at each
+concurrency. Ratios are computed within the one run: absolute numbers vary between runs on shared machines.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import torch
+from tqdm import tqdm
+
+from server.core.config import PROJECT_ROOT, get_settings
+from server.ml.generator import GenerationParams, TextGenerator
+from server.ml.loader import locate
+from server.ml.offline import GPT2_124M, build_classifier, build_generator, standin_marker_exists
+from server.bench.load import LoadResult, run_load
+
+BENCH_MODELS = PROJECT_ROOT / "models_cache" / "bench"
+TOPICS = ["rivers", "mountains", "robots", "gardens", "markets", "oceans", "libraries", "trains", "music", "bridges",
+          "forests", "deserts", "cities", "storms", "islands", "castles"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-dir", type=Path, help="generator to benchmark (default: a GPT-2-124M-architecture "
+                        "model with random weights, built under models_cache/bench/ on first use)")
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
+    parser.add_argument("--rounds", type=int, default=8, help="requests per client at each concurrency (default 8)")
+    parser.add_argument("--baseline-rounds", type=int, default=2, help="the same for the naive baseline (default 2)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="max_new_tokens per request (default 16)")
+    parser.add_argument("--batch-size", type=int, default=get_settings().batch_max_size,
+                        help="offline batch size and the server's BATCH_MAX_SIZE (default: the setting)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the naive baseline server")
+    parser.add_argument("--output", type=Path, help="JSON results (default: bench-results/bench-<time>.json)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny model, few requests: checks the harness in well under a minute (numbers meaningless)")
+
+
+def prompt(tag: str, client: int, round_: int) -> str:
+    """Distinct prompts of similar length, so the cache cannot help and padding stays small."""
+    return f"Request {tag}-{client}-{round_}: write a few words about {TOPICS[(client + round_) % len(TOPICS)]}"
+
+
+def ensure_models(args: argparse.Namespace) -> tuple[Path, Path]:
+    classifier = BENCH_MODELS / "classifier"
+    if not standin_marker_exists(classifier):
+        build_classifier(classifier)
+    if args.model_dir:
+        return args.model_dir, classifier
+    generator = BENCH_MODELS / ("tiny-gpt2" if args.quick else "gpt2-124m-random")
+    if not standin_marker_exists(generator):
+        build_generator(generator, architecture=None if args.quick else GPT2_124M)
+    return generator, classifier
+
+
+def measure_offline(model_dir: Path, batch_size: int, new_tokens: int, repeats: tuple[int, int]) -> dict:
+    """The physical limit: the model called directly, no server, with the code path the server uses."""
+    generator = TextGenerator.load(locate(str(model_dir), "generator", "local", BENCH_MODELS), str(BENCH_MODELS))
+    params = GenerationParams(max_new_tokens=new_tokens)
+    results = {}
+    for size, repeat in zip((1, batch_size), repeats):
+        prompts = [generator.encode(prompt("offline", i, size)) for i in range(size)]
+        generator.generate(prompts, params)
+        times = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            generator.generate(prompts, params)
+            times.append(time.perf_counter() - started)
+        median = statistics.median(times)
+        results[f"batch_{size}"] = {"batch_size": size, "latency_ms": median * 1000, "requests_per_s": size / median}
+    return results
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def server_process(command: list[str], env: dict[str, str], port: int, log_path: Path):
+    """Start a server, wait for /health, and stop it afterwards."""
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                   cwd=PROJECT_ROOT)
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    raise RuntimeError(f"server exited with {process.returncode}; see {log_path}")
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+            else:
+                raise TimeoutError(f"server not healthy after 300 s; see {log_path}")
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
+def batch_stats(base_url: str) -> tuple[float, float]:
+    """(sum, count) of the generator's batch-size histogram."""
+    values = {"sum": 0.0, "count": 0.0}
+    for line in httpx.get(f"{base_url}/metrics").text.splitlines():
+        for kind in values:
+            if line.startswith(f"model_batch_size_{kind}") and 'model="generator"' in line:
+                values[kind] = float(line.rsplit(" ", 1)[1])
+    return values["sum"], values["count"]
+
+
+def drive(base_url: str, tag: str, levels: list[int], rounds: int, new_tokens: int, bar: tqdm,
+          with_batches: bool) -> list[dict]:
+    rows = []
+    for concurrency in levels:
+        body = lambda client, round_, c=concurrency: {
+            "prompts": [prompt(f"{tag}{c}", client, round_)], "max_new_tokens": new_tokens}
+        asyncio.run(run_load(base_url, 1, 2, lambda client, round_: body(client + 1000, round_)))
+        before = batch_stats(base_url) if with_batches else None
+        result: LoadResult = asyncio.run(run_load(base_url, concurrency, rounds, body))
+        row = {"concurrency": concurrency, "requests": result.requests, "failures": result.failures,
+               "requests_per_s": result.requests_per_s, "p50_ms": result.percentile_ms(50),
+               "p95_ms": result.percentile_ms(95), "p99_ms": result.percentile_ms(99)}
+        if with_batches:
+            after = batch_stats(base_url)
+            row["tokens_per_s"] = result.tokens_per_s
+            row["mean_batch_size"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+        rows.append(row)
+        bar.update(1)
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.quick:
+        args.concurrency, args.rounds, args.baseline_rounds, args.new_tokens = "1,4", 2, 1, 4
+    levels = [int(c) for c in args.concurrency.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    phases = 1 + len(levels) * (1 if args.no_baseline else 2)
+    with tqdm(total=phases, desc="bench", unit="phase", file=sys.stderr) as bar:
+        generator_dir, classifier_dir = ensure_models(args)
+        bar.set_postfix_str("offline limits")
+        offline = measure_offline(generator_dir, args.batch_size, args.new_tokens, (3, 2) if args.quick else (5, 3))
+        bar.update(1)
+        port = free_port()
+        env = {"GENERATOR_MODEL": str(generator_dir), "SENTIMENT_MODEL": str(classifier_dir), "MODEL_SOURCE": "local",
+               "DATABASE_URL": f"sqlite+aiosqlite:///{work / 'bench.db'}", "BATCH_MAX_SIZE": str(args.batch_size),
+               "BATCH_QUEUE_LIMIT": str(max(1024, 4 * max(levels))), "LOG_LEVEL": "warning"}
+        bar.set_postfix_str("server")
+        with server_process([sys.executable, "-m", "server", "serve", "--port", str(port)], env, port,
+                            work / "server.log") as url:
+            server_rows = drive(url, "s", levels, args.rounds, args.new_tokens, bar, with_batches=True)
+        baseline_rows = []
+        if not args.no_baseline:
+            bar.set_postfix_str("baseline")
+            port = free_port()
+            command = [sys.executable, "-m", "uvicorn", "server.bench.baseline:app", "--port", str(port),
+                       "--log-level", "warning"]
+            with server_process(command, {"BENCH_MODEL": str(generator_dir)}, port, work / "baseline.log") as url:
+                baseline_rows = drive(url, "b", levels, args.baseline_rounds, args.new_tokens, bar, with_batches=False)
+    return summarize(args, generator_dir, offline, server_rows, baseline_rows)
+
+
+def summarize(args, generator_dir: Path, offline: dict, server_rows: list[dict], baseline_rows: list[dict]) -> dict:
+    batch1 = offline["batch_1"]
+    full = offline[f"batch_{args.batch_size}"]
+    baseline_by_c = {row["concurrency"]: row for row in baseline_rows}
+    for row in server_rows:
+        row["vs_offline_full_batch_throughput"] = row["requests_per_s"] / full["requests_per_s"]
+        row["p50_vs_offline_batch_1_latency"] = row["p50_ms"] / batch1["latency_ms"]
+        if row["concurrency"] in baseline_by_c:
+            row["vs_baseline_throughput"] = row["requests_per_s"] / baseline_by_c[row["concurrency"]]["requests_per_s"]
+    return {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+        "model": str(generator_dir), "new_tokens": args.new_tokens, "quick": args.quick,
+        "offline": offline, "server": server_rows, "baseline": baseline_rows,
+    }
+
+
+def table(results: dict) -> str:
+    lines = [f"model {results['model']}, {results['new_tokens']} new tokens, {results['machine']['cpus']} CPUs, "
+             f"torch {results['machine']['torch']}", ""]
+    lines.append("| run | concurrency | req/s | tokens/s | p50 ms | p95 ms | p99 ms | mean batch | vs offline "
+                 f"batch {max(int(k.split('_')[1]) for k in results['offline'])} | p50 vs offline batch 1 "
+                 "| vs baseline |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for key, data in results["offline"].items():
+        lines.append(f"| offline {key.replace('_', ' ')} | - | {data['requests_per_s']:.2f} | - | "
+                     f"{data['latency_ms']:.0f} | - | - | {data['batch_size']} | - | - | - |")
+    for name, rows in (("server", results["server"]), ("baseline", results["baseline"])):
+        for row in rows:
+            def fmt(key: str, spec: str = ".2f", suffix: str = "") -> str:
+                return f"{row[key]:{spec}}{suffix}" if key in row else "-"
+
+            lines.append(f"| {name} | {row['concurrency']} | {row['requests_per_s']:.2f} | {fmt('tokens_per_s', '.1f')}"
+                         f" | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} | {row['p99_ms']:.0f} | "
+                         f"{fmt('mean_batch_size', '.1f')} | {fmt('vs_offline_full_batch_throughput', '.2f', 'x')} | "
+                         f"{fmt('p50_vs_offline_batch_1_latency', '.2f', 'x')} | {fmt('vs_baseline_throughput', '.2f', 'x')} |")
+    failures = sum(row["failures"] for row in results["server"] + results["baseline"])
+    lines.append("")
+    lines.append(f"failed requests: {failures}")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> dict:
+    results = run(args)
+    output = args.output or PROJECT_ROOT / "bench-results" / f"bench-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    print(f"\nresults: {output}")
+    return results

@@ -78,7 +78,7 @@ def locate(model_id: str, kind: Kind, source: str, cache_dir: Path) -> ModelLoca
             "cannot be reached: connect this machine, copy the model into a local directory and point the "
             "setting at it, or set MODEL_SOURCE=auto to serve offline stand-ins")
     standin_dir = cache_dir / "offline" / kind
-    if standin_info(standin_dir) is None:
+    if not offline.standin_marker_exists(standin_dir):
         build = offline.build_generator if kind == "generator" else offline.build_classifier
         build(standin_dir, stands_in_for=model_id)
     log.warning("!" * 78)

@@ -32,6 +32,10 @@ def _train_bpe(vocab_size: int, special_tokens: list[str]) -> ByteLevelBPETokeni
     return bpe
 
 
+def standin_marker_exists(directory: Path) -> bool:
+    return (directory / STANDIN_MARKER).exists()
+
+
 def _mark(directory: Path, kind: str, source: str) -> None:
     (directory / STANDIN_MARKER).write_text(json.dumps({"kind": kind, "stands_in_for": source}, indent=2))
 

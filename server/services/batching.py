@@ -8,9 +8,10 @@ Semantics (see ../../shared/reference/batching.md for what other servers do):
 - After a batch completes, its callers usually send their next request within milliseconds. The
   batcher lingers for them, so that they join the waiting items instead of forming a small batch of
   their own (without this, closed-loop clients settle into alternating small and large batches). The
-  linger ends as soon as the batch is full, or as many items arrived as the last batch answered, or no
-  item arrived for `max_wait_s`, or it has lasted `LINGER_FRACTION` of the last batch's duration
-  (at least `max_wait_s`): waiting never costs more than a small fraction of a model call.
+  linger ends as soon as the batch is full or as many items arrived as the last batch answered, and
+  at the latest `max(max_wait_s, LINGER_FRACTION * last batch's duration)` after that batch ended: waiting
+  never costs more than a small fraction of a model call. Arrival gaps are no signal here: the event
+  loop answers a whole batch before it reads the next requests, so returners arrive in bursts.
 - A batch holds items of one group only (`group_of`: generation parameters, say), oldest item first.
 - Items with equal `dedup_key_of` (not None) in one batch are computed once; each caller gets the result.
 - Bounded queue: past `queue_limit` waiting items, `submit` raises `Overloaded` and enqueues nothing.
@@ -24,7 +25,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from server.core import metrics
@@ -51,7 +52,6 @@ class _History:
     duration_s: float = 0.0
     callers: int = 0
     arrived_since: int = 0
-    last_arrival_at: float = field(default=-math.inf)
 
 
 class MicroBatcher(Generic[T, R]):
@@ -102,7 +102,6 @@ class MicroBatcher(Generic[T, R]):
         entries = [_Entry(item, loop.create_future(), now) for item in items]
         self._queue.extend(entries)
         self._history.arrived_since += len(entries)
-        self._history.last_arrival_at = now
         metrics.BATCH_QUEUE_DEPTH.labels(self.name).set(len(self._queue))
         self._wakeup.set()
         try:
@@ -143,8 +142,7 @@ class MicroBatcher(Generic[T, R]):
         history = self._history
         give_up_at = history.done_at + max(self.max_wait_s, LINGER_FRACTION * history.duration_s)
         while len(self._queue) < self.max_batch_size and history.arrived_since < history.callers:
-            quiet_until = max(history.last_arrival_at, history.done_at) + self.max_wait_s
-            timeout = min(give_up_at, quiet_until) - loop.time()
+            timeout = give_up_at - loop.time()
             if timeout <= 0:
                 return
             self._wakeup.clear()
@@ -223,5 +221,4 @@ class MicroBatcher(Generic[T, R]):
                     entry.future.set_result(outcome)
         finished = loop.time()
         self._history = _History(done_at=finished, duration_s=finished - started,
-                                 callers=sum(len(entries) for entries in batch),
-                                 last_arrival_at=self._history.last_arrival_at)
+                                 callers=sum(len(entries) for entries in batch))

@@ -165,3 +165,17 @@ async def test_callers_of_a_finished_batch_rejoin_the_waiting_items(model, make_
     assert again == [18]
     await asyncio.gather(*waiting)
     assert model.calls == [[0], [1, 2, 9]]
+
+
+async def test_linger_waits_for_a_returner_slower_than_max_wait(model, make_batcher):
+    """The linger is capped by 10% of the last batch (1 s here), not by the 1 ms max_wait."""
+    batcher = make_batcher(max_wait_s=0.001)
+    first = await hold(model, batcher)
+    waiting = asyncio.create_task(batcher.submit([1], timeout_s=10))
+    await asyncio.sleep(1.0)
+    model.gate.set()
+    await first
+    await asyncio.sleep(0.01)
+    again = asyncio.create_task(batcher.submit([9], timeout_s=10))
+    await asyncio.gather(waiting, again)
+    assert model.calls == [[0], [1, 9]]

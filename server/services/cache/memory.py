@@ -1,0 +1,36 @@
+"""In-process cache store: a bounded LRU whose entries expire after a TTL (the default backend)."""
+
+import time
+from collections import OrderedDict
+
+
+class MemoryStore:
+    name = "memory"
+
+    def __init__(self, max_items: int, ttl_s: float, clock=time.monotonic):
+        self.max_items = max_items
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        now = self.clock()
+        values: list[bytes | None] = []
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is None or entry[0] <= now:
+                self._entries.pop(key, None)
+                values.append(None)
+                continue
+            self._entries.move_to_end(key)
+            values.append(entry[1])
+        return values
+
+    async def set(self, key: str, value: bytes) -> None:
+        self._entries[key] = (self.clock() + self.ttl_s, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_items:
+            self._entries.popitem(last=False)

@@ -1,0 +1,25 @@
+import json
+import subprocess
+import sys
+
+from server.core.config import PROJECT_ROOT
+
+
+def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
+    """The harness end to end with the tiny model: offline limits, real server, baseline, ratios, JSON, table."""
+    output = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "server", "bench", "--quick", "--output", str(output)],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(output.read_text())
+    assert set(results["offline"]) == {"batch_1", "batch_32"}
+    assert [row["concurrency"] for row in results["server"]] == [1, 4]
+    assert [row["concurrency"] for row in results["baseline"]] == [1, 4]
+    for row in results["server"]:
+        assert row["failures"] == 0 and row["requests"] == row["concurrency"] * 2
+        assert row["mean_batch_size"] >= 1 and row["tokens_per_s"] > 0
+        assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        for ratio in ("vs_offline_full_batch_throughput", "p50_vs_offline_batch_1_latency", "vs_baseline_throughput"):
+            assert row[ratio] > 0
+    assert all(row["failures"] == 0 for row in results["baseline"])
+    assert "| server | 4 |" in run.stdout and "| baseline | 1 |" in run.stdout

@@ -1,0 +1,33 @@
+import os
+import sqlite3
+import subprocess
+import sys
+
+from server.core.config import PROJECT_ROOT
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+def test_build_offline_writes_both_stand_ins(tmp_path):
+    result = cli("models", "build-offline", "--dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    for kind in ("generator", "classifier"):
+        assert (tmp_path / kind / "offline_standin.json").exists()
+        assert (tmp_path / kind / "model.safetensors").exists()
+
+
+def test_db_upgrade_creates_the_tables(tmp_path):
+    database = tmp_path / "nested" / "cli.db"
+    result = cli("db", "upgrade", DATABASE_URL=f"sqlite+aiosqlite:///{database}")
+    assert result.returncode == 0, result.stderr
+    tables = {row[0] for row in sqlite3.connect(database).execute("SELECT name FROM sqlite_master")}
+    assert {"generations", "predictions", "alembic_version"} <= tables
+
+
+def test_models_fetch_without_the_hub_fails_with_a_message(tmp_path):
+    result = cli("models", "fetch", MODELS_CACHE_DIR=str(tmp_path), HF_HUB_OFFLINE="1", GENERATOR_MODEL="org/absent")
+    assert result.returncode == 1
+    assert "could not fetch org/absent" in result.stderr
