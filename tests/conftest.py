@@ -9,7 +9,7 @@ import pytest
 from server.core.config import Settings
 from server.main import create_app
 from server.ml.offline import build_standins
-from tests.support.servers import PostgresServer
+from tests.support.servers import PostgresServer, RedisServer
 
 _databases = itertools.count()
 
@@ -25,6 +25,14 @@ def postgres() -> Iterator[PostgresServer]:
     server = PostgresServer().start()
     yield server
     server.destroy()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of the test's own (tests stop and restart it)."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

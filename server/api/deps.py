@@ -2,7 +2,7 @@
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 
 from server.services.generation import GenerationService
 from server.services.runtime import Runtime
@@ -26,3 +26,17 @@ def get_sentiment(runtime: RuntimeDep) -> SentimentService:
 
 GenerationDep = Annotated[GenerationService, Depends(get_generation)]
 SentimentDep = Annotated[SentimentService, Depends(get_sentiment)]
+
+
+def cache_bypass(runtime: RuntimeDep, cache_control: Annotated[str | None, Header()] = None) -> bool:
+    """`Cache-Control: no-cache` recomputes (and refreshes the entry), only when CACHE_ALLOW_CLIENT_BYPASS is on."""
+    asked = cache_control is not None and "no-cache" in cache_control.lower()
+    return asked and runtime.settings.cache_allow_client_bypass
+
+
+CacheBypassDep = Annotated[bool, Depends(cache_bypass)]
+
+
+def x_cache(cached: list[bool]) -> str:
+    """The `X-Cache` header: HIT when every item came from the cache, MISS when none did, else PARTIAL."""
+    return "HIT" if all(cached) else "MISS" if not any(cached) else "PARTIAL"

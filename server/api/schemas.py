@@ -42,6 +42,8 @@ class GenerationOut(BaseModel):
     created_at: datetime
     finish_reason: Literal["stop", "length"]
     usage: Usage
+    cached: bool = Field(description="True when this item was not computed for this request (cache hit, or "
+                                     "answered by a concurrent identical request's computation)")
 
 
 class PredictRequest(BaseModel):
@@ -64,6 +66,7 @@ class PredictionOut(BaseModel):
     score: float
     model_name: str
     created_at: datetime
+    cached: bool
 
 
 class HistoryItem(BaseModel):
@@ -79,6 +82,7 @@ class HistoryItem(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     latency_ms: float
+    cached: bool
     created_at: UtcDatetime
 
 
@@ -102,6 +106,7 @@ class AppInfo(BaseModel):
     name: str
     version: str
     models: dict[str, dict]
+    cache: dict
     docs: str = "/docs"
 
 

@@ -94,7 +94,7 @@ def free_port() -> int:
 
 @contextmanager
 def server_process(command: list[str], env: dict[str, str], port: int, log_path: Path):
-    """Start a server, wait for /health, and stop it afterwards."""
+    """Start a server, wait for /health, yield (base URL, process), and stop it afterwards."""
     with log_path.open("w") as log:
         process = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
                                    cwd=PROJECT_ROOT)
@@ -111,7 +111,7 @@ def server_process(command: list[str], env: dict[str, str], port: int, log_path:
                 time.sleep(0.2)
             else:
                 raise TimeoutError(f"server not healthy after 300 s; see {log_path}")
-            yield f"http://127.0.0.1:{port}"
+            yield f"http://127.0.0.1:{port}", process
         finally:
             process.terminate()
             process.wait(30)
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> dict:
                "BATCH_QUEUE_LIMIT": str(max(1024, 4 * max(levels))), "LOG_LEVEL": "warning"}
         bar.set_postfix_str("server")
         with server_process([sys.executable, "-m", "server", "serve", "--port", str(port)], env, port,
-                            work / "server.log") as url:
+                            work / "server.log") as (url, _):
             server_rows = drive(url, "s", levels, args.rounds, args.new_tokens, bar, with_batches=True)
         baseline_rows = []
         if not args.no_baseline:
@@ -173,7 +173,8 @@ def run(args: argparse.Namespace) -> dict:
             port = free_port()
             command = [sys.executable, "-m", "uvicorn", "server.bench.baseline:app", "--port", str(port),
                        "--log-level", "warning"]
-            with server_process(command, {"BENCH_MODEL": str(generator_dir)}, port, work / "baseline.log") as url:
+            with server_process(command, {"BENCH_MODEL": str(generator_dir)}, port,
+                                work / "baseline.log") as (url, _):
                 baseline_rows = drive(url, "b", levels, args.baseline_rounds, args.new_tokens, bar, with_batches=False)
     return summarize(args, generator_dir, offline, server_rows, baseline_rows)
 

@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0)
     max_prompt_chars: int = Field(4000, ge=1)
 
+    redis_url: str | None = None
+    cache_ttl_s: float = Field(3600.0, gt=0)
+    cache_max_items: int = Field(10000, ge=1)
+    cache_lock_ttl_s: float = Field(30.0, gt=0)
+    cache_allow_client_bypass: bool = False
+
     database_url: str = f"sqlite+aiosqlite:///{PROJECT_ROOT / 'data' / 'server.db'}"
     record_flush_interval_ms: float = Field(200.0, gt=0)
     record_flush_max_items: int = Field(500, ge=1)

@@ -26,3 +26,8 @@ HTTP_LATENCY = Histogram("http_request_duration_seconds", "HTTP request latency"
 RECORDS_WRITTEN = Counter("records_written", "Rows written to the database", ["table"])
 RECORD_WRITE_FAILURES = Counter("record_write_failures", "Failed attempts to write a batch of rows")
 RECORDS_PENDING = Gauge("records_pending", "Rows waiting to be written")
+
+CACHE_REQUESTS = Counter("cache_requests", "Cache outcomes per item: hit, miss, coalesced, bypass, error",
+                         ["endpoint", "result"])
+CACHE_STORE_ERRORS = Counter("cache_store_errors", "Failed cache store operations (the item is computed anyway)",
+                             ["backend", "operation"])

@@ -1,8 +1,11 @@
-"""Text generation requests: validation against the model's context, batching, response records.
+"""Text generation requests: validation against the model's context, cache, batching, records.
 
-A request's prompts become separate batch items, so items from many requests fill one model call.
+A request's prompts become separate items: each is answered from the cache or computed as its own batch
+item, so items from many requests fill one model call. Only deterministic items are cached (greedy, or
+sampling with a seed); the key holds the prompt's token ids, so texts that tokenise alike share entries.
 """
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -11,6 +14,8 @@ from datetime import UTC, datetime
 from server.db.models import GenerationRecord
 from server.ml.generator import Generation, GenerationParams, TextGenerator
 from server.services.batching import MicroBatcher
+from server.services.cache import SERVED_FROM_CACHE, ResponseCache
+from server.services.cache.keys import cache_key
 from server.services.errors import FieldError, InputError
 from server.services.recording import RecordWriter
 
@@ -50,6 +55,7 @@ class GenerationResult:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    cached: bool
 
 
 DEFAULT_MAX_NEW_TOKENS = 50
@@ -60,11 +66,21 @@ def run_jobs(generator: TextGenerator, jobs: list[GenerationJob]) -> list[Genera
     return generator.generate([job.prompt_ids for job in jobs], jobs[0].params, [job.seed for job in jobs])
 
 
+def encode_generation(output: Generation) -> bytes:
+    return json.dumps({"tokens": output.token_ids, "text": output.text, "finish": output.finish_reason}).encode()
+
+
+def decode_generation(data: bytes) -> Generation:
+    fields = json.loads(data)
+    return Generation(fields["tokens"], fields["text"], fields["finish"])
+
+
 class GenerationService:
     def __init__(self, generator: TextGenerator, batcher: MicroBatcher[GenerationJob, Generation],
-                 recorder: RecordWriter, *, max_prompt_chars: int, timeout_s: float):
+                 cache: ResponseCache, recorder: RecordWriter, *, max_prompt_chars: int, timeout_s: float):
         self.generator = generator
         self.batcher = batcher
+        self.cache = cache
         self.recorder = recorder
         self.max_prompt_chars = max_prompt_chars
         self.timeout_s = timeout_s
@@ -102,17 +118,32 @@ class GenerationService:
             raise InputError(errors)
         return jobs
 
-    async def generate(self, prompts: list[str], options: GenerationOptions) -> list[GenerationResult]:
+    def key(self, job: GenerationJob) -> str | None:
+        if not job.deterministic:
+            return None
+        params = {"max_new_tokens": job.params.max_new_tokens, "temperature": job.params.temperature,
+                  "top_p": job.params.top_p, "seed": job.seed}
+        return cache_key("generate", self.generator.name, self.generator.revision, job.prompt_ids, params)
+
+    async def generate(self, prompts: list[str], options: GenerationOptions, *,
+                       bypass_cache: bool = False) -> list[GenerationResult]:
         started = time.perf_counter()
         jobs = self.plan(prompts, options)
-        outputs = await self.batcher.submit(jobs, timeout_s=self.timeout_s)
+
+        async def compute(index: int) -> bytes:
+            [output] = await self.batcher.submit([jobs[index]], timeout_s=self.timeout_s)
+            return encode_generation(output)
+
+        answers = await self.cache.resolve("generate", [self.key(job) for job in jobs], compute, bypass=bypass_cache)
         created = datetime.now(UTC)
-        results = [
-            GenerationResult(id=uuid.uuid4().hex, prompt=prompt, generated_text=prompt + out.text, completion=out.text,
-                             model_name=self.generator.name, created_at=created, finish_reason=out.finish_reason,
-                             prompt_tokens=len(job.prompt_ids), completion_tokens=len(out.token_ids))
-            for prompt, job, out in zip(prompts, jobs, outputs)
-        ]
+        results = []
+        for prompt, job, (data, outcome) in zip(prompts, jobs, answers):
+            out = decode_generation(data)
+            results.append(GenerationResult(
+                id=uuid.uuid4().hex, prompt=prompt, generated_text=prompt + out.text, completion=out.text,
+                model_name=self.generator.name, created_at=created, finish_reason=out.finish_reason,
+                prompt_tokens=len(job.prompt_ids), completion_tokens=len(out.token_ids),
+                cached=outcome in SERVED_FROM_CACHE))
         self._record(results, jobs, (time.perf_counter() - started) * 1000)
         return results
 
@@ -121,6 +152,7 @@ class GenerationService:
             {"id": r.id, "prompt": r.prompt, "generated_text": r.generated_text, "completion": r.completion,
              "model": r.model_name, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
              "completion_tokens": r.completion_tokens, "latency_ms": latency_ms, "created_at": r.created_at,
+             "cached": r.cached,
              "params": {"max_new_tokens": job.params.max_new_tokens, "temperature": job.params.temperature,
                         "top_p": job.params.top_p, "seed": job.seed}}
             for r, job in zip(results, jobs)

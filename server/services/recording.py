@@ -33,6 +33,7 @@ class RecordWriter:
         self.spill_dir = spill_dir
         self._pending: list[tuple[type[Base], dict]] = []
         self._wakeup = asyncio.Event()
+        self._writing = asyncio.Lock()
         self._closing = False
         self._task: asyncio.Task | None = None
 
@@ -50,7 +51,15 @@ class RecordWriter:
         return len(self._pending)
 
     async def flush(self) -> bool:
-        """Write everything buffered now; on failure the rows stay buffered and False is returned."""
+        """Write everything buffered now; on failure the rows stay buffered and False is returned.
+
+        Flushes run one at a time, so when this returns True, every row added before the call is stored
+        (including rows a background flush had already taken).
+        """
+        async with self._writing:
+            return await self._write_pending()
+
+    async def _write_pending(self) -> bool:
         batch, self._pending = self._pending, []
         if not batch:
             return True

@@ -17,6 +17,7 @@ from server.ml.classifier import SentimentClassifier
 from server.ml.generator import TextGenerator
 from server.ml.loader import locate
 from server.services.batching import MicroBatcher
+from server.services.cache import ResponseCache, open_store
 from server.services.generation import GenerationService, run_jobs
 from server.services.recording import RecordWriter
 from server.services.sentiment import SentimentService
@@ -32,6 +33,7 @@ class Runtime:
     generator: TextGenerator
     classifier: SentimentClassifier
     recorder: RecordWriter
+    cache: ResponseCache
     generation: GenerationService
     sentiment: SentimentService
 
@@ -55,6 +57,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     sessions = session_factory(engine)
     recorder = RecordWriter(sessions, flush_interval_s=settings.record_flush_interval_ms / 1000,
                             max_items=settings.record_flush_max_items, spill_dir=settings.record_spill_dir)
+    cache = ResponseCache(open_store(settings.redis_url, ttl_s=settings.cache_ttl_s, max_items=settings.cache_max_items,
+                                     lock_ttl_s=settings.cache_lock_ttl_s), lock_ttl_s=settings.cache_lock_ttl_s)
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="model")
     limits = {"executor": executor, "max_batch_size": settings.batch_max_size,
               "max_wait_s": settings.batch_max_wait_ms / 1000, "queue_limit": settings.batch_queue_limit}
@@ -63,21 +67,23 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                                     dedup_key_of=lambda job: job if job.deterministic else None)
     predict_batcher = MicroBatcher("classifier", classifier.classify, **limits, dedup_key_of=lambda text: text)
     runtime = Runtime(
-        settings, engine, sessions, generator, classifier, recorder,
-        GenerationService(generator, generate_batcher, recorder, max_prompt_chars=settings.max_prompt_chars,
+        settings, engine, sessions, generator, classifier, recorder, cache,
+        GenerationService(generator, generate_batcher, cache, recorder, max_prompt_chars=settings.max_prompt_chars,
                           timeout_s=settings.request_timeout_s),
-        SentimentService(classifier, predict_batcher, recorder, max_text_chars=settings.max_prompt_chars,
+        SentimentService(classifier, predict_batcher, cache, recorder, max_text_chars=settings.max_prompt_chars,
                          timeout_s=settings.request_timeout_s),
     )
     batchers = (generate_batcher, predict_batcher)
     for component in (*batchers, recorder):
         component.start()
-    log.info("serving %s and %s (database %s)", generator.name, classifier.name, engine.url.render_as_string())
+    log.info("serving %s and %s (database %s, cache %s)", generator.name, classifier.name,
+             engine.url.render_as_string(), cache.backend)
     try:
         yield runtime
     finally:
         for batcher in batchers:
             await batcher.close()
         await recorder.close()
+        await cache.store.close()
         await engine.dispose()
         executor.shutdown(wait=True)

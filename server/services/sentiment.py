@@ -1,5 +1,6 @@
-"""Sentiment requests: each text is a batch item; equal texts in one batch are classified once."""
+"""Sentiment requests: each text is answered from the cache or classified as its own batch item."""
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -8,6 +9,8 @@ from datetime import UTC, datetime
 from server.db.models import PredictionRecord
 from server.ml.classifier import Sentiment, SentimentClassifier
 from server.services.batching import MicroBatcher
+from server.services.cache import SERVED_FROM_CACHE, ResponseCache
+from server.services.cache.keys import cache_key, normalise_text
 from server.services.errors import FieldError, InputError
 from server.services.recording import RecordWriter
 
@@ -20,30 +23,43 @@ class PredictionResult:
     score: float
     model_name: str
     created_at: datetime
+    cached: bool
 
 
 class SentimentService:
-    def __init__(self, classifier: SentimentClassifier, batcher: MicroBatcher[str, Sentiment],
+    def __init__(self, classifier: SentimentClassifier, batcher: MicroBatcher[str, Sentiment], cache: ResponseCache,
                  recorder: RecordWriter, *, max_text_chars: int, timeout_s: float):
         self.classifier = classifier
         self.batcher = batcher
+        self.cache = cache
         self.recorder = recorder
         self.max_text_chars = max_text_chars
         self.timeout_s = timeout_s
 
-    async def predict(self, texts: list[str]) -> list[PredictionResult]:
+    def key(self, text: str) -> str:
+        return cache_key("predict", self.classifier.name, self.classifier.revision, normalise_text(text), {})
+
+    async def predict(self, texts: list[str], *, bypass_cache: bool = False) -> list[PredictionResult]:
         started = time.perf_counter()
         errors = [FieldError(("body", "texts", i), f"text is {len(t)} characters; MAX_PROMPT_CHARS is "
                                                    f"{self.max_text_chars}")
                   for i, t in enumerate(texts) if len(t) > self.max_text_chars]
         if errors:
             raise InputError(errors)
-        outputs = await self.batcher.submit(texts, timeout_s=self.timeout_s)
+
+        async def compute(index: int) -> bytes:
+            [output] = await self.batcher.submit([texts[index]], timeout_s=self.timeout_s)
+            return json.dumps({"label": output.label, "score": output.score}).encode()
+
+        answers = await self.cache.resolve("predict", [self.key(t) for t in texts], compute, bypass=bypass_cache)
         created = datetime.now(UTC)
-        results = [PredictionResult(uuid.uuid4().hex, text, out.label, out.score, self.classifier.name, created)
-                   for text, out in zip(texts, outputs)]
+        results = []
+        for text, (data, outcome) in zip(texts, answers):
+            out = Sentiment(**json.loads(data))
+            results.append(PredictionResult(uuid.uuid4().hex, text, out.label, out.score, self.classifier.name, created,
+                                            cached=outcome in SERVED_FROM_CACHE))
         latency_ms = (time.perf_counter() - started) * 1000
         self.recorder.add(PredictionRecord, [
             {"id": r.id, "text": r.text, "label": r.label, "score": r.score, "model": r.model_name,
-             "latency_ms": latency_ms, "created_at": r.created_at} for r in results])
+             "latency_ms": latency_ms, "created_at": r.created_at, "cached": r.cached} for r in results])
         return results

@@ -7,7 +7,7 @@ async def test_single_text_gives_one_object(app_client):
     response = await app_client.post("/predict", json={"text": "I love this"})
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"id", "text", "label", "score", "model_name", "created_at"}
+    assert set(body) == {"id", "text", "label", "score", "model_name", "created_at", "cached"}
     assert body["label"] in {"POSITIVE", "NEGATIVE"} and 0.5 <= body["score"] <= 1.0
     assert body["model_name"].startswith("offline-stand-in:")
 

@@ -7,7 +7,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server import __version__
 from server.api.deps import RuntimeDep
 from server.api.schemas import AppInfo, CheckOut, HealthOut
-from server.services.health import database_check
+from server.services.cache import RedisStore
+from server.services.health import database_check, redis_check
 
 router = APIRouter(tags=["system"])
 
@@ -17,20 +18,26 @@ def _models(runtime: RuntimeDep) -> dict[str, dict]:
             for role, model in (("generator", runtime.generator), ("sentiment", runtime.classifier))}
 
 
+def _cache(runtime: RuntimeDep) -> dict:
+    return {"backend": runtime.cache.backend, "ttl_s": runtime.settings.cache_ttl_s}
+
+
 @router.get("/", response_model=AppInfo)
 async def info(runtime: RuntimeDep) -> AppInfo:
-    return AppInfo(name=runtime.settings.app_name, version=__version__, models=_models(runtime))
+    return AppInfo(name=runtime.settings.app_name, version=__version__, models=_models(runtime), cache=_cache(runtime))
 
 
 @router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
 async def health(runtime: RuntimeDep) -> JSONResponse:
-    """200 when the models are loaded and the database answers; 503 otherwise. Each check is listed."""
-    models = CheckOut(status="ok", latency_ms=0.0, detail=_models(runtime))
-    database = await database_check(runtime.engine)
-    checks = {"models": models, "database": CheckOut(**database.__dict__)}
-    status = "ok" if all(check.status == "ok" for check in checks.values()) else "down"
+    """200 when the models are loaded and the database answers, else 503; Redis failing is only `degraded`."""
+    checks = {"models": CheckOut(status="ok", latency_ms=0.0, detail=_models(runtime)),
+              "database": CheckOut(**(await database_check(runtime.engine)).__dict__)}
+    if isinstance(runtime.cache.store, RedisStore):
+        checks["redis"] = CheckOut(**(await redis_check(runtime.cache.store)).__dict__)
+    states = {check.status for check in checks.values()}
+    status = "down" if "down" in states else "degraded" if "degraded" in states else "ok"
     body = HealthOut(status=status, checks=checks)
-    return JSONResponse(body.model_dump(mode="json"), status_code=200 if status == "ok" else 503)
+    return JSONResponse(body.model_dump(mode="json"), status_code=503 if status == "down" else 200)
 
 
 @router.get("/metrics", response_class=Response)

@@ -1,0 +1,153 @@
+import asyncio
+
+import pytest
+
+from server.services.cache import MemoryStore, RedisStore, ResponseCache
+from server.services.cache.redis_store import lock_key
+from tests.support.metrics import metric
+
+
+class Computation:
+    """Counts computations; each takes `delay_s`."""
+
+    def __init__(self, delay_s: float = 0.05):
+        self.delay_s = delay_s
+        self.calls = 0
+        self.started = asyncio.Event()
+
+    async def __call__(self, index: int) -> bytes:
+        self.calls += 1
+        self.started.set()
+        await asyncio.sleep(self.delay_s)
+        return f"value-{index}".encode()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def cache(request: pytest.FixtureRequest):
+    if request.param == "memory":
+        store = MemoryStore(max_items=100, ttl_s=60)
+    else:
+        store = RedisStore(request.getfixturevalue("redis_server").url, ttl_s=60, lock_ttl_s=5)
+    cache = ResponseCache(store, lock_ttl_s=5)
+    yield cache
+    await store.close()
+
+
+async def test_concurrent_identical_items_compute_once_then_hit(cache):
+    compute = Computation()
+    answers = await asyncio.gather(*(cache.resolve("t", ["k"], compute) for _ in range(20)))
+    assert compute.calls == 1
+    assert {a[0][0] for a in answers} == {b"value-0"}
+    assert sorted(a[0][1] for a in answers) == ["coalesced"] * 19 + ["miss"]
+    assert await cache.resolve("t", ["k"], compute) == [(b"value-0", "hit")]
+    assert compute.calls == 1
+
+
+async def test_items_of_one_request_are_resolved_separately(cache):
+    compute = Computation(0)
+    await cache.resolve("t", ["a"], compute)
+    answers = await cache.resolve("t", ["a", "b", None], compute)
+    assert [outcome for _, outcome in answers] == ["hit", "miss", "bypass"]
+    assert compute.calls == 3
+    before = metric("cache_requests_total", endpoint="t", result="bypass")
+    await cache.resolve("t", [None], compute)
+    assert compute.calls == 4 and metric("cache_requests_total", endpoint="t", result="bypass") == before + 1
+
+
+async def test_bypass_recomputes_and_refreshes_the_entry(cache):
+    compute = Computation(0)
+    await cache.resolve("t", ["k"], compute)
+    assert (await cache.resolve("t", ["k"], compute, bypass=True))[0][1] == "bypass"
+    assert compute.calls == 2
+    assert (await cache.resolve("t", ["k"], compute))[0][1] == "hit"
+
+
+async def test_a_caller_leaving_does_not_cancel_the_computation_for_the_others(cache):
+    compute = Computation(0.2)
+    leaving = asyncio.create_task(cache.resolve("t", ["k"], compute))
+    await compute.started.wait()
+    staying = asyncio.create_task(cache.resolve("t", ["k"], compute))
+    await asyncio.sleep(0.01)
+    leaving.cancel()
+    assert (await staying)[0][0] == b"value-0"
+    assert compute.calls == 1
+
+
+async def test_the_last_caller_leaving_cancels_the_computation(cache):
+    cancelled = asyncio.Event()
+
+    async def compute(index: int) -> bytes:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return b"never"
+
+    only = asyncio.create_task(cache.resolve("t", ["k"], compute))
+    await asyncio.sleep(0.05)
+    only.cancel()
+    await asyncio.wait_for(cancelled.wait(), 2)
+
+
+async def test_a_failed_computation_reaches_every_caller_and_is_not_cached(cache):
+    async def boom(index: int) -> bytes:
+        await asyncio.sleep(0.02)
+        raise RuntimeError("model failed")
+
+    results = await asyncio.gather(*(cache.resolve("t", ["k"], boom) for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
+    compute = Computation(0)
+    assert (await cache.resolve("t", ["k"], compute))[0] == (b"value-0", "miss")
+
+
+async def test_processes_sharing_redis_compute_once(redis_server):
+    """Two caches with their own Redis clients stand for two server processes."""
+    stores = [RedisStore(redis_server.url, ttl_s=60, lock_ttl_s=5) for _ in range(2)]
+    caches = [ResponseCache(store, lock_ttl_s=5) for store in stores]
+    compute = Computation(0.3)
+    answers = await asyncio.gather(*(caches[i % 2].resolve("t", ["shared"], compute) for i in range(40)))
+    assert compute.calls == 1
+    assert {a[0][0] for a in answers} == {b"value-0"}
+    assert sum(a[0][1] == "miss" for a in answers) == 1
+    for store in stores:
+        await store.close()
+
+
+async def test_waiters_take_over_when_the_lock_holder_died(redis_server):
+    store = RedisStore(redis_server.url, ttl_s=60, lock_ttl_s=0.5)
+    cache = ResponseCache(store, lock_ttl_s=0.5)
+    await store.client.set(lock_key("orphan"), "dead-holder-token", px=500)
+    compute = Computation(0)
+    assert await asyncio.wait_for(cache.resolve("t", ["orphan"], compute), 3) == [(b"value-0", "miss")]
+    assert compute.calls == 1
+    await store.close()
+
+
+async def test_the_lock_is_released_only_by_its_holder(redis_server):
+    store = RedisStore(redis_server.url, ttl_s=60, lock_ttl_s=5)
+    token = await store.try_lock("k")
+    assert token and await store.try_lock("k") is None
+    await store.release("k", "someone-else")
+    assert await store.client.get(lock_key("k")) == token.encode()
+    await store.store_and_release("k", b"v", token)
+    assert await store.client.get(lock_key("k")) is None and await store.client.get("k") == b"v"
+    await store.close()
+
+
+async def test_redis_down_computes_counts_and_recovers(redis_server):
+    store = RedisStore(redis_server.url, ttl_s=60, lock_ttl_s=5)
+    cache = ResponseCache(store, lock_ttl_s=5)
+    compute = Computation(0)
+    await cache.resolve("t", ["before"], compute)
+    redis_server.stop()
+    errors = metric("cache_store_errors_total", backend="redis", operation="get")
+    outcomes = await asyncio.gather(*(cache.resolve("t", ["down"], compute) for _ in range(5)))
+    assert {value for [(value, _)] in outcomes} == {b"value-0"}
+    assert sorted(outcome for [(_, outcome)] in outcomes) == ["coalesced"] * 4 + ["error"]
+    assert compute.calls == 2
+    assert metric("cache_store_errors_total", backend="redis", operation="get") > errors
+    redis_server.start()
+    await cache.resolve("t", ["after"], compute)
+    assert (await cache.resolve("t", ["after"], compute))[0][1] == "hit"
+    await store.close()

@@ -1,0 +1,80 @@
+"""Several server processes sharing one Redis: the cache's stampede lock holds across processes."""
+
+import asyncio
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.bench.run import server_process
+from tests.support.servers import RedisServer, free_port
+
+LOCK_TTL_S = 2.0
+
+
+def items_computed(base_url: str) -> float:
+    for line in httpx.get(f"{base_url}/metrics").text.splitlines():
+        if line.startswith('model_items_total{model="generator"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.fixture
+def replicas(standins, redis_server: RedisServer, tmp_path: Path):
+    """Two `python -m server serve` processes on one Redis (each with its own SQLite file)."""
+    generator, classifier = standins
+    with ExitStack() as stack:
+        urls = []
+        for name in ("a", "b"):
+            port = free_port()
+            env = {"GENERATOR_MODEL": str(generator), "SENTIMENT_MODEL": str(classifier), "MODEL_SOURCE": "local",
+                   "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / name}.db", "REDIS_URL": redis_server.url,
+                   "CACHE_LOCK_TTL_S": str(LOCK_TTL_S), "TORCH_NUM_THREADS": "1", "LOG_LEVEL": "warning"}
+            url, _ = stack.enter_context(server_process([sys.executable, "-m", "server", "serve", "--port", str(port)],
+                                                        env, port, tmp_path / f"{name}.log"))
+            urls.append(url)
+        yield urls
+
+
+async def test_identical_requests_over_two_processes_compute_once(replicas):
+    body = {"prompts": ["Two replicas, one computation"], "max_new_tokens": 8}
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200)) as client:
+        responses = await asyncio.gather(*(client.post(f"{replicas[i % 2]}/generate", json=body) for i in range(200)))
+    assert [r.status_code for r in responses] == [200] * 200
+    texts = {r.json()[0]["generated_text"] for r in responses}
+    assert len(texts) == 1
+    assert sum(items_computed(url) for url in replicas) == 1
+
+
+async def test_waiters_answer_when_the_lock_holder_process_dies(standins, redis_server, tmp_path):
+    generator, classifier = standins
+    common = {"GENERATOR_MODEL": str(generator), "SENTIMENT_MODEL": str(classifier), "MODEL_SOURCE": "local",
+              "REDIS_URL": redis_server.url, "CACHE_LOCK_TTL_S": str(LOCK_TTL_S), "TORCH_NUM_THREADS": "1",
+              "LOG_LEVEL": "warning", "REQUEST_TIMEOUT_S": "120"}
+    with ExitStack() as stack:
+        (holder, holder_process), (waiter, _) = (
+            stack.enter_context(server_process([sys.executable, "-m", "server", "serve", "--port", str(port)],
+                                               {**common, "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/{n}.db"},
+                                               port, tmp_path / f"{n}.log"))
+            for n, port in (("holder", free_port()), ("waiter", free_port())))
+        target = {"prompts": ["The holder dies holding this"], "max_new_tokens": 4}
+        async with httpx.AsyncClient(timeout=120) as client:
+            backlog = [asyncio.create_task(client.post(f"{holder}/generate", json={
+                "prompts": [f"busy {i} {j}" for j in range(32)], "max_new_tokens": 256})) for i in range(10)]
+            await asyncio.sleep(0.5)
+            doomed = asyncio.create_task(client.post(f"{holder}/generate", json=target))
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            waiting = asyncio.create_task(client.post(f"{waiter}/generate", json=target))
+            await asyncio.sleep(0.3)
+            assert not waiting.done()
+            holder_process.kill()
+            answer = await waiting
+            elapsed = time.monotonic() - started
+            await asyncio.gather(doomed, *backlog, return_exceptions=True)
+        assert answer.status_code == 200 and answer.json()[0]["cached"] is False
+        assert items_computed(waiter) == 1
+        assert elapsed < LOCK_TTL_S + 30
