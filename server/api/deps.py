@@ -1,4 +1,8 @@
-"""Annotated dependencies: routes declare what they need, the lifespan's `Runtime` provides it."""
+"""Annotated dependencies: routes declare what they need, the lifespan's `Runtime` provides it.
+
+All are `async def`: FastAPI runs plain `def` dependencies in its thread pool, a thread hop per
+dependency per request that costs more than a cache hit's own work.
+"""
 
 from typing import Annotated
 
@@ -9,18 +13,18 @@ from server.services.runtime import Runtime
 from server.services.sentiment import SentimentService
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_generation(runtime: RuntimeDep) -> GenerationService:
+async def get_generation(runtime: RuntimeDep) -> GenerationService:
     return runtime.generation
 
 
-def get_sentiment(runtime: RuntimeDep) -> SentimentService:
+async def get_sentiment(runtime: RuntimeDep) -> SentimentService:
     return runtime.sentiment
 
 
@@ -28,7 +32,7 @@ GenerationDep = Annotated[GenerationService, Depends(get_generation)]
 SentimentDep = Annotated[SentimentService, Depends(get_sentiment)]
 
 
-def cache_bypass(runtime: RuntimeDep, cache_control: Annotated[str | None, Header()] = None) -> bool:
+async def cache_bypass(runtime: RuntimeDep, cache_control: Annotated[str | None, Header()] = None) -> bool:
     """`Cache-Control: no-cache` recomputes (and refreshes the entry), only when CACHE_ALLOW_CLIENT_BYPASS is on."""
     asked = cache_control is not None and "no-cache" in cache_control.lower()
     return asked and runtime.settings.cache_allow_client_bypass

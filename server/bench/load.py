@@ -33,9 +33,9 @@ class LoadResult:
         return statistics.quantiles(ordered, n=100, method="inclusive")[q - 1] * 1000
 
 
-async def run_load(base_url: str, concurrency: int, rounds: int, body_for: Callable[[int, int], dict],
+async def run_load(base_url: str, concurrency: int, rounds: int, body_for: Callable[[int, int], dict] | None,
                    path: str = "/generate", timeout_s: float = 600.0) -> LoadResult:
-    """Each of `concurrency` clients sends `rounds` requests; `body_for(client, round)` makes each body."""
+    """Each of `concurrency` clients sends `rounds` requests: POSTs of `body_for(client, round)`, or GETs."""
     latencies: list[float] = []
     failures = 0
     tokens = 0
@@ -45,13 +45,17 @@ async def run_load(base_url: str, concurrency: int, rounds: int, body_for: Calla
         nonlocal failures, tokens
         for round_ in range(rounds):
             started = time.perf_counter()
-            response = await client.post(path, json=body_for(index, round_))
+            if body_for is None:
+                response = await client.get(path)
+            else:
+                response = await client.post(path, json=body_for(index, round_))
             latencies.append(time.perf_counter() - started)
             if response.status_code != 200:
                 failures += 1
                 continue
             items = response.json()
-            tokens += sum(item.get("usage", {}).get("completion_tokens", 0) for item in items)
+            if isinstance(items, list):
+                tokens += sum(item.get("usage", {}).get("completion_tokens", 0) for item in items)
 
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout_s) as client:
         started = time.perf_counter()

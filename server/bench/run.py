@@ -10,6 +10,8 @@ import asyncio
 import json
 import os
 import platform
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=get_settings().batch_max_size,
                         help="offline batch size and the server's BATCH_MAX_SIZE (default: the setting)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the naive baseline server")
+    parser.add_argument("--cache-requests", type=int, default=2000,
+                        help="requests for the cache-hit phase (default 2000)")
+    parser.add_argument("--redis-url", help="Redis for the cache-hit phase (default: a redis-server the bench "
+                        "starts when one is installed, else the in-memory cache)")
     parser.add_argument("--output", type=Path, help="JSON results (default: bench-results/bench-<time>.json)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny model, few requests: checks the harness in well under a minute (numbers meaningless)")
@@ -85,8 +91,6 @@ def measure_offline(model_dir: Path, batch_size: int, new_tokens: int, repeats: 
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -148,12 +152,51 @@ def drive(base_url: str, tag: str, levels: list[int], rounds: int, new_tokens: i
     return rows
 
 
+@contextmanager
+def redis_for_bench(url: str | None, work: Path):
+    """The Redis to use: the given URL, a private redis-server, or None (in-memory cache) without one."""
+    binary = shutil.which("redis-server")
+    if url or binary is None:
+        yield url
+        return
+    port = free_port()
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                                "no", "--dir", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def measure_cache_hits(base_url: str, requests: int, concurrency: int) -> dict:
+    """A hit through HTTP: p50 one at a time, and hit throughput vs a trivial endpoint (GET /) at `concurrency`."""
+    body = {"prompts": ["A prompt everyone asks about"], "max_new_tokens": 16}
+    assert httpx.post(f"{base_url}/generate", json=body, timeout=600).status_code == 200
+    sequential = asyncio.run(run_load(base_url, 1, max(requests // 4, 10), lambda c, r: body))
+    hits = asyncio.run(run_load(base_url, concurrency, max(requests // concurrency, 1), lambda c, r: body))
+    trivial = asyncio.run(run_load(base_url, concurrency, max(requests // concurrency, 1), None, path="/"))
+    return {"hit_p50_ms": sequential.percentile_ms(50), "hit_p99_ms": sequential.percentile_ms(99),
+            "concurrency": concurrency, "hits_per_s": hits.requests_per_s,
+            "trivial_endpoint_per_s": trivial.requests_per_s,
+            "hits_vs_trivial_endpoint": hits.requests_per_s / trivial.requests_per_s,
+            "failures": sequential.failures + hits.failures + trivial.failures}
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.quick:
         args.concurrency, args.rounds, args.baseline_rounds, args.new_tokens = "1,4", 2, 1, 4
+        args.cache_requests = 100
     levels = [int(c) for c in args.concurrency.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    phases = 1 + len(levels) * (1 if args.no_baseline else 2)
+    phases = 2 + len(levels) * (1 if args.no_baseline else 2)
     with tqdm(total=phases, desc="bench", unit="phase", file=sys.stderr) as bar:
         generator_dir, classifier_dir = ensure_models(args)
         bar.set_postfix_str("offline limits")
@@ -167,6 +210,16 @@ def run(args: argparse.Namespace) -> dict:
         with server_process([sys.executable, "-m", "server", "serve", "--port", str(port)], env, port,
                             work / "server.log") as (url, _):
             server_rows = drive(url, "s", levels, args.rounds, args.new_tokens, bar, with_batches=True)
+        bar.set_postfix_str("cache hits")
+        with redis_for_bench(args.redis_url, work) as redis_url:
+            port = free_port()
+            cache_env = {**env, "DATABASE_URL": f"sqlite+aiosqlite:///{work / 'cache.db'}",
+                         **({"REDIS_URL": redis_url} if redis_url else {})}
+            with server_process([sys.executable, "-m", "server", "serve", "--port", str(port)], cache_env, port,
+                                work / "cache-server.log") as (url, _):
+                cache = {"backend": "redis" if redis_url else "memory",
+                         **measure_cache_hits(url, args.cache_requests, max(levels))}
+        bar.update(1)
         baseline_rows = []
         if not args.no_baseline:
             bar.set_postfix_str("baseline")
@@ -176,10 +229,11 @@ def run(args: argparse.Namespace) -> dict:
             with server_process(command, {"BENCH_MODEL": str(generator_dir)}, port,
                                 work / "baseline.log") as (url, _):
                 baseline_rows = drive(url, "b", levels, args.baseline_rounds, args.new_tokens, bar, with_batches=False)
-    return summarize(args, generator_dir, offline, server_rows, baseline_rows)
+    return summarize(args, generator_dir, offline, server_rows, baseline_rows, cache)
 
 
-def summarize(args, generator_dir: Path, offline: dict, server_rows: list[dict], baseline_rows: list[dict]) -> dict:
+def summarize(args, generator_dir: Path, offline: dict, server_rows: list[dict], baseline_rows: list[dict],
+              cache: dict) -> dict:
     batch1 = offline["batch_1"]
     full = offline[f"batch_{args.batch_size}"]
     baseline_by_c = {row["concurrency"]: row for row in baseline_rows}
@@ -193,7 +247,7 @@ def summarize(args, generator_dir: Path, offline: dict, server_rows: list[dict],
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
         "model": str(generator_dir), "new_tokens": args.new_tokens, "quick": args.quick,
-        "offline": offline, "server": server_rows, "baseline": baseline_rows,
+        "offline": offline, "server": server_rows, "baseline": baseline_rows, "cache": cache,
     }
 
 
@@ -216,8 +270,13 @@ def table(results: dict) -> str:
                          f" | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} | {row['p99_ms']:.0f} | "
                          f"{fmt('mean_batch_size', '.1f')} | {fmt('vs_offline_full_batch_throughput', '.2f', 'x')} | "
                          f"{fmt('p50_vs_offline_batch_1_latency', '.2f', 'x')} | {fmt('vs_baseline_throughput', '.2f', 'x')} |")
-    failures = sum(row["failures"] for row in results["server"] + results["baseline"])
+    cache = results["cache"]
+    failures = sum(row["failures"] for row in results["server"] + results["baseline"]) + cache["failures"]
     lines.append("")
+    lines.append(f"cache hits ({cache['backend']}): p50 {cache['hit_p50_ms']:.2f} ms, p99 {cache['hit_p99_ms']:.2f} ms "
+                 f"one at a time; {cache['hits_per_s']:.0f} hits/s at concurrency {cache['concurrency']} = "
+                 f"{cache['hits_vs_trivial_endpoint']:.2f}x a trivial endpoint (GET /, "
+                 f"{cache['trivial_endpoint_per_s']:.0f}/s) on the same server")
     lines.append(f"failed requests: {failures}")
     return "\n".join(lines)
 

@@ -22,4 +22,7 @@ def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
         for ratio in ("vs_offline_full_batch_throughput", "p50_vs_offline_batch_1_latency", "vs_baseline_throughput"):
             assert row[ratio] > 0
     assert all(row["failures"] == 0 for row in results["baseline"])
-    assert "| server | 4 |" in run.stdout and "| baseline | 1 |" in run.stdout
+    cache = results["cache"]
+    assert cache["backend"] == "redis" and cache["failures"] == 0
+    assert 0 < cache["hit_p50_ms"] <= cache["hit_p99_ms"] and cache["hits_vs_trivial_endpoint"] > 0
+    assert "| server | 4 |" in run.stdout and "| baseline | 1 |" in run.stdout and "cache hits (redis)" in run.stdout

@@ -9,7 +9,7 @@ it still holds the token, and publishes on `done:{key}`. Waiters subscribe befor
 import asyncio
 import secrets
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -23,7 +23,8 @@ RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-SOCKET_TIMEOUT_S = 1.0
+SOCKET_TIMEOUT_S = 2.0
+MAX_CONNECTIONS = 64
 
 
 def lock_key(key: str) -> str:
@@ -39,8 +40,12 @@ class RedisStore:
 
     def __init__(self, url: str, ttl_s: float, lock_ttl_s: float):
         # A down Redis must cost a request milliseconds, not retries: fail fast, the caller computes instead.
-        self.client = Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S,
-                                     retry=Retry(NoBackoff(), 0))
+        # A blocking pool queues bursts for a connection instead of failing them ("Too many connections").
+        pool = BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=SOCKET_TIMEOUT_S,
+                                               socket_timeout=SOCKET_TIMEOUT_S,
+                                               socket_connect_timeout=SOCKET_TIMEOUT_S)
+        self._pool = pool
+        self.client = Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
         self.ttl_ms = int(ttl_s * 1000)
         self.lock_ttl_ms = int(lock_ttl_s * 1000)
         self._store_and_release = self.client.register_script(STORE_AND_RELEASE)
@@ -84,3 +89,4 @@ class RedisStore:
 
     async def close(self) -> None:
         await self.client.aclose()
+        await self._pool.disconnect()
