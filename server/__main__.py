@@ -13,7 +13,8 @@ def serve(args: argparse.Namespace) -> None:
 
     settings = get_settings()
     uvicorn.run("server.main:app", host=args.host or settings.host, port=args.port or settings.port,
-                log_level=settings.log_level.lower())
+                log_level=settings.log_level.lower(), proxy_headers=True,
+                forwarded_allow_ips=settings.forwarded_allow_ips)
 
 
 def fetch_models(args: argparse.Namespace) -> None:

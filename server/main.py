@@ -4,11 +4,13 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from server import __version__
 from server.api import errors
+from server.api.deps import require_api_key
 from server.api.middleware import MetricsMiddleware
+from server.api.ratelimit import IngressRateLimitMiddleware
 from server.api.routes import generate, history, predict, system
 from server.core.config import Settings, get_settings
 from server.services.runtime import open_runtime
@@ -25,10 +27,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="Inference server", version=__version__, lifespan=lifespan,
                   description="GPT-2 generation and sentiment classification, micro-batched and cached.")
+    app.add_middleware(IngressRateLimitMiddleware)
     app.add_middleware(MetricsMiddleware)
     errors.install(app)
-    for module in (system, generate, predict, history):
-        app.include_router(module.router)
+    app.include_router(system.router)
+    for module in (generate, predict, history):
+        app.include_router(module.router, dependencies=[Depends(require_api_key)])
     return app
 
 

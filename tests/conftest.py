@@ -63,7 +63,7 @@ def settings(standins: tuple[Path, Path], tmp_path: Path) -> Settings:
     return Settings(_env_file=None, generator_model=str(generator), sentiment_model=str(classifier),
                     model_source="local", models_cache_dir=tmp_path / "cache",
                     database_url=f"sqlite+aiosqlite:///{tmp_path / 'server.db'}", torch_num_threads=1,
-                    record_flush_interval_ms=20, record_spill_dir=tmp_path / "spill")
+                    record_flush_interval_ms=20, record_spill_dir=tmp_path / "spill", ingress_rate_limit="off")
 
 
 @pytest.fixture

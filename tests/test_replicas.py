@@ -32,7 +32,8 @@ def replicas(standins, redis_server: RedisServer, tmp_path: Path):
             port = free_port()
             env = {"GENERATOR_MODEL": str(generator), "SENTIMENT_MODEL": str(classifier), "MODEL_SOURCE": "local",
                    "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / name}.db", "REDIS_URL": redis_server.url,
-                   "CACHE_LOCK_TTL_S": str(LOCK_TTL_S), "TORCH_NUM_THREADS": "1", "LOG_LEVEL": "warning"}
+                   "CACHE_LOCK_TTL_S": str(LOCK_TTL_S), "TORCH_NUM_THREADS": "1", "LOG_LEVEL": "warning",
+                   "INGRESS_RATE_LIMIT": "off"}
             url, _ = stack.enter_context(server_process([sys.executable, "-m", "server", "serve", "--port", str(port)],
                                                         env, port, tmp_path / f"{name}.log"))
             urls.append(url)
@@ -53,7 +54,7 @@ async def test_waiters_answer_when_the_lock_holder_process_dies(standins, redis_
     generator, classifier = standins
     common = {"GENERATOR_MODEL": str(generator), "SENTIMENT_MODEL": str(classifier), "MODEL_SOURCE": "local",
               "REDIS_URL": redis_server.url, "CACHE_LOCK_TTL_S": str(LOCK_TTL_S), "TORCH_NUM_THREADS": "1",
-              "LOG_LEVEL": "warning", "REQUEST_TIMEOUT_S": "120"}
+              "LOG_LEVEL": "warning", "REQUEST_TIMEOUT_S": "120", "INGRESS_RATE_LIMIT": "off"}
     with ExitStack() as stack:
         (holder, holder_process), (waiter, _) = (
             stack.enter_context(server_process([sys.executable, "-m", "server", "serve", "--port", str(port)],

@@ -6,7 +6,8 @@ dependency per request that costs more than a cache hit's own work.
 
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.services.generation import GenerationService
 from server.services.runtime import Runtime
@@ -44,3 +45,17 @@ CacheBypassDep = Annotated[bool, Depends(cache_bypass)]
 def x_cache(cached: list[bool]) -> str:
     """The `X-Cache` header: HIT when every item came from the cache, MISS when none did, else PARTIAL."""
     return "HIT" if all(cached) else "MISS" if not any(cached) else "PARTIAL"
+
+
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
+
+
+def check_api_key(runtime: Runtime, credentials: HTTPAuthorizationCredentials | None) -> None:
+    """401 with `WWW-Authenticate: Bearer` unless API_KEYS is empty or the bearer token is one of them."""
+    if runtime.api_keys.enabled and runtime.api_keys.identify(credentials.credentials if credentials else None) is None:
+        raise HTTPException(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+async def require_api_key(runtime: RuntimeDep, credentials: BearerDep) -> None:
+    check_api_key(runtime, credentials)

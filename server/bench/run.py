@@ -205,7 +205,8 @@ def run(args: argparse.Namespace) -> dict:
         port = free_port()
         env = {"GENERATOR_MODEL": str(generator_dir), "SENTIMENT_MODEL": str(classifier_dir), "MODEL_SOURCE": "local",
                "DATABASE_URL": f"sqlite+aiosqlite:///{work / 'bench.db'}", "BATCH_MAX_SIZE": str(args.batch_size),
-               "BATCH_QUEUE_LIMIT": str(max(1024, 4 * max(levels))), "LOG_LEVEL": "warning"}
+               "BATCH_QUEUE_LIMIT": str(max(1024, 4 * max(levels))), "LOG_LEVEL": "warning",
+               "INGRESS_RATE_LIMIT": "off", "API_KEYS": ""}
         bar.set_postfix_str("server")
         with server_process([sys.executable, "-m", "server", "serve", "--port", str(port)], env, port,
                             work / "server.log") as (url, _):

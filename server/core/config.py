@@ -40,6 +40,16 @@ class Settings(BaseSettings):
     cache_lock_ttl_s: float = Field(30.0, gt=0)
     cache_allow_client_bypass: bool = False
 
+    api_keys: str = ""
+    metrics_require_key: bool = False
+    forwarded_allow_ips: str = "127.0.0.1"
+    ingress_rate_limit: str = "120/minute"
+    ingress_rate_limit_generate: str = ""
+    ingress_rate_limit_predict: str = ""
+    ingress_rate_limit_analyze: str = ""
+    egress_rate_limit: str = "gemini=10/minute,openai=60/minute,anthropic=50/minute"
+    rate_limit_fail_mode: Literal["open", "closed"] = "open"
+
     database_url: str = f"sqlite+aiosqlite:///{PROJECT_ROOT / 'data' / 'server.db'}"
     record_flush_interval_ms: float = Field(200.0, gt=0)
     record_flush_max_items: int = Field(500, ge=1)

@@ -31,3 +31,6 @@ CACHE_REQUESTS = Counter("cache_requests", "Cache outcomes per item: hit, miss, 
                          ["endpoint", "result"])
 CACHE_STORE_ERRORS = Counter("cache_store_errors", "Failed cache store operations (the item is computed anyway)",
                              ["backend", "operation"])
+
+RATE_LIMIT_DECISIONS = Counter("rate_limit_decisions", "Rate-limit decisions", ["layer", "policy", "decision"])
+RATE_LIMIT_ERRORS = Counter("rate_limit_errors", "Rate-limit checks that failed (store unavailable)", ["layer"])

@@ -9,10 +9,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
-
-from server.services.cache import RedisStore
 
 CHECK_TIMEOUT_S = 2.0
 
@@ -42,5 +41,8 @@ async def database_check(engine: AsyncEngine) -> Check:
     return await _probe(select_one, "down", {"backend": engine.dialect.name})
 
 
-async def redis_check(store: RedisStore) -> Check:
-    return await _probe(store.ping, "degraded", {})
+async def redis_check(redis: Redis) -> Check:
+    async def ping() -> None:
+        await redis.ping()
+
+    return await _probe(ping, "degraded", {})

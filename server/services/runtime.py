@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from server.core.config import Settings
@@ -17,9 +18,15 @@ from server.ml.classifier import SentimentClassifier
 from server.ml.generator import TextGenerator
 from server.ml.loader import locate
 from server.services.batching import MicroBatcher
+from server.services.auth import ApiKeys
 from server.services.cache import ResponseCache, open_store
 from server.services.generation import GenerationService, run_jobs
+from server.services.limits.egress import EgressGuard
+from server.services.limits.gcra import MemoryLimiter, RedisLimiter
+from server.services.limits.ingress import IngressLimits
+from server.services.limits.policy import parse_policies, parse_policy
 from server.services.recording import RecordWriter
+from server.services.redis_client import open_redis
 from server.services.sentiment import SentimentService
 
 log = logging.getLogger(__name__)
@@ -28,6 +35,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class Runtime:
     settings: Settings
+    redis: Redis | None
+    api_keys: ApiKeys
+    ingress: IngressLimits
+    egress: EgressGuard
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     generator: TextGenerator
@@ -48,26 +59,43 @@ async def load_models(settings: Settings) -> tuple[TextGenerator, SentimentClass
             await asyncio.to_thread(SentimentClassifier.load, classifier_at, cache))
 
 
+def open_limits(settings: Settings, redis: Redis | None) -> tuple[IngressLimits, EgressGuard]:
+    """Both layers on one limiter: Redis (exact across replicas) when configured, else this process."""
+    limiter = RedisLimiter(redis) if redis is not None else MemoryLimiter()
+    fail_open = settings.rate_limit_fail_mode == "open"
+    groups = {group: parse_policy(group, getattr(settings, f"ingress_rate_limit_{group}"))
+              for group in ("generate", "predict", "analyze")}
+    ingress = IngressLimits(limiter, parse_policy("default", settings.ingress_rate_limit),
+                            {group: policy for group, policy in groups.items() if policy}, fail_open)
+    return ingress, EgressGuard(limiter, parse_policies(settings.egress_rate_limit), fail_open=fail_open)
+
+
 @asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     configure_threads(settings.torch_num_threads)
+    redis = open_redis(settings.redis_url) if settings.redis_url else None
+    ingress, egress = open_limits(settings, redis)
+    api_keys = ApiKeys(settings.api_keys)
+    if not api_keys.enabled:
+        log.warning("API_KEYS is empty: the server is OPEN to anyone who can reach it; set API_KEYS to require "
+                    "'Authorization: Bearer <key>'")
     await asyncio.to_thread(migrate.upgrade, settings.database_url)
     generator, classifier = await load_models(settings)
     engine = create_engine(settings.database_url)
     sessions = session_factory(engine)
     recorder = RecordWriter(sessions, flush_interval_s=settings.record_flush_interval_ms / 1000,
                             max_items=settings.record_flush_max_items, spill_dir=settings.record_spill_dir)
-    cache = ResponseCache(open_store(settings.redis_url, ttl_s=settings.cache_ttl_s, max_items=settings.cache_max_items,
+    cache = ResponseCache(open_store(redis, ttl_s=settings.cache_ttl_s, max_items=settings.cache_max_items,
                                      lock_ttl_s=settings.cache_lock_ttl_s), lock_ttl_s=settings.cache_lock_ttl_s)
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="model")
-    limits = {"executor": executor, "max_batch_size": settings.batch_max_size,
+    batching = {"executor": executor, "max_batch_size": settings.batch_max_size,
               "max_wait_s": settings.batch_max_wait_ms / 1000, "queue_limit": settings.batch_queue_limit}
-    generate_batcher = MicroBatcher("generator", lambda jobs: run_jobs(generator, jobs), **limits,
+    generate_batcher = MicroBatcher("generator", lambda jobs: run_jobs(generator, jobs), **batching,
                                     group_of=lambda job: job.params,
                                     dedup_key_of=lambda job: job if job.deterministic else None)
-    predict_batcher = MicroBatcher("classifier", classifier.classify, **limits, dedup_key_of=lambda text: text)
+    predict_batcher = MicroBatcher("classifier", classifier.classify, **batching, dedup_key_of=lambda text: text)
     runtime = Runtime(
-        settings, engine, sessions, generator, classifier, recorder, cache,
+        settings, redis, api_keys, ingress, egress, engine, sessions, generator, classifier, recorder, cache,
         GenerationService(generator, generate_batcher, cache, recorder, max_prompt_chars=settings.max_prompt_chars,
                           timeout_s=settings.request_timeout_s),
         SentimentService(classifier, predict_batcher, cache, recorder, max_text_chars=settings.max_prompt_chars,
@@ -84,6 +112,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         for batcher in batchers:
             await batcher.close()
         await recorder.close()
-        await cache.store.close()
+        if redis is not None:
+            await redis.aclose()
         await engine.dispose()
         executor.shutdown(wait=True)

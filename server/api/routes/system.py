@@ -5,9 +5,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
-from server.api.deps import RuntimeDep
+from server.api.deps import BearerDep, RuntimeDep, check_api_key
 from server.api.schemas import AppInfo, CheckOut, HealthOut
-from server.services.cache import RedisStore
 from server.services.health import database_check, redis_check
 
 router = APIRouter(tags=["system"])
@@ -32,8 +31,8 @@ async def health(runtime: RuntimeDep) -> JSONResponse:
     """200 when the models are loaded and the database answers, else 503; Redis failing is only `degraded`."""
     checks = {"models": CheckOut(status="ok", latency_ms=0.0, detail=_models(runtime)),
               "database": CheckOut(**(await database_check(runtime.engine)).__dict__)}
-    if isinstance(runtime.cache.store, RedisStore):
-        checks["redis"] = CheckOut(**(await redis_check(runtime.cache.store)).__dict__)
+    if runtime.redis is not None:
+        checks["redis"] = CheckOut(**(await redis_check(runtime.redis)).__dict__)
     states = {check.status for check in checks.values()}
     status = "down" if "down" in states else "degraded" if "degraded" in states else "ok"
     body = HealthOut(status=status, checks=checks)
@@ -41,5 +40,8 @@ async def health(runtime: RuntimeDep) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=Response)
-async def prometheus_metrics() -> Response:
+async def prometheus_metrics(runtime: RuntimeDep, credentials: BearerDep) -> Response:
+    """Prometheus text; open unless METRICS_REQUIRE_KEY is on."""
+    if runtime.settings.metrics_require_key:
+        check_api_key(runtime, credentials)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

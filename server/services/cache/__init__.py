@@ -1,5 +1,7 @@
 """Response cache: keys, stores (in-memory LRU, Redis) and the stampede-safe `ResponseCache`."""
 
+from redis.asyncio import Redis
+
 from server.services.cache.memory import MemoryStore
 from server.services.cache.redis_store import RedisStore
 from server.services.cache.response_cache import SERVED_FROM_CACHE, Outcome, ResponseCache
@@ -7,8 +9,8 @@ from server.services.cache.response_cache import SERVED_FROM_CACHE, Outcome, Res
 __all__ = ["SERVED_FROM_CACHE", "MemoryStore", "Outcome", "RedisStore", "ResponseCache", "open_store"]
 
 
-def open_store(redis_url: str | None, *, ttl_s: float, max_items: int, lock_ttl_s: float) -> MemoryStore | RedisStore:
-    """Redis when a URL is configured (shared by replicas), else the in-process LRU."""
-    if redis_url:
-        return RedisStore(redis_url, ttl_s=ttl_s, lock_ttl_s=lock_ttl_s)
+def open_store(redis: Redis | None, *, ttl_s: float, max_items: int, lock_ttl_s: float) -> MemoryStore | RedisStore:
+    """Redis when one is configured (shared by replicas), else the in-process LRU."""
+    if redis is not None:
+        return RedisStore(redis, ttl_s=ttl_s, lock_ttl_s=lock_ttl_s)
     return MemoryStore(max_items=max_items, ttl_s=ttl_s)

@@ -34,6 +34,3 @@ class MemoryStore:
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_items:
             self._entries.popitem(last=False)
-
-    async def close(self) -> None:
-        self._entries.clear()

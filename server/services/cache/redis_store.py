@@ -9,9 +9,7 @@ it still holds the token, and publishes on `done:{key}`. Waiters subscribe befor
 import asyncio
 import secrets
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from redis.asyncio import Redis
 
 STORE_AND_RELEASE = """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -23,8 +21,6 @@ RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-SOCKET_TIMEOUT_S = 2.0
-MAX_CONNECTIONS = 64
 
 
 def lock_key(key: str) -> str:
@@ -38,14 +34,8 @@ def done_channel(key: str) -> str:
 class RedisStore:
     name = "redis"
 
-    def __init__(self, url: str, ttl_s: float, lock_ttl_s: float):
-        # A down Redis must cost a request milliseconds, not retries: fail fast, the caller computes instead.
-        # A blocking pool queues bursts for a connection instead of failing them ("Too many connections").
-        pool = BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=SOCKET_TIMEOUT_S,
-                                               socket_timeout=SOCKET_TIMEOUT_S,
-                                               socket_connect_timeout=SOCKET_TIMEOUT_S)
-        self._pool = pool
-        self.client = Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+    def __init__(self, client: Redis, ttl_s: float, lock_ttl_s: float):
+        self.client = client
         self.ttl_ms = int(ttl_s * 1000)
         self.lock_ttl_ms = int(lock_ttl_s * 1000)
         self._store_and_release = self.client.register_script(STORE_AND_RELEASE)
@@ -84,9 +74,3 @@ class RedisStore:
                     break
             return await self.client.get(key)
 
-    async def ping(self) -> None:
-        await self.client.ping()
-
-    async def close(self) -> None:
-        await self.client.aclose()
-        await self._pool.disconnect()

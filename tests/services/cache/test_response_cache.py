@@ -4,6 +4,7 @@ import pytest
 
 from server.services.cache import MemoryStore, RedisStore, ResponseCache
 from server.services.cache.redis_store import lock_key
+from server.services.redis_client import open_redis
 from tests.support.metrics import metric
 
 
@@ -22,15 +23,21 @@ class Computation:
         return f"value-{index}".encode()
 
 
+@pytest.fixture
+async def redis(redis_server):
+    client = open_redis(redis_server.url)
+    yield client
+    await client.aclose()
+
+
 @pytest.fixture(params=["memory", "redis"])
 async def cache(request: pytest.FixtureRequest):
     if request.param == "memory":
-        store = MemoryStore(max_items=100, ttl_s=60)
-    else:
-        store = RedisStore(request.getfixturevalue("redis_server").url, ttl_s=60, lock_ttl_s=5)
-    cache = ResponseCache(store, lock_ttl_s=5)
-    yield cache
-    await store.close()
+        yield ResponseCache(MemoryStore(max_items=100, ttl_s=60), lock_ttl_s=5)
+        return
+    client = open_redis(request.getfixturevalue("redis_server").url)
+    yield ResponseCache(RedisStore(client, ttl_s=60, lock_ttl_s=5), lock_ttl_s=5)
+    await client.aclose()
 
 
 async def test_concurrent_identical_items_compute_once_then_hit(cache):
@@ -103,40 +110,39 @@ async def test_a_failed_computation_reaches_every_caller_and_is_not_cached(cache
 
 async def test_processes_sharing_redis_compute_once(redis_server):
     """Two caches with their own Redis clients stand for two server processes."""
-    stores = [RedisStore(redis_server.url, ttl_s=60, lock_ttl_s=5) for _ in range(2)]
+    clients = [open_redis(redis_server.url) for _ in range(2)]
+    stores = [RedisStore(client, ttl_s=60, lock_ttl_s=5) for client in clients]
     caches = [ResponseCache(store, lock_ttl_s=5) for store in stores]
     compute = Computation(0.3)
     answers = await asyncio.gather(*(caches[i % 2].resolve("t", ["shared"], compute) for i in range(40)))
     assert compute.calls == 1
     assert {a[0][0] for a in answers} == {b"value-0"}
     assert sum(a[0][1] == "miss" for a in answers) == 1
-    for store in stores:
-        await store.close()
+    for client in clients:
+        await client.aclose()
 
 
-async def test_waiters_take_over_when_the_lock_holder_died(redis_server):
-    store = RedisStore(redis_server.url, ttl_s=60, lock_ttl_s=0.5)
+async def test_waiters_take_over_when_the_lock_holder_died(redis):
+    store = RedisStore(redis, ttl_s=60, lock_ttl_s=0.5)
     cache = ResponseCache(store, lock_ttl_s=0.5)
     await store.client.set(lock_key("orphan"), "dead-holder-token", px=500)
     compute = Computation(0)
     assert await asyncio.wait_for(cache.resolve("t", ["orphan"], compute), 3) == [(b"value-0", "miss")]
     assert compute.calls == 1
-    await store.close()
 
 
-async def test_the_lock_is_released_only_by_its_holder(redis_server):
-    store = RedisStore(redis_server.url, ttl_s=60, lock_ttl_s=5)
+async def test_the_lock_is_released_only_by_its_holder(redis):
+    store = RedisStore(redis, ttl_s=60, lock_ttl_s=5)
     token = await store.try_lock("k")
     assert token and await store.try_lock("k") is None
     await store.release("k", "someone-else")
     assert await store.client.get(lock_key("k")) == token.encode()
     await store.store_and_release("k", b"v", token)
     assert await store.client.get(lock_key("k")) is None and await store.client.get("k") == b"v"
-    await store.close()
 
 
-async def test_redis_down_computes_counts_and_recovers(redis_server):
-    store = RedisStore(redis_server.url, ttl_s=60, lock_ttl_s=5)
+async def test_redis_down_computes_counts_and_recovers(redis_server, redis):
+    store = RedisStore(redis, ttl_s=60, lock_ttl_s=5)
     cache = ResponseCache(store, lock_ttl_s=5)
     compute = Computation(0)
     await cache.resolve("t", ["before"], compute)
@@ -150,4 +156,3 @@ async def test_redis_down_computes_counts_and_recovers(redis_server):
     redis_server.start()
     await cache.resolve("t", ["after"], compute)
     assert (await cache.resolve("t", ["after"], compute))[0][1] == "hit"
-    await store.close()
