@@ -79,3 +79,34 @@ async def test_waiters_answer_when_the_lock_holder_process_dies(standins, redis_
         assert answer.status_code == 200 and answer.json()[0]["cached"] is False
         assert items_computed(waiter) == 1
         assert elapsed < LOCK_TTL_S + 30
+
+
+async def test_four_processes_sharing_redis_admit_exactly_burst_plus_rate_times_duration(standins, redis_server,
+                                                                                         tmp_path):
+    burst, rate, duration_s = 5, 10, 3.0
+    generator, classifier = standins
+    with ExitStack() as stack:
+        urls = []
+        for n in range(4):
+            port = free_port()
+            env = {"GENERATOR_MODEL": str(generator), "SENTIMENT_MODEL": str(classifier), "MODEL_SOURCE": "local",
+                   "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/{n}.db", "REDIS_URL": redis_server.url,
+                   "INGRESS_RATE_LIMIT": f"{rate}/second;burst={burst}", "TORCH_NUM_THREADS": "1",
+                   "LOG_LEVEL": "warning"}
+            url, _ = stack.enter_context(server_process([sys.executable, "-m", "server", "serve", "--port", str(port)],
+                                                        env, port, tmp_path / f"{n}.log"))
+            urls.append(url)
+        statuses: list[int] = []
+        sent_at: list[float] = []
+
+        async def hammer(client: httpx.AsyncClient, url: str, stop_at: float) -> None:
+            while time.monotonic() < stop_at:
+                sent_at.append(time.monotonic())
+                statuses.append((await client.get(f"{url}/history", params={"limit": 1})).status_code)
+
+        async with httpx.AsyncClient(timeout=30) as client:
+            stop_at = time.monotonic() + duration_s
+            await asyncio.gather(*(hammer(client, urls[i % 4], stop_at) for i in range(8)))
+    assert set(statuses) == {200, 429}
+    elapsed = max(sent_at) - min(sent_at)
+    assert abs(statuses.count(200) - (burst + rate * elapsed)) <= 1
