@@ -11,7 +11,7 @@ import math
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.services.limits.ingress import LimiterUnavailable
+from server.services.limits.decide import LimiterUnavailable
 
 OPEN_PATHS = frozenset({"/", "/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 ROUTE_GROUPS = {"/generate": "generate", "/predict": "predict", "/analyze/performance": "analyze"}

@@ -4,9 +4,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
-from server.ml.loader import ModelLocation, weights_revision
+from server.ml.loader import PretrainedModel
 
 
 @dataclass(frozen=True)
@@ -15,22 +15,10 @@ class Sentiment:
     score: float
 
 
-class SentimentClassifier:
+class SentimentClassifier(PretrainedModel):
     """A loaded classifier and its tokenizer. `classify` blocks: call it from the executor only."""
 
-    def __init__(self, model, tokenizer, name: str, revision: str, standin: bool):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.name = name
-        self.revision = revision
-        self.standin = standin
-
-    @classmethod
-    def load(cls, location: ModelLocation, cache_dir: str) -> "SentimentClassifier":
-        kwargs = {"cache_dir": cache_dir, "local_files_only": location.local_files_only}
-        tokenizer = AutoTokenizer.from_pretrained(location.path, **kwargs)
-        model = AutoModelForSequenceClassification.from_pretrained(location.path, **kwargs)
-        return cls(model, tokenizer, location.name, weights_revision(model.config, location), location.standin)
+    auto_class = AutoModelForSequenceClassification
 
     def classify(self, texts: Sequence[str]) -> list[Sentiment]:
         batch = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")

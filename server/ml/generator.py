@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from server.ml.loader import ModelLocation, weights_revision
+from server.ml.loader import PretrainedModel
 
 
 @dataclass(frozen=True)
@@ -59,26 +59,17 @@ class PerRowSampler(LogitsProcessor):
         return picked.scatter(-1, chosen.unsqueeze(-1), 0.0)
 
 
-class TextGenerator:
+class TextGenerator(PretrainedModel):
     """A loaded causal LM and its tokenizer. `generate` blocks: call it from the executor only."""
 
+    auto_class = AutoModelForCausalLM
+
     def __init__(self, model, tokenizer, name: str, revision: str, standin: bool):
+        super().__init__(model, tokenizer, name, revision, standin)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.name = name
-        self.revision = revision
-        self.standin = standin
         self.context_size = int(getattr(model.config, "n_positions", None) or model.config.max_position_embeddings)
-
-    @classmethod
-    def load(cls, location: ModelLocation, cache_dir: str) -> "TextGenerator":
-        kwargs = {"cache_dir": cache_dir, "local_files_only": location.local_files_only}
-        tokenizer = AutoTokenizer.from_pretrained(location.path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location.path, **kwargs)
-        return cls(model, tokenizer, location.name, weights_revision(model.config, location), location.standin)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)

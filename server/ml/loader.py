@@ -12,10 +12,11 @@ import logging
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal, Self
 from urllib.parse import urlparse
 
 from huggingface_hub import constants as hub_constants
+from transformers import AutoTokenizer
 
 from server.ml import offline
 
@@ -99,3 +100,23 @@ def weights_revision(model_config: object, location: ModelLocation) -> str:
         stat = path.stat()
         digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
+
+
+class PretrainedModel:
+    """A model and its tokenizer, loaded once from a `ModelLocation`; subclasses name their auto class."""
+
+    auto_class: ClassVar[type]
+
+    def __init__(self, model, tokenizer, name: str, revision: str, standin: bool):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.revision = revision
+        self.standin = standin
+
+    @classmethod
+    def load(cls, location: ModelLocation, cache_dir: str) -> Self:
+        kwargs = {"cache_dir": cache_dir, "local_files_only": location.local_files_only}
+        tokenizer = AutoTokenizer.from_pretrained(location.path, **kwargs)
+        model = cls.auto_class.from_pretrained(location.path, **kwargs)
+        return cls(model, tokenizer, location.name, weights_revision(model.config, location), location.standin)

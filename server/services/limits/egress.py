@@ -5,13 +5,10 @@ the caller can serve a cached or fallback answer, wait (`acquire(wait_s=...)`), 
 """
 
 import asyncio
-import logging
 
-from server.core import metrics
+from server.services.limits.decide import LimiterUnavailable, decide
 from server.services.limits.gcra import Decision, MemoryLimiter, RedisLimiter
 from server.services.limits.policy import RatePolicy
-
-log = logging.getLogger(__name__)
 
 
 class EgressLimited(RuntimeError):
@@ -34,16 +31,10 @@ class EgressGuard:
         if policy is None:
             return None
         try:
-            decision = await self.limiter.check([(policy, f"egress:{provider}")])
-        except Exception as exc:
-            metrics.RATE_LIMIT_ERRORS.labels("egress").inc()
-            log.warning("egress limiter failed (%s: %s); failing %s", type(exc).__name__, exc,
-                        "open" if self.fail_open else "closed")
-            if self.fail_open:
-                return None
+            return await decide(self.limiter, [(policy, f"egress:{provider}")], layer="egress",
+                                fail_open=self.fail_open)
+        except LimiterUnavailable as exc:
             raise EgressLimited(provider, 1.0) from exc
-        metrics.RATE_LIMIT_DECISIONS.labels("egress", provider, "allow" if decision.allowed else "deny").inc()
-        return decision
 
     async def acquire(self, provider: str, *, wait_s: float = 0.0) -> None:
         """Return once a call to `provider` is allowed, waiting up to `wait_s`; else raise `EgressLimited`."""

@@ -1,0 +1,36 @@
+"""One limiter call with the failure policy and metrics both layers share.
+
+A limiter whose store fails (Redis down) either lets the request through (`fail_open`, counted in
+`rate_limit_errors_total`) or raises `LimiterUnavailable`.
+"""
+
+import logging
+from collections.abc import Sequence
+
+from server.core import metrics
+from server.services.limits.gcra import Decision, MemoryLimiter, RedisLimiter
+from server.services.limits.policy import RatePolicy
+
+log = logging.getLogger(__name__)
+
+
+class LimiterUnavailable(RuntimeError):
+    """The limiter's store failed and RATE_LIMIT_FAIL_MODE=closed."""
+
+
+async def decide(limiter: MemoryLimiter | RedisLimiter, checks: Sequence[tuple[RatePolicy, str]], *, layer: str,
+                 fail_open: bool) -> Decision | None:
+    """The decision, or None when the store failed and the mode is open."""
+    try:
+        decision = await limiter.check(checks)
+    except Exception as exc:
+        metrics.RATE_LIMIT_ERRORS.labels(layer).inc()
+        log.warning("%s rate limiter failed (%s: %s); failing %s", layer, type(exc).__name__, exc,
+                    "open" if fail_open else "closed")
+        if fail_open:
+            return None
+        raise LimiterUnavailable(f"{layer} rate limiter unavailable") from exc
+    verdict = "allow" if decision.allowed else "deny"
+    for state in decision.states:
+        metrics.RATE_LIMIT_DECISIONS.labels(layer, state.policy.name, verdict).inc()
+    return decision
