@@ -1,8 +1,11 @@
 """Orchestrates the benchmark phases; see README "Performance".
 
-Phases: offline limits (the model called directly, batch 1 and batch BATCH_MAX_SIZE) -> the real server
-(`python -m server serve`, as users start it) at each concurrency -> the naive baseline server at each
-concurrency. Ratios are computed within the one run: absolute numbers vary between runs on shared machines.
+Phases: the real server (`python -m server serve`, as users start it) at each concurrency, each level
+bracketed by offline limits (the model called directly in this process, batch 1 and batch BATCH_MAX_SIZE,
+while the server idles) -> the cache-hit path -> the naive baseline server at each concurrency.
+Ratios are computed within the one run, each server level against the offline measurements just before
+and just after it: on a shared machine the speed drifts by 10% within minutes, so a limit measured once at
+the start would judge the last level against a different machine.
 """
 
 import argparse
@@ -32,6 +35,7 @@ from server.ml.offline import GPT2_124M, build_classifier, build_generator, stan
 from server.bench.load import LoadResult, run_load
 
 BENCH_MODELS = PROJECT_ROOT / "models_cache" / "bench"
+SERVER_TAG = "s"
 TOPICS = ["rivers", "mountains", "robots", "gardens", "markets", "oceans", "libraries", "trains", "music", "bridges",
           "forests", "deserts", "cities", "storms", "islands", "castles"]
 
@@ -40,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", type=Path, help="generator to benchmark (default: a GPT-2-124M-architecture "
                         "model with random weights, built under models_cache/bench/ on first use)")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
-    parser.add_argument("--rounds", type=int, default=8, help="requests per client at each concurrency (default 8)")
+    parser.add_argument("--rounds", type=int, default=12,
+                        help="requests per client at each concurrency (default 12)")
     parser.add_argument("--baseline-rounds", type=int, default=2, help="the same for the naive baseline (default 2)")
     parser.add_argument("--new-tokens", type=int, default=16, help="max_new_tokens per request (default 16)")
     parser.add_argument("--batch-size", type=int, default=get_settings().batch_max_size,
@@ -72,22 +77,49 @@ def ensure_models(args: argparse.Namespace) -> tuple[Path, Path]:
     return generator, classifier
 
 
-def measure_offline(model_dir: Path, batch_size: int, new_tokens: int, repeats: tuple[int, int]) -> dict:
+class OfflineLimit:
     """The physical limit: the model called directly, no server, with the code path the server uses."""
-    generator = TextGenerator.load(locate(str(model_dir), "generator", "local", BENCH_MODELS), str(BENCH_MODELS))
-    params = GenerationParams(max_new_tokens=new_tokens)
-    results = {}
-    for size, repeat in zip((1, batch_size), repeats):
-        prompts = [generator.encode(prompt("offline", i, size)) for i in range(size)]
-        generator.generate(prompts, params)
-        times = []
-        for _ in range(repeat):
-            started = time.perf_counter()
-            generator.generate(prompts, params)
-            times.append(time.perf_counter() - started)
+
+    def __init__(self, model_dir: Path, batch_size: int, new_tokens: int, repeats: tuple[int, int]):
+        self.generator = TextGenerator.load(locate(str(model_dir), "generator", "local", BENCH_MODELS),
+                                            str(BENCH_MODELS))
+        self.params = GenerationParams(max_new_tokens=new_tokens)
+        self.sizes = dict(zip((1, batch_size), repeats))
+        self.brackets: list[dict[int, list[float]]] = []
+        self._run(1, 0)
+        self._run(batch_size, 0)
+
+    def _run(self, size: int, round_: int) -> float:
+        """Seconds for one call on the prompts that `size` server clients send in `round_`: same token shapes."""
+        prompts = [self.generator.encode(prompt(f"{SERVER_TAG}{size}", i, round_)) for i in range(size)]
+        started = time.perf_counter()
+        self.generator.generate(prompts, self.params)
+        return time.perf_counter() - started
+
+    def measure(self) -> None:
+        """One bracket: every size, `repeats` calls each."""
+        first = len(self.brackets) * max(self.sizes.values())
+        self.brackets.append({size: [self._run(size, first + k) for k in range(repeat)]
+                              for size, repeat in self.sizes.items()})
+
+    @staticmethod
+    def _summary(size: int, times: list[float]) -> dict:
         median = statistics.median(times)
-        results[f"batch_{size}"] = {"batch_size": size, "latency_ms": median * 1000, "requests_per_s": size / median}
-    return results
+        return {"batch_size": size, "latency_ms": median * 1000, "requests_per_s": size / median}
+
+    def around(self, level: int) -> dict:
+        """The limits just before and just after server level `level` (brackets `level` and `level + 1`)."""
+        return {f"batch_{size}": self._summary(size, [t for bracket in self.brackets[level:level + 2]
+                                                      for t in bracket[size]])
+                for size in self.sizes}
+
+    def overall(self) -> dict:
+        """All brackets together: the offline rows of the table."""
+        summary = {f"batch_{size}": self._summary(size, [t for bracket in self.brackets for t in bracket[size]])
+                   for size in self.sizes}
+        for data in summary.values():
+            data["brackets"] = len(self.brackets)
+        return summary
 
 
 def free_port() -> int:
@@ -132,8 +164,12 @@ def batch_stats(base_url: str) -> tuple[float, float]:
 
 
 def drive(base_url: str, tag: str, levels: list[int], rounds: int, new_tokens: int, bar: tqdm,
-          with_batches: bool) -> list[dict]:
+          offline: OfflineLimit | None = None) -> list[dict]:
+    """Closed-loop load at each level; with `offline`, each level is bracketed by offline measurements."""
     rows = []
+    with_batches = offline is not None
+    if offline:
+        offline.measure()
     for concurrency in levels:
         body = lambda client, round_, c=concurrency: {
             "prompts": [prompt(f"{tag}{c}", client, round_)], "max_new_tokens": new_tokens}
@@ -147,6 +183,8 @@ def drive(base_url: str, tag: str, levels: list[int], rounds: int, new_tokens: i
             after = batch_stats(base_url)
             row["tokens_per_s"] = result.tokens_per_s
             row["mean_batch_size"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+            offline.measure()
+            row["offline"] = offline.around(len(rows))
         rows.append(row)
         bar.update(1)
     return rows
@@ -200,7 +238,7 @@ def run(args: argparse.Namespace) -> dict:
     with tqdm(total=phases, desc="bench", unit="phase", file=sys.stderr) as bar:
         generator_dir, classifier_dir = ensure_models(args)
         bar.set_postfix_str("offline limits")
-        offline = measure_offline(generator_dir, args.batch_size, args.new_tokens, (3, 2) if args.quick else (5, 3))
+        offline = OfflineLimit(generator_dir, args.batch_size, args.new_tokens, (3, 1) if args.quick else (4, 2))
         bar.update(1)
         port = free_port()
         env = {"GENERATOR_MODEL": str(generator_dir), "SENTIMENT_MODEL": str(classifier_dir), "MODEL_SOURCE": "local",
@@ -210,7 +248,7 @@ def run(args: argparse.Namespace) -> dict:
         bar.set_postfix_str("server")
         with server_process([sys.executable, "-m", "server", "serve", "--port", str(port)], env, port,
                             work / "server.log") as (url, _):
-            server_rows = drive(url, "s", levels, args.rounds, args.new_tokens, bar, with_batches=True)
+            server_rows = drive(url, SERVER_TAG, levels, args.rounds, args.new_tokens, bar, offline)
         bar.set_postfix_str("cache hits")
         with redis_for_bench(args.redis_url, work) as redis_url:
             port = free_port()
@@ -229,18 +267,18 @@ def run(args: argparse.Namespace) -> dict:
                        "--log-level", "warning"]
             with server_process(command, {"BENCH_MODEL": str(generator_dir)}, port,
                                 work / "baseline.log") as (url, _):
-                baseline_rows = drive(url, "b", levels, args.baseline_rounds, args.new_tokens, bar, with_batches=False)
+                baseline_rows = drive(url, "b", levels, args.baseline_rounds, args.new_tokens, bar)
     return summarize(args, generator_dir, offline, server_rows, baseline_rows, cache)
 
 
-def summarize(args, generator_dir: Path, offline: dict, server_rows: list[dict], baseline_rows: list[dict],
-              cache: dict) -> dict:
-    batch1 = offline["batch_1"]
-    full = offline[f"batch_{args.batch_size}"]
+def summarize(args, generator_dir: Path, offline: OfflineLimit, server_rows: list[dict],
+              baseline_rows: list[dict], cache: dict) -> dict:
     baseline_by_c = {row["concurrency"]: row for row in baseline_rows}
     for row in server_rows:
-        row["vs_offline_full_batch_throughput"] = row["requests_per_s"] / full["requests_per_s"]
-        row["p50_vs_offline_batch_1_latency"] = row["p50_ms"] / batch1["latency_ms"]
+        limits = row["offline"]
+        row["vs_offline_full_batch_throughput"] = (row["requests_per_s"]
+                                                   / limits[f"batch_{args.batch_size}"]["requests_per_s"])
+        row["p50_vs_offline_batch_1_latency"] = row["p50_ms"] / limits["batch_1"]["latency_ms"]
         if row["concurrency"] in baseline_by_c:
             row["vs_baseline_throughput"] = row["requests_per_s"] / baseline_by_c[row["concurrency"]]["requests_per_s"]
     return {
@@ -248,7 +286,7 @@ def summarize(args, generator_dir: Path, offline: dict, server_rows: list[dict],
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
         "model": str(generator_dir), "new_tokens": args.new_tokens, "quick": args.quick,
-        "offline": offline, "server": server_rows, "baseline": baseline_rows, "cache": cache,
+        "offline": offline.overall(), "server": server_rows, "baseline": baseline_rows, "cache": cache,
     }
 
 
@@ -271,6 +309,10 @@ def table(results: dict) -> str:
                          f" | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} | {row['p99_ms']:.0f} | "
                          f"{fmt('mean_batch_size', '.1f')} | {fmt('vs_offline_full_batch_throughput', '.2f', 'x')} | "
                          f"{fmt('p50_vs_offline_batch_1_latency', '.2f', 'x')} | {fmt('vs_baseline_throughput', '.2f', 'x')} |")
+    brackets = next(iter(results["offline"].values()))["brackets"]
+    lines.append("")
+    lines.append(f"offline rows: median of {brackets} measurements taken between the server levels; each server "
+                 "row's ratios use the ones just before and after it (server[].offline in the JSON)")
     cache = results["cache"]
     failures = sum(row["failures"] for row in results["server"] + results["baseline"]) + cache["failures"]
     lines.append("")

@@ -13,6 +13,7 @@ def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(output.read_text())
     assert set(results["offline"]) == {"batch_1", "batch_32"}
+    assert results["offline"]["batch_32"]["brackets"] == 3
     assert [row["concurrency"] for row in results["server"]] == [1, 4]
     assert [row["concurrency"] for row in results["baseline"]] == [1, 4]
     for row in results["server"]:
@@ -21,6 +22,8 @@ def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
         assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
         for ratio in ("vs_offline_full_batch_throughput", "p50_vs_offline_batch_1_latency", "vs_baseline_throughput"):
             assert row[ratio] > 0
+        limit = row["offline"]["batch_32"]["requests_per_s"]
+        assert row["vs_offline_full_batch_throughput"] == row["requests_per_s"] / limit
     assert all(row["failures"] == 0 for row in results["baseline"])
     cache = results["cache"]
     assert cache["backend"] == "redis" and cache["failures"] == 0
