@@ -98,15 +98,21 @@ async def test_four_processes_sharing_redis_admit_exactly_burst_plus_rate_times_
             urls.append(url)
         statuses: list[int] = []
         sent_at: list[float] = []
+        answered_at: list[float] = []
 
         async def hammer(client: httpx.AsyncClient, url: str, stop_at: float) -> None:
             while time.monotonic() < stop_at:
                 sent_at.append(time.monotonic())
                 statuses.append((await client.get(f"{url}/history", params={"limit": 1})).status_code)
+                answered_at.append(time.monotonic())
 
         async with httpx.AsyncClient(timeout=30) as client:
             stop_at = time.monotonic() + duration_s
             await asyncio.gather(*(hammer(client, urls[i % 4], stop_at) for i in range(8)))
     assert set(statuses) == {200, 429}
-    elapsed = max(sent_at) - min(sent_at)
-    assert abs(statuses.count(200) - (burst + rate * elapsed)) <= 1
+    # Redis decides each request somewhere between its sending and its answer, so the span of decisions
+    # lies between these two spans; on a loaded machine a request can take 100 ms or more.
+    shortest = max(sent_at) - min(answered_at)
+    longest = max(answered_at) - min(sent_at)
+    admitted = statuses.count(200)
+    assert burst + rate * shortest - 1 <= admitted <= burst + rate * longest + 1
