@@ -102,24 +102,22 @@ class OfflineLimit:
         self.brackets.append({size: [self._run(size, first + k) for k in range(repeat)]
                               for size, repeat in self.sizes.items()})
 
-    @staticmethod
-    def _summary(size: int, times: list[float]) -> dict:
-        median = statistics.median(times)
-        return {"batch_size": size, "latency_ms": median * 1000, "requests_per_s": size / median}
+    def _limits(self, brackets: list[dict[int, list[float]]]) -> dict:
+        """Median latency and throughput of each size over `brackets`."""
+        limits = {}
+        for size in self.sizes:
+            median = statistics.median(t for bracket in brackets for t in bracket[size])
+            limits[f"batch_{size}"] = {"batch_size": size, "latency_ms": median * 1000,
+                                       "requests_per_s": size / median, "brackets": len(brackets)}
+        return limits
 
     def around(self, level: int) -> dict:
         """The limits just before and just after server level `level` (brackets `level` and `level + 1`)."""
-        return {f"batch_{size}": self._summary(size, [t for bracket in self.brackets[level:level + 2]
-                                                      for t in bracket[size]])
-                for size in self.sizes}
+        return self._limits(self.brackets[level:level + 2])
 
     def overall(self) -> dict:
         """All brackets together: the offline rows of the table."""
-        summary = {f"batch_{size}": self._summary(size, [t for bracket in self.brackets for t in bracket[size]])
-                   for size in self.sizes}
-        for data in summary.values():
-            data["brackets"] = len(self.brackets)
-        return summary
+        return self._limits(self.brackets)
 
 
 def free_port() -> int:
