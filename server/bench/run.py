@@ -165,19 +165,18 @@ def drive(base_url: str, tag: str, levels: list[int], rounds: int, new_tokens: i
           offline: OfflineLimit | None = None) -> list[dict]:
     """Closed-loop load at each level; with `offline`, each level is bracketed by offline measurements."""
     rows = []
-    with_batches = offline is not None
     if offline:
         offline.measure()
     for concurrency in levels:
         body = lambda client, round_, c=concurrency: {
             "prompts": [prompt(f"{tag}{c}", client, round_)], "max_new_tokens": new_tokens}
         asyncio.run(run_load(base_url, 1, 2, lambda client, round_: body(client + 1000, round_)))
-        before = batch_stats(base_url) if with_batches else None
+        before = batch_stats(base_url) if offline else None
         result: LoadResult = asyncio.run(run_load(base_url, concurrency, rounds, body))
         row = {"concurrency": concurrency, "requests": result.requests, "failures": result.failures,
                "requests_per_s": result.requests_per_s, "p50_ms": result.percentile_ms(50),
                "p95_ms": result.percentile_ms(95), "p99_ms": result.percentile_ms(99)}
-        if with_batches:
+        if offline:
             after = batch_stats(base_url)
             row["tokens_per_s"] = result.tokens_per_s
             row["mean_batch_size"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
