@@ -5,12 +5,16 @@ import math
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from server.services.errors import DeadlineExceeded, InputError, ModelFailed, Overloaded
+from server.services.errors import BlockedPrompt, DeadlineExceeded, InputError, ModelFailed, Overloaded
 
 
 async def _input_error(request: Request, exc: InputError) -> JSONResponse:
     detail = [{"type": "value_error", "loc": list(e.loc), "msg": e.msg} for e in exc.errors]
     return JSONResponse({"detail": detail}, status_code=422)
+
+
+async def _blocked(request: Request, exc: BlockedPrompt) -> JSONResponse:
+    return JSONResponse({"detail": str(exc), "index": exc.index}, status_code=400)
 
 
 async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
@@ -28,6 +32,7 @@ async def _model_failed(request: Request, exc: ModelFailed) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(InputError, _input_error)
+    app.add_exception_handler(BlockedPrompt, _blocked)
     app.add_exception_handler(Overloaded, _overloaded)
     app.add_exception_handler(DeadlineExceeded, _deadline)
     app.add_exception_handler(ModelFailed, _model_failed)

@@ -69,21 +69,38 @@ class PredictionOut(BaseModel):
     cached: bool
 
 
-class HistoryItem(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+class GenerationHistoryItem(BaseModel):
+    """A stored generation: the fields of a /generate answer, plus what was asked and how long it took."""
 
+    kind: Literal["generation"] = "generation"
     id: str
     prompt: str
     generated_text: str
     completion: str
-    model: str
+    model_name: str
     params: dict
     finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
+    usage: Usage
     latency_ms: float
     cached: bool
     created_at: UtcDatetime
+
+
+class PredictionHistoryItem(BaseModel):
+    """A stored prediction: the fields of a /predict answer, plus how long it took."""
+
+    kind: Literal["prediction"] = "prediction"
+    id: str
+    text: str
+    label: str
+    score: float
+    model_name: str
+    latency_ms: float
+    cached: bool
+    created_at: UtcDatetime
+
+
+HistoryItem = Annotated[GenerationHistoryItem | PredictionHistoryItem, Field(discriminator="kind")]
 
 
 class HistoryPage(BaseModel):

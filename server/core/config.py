@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     batch_queue_limit: int = Field(1024, ge=1)
     request_timeout_s: float = Field(60.0, gt=0)
     max_prompt_chars: int = Field(4000, ge=1)
+    blocked_terms: str = ""
 
     redis_url: str | None = None
     cache_ttl_s: float = Field(3600.0, gt=0)
@@ -54,6 +55,13 @@ class Settings(BaseSettings):
     record_flush_interval_ms: float = Field(200.0, gt=0)
     record_flush_max_items: int = Field(500, ge=1)
     record_spill_dir: Path = PROJECT_ROOT / "data" / "unflushed"
+
+    @field_validator("blocked_terms")
+    @classmethod
+    def _terms_file_exists(cls, value: str) -> str:
+        if value.startswith("@") and not Path(value[1:]).is_file():
+            raise ValueError(f"no file {value[1:]!r}: give comma-separated terms, or @path to a file of one term per line")
+        return value
 
 
 @lru_cache

@@ -18,6 +18,10 @@ BATCH_QUEUE_WAIT = Histogram(
 BATCH_QUEUE_DEPTH = Gauge("batch_queue_depth", "Items waiting for a batch", ["model"])
 BATCH_DROPPED = Counter("batch_dropped_items", "Items dropped before computation", ["model", "reason"])
 BATCH_REJECTED = Counter("batch_rejected_items", "Items refused because the queue was full", ["model"])
+BATCH_ABORTED = Counter("batch_aborted_items", "Items stopped mid-computation because every caller was gone "
+                        "(reason: deadline, cancelled)", ["model", "reason"])
+POLICY_REJECTIONS = Counter("policy_rejections", "Requests refused because a prompt contains a blocked term",
+                            ["endpoint"])
 
 HTTP_REQUESTS = Counter("http_requests", "HTTP requests answered", ["method", "route", "status"])
 HTTP_LATENCY = Histogram("http_request_duration_seconds", "HTTP request latency", ["method", "route"],

@@ -3,15 +3,18 @@
 Batching a decoder-only model is only correct with left padding, pad = eos, and an explicit attention
 mask (generate derives position ids from it); see ../../shared/reference/batching.md. Sampling draws
 each row from its own seeded `torch.Generator`, so a row's tokens do not depend on its batch-mates.
+A row nobody waits for any more stops at the next decoding step (`abandoned`), and when every row has
+stopped the call returns: abandoned work never holds the model for the rest of its tokens.
 """
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import (AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria,
+                          StoppingCriteriaList)
 
 from server.ml.loader import PretrainedModel
 
@@ -33,7 +36,7 @@ class GenerationParams:
 class Generation:
     token_ids: list[int]
     text: str
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "aborted"]
 
 
 class PerRowSampler(LogitsProcessor):
@@ -59,6 +62,19 @@ class PerRowSampler(LogitsProcessor):
         return picked.scatter(-1, chosen.unsqueeze(-1), 0.0)
 
 
+class AbandonedRows(StoppingCriteria):
+    """Stops each row whose `abandoned(row)` turned true; generate ends once every row has stopped."""
+
+    def __init__(self, abandoned: Callable[[int], bool], rows: int):
+        self.abandoned = abandoned
+        self.stopped = torch.zeros(rows, dtype=torch.bool)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        now = torch.tensor([self.abandoned(row) for row in range(len(self.stopped))], dtype=torch.bool)
+        self.stopped |= now
+        return now
+
+
 class TextGenerator(PretrainedModel):
     """A loaded causal LM and its tokenizer. `generate` blocks: call it from the executor only."""
 
@@ -75,8 +91,12 @@ class TextGenerator(PretrainedModel):
         return self.tokenizer.encode(text)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams,
-                 seeds: Sequence[int | None] | None = None) -> list[Generation]:
-        """Continue each tokenised prompt; `seeds[i]` fixes row i's sample (None: a fresh random seed)."""
+                 seeds: Sequence[int | None] | None = None,
+                 abandoned: Callable[[int], bool] = lambda row: False) -> list[Generation]:
+        """Continue each tokenised prompt; `seeds[i]` fixes row i's sample (None: a fresh random seed).
+
+        Rows for which `abandoned(i)` becomes true stop at the next step and come back as `finish_reason="aborted"`.
+        """
         batch = self.tokenizer.pad({"input_ids": [list(p) for p in prompts]}, padding=True, return_tensors="pt")
         eos = self.tokenizer.eos_token_id
         config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False,
@@ -85,11 +105,16 @@ class TextGenerator(PretrainedModel):
         if not params.greedy:
             row_seeds = [secrets.randbits(63) if s is None else s for s in (seeds or [None] * len(prompts))]
             processors.append(PerRowSampler(params, row_seeds))
+        aborts = AbandonedRows(abandoned, len(prompts))
         with torch.inference_mode():
             output = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                         generation_config=config, logits_processor=processors)
+                                         generation_config=config, logits_processor=processors,
+                                         stopping_criteria=StoppingCriteriaList([aborts]))
         results = []
-        for row in output[:, batch["input_ids"].shape[1]:].tolist():
+        for row, aborted in zip(output[:, batch["input_ids"].shape[1]:].tolist(), aborts.stopped.tolist()):
+            if aborted:
+                results.append(Generation([], "", "aborted"))
+                continue
             stop = row.index(eos) if eos in row else None
             tokens = row if stop is None else row[:stop]
             results.append(Generation(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True),

@@ -15,7 +15,13 @@ Semantics (see ../../shared/reference/batching.md for what other servers do):
 - A batch holds items of one group only (`group_of`: generation parameters, say), oldest item first.
 - Items with equal `dedup_key_of` (not None) in one batch are computed once; each caller gets the result.
 - Bounded queue: past `queue_limit` waiting items, `submit` raises `Overloaded` and enqueues nothing.
+- A request is admitted whole: `admission(n)` reserves room for its n items before any of them is submitted
+  (or raises `Overloaded`), and submits made inside it (in the same task or tasks it starts) draw on that
+  reservation, so a request that gets 503 has had none of its items computed.
 - Cancelled items (client gone, deadline passed) still waiting are dropped, never computed.
+- Abandoned items stop mid-computation: `compute(items, abandoned)` may call `abandoned(i)` between its steps
+  (a decoding step, say); it turns true once every caller of item i is gone, and `compute` may then return
+  `ABORTED` for that item instead of finishing it (counted in `batch_aborted_items_total{model,reason}`).
 - A batch that raises is retried item by item, so only the guilty item's caller gets `ModelFailed`.
 """
 
@@ -23,10 +29,13 @@ import asyncio
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Executor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from functools import partial
+from typing import Final, Generic, Literal, TypeVar
 
 from server.core import metrics
 from server.services.errors import DeadlineExceeded, ModelFailed, Overloaded
@@ -35,6 +44,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 LINGER_FRACTION = 0.1
+AbandonReason = Literal["deadline", "cancelled"]
+
+
+class Aborted:
+    def __repr__(self) -> str:
+        return "ABORTED"
+
+
+ABORTED: Final = Aborted()
+"""What `compute` returns for an item it stopped because every caller of the item was gone."""
+
+Abandoned = Callable[[int], bool]
 
 
 @dataclass(eq=False)
@@ -42,6 +63,41 @@ class _Entry(Generic[T, R]):
     item: T
     future: "asyncio.Future[R]"
     enqueued_at: float
+    abandoned_because: AbandonReason = "cancelled"
+
+
+@dataclass(eq=False)
+class _Admission:
+    batcher: "MicroBatcher"
+    left: int
+
+
+_admission: ContextVar[_Admission | None] = ContextVar("batch_admission", default=None)
+
+
+class _Liveness:
+    """Which items of a running batch still have a caller. Futures' done-callbacks update it on the event loop;
+    `compute` reads it from the executor thread (a list of bools: a read never sees a torn value)."""
+
+    def __init__(self, batch: "list[list[_Entry]]"):
+        self.batch = batch
+        self.waiting = [sum(not entry.future.done() for entry in entries) for entries in batch]
+        self.gone = [count == 0 for count in self.waiting]
+        for index, entries in enumerate(batch):
+            for entry in entries:
+                if not entry.future.done():
+                    entry.future.add_done_callback(partial(self._left, index))
+
+    def _left(self, index: int, future: asyncio.Future) -> None:
+        self.waiting[index] -= 1
+        if self.waiting[index] == 0:
+            self.gone[index] = True
+
+    def __call__(self, index: int) -> bool:
+        return self.gone[index]
+
+    def reason(self, index: int) -> AbandonReason:
+        return self.batch[index][0].abandoned_because
 
 
 @dataclass
@@ -55,7 +111,7 @@ class _History:
 
 
 class MicroBatcher(Generic[T, R]):
-    def __init__(self, name: str, compute: Callable[[list[T]], list[R]], executor: Executor, *,
+    def __init__(self, name: str, compute: Callable[[list[T], Abandoned], list[R | Aborted]], executor: Executor, *,
                  max_batch_size: int, max_wait_s: float, queue_limit: int,
                  group_of: Callable[[T], Hashable] = lambda item: None,
                  dedup_key_of: Callable[[T], Hashable | None] = lambda item: None):
@@ -68,6 +124,7 @@ class MicroBatcher(Generic[T, R]):
         self.group_of = group_of
         self.dedup_key_of = dedup_key_of
         self._queue: deque[_Entry[T, R]] = deque()
+        self._reserved = 0
         self._wakeup = asyncio.Event()
         self._history = _History()
         self._task: asyncio.Task | None = None
@@ -88,15 +145,37 @@ class MicroBatcher(Generic[T, R]):
     def queued(self) -> int:
         return len(self._queue)
 
+    def _admit(self, count: int) -> None:
+        if len(self._queue) + self._reserved + count > self.queue_limit:
+            metrics.BATCH_REJECTED.labels(self.name).inc(count)
+            raise Overloaded(self.name, self._retry_after_s())
+
+    @contextmanager
+    def admission(self, count: int) -> Iterator[None]:
+        """Reserve room for `count` items that this request will submit, or raise `Overloaded` now."""
+        self._prune()
+        self._admit(count)
+        grant = _Admission(self, count)
+        self._reserved += count
+        token = _admission.set(grant)
+        try:
+            yield
+        finally:
+            _admission.reset(token)
+            self._reserved -= grant.left
+
     async def submit(self, items: Sequence[T], *, timeout_s: float) -> list[R]:
         """Compute `items` (all or none enqueued) within `timeout_s`, else `DeadlineExceeded`.
 
-        A caller cancelled or timed out drops its items that have not started yet.
+        A caller cancelled or timed out drops its items that have not started yet, and stops those being computed.
         """
         self._prune()
-        if len(self._queue) + len(items) > self.queue_limit:
-            metrics.BATCH_REJECTED.labels(self.name).inc(len(items))
-            raise Overloaded(self.name, self._retry_after_s())
+        grant = _admission.get()
+        if grant is not None and grant.batcher is self and grant.left >= len(items):
+            grant.left -= len(items)
+            self._reserved -= len(items)
+        else:
+            self._admit(len(items))
         loop = asyncio.get_running_loop()
         now = loop.time()
         entries = [_Entry(item, loop.create_future(), now) for item in items]
@@ -108,6 +187,8 @@ class MicroBatcher(Generic[T, R]):
             async with asyncio.timeout(timeout_s):
                 return list(await asyncio.gather(*(entry.future for entry in entries)))
         except TimeoutError:
+            for entry in entries:
+                entry.abandoned_because = "deadline"
             raise DeadlineExceeded(f"the {self.name} model did not answer within {timeout_s:g} s "
                                    "(REQUEST_TIMEOUT_S)") from None
         finally:
@@ -174,23 +255,23 @@ class MicroBatcher(Generic[T, R]):
         self._queue = rest
         return list(batch.values())
 
-    def _call(self, items: list[T]) -> list[R]:
+    def _call(self, items: list[T], abandoned: Abandoned) -> list[R | Aborted]:
         """Runs in the executor: one model call, with its metrics."""
         groups = len({self.group_of(item) for item in items})
         metrics.MODEL_BATCHES.labels(self.name, str(groups)).inc()
         metrics.MODEL_ITEMS.labels(self.name).inc(len(items))
         metrics.MODEL_BATCH_SIZE.labels(self.name).observe(len(items))
         with metrics.MODEL_BATCH_SECONDS.labels(self.name).time():
-            results = self.compute(items)
+            results = self.compute(items, abandoned)
         if len(results) != len(items):
             raise RuntimeError(f"{self.name} returned {len(results)} results for {len(items)} items")
         return results
 
-    def _call_singly(self, items: list[T]) -> list[R | BaseException]:
-        outcomes: list[R | BaseException] = []
-        for item in items:
+    def _call_singly(self, items: list[T], abandoned: Abandoned) -> list[R | Aborted | BaseException]:
+        outcomes: list[R | Aborted | BaseException] = []
+        for index, item in enumerate(items):
             try:
-                outcomes.extend(self._call([item]))
+                outcomes.extend(self._call([item], lambda _, index=index: abandoned(index)))
             except Exception as exc:
                 metrics.MODEL_ITEM_FAILURES.labels(self.name).inc()
                 log.exception("%s failed on one item; its batch-mates are unaffected", self.name)
@@ -205,12 +286,17 @@ class MicroBatcher(Generic[T, R]):
             for entry in entries:
                 wait.observe(started - entry.enqueued_at)
         items = [entries[0].item for entries in batch]
+        liveness = _Liveness(batch)
         try:
-            outcomes: list[R | BaseException] = await loop.run_in_executor(self.executor, self._call, items)
+            outcomes: list[R | Aborted | BaseException] = await loop.run_in_executor(
+                self.executor, self._call, items, liveness)
         except Exception:
             log.warning("%s batch of %d failed; retrying its items one by one", self.name, len(items))
-            outcomes = await loop.run_in_executor(self.executor, self._call_singly, items)
-        for entries, outcome in zip(batch, outcomes):
+            outcomes = await loop.run_in_executor(self.executor, self._call_singly, items, liveness)
+        for index, (entries, outcome) in enumerate(zip(batch, outcomes)):
+            if outcome is ABORTED:
+                metrics.BATCH_ABORTED.labels(self.name, liveness.reason(index)).inc()
+                continue
             for entry in entries:
                 if entry.future.done():
                     continue

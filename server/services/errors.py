@@ -31,3 +31,11 @@ class DeadlineExceeded(TimeoutError):
 
 class ModelFailed(RuntimeError):
     """The model raised while computing this item (its batch-mates were not affected): HTTP 500."""
+
+
+class BlockedPrompt(ValueError):
+    """A prompt contains a term of BLOCKED_TERMS: HTTP 400, naming the prompt by its index."""
+
+    def __init__(self, index: int):
+        super().__init__(f"prompt {index} contains blocked content")
+        self.index = index

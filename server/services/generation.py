@@ -13,10 +13,11 @@ from datetime import UTC, datetime
 
 from server.db.models import GenerationRecord
 from server.ml.generator import Generation, GenerationParams, TextGenerator
-from server.services.batching import MicroBatcher
+from server.services.batching import ABORTED, Abandoned, MicroBatcher, Aborted
 from server.services.cache import SERVED_FROM_CACHE, ResponseCache
 from server.services.cache.keys import cache_key
 from server.services.errors import FieldError, InputError
+from server.services.prompt_policy import PromptPolicy
 from server.services.recording import RecordWriter
 
 
@@ -61,9 +62,11 @@ class GenerationResult:
 DEFAULT_MAX_NEW_TOKENS = 50
 
 
-def run_jobs(generator: TextGenerator, jobs: list[GenerationJob]) -> list[Generation]:
+def run_jobs(generator: TextGenerator, jobs: list[GenerationJob], abandoned: Abandoned) -> list[Generation | Aborted]:
     """The batcher's compute function: one `generate` call for jobs that share their params."""
-    return generator.generate([job.prompt_ids for job in jobs], jobs[0].params, [job.seed for job in jobs])
+    outputs = generator.generate([job.prompt_ids for job in jobs], jobs[0].params, [job.seed for job in jobs],
+                                 abandoned)
+    return [ABORTED if output.finish_reason == "aborted" else output for output in outputs]
 
 
 def encode_generation(output: Generation) -> bytes:
@@ -77,8 +80,10 @@ def decode_generation(data: bytes) -> Generation:
 
 class GenerationService:
     def __init__(self, generator: TextGenerator, batcher: MicroBatcher[GenerationJob, Generation],
-                 cache: ResponseCache, recorder: RecordWriter, *, max_prompt_chars: int, timeout_s: float):
+                 cache: ResponseCache, recorder: RecordWriter, policy: PromptPolicy, *, max_prompt_chars: int,
+                 timeout_s: float):
         self.generator = generator
+        self.policy = policy
         self.batcher = batcher
         self.cache = cache
         self.recorder = recorder
@@ -128,13 +133,15 @@ class GenerationService:
     async def generate(self, prompts: list[str], options: GenerationOptions, *,
                        bypass_cache: bool = False) -> list[GenerationResult]:
         started = time.perf_counter()
+        self.policy.check("generate", prompts)
         jobs = self.plan(prompts, options)
 
         async def compute(index: int) -> bytes:
             [output] = await self.batcher.submit([jobs[index]], timeout_s=self.timeout_s)
             return encode_generation(output)
 
-        answers = await self.cache.resolve("generate", [self.key(job) for job in jobs], compute, bypass=bypass_cache)
+        answers = await self.cache.resolve("generate", [self.key(job) for job in jobs], compute, bypass=bypass_cache,
+                                          admit=self.batcher.admission)
         created = datetime.now(UTC)
         results = []
         for prompt, job, (data, outcome) in zip(prompts, jobs, answers):

@@ -1,18 +1,35 @@
-"""Stored generations, newest first, by keyset cursor (stable under inserts) or by offset."""
+"""Stored generations and predictions, newest first, by keyset cursor (stable under inserts) or by offset."""
+
+from typing import Literal
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from server.db.models import GenerationRecord
+from server.db.models import GenerationRecord, PredictionRecord
+
+Kind = Literal["generations", "predictions"]
+TABLES: dict[Kind, type[GenerationRecord] | type[PredictionRecord]] = {
+    "generations": GenerationRecord, "predictions": PredictionRecord}
 
 
-async def list_generations(sessions: async_sessionmaker[AsyncSession], *, limit: int, cursor: int | None,
-                           offset: int) -> tuple[list[GenerationRecord], int | None]:
+async def list_records(sessions: async_sessionmaker[AsyncSession], kind: Kind, *, limit: int, cursor: int | None,
+                       offset: int | None) -> tuple[list[GenerationRecord] | list[PredictionRecord], int | None]:
     """A page of records and the cursor of the next page (None on the last page)."""
-    query = select(GenerationRecord).order_by(GenerationRecord.pk.desc()).limit(limit + 1)
-    query = query.where(GenerationRecord.pk < cursor) if cursor is not None else query.offset(offset)
+    table = TABLES[kind]
+    query = select(table).order_by(table.pk.desc()).limit(limit + 1)
+    query = query.where(table.pk < cursor) if cursor is not None else query.offset(offset or 0)
     async with sessions() as session:
         rows = list((await session.scalars(query)).all())
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, (rows[-1].pk if more else None)
+
+
+async def find_record(sessions: async_sessionmaker[AsyncSession],
+                      record_id: str) -> GenerationRecord | PredictionRecord | None:
+    """The generation or prediction with this id (ids are unique across both: random 128-bit hex)."""
+    async with sessions() as session:
+        for table in TABLES.values():
+            if (row := await session.scalar(select(table).where(table.id == record_id))) is not None:
+                return row
+    return None

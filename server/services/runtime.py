@@ -21,6 +21,7 @@ from server.services.batching import MicroBatcher
 from server.services.auth import ApiKeys
 from server.services.cache import ResponseCache, open_store
 from server.services.generation import GenerationService, run_jobs
+from server.services.prompt_policy import PromptPolicy
 from server.services.limits.egress import EgressGuard
 from server.services.limits.gcra import MemoryLimiter, RedisLimiter
 from server.services.limits.ingress import IngressLimits
@@ -90,14 +91,16 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="model")
     batching = {"executor": executor, "max_batch_size": settings.batch_max_size,
               "max_wait_s": settings.batch_max_wait_ms / 1000, "queue_limit": settings.batch_queue_limit}
-    generate_batcher = MicroBatcher("generator", lambda jobs: run_jobs(generator, jobs), **batching,
+    generate_batcher = MicroBatcher("generator", lambda jobs, abandoned: run_jobs(generator, jobs, abandoned), **batching,
                                     group_of=lambda job: job.params,
                                     dedup_key_of=lambda job: job if job.deterministic else None)
-    predict_batcher = MicroBatcher("classifier", classifier.classify, **batching, dedup_key_of=lambda text: text)
+    # One forward pass has no step to stop at: an abandoned text's batch simply finishes.
+    predict_batcher = MicroBatcher("classifier", lambda texts, abandoned: classifier.classify(texts), **batching,
+                                   dedup_key_of=lambda text: text)
     runtime = Runtime(
         settings, redis, api_keys, ingress, egress, engine, sessions, generator, classifier, recorder, cache,
-        GenerationService(generator, generate_batcher, cache, recorder, max_prompt_chars=settings.max_prompt_chars,
-                          timeout_s=settings.request_timeout_s),
+        GenerationService(generator, generate_batcher, cache, recorder, PromptPolicy.from_setting(settings.blocked_terms),
+                          max_prompt_chars=settings.max_prompt_chars, timeout_s=settings.request_timeout_s),
         SentimentService(classifier, predict_batcher, cache, recorder, max_text_chars=settings.max_prompt_chars,
                          timeout_s=settings.request_timeout_s),
     )

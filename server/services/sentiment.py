@@ -51,7 +51,8 @@ class SentimentService:
             [output] = await self.batcher.submit([texts[index]], timeout_s=self.timeout_s)
             return json.dumps({"label": output.label, "score": output.score}).encode()
 
-        answers = await self.cache.resolve("predict", [self.key(t) for t in texts], compute, bypass=bypass_cache)
+        answers = await self.cache.resolve("predict", [self.key(t) for t in texts], compute, bypass=bypass_cache,
+                                          admit=self.batcher.admission)
         created = datetime.now(UTC)
         results = []
         for text, (data, outcome) in zip(texts, answers):

@@ -199,3 +199,19 @@ async def test_generations_are_recorded_in_batches_behind_the_response(app_clien
     assert metric("records_written_total", table="generations") - written == 10
     page = (await app_client.get("/history", params={"limit": 10})).json()
     assert {item["prompt"] for item in page["items"]} == {f"record {i}" for i in range(5)} | {f"and {i}" for i in range(5)}
+
+
+async def test_a_request_that_does_not_fit_the_queue_is_refused_whole(app_client):
+    runtime = app_client.app.state.runtime
+    runtime.generation.batcher.queue_limit = 3
+    gate = Gate(runtime.generation.batcher)
+    first = asyncio.create_task(generate(app_client, ["warm up"], max_new_tokens=2))
+    await gate.wait_entered()
+    queued = asyncio.create_task(generate(app_client, ["one"], max_new_tokens=2))
+    await asyncio.sleep(0.1)
+    refused = await generate(app_client, ["two", "three", "four"], max_new_tokens=2)
+    assert refused.status_code == 503
+    gate.open.set()
+    assert (await queued).status_code == 200 and (await first).status_code == 200
+    computed = {runtime.generator.tokenizer.decode(job.prompt_ids) for batch in gate.batches for job in batch}
+    assert computed == {"warm up", "one"}

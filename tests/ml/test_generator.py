@@ -50,3 +50,22 @@ def test_length_limit_and_eos_are_reported(generator: TextGenerator, standins: t
     stopped = stopping.generate([generator.encode(SHORT)], GenerationParams(max_new_tokens=5))[0]
     assert stopped.finish_reason == "stop"
     assert stopped.token_ids == out.token_ids[:out.token_ids.index(third)]
+
+
+def test_abandoned_rows_stop_at_the_next_step_and_the_others_are_unchanged(generator: TextGenerator):
+    params = GenerationParams(max_new_tokens=20)
+    prompts = [generator.encode(p) for p in (LONG, MIDDLE, SHORT)]
+    steps = []
+    hook = generator.model.register_forward_pre_hook(lambda module, args: steps.append(1))
+    try:
+        outputs = generator.generate(prompts, params, abandoned=lambda row: row == 1 and len(steps) >= 3)
+        mixed_steps = len(steps)
+        steps.clear()
+        everything_gone = generator.generate(prompts, params, abandoned=lambda row: len(steps) >= 3)
+    finally:
+        hook.remove()
+    assert outputs[1].finish_reason == "aborted" and outputs[1].token_ids == []
+    for row in (0, 2):
+        assert outputs[row] == generator.generate([prompts[row]], params)[0]
+    assert mixed_steps == 20
+    assert len(steps) == 3 and all(out.finish_reason == "aborted" for out in everything_gone)

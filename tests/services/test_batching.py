@@ -1,11 +1,13 @@
 import asyncio
+import contextvars
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from server.services.batching import MicroBatcher
+from server.services.batching import ABORTED, MicroBatcher
 from server.services.errors import DeadlineExceeded, ModelFailed, Overloaded
+from tests.support.metrics import metric
 
 
 class Model:
@@ -17,7 +19,7 @@ class Model:
         self.gate.set()
         self.entered = threading.Event()
 
-    def __call__(self, items: list) -> list:
+    def __call__(self, items: list, abandoned) -> list:
         self.calls.append(list(items))
         self.entered.set()
         self.gate.wait(10)
@@ -179,3 +181,83 @@ async def test_linger_waits_for_a_returner_slower_than_max_wait(model, make_batc
     again = asyncio.create_task(batcher.submit([9], timeout_s=10))
     await asyncio.gather(waiting, again)
     assert model.calls == [[0], [1, 9]]
+
+
+async def test_a_request_is_admitted_whole_or_not_at_all(model, make_batcher):
+    batcher = make_batcher(queue_limit=4)
+    first = await hold(model, batcher)
+
+    async def other_request(items: list) -> list:
+        return await asyncio.create_task(batcher.submit(items, timeout_s=10), context=contextvars.Context())
+
+    with batcher.admission(3):
+        with pytest.raises(Overloaded):
+            await other_request([7, 8])
+        with pytest.raises(Overloaded):
+            with batcher.admission(2):
+                pass
+        inside = [asyncio.create_task(batcher.submit([i], timeout_s=10)) for i in (1, 2, 3)]
+        await asyncio.sleep(0.01)
+        assert batcher.queued == 3
+        with pytest.raises(Overloaded):
+            await other_request([4, 5])
+        last = asyncio.create_task(other_request([4]))
+        model.gate.set()
+        assert [await task for task in inside] == [[2], [4], [6]]
+    assert await last == [8]
+    await first
+    with batcher.admission(4):
+        pass
+    assert sorted(sum(model.calls, [])) == [0, 1, 2, 3, 4]
+
+
+class Stepper:
+    """A model that works in steps until its item is abandoned (or 5 s pass), and says what it saw."""
+
+    def __init__(self):
+        self.started = threading.Event()
+        self.saw_abandoned: list[bool] = []
+
+    def __call__(self, items: list, abandoned) -> list:
+        self.started.set()
+        for _ in range(5000):
+            if all(abandoned(i) for i in range(len(items))):
+                break
+            threading.Event().wait(0.001)
+        self.saw_abandoned = [abandoned(i) for i in range(len(items))]
+        return [ABORTED if gone else item for item, gone in zip(items, self.saw_abandoned)]
+
+
+@pytest.mark.parametrize("reason", ["cancelled", "deadline"])
+async def test_an_item_whose_callers_are_gone_is_aborted_mid_computation(reason):
+    stepper = Stepper()
+    executor = ThreadPoolExecutor(1)
+    batcher = MicroBatcher("stepper", stepper, executor, max_batch_size=4, max_wait_s=0.001, queue_limit=10,
+                           dedup_key_of=lambda item: item)
+    batcher.start()
+    before = metric("batch_aborted_items_total", model="stepper", reason=reason)
+    try:
+        callers = [asyncio.create_task(batcher.submit([1], timeout_s=0.2 if reason == "deadline" else 10))
+                   for _ in range(2)]
+        await asyncio.to_thread(stepper.started.wait, 5)
+        if reason == "cancelled":
+            callers[0].cancel()
+            await asyncio.sleep(0.05)
+            assert stepper.saw_abandoned == []
+            callers[1].cancel()
+        results = await asyncio.gather(*callers, return_exceptions=True)
+        expected = asyncio.CancelledError if reason == "cancelled" else DeadlineExceeded
+        assert all(isinstance(result, expected) for result in results)
+        for _ in range(500):
+            if stepper.saw_abandoned:
+                break
+            await asyncio.sleep(0.01)
+        assert stepper.saw_abandoned == [True]
+        for _ in range(100):
+            if metric("batch_aborted_items_total", model="stepper", reason=reason) > before:
+                break
+            await asyncio.sleep(0.01)
+        assert metric("batch_aborted_items_total", model="stepper", reason=reason) == before + 1
+    finally:
+        await batcher.close()
+        executor.shutdown()

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -61,8 +62,13 @@ class ResponseCache:
                         self.backend, operation, type(exc).__name__, exc, ERROR_LOG_INTERVAL_S)
 
     async def resolve(self, endpoint: str, keys: list[str | None], compute: Callable[[int], Awaitable[bytes]],
-                      *, bypass: bool = False) -> list[tuple[bytes, Outcome]]:
-        """Value and outcome for each item; `keys[i]` None means item i is not cacheable."""
+                      *, bypass: bool = False,
+                      admit: Callable[[int], AbstractContextManager[object]] = lambda count: nullcontext()
+                      ) -> list[tuple[bytes, Outcome]]:
+        """Value and outcome for each item; `keys[i]` None means item i is not cacheable.
+
+        `admit(n)` is entered, with the number of items the store did not answer, before any of them is computed
+        and held until all are: the batcher's all-or-none admission of a request."""
         lookups = [i for i, key in enumerate(keys) if key is not None and not bypass]
         found: dict[int, bytes] = {}
         store_error = False
@@ -87,7 +93,8 @@ class ResponseCache:
             value, outcome = await self._join(key, lambda: compute(i))
             return value, "error" if store_error and outcome == "miss" else outcome
 
-        results = await asyncio.gather(*(one(i) for i in range(len(keys))))
+        with admit(len(keys) - len(found)):
+            results = await asyncio.gather(*(one(i) for i in range(len(keys))))
         for _, outcome in results:
             metrics.CACHE_REQUESTS.labels(endpoint, outcome).inc()
         return results
