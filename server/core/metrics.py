@@ -20,6 +20,9 @@ BATCH_DROPPED = Counter("batch_dropped_items", "Items dropped before computation
 BATCH_REJECTED = Counter("batch_rejected_items", "Items refused because the queue was full", ["model"])
 BATCH_ABORTED = Counter("batch_aborted_items", "Items stopped mid-computation because every caller was gone "
                         "(reason: deadline, cancelled)", ["model", "reason"])
+BATCH_BACKGROUND_WAITED = Histogram(
+    "batch_background_batches_waited", "Background batches an interactive item waited behind (by design at most 1)",
+    ["model"], buckets=(0, 1, 2, 4, 8))
 POLICY_REJECTIONS = Counter("policy_rejections", "Requests refused because a prompt contains a blocked term",
                             ["endpoint"])
 

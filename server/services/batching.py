@@ -13,6 +13,10 @@ Semantics (see ../../shared/reference/batching.md for what other servers do):
   never costs more than a small fraction of a model call. Arrival gaps are no signal here: the event
   loop answers a whole batch before it reads the next requests, so returners arrive in bursts.
 - A batch holds items of one group only (`group_of`: generation parameters, say), oldest item first.
+- Two priority classes: interactive items (the default) always go first; `background` items (the batch
+  offload's `local` provider) are dispatched only when no interactive item waits, and in batches of at
+  most `background_max_size`, so an interactive arrival waits behind at most one small background batch
+  (observed per interactive item in `batch_background_batches_waited{model}`).
 - Items with equal `dedup_key_of` (not None) in one batch are computed once; each caller gets the result.
 - Bounded queue: past `queue_limit` waiting items, `submit` raises `Overloaded` and enqueues nothing.
 - A request is admitted whole: `admission(n)` reserves room for its n items before any of them is submitted
@@ -63,6 +67,8 @@ class _Entry(Generic[T, R]):
     item: T
     future: "asyncio.Future[R]"
     enqueued_at: float
+    background: bool
+    background_batches_before: int
     abandoned_because: AbandonReason = "cancelled"
 
 
@@ -112,19 +118,22 @@ class _History:
 
 class MicroBatcher(Generic[T, R]):
     def __init__(self, name: str, compute: Callable[[list[T], Abandoned], list[R | Aborted]], executor: Executor, *,
-                 max_batch_size: int, max_wait_s: float, queue_limit: int,
+                 max_batch_size: int, max_wait_s: float, queue_limit: int, background_max_size: int | None = None,
                  group_of: Callable[[T], Hashable] = lambda item: None,
                  dedup_key_of: Callable[[T], Hashable | None] = lambda item: None):
         self.name = name
         self.compute = compute
         self.executor = executor
         self.max_batch_size = max_batch_size
+        self.background_max_size = background_max_size or max_batch_size
         self.max_wait_s = max_wait_s
         self.queue_limit = queue_limit
         self.group_of = group_of
         self.dedup_key_of = dedup_key_of
         self._queue: deque[_Entry[T, R]] = deque()
         self._reserved = 0
+        self._background_batches = 0
+        self._running_background = False
         self._wakeup = asyncio.Event()
         self._history = _History()
         self._task: asyncio.Task | None = None
@@ -164,7 +173,7 @@ class MicroBatcher(Generic[T, R]):
             _admission.reset(token)
             self._reserved -= grant.left
 
-    async def submit(self, items: Sequence[T], *, timeout_s: float) -> list[R]:
+    async def submit(self, items: Sequence[T], *, timeout_s: float, background: bool = False) -> list[R]:
         """Compute `items` (all or none enqueued) within `timeout_s`, else `DeadlineExceeded`.
 
         A caller cancelled or timed out drops its items that have not started yet, and stops those being computed.
@@ -178,7 +187,9 @@ class MicroBatcher(Generic[T, R]):
             self._admit(len(items))
         loop = asyncio.get_running_loop()
         now = loop.time()
-        entries = [_Entry(item, loop.create_future(), now) for item in items]
+        # A background batch already running counts as one this item waits behind.
+        seen = self._background_batches - self._running_background
+        entries = [_Entry(item, loop.create_future(), now, background, seen) for item in items]
         self._queue.extend(entries)
         self._history.arrived_since += len(entries)
         metrics.BATCH_QUEUE_DEPTH.labels(self.name).set(len(self._queue))
@@ -234,21 +245,25 @@ class MicroBatcher(Generic[T, R]):
             self._prune()
 
     def _take_batch(self) -> list[list[_Entry[T, R]]]:
-        """The oldest item's group, in arrival order, up to `max_batch_size` distinct items."""
+        """The oldest interactive item's group (else the oldest background item's), in arrival order, up to
+        `max_batch_size` (`background_max_size`) distinct items."""
         self._prune()
         if not self._queue:
             return []
-        group = self.group_of(self._queue[0].item)
+        background = all(entry.background for entry in self._queue)
+        limit = self.background_max_size if background else self.max_batch_size
+        first = next(entry for entry in self._queue if entry.background == background)
+        group = self.group_of(first.item)
         batch: dict[Hashable, list[_Entry[T, R]]] = {}
         rest: deque[_Entry[T, R]] = deque()
         for entry in self._queue:
             key = self.dedup_key_of(entry.item)
             key = id(entry) if key is None else key
-            if self.group_of(entry.item) != group:
+            if entry.background != background or self.group_of(entry.item) != group:
                 rest.append(entry)
             elif key in batch:
                 batch[key].append(entry)
-            elif len(batch) < self.max_batch_size:
+            elif len(batch) < limit:
                 batch[key] = [entry]
             else:
                 rest.append(entry)
@@ -282,9 +297,15 @@ class MicroBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         started = loop.time()
         wait = metrics.BATCH_QUEUE_WAIT.labels(self.name)
+        behind = metrics.BATCH_BACKGROUND_WAITED.labels(self.name)
+        background = batch[0][0].background
         for entries in batch:
             for entry in entries:
                 wait.observe(started - entry.enqueued_at)
+                if not entry.background:
+                    behind.observe(self._background_batches - entry.background_batches_before)
+        self._background_batches += background
+        self._running_background = background
         items = [entries[0].item for entries in batch]
         liveness = _Liveness(batch)
         try:
@@ -305,6 +326,7 @@ class MicroBatcher(Generic[T, R]):
                     entry.future.set_exception(failure)
                 else:
                     entry.future.set_result(outcome)
+        self._running_background = False
         finished = loop.time()
         self._history = _History(done_at=finished, duration_s=finished - started,
                                  callers=sum(len(entries) for entries in batch))

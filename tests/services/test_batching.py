@@ -261,3 +261,31 @@ async def test_an_item_whose_callers_are_gone_is_aborted_mid_computation(reason)
     finally:
         await batcher.close()
         executor.shutdown()
+
+
+async def test_background_items_run_only_when_no_interactive_item_waits(model, make_batcher):
+    batcher = make_batcher(max_batch_size=4, background_max_size=2)
+    behind_before = metric("batch_background_batches_waited_count", model="test")
+    waited_before = metric("batch_background_batches_waited_sum", model="test")
+    first = await hold(model, batcher, item=100)
+    background = [asyncio.create_task(batcher.submit([i], timeout_s=10, background=True)) for i in range(1, 6)]
+    await asyncio.sleep(0.01)
+    interactive = [asyncio.create_task(batcher.submit([i], timeout_s=10)) for i in (10, 11)]
+    await asyncio.sleep(0.01)
+    model.gate.set()
+    await asyncio.gather(first, *background, *interactive)
+    assert model.calls == [[100], [10, 11], [1, 2], [3, 4], [5]]
+
+    model.gate.clear()
+    model.entered.clear()
+    running = [asyncio.create_task(batcher.submit([i], timeout_s=10, background=True)) for i in (20, 21, 22)]
+    await asyncio.to_thread(model.entered.wait, 5)
+    late = asyncio.create_task(batcher.submit([30], timeout_s=10))
+    await asyncio.sleep(0.01)
+    model.gate.set()
+    await asyncio.gather(*running, late)
+    assert model.calls[-3:] == [[20, 21], [30], [22]]
+    observed = metric("batch_background_batches_waited_count", model="test") - behind_before
+    within_one = metric("batch_background_batches_waited_bucket", model="test", le="1.0")
+    assert observed == 4 and within_one == metric("batch_background_batches_waited_count", model="test")
+    assert metric("batch_background_batches_waited_sum", model="test") - waited_before == 1
