@@ -1,0 +1,1 @@
+"""Adapters for the external AI providers' APIs (OpenAI, Anthropic, Gemini), behind one protocol (`base`)."""
