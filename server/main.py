@@ -11,7 +11,7 @@ from server.api import errors
 from server.api.deps import require_api_key
 from server.api.middleware import MetricsMiddleware
 from server.api.ratelimit import IngressRateLimitMiddleware
-from server.api.routes import generate, history, predict, system
+from server.api.routes import batch, generate, history, predict, system
 from server.core.config import Settings, get_settings
 from server.services.runtime import open_runtime
 
@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware)
     errors.install(app)
     app.include_router(system.router)
-    for module in (generate, predict, history):
+    for module in (generate, predict, history, batch):
         app.include_router(module.router, dependencies=[Depends(require_api_key)])
     return app
 

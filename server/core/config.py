@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     egress_rate_limit: str = "gemini=10/minute,openai=60/minute,anthropic=50/minute"
     rate_limit_fail_mode: Literal["open", "closed"] = "open"
 
+    openai_api_key: str | None = None
+    openai_base_url: str | None = None
+    anthropic_api_key: str | None = None
+    anthropic_base_url: str | None = None
+    gemini_api_key: str | None = None
+    gemini_base_url: str | None = None
+
     database_url: str = f"sqlite+aiosqlite:///{PROJECT_ROOT / 'data' / 'server.db'}"
     record_flush_interval_ms: float = Field(200.0, gt=0)
     record_flush_max_items: int = Field(500, ge=1)

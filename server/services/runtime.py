@@ -17,6 +17,8 @@ from server.ml import configure_threads
 from server.ml.classifier import SentimentClassifier
 from server.ml.generator import TextGenerator
 from server.ml.loader import locate
+from server.services.batch.jobs import JobStore
+from server.services.batch.registry import ProviderRegistry
 from server.services.batching import MicroBatcher
 from server.services.auth import ApiKeys
 from server.services.cache import ResponseCache, open_store
@@ -48,6 +50,8 @@ class Runtime:
     cache: ResponseCache
     generation: GenerationService
     sentiment: SentimentService
+    jobs: JobStore
+    batch_providers: ProviderRegistry
 
 
 async def load_models(settings: Settings) -> tuple[TextGenerator, SentimentClassifier]:
@@ -103,6 +107,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                           max_prompt_chars=settings.max_prompt_chars, timeout_s=settings.request_timeout_s),
         SentimentService(classifier, predict_batcher, cache, recorder, max_text_chars=settings.max_prompt_chars,
                          timeout_s=settings.request_timeout_s),
+        JobStore(sessions),
+        ProviderRegistry.from_keys({"openai": settings.openai_api_key, "anthropic": settings.anthropic_api_key,
+                                    "gemini": settings.gemini_api_key}),
     )
     batchers = (generate_batcher, predict_batcher)
     for component in (*batchers, recorder):

@@ -1,0 +1,147 @@
+"""Request and response bodies of the batch offload API (`/batch/...`; see README "Batch offload")."""
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+
+from server.api.schemas import UtcDatetime
+
+Provider = Literal["openai", "anthropic", "gemini", "local"]
+Kind = Literal["chat", "embedding", "generate", "predict"]
+JobStatus = Literal["queued", "submitted", "in_progress", "completed", "partially_completed", "failed", "cancelled",
+                    "expired"]
+ItemStatus = Literal["queued", "submitted", "succeeded", "failed", "cancelled", "expired"]
+Name = Annotated[StrictStr, Field(min_length=1, max_length=200)]
+Priority = Annotated[StrictInt, Field(ge=1, le=10, description="Higher runs first")]
+Schedule = Literal["window", "now"]
+
+
+class RequestIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    custom_id: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Unique in its job")]
+    body: dict = Field(description="`messages` (chat), `input` (embedding), `prompt` (generate) or `text` (predict), "
+                                   "plus options such as `max_tokens` and `temperature`")
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "name": "nightly scoring", "provider": "openai", "model": "gpt-4o-mini", "kind": "chat",
+        "job_type": "creative_scoring", "requests": [
+            {"custom_id": "ad-1", "body": {"messages": [{"role": "user", "content": "Score this ad: ..."}],
+                                           "max_tokens": 50}}]}]})
+
+    name: Name
+    description: Annotated[StrictStr, Field(max_length=2000)] = ""
+    provider: Provider
+    model: Name
+    kind: Kind
+    job_type: Annotated[StrictStr, Field(min_length=1, max_length=100)] = "default"
+    priority: Priority = 5
+    schedule: Schedule = Field("window", description="`window`: the next scheduled run (BATCH_SCHEDULE); `now`")
+    webhook_url: Annotated[StrictStr, Field(pattern=r"^https?://", max_length=2000)] | None = None
+    metadata: dict = {}
+    requests: list[RequestIn] = Field([], max_length=100_000)
+
+
+class JobPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name | None = None
+    description: Annotated[StrictStr, Field(max_length=2000)] | None = None
+    priority: Priority | None = None
+    schedule: Schedule | None = None
+
+    @model_validator(mode="after")
+    def something(self) -> "JobPatch":
+        if not self.model_fields_set:
+            raise ValueError("give at least one of name, description, priority, schedule")
+        return self
+
+
+class RequestsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[RequestIn] = Field(min_length=1, max_length=100_000)
+
+
+class AddedOut(BaseModel):
+    added: int = Field(description="New requests stored")
+    unchanged: int = Field(description="custom_ids already present with the same body (a no-op)")
+
+
+class CountsOut(BaseModel):
+    total: int
+    succeeded: int
+    failed: int
+    pending: int
+
+
+class UsageOut(BaseModel):
+    input_tokens: int
+    output_tokens: int
+
+
+class JobOut(BaseModel):
+    id: str
+    name: str
+    description: str
+    provider: Provider
+    model: str
+    kind: Kind
+    job_type: str
+    priority: int
+    schedule: Schedule
+    webhook_url: str | None
+    metadata: dict
+    status: JobStatus
+    counts: CountsOut
+    usage: UsageOut
+    cost_usd: float | None = Field(description="At the batch price; null when the model's price is unknown")
+    realtime_cost_usd: float | None = Field(description="The same usage at the real-time price")
+    savings_usd: float | None
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
+    submitted_at: UtcDatetime | None
+    completed_at: UtcDatetime | None
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page")
+
+
+class ItemOut(BaseModel):
+    id: str
+    job_id: str
+    custom_id: str
+    status: ItemStatus
+    attempts: int
+    body: dict
+    output: dict | None = Field(description="`text`, `embedding`, or `label` and `score`, once succeeded")
+    error: str | None
+    usage: UsageOut | None
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
+    completed_at: UtcDatetime | None
+
+
+class ItemPage(BaseModel):
+    items: list[ItemOut]
+    next_cursor: str | None
+
+
+class ResponseOut(BaseModel):
+    custom_id: str
+    status: ItemStatus
+    output: dict | None
+    raw: dict | None = Field(description="The provider's own response body")
+    usage: UsageOut | None
+    error: str | None
+    completed_at: datetime | None
+
+
+class ResponsePage(BaseModel):
+    items: list[ResponseOut]
+    next_cursor: str | None

@@ -1,0 +1,165 @@
+"""Batch offload jobs: create, list, read, change, delete; their requests and responses."""
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi.responses import StreamingResponse
+
+from server.api.batch_schemas import (AddedOut, CountsOut, ItemOut, ItemPage, ItemStatus, JobCreate, JobOut, JobPage,
+                                      JobPatch, JobStatus, Provider, RequestsIn, ResponseOut, ResponsePage,
+                                      UsageOut)
+from server.api.deps import RuntimeDep
+from server.db.batch_models import BatchItem, BatchJob
+from server.services.batch.jobs import Counts, JobSpec, NewItem
+
+router = APIRouter(prefix="/batch", tags=["batch"])
+PAGE = Annotated[int, Query(ge=1, le=1000)]
+
+
+def encode_cursor(*parts: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps(parts).encode()).decode()
+
+
+def decode_cursor(cursor: str, size: int) -> list[str]:
+    try:
+        parts = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        if isinstance(parts, list) and len(parts) == size and all(isinstance(p, str) for p in parts):
+            return parts
+    except ValueError:
+        pass
+    raise HTTPException(422, [{"type": "value_error", "loc": ["query", "cursor"], "msg": "not a cursor of this list"}])
+
+
+def job_out(job: BatchJob, counts: Counts) -> JobOut:
+    return JobOut(id=job.id, name=job.name, description=job.description, provider=job.provider, model=job.model,
+                  kind=job.kind, job_type=job.job_type, priority=job.priority, schedule=job.schedule,
+                  webhook_url=job.webhook_url, metadata=job.job_metadata, status=job.status,
+                  counts=CountsOut(**counts.__dict__),
+                  usage=UsageOut(input_tokens=job.input_tokens, output_tokens=job.output_tokens),
+                  cost_usd=job.cost_usd, realtime_cost_usd=job.realtime_cost_usd, savings_usd=job.savings_usd,
+                  created_at=job.created_at, updated_at=job.updated_at, submitted_at=job.submitted_at,
+                  completed_at=job.completed_at)
+
+
+def usage_of(item: BatchItem) -> UsageOut | None:
+    if item.input_tokens is None and item.output_tokens is None:
+        return None
+    return UsageOut(input_tokens=item.input_tokens or 0, output_tokens=item.output_tokens or 0)
+
+
+def item_out(item: BatchItem) -> ItemOut:
+    return ItemOut(id=item.id, job_id=item.job_id, custom_id=item.custom_id, status=item.status,
+                   attempts=item.attempts, body=item.body, output=item.output, error=item.error, usage=usage_of(item),
+                   created_at=item.created_at, updated_at=item.updated_at, completed_at=item.completed_at)
+
+
+def response_out(item: BatchItem) -> ResponseOut:
+    return ResponseOut(custom_id=item.custom_id, status=item.status, output=item.output, raw=item.raw,
+                       usage=usage_of(item), error=item.error, completed_at=item.completed_at)
+
+
+async def one_job(runtime: RuntimeDep, job_id: str) -> JobOut:
+    job = await runtime.jobs.get(job_id)
+    return job_out(job, (await runtime.jobs.counts([job.id]))[job.id])
+
+
+@router.post("/jobs", status_code=201, response_model=JobOut)
+async def create_job(body: JobCreate, runtime: RuntimeDep, response: Response) -> JobOut:
+    """A new job (status `queued`), optionally with its requests. It runs at the next window, or at the next
+    worker tick with `schedule: now`."""
+    runtime.batch_providers.check(body.provider, body.kind)
+    spec = JobSpec(name=body.name, description=body.description, provider=body.provider, model=body.model,
+                   kind=body.kind, job_type=body.job_type, priority=body.priority, schedule=body.schedule,
+                   webhook_url=body.webhook_url, metadata=body.metadata)
+    job = await runtime.jobs.create(spec, [NewItem(r.custom_id, r.body) for r in body.requests])
+    response.headers["Location"] = f"/batch/jobs/{job.id}"
+    return job_out(job, Counts(total=len(body.requests), pending=len(body.requests)))
+
+
+@router.get("/jobs", response_model=JobPage)
+async def list_jobs(runtime: RuntimeDep, status: JobStatus | None = None, provider: Provider | None = None,
+                    job_type: str | None = None, limit: Annotated[int, Query(ge=1, le=200)] = 20,
+                    cursor: str | None = None) -> JobPage:
+    """Jobs, newest first, filtered by status, provider and job_type."""
+    after = None
+    if cursor is not None:
+        at, job_id = decode_cursor(cursor, 2)
+        after = (datetime.fromisoformat(at), job_id)
+    jobs, last = await runtime.jobs.list_jobs(status=status, provider=provider, job_type=job_type, limit=limit,
+                                              cursor=after)
+    counts = await runtime.jobs.counts([job.id for job in jobs])
+    return JobPage(items=[job_out(job, counts[job.id]) for job in jobs],
+                   next_cursor=encode_cursor(last.created_at.isoformat(), last.id) if last else None)
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut)
+async def get_job(job_id: str, runtime: RuntimeDep) -> JobOut:
+    return await one_job(runtime, job_id)
+
+
+@router.patch("/jobs/{job_id}", response_model=JobOut)
+async def change_job(job_id: str, body: JobPatch, runtime: RuntimeDep) -> JobOut:
+    """Change name, description, priority or schedule; only while the job is queued (else 409)."""
+    await runtime.jobs.update(job_id, body.model_dump(exclude_unset=True))
+    return await one_job(runtime, job_id)
+
+
+@router.delete("/jobs/{job_id}", status_code=204)
+async def delete_job(job_id: str, runtime: RuntimeDep) -> Response:
+    """Remove a job with its requests and responses; 409 while it is in flight (cancel it first)."""
+    await runtime.jobs.delete(job_id)
+    return Response(status_code=204)
+
+
+@router.post("/jobs/{job_id}/requests", response_model=AddedOut)
+async def add_requests(job_id: str, body: RequestsIn, runtime: RuntimeDep) -> AddedOut:
+    """Add requests to a queued job. Idempotent on custom_id: the same body again is a no-op; another body under
+    an existing custom_id is a 409 (and nothing is added)."""
+    result = await runtime.jobs.add_items(job_id, [NewItem(r.custom_id, r.body) for r in body.requests])
+    return AddedOut(added=result.added, unchanged=result.unchanged)
+
+
+def _next(rows: list[BatchItem], limit: int) -> str | None:
+    return encode_cursor(rows[-1].custom_id) if len(rows) == limit else None
+
+
+@router.get("/jobs/{job_id}/requests", response_model=ItemPage)
+async def list_requests(job_id: str, runtime: RuntimeDep, status: ItemStatus | None = None, limit: PAGE = 100,
+                        cursor: str | None = None) -> ItemPage:
+    """A job's requests in custom_id order, with their status."""
+    after = decode_cursor(cursor, 1)[0] if cursor else None
+    rows = await runtime.jobs.items(job_id, status=status, limit=limit, after=after)
+    return ItemPage(items=[item_out(row) for row in rows], next_cursor=_next(rows, limit))
+
+
+@router.get("/jobs/{job_id}/responses", response_model=ResponsePage,
+            responses={200: {"content": {"application/x-ndjson": {}}}})
+async def list_responses(job_id: str, runtime: RuntimeDep, format: Literal["json", "jsonl"] = "json",
+                         limit: PAGE = 100, cursor: str | None = None) -> ResponsePage | StreamingResponse:
+    """Finished requests' responses in custom_id order: paginated JSON, or `?format=jsonl` streamed whole."""
+    after = decode_cursor(cursor, 1)[0] if cursor else None
+    if format == "json":
+        rows = await runtime.jobs.items(job_id, final_only=True, limit=limit, after=after)
+        return ResponsePage(items=[response_out(row) for row in rows], next_cursor=_next(rows, limit))
+    await runtime.jobs.get(job_id)
+
+    async def lines() -> AsyncIterator[bytes]:
+        position = after
+        while rows := await runtime.jobs.items(job_id, final_only=True, limit=1000, after=position):
+            for row in rows:
+                yield response_out(row).model_dump_json().encode() + b"\n"
+            position = rows[-1].custom_id
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+@router.get("/items/{item_id}", response_model=ItemOut)
+async def get_item(item_id: str, runtime: RuntimeDep) -> ItemOut:
+    """One request (e.g. from POST /batch/queue or a `Prefer: respond-async` request): its status and, once done,
+    its output."""
+    return item_out(await runtime.jobs.item(item_id))
+

@@ -1,0 +1,29 @@
+"""Which batch providers this server can use, and for which kinds of request.
+
+`local` (our own models) is always there; an external provider is configured when its API key is set.
+A job for an unconfigured provider, or a kind its API does not offer, is refused at creation (422).
+"""
+
+from dataclasses import dataclass
+
+from server.services.errors import FieldError, InputError
+
+KINDS = {"local": ("generate", "predict"), "openai": ("chat", "embedding"), "anthropic": ("chat",),
+         "gemini": ("chat", "embedding")}
+
+
+@dataclass(frozen=True)
+class ProviderRegistry:
+    configured: frozenset[str]
+
+    @classmethod
+    def from_keys(cls, keys: dict[str, str | None]) -> "ProviderRegistry":
+        return cls(frozenset({"local"} | {provider for provider, key in keys.items() if key}))
+
+    def check(self, provider: str, kind: str) -> None:
+        if provider not in self.configured:
+            raise InputError([FieldError(("body", "provider"), f"provider {provider!r} is not configured on this "
+                                                               f"server: set {provider.upper()}_API_KEY")])
+        if kind not in KINDS[provider]:
+            raise InputError([FieldError(("body", "kind"), f"provider {provider!r} takes kinds "
+                                                           f"{', '.join(KINDS[provider])}, not {kind!r}")])
