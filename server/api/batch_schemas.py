@@ -145,3 +145,61 @@ class ResponseOut(BaseModel):
 class ResponsePage(BaseModel):
     items: list[ResponseOut]
     next_cursor: str | None
+
+
+class ProcessIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    provider: Provider | None = None
+    job_type: Annotated[StrictStr, Field(min_length=1, max_length=100)] | None = None
+    max_jobs: Annotated[StrictInt, Field(ge=1)] | None = None
+
+
+class ProcessOut(BaseModel):
+    job_ids: list[str] = Field(description="Queued jobs now due: the worker submits them at its next tick")
+
+
+class QueueIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "job_type": "nightly_summaries", "provider": "local", "model": "gpt2", "kind": "generate",
+        "data": {"prompt": "Summarise: ...", "max_tokens": 40}}]})
+
+    job_type: Annotated[StrictStr, Field(min_length=1, max_length=100)]
+    provider: Provider
+    model: Name
+    kind: Kind
+    data: dict = Field(description="The request body (as `body` in POST /batch/jobs)")
+    priority: Priority = 5
+
+
+class QueueBulkIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[QueueIn] = Field(min_length=1, max_length=10_000)
+
+
+class QueuedOut(BaseModel):
+    item_id: str
+    job_id: str
+
+
+class QueueStatusOut(BaseModel):
+    waiting: int
+    by_job_type: dict[str, int]
+    by_provider: dict[str, int]
+    by_priority: dict[str, int]
+
+
+class SchedulerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    running: bool
+
+
+class SchedulerOut(BaseModel):
+    running: bool = Field(description="Whether this process runs the worker loop")
+    mode: Literal["in-process", "off"]
+    schedule: str
+    timezone: str
+    next_window: datetime
+    poll_interval_s: float

@@ -7,6 +7,7 @@ dependency per request that costs more than a cache hit's own work.
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.services.generation import GenerationService
@@ -40,6 +41,24 @@ async def cache_bypass(runtime: RuntimeDep, cache_control: Annotated[str | None,
 
 
 CacheBypassDep = Annotated[bool, Depends(cache_bypass)]
+
+
+async def respond_async(prefer: Annotated[str | None, Header(description="`respond-async`: answer 202 at once and "
+                                                                       "run the work as a local batch item")] = None
+                        ) -> bool:
+    """Whether the client prefers an asynchronous answer (RFC 7240 `Prefer: respond-async`)."""
+    return prefer is not None and any(token.split(";")[0].strip().lower() == "respond-async"
+                                      for token in prefer.split(","))
+
+
+RespondAsyncDep = Annotated[bool, Depends(respond_async)]
+
+
+def accepted(queued: list) -> JSONResponse:
+    """202 for deferred work: where to follow each item (`Location`: the first)."""
+    body = [{"item_id": q.item_id, "job_id": q.job_id, "url": f"/batch/items/{q.item_id}"} for q in queued]
+    return JSONResponse(body, status_code=202, headers={"Location": body[0]["url"],
+                                                          "Preference-Applied": "respond-async"})
 
 
 def x_cache(cached: list[bool]) -> str:

@@ -58,10 +58,46 @@ class Settings(BaseSettings):
     gemini_api_key: str | None = None
     gemini_base_url: str | None = None
 
+    batch_worker: Literal["in-process", "off"] = "in-process"
+    batch_schedule: str = "0 2 * * *"
+    batch_timezone: str = "UTC"
+    batch_poll_interval_s: float = Field(60.0, gt=0)
+    batch_max_attempts: int = Field(3, ge=1)
+    batch_lease_ttl_s: float = Field(120.0, gt=0)
+    batch_background_max_size: int = Field(4, ge=1)
+    batch_prices_file: Path | None = None
+    batch_local_reference_price: str = "openai:gpt-4o-mini"
+    batch_openai_max_requests: int = Field(50_000, ge=1)
+    batch_openai_max_bytes: int = Field(200 * 1024 * 1024, ge=1)
+    batch_anthropic_max_requests: int = Field(100_000, ge=1)
+    batch_anthropic_max_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    batch_gemini_max_requests: int = Field(100_000, ge=1)
+    batch_gemini_max_bytes: int = Field(2 * 1024 * 1024 * 1024, ge=1)
+
     database_url: str = f"sqlite+aiosqlite:///{PROJECT_ROOT / 'data' / 'server.db'}"
     record_flush_interval_ms: float = Field(200.0, gt=0)
     record_flush_max_items: int = Field(500, ge=1)
     record_spill_dir: Path = PROJECT_ROOT / "data" / "unflushed"
+
+    @field_validator("batch_schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from croniter import croniter
+
+        if not croniter.is_valid(value):
+            raise ValueError(f"not a cron expression: expected five fields, e.g. '0 2 * * *' (02:00 every day)")
+        return value
+
+    @field_validator("batch_timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("not an IANA time zone: expected e.g. 'UTC' or 'Europe/Paris'") from None
+        return value
 
     @field_validator("blocked_terms")
     @classmethod

@@ -23,6 +23,8 @@ BATCH_ABORTED = Counter("batch_aborted_items", "Items stopped mid-computation be
 BATCH_BACKGROUND_WAITED = Histogram(
     "batch_background_batches_waited", "Background batches an interactive item waited behind (by design at most 1)",
     ["model"], buckets=(0, 1, 2, 4, 8))
+BATCH_BACKGROUND_ITEMS = Counter("batch_background_items", "Items computed in background batches (batch offload, "
+                                 "local provider)", ["model"])
 POLICY_REJECTIONS = Counter("policy_rejections", "Requests refused because a prompt contains a blocked term",
                             ["endpoint"])
 
@@ -41,3 +43,13 @@ CACHE_STORE_ERRORS = Counter("cache_store_errors", "Failed cache store operation
 
 RATE_LIMIT_DECISIONS = Counter("rate_limit_decisions", "Rate-limit decisions", ["layer", "policy", "decision"])
 RATE_LIMIT_ERRORS = Counter("rate_limit_errors", "Rate-limit checks that failed (store unavailable)", ["layer"])
+
+BATCH_JOBS = Counter("batch_jobs", "Batch jobs that reached a final status", ["provider", "status"])
+BATCH_ITEMS = Counter("batch_items", "Batch items that reached a final status", ["provider", "status"])
+BATCH_PROVIDER_CALLS = Counter("batch_provider_calls", "Calls to a batch provider (outcome: ok, quota, http_<status>)",
+                               ["provider", "operation", "outcome"])
+BATCH_QUEUE_ITEMS = Gauge("batch_queue_items", "Batch items waiting to be submitted")
+BATCH_SAVINGS = Counter("batch_savings_usd", "Savings booked by finished batch jobs (vs the real-time price)",
+                        ["provider"])
+BATCH_POLL_SECONDS = Histogram("batch_poll_seconds", "Time to poll one provider batch", ["provider"])
+BATCH_ALERTS_ACTIVE = Gauge("batch_alerts_active", "Batch alerts currently active (1) or not (0)", ["type"])

@@ -38,6 +38,7 @@ class BatchJob(Base):
     realtime_cost_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
     savings_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
     cost_booked: Mapped[bool] = mapped_column(Boolean, default=False)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     webhook_state: Mapped[str] = mapped_column(String(16), default="none")
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 LINGER_FRACTION = 0.1
+# Background work waits behind every interactive request, so its deadline only bounds a stuck model.
+BACKGROUND_TIMEOUT_S = 3600.0
 AbandonReason = Literal["deadline", "cancelled"]
 
 
@@ -305,6 +307,8 @@ class MicroBatcher(Generic[T, R]):
                 if not entry.background:
                     behind.observe(self._background_batches - entry.background_batches_before)
         self._background_batches += background
+        if background:
+            metrics.BATCH_BACKGROUND_ITEMS.labels(self.name).inc(len(batch))
         self._running_background = background
         items = [entries[0].item for entries in batch]
         liveness = _Liveness(batch)

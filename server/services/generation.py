@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from server.db.models import GenerationRecord
 from server.ml.generator import Generation, GenerationParams, TextGenerator
-from server.services.batching import ABORTED, Abandoned, MicroBatcher, Aborted
+from server.services.batching import ABORTED, BACKGROUND_TIMEOUT_S, Abandoned, Aborted, MicroBatcher
 from server.services.cache import SERVED_FROM_CACHE, ResponseCache
 from server.services.cache.keys import cache_key
 from server.services.errors import FieldError, InputError
@@ -130,14 +130,17 @@ class GenerationService:
                   "top_p": job.params.top_p, "seed": job.seed}
         return cache_key("generate", self.generator.name, self.generator.revision, job.prompt_ids, params)
 
-    async def generate(self, prompts: list[str], options: GenerationOptions, *,
-                       bypass_cache: bool = False) -> list[GenerationResult]:
+    async def generate(self, prompts: list[str], options: GenerationOptions, *, bypass_cache: bool = False,
+                       background: bool = False) -> list[GenerationResult]:
+        """Continue each prompt. `background` work (the batch offload's `local` provider) yields to interactive
+        requests in the batcher, has a long deadline, and is stored with its batch item, not in the history."""
         started = time.perf_counter()
         self.policy.check("generate", prompts)
         jobs = self.plan(prompts, options)
 
         async def compute(index: int) -> bytes:
-            [output] = await self.batcher.submit([jobs[index]], timeout_s=self.timeout_s)
+            [output] = await self.batcher.submit([jobs[index]], background=background,
+                                                 timeout_s=BACKGROUND_TIMEOUT_S if background else self.timeout_s)
             return encode_generation(output)
 
         answers = await self.cache.resolve("generate", [self.key(job) for job in jobs], compute, bypass=bypass_cache,
@@ -151,7 +154,8 @@ class GenerationService:
                 model_name=self.generator.name, created_at=created, finish_reason=out.finish_reason,
                 prompt_tokens=len(job.prompt_ids), completion_tokens=len(out.token_ids),
                 cached=outcome in SERVED_FROM_CACHE))
-        self._record(results, jobs, (time.perf_counter() - started) * 1000)
+        if not background:
+            self._record(results, jobs, (time.perf_counter() - started) * 1000)
         return results
 
     def _record(self, results: list[GenerationResult], jobs: list[GenerationJob], latency_ms: float) -> None:

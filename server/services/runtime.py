@@ -17,8 +17,8 @@ from server.ml import configure_threads
 from server.ml.classifier import SentimentClassifier
 from server.ml.generator import TextGenerator
 from server.ml.loader import locate
-from server.services.batch.jobs import JobStore
-from server.services.batch.registry import ProviderRegistry
+from server.services.batch.factory import build_batch_offload
+from server.services.batch.offload import BatchOffload
 from server.services.batching import MicroBatcher
 from server.services.auth import ApiKeys
 from server.services.cache import ResponseCache, open_store
@@ -50,8 +50,7 @@ class Runtime:
     cache: ResponseCache
     generation: GenerationService
     sentiment: SentimentService
-    jobs: JobStore
-    batch_providers: ProviderRegistry
+    batch: BatchOffload
 
 
 async def load_models(settings: Settings) -> tuple[TextGenerator, SentimentClassifier]:
@@ -94,31 +93,33 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                                      lock_ttl_s=settings.cache_lock_ttl_s), lock_ttl_s=settings.cache_lock_ttl_s)
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="model")
     batching = {"executor": executor, "max_batch_size": settings.batch_max_size,
-              "max_wait_s": settings.batch_max_wait_ms / 1000, "queue_limit": settings.batch_queue_limit}
+              "max_wait_s": settings.batch_max_wait_ms / 1000, "queue_limit": settings.batch_queue_limit,
+              "background_max_size": settings.batch_background_max_size}
     generate_batcher = MicroBatcher("generator", lambda jobs, abandoned: run_jobs(generator, jobs, abandoned), **batching,
                                     group_of=lambda job: job.params,
                                     dedup_key_of=lambda job: job if job.deterministic else None)
     # One forward pass has no step to stop at: an abandoned text's batch simply finishes.
     predict_batcher = MicroBatcher("classifier", lambda texts, abandoned: classifier.classify(texts), **batching,
                                    dedup_key_of=lambda text: text)
-    runtime = Runtime(
-        settings, redis, api_keys, ingress, egress, engine, sessions, generator, classifier, recorder, cache,
-        GenerationService(generator, generate_batcher, cache, recorder, PromptPolicy.from_setting(settings.blocked_terms),
-                          max_prompt_chars=settings.max_prompt_chars, timeout_s=settings.request_timeout_s),
-        SentimentService(classifier, predict_batcher, cache, recorder, max_text_chars=settings.max_prompt_chars,
-                         timeout_s=settings.request_timeout_s),
-        JobStore(sessions),
-        ProviderRegistry.from_keys({"openai": settings.openai_api_key, "anthropic": settings.anthropic_api_key,
-                                    "gemini": settings.gemini_api_key}),
-    )
+    generation = GenerationService(generator, generate_batcher, cache, recorder,
+                                   PromptPolicy.from_setting(settings.blocked_terms),
+                                   max_prompt_chars=settings.max_prompt_chars, timeout_s=settings.request_timeout_s)
+    sentiment = SentimentService(classifier, predict_batcher, cache, recorder, max_text_chars=settings.max_prompt_chars,
+                                 timeout_s=settings.request_timeout_s)
+    runtime = Runtime(settings, redis, api_keys, ingress, egress, engine, sessions, generator, classifier, recorder,
+                      cache, generation, sentiment,
+                      build_batch_offload(settings, sessions, egress, generation, sentiment))
     batchers = (generate_batcher, predict_batcher)
     for component in (*batchers, recorder):
         component.start()
+    if runtime.batch.in_process:
+        runtime.batch.start()
     log.info("serving %s and %s (database %s, cache %s)", generator.name, classifier.name,
              engine.url.render_as_string(), cache.backend)
     try:
         yield runtime
     finally:
+        await runtime.batch.stop()
         for batcher in batchers:
             await batcher.close()
         await recorder.close()

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from server.db.models import PredictionRecord
 from server.ml.classifier import Sentiment, SentimentClassifier
-from server.services.batching import MicroBatcher
+from server.services.batching import BACKGROUND_TIMEOUT_S, MicroBatcher
 from server.services.cache import SERVED_FROM_CACHE, ResponseCache
 from server.services.cache.keys import cache_key, normalise_text
 from server.services.errors import FieldError, InputError
@@ -39,16 +39,23 @@ class SentimentService:
     def key(self, text: str) -> str:
         return cache_key("predict", self.classifier.name, self.classifier.revision, normalise_text(text), {})
 
-    async def predict(self, texts: list[str], *, bypass_cache: bool = False) -> list[PredictionResult]:
-        started = time.perf_counter()
+    def check(self, texts: list[str]) -> None:
+        """Every problem with the texts at once, as a 422 would list them."""
         errors = [FieldError(("body", "texts", i), f"text is {len(t)} characters; MAX_PROMPT_CHARS is "
                                                    f"{self.max_text_chars}")
                   for i, t in enumerate(texts) if len(t) > self.max_text_chars]
         if errors:
             raise InputError(errors)
 
+    async def predict(self, texts: list[str], *, bypass_cache: bool = False,
+                      background: bool = False) -> list[PredictionResult]:
+        """Classify each text; `background` as for `GenerationService.generate`."""
+        started = time.perf_counter()
+        self.check(texts)
+
         async def compute(index: int) -> bytes:
-            [output] = await self.batcher.submit([texts[index]], timeout_s=self.timeout_s)
+            [output] = await self.batcher.submit([texts[index]], background=background,
+                                                 timeout_s=BACKGROUND_TIMEOUT_S if background else self.timeout_s)
             return json.dumps({"label": output.label, "score": output.score}).encode()
 
         answers = await self.cache.resolve("predict", [self.key(t) for t in texts], compute, bypass=bypass_cache,
@@ -59,8 +66,9 @@ class SentimentService:
             out = Sentiment(**json.loads(data))
             results.append(PredictionResult(uuid.uuid4().hex, text, out.label, out.score, self.classifier.name, created,
                                             cached=outcome in SERVED_FROM_CACHE))
-        latency_ms = (time.perf_counter() - started) * 1000
-        self.recorder.add(PredictionRecord, [
-            {"id": r.id, "text": r.text, "label": r.label, "score": r.score, "model": r.model_name,
-             "latency_ms": latency_ms, "created_at": r.created_at, "cached": r.cached} for r in results])
+        if not background:
+            latency_ms = (time.perf_counter() - started) * 1000
+            self.recorder.add(PredictionRecord, [
+                {"id": r.id, "text": r.text, "label": r.label, "score": r.score, "model": r.model_name,
+                 "latency_ms": latency_ms, "created_at": r.created_at, "cached": r.cached} for r in results])
         return results

@@ -9,36 +9,34 @@ from server.main import create_app
 
 @pytest.fixture
 async def client(settings: Settings, database_url: str):
-    app = create_app(settings.model_copy(update={"database_url": database_url, "openai_api_key": "sk-test"}))
+    app = create_app(settings.model_copy(update={"database_url": database_url, "batch_worker": "off"}))
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
             client.app = app
             yield client
 
 
-def chat(custom_id: str, text: str = "hello") -> dict:
-    return {"custom_id": custom_id, "body": {"messages": [{"role": "user", "content": text}], "max_tokens": 5}}
+def request(custom_id: str, text: str = "hello") -> dict:
+    return {"custom_id": custom_id, "body": {"prompt": text, "max_tokens": 5}}
 
 
-JOB = {"name": "nightly", "provider": "openai", "model": "gpt-4o-mini", "kind": "chat", "job_type": "scoring"}
+JOB = {"name": "nightly", "provider": "local", "model": "gpt2", "kind": "generate", "job_type": "scoring"}
 
 
 async def test_create_read_list_and_filter_jobs(client):
-    created = await client.post("/batch/jobs", json={**JOB, "requests": [chat("a"), chat("b")]})
+    created = await client.post("/batch/jobs", json={**JOB, "requests": [request("a"), request("b")]})
     assert created.status_code == 201
     job = created.json()
     assert created.headers["location"] == f"/batch/jobs/{job['id']}"
     assert job["status"] == "queued" and job["schedule"] == "window" and job["priority"] == 5
     assert job["counts"] == {"total": 2, "succeeded": 0, "failed": 0, "pending": 2}
     assert (await client.get(f"/batch/jobs/{job['id']}")).json() == job
-    other = (await client.post("/batch/jobs", json={**JOB, "provider": "local", "model": "gpt2", "kind": "generate",
-                                                    "job_type": "other"})).json()
+    other = (await client.post("/batch/jobs", json={**JOB, "kind": "predict", "job_type": "other"})).json()
     listed = (await client.get("/batch/jobs")).json()
     assert [j["id"] for j in listed["items"]] == [other["id"], job["id"]] and listed["next_cursor"] is None
     assert [j["id"] for j in (await client.get("/batch/jobs", params={"job_type": "scoring"})).json()["items"]] == [
         job["id"]]
-    assert [j["id"] for j in (await client.get("/batch/jobs", params={"provider": "local"})).json()["items"]] == [
-        other["id"]]
+    assert (await client.get("/batch/jobs", params={"provider": "openai"})).json()["items"] == []
     first = (await client.get("/batch/jobs", params={"limit": 1})).json()
     second = (await client.get("/batch/jobs", params={"limit": 1, "cursor": first["next_cursor"]})).json()
     assert [j["id"] for j in first["items"] + second["items"]] == [other["id"], job["id"]]
@@ -49,12 +47,12 @@ async def test_create_read_list_and_filter_jobs(client):
 
 @pytest.mark.parametrize("body, where", [
     ({**JOB, "provider": "anthropic"}, "provider"),
-    ({**JOB, "provider": "local"}, "kind"),
+    ({**JOB, "kind": "chat"}, "kind"),
     ({**JOB, "priority": 11}, "priority"),
     ({**JOB, "schedule": "later"}, "schedule"),
-    ({**JOB, "requests": [chat("bad id!")]}, "custom_id"),
-    ({**JOB, "requests": [chat("x"), chat("x")]}, "custom_id"),
-    ({**JOB, "requests": [{"custom_id": "x", "body": {"prompt": "not chat"}}]}, "body"),
+    ({**JOB, "requests": [request("bad id!")]}, "custom_id"),
+    ({**JOB, "requests": [request("x"), request("x")]}, "custom_id"),
+    ({**JOB, "requests": [{"custom_id": "x", "body": {"text": "not a prompt"}}]}, "body"),
 ])
 async def test_bad_jobs_are_422_naming_the_field(client, body, where):
     response = await client.post("/batch/jobs", json=body)
@@ -63,11 +61,11 @@ async def test_bad_jobs_are_422_naming_the_field(client, body, where):
 
 
 async def test_requests_are_idempotent_on_custom_id(client):
-    job = (await client.post("/batch/jobs", json={**JOB, "requests": [chat("a")]})).json()
+    job = (await client.post("/batch/jobs", json={**JOB, "requests": [request("a")]})).json()
     url = f"/batch/jobs/{job['id']}/requests"
-    assert (await client.post(url, json={"requests": [chat("a"), chat("b")]})).json() == {"added": 1, "unchanged": 1}
-    assert (await client.post(url, json={"requests": [chat("b")]})).json() == {"added": 0, "unchanged": 1}
-    clash = await client.post(url, json={"requests": [chat("c"), chat("a", "another body")]})
+    assert (await client.post(url, json={"requests": [request("a"), request("b")]})).json() == {"added": 1, "unchanged": 1}
+    assert (await client.post(url, json={"requests": [request("b")]})).json() == {"added": 0, "unchanged": 1}
+    clash = await client.post(url, json={"requests": [request("c"), request("a", "another body")]})
     assert clash.status_code == 409 and "'a'" in clash.json()["detail"]
     listed = (await client.get(url)).json()
     assert [item["custom_id"] for item in listed["items"]] == ["a", "b"]
@@ -82,17 +80,17 @@ async def test_requests_are_idempotent_on_custom_id(client):
 
 
 async def test_only_a_queued_job_changes_and_an_in_flight_job_is_not_deleted(client):
-    job = (await client.post("/batch/jobs", json={**JOB, "requests": [chat("a")]})).json()
+    job = (await client.post("/batch/jobs", json={**JOB, "requests": [request("a")]})).json()
     url = f"/batch/jobs/{job['id']}"
     changed = (await client.patch(url, json={"priority": 9, "schedule": "now", "name": "urgent"})).json()
     assert (changed["priority"], changed["schedule"], changed["name"]) == (9, "now", "urgent")
     assert (await client.patch(url, json={})).status_code == 422
     assert (await client.patch(url, json={"model": "other"})).status_code == 422
-    jobs = client.app.state.runtime.jobs
+    jobs = client.app.state.runtime.batch.jobs
     assert await jobs.transition(job["id"], ["queued"], "submitted")
     assert not await jobs.transition(job["id"], ["queued"], "submitted")
     assert (await client.patch(url, json={"priority": 1})).status_code == 409
-    assert (await client.post(f"{url}/requests", json={"requests": [chat("b")]})).status_code == 409
+    assert (await client.post(f"{url}/requests", json={"requests": [request("b")]})).status_code == 409
     refused = await client.delete(url)
     assert refused.status_code == 409 and "cancel" in refused.json()["detail"]
     assert await jobs.transition(job["id"], ["submitted"], "cancelled")

@@ -3,15 +3,16 @@
 import base64
 import json
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import StreamingResponse
 
 from server.api.batch_schemas import (AddedOut, CountsOut, ItemOut, ItemPage, ItemStatus, JobCreate, JobOut, JobPage,
-                                      JobPatch, JobStatus, Provider, RequestsIn, ResponseOut, ResponsePage,
-                                      UsageOut)
+                                      JobPatch, JobStatus, ProcessIn, ProcessOut, Provider, QueueBulkIn, QueuedOut,
+                                      QueueIn, QueueStatusOut, RequestsIn, ResponseOut, ResponsePage, SchedulerIn,
+                                      SchedulerOut, UsageOut)
 from server.api.deps import RuntimeDep
 from server.db.batch_models import BatchItem, BatchJob
 from server.services.batch.jobs import Counts, JobSpec, NewItem
@@ -63,19 +64,19 @@ def response_out(item: BatchItem) -> ResponseOut:
 
 
 async def one_job(runtime: RuntimeDep, job_id: str) -> JobOut:
-    job = await runtime.jobs.get(job_id)
-    return job_out(job, (await runtime.jobs.counts([job.id]))[job.id])
+    job = await runtime.batch.jobs.get(job_id)
+    return job_out(job, (await runtime.batch.jobs.counts([job.id]))[job.id])
 
 
 @router.post("/jobs", status_code=201, response_model=JobOut)
 async def create_job(body: JobCreate, runtime: RuntimeDep, response: Response) -> JobOut:
     """A new job (status `queued`), optionally with its requests. It runs at the next window, or at the next
     worker tick with `schedule: now`."""
-    runtime.batch_providers.check(body.provider, body.kind)
+    runtime.batch.registry.check(body.provider, body.kind)
     spec = JobSpec(name=body.name, description=body.description, provider=body.provider, model=body.model,
                    kind=body.kind, job_type=body.job_type, priority=body.priority, schedule=body.schedule,
                    webhook_url=body.webhook_url, metadata=body.metadata)
-    job = await runtime.jobs.create(spec, [NewItem(r.custom_id, r.body) for r in body.requests])
+    job = await runtime.batch.jobs.create(spec, [NewItem(r.custom_id, r.body) for r in body.requests])
     response.headers["Location"] = f"/batch/jobs/{job.id}"
     return job_out(job, Counts(total=len(body.requests), pending=len(body.requests)))
 
@@ -89,9 +90,9 @@ async def list_jobs(runtime: RuntimeDep, status: JobStatus | None = None, provid
     if cursor is not None:
         at, job_id = decode_cursor(cursor, 2)
         after = (datetime.fromisoformat(at), job_id)
-    jobs, last = await runtime.jobs.list_jobs(status=status, provider=provider, job_type=job_type, limit=limit,
+    jobs, last = await runtime.batch.jobs.list_jobs(status=status, provider=provider, job_type=job_type, limit=limit,
                                               cursor=after)
-    counts = await runtime.jobs.counts([job.id for job in jobs])
+    counts = await runtime.batch.jobs.counts([job.id for job in jobs])
     return JobPage(items=[job_out(job, counts[job.id]) for job in jobs],
                    next_cursor=encode_cursor(last.created_at.isoformat(), last.id) if last else None)
 
@@ -104,14 +105,14 @@ async def get_job(job_id: str, runtime: RuntimeDep) -> JobOut:
 @router.patch("/jobs/{job_id}", response_model=JobOut)
 async def change_job(job_id: str, body: JobPatch, runtime: RuntimeDep) -> JobOut:
     """Change name, description, priority or schedule; only while the job is queued (else 409)."""
-    await runtime.jobs.update(job_id, body.model_dump(exclude_unset=True))
+    await runtime.batch.jobs.update(job_id, body.model_dump(exclude_unset=True))
     return await one_job(runtime, job_id)
 
 
 @router.delete("/jobs/{job_id}", status_code=204)
 async def delete_job(job_id: str, runtime: RuntimeDep) -> Response:
     """Remove a job with its requests and responses; 409 while it is in flight (cancel it first)."""
-    await runtime.jobs.delete(job_id)
+    await runtime.batch.jobs.delete(job_id)
     return Response(status_code=204)
 
 
@@ -119,7 +120,7 @@ async def delete_job(job_id: str, runtime: RuntimeDep) -> Response:
 async def add_requests(job_id: str, body: RequestsIn, runtime: RuntimeDep) -> AddedOut:
     """Add requests to a queued job. Idempotent on custom_id: the same body again is a no-op; another body under
     an existing custom_id is a 409 (and nothing is added)."""
-    result = await runtime.jobs.add_items(job_id, [NewItem(r.custom_id, r.body) for r in body.requests])
+    result = await runtime.batch.jobs.add_items(job_id, [NewItem(r.custom_id, r.body) for r in body.requests])
     return AddedOut(added=result.added, unchanged=result.unchanged)
 
 
@@ -132,7 +133,7 @@ async def list_requests(job_id: str, runtime: RuntimeDep, status: ItemStatus | N
                         cursor: str | None = None) -> ItemPage:
     """A job's requests in custom_id order, with their status."""
     after = decode_cursor(cursor, 1)[0] if cursor else None
-    rows = await runtime.jobs.items(job_id, status=status, limit=limit, after=after)
+    rows = await runtime.batch.jobs.items(job_id, status=status, limit=limit, after=after)
     return ItemPage(items=[item_out(row) for row in rows], next_cursor=_next(rows, limit))
 
 
@@ -143,13 +144,13 @@ async def list_responses(job_id: str, runtime: RuntimeDep, format: Literal["json
     """Finished requests' responses in custom_id order: paginated JSON, or `?format=jsonl` streamed whole."""
     after = decode_cursor(cursor, 1)[0] if cursor else None
     if format == "json":
-        rows = await runtime.jobs.items(job_id, final_only=True, limit=limit, after=after)
+        rows = await runtime.batch.jobs.items(job_id, final_only=True, limit=limit, after=after)
         return ResponsePage(items=[response_out(row) for row in rows], next_cursor=_next(rows, limit))
-    await runtime.jobs.get(job_id)
+    await runtime.batch.jobs.get(job_id)
 
     async def lines() -> AsyncIterator[bytes]:
         position = after
-        while rows := await runtime.jobs.items(job_id, final_only=True, limit=1000, after=position):
+        while rows := await runtime.batch.jobs.items(job_id, final_only=True, limit=1000, after=position):
             for row in rows:
                 yield response_out(row).model_dump_json().encode() + b"\n"
             position = rows[-1].custom_id
@@ -161,5 +162,92 @@ async def list_responses(job_id: str, runtime: RuntimeDep, format: Literal["json
 async def get_item(item_id: str, runtime: RuntimeDep) -> ItemOut:
     """One request (e.g. from POST /batch/queue or a `Prefer: respond-async` request): its status and, once done,
     its output."""
-    return item_out(await runtime.jobs.item(item_id))
+    return item_out(await runtime.batch.jobs.item(item_id))
 
+
+
+@router.post("/jobs/{job_id}/submit", response_model=JobOut)
+async def submit_job(job_id: str, runtime: RuntimeDep) -> JobOut:
+    """Run a queued job now, ignoring its window (409 unless queued)."""
+    await runtime.batch.submit_now(job_id)
+    return await one_job(runtime, job_id)
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut)
+async def cancel_job(job_id: str, runtime: RuntimeDep) -> JobOut:
+    """Cancel a job and its provider batches; finished items are kept (409 once the job has finished)."""
+    await runtime.batch.cancel(job_id)
+    return await one_job(runtime, job_id)
+
+
+@router.post("/process", response_model=ProcessOut)
+async def process(body: ProcessIn, runtime: RuntimeDep) -> ProcessOut:
+    """Run the window now for the queued jobs that match (highest priority first, at most `max_jobs`)."""
+    return ProcessOut(job_ids=await runtime.batch.process(provider=body.provider, job_type=body.job_type,
+                                                          max_jobs=body.max_jobs))
+
+
+@router.post("/process/all", response_model=ProcessOut)
+async def process_all(runtime: RuntimeDep) -> ProcessOut:
+    """Run the window now for every queued job."""
+    return ProcessOut(job_ids=await runtime.batch.process())
+
+
+async def _enqueue(runtime: RuntimeDep, entries: list[QueueIn]) -> list[QueuedOut]:
+    """Queue entries, one add per open job (entries grouped by their job's key), answered in the given order."""
+    groups: dict[tuple, list[int]] = {}
+    for index, entry in enumerate(entries):
+        groups.setdefault((entry.provider, entry.model, entry.kind, entry.job_type, entry.priority), []).append(index)
+    answers: dict[int, QueuedOut] = {}
+    for (provider, model, kind, job_type, priority), indices in groups.items():
+        queued = await runtime.batch.enqueue(provider=provider, model=model, kind=kind, job_type=job_type,
+                                             priority=priority, items=[entries[i].data for i in indices])
+        answers.update({i: QueuedOut(item_id=q.item_id, job_id=q.job_id) for i, q in zip(indices, queued)})
+    return [answers[i] for i in range(len(entries))]
+
+
+@router.post("/queue", status_code=202, response_model=QueuedOut)
+async def queue(body: QueueIn, runtime: RuntimeDep, response: Response) -> QueuedOut:
+    """Queue one item for the next window: it joins the open job of its provider, model, kind, job type and
+    priority. Follow it at `Location`."""
+    [queued] = await _enqueue(runtime, [body])
+    response.headers["Location"] = f"/batch/items/{queued.item_id}"
+    return queued
+
+
+@router.post("/queue/bulk", status_code=202, response_model=list[QueuedOut])
+async def queue_bulk(body: QueueBulkIn, runtime: RuntimeDep) -> list[QueuedOut]:
+    """Queue several items (each as with POST /batch/queue), answered in order."""
+    return await _enqueue(runtime, body.items)
+
+
+@router.get("/queue/status", response_model=QueueStatusOut)
+async def queue_status(runtime: RuntimeDep) -> QueueStatusOut:
+    """Items waiting to be submitted, by job type, provider and priority."""
+    breakdown = await runtime.batch.queue_status()
+    return QueueStatusOut(waiting=sum(breakdown["provider"].values()), by_job_type=breakdown["job_type"],
+                          by_provider=breakdown["provider"], by_priority=breakdown["priority"])
+
+
+def _scheduler(runtime: RuntimeDep) -> SchedulerOut:
+    settings = runtime.settings
+    return SchedulerOut(running=runtime.batch.running, mode=settings.batch_worker, schedule=settings.batch_schedule,
+                        timezone=settings.batch_timezone,
+                        next_window=runtime.batch.worker.window.next_after(datetime.now(UTC)),
+                        poll_interval_s=settings.batch_poll_interval_s)
+
+
+@router.get("/scheduler", response_model=SchedulerOut)
+async def scheduler(runtime: RuntimeDep) -> SchedulerOut:
+    """Whether this process runs the batch worker, and when the next window is."""
+    return _scheduler(runtime)
+
+
+@router.post("/scheduler", response_model=SchedulerOut)
+async def set_scheduler(body: SchedulerIn, runtime: RuntimeDep) -> SchedulerOut:
+    """Start or stop the batch worker in this process (its lease passes to another process when stopped)."""
+    if body.running:
+        runtime.batch.start()
+    else:
+        await runtime.batch.stop()
+    return _scheduler(runtime)

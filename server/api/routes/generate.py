@@ -1,7 +1,7 @@
 from fastapi import APIRouter, Request, Response
 
 from server.api.cancellation import unless_disconnected
-from server.api.deps import CacheBypassDep, GenerationDep, x_cache
+from server.api.deps import CacheBypassDep, GenerationDep, RespondAsyncDep, RuntimeDep, accepted, x_cache
 from server.api.schemas import ErrorOut, GenerateRequest, GenerationOut, Usage
 from server.services.generation import GenerationOptions
 
@@ -11,11 +11,14 @@ router = APIRouter(tags=["models"])
 @router.post("/generate", response_model=list[GenerationOut],
              responses={503: {"model": ErrorOut}, 504: {"model": ErrorOut}})
 async def generate(body: GenerateRequest, request: Request, response: Response, service: GenerationDep,
-                   bypass: CacheBypassDep) -> list[GenerationOut]:
+                   bypass: CacheBypassDep, runtime: RuntimeDep, deferred: RespondAsyncDep) -> list[GenerationOut]:
     """Continue each prompt with the causal LM; one object per prompt, in order. `X-Cache` says HIT, MISS or
-    PARTIAL; greedy and seeded requests are cached, unseeded sampling never is."""
+    PARTIAL; greedy and seeded requests are cached, unseeded sampling never is. With `Prefer: respond-async`:
+    202 at once, one batch item per prompt, run by the local models when interactive work leaves them idle."""
     options = GenerationOptions(max_new_tokens=body.max_new_tokens, max_length=body.max_length,
                                 temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+    if deferred:
+        return accepted(await runtime.batch.defer_generation(body.prompts, options))
     results = await unless_disconnected(request, service.generate(body.prompts, options, bypass_cache=bypass))
     response.headers["X-Cache"] = x_cache([r.cached for r in results])
     return [GenerationOut(id=r.id, prompt=r.prompt, generated_text=r.generated_text, completion=r.completion,

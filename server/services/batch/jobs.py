@@ -114,6 +114,7 @@ class JobStore:
                        model=spec.model, kind=spec.kind, job_type=spec.job_type, priority=spec.priority,
                        schedule=spec.schedule, webhook_url=spec.webhook_url, job_metadata=spec.metadata,
                        status="queued", accepting=accepting, input_tokens=0, output_tokens=0, cost_booked=False,
+                       cancel_requested=False,
                        webhook_state="none", owner=owner, created_at=at, updated_at=at)
         async with self.sessions() as session, session.begin():
             session.add(job)

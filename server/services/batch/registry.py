@@ -16,10 +16,6 @@ KINDS = {"local": ("generate", "predict"), "openai": ("chat", "embedding"), "ant
 class ProviderRegistry:
     configured: frozenset[str]
 
-    @classmethod
-    def from_keys(cls, keys: dict[str, str | None]) -> "ProviderRegistry":
-        return cls(frozenset({"local"} | {provider for provider, key in keys.items() if key}))
-
     def check(self, provider: str, kind: str) -> None:
         if provider not in self.configured:
             raise InputError([FieldError(("body", "provider"), f"provider {provider!r} is not configured on this "

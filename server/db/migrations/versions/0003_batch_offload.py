@@ -40,6 +40,7 @@ def upgrade() -> None:
         sa.Column("realtime_cost_usd", sa.Float(), nullable=True),
         sa.Column("savings_usd", sa.Float(), nullable=True),
         sa.Column("cost_booked", sa.Boolean(), nullable=False),
+        sa.Column("cancel_requested", sa.Boolean(), nullable=False),
         sa.Column("webhook_state", sa.String(16), nullable=False),
         sa.Column("owner", sa.String(64), nullable=True),
         _timestamp("created_at"), _timestamp("updated_at"), _timestamp("submitted_at", True),

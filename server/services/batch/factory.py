@@ -1,0 +1,42 @@
+"""Builds the batch offload from the settings: adapters for the configured providers, worker, local runner."""
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from server.core.config import Settings
+from server.providers.base import BatchLimits, BatchProvider
+from server.services.batch.calls import ProviderCalls
+from server.services.batch.jobs import JobStore
+from server.services.batch.lease import Lease
+from server.services.batch.local import LocalRunner
+from server.services.batch.offload import BatchOffload
+from server.services.batch.pricing import PriceTable
+from server.services.batch.registry import ProviderRegistry
+from server.services.batch.window import Window
+from server.services.batch.worker import BatchWorker
+from server.services.generation import GenerationService
+from server.services.limits.egress import EgressGuard
+from server.services.sentiment import SentimentService
+
+
+def provider_limits(settings: Settings) -> dict[str, BatchLimits]:
+    return {name: BatchLimits(getattr(settings, f"batch_{name}_max_requests"), getattr(settings, f"batch_{name}_max_bytes"))
+            for name in ("openai", "anthropic", "gemini")}
+
+
+def build_adapters(settings: Settings) -> dict[str, BatchProvider]:
+    """An adapter for each external provider whose API key is set."""
+    return {}
+
+
+def build_batch_offload(settings: Settings, sessions: async_sessionmaker[AsyncSession], egress: EgressGuard,
+                        generation: GenerationService, sentiment: SentimentService) -> BatchOffload:
+    adapters = build_adapters(settings)
+    prices = PriceTable.load(settings.batch_prices_file, settings.batch_local_reference_price)
+    lease = Lease(sessions, ttl_s=settings.batch_lease_ttl_s)
+    worker = BatchWorker(sessions, adapters, provider_limits(settings), ProviderCalls(egress), prices, lease,
+                         Window(settings.batch_schedule, settings.batch_timezone),
+                         poll_interval_s=settings.batch_poll_interval_s, max_attempts=settings.batch_max_attempts)
+    runner = LocalRunner(sessions, generation, sentiment, concurrency=2 * settings.batch_background_max_size,
+                         max_attempts=settings.batch_max_attempts, holds_lease=lambda: lease.token is not None)
+    return BatchOffload(sessions, JobStore(sessions), ProviderRegistry(frozenset({"local", *adapters})), prices, worker,
+                        runner, generation, sentiment, in_process=settings.batch_worker == "in-process")

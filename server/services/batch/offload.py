@@ -1,0 +1,192 @@
+"""The batch offload as the API sees it: jobs, the single-item queue, cancel, run-now, and the worker's lifecycle.
+
+The worker and the local runner run in this process when `BATCH_WORKER=in-process` (the default, so a
+single machine needs nothing more); with `off`, the web process only records work and another process
+(`python -m server worker`, or cron running `python -m server batch run-once`) does it.
+"""
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from server.db.batch_models import BatchItem, BatchJob, ProviderBatch
+from server.services.batch.jobs import FINAL_STATUSES, JobConflict, JobSpec, JobStore, NewItem, new_id, now
+from server.services.batch.local import LocalRunner
+from server.services.batch.pricing import PriceTable
+from server.services.batch.registry import ProviderRegistry
+from server.services.batch.worker import BatchWorker, TickReport, finish_job
+from server.services.generation import GenerationOptions, GenerationService
+from server.services.sentiment import SentimentService
+
+log = logging.getLogger(__name__)
+# `Prefer: respond-async` work: one open local job per kind, run as soon as the models are idle.
+DEFERRED_JOB_TYPE = "respond-async"
+DEFERRED_PRIORITY = 5
+
+
+@dataclass(frozen=True)
+class QueuedItem:
+    item_id: str
+    job_id: str
+
+
+class BatchOffload:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], jobs: JobStore, registry: ProviderRegistry,
+                 prices: PriceTable, worker: BatchWorker, runner: LocalRunner, generation: GenerationService,
+                 sentiment: SentimentService, *, in_process: bool):
+        self.sessions = sessions
+        self.jobs = jobs
+        self.registry = registry
+        self.prices = prices
+        self.worker = worker
+        self.runner = runner
+        self.generation = generation
+        self.sentiment = sentiment
+        self.in_process = in_process
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def running(self) -> bool:
+        return any(not task.done() for task in self._tasks)
+
+    def start(self) -> None:
+        if not self.running:
+            self._tasks = [asyncio.create_task(self.worker.run_forever(), name="batch-worker"),
+                           asyncio.create_task(self.runner.run_forever(), name="batch-local-runner")]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        await self.worker.lease.release()
+
+    def wake(self) -> None:
+        self.worker.wake()
+        self.runner.wake()
+
+    async def run_once(self) -> TickReport:
+        """One tick of the worker, then the local items it made runnable, computed to the end (for cron)."""
+        report = await self.worker.run_once()
+        if self.worker.lease.token is not None:
+            await self.runner.requeue_orphans()
+            while await self.runner.run_available():
+                await self.runner.wait_idle()
+            report.finished_jobs += await self.worker.finish_jobs()
+        return report
+
+    async def submit_now(self, job_id: str) -> BatchJob:
+        """Run a queued job at the next worker tick, whatever its window."""
+        job = await self.jobs.get(job_id)
+        if job.status != "queued":
+            raise JobConflict(f"batch job {job_id} is {job.status}: only a queued job can be submitted")
+        await self.jobs.update(job_id, {"schedule": "now"})
+        self.wake()
+        return await self.jobs.get(job_id)
+
+    async def process(self, *, provider: str | None = None, job_type: str | None = None,
+                      max_jobs: int | None = None) -> list[str]:
+        """Run the window now for the queued jobs that match: they are submitted at the next worker tick."""
+        query = (select(BatchJob.id).where(BatchJob.status == "queued", BatchJob.cancel_requested.is_(False))
+                 .order_by(BatchJob.priority.desc(), BatchJob.created_at))
+        if provider is not None:
+            query = query.where(BatchJob.provider == provider)
+        if job_type is not None:
+            query = query.where(BatchJob.job_type == job_type)
+        if max_jobs is not None:
+            query = query.limit(max_jobs)
+        async with self.sessions() as session, session.begin():
+            ids = list((await session.scalars(query)).all())
+            if ids:
+                await session.execute(update(BatchJob).where(BatchJob.id.in_(ids), BatchJob.status == "queued")
+                                      .values(schedule="now", accepting=False, updated_at=now()))
+        self.wake()
+        return ids
+
+    async def cancel(self, job_id: str) -> BatchJob:
+        """Stop a job: its waiting items are cancelled at once, its provider batches are cancelled by the worker;
+        items already finished are kept. 409 once the job has finished."""
+        job = await self.jobs.get(job_id)
+        stamp = now()
+        async with self.sessions() as session, session.begin():
+            marked = await session.execute(
+                update(BatchJob).where(BatchJob.id == job_id, BatchJob.status.not_in(FINAL_STATUSES))
+                .values(cancel_requested=True, accepting=False, updated_at=stamp))
+            if marked.rowcount != 1:
+                raise JobConflict(f"batch job {job_id} is {job.status}: it has already finished")
+            await session.execute(
+                update(BatchItem).where(BatchItem.job_id == job_id, BatchItem.status == "queued")
+                .values(status="cancelled", error="cancelled before it was submitted", updated_at=stamp,
+                        completed_at=stamp))
+            live = await session.scalar(select(func.count()).select_from(ProviderBatch).where(
+                ProviderBatch.job_id == job_id, ProviderBatch.status != "fetched"))
+            running = await session.scalar(select(func.count()).select_from(BatchItem).where(
+                BatchItem.job_id == job_id, BatchItem.status == "submitted"))
+        if not live and not running:
+            await finish_job(self.sessions, self.prices, await self.jobs.get(job_id))
+        self.wake()
+        return await self.jobs.get(job_id)
+
+    async def enqueue(self, *, provider: str, model: str, kind: str, job_type: str, priority: int,
+                      items: list[dict], schedule: str = "window") -> list[QueuedItem]:
+        """Add single items to the open job of their provider, model, kind, job type and priority (one is opened
+        when there is none); the job closes when its window runs."""
+        self.registry.check(provider, kind)
+        new = [NewItem(f"item-{new_id()}", data) for data in items]
+        for attempt in range(2):
+            job = await self._open_job(provider, model, kind, job_type, priority, schedule)
+            try:
+                result = await self.jobs.add_items(job.id, new)
+                break
+            except JobConflict:
+                # The window closed this job between finding it and adding to it: open the next one.
+                if attempt:
+                    raise
+        if schedule == "now":
+            self.wake()
+        return [QueuedItem(item_id, job.id) for item_id in result.item_ids]
+
+    async def _open_job(self, provider: str, model: str, kind: str, job_type: str, priority: int,
+                        schedule: str) -> BatchJob:
+        async with self.sessions() as session:
+            job = await session.scalar(select(BatchJob).where(
+                BatchJob.accepting.is_(True), BatchJob.status == "queued", BatchJob.provider == provider,
+                BatchJob.model == model, BatchJob.kind == kind, BatchJob.job_type == job_type,
+                BatchJob.priority == priority, BatchJob.schedule == schedule).order_by(BatchJob.created_at))
+        if job is not None:
+            return job
+        spec = JobSpec(name=f"queue: {job_type}", provider=provider, model=model, kind=kind, job_type=job_type,
+                       priority=priority, schedule=schedule, description="single items from POST /batch/queue")
+        return await self.jobs.create(spec, accepting=True)
+
+    async def defer_generation(self, prompts: list[str], options: GenerationOptions) -> list[QueuedItem]:
+        """Validate prompts as /generate does, then queue them for the local models (`Prefer: respond-async`)."""
+        self.generation.policy.check("generate", prompts)
+        self.generation.plan(prompts, options)
+        fields = {"max_tokens": options.max_new_tokens, "max_length": options.max_length,
+                  "temperature": options.temperature, "top_p": options.top_p, "seed": options.seed}
+        bodies = [{"prompt": prompt, **{k: v for k, v in fields.items() if v is not None}} for prompt in prompts]
+        return await self.enqueue(provider="local", model=self.generation.generator.name, kind="generate",
+                                  job_type=DEFERRED_JOB_TYPE, priority=DEFERRED_PRIORITY, items=bodies, schedule="now")
+
+    async def defer_prediction(self, texts: list[str]) -> list[QueuedItem]:
+        """Validate texts as /predict does, then queue them for the local models (`Prefer: respond-async`)."""
+        self.sentiment.check(texts)
+        return await self.enqueue(provider="local", model=self.sentiment.classifier.name, kind="predict",
+                                  job_type=DEFERRED_JOB_TYPE, priority=DEFERRED_PRIORITY,
+                                  items=[{"text": text} for text in texts], schedule="now")
+
+    async def queue_status(self) -> dict[str, dict[str, int]]:
+        """Items waiting to be submitted, by job type, provider and priority."""
+        query = (select(BatchJob.job_type, BatchJob.provider, BatchJob.priority, func.count())
+                 .join(BatchItem, BatchItem.job_id == BatchJob.id).where(BatchItem.status == "queued")
+                 .group_by(BatchJob.job_type, BatchJob.provider, BatchJob.priority))
+        breakdown: dict[str, dict[str, int]] = {"job_type": {}, "provider": {}, "priority": {}}
+        async with self.sessions() as session:
+            for job_type, provider, priority, count in await session.execute(query):
+                for axis, key in (("job_type", job_type), ("provider", provider), ("priority", str(priority))):
+                    breakdown[axis][key] = breakdown[axis].get(key, 0) + count
+        return breakdown
