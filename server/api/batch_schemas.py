@@ -203,3 +203,19 @@ class SchedulerOut(BaseModel):
     timezone: str
     next_window: datetime
     poll_interval_s: float
+
+
+class AlertOut(BaseModel):
+    type: str
+    severity: Literal["info", "warning"]
+    message: str
+    since: UtcDatetime | None = Field(description="When it started (null until the worker has recorded it)")
+
+
+class BatchHealthOut(BaseModel):
+    status: Literal["ok", "degraded"]
+    scheduler: SchedulerOut
+    leader: dict | None = Field(description="The process holding the worker lease (owner, expires_at), if any")
+    last_run_at: UtcDatetime | None = Field(description="This process's last worker tick")
+    last_run: dict | None
+    providers: dict[str, str] = Field(description="`ok` (configured) or `unconfigured` (no API key)")

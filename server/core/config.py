@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     batch_background_max_size: int = Field(4, ge=1)
     batch_prices_file: Path | None = None
     batch_local_reference_price: str = "openai:gpt-4o-mini"
+    batch_webhook_secret: str | None = None
+    alert_webhook_url: str | None = None
+    batch_alert_failure_rate: float = Field(0.10, ge=0, le=1)
+    batch_alert_max_age_h: float = Field(48.0, gt=0)
+    batch_alert_queued_items: int = Field(10_000, ge=0)
+    batch_alert_savings_step_usd: float = Field(1000.0, gt=0)
     batch_openai_max_requests: int = Field(50_000, ge=1)
     batch_openai_max_bytes: int = Field(200 * 1024 * 1024, ge=1)
     batch_anthropic_max_requests: int = Field(100_000, ge=1)

@@ -1,5 +1,8 @@
 """Batch offload on the local models: jobs, the single-item queue, Prefer: respond-async, cancel, savings."""
 
+import asyncio
+import json
+
 import httpx
 import pytest
 
@@ -109,3 +112,96 @@ async def test_submit_now_runs_a_window_job_at_the_next_tick(client):
     assert (await client.get(f"/batch/jobs/{job['id']}")).json()["status"] == "completed"
     scheduler = (await client.get("/batch/scheduler")).json()
     assert scheduler["running"] is False and scheduler["schedule"] == "0 2 * * *"
+
+
+async def test_stats_savings_report_and_health_add_up(client):
+    runtime = client.app.state.runtime
+    for job_type in ("scoring", "summaries"):
+        body = {"name": job_type, "provider": "local", "model": "gpt2", "kind": "generate", "schedule": "now",
+                "job_type": job_type, "requests": [prompt("a", "one two"), prompt("b", "three")]}
+        await client.post("/batch/jobs", json=body)
+    await runtime.batch.run_once()
+    jobs = (await client.get("/batch/jobs")).json()["items"]
+    stats = (await client.get("/batch/stats")).json()
+    assert stats["jobs"]["by_status"] == {"completed": 2} and stats["items"]["by_status"] == {"succeeded": 4}
+    assert stats["success_rate"] == 1.0
+    assert stats["tokens"]["output"] == sum(job["usage"]["output_tokens"] for job in jobs) == 16
+    savings = (await client.get("/batch/savings")).json()
+    assert savings["total"]["savings_usd"] == pytest.approx(sum(job["savings_usd"] for job in jobs))
+    assert set(savings["by_job_type"]) == {"scoring", "summaries"} and savings["total"]["jobs"] == 2
+    assert list(savings["by_provider"]) == ["local"] and len(savings["by_day"]) == 1
+    report = (await client.get("/batch/report", params={"days": 7})).json()["jobs"]
+    assert {row["id"] for row in report} == {job["id"] for job in jobs}
+    assert all(row["items"] == 2 and row["succeeded"] == 2 and row["failed"] == 0 for row in report)
+    csv_text = (await client.get("/batch/report", params={"format": "csv"})).text
+    assert csv_text.splitlines()[0].startswith("id,name,provider") and len(csv_text.splitlines()) == 3
+    health = (await client.get("/batch/health")).json()
+    assert health["providers"] == {"local": "ok", "openai": "unconfigured", "anthropic": "unconfigured",
+                                   "gemini": "unconfigured"}
+    assert health["last_run"]["finished_jobs"] and health["leader"]["owner"] == runtime.batch.worker.lease.owner
+    assert (await client.get("/batch/alerts")).json() == []
+
+
+async def test_alerts_start_once_and_the_savings_milestone_counts_levels(client, caplog):
+    runtime = client.app.state.runtime
+    alerts = runtime.batch.worker.alerts
+    alerts.thresholds = type(alerts.thresholds)(max_queued_items=1, savings_step_usd=1e-9)
+    body = {"name": "x", "provider": "local", "model": "gpt2", "kind": "generate",
+            "requests": [prompt("a", "one"), prompt("b", "two")]}
+    await client.post("/batch/jobs", json=body)
+    started = await alerts.update()
+    assert [a.type for a in started] == ["queue_backlog"]
+    assert await alerts.update() == []
+    assert metric("batch_alerts_active", type="queue_backlog") == 1
+    listed = (await client.get("/batch/alerts")).json()
+    assert [a["type"] for a in listed] == ["queue_backlog"] and listed[0]["since"] is not None
+    await client.post("/batch/process/all")
+    await runtime.batch.run_once()
+    assert metric("batch_alerts_active", type="queue_backlog") == 0
+    assert metric("batch_alerts_active", type="savings_milestone") == 1
+
+
+async def test_a_finished_job_calls_its_webhook_signed_with_the_secret(settings, tmp_path):
+    import hashlib
+    import hmac
+
+    from aiohttp import web
+
+    received: list[tuple[bytes, str]] = []
+    failures_left = [1]
+
+    async def hook(request: web.Request) -> web.Response:
+        if failures_left[0]:
+            failures_left[0] -= 1
+            return web.Response(status=503)
+        received.append((await request.read(), request.headers.get("x-signature", "")))
+        return web.Response(status=204)
+
+    receiver = web.Application()
+    receiver.router.add_post("/hook", hook)
+    runner = web.AppRunner(receiver)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    app = create_app(settings.model_copy(update={"batch_worker": "off", "batch_webhook_secret": "s3cret"}))
+    try:
+        async with app.router.lifespan_context(app):
+            runtime = app.state.runtime
+            runtime.batch.worker.webhooks.backoff_s = 0.01
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+                body = {"name": "hooked", "provider": "local", "model": "gpt2", "kind": "generate", "schedule": "now",
+                        "webhook_url": f"http://127.0.0.1:{port}/hook", "requests": [prompt("a", "hi")]}
+                job = (await client.post("/batch/jobs", json=body)).json()
+                await runtime.batch.run_once()
+                for _ in range(200):
+                    if (await runtime.batch.jobs.get(job["id"])).webhook_state == "delivered":
+                        break
+                    await asyncio.sleep(0.02)
+                assert (await runtime.batch.jobs.get(job["id"])).webhook_state == "delivered"
+    finally:
+        await runner.cleanup()
+    [(payload, signature)] = received
+    assert signature == "sha256=" + hmac.new(b"s3cret", payload, hashlib.sha256).hexdigest()
+    summary = json.loads(payload)
+    assert summary["job_id"] == job["id"] and summary["status"] == "completed" and summary["event"] == "batch.job.finished"

@@ -1,7 +1,10 @@
 """Batch offload jobs: create, list, read, change, delete; their requests and responses."""
 
 import base64
+import csv
+import io
 import json
+from dataclasses import asdict
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Literal
@@ -9,13 +12,14 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import StreamingResponse
 
-from server.api.batch_schemas import (AddedOut, CountsOut, ItemOut, ItemPage, ItemStatus, JobCreate, JobOut, JobPage,
+from server.api.batch_schemas import (AddedOut, AlertOut, BatchHealthOut, CountsOut, ItemOut, ItemPage, ItemStatus, JobCreate, JobOut, JobPage,
                                       JobPatch, JobStatus, ProcessIn, ProcessOut, Provider, QueueBulkIn, QueuedOut,
                                       QueueIn, QueueStatusOut, RequestsIn, ResponseOut, ResponsePage, SchedulerIn,
                                       SchedulerOut, UsageOut)
 from server.api.deps import RuntimeDep
 from server.db.batch_models import BatchItem, BatchJob
 from server.services.batch.jobs import Counts, JobSpec, NewItem
+from server.services.batch.reports import REPORT_COLUMNS
 
 router = APIRouter(prefix="/batch", tags=["batch"])
 PAGE = Annotated[int, Query(ge=1, le=1000)]
@@ -251,3 +255,56 @@ async def set_scheduler(body: SchedulerIn, runtime: RuntimeDep) -> SchedulerOut:
     else:
         await runtime.batch.stop()
     return _scheduler(runtime)
+
+
+@router.get("/stats")
+async def stats(runtime: RuntimeDep) -> dict:
+    """Jobs by status and provider, items by status, tokens, provider batches by status, item success rate."""
+    return await runtime.batch.reports.stats()
+
+
+@router.get("/savings")
+async def savings(runtime: RuntimeDep, days: Annotated[int | None, Query(ge=1, le=3660)] = None) -> dict:
+    """Cost at the batch price, the same usage at the real-time price, and the difference: in total, by provider, by
+    job type and by day (UTC), over finished jobs (of the last `days` days if given)."""
+    return await runtime.batch.reports.savings(days=days)
+
+
+@router.get("/alerts", response_model=list[AlertOut])
+async def alerts(runtime: RuntimeDep) -> list[AlertOut]:
+    """Alerts active now: failure rate, batches in flight too long, queue backlog, savings milestones."""
+    states = await runtime.batch.worker.alerts.states()
+    return [AlertOut(type=a.type, severity=a.severity, message=a.message,
+                     since=states[a.type].since if a.type in states and states[a.type].active else None)
+            for a in await runtime.batch.worker.alerts.evaluate()]
+
+
+@router.get("/report", responses={200: {"content": {"text/csv": {}}}})
+async def report(runtime: RuntimeDep, days: Annotated[int, Query(ge=1, le=3660)] = 30,
+                 format: Literal["json", "csv"] = "json") -> Response:
+    """One row per job created in the last `days` days: status, items, tokens, cost, real-time cost, savings."""
+    rows = await runtime.batch.reports.report(days=days)
+    if format == "json":
+        return Response(json.dumps({"days": days, "jobs": rows}), media_type="application/json")
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=REPORT_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return Response(out.getvalue(), media_type="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="batch-report-{days}d.csv"'})
+
+
+@router.get("/health", response_model=BatchHealthOut)
+async def batch_health(runtime: RuntimeDep) -> BatchHealthOut:
+    """The batch scheduler: whether it runs here, who leads, the last and next runs, which providers are usable."""
+    holder = await runtime.batch.worker.lease.holder()
+    worker = runtime.batch.worker
+    providers = {name: "ok" if name in runtime.batch.registry.configured else "unconfigured"
+                 for name in ("local", "openai", "anthropic", "gemini")}
+    expected_here = runtime.batch.in_process
+    return BatchHealthOut(
+        status="degraded" if expected_here and not runtime.batch.running else "ok",
+        scheduler=_scheduler(runtime),
+        leader={"owner": holder.owner, "expires_at": holder.expires_at} if holder else None,
+        last_run_at=worker.last_run_at, last_run=asdict(worker.last_report) if worker.last_report else None,
+        providers=providers)

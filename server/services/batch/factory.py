@@ -4,6 +4,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.core.config import Settings
 from server.providers.base import BatchLimits, BatchProvider
+from server.services.batch.alerts import BatchAlerts, Thresholds
 from server.services.batch.calls import ProviderCalls
 from server.services.batch.jobs import JobStore
 from server.services.batch.lease import Lease
@@ -11,6 +12,7 @@ from server.services.batch.local import LocalRunner
 from server.services.batch.offload import BatchOffload
 from server.services.batch.pricing import PriceTable
 from server.services.batch.registry import ProviderRegistry
+from server.services.batch.webhooks import Webhooks
 from server.services.batch.window import Window
 from server.services.batch.worker import BatchWorker
 from server.services.generation import GenerationService
@@ -33,8 +35,13 @@ def build_batch_offload(settings: Settings, sessions: async_sessionmaker[AsyncSe
     adapters = build_adapters(settings)
     prices = PriceTable.load(settings.batch_prices_file, settings.batch_local_reference_price)
     lease = Lease(sessions, ttl_s=settings.batch_lease_ttl_s)
+    webhooks = Webhooks(sessions, secret=settings.batch_webhook_secret)
+    thresholds = Thresholds(failure_rate=settings.batch_alert_failure_rate, max_age_h=settings.batch_alert_max_age_h,
+                            max_queued_items=settings.batch_alert_queued_items,
+                            savings_step_usd=settings.batch_alert_savings_step_usd)
+    alerts = BatchAlerts(sessions, thresholds, webhooks=webhooks, webhook_url=settings.alert_webhook_url)
     worker = BatchWorker(sessions, adapters, provider_limits(settings), ProviderCalls(egress), prices, lease,
-                         Window(settings.batch_schedule, settings.batch_timezone),
+                         Window(settings.batch_schedule, settings.batch_timezone), alerts, webhooks,
                          poll_interval_s=settings.batch_poll_interval_s, max_attempts=settings.batch_max_attempts)
     runner = LocalRunner(sessions, generation, sentiment, concurrency=2 * settings.batch_background_max_size,
                          max_attempts=settings.batch_max_attempts, holds_lease=lambda: lease.token is not None)

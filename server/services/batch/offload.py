@@ -17,6 +17,7 @@ from server.services.batch.jobs import FINAL_STATUSES, JobConflict, JobSpec, Job
 from server.services.batch.local import LocalRunner
 from server.services.batch.pricing import PriceTable
 from server.services.batch.registry import ProviderRegistry
+from server.services.batch.reports import BatchReports
 from server.services.batch.worker import BatchWorker, TickReport, finish_job
 from server.services.generation import GenerationOptions, GenerationService
 from server.services.sentiment import SentimentService
@@ -45,6 +46,7 @@ class BatchOffload:
         self.runner = runner
         self.generation = generation
         self.sentiment = sentiment
+        self.reports = BatchReports(sessions)
         self.in_process = in_process
         self._tasks: list[asyncio.Task] = []
 
@@ -63,6 +65,7 @@ class BatchOffload:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         await self.worker.lease.release()
+        await self.worker.webhooks.close()
 
     def wake(self) -> None:
         self.worker.wake()
@@ -76,6 +79,7 @@ class BatchOffload:
             while await self.runner.run_available():
                 await self.runner.wait_idle()
             report.finished_jobs += await self.worker.finish_jobs()
+            await self.worker.alerts.update()
         return report
 
     async def submit_now(self, job_id: str) -> BatchJob:

@@ -20,7 +20,6 @@
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -30,11 +29,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from server.core import metrics
 from server.db.batch_models import BatchItem, BatchJob, ProviderBatch
 from server.providers.base import TERMINAL_STATES, BatchLimits, BatchProvider, ItemResult, NeutralRequest
+from server.services.batch.alerts import BatchAlerts
 from server.services.batch.calls import ProviderCalls
 from server.services.batch.jobs import FINAL_STATUSES, IN_FLIGHT_STATUSES, new_id
 from server.services.batch.lease import Lease
 from server.services.batch.pricing import PriceTable
 from server.services.batch.splitting import split
+from server.services.batch.webhooks import Webhooks
 from server.services.batch.window import Window
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,8 @@ def aware(moment: datetime | None) -> datetime | None:
 class BatchWorker:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], providers: dict[str, BatchProvider],
                  limits: dict[str, BatchLimits], calls: ProviderCalls, prices: PriceTable, lease: Lease,
-                 window: Window, *, poll_interval_s: float, max_attempts: int,
-                 on_finished: Callable[[BatchJob], Awaitable[None]] | None = None):
+                 window: Window, alerts: BatchAlerts, webhooks: Webhooks, *, poll_interval_s: float,
+                 max_attempts: int):
         self.sessions = sessions
         self.providers = providers
         self.limits = limits
@@ -82,7 +83,9 @@ class BatchWorker:
         self.window = window
         self.poll_interval = timedelta(seconds=poll_interval_s)
         self.max_attempts = max_attempts
-        self.on_finished = on_finished
+        self.alerts = alerts
+        self.webhooks = webhooks
+        self._resumed_webhooks = False
         self._sending: set[str] = set()
         self._wakeup = asyncio.Event()
         self.last_run_at: datetime | None = None
@@ -115,6 +118,10 @@ class BatchWorker:
         for step in (self._request_cancels, self._submit_queued, self._recover, self._poll, self._fetch):
             await step(report)
         report.finished_jobs = await self.finish_jobs()
+        if not self._resumed_webhooks:
+            await self.webhooks.resume()
+            self._resumed_webhooks = True
+        await self.alerts.update()
         self.last_run_at, self.last_report = started, report
         await self._update_queue_gauge()
         return report
@@ -357,8 +364,7 @@ class BatchWorker:
         for job in done:
             if await finish_job(self.sessions, self.prices, job):
                 finished.append(job.id)
-                if self.on_finished is not None:
-                    await self.on_finished(await self._job(job.id))
+                self.webhooks.job_finished(await self._job(job.id))
         return finished
 
     async def _update_queue_gauge(self) -> None:
@@ -397,7 +403,8 @@ async def finish_job(sessions: async_sessionmaker[AsyncSession], prices: PriceTa
                                    BatchJob.cost_booked.is_(False))
             .values(status=status, input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost.cost_usd,
                     realtime_cost_usd=cost.realtime_cost_usd, savings_usd=cost.savings_usd, cost_booked=True,
-                    completed_at=now, updated_at=now, accepting=False))
+                    completed_at=now, updated_at=now, accepting=False,
+                    webhook_state="pending" if job.webhook_url else "none"))
     if booked.rowcount != 1:
         return False
     metrics.BATCH_JOBS.labels(job.provider, status).inc()

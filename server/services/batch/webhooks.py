@@ -1,0 +1,104 @@
+"""Signed webhook calls: a job's `webhook_url` when it finishes, and `ALERT_WEBHOOK_URL` when an alert starts.
+
+The body is JSON; `X-Signature: sha256=<hex>` is the HMAC-SHA256 of the exact body bytes with
+`BATCH_WEBHOOK_SECRET` (absent when no secret is set), so a receiver can check the sender and the content.
+Delivery runs in a background task, never blocking the worker, and is retried with exponential backoff;
+a job's delivery state is stored (`webhook_state`: pending, delivered, failed), so a delivery that a
+restart interrupted is made again by the next worker.
+"""
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import Coroutine
+from datetime import UTC, datetime
+
+import httpx
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from server.db.batch_models import BatchJob
+
+log = logging.getLogger(__name__)
+
+
+def signature(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def job_summary(job: BatchJob) -> dict:
+    return {"event": "batch.job.finished", "job_id": job.id, "name": job.name, "provider": job.provider,
+            "model": job.model, "job_type": job.job_type, "status": job.status,
+            "usage": {"input_tokens": job.input_tokens, "output_tokens": job.output_tokens},
+            "cost_usd": job.cost_usd, "realtime_cost_usd": job.realtime_cost_usd, "savings_usd": job.savings_usd,
+            "completed_at": job.completed_at.isoformat() if job.completed_at else None,
+            "metadata": job.job_metadata}
+
+
+class Webhooks:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], *, secret: str | None, attempts: int = 6,
+                 backoff_s: float = 2.0, timeout_s: float = 10.0):
+        self.sessions = sessions
+        self.secret = secret
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        self.timeout_s = timeout_s
+        self._tasks: dict[str, asyncio.Task] = {}
+
+    async def post(self, url: str, payload: dict) -> bool:
+        """POST `payload` to `url` with retries; True once a 2xx answer came back."""
+        body = json.dumps(payload, separators=(",", ":"), default=str).encode()
+        headers = {"content-type": "application/json"}
+        if self.secret:
+            headers["x-signature"] = signature(self.secret, body)
+        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+            for attempt in range(self.attempts):
+                try:
+                    answer = await client.post(url, content=body, headers=headers)
+                    if answer.is_success:
+                        return True
+                    problem = f"HTTP {answer.status_code}"
+                except httpx.HTTPError as exc:
+                    problem = f"{type(exc).__name__}: {exc}"
+                if attempt + 1 < self.attempts:
+                    await asyncio.sleep(self.backoff_s * 2 ** attempt)
+        log.warning("webhook %s failed after %d attempts (%s)", url, self.attempts, problem)
+        return False
+
+    def _spawn(self, key: str, work: Coroutine) -> None:
+        task = asyncio.create_task(work)
+        self._tasks[key] = task
+        task.add_done_callback(lambda _: self._tasks.pop(key, None))
+
+    def post_later(self, url: str, payload: dict) -> None:
+        """`post` in the background."""
+        self._spawn(uuid.uuid4().hex, self.post(url, payload))
+
+    def job_finished(self, job: BatchJob) -> None:
+        """Deliver the job's webhook in the background (no-op without a webhook_url, or if already under way)."""
+        if job.webhook_url and job.id not in self._tasks:
+            self._spawn(job.id, self._deliver(job))
+
+    async def _deliver(self, job: BatchJob) -> None:
+        delivered = await self.post(job.webhook_url, job_summary(job))
+        await self._state(job.id, "delivered" if delivered else "failed")
+
+    async def _state(self, job_id: str, state: str) -> None:
+        async with self.sessions() as session, session.begin():
+            await session.execute(update(BatchJob).where(BatchJob.id == job_id)
+                                  .values(webhook_state=state, updated_at=datetime.now(UTC)))
+
+    async def resume(self) -> None:
+        """Deliver again what a previous process left pending."""
+        async with self.sessions() as session:
+            pending = (await session.scalars(select(BatchJob).where(BatchJob.webhook_state == "pending"))).all()
+        for job in pending:
+            self.job_finished(job)
+
+    async def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
