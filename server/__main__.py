@@ -47,6 +47,38 @@ def upgrade_db(args: argparse.Namespace) -> None:
     print("database at the latest revision")
 
 
+def worker(args: argparse.Namespace) -> None:
+    """The batch worker and local runner without HTTP, until SIGTERM or SIGINT."""
+    import asyncio
+    import signal
+
+    from server.services.runtime import open_runtime
+
+    async def run() -> None:
+        async with open_runtime(get_settings().model_copy(update={"batch_worker": "in-process"})):
+            stop = asyncio.Event()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+            await stop.wait()
+
+    asyncio.run(run())
+
+
+def batch_run_once(args: argparse.Namespace) -> None:
+    """One worker tick (submit due jobs, poll, fetch, run local items), then exit: for cron."""
+    import asyncio
+    import json
+    from dataclasses import asdict
+
+    from server.services.runtime import open_runtime
+
+    async def run() -> dict:
+        async with open_runtime(get_settings().model_copy(update={"batch_worker": "off"})) as runtime:
+            return asdict(await runtime.batch.run_once())
+
+    print(json.dumps(asyncio.run(run()), indent=2))
+
+
 def bench(args: argparse.Namespace) -> None:
     from server.bench.run import main
 
@@ -70,6 +102,12 @@ def parser() -> argparse.ArgumentParser:
 
     db = commands.add_parser("db", help="database").add_subparsers(dest="action", required=True)
     db.add_parser("upgrade", help="apply Alembic migrations").set_defaults(run=upgrade_db)
+
+    commands.add_parser("worker", help="run the batch worker (and local batch items) without HTTP").set_defaults(
+        run=worker)
+    batch_cmd = commands.add_parser("batch", help="batch offload").add_subparsers(dest="action", required=True)
+    batch_cmd.add_parser("run-once", help="submit due jobs, poll, fetch results, run local items, then exit "
+                                          "(for cron)").set_defaults(run=batch_run_once)
 
     from server.bench.run import add_arguments
 

@@ -1,3 +1,4 @@
+import json
 import os
 import sqlite3
 import subprocess
@@ -31,3 +32,31 @@ def test_models_fetch_without_the_hub_fails_with_a_message(tmp_path):
     result = cli("models", "fetch", MODELS_CACHE_DIR=str(tmp_path), HF_HUB_OFFLINE="1", GENERATOR_MODEL="org/absent")
     assert result.returncode == 1
     assert "could not fetch org/absent" in result.stderr
+
+
+def test_batch_run_once_runs_a_due_local_job_and_exits(tmp_path, standins):
+    import asyncio
+
+    from server.db.session import create_engine, session_factory
+    from server.services.batch.jobs import JobSpec, JobStore, NewItem
+
+    database = f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}"
+    assert cli("db", "upgrade", DATABASE_URL=database).returncode == 0
+
+    async def create_job() -> str:
+        engine = create_engine(database)
+        try:
+            job = await JobStore(session_factory(engine)).create(
+                JobSpec(name="cron", provider="local", model="gpt2", kind="generate", schedule="now"),
+                [NewItem("a", {"prompt": "The cat", "max_tokens": 3})])
+        finally:
+            await engine.dispose()
+        return job.id
+
+    job_id = asyncio.run(create_job())
+    generator, classifier = standins
+    result = cli("batch", "run-once", DATABASE_URL=database, GENERATOR_MODEL=str(generator),
+                 SENTIMENT_MODEL=str(classifier), MODEL_SOURCE="local", RECORD_SPILL_DIR=str(tmp_path / "spill"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["submitted_jobs"] == 1 and report["finished_jobs"] == [job_id]

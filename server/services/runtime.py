@@ -27,7 +27,7 @@ from server.services.prompt_policy import PromptPolicy
 from server.services.limits.egress import EgressGuard
 from server.services.limits.gcra import MemoryLimiter, RedisLimiter
 from server.services.limits.ingress import IngressLimits
-from server.services.limits.policy import parse_policies, parse_policy
+from server.core.rate_policy import parse_policies, parse_policy
 from server.services.recording import RecordWriter
 from server.services.redis_client import open_redis
 from server.services.sentiment import SentimentService

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from server.core import metrics
 from server.services.limits.gcra import Decision, MemoryLimiter, RedisLimiter
-from server.services.limits.policy import RatePolicy
+from server.core.rate_policy import RatePolicy
 
 log = logging.getLogger(__name__)
 

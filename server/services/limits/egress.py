@@ -8,7 +8,7 @@ import asyncio
 
 from server.services.limits.decide import LimiterUnavailable, decide
 from server.services.limits.gcra import Decision, MemoryLimiter, RedisLimiter
-from server.services.limits.policy import RatePolicy
+from server.core.rate_policy import RatePolicy
 
 
 class EgressLimited(RuntimeError):

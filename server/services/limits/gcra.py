@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from server.services.limits.policy import RatePolicy
+from server.core.rate_policy import RatePolicy
 
 
 @dataclass(frozen=True)

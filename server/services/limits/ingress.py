@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from server.services.limits.decide import decide
 from server.services.limits.gcra import Decision, MemoryLimiter, RedisLimiter
-from server.services.limits.policy import RatePolicy
+from server.core.rate_policy import RatePolicy
 
 
 @dataclass

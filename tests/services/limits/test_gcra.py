@@ -3,7 +3,7 @@ import asyncio
 import pytest
 
 from server.services.limits.gcra import MemoryLimiter, RedisLimiter
-from server.services.limits.policy import RatePolicy
+from server.core.rate_policy import RatePolicy
 from server.services.redis_client import open_redis
 
 

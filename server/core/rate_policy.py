@@ -1,9 +1,13 @@
-"""Rate policies written as `60/minute` or `10/second;burst=5` (burst defaults to the count)."""
+"""Rate policies written as `60/minute` or `10/second;burst=5` (burst defaults to the count).
+
+Pure parsing, in core because the settings validate INGRESS_RATE_LIMIT* and EGRESS_RATE_LIMIT with it at start.
+"""
 
 import re
 from dataclasses import dataclass
 
 PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+FORMS = "expected N/second|minute|hour|day[;burst=B] (e.g. '60/minute', '10/second;burst=5') or 'off'"
 SYNTAX = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)\s*(?:;\s*burst\s*=\s*(\d+)\s*)?$")
 
 
@@ -33,7 +37,7 @@ def parse_policy(name: str, text: str) -> RatePolicy | None:
         return None
     match = SYNTAX.match(text.lower())
     if not match or int(match[1]) < 1 or (match[3] is not None and int(match[3]) < 1):
-        raise ValueError(f"rate limit {text!r} for {name!r}: expected e.g. '60/minute', '10/second;burst=5' or 'off'")
+        raise ValueError(f"rate limit {text!r} for {name!r}: {FORMS}")
     count = int(match[1])
     return RatePolicy(name, count, PERIODS[match[2]], int(match[3]) if match[3] else count)
 
