@@ -8,8 +8,9 @@ caller's (`server/services/batch/calls.py`), so that every attempt passes the qu
 `ProviderError`, which says whether a retry can help and after how long.
 """
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal, Protocol
 
 Kind = Literal["chat", "embedding", "generate", "predict"]
@@ -85,8 +86,11 @@ class BatchProvider(Protocol):
     async def submit(self, model: str, kind: Kind, requests: Sequence[NeutralRequest], key: str) -> str:
         """Create a provider batch carrying `key` (metadata or display name); returns the provider's batch id."""
 
-    async def find(self, key: str) -> str | None:
-        """The id of the provider batch created with `key`, if any: recovery after a crash during `submit`."""
+    async def find(self, key: str, *, since: datetime, count: int, known: Collection[str]) -> str | None:
+        """The id of the provider batch created with `key`, if any: recovery after a crash during `submit`.
+
+        `since` (shortly before the submission began), `count` (its requests) and `known` (provider batch ids
+        already recorded) serve a provider that cannot tag a batch with the key (Anthropic)."""
 
     async def poll(self, batch_id: str) -> BatchSnapshot: ...
 

@@ -3,7 +3,10 @@
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.core.config import Settings
+from server.providers.anthropic_batch import AnthropicBatch
 from server.providers.base import BatchLimits, BatchProvider
+from server.providers.gemini_batch import GeminiBatch
+from server.providers.openai_batch import OpenAIBatch
 from server.services.batch.alerts import BatchAlerts, Thresholds
 from server.services.batch.calls import ProviderCalls
 from server.services.batch.jobs import JobStore
@@ -25,9 +28,14 @@ def provider_limits(settings: Settings) -> dict[str, BatchLimits]:
             for name in ("openai", "anthropic", "gemini")}
 
 
+ADAPTERS = {"openai": OpenAIBatch, "anthropic": AnthropicBatch, "gemini": GeminiBatch}
+
+
 def build_adapters(settings: Settings) -> dict[str, BatchProvider]:
-    """An adapter for each external provider whose API key is set."""
-    return {}
+    """An adapter for each external provider whose API key is set (base URL from `<PROVIDER>_BASE_URL`)."""
+    limits = provider_limits(settings)
+    return {name: adapter(key, getattr(settings, f"{name}_base_url"), limits[name])
+            for name, adapter in ADAPTERS.items() if (key := getattr(settings, f"{name}_api_key"))}
 
 
 def build_batch_offload(settings: Settings, sessions: async_sessionmaker[AsyncSession], egress: EgressGuard,

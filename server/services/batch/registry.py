@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from server.services.errors import FieldError, InputError
 
 KINDS = {"local": ("generate", "predict"), "openai": ("chat", "embedding"), "anthropic": ("chat",),
-         "gemini": ("chat", "embedding")}
+         "gemini": ("chat",)}
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,8 @@ from server.services.batch.window import Window
 log = logging.getLogger(__name__)
 LIVE_BATCH_STATES = ("validating", "in_progress", "finalizing", "cancelling")
 POLL_BACKOFF_MAX_S = 3600.0
+# Clock difference tolerated between this server and a provider when recovering a batch by its creation time.
+RECOVERY_SKEW = timedelta(minutes=5)
 
 
 class LeaseLost(RuntimeError):
@@ -249,8 +251,11 @@ class BatchWorker:
                 continue
             job = await self._job(batch.job_id)
             provider = self.providers[batch.provider]
+            known = await self._known_ids(batch.provider)
+            since = aware(batch.created_at) - RECOVERY_SKEW
             try:
-                found = await self.calls.call(batch.provider, "find", lambda: provider.find(batch.idempotency_key))
+                found = await self.calls.call(batch.provider, "find", lambda: provider.find(
+                    batch.idempotency_key, since=since, count=batch.item_count, known=known))
             except Exception as exc:
                 await self._note(batch.id, f"lookup by idempotency key failed: {exc}")
                 continue
@@ -262,6 +267,11 @@ class BatchWorker:
                 items = (await session.scalars(select(BatchItem).where(BatchItem.chunk_id == batch.id)
                                                .order_by(BatchItem.custom_id))).all()
             await self._send(batch, job, [NeutralRequest(item.custom_id, item.body) for item in items])
+
+    async def _known_ids(self, provider: str) -> set[str]:
+        async with self.sessions() as session:
+            return set((await session.scalars(select(ProviderBatch.provider_batch_id).where(
+                ProviderBatch.provider == provider, ProviderBatch.provider_batch_id.is_not(None)))).all())
 
     async def _poll(self, report: TickReport) -> None:
         now = utcnow()
