@@ -2,7 +2,8 @@
 
 Phases: the real server (`python -m server serve`, as users start it) at each concurrency, each level
 bracketed by offline limits (the model called directly in this process, batch 1 and batch BATCH_MAX_SIZE,
-while the server idles) -> the cache-hit path -> the naive baseline server at each concurrency.
+while the server idles) -> interactive latency while a background (batch offload, `local`) job runs, against
+the same server idle -> the cache-hit path -> the naive baseline server at each concurrency.
 Ratios are computed within the one run, each server level against the offline measurements just before
 and just after it: on a shared machine the speed drifts by 10% within minutes, so a limit measured once at
 the start would judge the last level against a different machine.
@@ -55,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests for the cache-hit phase (default 2000)")
     parser.add_argument("--redis-url", help="Redis for the cache-hit phase (default: a redis-server the bench "
                         "starts when one is installed, else the in-memory cache)")
+    parser.add_argument("--background-items", type=int, default=128,
+                        help="items of the background local job in the batch-offload phase (default 128)")
     parser.add_argument("--output", type=Path, help="JSON results (default: bench-results/bench-<time>.json)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny model, few requests: checks the harness in well under a minute (numbers meaningless)")
@@ -225,13 +228,38 @@ def measure_cache_hits(base_url: str, requests: int, concurrency: int) -> dict:
             "failures": sequential.failures + hits.failures + trivial.failures}
 
 
+def measure_background(base_url: str, items: int, rounds: int, new_tokens: int) -> dict:
+    """Interactive c=1 latency idle, then while a background local job of `items` items runs; the job's items/s."""
+    body = lambda client, round_: {"prompts": [prompt("i", client, round_)], "max_new_tokens": new_tokens}
+    idle = asyncio.run(run_load(base_url, 1, rounds, body))
+    requests = [{"custom_id": f"bg-{i}", "body": {"prompt": prompt("bg", i, 0), "max_tokens": new_tokens}}
+                for i in range(items)]
+    job = httpx.post(f"{base_url}/batch/jobs", timeout=60, json={
+        "name": "bench background", "provider": "local", "model": "bench", "kind": "generate", "schedule": "now",
+        "requests": requests}).json()
+    started = time.perf_counter()
+    while httpx.get(f"{base_url}/batch/jobs/{job['id']}", timeout=60).json()["counts"]["succeeded"] == 0:
+        time.sleep(0.05)
+    busy = asyncio.run(run_load(base_url, 1, rounds, lambda c, r: body(c + 100, r)))
+    still_running = httpx.get(f"{base_url}/batch/jobs/{job['id']}", timeout=60).json()["status"] != "completed"
+    while (state := httpx.get(f"{base_url}/batch/jobs/{job['id']}", timeout=60).json())["status"] != "completed":
+        if state["status"] in ("failed", "partially_completed", "cancelled", "expired"):
+            raise RuntimeError(f"background job ended {state['status']}")
+        time.sleep(0.1)
+    elapsed = time.perf_counter() - started
+    return {"items": items, "background_items_per_s": items / elapsed, "interactive_rounds": rounds,
+            "idle_p50_ms": idle.percentile_ms(50), "busy_p50_ms": busy.percentile_ms(50),
+            "busy_p95_ms": busy.percentile_ms(95), "busy_vs_idle_p50": busy.percentile_ms(50) / idle.percentile_ms(50),
+            "job_outlived_interactive_load": still_running, "failures": idle.failures + busy.failures}
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.quick:
         args.concurrency, args.rounds, args.baseline_rounds, args.new_tokens = "1,4", 2, 1, 4
-        args.cache_requests = 100
+        args.cache_requests, args.background_items = 100, 16
     levels = [int(c) for c in args.concurrency.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    phases = 2 + len(levels) * (1 if args.no_baseline else 2)
+    phases = 3 + len(levels) * (1 if args.no_baseline else 2)
     with tqdm(total=phases, desc="bench", unit="phase", file=sys.stderr) as bar:
         generator_dir, classifier_dir = ensure_models(args)
         bar.set_postfix_str("offline limits")
@@ -246,6 +274,9 @@ def run(args: argparse.Namespace) -> dict:
         with server_process([sys.executable, "-m", "server", "serve", "--port", str(port)], env, port,
                             work / "server.log") as (url, _):
             server_rows = drive(url, SERVER_TAG, levels, args.rounds, args.new_tokens, bar, offline)
+            bar.set_postfix_str("background job")
+            background = measure_background(url, args.background_items, max(args.rounds, 8), args.new_tokens)
+            bar.update(1)
         bar.set_postfix_str("cache hits")
         with redis_for_bench(args.redis_url, work) as redis_url:
             port = free_port()
@@ -265,11 +296,11 @@ def run(args: argparse.Namespace) -> dict:
             with server_process(command, {"BENCH_MODEL": str(generator_dir)}, port,
                                 work / "baseline.log") as (url, _):
                 baseline_rows = drive(url, "b", levels, args.baseline_rounds, args.new_tokens, bar)
-    return summarize(args, generator_dir, offline, server_rows, baseline_rows, cache)
+    return summarize(args, generator_dir, offline, server_rows, baseline_rows, cache, background)
 
 
 def summarize(args, generator_dir: Path, offline: OfflineLimit, server_rows: list[dict],
-              baseline_rows: list[dict], cache: dict) -> dict:
+              baseline_rows: list[dict], cache: dict, background: dict) -> dict:
     baseline_by_c = {row["concurrency"]: row for row in baseline_rows}
     for row in server_rows:
         limits = row["offline"]
@@ -278,12 +309,16 @@ def summarize(args, generator_dir: Path, offline: OfflineLimit, server_rows: lis
         row["p50_vs_offline_batch_1_latency"] = row["p50_ms"] / limits["batch_1"]["latency_ms"]
         if row["concurrency"] in baseline_by_c:
             row["vs_baseline_throughput"] = row["requests_per_s"] / baseline_by_c[row["concurrency"]]["requests_per_s"]
+    limits = offline.overall()
+    background["vs_offline_full_batch_throughput"] = (background["background_items_per_s"]
+                                                      / limits[f"batch_{args.batch_size}"]["requests_per_s"])
     return {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
         "model": str(generator_dir), "new_tokens": args.new_tokens, "quick": args.quick,
         "offline": offline.overall(), "server": server_rows, "baseline": baseline_rows, "cache": cache,
+        "background": background,
     }
 
 
@@ -317,6 +352,13 @@ def table(results: dict) -> str:
                  f"one at a time; {cache['hits_per_s']:.0f} hits/s at concurrency {cache['concurrency']} = "
                  f"{cache['hits_vs_trivial_endpoint']:.2f}x a trivial endpoint (GET /, "
                  f"{cache['trivial_endpoint_per_s']:.0f}/s) on the same server")
+    background = results["background"]
+    lines.append(f"background local job ({background['items']} items, BATCH_BACKGROUND_MAX_SIZE batches): interactive "
+                 f"c=1 p50 {background['busy_p50_ms']:.0f} ms while it runs vs {background['idle_p50_ms']:.0f} ms idle "
+                 f"({background['busy_vs_idle_p50']:.2f}x, p95 {background['busy_p95_ms']:.0f} ms); background "
+                 f"{background['background_items_per_s']:.2f} items/s = "
+                 f"{background['vs_offline_full_batch_throughput']:.2f}x the offline full-batch limit")
+    failures += background["failures"]
     lines.append(f"failed requests: {failures}")
     return "\n".join(lines)
 

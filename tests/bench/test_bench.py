@@ -28,4 +28,8 @@ def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
     cache = results["cache"]
     assert cache["backend"] == "redis" and cache["failures"] == 0
     assert 0 < cache["hit_p50_ms"] <= cache["hit_p99_ms"] and cache["hits_vs_trivial_endpoint"] > 0
+    background = results["background"]
+    assert background["items"] == 16 and background["failures"] == 0 and background["background_items_per_s"] > 0
+    assert background["idle_p50_ms"] > 0 and background["busy_vs_idle_p50"] > 0
+    assert "background local job (16 items" in run.stdout
     assert "| server | 4 |" in run.stdout and "| baseline | 1 |" in run.stdout and "cache hits (redis)" in run.stdout

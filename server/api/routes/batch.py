@@ -80,7 +80,7 @@ async def create_job(body: JobCreate, runtime: RuntimeDep, response: Response) -
     spec = JobSpec(name=body.name, description=body.description, provider=body.provider, model=body.model,
                    kind=body.kind, job_type=body.job_type, priority=body.priority, schedule=body.schedule,
                    webhook_url=body.webhook_url, metadata=body.metadata)
-    job = await runtime.batch.jobs.create(spec, [NewItem(r.custom_id, r.body) for r in body.requests])
+    job = await runtime.batch.create_job(spec, [NewItem(r.custom_id, r.body) for r in body.requests])
     response.headers["Location"] = f"/batch/jobs/{job.id}"
     return job_out(job, Counts(total=len(body.requests), pending=len(body.requests)))
 

@@ -82,6 +82,12 @@ class BatchOffload:
             await self.worker.alerts.update()
         return report
 
+    async def create_job(self, spec: JobSpec, items: list[NewItem]) -> BatchJob:
+        job = await self.jobs.create(spec, items)
+        if spec.schedule == "now":
+            self.wake()
+        return job
+
     async def submit_now(self, job_id: str) -> BatchJob:
         """Run a queued job at the next worker tick, whatever its window."""
         job = await self.jobs.get(job_id)
