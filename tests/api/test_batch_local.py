@@ -205,3 +205,37 @@ async def test_a_finished_job_calls_its_webhook_signed_with_the_secret(settings,
     assert signature == "sha256=" + hmac.new(b"s3cret", payload, hashlib.sha256).hexdigest()
     summary = json.loads(payload)
     assert summary["job_id"] == job["id"] and summary["status"] == "completed" and summary["event"] == "batch.job.finished"
+
+
+async def test_interactive_requests_wait_behind_at_most_one_background_batch(client):
+    """A 500-item background job runs while interactive requests flow: the batcher's own record of how many
+    background batches each interactive item waited behind never exceeds one."""
+    runtime = client.app.state.runtime
+    requests = [prompt(f"bg{i:03d}", f"background item {i}") for i in range(500)]
+    job = (await client.post("/batch/jobs", json={"name": "big", "provider": "local", "model": "gpt2",
+                                                  "kind": "generate", "schedule": "now", "requests": requests})).json()
+    waited = {key: metric(f"batch_background_batches_waited_{key}", model="generator") for key in ("count", "sum")}
+    over_one = metric("batch_background_batches_waited_count", model="generator") - metric(
+        "batch_background_batches_waited_bucket", model="generator", le="1.0")
+    background = metric("batch_background_items_total", model="generator")
+    running = asyncio.create_task(runtime.batch.run_once())
+    for _ in range(1000):
+        if metric("batch_background_items_total", model="generator") > background:
+            break
+        await asyncio.sleep(0.01)
+    answered = 0
+    while not running.done() and answered < 60:
+        bodies = [{"prompts": [f"interactive {answered + i}"], "max_new_tokens": 4} for i in range(3)]
+        responses = await asyncio.gather(*(client.post("/generate", json=body) for body in bodies))
+        assert all(r.status_code == 200 for r in responses)
+        answered += len(responses)
+    await running
+    assert (await client.get(f"/batch/jobs/{job['id']}")).json()["status"] == "completed"
+    observed = metric("batch_background_batches_waited_count", model="generator") - waited["count"]
+    assert answered >= 3 and observed == answered
+    assert metric("batch_background_batches_waited_sum", model="generator") - waited["sum"] >= 1
+    assert metric("batch_background_batches_waited_count", model="generator") - metric(
+        "batch_background_batches_waited_bucket", model="generator", le="1.0") == over_one
+    assert metric("batch_background_items_total", model="generator") - background == 500
+    sizes = runtime.generation.batcher.background_max_size
+    assert sizes == runtime.settings.batch_background_max_size
