@@ -51,7 +51,7 @@ def inlined(custom_id: str, request: dict) -> types.InlinedRequest:
         max_output_tokens=generation.get("maxOutputTokens"), temperature=generation.get("temperature"),
         top_p=generation.get("topP"),
         system_instruction=request["systemInstruction"]["parts"][0]["text"] if "systemInstruction" in request else None)
-    return types.InlinedRequest(contents=request["contents"], metadata={"custom_id": custom_id}, config=config)
+    return types.InlinedRequest(contents=request["contents"], metadata={"key": custom_id}, config=config)
 
 
 class GeminiBatch:
@@ -126,7 +126,7 @@ def _success(custom_id: str, response: dict, raw: dict) -> ItemResult:
 
 
 def inline_result(entry: types.InlinedResponse) -> ItemResult:
-    custom_id = (entry.metadata or {}).get("custom_id", "")
+    custom_id = (entry.metadata or {}).get("key", "")
     raw = entry.model_dump(mode="json", exclude_none=True)
     if entry.error is not None or entry.response is None:
         return ItemResult(custom_id, "failed", None, raw, error=entry.error.message if entry.error else "no response")

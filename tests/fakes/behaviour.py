@@ -1,0 +1,107 @@
+"""The knobs the three fake batch APIs share, and the lifecycle of one fake batch (how many polls it has seen, how it
+ended, which of its items finished)."""
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+
+Outcome = Literal["completed", "failed", "expired", "cancelled"]
+T = TypeVar("T")
+
+
+def _no_item_fails(key: str) -> bool:
+    return False
+
+
+@dataclass
+class BatchBehaviour:
+    """How a fake batch API behaves. Tests may change any field at any time; the fake reads them under its lock.
+
+    Batches are numbered 1, 2, ... in the order the fake accepted them (refused creates get no number)."""
+
+    polls_to_complete: int = 1
+    """A batch ends on its N-th status read (retrieve / get); earlier reads show it running."""
+    out_of_order: bool = False
+    """Results come in the reverse of request order, so a client that matches on order breaks."""
+    fail_item: Callable[[str], bool] = _no_item_fails
+    """Items (by custom_id / key) that finish with the provider's per-item error."""
+    failed_batches: set[int] = field(default_factory=set)
+    """Batch numbers that fail provider-side as a whole, while the others succeed."""
+    expired_batches: set[int] = field(default_factory=set)
+    """Batch numbers that expire with only `done_fraction` of their items finished."""
+    done_fraction: float = 0.5
+    """Share of items (the first ones, rounded up) finished when a batch expires or is cancelled."""
+    create_429s: int = 0
+    """The next K batch-create calls answer 429 with a Retry-After header."""
+    retry_after_s: float = 1.0
+    """The Retry-After value of every 429 (fractions are allowed so tests stay fast; the SDKs accept them)."""
+    input_tokens: int = 12
+    """Input tokens reported per item (and per real-time call)."""
+    output_tokens: int = 7
+    """Output tokens reported per generated item (embeddings report none)."""
+
+    def take_create_429(self) -> bool:
+        """Whether this create call is refused; consumes one of `create_429s`."""
+        if self.create_429s <= 0:
+            return False
+        self.create_429s -= 1
+        return True
+
+    @property
+    def retry_after(self) -> str:
+        """`retry_after_s` as a Retry-After header value: "1" rather than "1.0"."""
+        return f"{self.retry_after_s:g}"
+
+    def ordered(self, items: Sequence[T]) -> list[T]:
+        return list(reversed(items)) if self.out_of_order else list(items)
+
+
+@dataclass
+class Lifecycle:
+    """One batch's progress: it ends on the poll given by the behaviour, and its outcome and finished items are
+    fixed at that moment."""
+
+    number: int
+    keys: list[str]
+    polls: int = 0
+    cancel_requested: bool = False
+    invalid: bool = False
+    outcome: Outcome | None = None
+    finished: int = 0
+
+    def poll(self, behaviour: BatchBehaviour) -> None:
+        """Count one status read and end the batch if this read is the one that ends it."""
+        self.polls += 1
+        if self.outcome is not None:
+            return
+        if self.invalid or (self.polls >= behaviour.polls_to_complete and self.number in behaviour.failed_batches):
+            self._end("failed", 0)
+        elif self.cancel_requested:
+            self._end("cancelled", self._partial(behaviour))
+        elif self.polls >= behaviour.polls_to_complete:
+            if self.number in behaviour.expired_batches:
+                self._end("expired", self._partial(behaviour))
+            else:
+                self._end("completed", len(self.keys))
+
+    def _partial(self, behaviour: BatchBehaviour) -> int:
+        return min(len(self.keys), math.ceil(behaviour.done_fraction * len(self.keys)))
+
+    def _end(self, outcome: Outcome, finished: int) -> None:
+        self.outcome = outcome
+        self.finished = finished
+
+    @property
+    def done_keys(self) -> list[str]:
+        return self.keys[: self.finished]
+
+    @property
+    def undone_keys(self) -> list[str]:
+        return self.keys[self.finished:]
+
+    def succeeded(self, behaviour: BatchBehaviour) -> list[str]:
+        return [key for key in self.done_keys if not behaviour.fail_item(key)]
+
+    def errored(self, behaviour: BatchBehaviour) -> list[str]:
+        return [key for key in self.done_keys if behaviour.fail_item(key)]
