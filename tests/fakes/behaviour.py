@@ -36,6 +36,8 @@ class BatchBehaviour:
     """The next K batch-create calls answer 429 with a Retry-After header."""
     retry_after_s: float = 1.0
     """The Retry-After value of every 429 (fractions are allowed so tests stay fast; the SDKs accept them)."""
+    answer_create_after_s: float = 0.0
+    """How long an accepted batch create waits before answering (OpenAI): a crash in between loses the answer."""
     input_tokens: int = 12
     """Input tokens reported per item (and per real-time call)."""
     output_tokens: int = 7

@@ -195,7 +195,10 @@ class FakeOpenAI(FakeServer):
                            Lifecycle(self.batches_created, list(lines), invalid=bool(problems)), problems)
             batch.counts["total"] = len(lines)
             self._batches[batch.id] = batch
-            return JSONResponse(batch.body())
+            answer = batch.body()
+        # Accepted but not yet answered: a client killed now never learns the batch's id.
+        await self.pause(self.settings.answer_create_after_s)
+        return JSONResponse(answer)
 
     async def _retrieve_batch(self, request: Request) -> Response:
         with self.lock:
