@@ -83,8 +83,20 @@ def job_status(database_url: str, job_id: str) -> str:
     return read(database_url, select(BatchJob.status).where(BatchJob.id == job_id))[0][0]
 
 
-def test_a_worker_killed_after_the_provider_accepted_a_batch_does_not_submit_it_again(standins, tmp_path):
-    database = f"sqlite+aiosqlite:///{tmp_path / 'crash.db'}"
+def fresh_database(request: pytest.FixtureRequest, backend: str, tmp_path: Path, name: str) -> str:
+    if backend == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / name}.db"
+    from tests.conftest import _create_database
+
+    postgres = request.getfixturevalue("postgres")
+    asyncio.run(_create_database(postgres, name))
+    return postgres.url(name)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_worker_killed_after_the_provider_accepted_a_batch_does_not_submit_it_again(request, backend, standins,
+                                                                                      tmp_path):
+    database = fresh_database(request, backend, tmp_path, "crash")
     job_id = asyncio.run(create_job(database, 5))
     with FakeOpenAI().serve() as fake:
         fake.settings.answer_create_after_s = 60
@@ -102,12 +114,8 @@ def test_a_worker_killed_after_the_provider_accepted_a_batch_does_not_submit_it_
         assert len(fake.calls("POST", "/v1/batches")) == 1
 
 
-@pytest.mark.postgres
-def test_two_workers_on_one_postgresql_submit_every_item_exactly_once(standins, postgres, tmp_path):
-    from tests.conftest import _create_database
-
-    asyncio.run(_create_database(postgres, "two_workers"))
-    database = postgres.url("two_workers")
+def test_two_workers_on_one_postgresql_submit_every_item_exactly_once(request, standins, tmp_path):
+    database = fresh_database(request, "postgres", tmp_path, "two_workers")
     job_id = asyncio.run(create_job(database, 2000))
     with FakeOpenAI().serve() as fake:
         env = environment(standins, database, fake, BATCH_OPENAI_MAX_REQUESTS="150", BATCH_LEASE_TTL_S="2")

@@ -130,3 +130,21 @@ async def test_a_429_on_create_backs_off_and_the_next_tick_submits_once(settings
             done = await run_until_final(client, job["id"])
             assert done["status"] == "completed"
         assert fake.batches_created == 1
+
+
+@pytest.mark.parametrize("provider", list(FAKES))
+async def test_one_failing_provider_batch_stalls_nothing_and_its_items_go_into_a_later_batch(settings, database_url,
+                                                                                             provider):
+    fake_class, model, _ = FAKES[provider]
+    with fake_class().serve() as fake:
+        fake.settings.failed_batches = {1}
+        async with serving(settings, database_url, provider, fake,
+                           **{f"batch_{provider}_max_requests": 2}) as client:
+            job = (await client.post("/batch/jobs", json={"name": "f", "provider": provider, "model": model,
+                                                          "kind": "chat", "schedule": "now",
+                                                          "requests": [chat(f"q{i}") for i in range(4)]})).json()
+            done = await run_until_final(client, job["id"])
+            assert done["status"] == "completed" and done["counts"]["succeeded"] == 4
+            items = (await client.get(f"/batch/jobs/{job['id']}/requests")).json()["items"]
+            assert [item["attempts"] for item in items] == [2, 2, 1, 1]
+        assert fake.batches_created == 3
