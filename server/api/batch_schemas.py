@@ -139,7 +139,7 @@ class ResponseOut(BaseModel):
     raw: dict | None = Field(description="The provider's own response body")
     usage: UsageOut | None
     error: str | None
-    completed_at: datetime | None
+    completed_at: UtcDatetime | None
 
 
 class ResponsePage(BaseModel):

@@ -239,3 +239,19 @@ async def test_interactive_requests_wait_behind_at_most_one_background_batch(cli
     assert metric("batch_background_items_total", model="generator") - background == 500
     sizes = runtime.generation.batcher.background_max_size
     assert sizes == runtime.settings.batch_background_max_size
+
+
+async def test_the_in_process_worker_finishes_a_job_without_waiting_for_its_poll_interval(settings):
+    app = create_app(settings.model_copy(update={"batch_worker": "in-process", "batch_poll_interval_s": 3600}))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            body = {"name": "auto", "provider": "local", "model": "gpt2", "kind": "generate", "schedule": "now",
+                    "requests": [prompt("a", "one"), prompt("b", "two")]}
+            job = (await client.post("/batch/jobs", json=body)).json()
+            for _ in range(500):
+                if (await client.get(f"/batch/jobs/{job['id']}")).json()["status"] == "completed":
+                    break
+                await asyncio.sleep(0.02)
+            done = (await client.get(f"/batch/jobs/{job['id']}")).json()
+            assert done["status"] == "completed" and done["completed_at"].endswith("Z")
+            assert (await client.get("/batch/scheduler")).json()["running"] is True

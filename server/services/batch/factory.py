@@ -52,6 +52,7 @@ def build_batch_offload(settings: Settings, sessions: async_sessionmaker[AsyncSe
                          Window(settings.batch_schedule, settings.batch_timezone), alerts, webhooks,
                          poll_interval_s=settings.batch_poll_interval_s, max_attempts=settings.batch_max_attempts)
     runner = LocalRunner(sessions, generation, sentiment, concurrency=2 * settings.batch_background_max_size,
-                         max_attempts=settings.batch_max_attempts, holds_lease=lambda: lease.token is not None)
+                         max_attempts=settings.batch_max_attempts, holds_lease=lambda: lease.token is not None,
+                         item_done=worker.wake)
     return BatchOffload(sessions, JobStore(sessions), ProviderRegistry(frozenset({"local", *adapters})), prices, worker,
                         runner, generation, sentiment, in_process=settings.batch_worker == "in-process")

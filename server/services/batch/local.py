@@ -6,7 +6,8 @@ request waits behind at most one small background batch. The runner keeps `concu
 enough to fill a background batch without flooding the queue. It runs in the process holding the worker
 lease; an item is claimed by compare-and-set (queued -> submitted) and its result stored only if it is still
 claimed, so a result is never stored twice. Items a dead holder had claimed are queued again when the lease
-is taken.
+is taken. Each finished item wakes the worker, so a job whose items are all done is finished at once, not
+at the next poll.
 """
 
 import asyncio
@@ -36,13 +37,14 @@ def generation_options(body: dict) -> GenerationOptions:
 class LocalRunner:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], generation: GenerationService,
                  sentiment: SentimentService, *, concurrency: int, max_attempts: int, holds_lease: Callable[[], bool],
-                 idle_poll_s: float = 1.0):
+                 item_done: Callable[[], None], idle_poll_s: float = 1.0):
         self.sessions = sessions
         self.generation = generation
         self.sentiment = sentiment
         self.concurrency = concurrency
         self.max_attempts = max_attempts
         self.holds_lease = holds_lease
+        self.item_done = item_done
         self.idle_poll_s = idle_poll_s
         self._running: set[asyncio.Task] = set()
         self._wakeup = asyncio.Event()
@@ -103,6 +105,7 @@ class LocalRunner:
     def _finished(self, task: asyncio.Task) -> None:
         self._running.discard(task)
         self._wakeup.set()
+        self.item_done()
 
     async def wait_idle(self) -> None:
         """Until the items started so far are done (for run-once and tests)."""
