@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import threading
 
 import httpx
 import pytest
@@ -218,12 +219,27 @@ async def test_interactive_requests_wait_behind_at_most_one_background_batch(cli
     over_one = metric("batch_background_batches_waited_count", model="generator") - metric(
         "batch_background_batches_waited_bucket", model="generator", le="1.0")
     background = metric("batch_background_items_total", model="generator")
+    batcher = runtime.generation.batcher
+    compute, entered, release = batcher.compute, threading.Event(), threading.Event()
+
+    def hold_the_first_batch(items, abandoned):
+        if not entered.is_set():
+            entered.set()
+            release.wait(30)
+        return compute(items, abandoned)
+
+    batcher.compute = hold_the_first_batch
     running = asyncio.create_task(runtime.batch.run_once())
-    for _ in range(1000):
-        if metric("batch_background_items_total", model="generator") > background:
+    await asyncio.to_thread(entered.wait, 30)
+    first = [asyncio.create_task(client.post("/generate", json={"prompts": [f"first {i}"], "max_new_tokens": 4}))
+             for i in range(3)]
+    for _ in range(500):
+        if sum(not entry.background for entry in batcher._queue) == 3:
             break
         await asyncio.sleep(0.01)
-    answered = 0
+    release.set()
+    assert [(await task).status_code for task in first] == [200, 200, 200]
+    answered = 3
     while not running.done() and answered < 60:
         bodies = [{"prompts": [f"interactive {answered + i}"], "max_new_tokens": 4} for i in range(3)]
         responses = await asyncio.gather(*(client.post("/generate", json=body) for body in bodies))
@@ -233,7 +249,7 @@ async def test_interactive_requests_wait_behind_at_most_one_background_batch(cli
     assert (await client.get(f"/batch/jobs/{job['id']}")).json()["status"] == "completed"
     observed = metric("batch_background_batches_waited_count", model="generator") - waited["count"]
     assert answered >= 3 and observed == answered
-    assert metric("batch_background_batches_waited_sum", model="generator") - waited["sum"] >= 1
+    assert metric("batch_background_batches_waited_sum", model="generator") - waited["sum"] >= 3
     assert metric("batch_background_batches_waited_count", model="generator") - metric(
         "batch_background_batches_waited_bucket", model="generator", le="1.0") == over_one
     assert metric("batch_background_items_total", model="generator") - background == 500
