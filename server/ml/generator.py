@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformers import (AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria,
-                          StoppingCriteriaList)
+from transformers import (AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList,
+                          StoppingCriteria, StoppingCriteriaList)
 
 from server.ml.loader import PretrainedModel
 

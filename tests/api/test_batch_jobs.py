@@ -1,19 +1,6 @@
 """The batch jobs API: create, list, read, change, delete; requests (idempotent on custom_id) and responses."""
 
-import httpx
 import pytest
-
-from server.core.config import Settings
-from server.main import create_app
-
-
-@pytest.fixture
-async def client(settings: Settings, database_url: str):
-    app = create_app(settings.model_copy(update={"database_url": database_url, "batch_worker": "off"}))
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            client.app = app
-            yield client
 
 
 def request(custom_id: str, text: str = "hello") -> dict:
@@ -63,7 +50,8 @@ async def test_bad_jobs_are_422_naming_the_field(client, body, where):
 async def test_requests_are_idempotent_on_custom_id(client):
     job = (await client.post("/batch/jobs", json={**JOB, "requests": [request("a")]})).json()
     url = f"/batch/jobs/{job['id']}/requests"
-    assert (await client.post(url, json={"requests": [request("a"), request("b")]})).json() == {"added": 1, "unchanged": 1}
+    added = await client.post(url, json={"requests": [request("a"), request("b")]})
+    assert added.json() == {"added": 1, "unchanged": 1}
     assert (await client.post(url, json={"requests": [request("b")]})).json() == {"added": 0, "unchanged": 1}
     clash = await client.post(url, json={"requests": [request("c"), request("a", "another body")]})
     assert clash.status_code == 409 and "'a'" in clash.json()["detail"]

@@ -7,19 +7,9 @@ import threading
 import httpx
 import pytest
 
-from server.core.config import Settings
 from server.main import create_app
 from server.services.batch.pricing import PriceTable
 from tests.support.metrics import metric
-
-
-@pytest.fixture
-async def client(settings: Settings, database_url: str):
-    app = create_app(settings.model_copy(update={"database_url": database_url, "batch_worker": "off"}))
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            client.app = app
-            yield client
 
 
 def prompt(custom_id: str, text: str) -> dict:
@@ -205,7 +195,8 @@ async def test_a_finished_job_calls_its_webhook_signed_with_the_secret(settings,
     [(payload, signature)] = received
     assert signature == "sha256=" + hmac.new(b"s3cret", payload, hashlib.sha256).hexdigest()
     summary = json.loads(payload)
-    assert summary["job_id"] == job["id"] and summary["status"] == "completed" and summary["event"] == "batch.job.finished"
+    assert summary["job_id"] == job["id"] and summary["status"] == "completed"
+    assert summary["event"] == "batch.job.finished"
 
 
 async def test_interactive_requests_wait_behind_at_most_one_background_batch(client):

@@ -104,8 +104,9 @@ async def test_a_job_is_split_by_count_and_bytes_and_every_custom_id_comes_back_
                            batch_openai_max_bytes=64 * 1024) as client:
             requests = [{"custom_id": f"r{i:04d}", "body": {"messages": [
                 {"role": "user", "content": "x" * (50 + (i * 37) % 400)}]}} for i in range(1000)]
-            job = (await client.post("/batch/jobs", json={"name": "split", "provider": "openai", "model": "gpt-4o-mini",
-                                                          "kind": "chat", "schedule": "now", "requests": requests})).json()
+            body = {"name": "split", "provider": "openai", "model": "gpt-4o-mini", "kind": "chat", "schedule": "now",
+                    "requests": requests}
+            job = (await client.post("/batch/jobs", json=body)).json()
             done = await run_until_final(client, job["id"])
             assert done["counts"]["succeeded"] == 1000
             uploads = fake.calls("POST", "/v1/files")

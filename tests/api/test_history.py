@@ -1,18 +1,4 @@
-import pytest
 
-from server.core.config import Settings
-from server.main import create_app
-
-import httpx
-
-
-@pytest.fixture
-async def client(settings: Settings, database_url: str):
-    app = create_app(settings.model_copy(update={"database_url": database_url}))
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            client.app = app
-            yield client
 
 
 async def test_history_is_newest_first_and_pages_by_cursor_and_offset(client):

@@ -12,10 +12,10 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import StreamingResponse
 
-from server.api.batch_schemas import (AddedOut, AlertOut, BatchHealthOut, CountsOut, ItemOut, ItemPage, ItemStatus, JobCreate, JobOut, JobPage,
-                                      JobPatch, JobStatus, ProcessIn, ProcessOut, Provider, QueueBulkIn, QueuedOut,
-                                      QueueIn, QueueStatusOut, RequestsIn, ResponseOut, ResponsePage, SchedulerIn,
-                                      SchedulerOut, UsageOut)
+from server.api.batch_schemas import (AddedOut, AlertOut, BatchHealthOut, CountsOut, ItemOut, ItemPage, ItemStatus,
+                                      JobCreate, JobOut, JobPage, JobPatch, JobStatus, ProcessIn, ProcessOut, Provider,
+                                      QueueBulkIn, QueuedOut, QueueIn, QueueStatusOut, RequestsIn, ResponseOut,
+                                      ResponsePage, SchedulerIn, SchedulerOut, UsageOut)
 from server.api.deps import RuntimeDep
 from server.db.batch_models import BatchItem, BatchJob
 from server.services.batch.jobs import Counts, JobSpec, NewItem

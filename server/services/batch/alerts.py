@@ -62,7 +62,8 @@ class BatchAlerts:
                 ProviderBatch.created_at < old))
             stuck_local = await session.scalar(select(func.count()).select_from(BatchJob).where(
                 BatchJob.provider == "local", BatchJob.status == "in_progress", BatchJob.submitted_at < old))
-            queued = await session.scalar(select(func.count()).select_from(BatchItem).where(BatchItem.status == "queued"))
+            queued = await session.scalar(select(func.count()).select_from(BatchItem)
+                                          .where(BatchItem.status == "queued"))
             saved = await session.scalar(select(func.coalesce(func.sum(BatchJob.savings_usd), 0.0)))
         alerts = []
         total = sum(finished.values())

@@ -24,7 +24,8 @@ from server.services.sentiment import SentimentService
 
 
 def provider_limits(settings: Settings) -> dict[str, BatchLimits]:
-    return {name: BatchLimits(getattr(settings, f"batch_{name}_max_requests"), getattr(settings, f"batch_{name}_max_bytes"))
+    return {name: BatchLimits(getattr(settings, f"batch_{name}_max_requests"),
+                              getattr(settings, f"batch_{name}_max_bytes"))
             for name in ("openai", "anthropic", "gemini")}
 
 

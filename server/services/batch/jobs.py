@@ -128,12 +128,15 @@ class JobStore:
                           body_digest=digest(item.body), status="queued", attempts=0, created_at=at, updated_at=at)
                 for item in items]
 
-    async def get(self, job_id: str) -> BatchJob:
+    async def _one(self, table: type[BatchJob] | type[BatchItem], key: str, what: str):
         async with self.sessions() as session:
-            job = await session.get(BatchJob, job_id)
-        if job is None:
-            raise JobNotFound(f"no batch job {job_id!r}")
-        return job
+            row = await session.get(table, key)
+        if row is None:
+            raise JobNotFound(f"no batch {what} {key!r}")
+        return row
+
+    async def get(self, job_id: str) -> BatchJob:
+        return await self._one(BatchJob, job_id, "job")
 
     async def counts(self, job_ids: Sequence[str]) -> dict[str, Counts]:
         if not job_ids:
@@ -150,7 +153,8 @@ class JobStore:
                 for job_id, by in totals.items()}
 
     async def list_jobs(self, *, status: str | None = None, provider: str | None = None, job_type: str | None = None,
-                   limit: int = 20, cursor: tuple[datetime, str] | None = None) -> tuple[list[BatchJob], BatchJob | None]:
+                        limit: int = 20, cursor: tuple[datetime, str] | None = None
+                        ) -> tuple[list[BatchJob], BatchJob | None]:
         """Newest first; the last job of a full page is the cursor of the next (None on the last page)."""
         query = select(BatchJob).order_by(BatchJob.created_at.desc(), BatchJob.id.desc()).limit(limit + 1)
         for column, value in ((BatchJob.status, status), (BatchJob.provider, provider), (BatchJob.job_type, job_type)):
@@ -242,8 +246,4 @@ class JobStore:
             return list((await session.scalars(query)).all())
 
     async def item(self, item_id: str) -> BatchItem:
-        async with self.sessions() as session:
-            row = await session.get(BatchItem, item_id)
-        if row is None:
-            raise JobNotFound(f"no batch item {item_id!r}")
-        return row
+        return await self._one(BatchItem, item_id, "item")

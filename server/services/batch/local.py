@@ -30,7 +30,8 @@ RETRYABLE = (Overloaded, DeadlineExceeded, ModelFailed)
 
 def generation_options(body: dict) -> GenerationOptions:
     return GenerationOptions(max_new_tokens=body.get("max_tokens", body.get("max_new_tokens")),
-                             max_length=body.get("max_length"), temperature=float(body.get("temperature", 0.0)), top_p=float(body.get("top_p", 1.0)),
+                             max_length=body.get("max_length"), temperature=float(body.get("temperature", 0.0)),
+                             top_p=float(body.get("top_p", 1.0)),
                              seed=body.get("seed"))
 
 

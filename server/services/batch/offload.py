@@ -64,8 +64,13 @@ class BatchOffload:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        await self.worker.lease.release()
         await self.worker.webhooks.close()
+        try:
+            await self.worker.lease.release()
+        except Exception as exc:
+            # A database that is down or hung must not hold up the shutdown: the lease expires by itself.
+            log.warning("releasing the batch worker lease failed (%s: %s); it expires after BATCH_LEASE_TTL_S",
+                        type(exc).__name__, exc)
 
     def wake(self) -> None:
         self.worker.wake()

@@ -58,15 +58,18 @@ class BatchReports:
         sums = (func.sum(BatchJob.cost_usd), func.sum(BatchJob.realtime_cost_usd), func.sum(BatchJob.savings_usd),
                 func.count())
         booked = BatchJob.cost_booked.is_(True)
-        conditions = [booked] if days is None else [booked, BatchJob.completed_at >= datetime.now(UTC) - timedelta(days=days)]
+        conditions = [booked]
+        if days is not None:
+            conditions.append(BatchJob.completed_at >= datetime.now(UTC) - timedelta(days=days))
         async with self.sessions() as session:
             total = (await session.execute(select(*sums).where(*conditions))).one()
             by_provider = (await session.execute(select(BatchJob.provider, *sums).where(*conditions)
                                                  .group_by(BatchJob.provider))).all()
             by_type = (await session.execute(select(BatchJob.job_type, *sums).where(*conditions)
                                              .group_by(BatchJob.job_type))).all()
-            finished = (await session.execute(select(BatchJob.completed_at, BatchJob.cost_usd, BatchJob.realtime_cost_usd,
-                                                     BatchJob.savings_usd).where(*conditions))).all()
+            finished = (await session.execute(select(BatchJob.completed_at, BatchJob.cost_usd,
+                                                     BatchJob.realtime_cost_usd, BatchJob.savings_usd)
+                                              .where(*conditions))).all()
             unknown = await session.scalar(select(func.count()).select_from(BatchJob)
                                            .where(*conditions, BatchJob.cost_usd.is_(None)))
         by_day: dict[str, list[float]] = {}
@@ -88,8 +91,9 @@ class BatchReports:
         counts = (select(BatchItem.job_id, func.count().label("item_count"),
                          func.sum((BatchItem.status == "succeeded").cast(Integer)).label("succeeded"))
                   .group_by(BatchItem.job_id).subquery())
-        query = (select(BatchJob, counts.c.item_count, counts.c.succeeded).outerjoin(counts, counts.c.job_id == BatchJob.id)
-                 .where(BatchJob.created_at >= since).order_by(BatchJob.created_at.desc()))
+        query = (select(BatchJob, counts.c.item_count, counts.c.succeeded)
+                 .outerjoin(counts, counts.c.job_id == BatchJob.id).where(BatchJob.created_at >= since)
+                 .order_by(BatchJob.created_at.desc()))
         async with self.sessions() as session:
             rows = (await session.execute(query)).all()
         report = []

@@ -179,8 +179,8 @@ class BatchWorker:
         limits = self.limits[job.provider]
         plan = split(sizes, limits)
         if plan.oversized:
-            await self._fail_items([items[i] for i in plan.oversized],
-                                   f"the request is larger than {job.provider}'s batch limit of {limits.max_bytes} bytes")
+            await self._fail_items([items[i] for i in plan.oversized], f"the request is larger than "
+                                   f"{job.provider}'s batch limit of {limits.max_bytes} bytes")
         created = 0
         for chunk in plan.chunks:
             batch = ProviderBatch(id=new_id(), job_id=job.id, provider=job.provider, status="submitting",
@@ -295,8 +295,8 @@ class BatchWorker:
             if snapshot.state in TERMINAL_STATES:
                 values["ended_at"] = now
             async with self.sessions() as session, session.begin():
-                await session.execute(update(ProviderBatch).where(ProviderBatch.id == batch.id,
-                                                                  ProviderBatch.status == batch.status).values(**values))
+                await session.execute(update(ProviderBatch).values(**values).where(
+                    ProviderBatch.id == batch.id, ProviderBatch.status == batch.status))
             if snapshot.state != "validating":
                 await self._move(batch.job_id, ["submitted"], "in_progress")
 
@@ -315,7 +315,8 @@ class BatchWorker:
             try:
                 await self.calls.call(batch.provider, "cleanup", lambda: provider.cleanup(batch.provider_batch_id))
             except Exception as exc:
-                log.warning("deleting the files of %s batch %s failed: %s", batch.provider, batch.provider_batch_id, exc)
+                log.warning("deleting the files of %s batch %s failed: %s", batch.provider, batch.provider_batch_id,
+                            exc)
 
     async def _store_results(self, batch: ProviderBatch, results: list[ItemResult]) -> None:
         by_id = {result.custom_id: result for result in results}
@@ -326,7 +327,8 @@ class BatchWorker:
                                                                    BatchItem.status == "submitted"))).all()
             for item in items:
                 result = by_id.get(item.custom_id) or ItemResult(
-                    item.custom_id, "failed", None, None, error=f"no result from the provider (its batch {batch.status})")
+                    item.custom_id, "failed", None, None,
+                    error=f"no result from the provider (its batch {batch.status})")
                 item.updated_at = now
                 item.input_tokens, item.output_tokens = result.input_tokens, result.output_tokens
                 item.raw = result.raw
@@ -368,8 +370,9 @@ class BatchWorker:
         open_items = select(BatchItem.job_id).where(BatchItem.status.in_(("queued", "submitted"))).distinct()
         live = select(ProviderBatch.job_id).where(ProviderBatch.status.not_in(("fetched",))).distinct()
         async with self.sessions() as session:
-            done = (await session.scalars(select(BatchJob).where(
-                BatchJob.status.in_(IN_FLIGHT_STATUSES), BatchJob.id.not_in(open_items), BatchJob.id.not_in(live)))).all()
+            done = (await session.scalars(select(BatchJob).where(BatchJob.status.in_(IN_FLIGHT_STATUSES),
+                                                                 BatchJob.id.not_in(open_items),
+                                                                 BatchJob.id.not_in(live)))).all()
         finished = []
         for job in done:
             if await finish_job(self.sessions, self.prices, job):
