@@ -149,3 +149,38 @@ async def test_one_failing_provider_batch_stalls_nothing_and_its_items_go_into_a
             items = (await client.get(f"/batch/jobs/{job['id']}/requests")).json()["items"]
             assert [item["attempts"] for item in items] == [2, 2, 1, 1]
         assert fake.batches_created == 3
+
+
+async def test_cancelling_stops_provider_batches_and_keeps_what_finished(settings, database_url):
+    with FakeOpenAI().serve() as fake:
+        fake.settings.polls_to_complete = 3
+        fake.settings.done_fraction = 0.5
+        async with serving(settings, database_url, "openai", fake) as client:
+            job = (await client.post("/batch/jobs", json={"name": "c", "provider": "openai", "model": "gpt-4o-mini",
+                                                          "kind": "chat", "schedule": "now",
+                                                          "requests": [chat(f"q{i}") for i in range(4)]})).json()
+            await client.app.state.runtime.batch.run_once()
+            cancelling = (await client.post(f"/batch/jobs/{job['id']}/cancel")).json()
+            assert cancelling["status"] in ("submitted", "in_progress")
+            done = await run_until_final(client, job["id"])
+            assert done["status"] == "cancelled" and done["counts"]["succeeded"] == 2
+            assert len(fake.calls("POST", r"/v1/batches/[^/]+/cancel")) == 1
+            assert done["cost_usd"] == pytest.approx(PriceTable.load().cost("openai", "gpt-4o-mini", 2 * 12,
+                                                                            2 * 7).cost_usd)
+
+
+async def test_a_batch_the_provider_never_received_is_not_sent_after_its_job_was_cancelled(settings, database_url):
+    with FakeOpenAI().serve() as fake:
+        fake.settings.create_429s = 100
+        fake.settings.retry_after_s = 0.01
+        async with serving(settings, database_url, "openai", fake) as client:
+            job = (await client.post("/batch/jobs", json={"name": "c", "provider": "openai", "model": "gpt-4o-mini",
+                                                          "kind": "chat", "schedule": "now",
+                                                          "requests": [chat("a"), chat("b")]})).json()
+            await client.app.state.runtime.batch.run_once()
+            await client.post(f"/batch/jobs/{job['id']}/cancel")
+            fake.settings.create_429s = 0
+            done = await run_until_final(client, job["id"])
+            assert done["status"] == "cancelled" and done["counts"] == {"total": 2, "succeeded": 0, "failed": 2,
+                                                                        "pending": 0}
+        assert fake.batches_created == 0

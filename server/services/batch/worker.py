@@ -263,10 +263,25 @@ class BatchWorker:
                 await self._submitted(batch.id, found)
                 report.recovered += 1
                 continue
+            if job.cancel_requested:
+                await self._drop_unsent(batch)
+                continue
             async with self.sessions() as session:
                 items = (await session.scalars(select(BatchItem).where(BatchItem.chunk_id == batch.id)
                                                .order_by(BatchItem.custom_id))).all()
             await self._send(batch, job, [NeutralRequest(item.custom_id, item.body) for item in items])
+
+    async def _drop_unsent(self, batch: ProviderBatch) -> None:
+        """A batch the provider never received, of a job cancelled meanwhile: its items are cancelled, not sent."""
+        now = utcnow()
+        async with self.sessions() as session, session.begin():
+            await session.execute(update(BatchItem).where(BatchItem.chunk_id == batch.id,
+                                                          BatchItem.status == "submitted")
+                                  .values(status="cancelled", error="cancelled before it was submitted",
+                                          updated_at=now, completed_at=now))
+            await session.execute(update(ProviderBatch).where(ProviderBatch.id == batch.id,
+                                                              ProviderBatch.status == "submitting")
+                                  .values(status="fetched", ended_at=now, error="cancelled before it was submitted"))
 
     async def _known_ids(self, provider: str) -> set[str]:
         async with self.sessions() as session:
