@@ -1,11 +1,13 @@
-"""Command line: `python -m server serve | models fetch | models build-offline | db upgrade | bench`."""
+"""Command line: `python -m server serve | models fetch | models build-offline | db upgrade | db replay-spill |
+bench`."""
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from server.core.config import get_settings
+from server.core.logging import configure as configure_logging
+from server.core.logging import log_config
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -13,8 +15,11 @@ def serve(args: argparse.Namespace) -> None:
 
     settings = get_settings()
     uvicorn.run("server.main:app", host=args.host or settings.host, port=args.port or settings.port,
-                log_level=settings.log_level.lower(), proxy_headers=True,
-                forwarded_allow_ips=settings.forwarded_allow_ips)
+                log_config=log_config(settings.log_level, settings.log_format), log_level=settings.log_level,
+                access_log=False, proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips,
+                timeout_graceful_shutdown=settings.shutdown_timeout_s,
+                timeout_keep_alive=settings.keep_alive_timeout_s, limit_concurrency=settings.max_connections,
+                http=settings.http_parser, h11_max_incomplete_event_size=settings.max_header_bytes)
 
 
 def fetch_models(args: argparse.Namespace) -> None:
@@ -45,6 +50,22 @@ def upgrade_db(args: argparse.Namespace) -> None:
 
     upgrade(get_settings().database_url)
     print("database at the latest revision")
+
+
+def replay_spill(args: argparse.Namespace) -> None:
+    """Replay RECORD_SPILL_DIR's files of this database, one line per file; exit status 1 if the database failed."""
+    import asyncio
+
+    from server.services.records.replay import replay_now
+
+    settings = get_settings()
+    reports = asyncio.run(replay_now(settings, kinds=("records", "rejected") if args.rejected else ("records",)))
+    for report in reports:
+        print(report)
+    if not reports:
+        print(f"no spill files in {settings.record_spill_dir}")
+    if any(report.failed for report in reports):
+        raise SystemExit(1)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -85,7 +106,13 @@ def bench(args: argparse.Namespace) -> None:
     main(args)
 
 
-def parser() -> argparse.ArgumentParser:
+def bench_analytics(args: argparse.Namespace) -> None:
+    from server.bench.analytics import main
+
+    main(args)
+
+
+def parser(argv: list[str]) -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="python -m server", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="run the HTTP server (settings from the environment / .env)")
@@ -102,6 +129,10 @@ def parser() -> argparse.ArgumentParser:
 
     db = commands.add_parser("db", help="database").add_subparsers(dest="action", required=True)
     db.add_parser("upgrade", help="apply Alembic migrations").set_defaults(run=upgrade_db)
+    replay = db.add_parser("replay-spill", help="write the records spilled to RECORD_SPILL_DIR to the database "
+                           "(each once) and remove what was written")
+    replay.add_argument("--rejected", action="store_true", help="also retry the rows the database rejected before")
+    replay.set_defaults(run=replay_spill)
 
     commands.add_parser("worker", help="run the batch worker (and local batch items) without HTTP").set_defaults(
         run=worker)
@@ -109,17 +140,29 @@ def parser() -> argparse.ArgumentParser:
     batch_cmd.add_parser("run-once", help="submit due jobs, poll, fetch results, run local items, then exit "
                                           "(for cron)").set_defaults(run=batch_run_once)
 
-    from server.bench.run import add_arguments
+    bench_cmd = commands.add_parser("bench", help="throughput and latency benchmark (see README)")
+    bench_cmd.set_defaults(run=bench)
+    if argv[:1] == ["bench"]:
+        # The bench's options live with the bench, which imports torch (seconds): only for `bench` itself, so that
+        # every other command and `--help` parse at once.
+        from server.bench.run import add_arguments
 
-    add_arguments(commands.add_parser("bench", help="throughput and latency benchmark (see README)"))
-    commands.choices["bench"].set_defaults(run=bench)
+        add_arguments(bench_cmd)
+    analytics_cmd = commands.add_parser("bench-analytics", help="time POST /metrics/aggregated over a month of "
+                                        "records (see README)")
+    analytics_cmd.set_defaults(run=bench_analytics)
+    if argv[:1] == ["bench-analytics"]:
+        from server.bench.analytics import add_arguments as add_analytics_arguments
+
+        add_analytics_arguments(analytics_cmd)
     return root
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser(argv).parse_args(argv)
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
     args.run(args)
 
 

@@ -1,6 +1,5 @@
 """The ASGI app: `uvicorn server.main:app` (or `python -m server serve`)."""
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -8,11 +7,14 @@ from fastapi import Depends, FastAPI
 
 from server import __version__
 from server.api import errors
+from server.api.body_guard import BodyGuardMiddleware
 from server.api.deps import require_api_key
 from server.api.middleware import MetricsMiddleware
 from server.api.ratelimit import IngressRateLimitMiddleware
-from server.api.routes import batch, generate, history, predict, system
+from server.api.request_id import RequestIdMiddleware
+from server.api.routes import analytics, batch, docs, generate, history, predict, static, system
 from server.core.config import Settings, get_settings
+from server.core.logging import configure as configure_logging
 from server.services.runtime import open_runtime
 
 
@@ -25,16 +27,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.runtime = runtime
             yield
 
-    app = FastAPI(title="Inference server", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="Inference server", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="GPT-2 generation and sentiment classification, micro-batched and cached.")
+    # The last added runs first. The rate limiter reads no body, so it decides before the body guard: an oversized
+    # or stalled body still counts against its client's quota and its 413/408 carries the RateLimit headers.
+    app.add_middleware(BodyGuardMiddleware, max_bytes=settings.max_request_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(IngressRateLimitMiddleware)
     app.add_middleware(MetricsMiddleware)
+    app.add_middleware(RequestIdMiddleware)
     errors.install(app)
     app.include_router(system.router)
-    for module in (generate, predict, history, batch):
+    app.include_router(docs.router)
+    app.include_router(static.router)
+    for module in (generate, predict, history, batch, analytics):
         app.include_router(module.router, dependencies=[Depends(require_api_key)])
     return app
 
 
-logging.basicConfig(level=get_settings().log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+configure_logging(get_settings().log_level, get_settings().log_format)
 app = create_app()

@@ -1,8 +1,11 @@
+import inspect
 import json
 import os
 import sqlite3
 import subprocess
 import sys
+
+import pytest
 
 from server.core.config import PROJECT_ROOT
 
@@ -60,3 +63,50 @@ def test_batch_run_once_runs_a_due_local_job_and_exits(tmp_path, standins):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["submitted_jobs"] == 1 and report["finished_jobs"] == [job_id]
+
+
+HEAVY_MODULES = {"torch", "transformers", "fastapi", "uvicorn", "sqlalchemy"}
+
+
+def imported_modules(importtime_report: str) -> set[str]:
+    """Top-level names from `python -X importtime` lines ("import time: self | cumulative | name")."""
+    return {line.rsplit("|", 1)[1].strip().split(".")[0] for line in importtime_report.splitlines()
+            if line.startswith("import time:") and "|" in line}
+
+
+@pytest.mark.parametrize("args", [["--help"], ["serve", "--help"], ["db", "--help"], ["models", "build-offline", "-h"]])
+def test_help_imports_no_heavy_module(args):
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "server", *args], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m server")
+    modules = imported_modules(result.stderr)
+    assert "argparse" in modules and not modules & HEAVY_MODULES, modules & HEAVY_MODULES
+
+
+def test_bench_help_still_lists_the_bench_options():
+    result = cli("bench", "--help")
+    assert result.returncode == 0 and "--quick" in result.stdout and "--concurrency" in result.stdout
+
+
+def test_serve_hands_the_http_settings_to_uvicorn(monkeypatch):
+    import uvicorn
+
+    from server.__main__ import parser, serve
+    from server.core.config import get_settings
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: calls.append((app, options)))
+    for name, value in {"SHUTDOWN_TIMEOUT_S": "7", "KEEP_ALIVE_TIMEOUT_S": "9", "MAX_CONNECTIONS": "50",
+                        "HTTP_PARSER": "h11", "MAX_HEADER_BYTES": "8192", "LOG_FORMAT": "json"}.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        serve(parser(["serve"]).parse_args(["serve", "--port", "8123"]))
+    finally:
+        get_settings.cache_clear()
+    [(app, options)] = calls
+    assert (options["timeout_graceful_shutdown"], options["timeout_keep_alive"], options["limit_concurrency"],
+            options["http"], options["h11_max_incomplete_event_size"], options["port"]) == (7, 9, 50, "h11", 8192, 8123)
+    assert options["access_log"] is False
+    assert options["log_config"]["formatters"]["default"]["()"].__name__ == "JsonFormatter"
+    assert app == "server.main:app" and set(options) <= set(inspect.signature(uvicorn.Config).parameters)

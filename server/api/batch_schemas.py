@@ -1,55 +1,73 @@
 """Request and response bodies of the batch offload API (`/batch/...`; see README "Batch offload")."""
 
+import math
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic_core import PydanticCustomError
 
-from server.api.schemas import UtcDatetime
+from server.api.schemas import REQUEST_CONFIG, Text, UtcDatetime, storable
+
+
+def _storable_json(value):
+    """Free-form JSON of a request (bodies, metadata): every string storable, every number finite."""
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PydanticCustomError("finite_number", "Input should be a finite number")
+    if isinstance(value, dict):
+        return {storable(key): _storable_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_storable_json(item) for item in value]
+    return value
+
+
+JSONObject = Annotated[dict, AfterValidator(_storable_json)]
 
 Provider = Literal["openai", "anthropic", "gemini", "local"]
 Kind = Literal["chat", "embedding", "generate", "predict"]
 JobStatus = Literal["queued", "submitted", "in_progress", "completed", "partially_completed", "failed", "cancelled",
                     "expired"]
 ItemStatus = Literal["queued", "submitted", "succeeded", "failed", "cancelled", "expired"]
-Name = Annotated[StrictStr, Field(min_length=1, max_length=200)]
+Name = Annotated[Text, Field(min_length=1, max_length=200)]
 Priority = Annotated[StrictInt, Field(ge=1, le=10, description="Higher runs first")]
 Schedule = Literal["window", "now"]
 
 
 class RequestIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
-    custom_id: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Unique in its job")]
-    body: dict = Field(description="`messages` (chat), `input` (embedding), `prompt` (generate) or `text` (predict), "
-                                   "plus options such as `max_tokens` and `temperature`")
+    custom_id: Annotated[Text, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Unique in its job")]
+    body: JSONObject = Field(description="`messages` (chat), `input` (embedding), `prompt` (generate) or `text` "
+                                         "(predict), plus options such as `max_tokens` and `temperature`")
 
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+    model_config = REQUEST_CONFIG | ConfigDict(json_schema_extra={"examples": [{
         "name": "nightly scoring", "provider": "openai", "model": "gpt-4o-mini", "kind": "chat",
         "job_type": "creative_scoring", "requests": [
             {"custom_id": "ad-1", "body": {"messages": [{"role": "user", "content": "Score this ad: ..."}],
                                            "max_tokens": 50}}]}]})
 
     name: Name
-    description: Annotated[StrictStr, Field(max_length=2000)] = ""
+    description: Annotated[Text, Field(max_length=2000)] = ""
     provider: Provider
     model: Name
     kind: Kind
-    job_type: Annotated[StrictStr, Field(min_length=1, max_length=100)] = "default"
+    job_type: Annotated[Text, Field(min_length=1, max_length=100)] = "default"
     priority: Priority = 5
     schedule: Schedule = Field("window", description="`window`: the next scheduled run (BATCH_SCHEDULE); `now`")
-    webhook_url: Annotated[StrictStr, Field(pattern=r"^https?://", max_length=2000)] | None = None
-    metadata: dict = {}
+    webhook_url: Annotated[Text, Field(pattern=r"^https?://", max_length=2000)] | None = None
+    metadata: JSONObject = {}
     requests: list[RequestIn] = Field([], max_length=100_000)
 
 
 class JobPatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     name: Name | None = None
-    description: Annotated[StrictStr, Field(max_length=2000)] | None = None
+    description: Annotated[Text, Field(max_length=2000)] | None = None
     priority: Priority | None = None
     schedule: Schedule | None = None
 
@@ -61,7 +79,7 @@ class JobPatch(BaseModel):
 
 
 class RequestsIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     requests: list[RequestIn] = Field(min_length=1, max_length=100_000)
 
@@ -148,10 +166,10 @@ class ResponsePage(BaseModel):
 
 
 class ProcessIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     provider: Provider | None = None
-    job_type: Annotated[StrictStr, Field(min_length=1, max_length=100)] | None = None
+    job_type: Annotated[Text, Field(min_length=1, max_length=100)] | None = None
     max_jobs: Annotated[StrictInt, Field(ge=1)] | None = None
 
 
@@ -160,20 +178,20 @@ class ProcessOut(BaseModel):
 
 
 class QueueIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+    model_config = REQUEST_CONFIG | ConfigDict(json_schema_extra={"examples": [{
         "job_type": "nightly_summaries", "provider": "local", "model": "gpt2", "kind": "generate",
         "data": {"prompt": "Summarise: ...", "max_tokens": 40}}]})
 
-    job_type: Annotated[StrictStr, Field(min_length=1, max_length=100)]
+    job_type: Annotated[Text, Field(min_length=1, max_length=100)]
     provider: Provider
     model: Name
     kind: Kind
-    data: dict = Field(description="The request body (as `body` in POST /batch/jobs)")
+    data: JSONObject = Field(description="The request body (as `body` in POST /batch/jobs)")
     priority: Priority = 5
 
 
 class QueueBulkIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     items: list[QueueIn] = Field(min_length=1, max_length=10_000)
 
@@ -191,7 +209,7 @@ class QueueStatusOut(BaseModel):
 
 
 class SchedulerIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     running: bool
 
@@ -218,4 +236,4 @@ class BatchHealthOut(BaseModel):
     leader: dict | None = Field(description="The process holding the worker lease (owner, expires_at), if any")
     last_run_at: UtcDatetime | None = Field(description="This process's last worker tick")
     last_run: dict | None
-    providers: dict[str, str] = Field(description="`ok` (configured) or `unconfigured` (no API key)")
+    providers: dict[str, str] = Field(description="`ok`, `unconfigured` (no API key) or `unreachable: <why>`")

@@ -69,12 +69,38 @@ def x_cache(cached: list[bool]) -> str:
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
 
 
+def _unauthorized() -> HTTPException:
+    return HTTPException(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                         headers={"WWW-Authenticate": "Bearer"})
+
+
 def check_api_key(runtime: Runtime, credentials: HTTPAuthorizationCredentials | None) -> None:
-    """401 with `WWW-Authenticate: Bearer` unless API_KEYS is empty or the bearer token is one of them."""
-    if runtime.api_keys.enabled and runtime.api_keys.identify(credentials.credentials if credentials else None) is None:
-        raise HTTPException(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+    """401 with `WWW-Authenticate: Bearer` unless API_KEYS is empty or the bearer token is one of them (or one of
+    ADMIN_API_KEYS: an admin may do what anyone may)."""
+    token = credentials.credentials if credentials else None
+    if (runtime.api_keys.enabled and runtime.api_keys.identify(token) is None
+            and runtime.admin_keys.identify(token) is None):
+        raise _unauthorized()
 
 
 async def require_api_key(runtime: RuntimeDep, credentials: BearerDep) -> None:
     check_api_key(runtime, credentials)
+
+
+async def require_admin(runtime: RuntimeDep, credentials: BearerDep) -> str | None:
+    """For operations that change the server for everyone. With ADMIN_API_KEYS set: an admin key, else 403 for an
+    ordinary key and 401 for none; without it, whatever `check_api_key` lets through. Returns the caller's key id
+    (never the key) for the audit trail, None on an open server."""
+    token = credentials.credentials if credentials else None
+    if runtime.admin_keys.enabled:
+        admin = runtime.admin_keys.identify(token)
+        if admin is not None:
+            return admin
+        if runtime.api_keys.identify(token) is not None:
+            raise HTTPException(403, "this operation needs an admin key (ADMIN_API_KEYS)")
+        raise _unauthorized()
+    check_api_key(runtime, credentials)
+    return runtime.api_keys.identify(token)
+
+
+AdminDep = Annotated[str | None, Depends(require_admin)]

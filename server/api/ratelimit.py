@@ -14,6 +14,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.services.limits.decide import LimiterUnavailable
 
 OPEN_PATHS = frozenset({"/", "/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# The docs' assets (and any page served from /static): a page load fetches several, none costs more than a file read.
+OPEN_PREFIXES = ("/static/",)
 ROUTE_GROUPS = {"/generate": "generate", "/predict": "predict", "/analyze/performance": "analyze"}
 
 
@@ -40,7 +42,7 @@ class IngressRateLimitMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         runtime = scope["app"].state.runtime

@@ -1,17 +1,40 @@
 """Request and response bodies (the HTTP contract; see README "API")."""
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, model_validator
+from pydantic_core import PydanticCustomError
 
-Prompt = Annotated[StrictStr, Field(min_length=1)]
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """Refuse what no backend stores faithfully: NUL (PostgreSQL text cannot hold it) and lone surrogates
+    (JSON's `\\ud800` escapes decode to them; they are not Unicode and cannot be encoded as UTF-8)."""
+    if (nul := text.find("\x00")) >= 0:
+        raise PydanticCustomError("string_nul", "String contains a NUL character (U+0000) at index {index}, which "
+                                                "cannot be stored", {"index": nul})
+    if surrogate := _SURROGATE.search(text):
+        raise PydanticCustomError("string_surrogate", "String is not valid Unicode: lone surrogate U+{code} at index "
+                                                      "{index}", {"code": f"{ord(surrogate[0]):04X}",
+                                                                  "index": surrogate.start()})
+    return text
+
+
+# Every string a request body carries: a real string (no coercion), storable by every backend.
+Text = Annotated[StrictStr, AfterValidator(storable)]
+Prompt = Annotated[Text, Field(min_length=1)]
+# Request bodies are strict ("20" is not a number, true is not an int; an int is still a float) and refuse the
+# NaN and Infinity that Python's json parser accepts.
+REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 # SQLite returns naive datetimes; every timestamp the server stores is UTC.
 UtcDatetime = Annotated[datetime, AfterValidator(lambda d: d if d.tzinfo else d.replace(tzinfo=UTC))]
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
+    model_config = REQUEST_CONFIG | ConfigDict(json_schema_extra={
         "examples": [{"prompts": ["Once upon a time"], "max_new_tokens": 20}]})
 
     prompts: list[Prompt] = Field(min_length=1, max_length=32)
@@ -47,7 +70,7 @@ class GenerationOut(BaseModel):
 
 
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "I love this!"}]})
+    model_config = REQUEST_CONFIG | ConfigDict(json_schema_extra={"examples": [{"text": "I love this!"}]})
 
     text: Prompt | None = None
     texts: list[Prompt] | None = Field(None, min_length=1, max_length=64)
@@ -129,3 +152,13 @@ class AppInfo(BaseModel):
 
 class ErrorOut(BaseModel):
     detail: str
+
+
+class BlockedPromptOut(BaseModel):
+    detail: str
+    index: int = Field(description="Position of the refused prompt in `prompts`")
+
+
+class RateLimitedOut(BaseModel):
+    detail: str
+    policy: str = Field(description="The policies that refused the request, comma-separated")

@@ -4,14 +4,25 @@ Every field maps to the upper-case environment variable of the same name; `.env.
 """
 
 import os
+import re
+import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.core import rate_policy
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_spill_dir() -> Path:
+    """`$XDG_STATE_HOME/inference-server/spill` (XDG_STATE_HOME: ~/.local/state unless set to an absolute path)."""
+    state = os.environ.get("XDG_STATE_HOME", "")
+    return (Path(state) if os.path.isabs(state) else Path.home() / ".local" / "state") / "inference-server" / "spill"
 
 
 class Settings(BaseSettings):
@@ -20,7 +31,12 @@ class Settings(BaseSettings):
     app_name: str = "inference-server"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    keep_alive_timeout_s: int = Field(5, ge=1)
+    max_connections: int = Field(1000, ge=1)
+    http_parser: Literal["auto", "httptools", "h11"] = "auto"
+    max_header_bytes: int = Field(16 * 1024, ge=1024)
 
     generator_model: str = "gpt2"
     sentiment_model: str = "distilbert/distilbert-base-uncased-finetuned-sst-2-english"
@@ -33,15 +49,19 @@ class Settings(BaseSettings):
     batch_queue_limit: int = Field(1024, ge=1)
     request_timeout_s: float = Field(60.0, gt=0)
     max_prompt_chars: int = Field(4000, ge=1)
+    max_request_bytes: int = Field(1024 * 1024, ge=1)
+    body_timeout_s: float = Field(30.0, gt=0)
     blocked_terms: str = ""
 
     redis_url: str | None = None
+    redis_timeout_s: float = Field(0.25, gt=0)
     cache_ttl_s: float = Field(3600.0, gt=0)
     cache_max_items: int = Field(10000, ge=1)
     cache_lock_ttl_s: float = Field(30.0, gt=0)
     cache_allow_client_bypass: bool = False
 
     api_keys: str = ""
+    admin_api_keys: str = ""
     metrics_require_key: bool = False
     forwarded_allow_ips: str = "127.0.0.1"
     ingress_rate_limit: str = "120/minute"
@@ -57,6 +77,11 @@ class Settings(BaseSettings):
     anthropic_base_url: str | None = None
     gemini_api_key: str | None = None
     gemini_base_url: str | None = None
+    gemini_model: str = "gemini-2.5-flash-lite"
+    gemini_timeout_s: float = Field(20.0, gt=0)
+    gemini_cache_ttl_s: float = Field(300.0, gt=0)
+    gemini_retry_backoff_s: float = Field(1.0, ge=0)
+    analyze_max_wait_s: float = Field(2.0, ge=0)
 
     batch_worker: Literal["in-process", "off"] = "in-process"
     batch_schedule: str = "0 2 * * *"
@@ -83,7 +108,10 @@ class Settings(BaseSettings):
     database_url: str = f"sqlite+aiosqlite:///{PROJECT_ROOT / 'data' / 'server.db'}"
     record_flush_interval_ms: float = Field(200.0, gt=0)
     record_flush_max_items: int = Field(500, ge=1)
-    record_spill_dir: Path = PROJECT_ROOT / "data" / "unflushed"
+    record_buffer_max: int = Field(100_000, ge=1)
+    record_spill_dir: Path = Field(default_factory=default_spill_dir)
+    database_timeout_s: float = Field(5.0, gt=0)
+    shutdown_timeout_s: float = Field(10.0, gt=0)
 
     @field_validator("batch_schedule")
     @classmethod
@@ -91,7 +119,7 @@ class Settings(BaseSettings):
         from croniter import croniter
 
         if not croniter.is_valid(value):
-            raise ValueError(f"not a cron expression: expected five fields, e.g. '0 2 * * *' (02:00 every day)")
+            raise ValueError("not a cron expression: expected five fields, e.g. '0 2 * * *' (02:00 every day)")
         return value
 
     @field_validator("batch_timezone")
@@ -105,14 +133,93 @@ class Settings(BaseSettings):
             raise ValueError("not an IANA time zone: expected e.g. 'UTC' or 'Europe/Paris'") from None
         return value
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("ingress_rate_limit", "ingress_rate_limit_generate", "ingress_rate_limit_predict",
+                     "ingress_rate_limit_analyze")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        try:
+            rate_policy.parse_policy("setting", value)
+        except ValueError:
+            raise ValueError(rate_policy.FORMS) from None
+        return value
+
+    @field_validator("egress_rate_limit")
+    @classmethod
+    def _egress_rate_limits(cls, value: str) -> str:
+        rate_policy.parse_policies(value)
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("expected sqlite+aiosqlite:///path/to/file.db or "
+                             "postgresql+asyncpg://user:pass@host:5432/db")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected redis://[:password@]host:6379/0, rediss://... (TLS) or unix:///path/to/socket")
+        return value
+
     @field_validator("blocked_terms")
     @classmethod
     def _terms_file_exists(cls, value: str) -> str:
         if value.startswith("@") and not Path(value[1:]).is_file():
-            raise ValueError(f"no file {value[1:]!r}: give comma-separated terms, or @path to a file of one term per line")
+            raise ValueError(f"no file {value[1:]!r}: give comma-separated terms, or @path to a file of one term per "
+                             "line")
         return value
+
+
+def _accepted_forms(field: FieldInfo) -> str:
+    """What a field accepts, from its type and bounds: the second half of an invalid setting's line."""
+    annotation = field.annotation
+    if get_origin(annotation) is Literal:
+        return "expected one of " + ", ".join(repr(choice) for choice in get_args(annotation))
+    kinds = [kind for kind in get_args(annotation) or (annotation,) if kind is not type(None)]
+    names = {int: "an integer", float: "a number", bool: "true or false", Path: "a path", str: "text"}
+    bounds = [f"{symbol} {getattr(rule, name)}" for rule in field.metadata
+              for name, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+              if getattr(rule, name, None) is not None]
+    return f"expected {names.get(kinds[0], str(kinds[0])) if kinds else 'a value'} {' and '.join(bounds)}".rstrip()
+
+
+def _redacted(value: object) -> str:
+    """The value as typed, without the password of a URL (DATABASE_URL, REDIS_URL)."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", repr(value))
+
+
+def settings_errors(error: ValidationError) -> list[str]:
+    """One line per invalid setting: the variable, the value given, and what it accepts."""
+    lines: dict[str, str] = {}
+    for problem in error.errors():
+        name = str(problem["loc"][0]) if problem["loc"] else ""
+        field = Settings.model_fields.get(name)
+        if name in lines:
+            continue
+        if field is None:
+            lines[name] = f"invalid settings: {problem['msg']}"
+            continue
+        own_rule = problem["type"] == "value_error"
+        expected = str(problem["ctx"]["error"]) if own_rule else _accepted_forms(field)
+        lines[name] = f"invalid setting {name.upper()}={_redacted(problem['input'])}: {expected}"
+    return list(lines.values())
 
 
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    """The settings of this process. An invalid environment ends it with exit status 2 and one line per invalid
+    variable on stderr, no traceback: every entry point (`python -m server ...`, `uvicorn server.main:app`,
+    Alembic) reads its settings here."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        print("\n".join(settings_errors(error)), file=sys.stderr)
+        raise SystemExit(2) from None

@@ -33,8 +33,13 @@ HTTP_LATENCY = Histogram("http_request_duration_seconds", "HTTP request latency"
                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 
 RECORDS_WRITTEN = Counter("records_written", "Rows written to the database", ["table"])
-RECORD_WRITE_FAILURES = Counter("record_write_failures", "Failed attempts to write a batch of rows")
-RECORDS_PENDING = Gauge("records_pending", "Rows waiting to be written")
+RECORD_WRITE_FAILURES = Counter(
+    "record_write_failures", "Record writes that failed: attempts that kept their rows buffered (reason: timeout, "
+    "unavailable, error) and rows the database refused, set aside in a rejected spill file (reason: rejected)",
+    ["reason"])
+RECORDS_PENDING = Gauge("records_pending", "Rows waiting in memory to be written")
+RECORDS_SPILLED = Counter("records_spilled", "Rows written to a spill file instead of the database (reason: "
+                          "overflow, shutdown, rejected)", ["reason"])
 
 CACHE_REQUESTS = Counter("cache_requests", "Cache outcomes per item: hit, miss, coalesced, bypass, error",
                          ["endpoint", "result"])
@@ -43,6 +48,13 @@ CACHE_STORE_ERRORS = Counter("cache_store_errors", "Failed cache store operation
 
 RATE_LIMIT_DECISIONS = Counter("rate_limit_decisions", "Rate-limit decisions", ["layer", "policy", "decision"])
 RATE_LIMIT_ERRORS = Counter("rate_limit_errors", "Rate-limit checks that failed (store unavailable)", ["layer"])
+
+CIRCUIT_STATE = Gauge("circuit_state", "Circuit breaker of a dependency: 0 closed, 1 open (skipped), 2 half_open "
+                      "(one probe in flight)", ["dependency"])
+CIRCUIT_FAILURES = Counter("circuit_failures", "Calls to a dependency that failed (timeout, connection error)",
+                           ["dependency"])
+CIRCUIT_SKIPPED = Counter("circuit_skipped", "Calls not sent because the dependency's circuit was open",
+                          ["dependency"])
 
 BATCH_JOBS = Counter("batch_jobs", "Batch jobs that reached a final status", ["provider", "status"])
 BATCH_ITEMS = Counter("batch_items", "Batch items that reached a final status", ["provider", "status"])
@@ -53,3 +65,9 @@ BATCH_SAVINGS = Counter("batch_savings_usd", "Savings booked by finished batch j
                         ["provider"])
 BATCH_POLL_SECONDS = Histogram("batch_poll_seconds", "Time to poll one provider batch", ["provider"])
 BATCH_ALERTS_ACTIVE = Gauge("batch_alerts_active", "Batch alerts currently active (1) or not (0)", ["type"])
+
+ANALYZE_REPORTS = Counter("analyze_reports", "Performance reports answered (source: gemini, fallback; reason: why a "
+                          "fallback: no_key, quota, timeout, unavailable, invalid_answer, error; none for gemini)",
+                          ["source", "reason"])
+GEMINI_CALLS = Counter("gemini_calls", "Calls to Gemini for performance reports (outcome: ok, quota, timeout, "
+                       "invalid_answer, error, http_<status>)", ["outcome"])

@@ -16,5 +16,7 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Blocking (Alembic runs its own event loop): call it from a thread when a loop is running."""
+    """Blocking (Alembic runs its own event loop): call it from a thread when a loop is running. Any number of
+    processes may call it at once on one database: migrations run under a lock (`migrations/env.py`), so one
+    migrates and the others wait, then find the database at the latest revision."""
     command.upgrade(alembic_config(url), revision)

@@ -51,7 +51,10 @@ class PerRowSampler(LogitsProcessor):
         self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        probs = torch.softmax(scores.float() / self.params.temperature, dim=-1)
+        # In double precision, and shifted by the row's maximum: in float32 a tiny temperature rounds to 0 or
+        # overflows the division to inf, and softmax of inf is NaN.
+        scores = scores.double()
+        probs = torch.softmax((scores - scores.max(dim=-1, keepdim=True).values) / self.params.temperature, dim=-1)
         if self.params.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
             outside = sorted_probs.cumsum(dim=-1) - sorted_probs > self.params.top_p

@@ -72,6 +72,9 @@ class AnthropicBatch:
     async def cancel(self, batch_id: str) -> None:
         await guarded(self.name, "cancel", lambda: self.client.messages.batches.cancel(batch_id))
 
+    async def ping(self) -> None:
+        await guarded(self.name, "ping", lambda: self.client.messages.batches.list(limit=1))
+
     async def cleanup(self, batch_id: str) -> None:
         await guarded(self.name, "delete", lambda: self.client.messages.batches.delete(batch_id))
 

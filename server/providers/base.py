@@ -101,3 +101,6 @@ class BatchProvider(Protocol):
 
     async def cleanup(self, batch_id: str) -> None:
         """Delete the provider-side files of a batch whose results are stored."""
+
+    async def ping(self) -> None:
+        """One cheap authenticated call (list one batch): raises `ProviderError` when the API cannot be used."""

@@ -108,6 +108,10 @@ class GeminiBatch:
     async def cancel(self, batch_id: str) -> None:
         await guarded(self.name, "cancel", lambda: self.client.aio.batches.cancel(name=batch_id))
 
+    async def ping(self) -> None:
+        await guarded(self.name, "ping", lambda: self.client.aio.batches.list(config=types.ListBatchJobsConfig(
+            page_size=1)))
+
     async def cleanup(self, batch_id: str) -> None:
         batch = await guarded(self.name, "poll", lambda: self.client.aio.batches.get(name=batch_id))
         names = [batch.src.file_name if batch.src else None, batch.dest.file_name if batch.dest else None]

@@ -73,6 +73,9 @@ class OpenAIBatch:
     async def cancel(self, batch_id: str) -> None:
         await guarded(self.name, "cancel", lambda: self.client.batches.cancel(batch_id))
 
+    async def ping(self) -> None:
+        await guarded(self.name, "ping", lambda: self.client.batches.list(limit=1))
+
     async def cleanup(self, batch_id: str) -> None:
         batch = await guarded(self.name, "poll", lambda: self.client.batches.retrieve(batch_id))
         for file_id in (batch.input_file_id, batch.output_file_id, batch.error_file_id):

@@ -13,12 +13,13 @@ from datetime import UTC, datetime
 
 from server.db.models import GenerationRecord
 from server.ml.generator import Generation, GenerationParams, TextGenerator
+from server.services.analytics.request_log import RequestLog
 from server.services.batching import ABORTED, BACKGROUND_TIMEOUT_S, Abandoned, Aborted, MicroBatcher
 from server.services.cache import SERVED_FROM_CACHE, ResponseCache
 from server.services.cache.keys import cache_key
 from server.services.errors import FieldError, InputError
 from server.services.prompt_policy import PromptPolicy
-from server.services.recording import RecordWriter
+from server.services.records import RecordWriter
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class GenerationService:
         self.batcher = batcher
         self.cache = cache
         self.recorder = recorder
+        self.requests = RequestLog(recorder, "generate", generator.name)
         self.max_prompt_chars = max_prompt_chars
         self.timeout_s = timeout_s
 
@@ -135,6 +137,21 @@ class GenerationService:
         """Continue each prompt. `background` work (the batch offload's `local` provider) yields to interactive
         requests in the batcher, has a long deadline, and is stored with its batch item, not in the history."""
         started = time.perf_counter()
+        try:
+            results, jobs = await self._compute(prompts, options, bypass_cache, background)
+        except BaseException as exc:
+            if not background:
+                self.requests.failed(started, exc)
+            raise
+        if not background:
+            self._record(results, jobs, (time.perf_counter() - started) * 1000)
+            self.requests.answered(started, items=len(results), cached_items=sum(r.cached for r in results),
+                                   tokens_in=sum(r.prompt_tokens for r in results),
+                                   tokens_out=sum(r.completion_tokens for r in results))
+        return results
+
+    async def _compute(self, prompts: list[str], options: GenerationOptions, bypass_cache: bool,
+                       background: bool) -> tuple[list[GenerationResult], list[GenerationJob]]:
         self.policy.check("generate", prompts)
         jobs = self.plan(prompts, options)
 
@@ -154,9 +171,7 @@ class GenerationService:
                 model_name=self.generator.name, created_at=created, finish_reason=out.finish_reason,
                 prompt_tokens=len(job.prompt_ids), completion_tokens=len(out.token_ids),
                 cached=outcome in SERVED_FROM_CACHE))
-        if not background:
-            self._record(results, jobs, (time.perf_counter() - started) * 1000)
-        return results
+        return results, jobs
 
     def _record(self, results: list[GenerationResult], jobs: list[GenerationJob], latency_ms: float) -> None:
         self.recorder.add(GenerationRecord, [

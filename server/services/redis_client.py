@@ -1,17 +1,61 @@
-"""The one Redis connection pool of a server process, shared by the cache and the rate limiter."""
+"""The one Redis client of a server process, shared by the cache, the stampede lock, the rate limiter and /health.
+
+Redis is an accelerator: every user has a fallback, so the client fails fast rather than making a request
+wait. Every command goes through the process's circuit breaker (`client.circuit`, see
+server/services/circuit.py): a hung or dead Redis costs one `timeout_s` per breaker interval, and calls in
+between raise `CircuitOpen` at once. Socket reads, writes, connects and the wait for a pooled connection
+each time out after `timeout_s` (REDIS_TIMEOUT_S). A command that fails with a connection error is retried
+once on a fresh connection (a pooled connection that a Redis restart closed), never after a timeout (a
+hung Redis must not double the wait).
+"""
+
+import asyncio
+import logging
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
+from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
-SOCKET_TIMEOUT_S = 2.0
+from server.core.config import Settings
+from server.services.circuit import CircuitBreaker, CircuitOpen
+
+log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 64
+DEFAULT_TIMEOUT_S: float = Settings.model_fields["redis_timeout_s"].default
+# What trips the breaker: Redis did not answer. An error reply (ResponseError) is an answer.
+REDIS_FAILURES = (ConnectionError, TimeoutError, OSError, asyncio.TimeoutError)
+# What a caller with a fallback catches: no answer, an error reply, or skipped by the breaker.
+REDIS_ERRORS = (RedisError, CircuitOpen, OSError, asyncio.TimeoutError)
 
 
-def open_redis(url: str) -> Redis:
-    """Fail fast (no retries: callers have a fallback), and queue bursts for a connection instead of
+class GuardedRedis(Redis):
+    """redis.asyncio.Redis whose commands pass through `circuit` (pub/sub subscriptions are guarded by their
+    callers: their connection is the subscription's own)."""
+
+    circuit: CircuitBreaker
+
+    async def execute_command(self, *args, **options):
+        async with self.circuit.guard():
+            return await super().execute_command(*args, **options)
+
+
+def open_redis(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> GuardedRedis:
+    """A client on its own pool and breaker; queues bursts for a connection (up to `timeout_s`) instead of
     failing them with "Too many connections"."""
-    pool = BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=SOCKET_TIMEOUT_S,
-                                           socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S,
-                                           retry=Retry(NoBackoff(), 0))
-    return Redis.from_pool(pool)
+    pool = BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=timeout_s,
+                                           socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                           retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)))
+    client = GuardedRedis.from_pool(pool)
+    client.circuit = CircuitBreaker("redis", failures=REDIS_FAILURES)
+    return client
+
+
+async def warn_if_unreachable(client: GuardedRedis) -> None:
+    """One warning at startup when Redis is configured but does not answer; the server starts anyway."""
+    try:
+        await client.ping()
+    except REDIS_ERRORS as exc:
+        log.warning("REDIS_URL is set but Redis does not answer (%s: %s): starting without it; requests are "
+                    "computed without the shared cache and rate limits follow RATE_LIMIT_FAIL_MODE until it answers",
+                    type(exc).__name__, exc)

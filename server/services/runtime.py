@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
+from prometheus_client import REGISTRY
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from server.core.config import Settings
@@ -17,6 +17,8 @@ from server.ml import configure_threads
 from server.ml.classifier import SentimentClassifier
 from server.ml.generator import TextGenerator
 from server.ml.loader import locate
+from server.providers.gemini_report import GeminiJson
+from server.services.analytics.report import PerformanceReports
 from server.services.batch.factory import build_batch_offload
 from server.services.batch.offload import BatchOffload
 from server.services.batching import MicroBatcher
@@ -28,8 +30,9 @@ from server.services.limits.egress import EgressGuard
 from server.services.limits.gcra import MemoryLimiter, RedisLimiter
 from server.services.limits.ingress import IngressLimits
 from server.core.rate_policy import parse_policies, parse_policy
-from server.services.recording import RecordWriter
-from server.services.redis_client import open_redis
+from server.services.records import RecordWriter
+from server.services.records.replay import replay_at_start
+from server.services.redis_client import GuardedRedis, open_redis, warn_if_unreachable
 from server.services.sentiment import SentimentService
 
 log = logging.getLogger(__name__)
@@ -38,7 +41,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Runtime:
     settings: Settings
-    redis: Redis | None
+    redis: GuardedRedis | None
     api_keys: ApiKeys
     ingress: IngressLimits
     egress: EgressGuard
@@ -51,6 +54,8 @@ class Runtime:
     generation: GenerationService
     sentiment: SentimentService
     batch: BatchOffload
+    admin_keys: ApiKeys
+    reports: PerformanceReports
 
 
 async def load_models(settings: Settings) -> tuple[TextGenerator, SentimentClassifier]:
@@ -63,7 +68,7 @@ async def load_models(settings: Settings) -> tuple[TextGenerator, SentimentClass
             await asyncio.to_thread(SentimentClassifier.load, classifier_at, cache))
 
 
-def open_limits(settings: Settings, redis: Redis | None) -> tuple[IngressLimits, EgressGuard]:
+def open_limits(settings: Settings, redis: GuardedRedis | None) -> tuple[IngressLimits, EgressGuard]:
     """Both layers on one limiter: Redis (exact across replicas) when configured, else this process."""
     limiter = RedisLimiter(redis) if redis is not None else MemoryLimiter()
     fail_open = settings.rate_limit_fail_mode == "open"
@@ -74,10 +79,30 @@ def open_limits(settings: Settings, redis: Redis | None) -> tuple[IngressLimits,
     return ingress, EgressGuard(limiter, parse_policies(settings.egress_rate_limit), fail_open=fail_open)
 
 
+def queue_depths() -> dict[str, float]:
+    """Items waiting in each model's queue now, in this process."""
+    return {model: REGISTRY.get_sample_value("batch_queue_depth", {"model": model}) or 0.0
+            for model in ("generator", "classifier")}
+
+
+def open_reports(settings: Settings, redis: GuardedRedis | None, sessions: async_sessionmaker[AsyncSession],
+                 egress: EgressGuard) -> PerformanceReports:
+    """Reports cached for GEMINI_CACHE_TTL_S (Redis when configured: shared by replicas, with the stampede lock)."""
+    gemini = (GeminiJson(settings.gemini_api_key, settings.gemini_model, timeout_s=settings.gemini_timeout_s,
+                         base_url=settings.gemini_base_url) if settings.gemini_api_key else None)
+    store = open_store(redis, ttl_s=settings.gemini_cache_ttl_s, max_items=settings.cache_max_items,
+                       lock_ttl_s=settings.cache_lock_ttl_s)
+    return PerformanceReports(sessions, ResponseCache(store, lock_ttl_s=settings.cache_lock_ttl_s), egress, gemini,
+                              settings.gemini_model, queue_depths, max_wait_s=settings.analyze_max_wait_s,
+                              backoff_s=settings.gemini_retry_backoff_s)
+
+
 @asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     configure_threads(settings.torch_num_threads)
-    redis = open_redis(settings.redis_url) if settings.redis_url else None
+    redis = open_redis(settings.redis_url, timeout_s=settings.redis_timeout_s) if settings.redis_url else None
+    if redis is not None:
+        await warn_if_unreachable(redis)
     ingress, egress = open_limits(settings, redis)
     api_keys = ApiKeys(settings.api_keys)
     if not api_keys.enabled:
@@ -85,17 +110,18 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                     "'Authorization: Bearer <key>'")
     await asyncio.to_thread(migrate.upgrade, settings.database_url)
     generator, classifier = await load_models(settings)
-    engine = create_engine(settings.database_url)
+    engine = create_engine(settings.database_url, timeout_s=settings.database_timeout_s)
     sessions = session_factory(engine)
-    recorder = RecordWriter(sessions, flush_interval_s=settings.record_flush_interval_ms / 1000,
-                            max_items=settings.record_flush_max_items, spill_dir=settings.record_spill_dir)
+    await replay_at_start(sessions, settings)
+    recorder = RecordWriter.from_settings(sessions, settings)
     cache = ResponseCache(open_store(redis, ttl_s=settings.cache_ttl_s, max_items=settings.cache_max_items,
                                      lock_ttl_s=settings.cache_lock_ttl_s), lock_ttl_s=settings.cache_lock_ttl_s)
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="model")
     batching = {"executor": executor, "max_batch_size": settings.batch_max_size,
               "max_wait_s": settings.batch_max_wait_ms / 1000, "queue_limit": settings.batch_queue_limit,
               "background_max_size": settings.batch_background_max_size}
-    generate_batcher = MicroBatcher("generator", lambda jobs, abandoned: run_jobs(generator, jobs, abandoned), **batching,
+    generate_batcher = MicroBatcher("generator", lambda jobs, abandoned: run_jobs(generator, jobs, abandoned),
+                                    **batching,
                                     group_of=lambda job: job.params,
                                     dedup_key_of=lambda job: job if job.deterministic else None)
     # One forward pass has no step to stop at: an abandoned text's batch simply finishes.
@@ -108,7 +134,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                                  timeout_s=settings.request_timeout_s)
     runtime = Runtime(settings, redis, api_keys, ingress, egress, engine, sessions, generator, classifier, recorder,
                       cache, generation, sentiment,
-                      build_batch_offload(settings, sessions, egress, generation, sentiment))
+                      build_batch_offload(settings, sessions, egress, generation, sentiment),
+                      ApiKeys(settings.admin_api_keys), open_reports(settings, redis, sessions, egress))
     batchers = (generate_batcher, predict_batcher)
     for component in (*batchers, recorder):
         component.start()

@@ -5,14 +5,16 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal
 
 from server.db.models import PredictionRecord
 from server.ml.classifier import Sentiment, SentimentClassifier
+from server.services.analytics.request_log import RequestLog
 from server.services.batching import BACKGROUND_TIMEOUT_S, MicroBatcher
 from server.services.cache import SERVED_FROM_CACHE, ResponseCache
 from server.services.cache.keys import cache_key, normalise_text
 from server.services.errors import FieldError, InputError
-from server.services.recording import RecordWriter
+from server.services.records import RecordWriter
 
 
 @dataclass(frozen=True)
@@ -33,25 +35,43 @@ class SentimentService:
         self.batcher = batcher
         self.cache = cache
         self.recorder = recorder
+        self.requests = RequestLog(recorder, "predict", classifier.name)
         self.max_text_chars = max_text_chars
         self.timeout_s = timeout_s
 
     def key(self, text: str) -> str:
         return cache_key("predict", self.classifier.name, self.classifier.revision, normalise_text(text), {})
 
-    def check(self, texts: list[str]) -> None:
-        """Every problem with the texts at once, as a 422 would list them."""
-        errors = [FieldError(("body", "texts", i), f"text is {len(t)} characters; MAX_PROMPT_CHARS is "
-                                                   f"{self.max_text_chars}")
+    def check(self, texts: list[str], field: Literal["text", "texts"] = "texts") -> None:
+        """Every problem with the texts at once, as a 422 would list them; `field` is the body field the texts
+        came in (`text`: the one text, located without an index)."""
+        errors = [FieldError(("body", "text") if field == "text" else ("body", "texts", i),
+                             f"text is {len(t)} characters; MAX_PROMPT_CHARS is {self.max_text_chars}")
                   for i, t in enumerate(texts) if len(t) > self.max_text_chars]
         if errors:
             raise InputError(errors)
 
-    async def predict(self, texts: list[str], *, bypass_cache: bool = False,
-                      background: bool = False) -> list[PredictionResult]:
-        """Classify each text; `background` as for `GenerationService.generate`."""
+    async def predict(self, texts: list[str], *, bypass_cache: bool = False, background: bool = False,
+                      field: Literal["text", "texts"] = "texts") -> list[PredictionResult]:
+        """Classify each text; `background` as for `GenerationService.generate`, `field` as for `check`."""
         started = time.perf_counter()
-        self.check(texts)
+        try:
+            results = await self._compute(texts, bypass_cache, background, field)
+        except BaseException as exc:
+            if not background:
+                self.requests.failed(started, exc)
+            raise
+        if not background:
+            latency_ms = (time.perf_counter() - started) * 1000
+            self.recorder.add(PredictionRecord, [
+                {"id": r.id, "text": r.text, "label": r.label, "score": r.score, "model": r.model_name,
+                 "latency_ms": latency_ms, "created_at": r.created_at, "cached": r.cached} for r in results])
+            self.requests.answered(started, items=len(results), cached_items=sum(r.cached for r in results))
+        return results
+
+    async def _compute(self, texts: list[str], bypass_cache: bool, background: bool,
+                       field: Literal["text", "texts"]) -> list[PredictionResult]:
+        self.check(texts, field)
 
         async def compute(index: int) -> bytes:
             [output] = await self.batcher.submit([texts[index]], background=background,
@@ -66,9 +86,4 @@ class SentimentService:
             out = Sentiment(**json.loads(data))
             results.append(PredictionResult(uuid.uuid4().hex, text, out.label, out.score, self.classifier.name, created,
                                             cached=outcome in SERVED_FROM_CACHE))
-        if not background:
-            latency_ms = (time.perf_counter() - started) * 1000
-            self.recorder.add(PredictionRecord, [
-                {"id": r.id, "text": r.text, "label": r.label, "score": r.score, "model": r.model_name,
-                 "latency_ms": latency_ms, "created_at": r.created_at, "cached": r.cached} for r in results])
         return results

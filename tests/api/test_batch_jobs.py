@@ -1,5 +1,7 @@
 """The batch jobs API: create, list, read, change, delete; requests (idempotent on custom_id) and responses."""
 
+import json
+
 import pytest
 
 
@@ -84,3 +86,17 @@ async def test_only_a_queued_job_changes_and_an_in_flight_job_is_not_deleted(cli
     assert await jobs.transition(job["id"], ["submitted"], "cancelled")
     assert (await client.delete(url)).status_code == 204
     assert (await client.get(url)).status_code == 404
+
+
+@pytest.mark.parametrize("body, where", [
+    ({**JOB, "name": "nul\u0000name"}, "name"),
+    ({**JOB, "priority": "5"}, "priority"),
+    ({**JOB, "metadata": {"ratio": float("nan")}}, "metadata"),
+    ({**JOB, "requests": [{"custom_id": "a", "body": {"prompt": "lone \ud800 surrogate"}}]}, "body"),
+    ({**JOB, "requests": [{"custom_id": "a", "body": {"prompt": "x", "temperature": float("inf")}}]}, "body"),
+])
+async def test_batch_bodies_are_strict_finite_and_storable(client, body, where):
+    response = await client.post("/batch/jobs", content=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert any(where in map(str, error["loc"]) for error in response.json()["detail"])

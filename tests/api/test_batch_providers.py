@@ -184,3 +184,13 @@ async def test_a_batch_the_provider_never_received_is_not_sent_after_its_job_was
             assert done["status"] == "cancelled" and done["counts"] == {"total": 2, "succeeded": 0, "failed": 2,
                                                                         "pending": 0}
         assert fake.batches_created == 0
+
+
+async def test_batch_health_probes_each_configured_provider(settings, database_url):
+    with FakeAnthropic().serve() as fake:
+        async with serving(settings, database_url, "anthropic", fake,
+                           openai_api_key="key", openai_base_url="http://127.0.0.1:9/v1") as client:
+            providers = (await client.get("/batch/health")).json()["providers"]
+    assert providers["local"] == "ok" and providers["anthropic"] == "ok" and providers["gemini"] == "unconfigured"
+    assert providers["openai"].startswith("unreachable: ")
+    assert fake.calls("GET", "/v1/messages/batches")

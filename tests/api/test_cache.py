@@ -6,6 +6,7 @@ import pytest
 from server.core.config import Settings
 from server.main import create_app
 from tests.support.metrics import metric
+from tests.support.redis import redis_answers_again
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -108,6 +109,7 @@ async def test_redis_outage_serves_every_request_reports_degraded_and_recovers(s
             assert health.status_code == 200
             assert health.json()["status"] == "degraded" and health.json()["checks"]["redis"]["status"] == "degraded"
             redis_server.start()
+            await redis_answers_again(client)
             assert (await client.post("/generate", json=body)).headers["x-cache"] == "MISS"
             assert (await client.post("/generate", json=body)).headers["x-cache"] == "HIT"
             assert (await client.get("/health")).json()["checks"]["redis"]["status"] == "ok"

@@ -7,6 +7,7 @@ import uvicorn
 from server.core.config import Settings
 from server.main import create_app
 from tests.support.metrics import metric
+from tests.support.redis import redis_answers_again
 from tests.support.servers import free_port
 
 
@@ -93,6 +94,7 @@ async def test_redis_failure_fails_open_or_closed(settings, redis_server):
         assert response.status_code == expected
         assert metric("rate_limit_errors_total", layer="ingress") == errors + 1
         redis_server.start()
+        await redis_answers_again(client)
         assert (await predict(client)).status_code == 200
         await client.aclose()
         await context.__aexit__(None, None, None)

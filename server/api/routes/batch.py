@@ -4,6 +4,7 @@ import base64
 import csv
 import io
 import json
+import logging
 from dataclasses import asdict
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -16,12 +17,14 @@ from server.api.batch_schemas import (AddedOut, AlertOut, BatchHealthOut, Counts
                                       JobCreate, JobOut, JobPage, JobPatch, JobStatus, ProcessIn, ProcessOut, Provider,
                                       QueueBulkIn, QueuedOut, QueueIn, QueueStatusOut, RequestsIn, ResponseOut,
                                       ResponsePage, SchedulerIn, SchedulerOut, UsageOut)
-from server.api.deps import RuntimeDep
+from server.api.deps import AdminDep, RuntimeDep
+from server.api.json_body import JSONBodyRoute
 from server.db.batch_models import BatchItem, BatchJob
 from server.services.batch.jobs import Counts, JobSpec, NewItem
 from server.services.batch.reports import REPORT_COLUMNS
 
-router = APIRouter(prefix="/batch", tags=["batch"])
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/batch", tags=["batch"], route_class=JSONBodyRoute)
 PAGE = Annotated[int, Query(ge=1, le=1000)]
 
 
@@ -248,8 +251,10 @@ async def scheduler(runtime: RuntimeDep) -> SchedulerOut:
 
 
 @router.post("/scheduler", response_model=SchedulerOut)
-async def set_scheduler(body: SchedulerIn, runtime: RuntimeDep) -> SchedulerOut:
-    """Start or stop the batch worker in this process (its lease passes to another process when stopped)."""
+async def set_scheduler(body: SchedulerIn, runtime: RuntimeDep, admin: AdminDep) -> SchedulerOut:
+    """Start or stop the batch worker in this process (its lease passes to another process when stopped). With
+    ADMIN_API_KEYS set, an admin key only (403 for an ordinary key); the log names the key's id."""
+    log.info("batch scheduler %s by %s", "started" if body.running else "stopped", admin or "an anonymous caller")
     if body.running:
         runtime.batch.start()
     else:
@@ -296,11 +301,11 @@ async def report(runtime: RuntimeDep, days: Annotated[int, Query(ge=1, le=3660)]
 
 @router.get("/health", response_model=BatchHealthOut)
 async def batch_health(runtime: RuntimeDep) -> BatchHealthOut:
-    """The batch scheduler: whether it runs here, who leads, the last and next runs, which providers are usable."""
+    """The batch scheduler: whether it runs here, who leads, the last and next runs, and each provider's state
+    (`ok`, `unconfigured`, or `unreachable: <why>` from one cheap call)."""
     holder = await runtime.batch.worker.lease.holder()
     worker = runtime.batch.worker
-    providers = {name: "ok" if name in runtime.batch.registry.configured else "unconfigured"
-                 for name in ("local", "openai", "anthropic", "gemini")}
+    providers = await runtime.batch.reachability()
     expected_here = runtime.batch.in_process
     return BatchHealthOut(
         status="degraded" if expected_here and not runtime.batch.running else "ok",

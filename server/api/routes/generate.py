@@ -2,14 +2,16 @@ from fastapi import APIRouter, Request, Response
 
 from server.api.cancellation import unless_disconnected
 from server.api.deps import CacheBypassDep, GenerationDep, RespondAsyncDep, RuntimeDep, accepted, x_cache
-from server.api.schemas import ErrorOut, GenerateRequest, GenerationOut, Usage
+from server.api.json_body import JSONBodyRoute
+from server.api.responses import MODEL_ROUTE_ERRORS, error_responses
+from server.api.schemas import GenerateRequest, GenerationOut, Usage
 from server.services.generation import GenerationOptions
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], route_class=JSONBodyRoute)
 
 
 @router.post("/generate", response_model=list[GenerationOut],
-             responses={503: {"model": ErrorOut}, 504: {"model": ErrorOut}})
+             responses=error_responses(400, *MODEL_ROUTE_ERRORS))
 async def generate(body: GenerateRequest, request: Request, response: Response, service: GenerationDep,
                    bypass: CacheBypassDep, runtime: RuntimeDep, deferred: RespondAsyncDep) -> list[GenerationOut]:
     """Continue each prompt with the causal LM; one object per prompt, in order. `X-Cache` says HIT, MISS or

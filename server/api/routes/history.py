@@ -3,7 +3,8 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Query
 
 from server.api.deps import RuntimeDep
-from server.api.schemas import GenerationHistoryItem, HistoryItem, HistoryPage, PredictionHistoryItem, Usage
+from server.api.responses import LIMITED_ROUTE_ERRORS, error_responses
+from server.api.schemas import ErrorOut, GenerationHistoryItem, HistoryItem, HistoryPage, PredictionHistoryItem, Usage
 from server.db.models import GenerationRecord, PredictionRecord
 from server.services.history import Kind, find_record, list_records
 
@@ -21,7 +22,7 @@ def history_item(row: GenerationRecord | PredictionRecord) -> GenerationHistoryI
         latency_ms=row.latency_ms, cached=row.cached, created_at=row.created_at)
 
 
-@router.get("/history", response_model=HistoryPage)
+@router.get("/history", response_model=HistoryPage, responses=error_responses(*LIMITED_ROUTE_ERRORS))
 async def history(runtime: RuntimeDep, kind: Kind = "generations", limit: Annotated[int, Query(ge=1, le=200)] = 20,
                   cursor: Annotated[int | None, Query(ge=1, description="`next_cursor` of the previous page")] = None,
                   offset: Annotated[int | None, Query(ge=0, description="Instead of `cursor`, not with it")] = None,
@@ -35,7 +36,8 @@ async def history(runtime: RuntimeDep, kind: Kind = "generations", limit: Annota
                        next_cursor=None if next_cursor is None else str(next_cursor))
 
 
-@router.get("/history/{record_id}", response_model=HistoryItem, responses={404: {"description": "No such record"}})
+@router.get("/history/{record_id}", response_model=HistoryItem, responses={
+    404: {"model": ErrorOut, "description": "No such record"}, **error_responses(*LIMITED_ROUTE_ERRORS)})
 async def history_record(runtime: RuntimeDep, record_id: Annotated[str, Path(max_length=64)]) -> HistoryItem:
     """One stored generation or prediction by the `id` its response carried."""
     row = await find_record(runtime.sessions, record_id)

@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server import __version__
 from server.api.deps import BearerDep, RuntimeDep, check_api_key
 from server.api.schemas import AppInfo, CheckOut, HealthOut
-from server.services.health import database_check, redis_check
+from server.services.health import database_check, records_check, redis_check
 
 router = APIRouter(tags=["system"])
 
@@ -28,9 +28,11 @@ async def info(runtime: RuntimeDep) -> AppInfo:
 
 @router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
 async def health(runtime: RuntimeDep) -> JSONResponse:
-    """200 when the models are loaded and the database answers, else 503; Redis failing is only `degraded`."""
+    """200 when the models are loaded and the database answers, else 503; Redis failing, or records piling up
+    (the `records` check), is only `degraded`."""
     checks = {"models": CheckOut(status="ok", latency_ms=0.0, detail=_models(runtime)),
-              "database": CheckOut(**(await database_check(runtime.engine)).__dict__)}
+              "database": CheckOut(**(await database_check(runtime.engine)).__dict__),
+              "records": CheckOut(**records_check(runtime.recorder).__dict__)}
     if runtime.redis is not None:
         checks["redis"] = CheckOut(**(await redis_check(runtime.redis)).__dict__)
     states = {check.status for check in checks.values()}

@@ -57,12 +57,12 @@ class LocalRunner:
         held = False
         try:
             while True:
+                self._wakeup.clear()
                 if self.holds_lease() and not held:
                     await self.requeue_orphans()
                 held = self.holds_lease()
                 started = await self.run_available() if held else 0
                 if not started:
-                    self._wakeup.clear()
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), self.idle_poll_s)
                     except TimeoutError:

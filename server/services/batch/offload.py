@@ -8,11 +8,13 @@ single machine needs nothing more); with `off`, the web process only records wor
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.db.batch_models import BatchItem, BatchJob, ProviderBatch
+from server.providers.base import ProviderError
 from server.services.batch.jobs import FINAL_STATUSES, JobConflict, JobSpec, JobStore, NewItem, new_id, now
 from server.services.batch.local import LocalRunner
 from server.services.batch.pricing import PriceTable
@@ -23,6 +25,8 @@ from server.services.generation import GenerationOptions, GenerationService
 from server.services.sentiment import SentimentService
 
 log = logging.getLogger(__name__)
+PROVIDERS = ("openai", "anthropic", "gemini")
+PING_TIMEOUT_S = 3.0
 # `Prefer: respond-async` work: one open local job per kind, run as soon as the models are idle.
 DEFERRED_JOB_TYPE = "respond-async"
 DEFERRED_PRIORITY = 5
@@ -187,12 +191,26 @@ class BatchOffload:
         return await self.enqueue(provider="local", model=self.generation.generator.name, kind="generate",
                                   job_type=DEFERRED_JOB_TYPE, priority=DEFERRED_PRIORITY, items=bodies, schedule="now")
 
-    async def defer_prediction(self, texts: list[str]) -> list[QueuedItem]:
+    async def defer_prediction(self, texts: list[str], field: Literal["text", "texts"]) -> list[QueuedItem]:
         """Validate texts as /predict does, then queue them for the local models (`Prefer: respond-async`)."""
-        self.sentiment.check(texts)
+        self.sentiment.check(texts, field)
         return await self.enqueue(provider="local", model=self.sentiment.classifier.name, kind="predict",
                                   job_type=DEFERRED_JOB_TYPE, priority=DEFERRED_PRIORITY,
                                   items=[{"text": text} for text in texts], schedule="now")
+
+    async def reachability(self, timeout_s: float = PING_TIMEOUT_S) -> dict[str, str]:
+        """Per provider: `ok`, `unconfigured` (no API key) or `unreachable: <why>` (one cheap call each, at once)."""
+        async def probe(name: str) -> str:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self.worker.providers[name].ping()
+            except (ProviderError, TimeoutError) as exc:
+                return f"unreachable: {exc or 'no answer within ' + str(timeout_s) + ' s'}"
+            return "ok"
+
+        external = [name for name in PROVIDERS if name in self.worker.providers]
+        answers = dict(zip(external, await asyncio.gather(*(probe(name) for name in external))))
+        return {name: "ok" if name == "local" else answers.get(name, "unconfigured") for name in ("local", *PROVIDERS)}
 
     async def queue_status(self) -> dict[str, dict[str, int]]:
         """Items waiting to be submitted, by job type, provider and priority."""

@@ -99,12 +99,13 @@ class BatchWorker:
 
     async def run_forever(self) -> None:
         while True:
+            # Cleared before the tick, so that a wake-up during the tick runs another one.
+            self._wakeup.clear()
             try:
                 if await self.lease.acquire():
                     await self.run_once()
             except Exception:
                 log.exception("batch worker tick failed; retrying at the next tick")
-            self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), self.poll_interval.total_seconds())
             except TimeoutError:

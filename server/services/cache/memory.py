@@ -1,5 +1,6 @@
 """In-process cache store: a bounded LRU whose entries expire after a TTL (the default backend)."""
 
+import fnmatch
 import time
 from collections import OrderedDict
 
@@ -34,3 +35,19 @@ class MemoryStore:
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_items:
             self._entries.popitem(last=False)
+
+    async def count(self, pattern: str) -> int:
+        """Live entries whose key matches the glob `pattern`."""
+        now = self.clock()
+        return sum(1 for key, (expires, _) in self._entries.items()
+                   if expires > now and fnmatch.fnmatchcase(key, pattern))
+
+    async def delete_matching(self, pattern: str) -> int:
+        """Remove the live entries whose key matches `pattern`; how many were removed (expired ones go too)."""
+        now = self.clock()
+        doomed = [key for key in self._entries if fnmatch.fnmatchcase(key, pattern)]
+        removed = 0
+        for key in doomed:
+            expires, _ = self._entries.pop(key)
+            removed += expires > now
+        return removed

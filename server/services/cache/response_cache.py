@@ -5,35 +5,36 @@
 - miss: this caller computed it (and stored it);
 - coalesced: another caller's computation answered it (in this process, or another one via the lock);
 - bypass: not cacheable (sampling without a seed) or the client asked to skip the cache, so computed;
-- error: the store failed; the item was computed anyway (single-flight still on).
+- error: the store failed, or was skipped because Redis's circuit is open; the item was computed anyway
+  (single-flight still on).
 
 In-process single-flight: one task per key computes; callers await it shielded, so one caller's
 disconnect does not cancel it for the others; when the last caller leaves, the computation is cancelled
 (so its item is dropped from the batch queue if it has not started).
-A store failure never fails a request: it is counted, logged at most once per `ERROR_LOG_INTERVAL_S`,
-and the item is computed; the next request tries the store again, so recovery needs nothing.
+A store failure never fails a request: it is counted (`cache_store_errors_total{operation}`, skipped calls
+included), logged at most once per 30 s, and the item is computed. Recovery needs nothing: the store is
+tried again by the next request (Redis: once its circuit breaker lets a probe through).
 """
 
 import asyncio
 import logging
-import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
-from redis.exceptions import RedisError
-
 from server.core import metrics
+from server.core.throttled_log import ThrottledLog
+from server.services.cache.keys import key_pattern
 from server.services.cache.memory import MemoryStore
 from server.services.cache.redis_store import RedisStore
+from server.services.redis_client import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 Outcome = Literal["hit", "miss", "coalesced", "bypass", "error"]
 # Outcomes where the item was not computed for this request: reported as `cached: true`.
 SERVED_FROM_CACHE: frozenset[Outcome] = frozenset({"hit", "coalesced"})
-ERROR_LOG_INTERVAL_S = 30.0
-STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 
 @dataclass(eq=False)
@@ -47,7 +48,8 @@ class ResponseCache:
         self.store = store
         self.lock_ttl_s = lock_ttl_s
         self._flights: dict[str, _Flight] = {}
-        self._last_error_log = -float("inf")
+        self.outcomes: Counter[Outcome] = Counter()
+        self._warnings = ThrottledLog(log)
 
     @property
     def backend(self) -> str:
@@ -55,11 +57,8 @@ class ResponseCache:
 
     def _store_failed(self, operation: str, exc: BaseException) -> None:
         metrics.CACHE_STORE_ERRORS.labels(self.backend, operation).inc()
-        now = time.monotonic()
-        if now - self._last_error_log >= ERROR_LOG_INTERVAL_S:
-            self._last_error_log = now
-            log.warning("cache store (%s) failed on %s: %s: %s; computing without it (logged at most every %.0f s)",
-                        self.backend, operation, type(exc).__name__, exc, ERROR_LOG_INTERVAL_S)
+        self._warnings.warning(self.backend, "cache store (%s) failed on %s: %s: %s; computing without it",
+                               self.backend, operation, type(exc).__name__, exc)
 
     async def resolve(self, endpoint: str, keys: list[str | None], compute: Callable[[int], Awaitable[bytes]],
                       *, bypass: bool = False,
@@ -76,7 +75,7 @@ class ResponseCache:
             try:
                 values = await self.store.get_many([keys[i] for i in lookups])
                 found = {i: v for i, v in zip(lookups, values) if v is not None}
-            except STORE_ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 self._store_failed("get", exc)
                 store_error = True
 
@@ -97,7 +96,23 @@ class ResponseCache:
             results = await asyncio.gather(*(one(i) for i in range(len(keys))))
         for _, outcome in results:
             metrics.CACHE_REQUESTS.labels(endpoint, outcome).inc()
+            self.outcomes[outcome] += 1
         return results
+
+    @property
+    def hit_ratio(self) -> float | None:
+        """Share of cacheable items this process answered without computing them (None before the first)."""
+        answered = sum(count for outcome, count in self.outcomes.items() if outcome != "bypass")
+        served = sum(self.outcomes[outcome] for outcome in SERVED_FROM_CACHE)
+        return served / answered if answered else None
+
+    async def entries(self, endpoint: str | None = None, model: str | None = None) -> int:
+        """Cached answers of `endpoint` and `model` (None: any) in the store, every replica's on Redis."""
+        return await self.store.count(key_pattern(endpoint, model))
+
+    async def remove(self, endpoint: str | None = None, model: str | None = None) -> int:
+        """Remove the cached answers of `endpoint` and `model` (None: any); how many were removed."""
+        return await self.store.delete_matching(key_pattern(endpoint, model))
 
     async def _join(self, key: str, compute: Callable[[], Awaitable[bytes]]) -> tuple[bytes, Outcome]:
         flight = self._flights.get(key)
@@ -118,7 +133,7 @@ class ResponseCache:
     async def _set(self, key: str, value: bytes) -> None:
         try:
             await self.store.set(key, value)
-        except STORE_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             self._store_failed("set", exc)
 
     async def _fill(self, key: str, compute: Callable[[], Awaitable[bytes]]) -> tuple[bytes, Outcome]:
@@ -129,14 +144,14 @@ class ResponseCache:
         while True:
             try:
                 token = await self.store.try_lock(key)
-            except STORE_ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 self._store_failed("lock", exc)
                 return await compute(), "miss"
             if token is not None:
                 return await self._lead(key, token, compute)
             try:
                 value = await self.store.wait_for(key, self.lock_ttl_s)
-            except STORE_ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 self._store_failed("wait", exc)
                 return await compute(), "miss"
             if value is not None:
@@ -145,14 +160,14 @@ class ResponseCache:
     async def _release(self, key: str, token: str) -> None:
         try:
             await self.store.release(key, token)
-        except STORE_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             self._store_failed("release", exc)
 
     async def _lead(self, key: str, token: str, compute: Callable[[], Awaitable[bytes]]) -> tuple[bytes, Outcome]:
         """Holding the lock: double-check, compute, then store + release + publish in one script."""
         try:
             [value] = await self.store.get_many([key])
-        except STORE_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             self._store_failed("get", exc)
             value = None
         if value is not None:
@@ -165,6 +180,6 @@ class ResponseCache:
             raise
         try:
             await self.store.store_and_release(key, value, token)
-        except STORE_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             self._store_failed("set", exc)
         return value, "miss"

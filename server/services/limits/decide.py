@@ -1,17 +1,20 @@
 """One limiter call with the failure policy and metrics both layers share.
 
-A limiter whose store fails (Redis down) either lets the request through (`fail_open`, counted in
-`rate_limit_errors_total`) or raises `LimiterUnavailable`.
+A limiter whose store fails (Redis down, or skipped by its open circuit) either lets the request through
+(`fail_open`) or raises `LimiterUnavailable`; either way the failure is counted in `rate_limit_errors_total`
+and logged at most once per interval per layer.
 """
 
 import logging
 from collections.abc import Sequence
 
 from server.core import metrics
+from server.core.throttled_log import ThrottledLog
 from server.services.limits.gcra import Decision, MemoryLimiter, RedisLimiter
 from server.core.rate_policy import RatePolicy
 
 log = logging.getLogger(__name__)
+_warnings = ThrottledLog(log)
 
 
 class LimiterUnavailable(RuntimeError):
@@ -25,8 +28,8 @@ async def decide(limiter: MemoryLimiter | RedisLimiter, checks: Sequence[tuple[R
         decision = await limiter.check(checks)
     except Exception as exc:
         metrics.RATE_LIMIT_ERRORS.labels(layer).inc()
-        log.warning("%s rate limiter failed (%s: %s); failing %s", layer, type(exc).__name__, exc,
-                    "open" if fail_open else "closed")
+        _warnings.warning(layer, "%s rate limiter failed (%s: %s); failing %s", layer, type(exc).__name__, exc,
+                          "open" if fail_open else "closed")
         if fail_open:
             return None
         raise LimiterUnavailable(f"{layer} rate limiter unavailable") from exc

@@ -1,12 +1,5 @@
 from server.services.cache.memory import MemoryStore
-
-
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import Clock
 
 
 async def test_entries_expire_after_the_ttl():

@@ -4,7 +4,9 @@ import pytest
 
 from server.services.cache import MemoryStore, RedisStore, ResponseCache
 from server.services.cache.redis_store import lock_key
-from server.services.redis_client import open_redis
+from server.services.circuit import CircuitBreaker
+from server.services.redis_client import REDIS_FAILURES, open_redis
+from tests.support.clock import Clock
 from tests.support.metrics import metric
 
 
@@ -141,9 +143,10 @@ async def test_the_lock_is_released_only_by_its_holder(redis):
     assert await store.client.get(lock_key("k")) is None and await store.client.get("k") == b"v"
 
 
-async def test_redis_down_computes_counts_and_recovers(redis_server, redis):
-    store = RedisStore(redis, ttl_s=60, lock_ttl_s=5)
-    cache = ResponseCache(store, lock_ttl_s=5)
+async def test_redis_down_computes_counts_skips_redis_then_recovers(redis_server, redis):
+    clock = Clock()
+    redis.circuit = CircuitBreaker("redis", failures=REDIS_FAILURES, clock=clock)
+    cache = ResponseCache(RedisStore(redis, ttl_s=60, lock_ttl_s=5), lock_ttl_s=5)
     compute = Computation(0)
     await cache.resolve("t", ["before"], compute)
     redis_server.stop()
@@ -154,5 +157,26 @@ async def test_redis_down_computes_counts_and_recovers(redis_server, redis):
     assert compute.calls == 2
     assert metric("cache_store_errors_total", backend="redis", operation="get") > errors
     redis_server.start()
-    await cache.resolve("t", ["after"], compute)
+    failures, skipped = metric("circuit_failures_total", dependency="redis"), metric("circuit_skipped_total",
+                                                                                      dependency="redis")
+    assert await cache.resolve("t", ["after"], compute) == [(b"value-0", "error")], "skipped: Redis is not tried yet"
+    assert metric("circuit_skipped_total", dependency="redis") == skipped + 2, "the lookup and the lock"
+    assert metric("circuit_failures_total", dependency="redis") == failures
+    clock.now += redis.circuit.interval_s
+    assert (await cache.resolve("t", ["after"], compute))[0][1] == "miss"
+    assert redis.circuit.state == "closed"
     assert (await cache.resolve("t", ["after"], compute))[0][1] == "hit"
+
+
+async def test_waiting_for_another_process_is_not_cut_by_the_socket_timeout(redis_server):
+    """The stampede wait sleeps on the subscription, far longer than REDIS_TIMEOUT_S."""
+    clients = [open_redis(redis_server.url, timeout_s=0.05) for _ in range(2)]
+    caches = [ResponseCache(RedisStore(client, ttl_s=60, lock_ttl_s=5), lock_ttl_s=5) for client in clients]
+    compute = Computation(0.5)
+    leader = asyncio.create_task(caches[0].resolve("t", ["slow"], compute))
+    await compute.started.wait()
+    assert await caches[1].resolve("t", ["slow"], compute) == [(b"value-0", "coalesced")]
+    assert await leader == [(b"value-0", "miss")]
+    assert compute.calls == 1 and all(client.circuit.state == "closed" for client in clients)
+    for client in clients:
+        await client.aclose()

@@ -5,14 +5,7 @@ import pytest
 from server.services.limits.gcra import MemoryLimiter, RedisLimiter
 from server.core.rate_policy import RatePolicy
 from server.services.redis_client import open_redis
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import Clock
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -26,7 +19,7 @@ async def limiter(request: pytest.FixtureRequest):
 
 
 async def test_burst_then_one_per_interval_with_exact_retry_after():
-    clock = Clock()
+    clock = Clock(1000.0)
     limiter = MemoryLimiter(clock)
     policy = RatePolicy("p", 2, 1, 3)
     decisions = [await limiter.check([(policy, "c")]) for _ in range(4)]
@@ -42,7 +35,7 @@ async def test_burst_then_one_per_interval_with_exact_retry_after():
 
 
 async def test_admits_burst_plus_rate_times_elapsed():
-    clock = Clock()
+    clock = Clock(1000.0)
     limiter = MemoryLimiter(clock)
     policy = RatePolicy("p", 10, 1, 5)
     admitted = 0

@@ -1,0 +1,60 @@
+"""Request body limits, enforced while the body streams in, as a pure ASGI middleware (BaseHTTPMiddleware
+would break disconnect detection in `cancellation.py`).
+
+A body over MAX_REQUEST_BYTES is refused with 413 before anything parses it: at once when its Content-Length
+says so, else as soon as the bytes received pass the limit (a chunked body has no Content-Length). A body whose
+next chunk does not arrive within BODY_TIMEOUT_S is answered 408, so that a half-sent body cannot hold a
+handler for ever. Both answers close the connection: what is left of the body is never read.
+"""
+
+import asyncio
+
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+_CLOSE = {"Connection": "close"}
+
+
+class BodyGuardMiddleware:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+
+    def _too_large(self) -> HTTPException:
+        return HTTPException(413, f"request body larger than MAX_REQUEST_BYTES ({self.max_bytes} bytes)", _CLOSE)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            refusal = self._too_large()
+            await JSONResponse({"detail": refusal.detail}, refusal.status_code, refusal.headers)(scope, receive, send)
+            return
+        received = 0
+        complete = False
+
+        async def guarded_receive() -> Message:
+            # Raised from receive(), an HTTPException passes through FastAPI's body parsing (which turns any other
+            # error into a 400) to its exception handler: a JSON {"detail": ...}.
+            nonlocal received, complete
+            if complete:  # past the body, receive() only waits for the disconnect: no deadline
+                return await receive()
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                raise HTTPException(408, f"request body not received within BODY_TIMEOUT_S ({self.timeout_s:g} s)",
+                                    _CLOSE) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._too_large()
+                complete = not message.get("more_body", False)
+            return message
+
+        await self.app(scope, guarded_receive, send)

@@ -1,0 +1,106 @@
+"""Serving analytics over every replica (from the database), the performance report, cache administration."""
+
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from pydantic import AwareDatetime
+
+from server.api.analytics_schemas import (
+    AggregatedIn,
+    AggregatedOut,
+    AnalyzeIn,
+    CacheOut,
+    CacheRemovedOut,
+    CountOut,
+    ReportOut,
+    ThresholdsOut,
+)
+from server.api.deps import AdminDep, RuntimeDep
+from server.api.json_body import JSONBodyRoute
+from server.api.responses import LIMITED_ROUTE_ERRORS, error_responses
+from server.api.schemas import ErrorOut
+from server.services.analytics import thresholds as threshold_store
+from server.services.analytics.aggregate import aggregate, count_items, default_window
+from server.services.analytics.thresholds import Thresholds, breaches
+from server.services.cache import ResponseCache
+from server.services.runtime import Runtime
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["analytics"], route_class=JSONBodyRoute)
+ADMIN_ERRORS = {403: {"model": ErrorOut, "description": "ADMIN_API_KEYS is set and the key is not one of them"},
+                **error_responses(*LIMITED_ROUTE_ERRORS)}
+REPORT_SPAN = timedelta(hours=1)
+
+
+@router.get("/metrics/count", response_model=CountOut, responses=error_responses(*LIMITED_ROUTE_ERRORS))
+async def count(runtime: RuntimeDep, since: AwareDatetime | None = None, until: AwareDatetime | None = None,
+                model: Annotated[str | None, Query(max_length=255)] = None) -> CountOut:
+    """Items answered (predictions, generations) by every replica, at one-minute resolution."""
+    counted = await count_items(runtime.sessions, since=since, until=until, model=model)
+    predictions, generations = counted.get("predict", 0), counted.get("generate", 0)
+    return CountOut(predictions=predictions, generations=generations, total=predictions + generations)
+
+
+@router.post("/metrics/aggregated", response_model=AggregatedOut, responses=error_responses(*LIMITED_ROUTE_ERRORS))
+async def aggregated(body: AggregatedIn, runtime: RuntimeDep) -> AggregatedOut:
+    """Requests, items, errors, cache hit ratio, latency percentiles (from per-minute histograms), tokens and
+    throughput per bucket and over the window, plus the thresholds the window breaches."""
+    result = await aggregate(runtime.sessions, body.start, body.end, body.bucket, endpoint=body.endpoint,
+                             model=body.model)
+    found = breaches(await threshold_store.load(runtime.sessions), result.total, runtime.reports.queue_depths())
+    return AggregatedOut(buckets=[bucket.summary() for bucket in result.buckets], total=result.total.summary(),
+                         breaches=[b.as_dict() for b in found])
+
+
+@router.get("/metrics/thresholds", response_model=ThresholdsOut, responses=error_responses(*LIMITED_ROUTE_ERRORS))
+async def get_thresholds(runtime: RuntimeDep) -> ThresholdsOut:
+    """The thresholds that define "doing badly" (shared by every replica)."""
+    return ThresholdsOut(**(await threshold_store.load(runtime.sessions)).model_dump())
+
+
+@router.put("/metrics/thresholds", response_model=ThresholdsOut, responses=ADMIN_ERRORS)
+async def put_thresholds(body: Thresholds, runtime: RuntimeDep, admin: AdminDep) -> ThresholdsOut:
+    """Replace the thresholds (fields left out take their defaults; null turns one off). Audited: the key's id,
+    the changes and the time are stored."""
+    changes = await threshold_store.store(runtime.sessions, body, admin)
+    log.info("thresholds changed by %s: %s", admin or "an anonymous caller", changes)
+    return ThresholdsOut(**body.model_dump(), updated=sorted(changes))
+
+
+@router.post("/analyze/performance", response_model=ReportOut, responses=error_responses(*LIMITED_ROUTE_ERRORS))
+async def analyze(runtime: RuntimeDep, body: AnalyzeIn | None = None) -> ReportOut:
+    """A performance report on the window: Gemini's (`source: gemini`) or, without a key, when Gemini fails or its
+    quota is used up, a rule-based one (`source: fallback` with the reason). Cached for GEMINI_CACHE_TTL_S."""
+    body = body or AnalyzeIn()
+    end = body.end or default_window(datetime.now(UTC))[1]
+    start = body.start or end - REPORT_SPAN
+    return ReportOut(**await runtime.reports.analyze(start, end, body.focus))
+
+
+def _caches(runtime: Runtime) -> list[ResponseCache]:
+    """The stores of cached answers: on Redis the reports share the answers' store (one keyspace)."""
+    report_cache = runtime.reports.cache
+    return [runtime.cache, *([report_cache] if report_cache.backend == "memory" else [])]
+
+
+CacheEndpoint = Literal["generate", "predict", "analyze"]
+
+
+@router.get("/cache", response_model=CacheOut, responses=error_responses(*LIMITED_ROUTE_ERRORS))
+async def cache_stats(runtime: RuntimeDep, endpoint: CacheEndpoint | None = None,
+                      model: Annotated[str | None, Query(max_length=255)] = None) -> CacheOut:
+    """How many answers are cached (optionally of one endpoint and model) and this process's hit ratio."""
+    entries = sum([await cache.entries(endpoint, model) for cache in _caches(runtime)])
+    return CacheOut(entries=entries, backend=runtime.cache.backend, hit_ratio=runtime.cache.hit_ratio)
+
+
+@router.delete("/cache", response_model=CacheRemovedOut, responses=ADMIN_ERRORS)
+async def clear_cache(runtime: RuntimeDep, admin: AdminDep, endpoint: CacheEndpoint | None = None,
+                      model: Annotated[str | None, Query(max_length=255)] = None) -> CacheRemovedOut:
+    """Remove cached answers (optionally only one endpoint's, one model's); on Redis by SCAN + UNLINK in batches."""
+    removed = sum([await cache.remove(endpoint, model) for cache in _caches(runtime)])
+    log.info("cache cleared by %s (endpoint %s, model %s): %d entries removed", admin or "an anonymous caller",
+             endpoint or "any", model or "any", removed)
+    return CacheRemovedOut(removed=removed)

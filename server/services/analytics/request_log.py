@@ -1,0 +1,48 @@
+"""One request record per /generate or /predict request that reached its service, answered or failed, buffered in
+the record writer (no I/O on the request path). Requests refused before the service (schema validation, API key,
+rate limit) are not recorded: they never reached a model."""
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+from server.db.analytics_models import RequestRecord
+from server.services.errors import BlockedPrompt, DeadlineExceeded, InputError, ModelFailed, Overloaded
+from server.services.records import RecordWriter
+
+Endpoint = Literal["generate", "predict"]
+# The HTTP status `server/api/errors.py` answers for each service error; anything else is a 500.
+STATUS_OF_ERROR: tuple[tuple[type[BaseException], int], ...] = (
+    (InputError, 422), (BlockedPrompt, 400), (Overloaded, 503), (DeadlineExceeded, 504), (ModelFailed, 500))
+CLIENT_CLOSED = 499  # nginx's code for a client that left before the answer (the request was cancelled)
+
+
+def status_of(exc: BaseException) -> int:
+    if isinstance(exc, asyncio.CancelledError):
+        return CLIENT_CLOSED
+    return next((status for kind, status in STATUS_OF_ERROR if isinstance(exc, kind)), 500)
+
+
+@dataclass
+class RequestLog:
+    recorder: RecordWriter
+    endpoint: Endpoint
+    model: str
+
+    def answered(self, started: float, *, items: int, cached_items: int, tokens_in: int = 0,
+                 tokens_out: int = 0) -> None:
+        self._add(started, 200, None, items, cached_items, tokens_in, tokens_out)
+
+    def failed(self, started: float, exc: BaseException) -> None:
+        """A request that raised `exc`: it answered no items."""
+        self._add(started, status_of(exc), type(exc).__name__, 0, 0, 0, 0)
+
+    def _add(self, started: float, status: int, error: str | None, items: int, cached_items: int, tokens_in: int,
+             tokens_out: int) -> None:
+        self.recorder.add(RequestRecord, [{
+            "id": uuid.uuid4().hex, "endpoint": self.endpoint, "model": self.model, "status": status, "error": error,
+            "items": items, "cached_items": cached_items, "tokens_in": tokens_in, "tokens_out": tokens_out,
+            "latency_ms": (time.perf_counter() - started) * 1000, "created_at": datetime.now(UTC)}])

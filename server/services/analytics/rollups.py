@@ -1,0 +1,69 @@
+"""Per-minute rollups of request records, written by the record writer in the transaction that inserts the records.
+
+Only rows the insert reports as new (`RETURNING id`) are rolled up, and in the same transaction, so a record written
+twice (a replayed spill file, a retry after a lost commit) is counted once. Each (minute, endpoint, model) of a flush
+is one row of one `INSERT ... ON CONFLICT DO UPDATE` that adds its counts to what is stored.
+"""
+
+import bisect
+from collections.abc import Iterable
+from datetime import datetime
+
+from sqlalchemy import case
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from server.db.analytics_models import (
+    ADDITIVE_COLUMNS,
+    HISTOGRAM_COLUMNS,
+    LATENCY_BOUNDS_MS,
+    MetricRollup,
+    RequestRecord,
+)
+
+TABLE = MetricRollup.__table__
+REQUESTS = RequestRecord.__table__
+INSERTS = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}
+KEY = ("minute", "endpoint", "model")
+
+
+def epoch_minute(moment: datetime) -> int:
+    return int(moment.timestamp() // 60)
+
+
+def bucket_of(latency_ms: float) -> int:
+    """Index of the histogram bucket holding `latency_ms` (bounds are inclusive upper bounds)."""
+    return bisect.bisect_left(LATENCY_BOUNDS_MS, latency_ms)
+
+
+def rollup_rows(records: Iterable[dict]) -> list[dict]:
+    """The rollup rows that `records` (rows of the requests table) add, one per (minute, endpoint, model)."""
+    rows: dict[tuple, dict] = {}
+    for record in records:
+        key = (epoch_minute(record["created_at"]), record["endpoint"], record["model"])
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = dict(zip(KEY, key)) | dict.fromkeys(ADDITIVE_COLUMNS, 0) | {"latency_max_ms": 0.0}
+        latency = float(record["latency_ms"])
+        row["requests"] += 1
+        row["errors"] += record["status"] >= 400
+        for field in ("items", "cached_items", "tokens_in", "tokens_out"):
+            row[field] += record[field]
+        row["latency_sum_ms"] += latency
+        row["latency_max_ms"] = max(row["latency_max_ms"], latency)
+        row[HISTOGRAM_COLUMNS[bucket_of(latency)]] += 1
+    return list(rows.values())
+
+
+async def add_to_rollups(session: AsyncSession, records: list[dict]) -> None:
+    """Add `records` (new rows of the requests table) to the rollups, within the caller's transaction."""
+    rows = rollup_rows(records)
+    if not rows:
+        return
+    statement = INSERTS[session.bind.dialect.name](TABLE)
+    new = statement.excluded
+    updates = {name: TABLE.c[name] + new[name] for name in ADDITIVE_COLUMNS}
+    updates["latency_max_ms"] = case((new.latency_max_ms > TABLE.c.latency_max_ms, new.latency_max_ms),
+                                     else_=TABLE.c.latency_max_ms)
+    await session.execute(statement.on_conflict_do_update(index_elements=list(KEY), set_=updates), rows)
