@@ -9,9 +9,8 @@ from server import __version__
 from server.api import errors
 from server.api.body_guard import BodyGuardMiddleware
 from server.api.deps import require_api_key
-from server.api.middleware import MetricsMiddleware
+from server.api.middleware import ObservedRequestMiddleware
 from server.api.ratelimit import IngressRateLimitMiddleware
-from server.api.request_id import RequestIdMiddleware
 from server.api.routes import analytics, batch, docs, generate, history, predict, static, system
 from server.core.config import Settings, get_settings
 from server.core.logging import configure as configure_logging
@@ -33,8 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # or stalled body still counts against its client's quota and its 413/408 carries the RateLimit headers.
     app.add_middleware(BodyGuardMiddleware, max_bytes=settings.max_request_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(IngressRateLimitMiddleware)
-    app.add_middleware(MetricsMiddleware)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(ObservedRequestMiddleware)
     errors.install(app)
     app.include_router(system.router)
     app.include_router(docs.router)

@@ -1,10 +1,28 @@
-"""HTTP metrics as a pure ASGI middleware (BaseHTTPMiddleware would break disconnect detection)."""
+"""Each HTTP request observed once, as a pure ASGI middleware (BaseHTTPMiddleware would break disconnect
+detection): its id, its metrics and its access line.
 
+Each request gets an id: the client's `X-Request-ID` when it is 1..128 characters of `[A-Za-z0-9._-]` (a
+proxy's or caller's id, so that their logs and ours join), else a fresh uuid4 hex. The id is echoed in the
+response's `X-Request-ID` header and set in `REQUEST_ID`, which the log formatter adds to every line written
+while the request is served. When the request ends, its status and duration go to the HTTP metrics and to
+one `server.access` line with its method and route template (uvicorn's own access log is off: it has
+neither the id nor the route).
+"""
+
+import logging
+import re
 import time
+import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.core import metrics
+from server.core.logging import REQUEST_ID
+
+HEADER = b"x-request-id"
+WELL_FORMED = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+access_log = logging.getLogger("server.access")
 
 
 def route_template(scope: Scope) -> str:
@@ -13,7 +31,18 @@ def route_template(scope: Scope) -> str:
     return getattr(route, "path", "unmatched")
 
 
-class MetricsMiddleware:
+def request_id_of(scope: Scope) -> str:
+    """The client's id when well-formed, else a new one (a malformed id is replaced, never echoed)."""
+    for name, value in scope["headers"]:
+        if name == HEADER:
+            text = value.decode("latin-1")
+            if WELL_FORMED.fullmatch(text):
+                return text
+            break
+    return uuid.uuid4().hex
+
+
+class ObservedRequestMiddleware:
     def __init__(self, app: ASGIApp):
         self.app = app
 
@@ -21,18 +50,31 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        request_id = request_id_of(scope)
+        token = REQUEST_ID.set(request_id)
         started = time.perf_counter()
         status = 500
 
-        async def record_status(message: Message) -> None:
+        async def with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (HEADER, request_id.encode())]}
             await send(message)
 
         try:
-            await self.app(scope, receive, record_status)
+            await self.app(scope, receive, with_id)
         finally:
-            route = route_template(scope)
-            metrics.HTTP_REQUESTS.labels(scope["method"], route, str(status)).inc()
-            metrics.HTTP_LATENCY.labels(scope["method"], route).observe(time.perf_counter() - started)
+            self._observe(scope, status, time.perf_counter() - started)
+        # Not reset when the app raised: uvicorn logs the traceback next, in this request's task, and that line
+        # should carry the id too (the task, and its context, end right after).
+        REQUEST_ID.reset(token)
+
+    @staticmethod
+    def _observe(scope: Scope, status: int, duration_s: float) -> None:
+        method, route = scope["method"], route_template(scope)
+        metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
+        metrics.HTTP_LATENCY.labels(method, route).observe(duration_s)
+        duration_ms = round(duration_s * 1000, 1)
+        access_log.info("%s %s %s %.1f ms", method, route, status, duration_ms,
+                        extra={"method": method, "route": route, "status": status, "duration_ms": duration_ms})
