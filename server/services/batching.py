@@ -42,6 +42,7 @@ from functools import partial
 from typing import Final, Generic, Literal, TypeVar
 
 from server.core import metrics
+from server.core.aio import wait_event
 from server.services.errors import DeadlineExceeded, ModelFailed, Overloaded
 
 log = logging.getLogger(__name__)
@@ -240,9 +241,7 @@ class MicroBatcher(Generic[T, R]):
             if timeout <= 0:
                 return
             self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
-            except TimeoutError:
+            if not await wait_event(self._wakeup, timeout):
                 return
             self._prune()
 

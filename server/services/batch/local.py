@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from server.core.aio import wait_event
 from server.db.batch_models import BatchItem, BatchJob
 from server.services.batch.jobs import IN_FLIGHT_STATUSES
 from server.services.errors import DeadlineExceeded, InputError, ModelFailed, Overloaded
@@ -63,10 +64,7 @@ class LocalRunner:
                 held = self.holds_lease()
                 started = await self.run_available() if held else 0
                 if not started:
-                    try:
-                        await asyncio.wait_for(self._wakeup.wait(), self.idle_poll_s)
-                    except TimeoutError:
-                        pass
+                    await wait_event(self._wakeup, self.idle_poll_s)
         finally:
             for task in self._running:
                 task.cancel()

@@ -27,6 +27,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.core import metrics
+from server.core.aio import wait_event
 from server.db.batch_models import BatchItem, BatchJob, ProviderBatch
 from server.providers.base import TERMINAL_STATES, BatchLimits, BatchProvider, ItemResult, NeutralRequest
 from server.services.batch.alerts import BatchAlerts
@@ -105,11 +106,11 @@ class BatchWorker:
                 if await self.lease.acquire():
                     await self.run_once()
             except Exception:
+                # A driver may turn the task's cancellation into its own error: then stop, do not loop on.
+                if asyncio.current_task().cancelling():
+                    raise
                 log.exception("batch worker tick failed; retrying at the next tick")
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), self.poll_interval.total_seconds())
-            except TimeoutError:
-                pass
+            await wait_event(self._wakeup, self.poll_interval.total_seconds())
 
     async def run_once(self) -> TickReport:
         report = TickReport()

@@ -16,7 +16,6 @@ why it could not be written. Spill files are replayed at the next start (`replay
 """
 
 import asyncio
-import contextlib
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.core import metrics
+from server.core.aio import wait_event
 from server.core.config import Settings
 from server.core.throttled_log import ThrottledLog
 from server.db.models import Base
@@ -257,8 +257,8 @@ class RecordWriter:
         for task in (self._task, self._spiller):
             if task and not task.done():
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                # gather, not suppress(CancelledError): a cancellation of close() itself must still propagate.
+                await asyncio.gather(task, return_exceptions=True)
         unwritten = len(self._pending) + len(self._overflow)
         self._overflow.extend((record, None) for record in self._pending)
         self._pending = []
@@ -284,5 +284,4 @@ class RecordWriter:
 
 
 async def _wait(event: asyncio.Event, timeout_s: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), timeout_s)
+    await wait_event(event, timeout_s)
