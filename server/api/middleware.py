@@ -6,7 +6,8 @@ proxy's or caller's id, so that their logs and ours join), else a fresh uuid4 he
 response's `X-Request-ID` header and set in `REQUEST_ID`, which the log formatter adds to every line written
 while the request is served. When the request ends, its status and duration go to the HTTP metrics and to
 one `server.access` line with its method and route template (uvicorn's own access log is off: it has
-neither the id nor the route).
+neither the id nor the route). A /generate or /predict request that failed before its service recorded it
+(schema, key, rate limit, body limits) is recorded here, so that error rates count every request.
 """
 
 import logging
@@ -18,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.core import metrics
 from server.core.logging import REQUEST_ID
+from server.services.analytics.request_log import REQUEST_MARK, RequestMark
 
 HEADER = b"x-request-id"
 WELL_FORMED = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -42,6 +44,16 @@ def request_id_of(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
+def record_refusal(scope: Scope, started: float, status: int) -> None:
+    """Record a model request that its service never saw (by path: a refused request may have matched no route)."""
+    runtime = getattr(scope["app"].state, "runtime", None)
+    if runtime is None or scope["method"] != "POST":
+        return
+    service = {"/generate": runtime.generation, "/predict": runtime.sentiment}.get(scope["path"])
+    if service is not None:
+        service.requests.refused(started, status)
+
+
 class ObservedRequestMiddleware:
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -52,6 +64,8 @@ class ObservedRequestMiddleware:
             return
         request_id = request_id_of(scope)
         token = REQUEST_ID.set(request_id)
+        mark = RequestMark()
+        REQUEST_MARK.set(mark)
         started = time.perf_counter()
         status = 500
 
@@ -66,6 +80,8 @@ class ObservedRequestMiddleware:
             await self.app(scope, receive, with_id)
         finally:
             self._observe(scope, status, time.perf_counter() - started)
+            if status >= 400 and not mark.recorded:
+                record_refusal(scope, started, status)
         # Not reset when the app raised: uvicorn logs the traceback next, in this request's task, and that line
         # should carry the id too (the task, and its context, end right after).
         REQUEST_ID.reset(token)

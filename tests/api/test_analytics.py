@@ -61,6 +61,23 @@ async def test_answered_and_failed_requests_are_aggregated(keyed):
     assert (generate["total"]["requests"], generate["total"]["errors"]) == (2, 1)
 
 
+async def test_requests_refused_before_their_service_are_recorded_once(keyed):
+    assert (await keyed.post("/generate", headers=USER, json={"prompts": []})).status_code == 422
+    assert (await keyed.post("/predict", json={"text": "no key"})).status_code == 401
+    too_big = b'{"text": "' + b"x" * 2_000_000 + b'"}'
+    assert (await keyed.post("/predict", headers=USER, content=too_big)).status_code == 413
+    assert (await keyed.post("/generate", headers=USER, json={"prompts": ["forbidden"]})).status_code == 400
+    assert (await keyed.post("/predict", headers=USER, json={"text": "fine"})).status_code == 200
+    assert await keyed.app.state.runtime.recorder.flush()
+    async with keyed.app.state.runtime.sessions() as session:
+        records = (await session.scalars(select(RequestRecord).order_by(RequestRecord.created_at))).all()
+    assert [(r.endpoint, r.status, r.error) for r in records] == [
+        ("generate", 422, "InvalidRequest"), ("predict", 401, "Unauthorized"), ("predict", 413, "BodyTooLarge"),
+        ("generate", 400, "BlockedPrompt"), ("predict", 200, None)]
+    total = (await keyed.post("/metrics/aggregated", headers=USER, json=window() | {"bucket": "day"})).json()["total"]
+    assert (total["requests"], total["errors"]) == (5, 4)
+
+
 @pytest.mark.parametrize("body", [{"start": "2026-11-24T10:00:00Z", "end": "2026-11-24T09:00:00Z"},
                                   {"start": "2026-11-24T10:00:00", "end": "2026-11-24T11:00:00"},
                                   {"start": "2026-11-24T10:00:00Z", "end": "2026-11-24T11:00:00Z", "bucket": "week"}])
