@@ -28,7 +28,9 @@ TINY_GPT2 = {"n_embd": 64, "n_layer": 2, "n_head": 2}
 def _train_bpe(vocab_size: int, special_tokens: list[str]) -> ByteLevelBPETokenizer:
     bpe = ByteLevelBPETokenizer()
     lines = CORPUS.read_text(encoding="utf-8").splitlines()
-    bpe.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=1, special_tokens=special_tokens)
+    # show_progress=False: its bars print blank lines into the server's log at the first start.
+    bpe.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=1, special_tokens=special_tokens,
+                            show_progress=False)
     return bpe
 
 

@@ -97,3 +97,15 @@ def test_a_real_server_writes_only_json_lines_with_request_ids_and_no_library_no
     assert not [entry for entry in entries if entry["logger"].startswith(("alembic", "uvicorn.access"))]
     assert not [line for line in lines if "Loading weights" in line or "it/s]" in line or not line.strip()]
     assert any(entry["message"].startswith("database migrated to") for entry in entries)
+
+
+def test_a_first_start_that_builds_the_offline_stand_ins_writes_no_blank_lines(tmp_path: Path):
+    port, log_path = free_port(), tmp_path / "server.log"
+    env = {"MODELS_CACHE_DIR": str(tmp_path / "cache"), "MODEL_SOURCE": "auto", "HF_ENDPOINT": "http://127.0.0.1:9",
+           "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}", "RECORD_SPILL_DIR": str(tmp_path / "spill"),
+           "TORCH_NUM_THREADS": "1", "LOG_LEVEL": "info"}
+    with server_process([sys.executable, "-m", "server", "serve", "--port", str(port)], env, port, log_path):
+        pass
+    lines = log_path.read_text().splitlines()
+    assert any("OFFLINE STAND-IN" in line for line in lines)
+    assert [line for line in lines if not line.strip()] == []
