@@ -10,8 +10,10 @@ from server.api import errors
 from server.api.body_guard import BodyGuardMiddleware
 from server.api.deps import require_api_key
 from server.api.middleware import ObservedRequestMiddleware
+from server.api.openai import routes as openai_routes
+from server.api.openai.errors import OpenAIErrorMiddleware
 from server.api.ratelimit import IngressRateLimitMiddleware
-from server.api.routes import analytics, batch, docs, generate, history, predict, static, system
+from server.api.routes import analytics, batch, dashboard, docs, generate, history, predict, static, system
 from server.core.config import Settings, get_settings
 from server.core.logging import configure as configure_logging
 from server.services.runtime import open_runtime
@@ -32,12 +34,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # or stalled body still counts against its client's quota and its 413/408 carries the RateLimit headers.
     app.add_middleware(BodyGuardMiddleware, max_bytes=settings.max_request_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(IngressRateLimitMiddleware)
+    app.add_middleware(OpenAIErrorMiddleware)
     app.add_middleware(ObservedRequestMiddleware)
     errors.install(app)
     app.include_router(system.router)
     app.include_router(docs.router)
     app.include_router(static.router)
-    for module in (generate, predict, history, batch, analytics):
+    app.include_router(dashboard.router)
+    for module in (generate, predict, history, batch, analytics, openai_routes):
         app.include_router(module.router, dependencies=[Depends(require_api_key)])
     return app
 

@@ -7,8 +7,8 @@ import httpx
 import pytest
 
 from server.core.config import Settings
-from server.main import create_app
 from server.ml.offline import build_standins
+from tests.support.app import serving
 from tests.support.servers import PostgresServer, RedisServer
 
 _databases = itertools.count()
@@ -69,9 +69,5 @@ def settings(standins: tuple[Path, Path], tmp_path: Path) -> Settings:
 @pytest.fixture
 async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """The app with its lifespan running, over an in-process transport; `client.app` is the app."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            client.app = app
-            yield client
-
+    async with serving(settings) as client:
+        yield client

@@ -68,10 +68,35 @@ class BreachOut(BaseModel):
     description: str
 
 
+class ModelLiveOut(BaseModel):
+    queue_depth: int = Field(description="items waiting for a batch now")
+    batches: int
+    items: int = Field(description="items computed (after de-duplication)")
+    mean_batch_size: float | None = Field(description="items / batches; null before the first batch")
+
+
+class PolicyUseOut(BaseModel):
+    name: str = Field(description="the policy (ingress: `default` or a route group; egress: the provider)")
+    count: int
+    period_s: int
+    burst: int
+    allowed: int
+    denied: int = Field(description="requests refused (429) or calls held back while this policy applied")
+
+
+class LiveOut(BaseModel):
+    """This process since it started, whatever the window (other replicas have their own)."""
+
+    models: dict[str, ModelLiveOut]
+    ingress: list[PolicyUseOut] = Field(description="per-client limits (INGRESS_RATE_LIMIT*); empty: off")
+    egress: list[PolicyUseOut] = Field(description="per-provider quotas (EGRESS_RATE_LIMIT); empty: none")
+
+
 class AggregatedOut(BaseModel):
     buckets: list[StatsOut] = Field(description="buckets with requests, oldest first")
     total: StatsOut
     breaches: list[BreachOut]
+    live: LiveOut
 
 
 class ThresholdsOut(Thresholds):

@@ -49,7 +49,8 @@ def record_refusal(scope: Scope, started: float, status: int) -> None:
     runtime = getattr(scope["app"].state, "runtime", None)
     if runtime is None or scope["method"] != "POST":
         return
-    service = {"/generate": runtime.generation, "/predict": runtime.sentiment}.get(scope["path"])
+    service = {"/generate": runtime.generation, "/v1/completions": runtime.generation,
+               "/v1/chat/completions": runtime.generation, "/predict": runtime.sentiment}.get(scope["path"])
     if service is not None:
         service.requests.refused(started, status)
 

@@ -13,10 +13,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.services.limits.decide import LimiterUnavailable
 
-OPEN_PATHS = frozenset({"/", "/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# The dashboard page holds no figures (its script asks the limited JSON routes, with the key).
+OPEN_PATHS = frozenset({"/", "/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
+                        "/dashboard"})
 # The docs' assets (and any page served from /static): a page load fetches several, none costs more than a file read.
 OPEN_PREFIXES = ("/static/",)
-ROUTE_GROUPS = {"/generate": "generate", "/predict": "predict", "/analyze/performance": "analyze"}
+ROUTE_GROUPS = {"/generate": "generate", "/v1/completions": "generate", "/v1/chat/completions": "generate",
+                "/predict": "predict", "/analyze/performance": "analyze"}
 
 
 def client_identity(scope: Scope, runtime) -> str:

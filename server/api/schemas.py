@@ -43,6 +43,8 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy (deterministic)")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**63, description="Makes sampling reproducible")
+    stream: bool = Field(False, description="Answer `text/event-stream`: token chunks as they are decoded, then "
+                                            "each prompt's final event, then `[DONE]`")
 
     @model_validator(mode="after")
     def one_length(self) -> "GenerateRequest":
@@ -142,10 +144,17 @@ class HealthOut(BaseModel):
     checks: dict[str, CheckOut]
 
 
+class ModelInfo(BaseModel):
+    name: str = Field(description="The `model_name` of answers: the model id, with `:int8` when served in int8")
+    revision: str = Field(description="The weights served (checkpoint revision, with `:int8` when quantized)")
+    precision: Literal["fp32", "int8"] = Field(description="GENERATOR_PRECISION or SENTIMENT_PRECISION")
+    offline_stand_in: bool
+
+
 class AppInfo(BaseModel):
     name: str
     version: str
-    models: dict[str, dict]
+    models: dict[str, ModelInfo]
     cache: dict
     docs: str = "/docs"
 

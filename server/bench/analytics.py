@@ -26,6 +26,9 @@ from server.api.routes import analytics
 from server.db import migrate
 from server.db.analytics_models import MetricRollup, RequestRecord
 from server.db.session import create_engine, session_factory
+from server.services.limits.egress import EgressGuard
+from server.services.limits.gcra import MemoryLimiter
+from server.services.limits.ingress import IngressLimits
 from server.services.records.store import BatchWrite, Record
 
 CHUNK = 5000
@@ -83,7 +86,11 @@ async def run(args: argparse.Namespace) -> dict:
                 rollups = await session.scalar(select(func.count()).select_from(MetricRollup))
             app = FastAPI()
             app.include_router(analytics.router)
-            app.state.runtime = SimpleNamespace(sessions=sessions, reports=SimpleNamespace(queue_depths=dict))
+            limiter = MemoryLimiter()
+            # No limits configured: the route's live figures list none.
+            app.state.runtime = SimpleNamespace(sessions=sessions, reports=SimpleNamespace(queue_depths=dict),
+                                                ingress=IngressLimits(limiter, None, {}, fail_open=True),
+                                                egress=EgressGuard(limiter, {}, fail_open=True))
             body = {"start": start.isoformat(), "end": end.isoformat(), "bucket": "hour"}
             timings = []
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench") as client:

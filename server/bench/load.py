@@ -23,6 +23,7 @@ class LoadResult:
     wall_s: float
     latencies_s: list[float]
     completion_tokens: int
+    labelled_s: dict[str, list[float]]
 
     @property
     def requests_per_s(self) -> float:
@@ -32,17 +33,20 @@ class LoadResult:
     def tokens_per_s(self) -> float:
         return self.completion_tokens / self.wall_s
 
-    def percentile_ms(self, q: int) -> float:
-        ordered = sorted(self.latencies_s)
+    def percentile_ms(self, q: int, label: str | None = None) -> float:
+        ordered = sorted(self.latencies_s if label is None else self.labelled_s[label])
         if len(ordered) == 1:
             return ordered[0] * 1000
         return statistics.quantiles(ordered, n=100, method="inclusive")[q - 1] * 1000
 
 
 async def run_load(base_url: str, concurrency: int, rounds: int, body_for: Callable[[int, int], dict] | None,
-                   path: str = "/generate", timeout_s: float = 600.0) -> LoadResult:
-    """Each of `concurrency` clients sends `rounds` requests: POSTs of `body_for(client, round)`, or GETs."""
+                   path: str = "/generate", timeout_s: float = 600.0,
+                   label_of: Callable[[int, int], str] = lambda client, round_: "all") -> LoadResult:
+    """Each of `concurrency` clients sends `rounds` requests: POSTs of `body_for(client, round)`, or GETs;
+    latencies are also kept per `label_of(client, round)`."""
     latencies: list[float] = []
+    labelled: dict[str, list[float]] = {}
     failures = 0
     tokens = 0
 
@@ -57,6 +61,7 @@ async def run_load(base_url: str, concurrency: int, rounds: int, body_for: Calla
             async with request as response:
                 payload = await response.read()
             latencies.append(time.perf_counter() - started)
+            labelled.setdefault(label_of(index, round_), []).append(latencies[-1])
             if response.status != 200:
                 failures += 1
                 continue
@@ -70,4 +75,4 @@ async def run_load(base_url: str, concurrency: int, rounds: int, body_for: Calla
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(session, i) for i in range(concurrency)))
         wall = time.perf_counter() - started
-    return LoadResult(concurrency, len(latencies), failures, wall, latencies, tokens)
+    return LoadResult(concurrency, len(latencies), failures, wall, latencies, tokens, labelled)

@@ -3,7 +3,9 @@
 Phases: the real server (`python -m server serve`, as users start it) at each concurrency, each level
 bracketed by offline limits (the model called directly in this process, batch 1 and batch BATCH_MAX_SIZE,
 while the server idles) -> interactive latency while a background (batch offload, `local`) job runs, against
-the same server idle -> the cache-hit path -> the naive baseline server at each concurrency.
+the same server idle -> a mixed-length workload, time to first token, cancelled streams -> the mixed workload
+on a server with GENERATOR_SCHEDULER=static -> the cache-hit path -> the naive baseline server at each
+concurrency.
 Ratios are computed within the one run, each server level against the offline measurements just before
 and just after it: on a shared machine the speed drifts by 10% within minutes, so a limit measured once at
 the start would judge the last level against a different machine.
@@ -34,6 +36,8 @@ from server.ml.generator import GenerationParams, TextGenerator
 from server.ml.loader import locate
 from server.ml.offline import GPT2_124M, build_classifier, build_generator, standin_marker_exists
 from server.bench.load import LoadResult, run_load
+from server.bench.scheduling import (CANCELLED_TOKENS, LONG_EVERY, compare_mixed, measure_cancellation,
+                                     measure_first_token, measure_mixed)
 
 BENCH_MODELS = PROJECT_ROOT / "models_cache" / "bench"
 SERVER_TAG = "s"
@@ -58,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "starts when one is installed, else the in-memory cache)")
     parser.add_argument("--background-items", type=int, default=128,
                         help="items of the background local job in the batch-offload phase (default 128)")
+    parser.add_argument("--mixed-rounds", type=int, default=4,
+                        help="requests per client in the mixed-length phase (default 4)")
+    parser.add_argument("--long-tokens", type=int, default=128,
+                        help="max_new_tokens of the long requests (one in eight) in the mixed phase (default 128)")
+    parser.add_argument("--stream-rounds", type=int, default=12,
+                        help="streamed requests for the time-to-first-token phase (default 12)")
     parser.add_argument("--output", type=Path, help="JSON results (default: bench-results/bench-<time>.json)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny model, few requests: checks the harness in well under a minute (numbers meaningless)")
@@ -257,9 +267,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.quick:
         args.concurrency, args.rounds, args.baseline_rounds, args.new_tokens = "1,4", 2, 1, 4
         args.cache_requests, args.background_items = 100, 16
+        args.mixed_rounds, args.long_tokens, args.stream_rounds = 2, 12, 3
     levels = [int(c) for c in args.concurrency.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    phases = 3 + len(levels) * (1 if args.no_baseline else 2)
+    phases = 5 + len(levels) * (1 if args.no_baseline else 2)
     with tqdm(total=phases, desc="bench", unit="phase", file=sys.stderr) as bar:
         generator_dir, classifier_dir = ensure_models(args)
         bar.set_postfix_str("offline limits")
@@ -277,6 +288,20 @@ def run(args: argparse.Namespace) -> dict:
             bar.set_postfix_str("background job")
             background = measure_background(url, args.background_items, max(args.rounds, 8), args.new_tokens)
             bar.update(1)
+            bar.set_postfix_str("mixed lengths, streaming")
+            mixed = measure_mixed(url, "c", max(levels), args.mixed_rounds, args.new_tokens, args.long_tokens)
+            streaming = {**measure_first_token(url, offline.generator, args.stream_rounds, args.new_tokens),
+                         "cancellation": measure_cancellation(url, 4, CANCELLED_TOKENS)}
+            bar.update(1)
+        bar.set_postfix_str("static scheduler")
+        port = free_port()
+        with server_process([sys.executable, "-m", "server", "serve", "--port", str(port)],
+                            {**env, "GENERATOR_SCHEDULER": "static",
+                             "DATABASE_URL": f"sqlite+aiosqlite:///{work / 'static.db'}"}, port,
+                            work / "static-server.log") as (url, _):
+            mixed = compare_mixed(mixed, measure_mixed(url, "s", max(levels), args.mixed_rounds, args.new_tokens,
+                                                       args.long_tokens))
+        bar.update(1)
         bar.set_postfix_str("cache hits")
         with redis_for_bench(args.redis_url, work) as redis_url:
             port = free_port()
@@ -296,11 +321,11 @@ def run(args: argparse.Namespace) -> dict:
             with server_process(command, {"BENCH_MODEL": str(generator_dir)}, port,
                                 work / "baseline.log") as (url, _):
                 baseline_rows = drive(url, "b", levels, args.baseline_rounds, args.new_tokens, bar)
-    return summarize(args, generator_dir, offline, server_rows, baseline_rows, cache, background)
+    return summarize(args, generator_dir, offline, server_rows, baseline_rows, cache, background, mixed, streaming)
 
 
 def summarize(args, generator_dir: Path, offline: OfflineLimit, server_rows: list[dict],
-              baseline_rows: list[dict], cache: dict, background: dict) -> dict:
+              baseline_rows: list[dict], cache: dict, background: dict, mixed: dict, streaming: dict) -> dict:
     baseline_by_c = {row["concurrency"]: row for row in baseline_rows}
     for row in server_rows:
         limits = row["offline"]
@@ -316,9 +341,10 @@ def summarize(args, generator_dir: Path, offline: OfflineLimit, server_rows: lis
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
-        "model": str(generator_dir), "new_tokens": args.new_tokens, "quick": args.quick,
+        "model": str(generator_dir), "new_tokens": args.new_tokens, "long_tokens": args.long_tokens,
+        "quick": args.quick,
         "offline": offline.overall(), "server": server_rows, "baseline": baseline_rows, "cache": cache,
-        "background": background,
+        "background": background, "mixed": mixed, "streaming": streaming,
     }
 
 
@@ -359,6 +385,20 @@ def table(results: dict) -> str:
                  f"{background['background_items_per_s']:.2f} items/s = "
                  f"{background['vs_offline_full_batch_throughput']:.2f}x the offline full-batch limit")
     failures += background["failures"]
+    mixed = results["mixed"]
+    continuous, static = mixed["continuous"], mixed["static"]
+    lines.append(f"mixed lengths ({continuous['clients']} clients, one request in {LONG_EVERY} asks "
+                 f"{results['long_tokens']} tokens, the others {results['new_tokens']}): continuous "
+                 f"{continuous['requests_per_s']:.2f} req/s vs static {static['requests_per_s']:.2f} "
+                 f"({mixed['throughput_vs_static']:.2f}x); short requests p50 {continuous['short_p50_ms']:.0f} ms vs "
+                 f"{static['short_p50_ms']:.0f} ms ({mixed['short_p50_vs_static']:.2f}x)")
+    failures += continuous["failures"] + static["failures"]
+    streaming = results["streaming"]
+    cancelled = streaming["cancellation"]
+    lines.append(f"streaming c=1: first token p50 {streaming['ttft_p50_ms']:.0f} ms vs the prompt's prefill alone "
+                 f"{streaming['prefill_p50_ms']:.0f} ms ({streaming['ttft_vs_prefill']:.2f}x); {cancelled['requests']}"
+                 f" streams closed mid-generation: {cancelled['freed_within_one_step']:.0f} of "
+                 f"{cancelled['freed']:.0f} rows freed within one step (mean {cancelled['mean_steps']:.2f} steps)")
     lines.append(f"failed requests: {failures}")
     return "\n".join(lines)
 

@@ -41,9 +41,12 @@ class Settings(BaseSettings):
     generator_model: str = "gpt2"
     sentiment_model: str = "distilbert/distilbert-base-uncased-finetuned-sst-2-english"
     model_source: Literal["auto", "local", "hub"] = "auto"
+    generator_precision: Literal["fp32", "int8"] = "fp32"
+    sentiment_precision: Literal["fp32", "int8"] = "fp32"
     models_cache_dir: Path = PROJECT_ROOT / "models_cache"
     torch_num_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
 
+    generator_scheduler: Literal["continuous", "static"] = "continuous"
     batch_max_size: int = Field(32, ge=1, le=1024)
     batch_max_wait_ms: float = Field(5.0, ge=0)
     batch_queue_limit: int = Field(1024, ge=1)

@@ -25,6 +25,12 @@ BATCH_BACKGROUND_WAITED = Histogram(
     ["model"], buckets=(0, 1, 2, 4, 8))
 BATCH_BACKGROUND_ITEMS = Counter("batch_background_items", "Items computed in background batches (batch offload, "
                                  "local provider)", ["model"])
+GENERATOR_FORWARDS = Counter("generator_forward_passes", "Forward passes of the continuous decoding loop "
+                             "(kind: prefill of joining rows, decode step of the running batch)", ["model", "kind"])
+GENERATOR_RUNNING = Gauge("generator_running_rows", "Rows in the continuous decoding loop's running batch", ["model"])
+BATCH_ABORT_STEPS = Histogram(
+    "batch_abort_steps", "Decoding steps between a row losing its last caller and leaving the running batch",
+    ["model"], buckets=(0, 1, 2, 4, 8, 16))
 POLICY_REJECTIONS = Counter("policy_rejections", "Requests refused because a prompt contains a blocked term",
                             ["endpoint"])
 

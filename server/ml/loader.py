@@ -19,6 +19,7 @@ from huggingface_hub import constants as hub_constants
 from transformers import AutoTokenizer
 
 from server.ml import offline
+from server.ml.precision import Precision, apply_precision
 
 log = logging.getLogger(__name__)
 Kind = Literal["generator", "classifier"]
@@ -107,16 +108,29 @@ class PretrainedModel:
 
     auto_class: ClassVar[type]
 
-    def __init__(self, model, tokenizer, name: str, revision: str, standin: bool):
+    def __init__(self, model, tokenizer, name: str, revision: str, standin: bool, precision: Precision = "fp32"):
+        """`model` already computes in `precision` (see `load`); `name` and `revision` are the checkpoint's."""
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.name = name
-        self.revision = revision
+        self.precision = precision
+        self.name = name if precision == "fp32" else f"{name}:{precision}"
+        self.checkpoint_revision = revision
         self.standin = standin
 
+    @property
+    def revision(self) -> str:
+        """What cache keys call the weights as served: the checkpoint's revision, plus the precision unless fp32.
+
+        int8 weights compute other outputs than the fp32 ones they came from, so their answers never share a key;
+        fp32 keys stay those of a server without this setting.
+        """
+        return self.checkpoint_revision if self.precision == "fp32" else f"{self.checkpoint_revision}:{self.precision}"
+
     @classmethod
-    def load(cls, location: ModelLocation, cache_dir: str) -> Self:
+    def load(cls, location: ModelLocation, cache_dir: str, precision: Precision = "fp32") -> Self:
+        """Load the model and tokenizer, then convert the model to `precision` (int8: seconds, see `precision.py`)."""
         kwargs = {"cache_dir": cache_dir, "local_files_only": location.local_files_only}
         tokenizer = AutoTokenizer.from_pretrained(location.path, **kwargs)
         model = cls.auto_class.from_pretrained(location.path, **kwargs)
-        return cls(model, tokenizer, location.name, weights_revision(model.config, location), location.standin)
+        revision = weights_revision(model.config, location)
+        return cls(apply_precision(model, precision), tokenizer, location.name, revision, location.standin, precision)

@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
-from typing import Final, Generic, Literal, TypeVar
+from typing import Final, Generic, Literal, Protocol, TypeVar
 
 from server.core import metrics
 from server.core.aio import wait_event
@@ -76,12 +76,52 @@ class _Entry(Generic[T, R]):
 
 
 @dataclass(eq=False)
-class _Admission:
-    batcher: "MicroBatcher"
+class _Grant:
+    gate: "AdmissionGate"
     left: int
 
 
-_admission: ContextVar[_Admission | None] = ContextVar("batch_admission", default=None)
+_grant: ContextVar[_Grant | None] = ContextVar("batch_admission", default=None)
+
+
+class AdmissionGate:
+    """A bounded queue's admission: room for `limit` waiting items, taken whole per request.
+
+    `admission(n)` reserves room for a request's n items before any is submitted (or raises `Overloaded`), and
+    `take(n)` at submit time draws on the reservation made in the same task (or a task it started) before
+    taking fresh room, so a request that gets 503 has had none of its items computed."""
+
+    def __init__(self, name: str, limit: int, waiting: Callable[[], int], retry_after_s: Callable[[], float]):
+        self.name = name
+        self.limit = limit
+        self.waiting = waiting
+        self.retry_after_s = retry_after_s
+        self.reserved = 0
+
+    def _check(self, count: int) -> None:
+        if self.waiting() + self.reserved + count > self.limit:
+            metrics.BATCH_REJECTED.labels(self.name).inc(count)
+            raise Overloaded(self.name, self.retry_after_s())
+
+    @contextmanager
+    def admission(self, count: int) -> Iterator[None]:
+        self._check(count)
+        grant = _Grant(self, count)
+        self.reserved += count
+        token = _grant.set(grant)
+        try:
+            yield
+        finally:
+            _grant.reset(token)
+            self.reserved -= grant.left
+
+    def take(self, count: int) -> None:
+        grant = _grant.get()
+        if grant is not None and grant.gate is self and grant.left >= count:
+            grant.left -= count
+            self.reserved -= count
+        else:
+            self._check(count)
 
 
 class _Liveness:
@@ -110,13 +150,47 @@ class _Liveness:
 
 
 @dataclass
-class _History:
+class History:
     """What the last batch did, which decides how long to linger for its callers' next requests."""
 
     done_at: float = -math.inf
     duration_s: float = 0.0
     callers: int = 0
     arrived_since: int = 0
+
+    async def linger(self, wakeup: asyncio.Event, waiting: Callable[[], int], max_batch_size: int,
+                     max_wait_s: float) -> None:
+        """Wait until the batch is full or as many arrived as the last batch answered, at the latest
+        `max(max_wait_s, LINGER_FRACTION * the last batch's duration)` after it ended."""
+        loop = asyncio.get_running_loop()
+        give_up_at = self.done_at + max(max_wait_s, LINGER_FRACTION * self.duration_s)
+        while waiting() < max_batch_size and self.arrived_since < self.callers:
+            timeout = give_up_at - loop.time()
+            if timeout <= 0:
+                return
+            wakeup.clear()
+            if not await wait_event(wakeup, timeout):
+                return
+
+
+class Caller(Protocol):
+    future: asyncio.Future
+    abandoned_because: AbandonReason
+
+
+async def answers(name: str, callers: Sequence[Caller], timeout_s: float) -> list:
+    """The callers' results within `timeout_s`, else `DeadlineExceeded` (marking them abandoned for that reason);
+    their futures are cancelled on the way out, which is how the batcher learns a caller is gone."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return list(await asyncio.gather(*(caller.future for caller in callers)))
+    except TimeoutError:
+        for caller in callers:
+            caller.abandoned_because = "deadline"
+        raise DeadlineExceeded(f"the {name} model did not answer within {timeout_s:g} s (REQUEST_TIMEOUT_S)") from None
+    finally:
+        for caller in callers:
+            caller.future.cancel()
 
 
 class MicroBatcher(Generic[T, R]):
@@ -130,15 +204,14 @@ class MicroBatcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.background_max_size = background_max_size or max_batch_size
         self.max_wait_s = max_wait_s
-        self.queue_limit = queue_limit
+        self.gate = AdmissionGate(name, queue_limit, lambda: len(self._queue), self._retry_after_s)
         self.group_of = group_of
         self.dedup_key_of = dedup_key_of
         self._queue: deque[_Entry[T, R]] = deque()
-        self._reserved = 0
         self._background_batches = 0
         self._running_background = False
         self._wakeup = asyncio.Event()
-        self._history = _History()
+        self._history = History()
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -157,24 +230,12 @@ class MicroBatcher(Generic[T, R]):
     def queued(self) -> int:
         return len(self._queue)
 
-    def _admit(self, count: int) -> None:
-        if len(self._queue) + self._reserved + count > self.queue_limit:
-            metrics.BATCH_REJECTED.labels(self.name).inc(count)
-            raise Overloaded(self.name, self._retry_after_s())
-
     @contextmanager
     def admission(self, count: int) -> Iterator[None]:
         """Reserve room for `count` items that this request will submit, or raise `Overloaded` now."""
         self._prune()
-        self._admit(count)
-        grant = _Admission(self, count)
-        self._reserved += count
-        token = _admission.set(grant)
-        try:
+        with self.gate.admission(count):
             yield
-        finally:
-            _admission.reset(token)
-            self._reserved -= grant.left
 
     async def submit(self, items: Sequence[T], *, timeout_s: float, background: bool = False) -> list[R]:
         """Compute `items` (all or none enqueued) within `timeout_s`, else `DeadlineExceeded`.
@@ -182,12 +243,7 @@ class MicroBatcher(Generic[T, R]):
         A caller cancelled or timed out drops its items that have not started yet, and stops those being computed.
         """
         self._prune()
-        grant = _admission.get()
-        if grant is not None and grant.batcher is self and grant.left >= len(items):
-            grant.left -= len(items)
-            self._reserved -= len(items)
-        else:
-            self._admit(len(items))
+        self.gate.take(len(items))
         loop = asyncio.get_running_loop()
         now = loop.time()
         # A background batch already running counts as one this item waits behind.
@@ -197,17 +253,7 @@ class MicroBatcher(Generic[T, R]):
         self._history.arrived_since += len(entries)
         metrics.BATCH_QUEUE_DEPTH.labels(self.name).set(len(self._queue))
         self._wakeup.set()
-        try:
-            async with asyncio.timeout(timeout_s):
-                return list(await asyncio.gather(*(entry.future for entry in entries)))
-        except TimeoutError:
-            for entry in entries:
-                entry.abandoned_because = "deadline"
-            raise DeadlineExceeded(f"the {self.name} model did not answer within {timeout_s:g} s "
-                                   "(REQUEST_TIMEOUT_S)") from None
-        finally:
-            for entry in entries:
-                entry.future.cancel()
+        return await answers(self.name, entries, timeout_s)
 
     def _retry_after_s(self) -> float:
         batches_ahead = len(self._queue) / self.max_batch_size + 1
@@ -233,17 +279,11 @@ class MicroBatcher(Generic[T, R]):
                 await self._execute(batch)
 
     async def _linger(self) -> None:
-        loop = asyncio.get_running_loop()
-        history = self._history
-        give_up_at = history.done_at + max(self.max_wait_s, LINGER_FRACTION * history.duration_s)
-        while len(self._queue) < self.max_batch_size and history.arrived_since < history.callers:
-            timeout = give_up_at - loop.time()
-            if timeout <= 0:
-                return
-            self._wakeup.clear()
-            if not await wait_event(self._wakeup, timeout):
-                return
-            self._prune()
+        await self._history.linger(self._wakeup, self._pruned_length, self.max_batch_size, self.max_wait_s)
+
+    def _pruned_length(self) -> int:
+        self._prune()
+        return len(self._queue)
 
     def _take_batch(self) -> list[list[_Entry[T, R]]]:
         """The oldest interactive item's group (else the oldest background item's), in arrival order, up to
@@ -331,5 +371,5 @@ class MicroBatcher(Generic[T, R]):
                     entry.future.set_result(outcome)
         self._running_background = False
         finished = loop.time()
-        self._history = _History(done_at=finished, duration_s=finished - started,
+        self._history = History(done_at=finished, duration_s=finished - started,
                                  callers=sum(len(entries) for entries in batch))

@@ -5,21 +5,28 @@ item, so items from many requests fill one model call. Only deterministic items 
 sampling with a seed); the key holds the prompt's token ids, so texts that tokenise alike share entries.
 """
 
+import asyncio
 import json
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 
 from server.db.models import GenerationRecord
 from server.ml.generator import Generation, GenerationParams, TextGenerator
 from server.services.analytics.request_log import RequestLog
 from server.services.batching import ABORTED, BACKGROUND_TIMEOUT_S, Abandoned, Aborted, MicroBatcher
 from server.services.cache import SERVED_FROM_CACHE, ResponseCache
+from server.services.cache.response_cache import Outcome
+from server.services.continuous_batching import ContinuousBatcher
 from server.services.cache.keys import cache_key
 from server.services.errors import FieldError, InputError
 from server.services.prompt_policy import PromptPolicy
 from server.services.records import RecordWriter
+from server.services.streaming import GenerationStream
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,7 @@ class GenerationOptions:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,7 @@ def decode_generation(data: bytes) -> Generation:
 
 
 class GenerationService:
-    def __init__(self, generator: TextGenerator, batcher: MicroBatcher[GenerationJob, Generation],
+    def __init__(self, generator: TextGenerator, batcher: MicroBatcher[GenerationJob, Generation] | ContinuousBatcher,
                  cache: ResponseCache, recorder: RecordWriter, policy: PromptPolicy, *, max_prompt_chars: int,
                  timeout_s: float):
         self.generator = generator
@@ -119,7 +127,8 @@ class GenerationService:
                 errors.append(FieldError(loc, f"prompt ({len(ids)} tokens) + {new_tokens} new tokens exceeds the "
                                               f"model's context of {context} tokens"))
                 continue
-            params = GenerationParams(new_tokens, options.temperature, options.top_p if options.temperature else 1.0)
+            params = GenerationParams(new_tokens, options.temperature, options.top_p if options.temperature else 1.0,
+                                      options.stop)
             jobs.append(GenerationJob(ids, params, options.seed if options.temperature else None))
         if errors:
             raise InputError(errors)
@@ -130,15 +139,26 @@ class GenerationService:
             return None
         params = {"max_new_tokens": job.params.max_new_tokens, "temperature": job.params.temperature,
                   "top_p": job.params.top_p, "seed": job.seed}
+        if job.params.stop:
+            params["stop"] = list(job.params.stop)
         return cache_key("generate", self.generator.name, self.generator.revision, job.prompt_ids, params)
 
+    async def open_stream(self, prompts: list[str], options: GenerationOptions, *,
+                          bypass_cache: bool = False) -> GenerationStream:
+        """Start a streamed request; returns once it was admitted (else raises, as `generate` would)."""
+        stream = GenerationStream(len(prompts), self.generator.decoder.text, options.stop)
+        task = asyncio.create_task(self.generate(prompts, options, bypass_cache=bypass_cache, stream=stream))
+        await stream.started(task)
+        return stream
+
     async def generate(self, prompts: list[str], options: GenerationOptions, *, bypass_cache: bool = False,
-                       background: bool = False) -> list[GenerationResult]:
+                       background: bool = False, stream: GenerationStream | None = None) -> list[GenerationResult]:
         """Continue each prompt. `background` work (the batch offload's `local` provider) yields to interactive
-        requests in the batcher, has a long deadline, and is stored with its batch item, not in the history."""
+        requests in the batcher, has a long deadline, and is stored with its batch item, not in the history.
+        With a `stream`, tokens and finished prompts are also reported to it as they come."""
         started = time.perf_counter()
         try:
-            results, jobs = await self._compute(prompts, options, bypass_cache, background)
+            results, jobs = await self._compute(prompts, options, bypass_cache, background, stream)
         except BaseException as exc:
             if not background:
                 self.requests.failed(started, exc)
@@ -150,28 +170,43 @@ class GenerationService:
                                    tokens_out=sum(r.completion_tokens for r in results))
         return results
 
-    async def _compute(self, prompts: list[str], options: GenerationOptions, bypass_cache: bool,
-                       background: bool) -> tuple[list[GenerationResult], list[GenerationJob]]:
+    async def _compute(self, prompts: list[str], options: GenerationOptions, bypass_cache: bool, background: bool,
+                       stream: GenerationStream | None) -> tuple[list[GenerationResult], list[GenerationJob]]:
         self.policy.check("generate", prompts)
         jobs = self.plan(prompts, options)
+        created = datetime.now(UTC)
 
         async def compute(index: int) -> bytes:
-            [output] = await self.batcher.submit([jobs[index]], background=background,
-                                                 timeout_s=BACKGROUND_TIMEOUT_S if background else self.timeout_s)
-            return encode_generation(output)
+            timeout_s = BACKGROUND_TIMEOUT_S if background else self.timeout_s
+            # The static batcher has no steps to report: its streams get each text whole, when it is done.
+            streaming = stream is not None and isinstance(self.batcher, ContinuousBatcher)
+            tokens = {"on_tokens": partial(stream.tokens, index)} if streaming else {}
+            outputs = await self.batcher.submit([jobs[index]], background=background, timeout_s=timeout_s, **tokens)
+            return encode_generation(outputs[0])
 
-        answers = await self.cache.resolve("generate", [self.key(job) for job in jobs], compute, bypass=bypass_cache,
-                                          admit=self.batcher.admission)
-        created = datetime.now(UTC)
-        results = []
-        for prompt, job, (data, outcome) in zip(prompts, jobs, answers):
-            out = decode_generation(data)
-            results.append(GenerationResult(
+        def result(index: int, data: bytes, outcome: Outcome) -> GenerationResult:
+            out, prompt, job = decode_generation(data), prompts[index], jobs[index]
+            return GenerationResult(
                 id=uuid.uuid4().hex, prompt=prompt, generated_text=prompt + out.text, completion=out.text,
                 model_name=self.generator.name, created_at=created, finish_reason=out.finish_reason,
                 prompt_tokens=len(job.prompt_ids), completion_tokens=len(out.token_ids),
-                cached=outcome in SERVED_FROM_CACHE))
-        return results, jobs
+                cached=outcome in SERVED_FROM_CACHE)
+
+        def answered(index: int, data: bytes, outcome: Outcome) -> None:
+            if stream is not None:
+                out = decode_generation(data)
+                stream.done(index, out.token_ids, out.text, result(index, data, outcome))
+
+        @contextmanager
+        def admit(count: int) -> Iterator[None]:
+            with self.batcher.admission(count):
+                if stream is not None:
+                    stream.admitted.set()
+                yield
+
+        answers = await self.cache.resolve("generate", [self.key(job) for job in jobs], compute, bypass=bypass_cache,
+                                          admit=admit, on_item=answered)
+        return [result(i, data, outcome) for i, (data, outcome) in enumerate(answers)], jobs
 
     def _record(self, results: list[GenerationResult], jobs: list[GenerationJob], latency_ms: float) -> None:
         self.recorder.add(GenerationRecord, [

@@ -22,6 +22,7 @@ from server.services.analytics.report import PerformanceReports
 from server.services.batch.factory import build_batch_offload
 from server.services.batch.offload import BatchOffload
 from server.services.batching import MicroBatcher
+from server.services.continuous_batching import ContinuousBatcher
 from server.services.auth import ApiKeys
 from server.services.cache import ResponseCache, open_store
 from server.services.generation import GenerationService, run_jobs
@@ -64,8 +65,8 @@ async def load_models(settings: Settings) -> tuple[TextGenerator, SentimentClass
                                            settings.models_cache_dir)
     classifier_at = await asyncio.to_thread(locate, settings.sentiment_model, "classifier", settings.model_source,
                                             settings.models_cache_dir)
-    return (await asyncio.to_thread(TextGenerator.load, generator_at, cache),
-            await asyncio.to_thread(SentimentClassifier.load, classifier_at, cache))
+    return (await asyncio.to_thread(TextGenerator.load, generator_at, cache, settings.generator_precision),
+            await asyncio.to_thread(SentimentClassifier.load, classifier_at, cache, settings.sentiment_precision))
 
 
 def open_limits(settings: Settings, redis: GuardedRedis | None) -> tuple[IngressLimits, EgressGuard]:
@@ -120,10 +121,10 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     batching = {"executor": executor, "max_batch_size": settings.batch_max_size,
               "max_wait_s": settings.batch_max_wait_ms / 1000, "queue_limit": settings.batch_queue_limit,
               "background_max_size": settings.batch_background_max_size}
-    generate_batcher = MicroBatcher("generator", lambda jobs, abandoned: run_jobs(generator, jobs, abandoned),
-                                    **batching,
-                                    group_of=lambda job: job.params,
-                                    dedup_key_of=lambda job: job if job.deterministic else None)
+    generate_batcher = (
+        ContinuousBatcher("generator", generator, **batching) if settings.generator_scheduler == "continuous" else
+        MicroBatcher("generator", lambda jobs, abandoned: run_jobs(generator, jobs, abandoned), **batching,
+                     group_of=lambda job: job.params, dedup_key_of=lambda job: job if job.deterministic else None))
     # One forward pass has no step to stop at: an abandoned text's batch simply finishes.
     predict_batcher = MicroBatcher("classifier", lambda texts, abandoned: classifier.classify(texts), **batching,
                                    dedup_key_of=lambda text: text)

@@ -1,8 +1,12 @@
+import asyncio
+
 import httpx
 import pytest
+import uvicorn
 
 from server.core.config import Settings
 from server.main import create_app
+from tests.support.servers import free_port
 
 
 @pytest.fixture
@@ -13,3 +17,20 @@ async def client(settings: Settings, database_url: str):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
             client.app = app
             yield client
+
+
+@pytest.fixture
+async def live_app(settings: Settings):
+    """The app served by uvicorn on 127.0.0.1 (real HTTP: streaming, disconnects); yields (base_url, app)."""
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    serving = asyncio.create_task(server.serve())
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        await serving

@@ -1,28 +1,39 @@
-"""Hold a batcher's model calls at a gate, so tests can line requests up behind a busy model."""
+"""Hold a batcher's model calls at a gate, so tests can line requests up behind a busy model.
+
+For the static `MicroBatcher` the gate wraps its compute function (one call per batch); for the
+`ContinuousBatcher` it wraps the generator's prefill (one call per group of joining rows). Either way
+`batches` lists the jobs each call started, in order."""
 
 import asyncio
 import threading
 from collections.abc import Callable
 
 from server.services.batching import MicroBatcher
+from server.services.continuous_batching import ContinuousBatcher
 
 
 class Gate:
-    def __init__(self, batcher: MicroBatcher, fail_if: Callable[[list], bool] = lambda items: False):
+    def __init__(self, batcher: MicroBatcher | ContinuousBatcher,
+                 fail_if: Callable[[list], bool] = lambda items: False):
         self.open = threading.Event()
         self.entered = threading.Event()
         self.batches: list[list] = []
-        compute = batcher.compute
+        self.fail_if = fail_if
+        if isinstance(batcher, ContinuousBatcher):
+            decoder = batcher.generator.decoder
+            prefill = decoder.prefill
+            decoder.prefill = lambda rows: self._pass([row.job for row in rows], lambda: prefill(rows))
+        else:
+            compute = batcher.compute
+            batcher.compute = lambda items, abandoned: self._pass(list(items), lambda: compute(items, abandoned))
 
-        def gated(items: list, abandoned) -> list:
-            self.batches.append(list(items))
-            self.entered.set()
-            self.open.wait(30)
-            if fail_if(items):
-                raise RuntimeError("model exploded on this input")
-            return compute(items, abandoned)
-
-        batcher.compute = gated
+    def _pass(self, items: list, call: Callable[[], object]) -> object:
+        self.batches.append(items)
+        self.entered.set()
+        self.open.wait(30)
+        if self.fail_if(items):
+            raise RuntimeError("model exploded on this input")
+        return call()
 
     async def wait_entered(self) -> None:
         await asyncio.to_thread(self.entered.wait, 10)

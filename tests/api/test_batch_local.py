@@ -9,6 +9,7 @@ import pytest
 
 from server.main import create_app
 from server.services.batch.pricing import PriceTable
+from server.services.continuous_batching import ContinuousBatcher
 from tests.support.metrics import metric
 
 
@@ -199,9 +200,37 @@ async def test_a_finished_job_calls_its_webhook_signed_with_the_secret(settings,
     assert summary["event"] == "batch.job.finished"
 
 
+@pytest.fixture
+def settings(request, settings):
+    scheduler = getattr(request, "param", None)
+    return settings.model_copy(update={"generator_scheduler": scheduler}) if scheduler else settings
+
+
+def hold_first_model_call(batcher) -> tuple[threading.Event, threading.Event]:
+    """Hold the batcher's first model call (a static batch, or the continuous loop's first prefill)."""
+    owner, name = (batcher.generator.decoder, "prefill") if isinstance(batcher, ContinuousBatcher) else (
+        batcher, "compute")
+    original, entered, release = getattr(owner, name), threading.Event(), threading.Event()
+
+    def held(*args):
+        if not entered.is_set():
+            entered.set()
+            release.wait(30)
+        return original(*args)
+
+    setattr(owner, name, held)
+    return entered, release
+
+
+def interactive_waiting(batcher) -> int:
+    waiting = batcher._waiting if isinstance(batcher, ContinuousBatcher) else batcher._queue
+    return sum(not entry.background for entry in waiting)
+
+
+@pytest.mark.parametrize("settings", ["continuous", "static"], indirect=True)
 async def test_interactive_requests_wait_behind_at_most_one_background_batch(client):
     """A 500-item background job runs while interactive requests flow: the batcher's own record of how many
-    background batches each interactive item waited behind never exceeds one."""
+    background batches (continuous: background admissions) each interactive item waited behind never exceeds one."""
     runtime = client.app.state.runtime
     requests = [prompt(f"bg{i:03d}", f"background item {i}") for i in range(500)]
     job = (await client.post("/batch/jobs", json={"name": "big", "provider": "local", "model": "gpt2",
@@ -211,21 +240,13 @@ async def test_interactive_requests_wait_behind_at_most_one_background_batch(cli
         "batch_background_batches_waited_bucket", model="generator", le="1.0")
     background = metric("batch_background_items_total", model="generator")
     batcher = runtime.generation.batcher
-    compute, entered, release = batcher.compute, threading.Event(), threading.Event()
-
-    def hold_the_first_batch(items, abandoned):
-        if not entered.is_set():
-            entered.set()
-            release.wait(30)
-        return compute(items, abandoned)
-
-    batcher.compute = hold_the_first_batch
+    entered, release = hold_first_model_call(batcher)
     running = asyncio.create_task(runtime.batch.run_once())
     await asyncio.to_thread(entered.wait, 30)
     first = [asyncio.create_task(client.post("/generate", json={"prompts": [f"first {i}"], "max_new_tokens": 4}))
              for i in range(3)]
     for _ in range(500):
-        if sum(not entry.background for entry in batcher._queue) == 3:
+        if interactive_waiting(batcher) == 3:
             break
         await asyncio.sleep(0.01)
     release.set()

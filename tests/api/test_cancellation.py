@@ -2,6 +2,7 @@ import asyncio
 import json
 
 import httpx
+import pytest
 import uvicorn
 
 from server.main import create_app
@@ -10,9 +11,10 @@ from tests.support.metrics import metric
 from tests.support.servers import free_port
 
 
-async def test_a_request_whose_client_disconnected_is_dropped_before_its_batch(settings):
+@pytest.mark.parametrize("scheduler", ["continuous", "static"])
+async def test_a_request_whose_client_disconnected_is_dropped_before_its_batch(settings, scheduler):
     """Over real HTTP (uvicorn): closing the connection cancels the work, so the model never sees it."""
-    app = create_app(settings)
+    app = create_app(settings.model_copy(update={"generator_scheduler": scheduler}))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     serving = asyncio.create_task(server.serve())

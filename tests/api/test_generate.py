@@ -78,111 +78,6 @@ async def test_prompt_limits_from_settings_and_model_context_are_422(app_client)
     assert no_room.status_code == 422 and "max_length" in no_room.json()["detail"][0]["msg"]
 
 
-async def test_concurrent_requests_with_three_parameter_sets_are_batched_but_never_mixed(app_client):
-    runtime = app_client.app.state.runtime
-    param_sets = [{"max_new_tokens": 6}, {"max_new_tokens": 9},
-                  {"max_new_tokens": 6, "temperature": 0.9, "top_p": 0.95, "seed": 11}]
-    prompts = [f"Request number {i} says" for i in range(100)]
-    batches_before = metric("model_batches_total", model="generator", param_sets="1")
-    items_before = metric("model_batch_size_sum", model="generator")
-    gate = Gate(runtime.generation.batcher)
-    first = asyncio.create_task(generate(app_client, ["warm up"], max_new_tokens=2))
-    await gate.wait_entered()
-    requests = [asyncio.create_task(generate(app_client, [p], **param_sets[i % 3])) for i, p in enumerate(prompts)]
-    await asyncio.sleep(0.3)
-    gate.open.set()
-    responses = await asyncio.gather(*requests)
-    await first
-    assert all(r.status_code == 200 for r in responses)
-    for i, response in enumerate(responses):
-        options = param_sets[i % 3]
-        params = GenerationParams(options["max_new_tokens"], options.get("temperature", 0.0), options.get("top_p", 1.0))
-        expected = runtime.generator.generate([runtime.generator.encode(prompts[i])], params, [options.get("seed")])[0]
-        assert response.json()[0]["completion"] == expected.text, f"request {i} got another parameter set's output"
-    batches = metric("model_batches_total", model="generator", param_sets="1") - batches_before
-    computed = metric("model_batch_size_sum", model="generator") - items_before
-    assert computed == 101 and batches < 101 / 2
-    assert all(len({(job.params, job.seed) for job in batch}) == 1 for batch in gate.batches)
-    text = (await app_client.get("/metrics")).text
-    mixed = [line for line in text.splitlines() if line.startswith("model_batches_total") and 'param_sets="1"' not in line]
-    assert mixed == []
-
-
-async def test_identical_prompts_in_a_batch_are_computed_once(app_client):
-    runtime = app_client.app.state.runtime
-    gate = Gate(runtime.generation.batcher)
-    first = asyncio.create_task(generate(app_client, ["warm up"], max_new_tokens=2))
-    await gate.wait_entered()
-    same = [asyncio.create_task(generate(app_client, ["Same prompt"], max_new_tokens=4)) for _ in range(5)]
-    sampled = [asyncio.create_task(generate(app_client, ["Same prompt"], max_new_tokens=4, temperature=1.0))
-               for _ in range(2)]
-    await asyncio.sleep(0.2)
-    gate.open.set()
-    bodies = [(await t).json()[0] for t in same]
-    await asyncio.gather(first, *sampled)
-    assert len({b["completion"] for b in bodies}) == 1
-    assert sorted(len(batch) for batch in gate.batches) == [1, 1, 2]
-
-
-async def test_a_multi_prompt_request_fills_one_batch_with_other_requests(app_client):
-    runtime = app_client.app.state.runtime
-    gate = Gate(runtime.generation.batcher)
-    first = asyncio.create_task(generate(app_client, ["warm up"], max_new_tokens=2))
-    await gate.wait_entered()
-    many = asyncio.create_task(generate(app_client, ["a b", "c d", "e f"], max_new_tokens=2))
-    one = asyncio.create_task(generate(app_client, ["g h"], max_new_tokens=2))
-    await asyncio.sleep(0.2)
-    gate.open.set()
-    await asyncio.gather(first, many, one)
-    assert [len(batch) for batch in gate.batches] == [1, 4]
-
-
-async def test_full_queue_answers_503_with_retry_after(settings, app_client):
-    runtime = app_client.app.state.runtime
-    runtime.generation.batcher.queue_limit = 2
-    gate = Gate(runtime.generation.batcher)
-    first = asyncio.create_task(generate(app_client, ["warm up"], max_new_tokens=2))
-    await gate.wait_entered()
-    queued = asyncio.create_task(generate(app_client, ["one", "two"], max_new_tokens=2))
-    await asyncio.sleep(0.1)
-    refused = await generate(app_client, ["three"], max_new_tokens=2)
-    assert refused.status_code == 503
-    assert int(refused.headers["retry-after"]) >= 1
-    assert "queue is full" in refused.json()["detail"]
-    gate.open.set()
-    assert (await queued).status_code == 200 and (await first).status_code == 200
-
-
-async def test_deadline_answers_504_and_the_item_is_never_computed(app_client):
-    runtime = app_client.app.state.runtime
-    runtime.generation.timeout_s = 0.2
-    gate = Gate(runtime.generation.batcher)
-    first = asyncio.create_task(generate(app_client, ["warm up"], max_new_tokens=2))
-    await gate.wait_entered()
-    late = await generate(app_client, ["too late"], max_new_tokens=2)
-    assert late.status_code == 504 and "REQUEST_TIMEOUT_S" in late.json()["detail"]
-    gate.open.set()
-    await first
-    await asyncio.sleep(0.05)
-    assert len(gate.batches) == 1
-
-
-async def test_a_failing_item_gets_500_and_its_batch_mates_succeed(app_client):
-    runtime = app_client.app.state.runtime
-    poison = tuple(runtime.generator.encode("poison pill"))
-    gate = Gate(runtime.generation.batcher, fail_if=lambda jobs: any(job.prompt_ids == poison for job in jobs))
-    first = asyncio.create_task(generate(app_client, ["warm up"], max_new_tokens=2))
-    await gate.wait_entered()
-    good = [asyncio.create_task(generate(app_client, [f"good {i}"], max_new_tokens=2)) for i in range(3)]
-    bad = asyncio.create_task(generate(app_client, ["poison pill"], max_new_tokens=2))
-    await asyncio.sleep(0.2)
-    gate.open.set()
-    assert [(await t).status_code for t in good] == [200, 200, 200]
-    failed = await bad
-    assert failed.status_code == 500 and "failed on this input" in failed.json()["detail"]
-    await first
-
-
 async def test_seeded_sampling_is_reproducible_and_unseeded_is_not(app_client):
     body = {"max_new_tokens": 12, "temperature": 3.0}
     seeded = [(await generate(app_client, ["The cat"], seed=5, **body)).json()[0]["completion"] for _ in range(2)]
@@ -201,17 +96,71 @@ async def test_generations_are_recorded_in_batches_behind_the_response(app_clien
     assert {item["prompt"] for item in page["items"]} == {f"record {i}" for i in range(5)} | {f"and {i}" for i in range(5)}
 
 
-async def test_a_request_that_does_not_fit_the_queue_is_refused_whole(app_client):
-    runtime = app_client.app.state.runtime
-    runtime.generation.batcher.queue_limit = 3
-    gate = Gate(runtime.generation.batcher)
-    first = asyncio.create_task(generate(app_client, ["warm up"], max_new_tokens=2))
-    await gate.wait_entered()
-    queued = asyncio.create_task(generate(app_client, ["one"], max_new_tokens=2))
-    await asyncio.sleep(0.1)
-    refused = await generate(app_client, ["two", "three", "four"], max_new_tokens=2)
-    assert refused.status_code == 503
-    gate.open.set()
-    assert (await queued).status_code == 200 and (await first).status_code == 200
-    computed = {runtime.generator.tokenizer.decode(job.prompt_ids) for batch in gate.batches for job in batch}
-    assert computed == {"warm up", "one"}
+class TestStaticBatcher:
+    """GENERATOR_SCHEDULER=static: the micro-batcher's guarantees, seen through its model calls (a `Gate`).
+    tests/services/test_continuous_batching.py checks the same guarantees for the continuous scheduler."""
+
+    @pytest.fixture
+    def settings(self, settings):
+        return settings.model_copy(update={"generator_scheduler": "static"})
+
+    async def test_concurrent_requests_with_three_parameter_sets_are_batched_but_never_mixed(self, app_client):
+        runtime = app_client.app.state.runtime
+        param_sets = [{"max_new_tokens": 6}, {"max_new_tokens": 9},
+                      {"max_new_tokens": 6, "temperature": 0.9, "top_p": 0.95, "seed": 11}]
+        prompts = [f"Request number {i} says" for i in range(100)]
+        batches_before = metric("model_batches_total", model="generator", param_sets="1")
+        items_before = metric("model_batch_size_sum", model="generator")
+        gate = Gate(runtime.generation.batcher)
+        first = asyncio.create_task(generate(app_client, ["warm up"], max_new_tokens=2))
+        await gate.wait_entered()
+        requests = [asyncio.create_task(generate(app_client, [p], **param_sets[i % 3])) for i, p in enumerate(prompts)]
+        await asyncio.sleep(0.3)
+        gate.open.set()
+        responses = await asyncio.gather(*requests)
+        await first
+        assert all(r.status_code == 200 for r in responses)
+        for i, response in enumerate(responses):
+            options = param_sets[i % 3]
+            params = GenerationParams(options["max_new_tokens"], options.get("temperature", 0.0),
+                                      options.get("top_p", 1.0))
+            prompt = runtime.generator.encode(prompts[i])
+            expected = runtime.generator.generate([prompt], params, [options.get("seed")])[0]
+            assert response.json()[0]["completion"] == expected.text, f"request {i} got another parameter set's output"
+        batches = metric("model_batches_total", model="generator", param_sets="1") - batches_before
+        computed = metric("model_batch_size_sum", model="generator") - items_before
+        assert computed == 101 and batches < 101 / 2
+        assert all(len({(job.params, job.seed) for job in batch}) == 1 for batch in gate.batches)
+        text = (await app_client.get("/metrics")).text
+        mixed = [line for line in text.splitlines()
+                 if line.startswith("model_batches_total") and 'param_sets="1"' not in line]
+        assert mixed == []
+
+    async def test_identical_prompts_in_a_batch_are_computed_once(self, app_client):
+        runtime = app_client.app.state.runtime
+        gate = Gate(runtime.generation.batcher)
+        first = asyncio.create_task(generate(app_client, ["warm up"], max_new_tokens=2))
+        await gate.wait_entered()
+        same = [asyncio.create_task(generate(app_client, ["Same prompt"], max_new_tokens=4)) for _ in range(5)]
+        sampled = [asyncio.create_task(generate(app_client, ["Same prompt"], max_new_tokens=4, temperature=1.0))
+                   for _ in range(2)]
+        await asyncio.sleep(0.2)
+        gate.open.set()
+        bodies = [(await t).json()[0] for t in same]
+        await asyncio.gather(first, *sampled)
+        assert len({b["completion"] for b in bodies}) == 1
+        assert sorted(len(batch) for batch in gate.batches) == [1, 1, 2]
+
+    async def test_a_multi_prompt_request_fills_one_batch_with_other_requests(self, app_client):
+        runtime = app_client.app.state.runtime
+        gate = Gate(runtime.generation.batcher)
+        first = asyncio.create_task(generate(app_client, ["warm up"], max_new_tokens=2))
+        await gate.wait_entered()
+        many = asyncio.create_task(generate(app_client, ["a b", "c d", "e f"], max_new_tokens=2))
+        one = asyncio.create_task(generate(app_client, ["g h"], max_new_tokens=2))
+        await asyncio.sleep(0.2)
+        gate.open.set()
+        await asyncio.gather(first, many, one)
+        assert [len(batch) for batch in gate.batches] == [1, 4]
+
+

@@ -33,3 +33,12 @@ def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
     assert background["idle_p50_ms"] > 0 and background["busy_vs_idle_p50"] > 0
     assert "background local job (16 items" in run.stdout
     assert "| server | 4 |" in run.stdout and "| baseline | 1 |" in run.stdout and "cache hits (redis)" in run.stdout
+    mixed = results["mixed"]
+    for scheduler in ("continuous", "static"):
+        assert mixed[scheduler]["failures"] == 0 and mixed[scheduler]["requests"] == 4 * 2
+        assert 0 < mixed[scheduler]["short_p50_ms"] and mixed[scheduler]["long_p50_ms"] > 0
+    assert mixed["throughput_vs_static"] == mixed["continuous"]["requests_per_s"] / mixed["static"]["requests_per_s"]
+    streaming = results["streaming"]
+    assert streaming["rounds"] == 3 and streaming["ttft_p50_ms"] > 0 and streaming["prefill_p50_ms"] > 0
+    assert streaming["cancellation"]["freed"] == 4
+    assert "mixed lengths (4 clients" in run.stdout and "streaming c=1: first token" in run.stdout

@@ -20,6 +20,8 @@ def errors_for(monkeypatch: pytest.MonkeyPatch, **env: str) -> list[str]:
     ("PORT", "abc", "expected an integer >= 1 and <= 65535"),
     ("PORT", "70000", "expected an integer >= 1 and <= 65535"),
     ("MODEL_SOURCE", "foo", "expected one of 'auto', 'local', 'hub'"),
+    ("GENERATOR_PRECISION", "int4", "expected one of 'fp32', 'int8'"),
+    ("SENTIMENT_PRECISION", "fp16", "expected one of 'fp32', 'int8'"),
     ("LOG_LEVEL", "loud", "expected one of 'critical', 'error', 'warning', 'info', 'debug', 'trace'"),
     ("LOG_FORMAT", "xml", "expected one of 'text', 'json'"),
     ("REQUEST_TIMEOUT_S", "0", "expected a number > 0"),

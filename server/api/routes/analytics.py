@@ -23,6 +23,7 @@ from server.api.responses import LIMITED_ROUTE_ERRORS, error_responses
 from server.api.schemas import ErrorOut
 from server.services.analytics import thresholds as threshold_store
 from server.services.analytics.aggregate import aggregate, count_items, default_window
+from server.services.analytics.live import live_figures
 from server.services.analytics.thresholds import Thresholds, breaches
 from server.services.cache import ResponseCache
 from server.services.runtime import Runtime
@@ -46,12 +47,15 @@ async def count(runtime: RuntimeDep, since: AwareDatetime | None = None, until: 
 @router.post("/metrics/aggregated", response_model=AggregatedOut, responses=error_responses(*LIMITED_ROUTE_ERRORS))
 async def aggregated(body: AggregatedIn, runtime: RuntimeDep) -> AggregatedOut:
     """Requests, items, errors, cache hit ratio, latency percentiles (from per-minute histograms), tokens and
-    throughput per bucket and over the window, plus the thresholds the window breaches."""
+    throughput per bucket and over the window, plus the thresholds the window breaches; and, whatever the window,
+    this process's queues, batch sizes and rate-limit decisions (`live`)."""
     result = await aggregate(runtime.sessions, body.start, body.end, body.bucket, endpoint=body.endpoint,
                              model=body.model)
-    found = breaches(await threshold_store.load(runtime.sessions), result.total, runtime.reports.queue_depths())
+    depths = runtime.reports.queue_depths()
+    found = breaches(await threshold_store.load(runtime.sessions), result.total, depths)
     return AggregatedOut(buckets=[bucket.summary() for bucket in result.buckets], total=result.total.summary(),
-                         breaches=[b.as_dict() for b in found])
+                         breaches=[b.as_dict() for b in found],
+                         live=live_figures(depths, runtime.ingress, runtime.egress))
 
 
 @router.get("/metrics/thresholds", response_model=ThresholdsOut, responses=error_responses(*LIMITED_ROUTE_ERRORS))

@@ -62,12 +62,14 @@ class ResponseCache:
 
     async def resolve(self, endpoint: str, keys: list[str | None], compute: Callable[[int], Awaitable[bytes]],
                       *, bypass: bool = False,
-                      admit: Callable[[int], AbstractContextManager[object]] = lambda count: nullcontext()
+                      admit: Callable[[int], AbstractContextManager[object]] = lambda count: nullcontext(),
+                      on_item: Callable[[int, bytes, Outcome], None] = lambda index, value, outcome: None
                       ) -> list[tuple[bytes, Outcome]]:
         """Value and outcome for each item; `keys[i]` None means item i is not cacheable.
 
         `admit(n)` is entered, with the number of items the store did not answer, before any of them is computed
-        and held until all are: the batcher's all-or-none admission of a request."""
+        and held until all are: the batcher's all-or-none admission of a request. `on_item` hears of each item as
+        soon as it is answered (a stream sends it then)."""
         lookups = [i for i, key in enumerate(keys) if key is not None and not bypass]
         found: dict[int, bytes] = {}
         store_error = False
@@ -80,6 +82,11 @@ class ResponseCache:
                 store_error = True
 
         async def one(i: int) -> tuple[bytes, Outcome]:
+            value, outcome = await answer(i)
+            on_item(i, value, outcome)
+            return value, outcome
+
+        async def answer(i: int) -> tuple[bytes, Outcome]:
             key = keys[i]
             if i in found:
                 return found[i], "hit"

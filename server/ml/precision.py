@@ -1,0 +1,77 @@
+"""The numeric precision a model computes in: `fp32` as trained, or `int8` (dynamic quantization of its Linear layers).
+
+`int8` stores every `nn.Linear` weight as int8 (one scale per output channel) and quantizes each layer's input on the
+fly, so matrix products run as int8 GEMMs (fbgemm); embeddings, layer norms and attention stay fp32. It changes
+outputs (see README, "Model precision"): it is opt-in, and a quantized model answers under another name.
+
+GPT-2's projections are transformers' `Conv1D`, a Linear whose weight is stored transposed, which quantization does
+not recognise: they are turned into `nn.Linear` first (on its own an exact change), so that every projection, not
+only the LM head, is quantized. GPT-2 ties its LM head to the token embedding; the tie is dropped so that the head is
+quantized while the embedding keeps its fp32 rows.
+
+Why `torch.ao.quantization.quantize_dynamic`, which torch deprecates in favour of torchao: torchao's replacement
+(`quantize_(model, Int8DynamicActivationInt8WeightConfig())`) relies on `torch.compile` for its speed on CPU; in eager
+mode, as the server runs, it is slower than fp32 for one row (pytorch/ao#4365, pytorch/ao#3157). The deprecation
+warnings are silenced at the one call, by message, and nowhere else.
+"""
+
+import warnings
+from typing import Literal, get_args
+
+import torch
+from torch import nn
+from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+from transformers.pytorch_utils import Conv1D
+
+Precision = Literal["fp32", "int8"]
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+
+
+def apply_precision(model: nn.Module, precision: Precision) -> nn.Module:
+    """The model computing in `precision`. int8 converts `model` itself, in seconds: copy it first to keep fp32."""
+    if precision == "fp32":
+        return model
+    if precision != "int8":
+        raise ValueError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    linear_from_conv1d(model)
+    untie_output_embeddings(model)
+    return quantize_linear_int8(model)
+
+
+def linear_from_conv1d(model: nn.Module) -> nn.Module:
+    """Replace each `Conv1D` by an `nn.Linear` computing exactly the same, in place.
+
+    The Linear's weight is the transposed *view* of the Conv1D's: `F.linear` then multiplies by the same matrix in
+    the same memory layout as Conv1D's `addmm`, so outputs are bit-identical, and no weight is copied.
+    """
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                linear = nn.Linear(child.nx, child.nf, device="meta")
+                linear.weight = nn.Parameter(child.weight.detach().t(), requires_grad=False)
+                linear.bias = nn.Parameter(child.bias.detach(), requires_grad=False)
+                setattr(parent, child_name, linear)
+    return model
+
+
+def untie_output_embeddings(model: nn.Module) -> None:
+    """Drop a tie between the output layer and the input embedding, so that quantizing one leaves the other.
+
+    Replacing the output layer already separates them; the config says so too, so that a later `tie_weights()`
+    (transformers calls it when it re-initialises or resizes) does not bind the fp32 embedding to a quantized module.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "tie_word_embeddings", False):
+        return
+    config.tie_word_embeddings = False
+    if hasattr(model, "all_tied_weights_keys"):
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+
+
+def quantize_linear_int8(model: nn.Module) -> nn.Module:
+    """Dynamic int8 quantization of every `nn.Linear`, in place: int8 weights per output channel, inputs per call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel",
+                                category=UserWarning)
+        return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)

@@ -1,0 +1,41 @@
+from tests.support.app import serving
+
+INT8 = {"generator_precision": "int8", "sentiment_precision": "int8"}
+
+
+async def test_int8_models_answer_and_say_so_in_names_root_and_health(settings):
+    async with serving(settings.model_copy(update=INT8)) as client:
+        generated = await client.post("/generate", json={"prompts": ["Once upon a time"], "max_new_tokens": 4})
+        predicted = await client.post("/predict", json={"texts": ["great", "awful"]})
+        root = (await client.get("/")).json()["models"]
+        health = (await client.get("/health")).json()["checks"]["models"]["detail"]
+    assert generated.status_code == 200 and predicted.status_code == 200
+    assert generated.json()[0]["model_name"] == "offline-stand-in:gpt2:int8"
+    assert {item["model_name"] for item in predicted.json()} == {"offline-stand-in:distilbert:int8"}
+    for models in (root, health):
+        for role in ("generator", "sentiment"):
+            assert models[role]["precision"] == "int8"
+            assert models[role]["name"].endswith(":int8") and models[role]["revision"].endswith(":int8")
+
+
+async def test_fp32_is_the_default_and_keeps_its_names(app_client):
+    generated = await app_client.post("/generate", json={"prompts": ["Once upon a time"], "max_new_tokens": 2})
+    assert generated.json()[0]["model_name"] == "offline-stand-in:gpt2"
+    root = (await app_client.get("/")).json()["models"]
+    assert {role: (m["precision"], m["name"]) for role, m in root.items()} == {
+        "generator": ("fp32", "offline-stand-in:gpt2"), "sentiment": ("fp32", "offline-stand-in:distilbert")}
+
+
+async def test_one_prompt_has_one_cache_entry_per_precision(settings, redis_server):
+    """Replicas sharing a Redis, one in fp32 and one in int8: neither is served the other's answers."""
+    shared = settings.model_copy(update={"redis_url": redis_server.url})
+    generate = {"prompts": ["Cache me per precision"], "max_new_tokens": 4}
+    predict = {"text": "cache me per precision"}
+    keys = {}
+    for precision, overrides in (("fp32", {}), ("int8", INT8)):
+        async with serving(shared.model_copy(update=overrides)) as client:
+            for path, body in (("/generate", generate), ("/predict", predict)):
+                first, again = [await client.post(path, json=body) for _ in range(2)]
+                assert (first.headers["x-cache"], again.headers["x-cache"]) == ("MISS", "HIT"), (precision, path)
+            keys[precision] = client.app.state.runtime.sentiment.key(predict["text"])
+    assert keys["fp32"] != keys["int8"]

@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.pytorch_utils import Conv1D
+
+from server.ml.classifier import SentimentClassifier
+from server.ml.generator import TextGenerator
+from server.ml.loader import locate
+from server.ml.precision import apply_precision, linear_from_conv1d
+
+PROMPTS = ["Once upon a time", "The weather today is", "A"]
+
+
+def load(cls, directory: Path, precision: str):
+    kind = "generator" if cls is TextGenerator else "classifier"
+    return cls.load(locate(str(directory), kind, "local", directory.parent), str(directory.parent), precision)
+
+
+def logits(model: nn.Module, directory: Path) -> torch.Tensor:
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, "left"
+    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        return model(**batch).logits
+
+
+def test_conv1d_becomes_linear_with_bit_identical_fp32_outputs(standins):
+    original = AutoModelForCausalLM.from_pretrained(standins[0]).eval()
+    converted = AutoModelForCausalLM.from_pretrained(standins[0]).eval()
+    conv1d_count = sum(isinstance(m, Conv1D) for m in converted.modules())
+    linear_from_conv1d(converted)
+    assert conv1d_count == 4 * converted.config.n_layer
+    assert not any(isinstance(m, Conv1D) for m in converted.modules())
+    assert sum(isinstance(m, nn.Linear) for m in converted.modules()) == conv1d_count + 1
+    assert torch.equal(logits(converted, standins[0]), logits(original, standins[0]))
+
+
+def test_int8_generator_quantizes_every_projection_and_the_lm_head_and_keeps_the_embedding(standins):
+    fp32 = load(TextGenerator, standins[0], "fp32").model
+    int8 = load(TextGenerator, standins[0], "int8").model
+    assert any(isinstance(m, Conv1D) for m in fp32.modules()), "fp32 serves the model as trained"
+    quantized = [name for name, m in int8.named_modules() if isinstance(m, DynamicQuantizedLinear)]
+    assert len(quantized) == 4 * int8.config.n_layer + 1 and "lm_head" in quantized
+    assert not any(isinstance(m, (Conv1D, nn.Linear)) for m in int8.modules())
+    assert int8.transformer.wte.weight.dtype == torch.float32
+    assert torch.equal(int8.transformer.wte.weight, fp32.transformer.wte.weight)
+    int8.tie_weights()
+    assert isinstance(int8.lm_head, DynamicQuantizedLinear)
+    assert not any(name.startswith("lm_head") for name, _ in int8.named_parameters())
+    assert not torch.equal(logits(int8, standins[0]), logits(fp32, standins[0]))
+
+
+def test_int8_classifier_quantizes_every_linear_layer(standins):
+    int8 = load(SentimentClassifier, standins[1], "int8")
+    assert not any(isinstance(m, nn.Linear) for m in int8.model.modules())
+    quantized = [name for name, m in int8.model.named_modules() if isinstance(m, DynamicQuantizedLinear)]
+    assert len(quantized) == 6 * int8.model.config.n_layers + 2
+    assert {"pre_classifier", "classifier"} <= set(quantized)
+    assert len(answers := int8.classify(["great", "awful"])) == 2
+    assert {s.label for s in answers} <= {"NEGATIVE", "POSITIVE"}
+
+
+@pytest.mark.parametrize("cls", [TextGenerator, SentimentClassifier])
+def test_the_precision_is_in_the_name_and_in_the_revision_that_cache_keys_use(standins, cls):
+    directory = standins[0] if cls is TextGenerator else standins[1]
+    fp32, int8 = load(cls, directory, "fp32"), load(cls, directory, "int8")
+    assert (fp32.precision, int8.precision) == ("fp32", "int8")
+    assert fp32.name.startswith("offline-stand-in:") and ":int8" not in fp32.name
+    assert int8.name == f"{fp32.name}:int8"
+    assert fp32.revision == fp32.checkpoint_revision == int8.checkpoint_revision
+    assert int8.revision == f"{fp32.revision}:int8"
+
+
+def test_an_unknown_precision_is_refused(standins):
+    model = AutoModelForCausalLM.from_pretrained(standins[0])
+    with pytest.raises(ValueError, match="expected one of fp32, int8"):
+        apply_precision(model, "int4")

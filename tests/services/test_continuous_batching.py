@@ -1,0 +1,223 @@
+"""The continuous scheduler with the real stand-in generator: rows join and leave between decoding steps."""
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pytest
+
+from server.ml.decoding import GenerationParams
+from server.ml.generator import TextGenerator
+from server.services.continuous_batching import ContinuousBatcher
+from server.services.errors import DeadlineExceeded, ModelFailed, Overloaded
+from tests.support.metrics import metric
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt_ids: tuple[int, ...]
+    params: GenerationParams
+    seed: int | None = None
+
+    @property
+    def deterministic(self) -> bool:
+        return self.params.greedy or self.seed is not None
+
+
+class Passes:
+    """Records each forward pass of the generator (the rows it ran) and can hold the loop before pass `hold_at`."""
+
+    def __init__(self, generator: TextGenerator):
+        self.log: list[tuple[str, list[tuple[int, ...]]]] = []
+        self.hold_at: int | None = None
+        self.held = threading.Event()
+        self.release = threading.Event()
+        decoder = generator.decoder
+        prefill, step = decoder.prefill, decoder.step
+        decoder.prefill = lambda rows: self._pass("prefill", [r.prompt for r in rows], lambda: prefill(rows))
+        decoder.step = lambda batch: self._pass("decode", [r.prompt for r in batch.sequences], lambda: step(batch))
+
+    def _pass(self, kind: str, prompts: list, call):
+        if len(self.log) == self.hold_at:
+            self.held.set()
+            self.release.wait(30)
+        self.log.append((kind, prompts))
+        return call()
+
+    async def hold_before(self, index: int) -> None:
+        self.hold_at = index
+        self.release.clear()
+        await asyncio.to_thread(self.held.wait, 10)
+
+    def let_go(self) -> None:
+        self.hold_at = None
+        self.release.set()
+
+
+@pytest.fixture
+async def generator(standins) -> TextGenerator:
+    from server.ml.loader import locate
+    location = locate(str(standins[0]), "generator", "local", standins[0].parent)
+    return TextGenerator.load(location, str(standins[0].parent))
+
+
+@pytest.fixture
+async def make(generator: TextGenerator):
+    executor = ThreadPoolExecutor(1)
+    made: list[ContinuousBatcher] = []
+
+    def build(**overrides) -> tuple[ContinuousBatcher, Passes]:
+        options = {"max_batch_size": 8, "max_wait_s": 0.005, "queue_limit": 100} | overrides
+        batcher = ContinuousBatcher("generator", generator, executor, **options)
+        batcher.start()
+        made.append(batcher)
+        return batcher, Passes(generator)
+
+    yield build
+    for batcher in made:
+        await batcher.close()
+    executor.shutdown()
+
+
+def job(generator: TextGenerator, text: str, new_tokens: int, **params) -> Job:
+    seed = params.pop("seed", None)
+    return Job(tuple(generator.encode(text)), GenerationParams(new_tokens, **params), seed)
+
+
+async def test_a_short_row_leaves_early_and_a_newcomer_joins_a_running_long_row(make, generator):
+    batcher, passes = make()
+    long = asyncio.create_task(batcher.submit([job(generator, "A long story", 40)], timeout_s=30))
+    await passes.hold_before(3)
+    short = asyncio.create_task(batcher.submit([job(generator, "Short", 4)], timeout_s=30))
+    await asyncio.sleep(0.05)
+    passes.let_go()
+    [short_out] = await short
+    passes_when_short_done = len(passes.log)
+    [long_out] = await long
+    assert short_out == generator.generate([generator.encode("Short")], GenerationParams(4))[0]
+    assert long_out == generator.generate([generator.encode("A long story")], GenerationParams(40))[0]
+    # The newcomer was prefilled beside the running row and finished long before it.
+    assert passes_when_short_done < 12 and len(passes.log) >= 40
+    assert [kind for kind, _ in passes.log].count("prefill") == 2
+
+
+async def test_rows_with_different_sampling_parameters_share_decoding_steps(make, generator):
+    batcher, passes = make()
+    jobs = [job(generator, "Same start", 6), job(generator, "Same start", 6, temperature=0.8, seed=4),
+            job(generator, "Other", 6, temperature=1.5, top_p=0.5, seed=9)]
+    outs = await asyncio.gather(*(batcher.submit([j], timeout_s=30) for j in jobs))
+    for j, [out] in zip(jobs, outs):
+        assert out == generator.generate([j.prompt_ids], j.params, [j.seed])[0]
+    assert passes.log[0] == ("prefill", [j.prompt_ids for j in jobs])
+    assert all(len(prompts) == 3 for kind, prompts in passes.log[1:])
+
+
+async def test_tokens_stream_after_each_step_and_add_up_to_the_answer(make, generator):
+    batcher, passes = make()
+    chunks: list[tuple[int, list[int]]] = []
+    [out] = await batcher.submit([job(generator, "Streaming", 7)], timeout_s=30,
+                                 on_tokens=lambda tokens: chunks.append((len(passes.log), tokens)))
+    assert [t for _, tokens in chunks for t in tokens] == out.token_ids
+    assert chunks[0][1] == out.token_ids[:1]
+    # The first token arrives right after the prefill, before the decoding steps that follow it ended.
+    assert chunks[0][0] <= 2
+
+
+async def test_equal_deterministic_jobs_share_one_row_and_a_late_joiner_gets_the_tokens_so_far(make, generator):
+    batcher, passes = make()
+    same = job(generator, "Shared row", 12)
+    first = asyncio.create_task(batcher.submit([same], timeout_s=30))
+    await passes.hold_before(4)
+    late: list[int] = []
+    second = asyncio.create_task(batcher.submit([same], timeout_s=30, on_tokens=late.extend))
+    await asyncio.sleep(0.05)
+    passes.let_go()
+    assert (await first) == (await second)
+    assert late == (await second)[0].token_ids
+    assert [kind for kind, _ in passes.log].count("prefill") == 1
+
+
+async def test_interactive_rows_join_first_and_background_rows_are_capped(make, generator):
+    batcher, passes = make(max_batch_size=8, background_max_size=2)
+    background = [asyncio.create_task(batcher.submit([job(generator, f"background {i}", 30)], timeout_s=60,
+                                                     background=True)) for i in range(5)]
+    await passes.hold_before(2)
+    interactive = asyncio.create_task(batcher.submit([job(generator, "interactive", 3)], timeout_s=30))
+    await asyncio.sleep(0.05)
+    passes.let_go()
+    [interactive_out] = await interactive
+    assert interactive_out == generator.generate([generator.encode("interactive")], GenerationParams(3))[0]
+    background_prompts = {tuple(generator.encode(f"background {i}")) for i in range(5)}
+    ran_before_interactive_done = {p for _, prompts in passes.log[:6] for p in prompts}
+    assert max(sum(p in background_prompts for p in prompts) for _, prompts in passes.log) <= 2
+    assert tuple(generator.encode("interactive")) in ran_before_interactive_done
+    for i, [out] in enumerate(await asyncio.gather(*background)):
+        assert out == generator.generate([generator.encode(f"background {i}")], GenerationParams(30))[0]
+    mine = tuple(generator.encode("interactive"))
+    joined = next(i for i, (_, prompts) in enumerate(passes.log) if mine in prompts)
+    left = next(i for i in range(joined, len(passes.log)) if mine not in passes.log[i][1])
+    assert not any(kind == "prefill" for kind, _ in passes.log[joined + 1:left]), "background joined meanwhile"
+    assert all(prompts == [mine] for _, prompts in passes.log[joined + 1:left]), "background rows shared its steps"
+
+
+async def test_a_cancelled_caller_frees_its_row_within_one_step(make, generator):
+    batcher, passes = make()
+    before = metric("batch_abort_steps_count", model="generator")
+    within_one = metric("batch_abort_steps_bucket", model="generator", le="1.0")
+    other = asyncio.create_task(batcher.submit([job(generator, "stays", 20)], timeout_s=30))
+    doomed = asyncio.create_task(batcher.submit([job(generator, "leaves", 200)], timeout_s=30))
+    await passes.hold_before(5)
+    doomed.cancel()
+    await asyncio.gather(doomed, return_exceptions=True)
+    passes.let_go()
+    await other
+    leaves = tuple(generator.encode("leaves"))
+    assert sum(leaves in prompts for _, prompts in passes.log) <= 6
+    assert metric("batch_abort_steps_count", model="generator") - before == 1
+    assert metric("batch_abort_steps_bucket", model="generator", le="1.0") - within_one == 1
+
+
+async def test_deadline_is_a_504_and_the_row_leaves_at_the_next_step(make, generator):
+    batcher, passes = make()
+    slow = asyncio.create_task(batcher.submit([job(generator, "slow", 200)], timeout_s=0.5))
+    await passes.hold_before(3)
+    with pytest.raises(DeadlineExceeded):
+        await slow
+    passes.let_go()
+    while batcher.running:
+        await asyncio.sleep(0.01)
+    assert len(passes.log) == 4
+
+
+async def test_a_row_that_breaks_a_step_fails_alone_and_the_others_finish(make, generator):
+    batcher, passes = make()
+    poison = tuple(generator.encode("poison pill"))
+    step = generator.decoder.step
+
+    def failing(batch):
+        if any(s.prompt == poison for s in batch.sequences) and len(batch.sequences[0].tokens) >= 3:
+            raise RuntimeError("model exploded on this row")
+        step(batch)
+
+    generator.decoder.step = failing
+    good = [job(generator, f"good {i}", 6) for i in range(3)]
+    results = await asyncio.gather(*(batcher.submit([j], timeout_s=30) for j in good),
+                                   batcher.submit([Job(poison, GenerationParams(6))], timeout_s=30),
+                                   return_exceptions=True)
+    assert isinstance(results[3], ModelFailed)
+    for j, [out] in zip(good, results[:3]):
+        assert out == generator.generate([j.prompt_ids], j.params)[0]
+
+
+async def test_a_full_queue_refuses_the_whole_request(make, generator):
+    batcher, passes = make(max_batch_size=1, queue_limit=2)
+    running = asyncio.create_task(batcher.submit([job(generator, "busy", 50)], timeout_s=30))
+    await passes.hold_before(2)
+    waiting = asyncio.create_task(batcher.submit([job(generator, "one", 2)], timeout_s=30))
+    await asyncio.sleep(0.05)
+    with pytest.raises(Overloaded):
+        with batcher.admission(2):
+            pass
+    passes.let_go()
+    await asyncio.gather(running, waiting)
