@@ -29,12 +29,16 @@ from pathlib import Path
 
 import httpx
 import torch
+from torch import nn
 from tqdm import tqdm
+from transformers.pytorch_utils import Conv1D
 
 from server.core.config import PROJECT_ROOT, get_settings
+from server.ml.decoding import Sequence
 from server.ml.generator import GenerationParams, TextGenerator
 from server.ml.loader import locate
 from server.ml.offline import GPT2_124M, build_classifier, build_generator, standin_marker_exists
+from server.bench.agreement import greedy_agreement
 from server.bench.load import LoadResult, run_load
 from server.bench.scheduling import (CANCELLED_TOKENS, LONG_EVERY, compare_mixed, measure_cancellation,
                                      measure_first_token, measure_mixed)
@@ -90,38 +94,72 @@ def ensure_models(args: argparse.Namespace) -> tuple[Path, Path]:
     return generator, classifier
 
 
+def decode_loop(generator: TextGenerator, prompts: list[list[int]], params: GenerationParams) -> None:
+    """The continuous scheduler's arithmetic for one batch with nobody joining: prefill, then steps until done."""
+    rows = [Sequence(tuple(p), params) for p in prompts]
+    with torch.inference_mode():
+        batch = generator.decoder.prefill(rows)
+        while unfinished := [i for i, row in enumerate(batch.sequences) if not row.finish_reason]:
+            batch.keep(unfinished)
+            generator.decoder.step(batch)
+
+
+def gemm_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """This machine's sustained fp32 matrix-multiply rate, probed now (the arithmetic limit's yardstick)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - started)
+    return 2 * size ** 3 / statistics.median(times) / 1e9
+
+
+def flops_per_token(generator: TextGenerator) -> float:
+    """Multiply-adds of one decoded token through every Linear / Conv1D weight (the LM head included), x2."""
+    return 2.0 * sum(m.weight.numel() for m in generator.model.modules() if isinstance(m, nn.Linear | Conv1D))
+
+
 class OfflineLimit:
-    """The physical limit: the model called directly, no server, with the code path the server uses."""
+    """The physical limits: the model called directly, no server, at batch 1 and the full batch, two engines:
+    `transformers` (its `generate` in fp32 with torch's GEMM: the reference) and `fast` (the server's default:
+    our decoding loop, fp32 Linear layers on oneDNN)."""
 
     def __init__(self, model_dir: Path, batch_size: int, new_tokens: int, repeats: tuple[int, int]):
-        self.generator = TextGenerator.load(locate(str(model_dir), "generator", "local", BENCH_MODELS),
-                                            str(BENCH_MODELS))
+        location = locate(str(model_dir), "generator", "local", BENCH_MODELS)
+        self.generator = TextGenerator.load(location, str(BENCH_MODELS))
+        self.fast = TextGenerator.load(location, str(BENCH_MODELS), "fp32", "onednn")
         self.params = GenerationParams(max_new_tokens=new_tokens)
+        self.engines = {"": lambda prompts: self.generator.generate(prompts, self.params),
+                        "fast_": lambda prompts: decode_loop(self.fast, prompts, self.params)}
         self.sizes = dict(zip((1, batch_size), repeats))
-        self.brackets: list[dict[int, list[float]]] = []
-        self._run(1, 0)
-        self._run(batch_size, 0)
+        self.brackets: list[dict[str, list[float]]] = []
+        for engine in self.engines:
+            self._run(engine, 1, 0)
+            self._run(engine, batch_size, 0)
 
-    def _run(self, size: int, round_: int) -> float:
+    def _run(self, engine: str, size: int, round_: int) -> float:
         """Seconds for one call on the prompts that `size` server clients send in `round_`: same token shapes."""
         prompts = [self.generator.encode(prompt(f"{SERVER_TAG}{size}", i, round_)) for i in range(size)]
         started = time.perf_counter()
-        self.generator.generate(prompts, self.params)
+        self.engines[engine](prompts)
         return time.perf_counter() - started
 
     def measure(self) -> None:
-        """One bracket: every size, `repeats` calls each."""
+        """One bracket: every engine and size, `repeats` calls each."""
         first = len(self.brackets) * max(self.sizes.values())
-        self.brackets.append({size: [self._run(size, first + k) for k in range(repeat)]
-                              for size, repeat in self.sizes.items()})
+        self.brackets.append({f"{engine}batch_{size}": [self._run(engine, size, first + k) for k in range(repeat)]
+                              for engine in self.engines for size, repeat in self.sizes.items()})
 
-    def _limits(self, brackets: list[dict[int, list[float]]]) -> dict:
-        """Median latency and throughput of each size over `brackets`."""
+    def _limits(self, brackets: list[dict[str, list[float]]]) -> dict:
+        """Median latency and throughput of each engine and size over `brackets`."""
         limits = {}
-        for size in self.sizes:
-            median = statistics.median(t for bracket in brackets for t in bracket[size])
-            limits[f"batch_{size}"] = {"batch_size": size, "latency_ms": median * 1000,
-                                       "requests_per_s": size / median, "brackets": len(brackets)}
+        for engine in self.engines:
+            for size in self.sizes:
+                median = statistics.median(t for bracket in brackets for t in bracket[f"{engine}batch_{size}"])
+                limits[f"{engine}batch_{size}"] = {"batch_size": size, "latency_ms": median * 1000,
+                                                   "requests_per_s": size / median, "brackets": len(brackets)}
         return limits
 
     def around(self, level: int) -> dict:
@@ -131,6 +169,23 @@ class OfflineLimit:
     def overall(self) -> dict:
         """All brackets together: the offline rows of the table."""
         return self._limits(self.brackets)
+
+    def engine_summary(self, new_tokens: int, batch_size: int) -> dict:
+        """The fast path against transformers (same run): speed, share of the GEMM limit, identical greedy output."""
+        limits, gflops = self.overall(), gemm_gflops()
+        per_token = flops_per_token(self.generator)
+        prompts = [prompt(f"{SERVER_TAG}{batch_size}", i, 0) for i in range(batch_size)]
+        agreement = greedy_agreement(self.generator, self.fast, prompts, new_tokens=new_tokens, batch_size=batch_size)
+        summary = {"gemm_gflops": gflops, "gflop_per_token": per_token / 1e9,
+                   "fast_identical": agreement.identical, "compared": agreement.total}
+        for engine, name in (("", "transformers"), ("fast_", "fast")):
+            full, lone = limits[f"{engine}batch_{batch_size}"], limits[f"{engine}batch_1"]
+            tokens_per_s = full["requests_per_s"] * new_tokens
+            summary[name] = {"tokens_per_s": tokens_per_s, "lone_ms": lone["latency_ms"],
+                             "share_of_gemm_limit": tokens_per_s * per_token / (gflops * 1e9)}
+        summary["fast_vs_transformers_batch"] = summary["fast"]["tokens_per_s"] / summary["transformers"]["tokens_per_s"]
+        summary["fast_vs_transformers_lone"] = summary["fast"]["lone_ms"] / summary["transformers"]["lone_ms"]
+        return summary
 
 
 def free_port() -> int:
@@ -290,7 +345,8 @@ def run(args: argparse.Namespace) -> dict:
             bar.update(1)
             bar.set_postfix_str("mixed lengths, streaming")
             mixed = measure_mixed(url, "c", max(levels), args.mixed_rounds, args.new_tokens, args.long_tokens)
-            streaming = {**measure_first_token(url, offline.generator, args.stream_rounds, args.new_tokens),
+            served = offline.fast if get_settings().generator_fp32_kernels == "onednn" else offline.generator
+            streaming = {**measure_first_token(url, served, args.stream_rounds, args.new_tokens),
                          "cancellation": measure_cancellation(url, 4, CANCELLED_TOKENS)}
             bar.update(1)
         bar.set_postfix_str("static scheduler")
@@ -332,6 +388,9 @@ def summarize(args, generator_dir: Path, offline: OfflineLimit, server_rows: lis
         row["vs_offline_full_batch_throughput"] = (row["requests_per_s"]
                                                    / limits[f"batch_{args.batch_size}"]["requests_per_s"])
         row["p50_vs_offline_batch_1_latency"] = row["p50_ms"] / limits["batch_1"]["latency_ms"]
+        row["vs_fast_full_batch_throughput"] = (row["requests_per_s"]
+                                                / limits[f"fast_batch_{args.batch_size}"]["requests_per_s"])
+        row["p50_vs_fast_batch_1_latency"] = row["p50_ms"] / limits["fast_batch_1"]["latency_ms"]
         if row["concurrency"] in baseline_by_c:
             row["vs_baseline_throughput"] = row["requests_per_s"] / baseline_by_c[row["concurrency"]]["requests_per_s"]
     limits = offline.overall()
@@ -345,19 +404,20 @@ def summarize(args, generator_dir: Path, offline: OfflineLimit, server_rows: lis
         "quick": args.quick,
         "offline": offline.overall(), "server": server_rows, "baseline": baseline_rows, "cache": cache,
         "background": background, "mixed": mixed, "streaming": streaming,
+        "engines": offline.engine_summary(args.new_tokens, args.batch_size),
     }
 
 
 def table(results: dict) -> str:
     lines = [f"model {results['model']}, {results['new_tokens']} new tokens, {results['machine']['cpus']} CPUs, "
              f"torch {results['machine']['torch']}", ""]
+    full = max(int(k.rsplit("_", 1)[1]) for k in results["offline"])
     lines.append("| run | concurrency | req/s | tokens/s | p50 ms | p95 ms | p99 ms | mean batch | vs offline "
-                 f"batch {max(int(k.split('_')[1]) for k in results['offline'])} | p50 vs offline batch 1 "
-                 "| vs baseline |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                 f"batch {full} | p50 vs offline batch 1 | vs fast batch {full} | p50 vs fast batch 1 | vs baseline |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key, data in results["offline"].items():
         lines.append(f"| offline {key.replace('_', ' ')} | - | {data['requests_per_s']:.2f} | - | "
-                     f"{data['latency_ms']:.0f} | - | - | {data['batch_size']} | - | - | - |")
+                     f"{data['latency_ms']:.0f} | - | - | {data['batch_size']} | - | - | - | - | - |")
     for name, rows in (("server", results["server"]), ("baseline", results["baseline"])):
         for row in rows:
             def fmt(key: str, spec: str = ".2f", suffix: str = "") -> str:
@@ -366,7 +426,9 @@ def table(results: dict) -> str:
             lines.append(f"| {name} | {row['concurrency']} | {row['requests_per_s']:.2f} | {fmt('tokens_per_s', '.1f')}"
                          f" | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} | {row['p99_ms']:.0f} | "
                          f"{fmt('mean_batch_size', '.1f')} | {fmt('vs_offline_full_batch_throughput', '.2f', 'x')} | "
-                         f"{fmt('p50_vs_offline_batch_1_latency', '.2f', 'x')} | {fmt('vs_baseline_throughput', '.2f', 'x')} |")
+                         f"{fmt('p50_vs_offline_batch_1_latency', '.2f', 'x')} | "
+                         f"{fmt('vs_fast_full_batch_throughput', '.2f', 'x')} | "
+                         f"{fmt('p50_vs_fast_batch_1_latency', '.2f', 'x')} | {fmt('vs_baseline_throughput', '.2f', 'x')} |")
     brackets = next(iter(results["offline"].values()))["brackets"]
     lines.append("")
     lines.append(f"offline rows: median of {brackets} measurements taken between the server levels; each server "
@@ -399,6 +461,15 @@ def table(results: dict) -> str:
                  f"{streaming['prefill_p50_ms']:.0f} ms ({streaming['ttft_vs_prefill']:.2f}x); {cancelled['requests']}"
                  f" streams closed mid-generation: {cancelled['freed_within_one_step']:.0f} of "
                  f"{cancelled['freed']:.0f} rows freed within one step (mean {cancelled['mean_steps']:.2f} steps)")
+    engines = results["engines"]
+    lines.append(f"engines (offline, {results['new_tokens']} greedy tokens): transformers fp32 "
+                 f"{engines['transformers']['tokens_per_s']:.0f} tok/s at batch {full} "
+                 f"({engines['transformers']['share_of_gemm_limit']:.0%} of the {engines['gemm_gflops']:.0f} GFLOPS "
+                 f"GEMM probe), lone {engines['transformers']['lone_ms']:.0f} ms; fast path (our loop, oneDNN fp32) "
+                 f"{engines['fast']['tokens_per_s']:.0f} tok/s ({engines['fast_vs_transformers_batch']:.2f}x, "
+                 f"{engines['fast']['share_of_gemm_limit']:.0%}), lone {engines['fast']['lone_ms']:.0f} ms "
+                 f"({engines['fast_vs_transformers_lone']:.2f}x); identical greedy output "
+                 f"{engines['fast_identical']}/{engines['compared']}")
     lines.append(f"failed requests: {failures}")
     return "\n".join(lines)
 

@@ -19,7 +19,7 @@ from transformers import (AutoModelForCausalLM, GenerationConfig, LogitsProcesso
 
 from server.ml.decoding import Decoder, GenerationParams, RowSampler, Sequence as DecodedSequence
 from server.ml.loader import PretrainedModel
-from server.ml.precision import Precision
+from server.ml.precision import Kernels, Precision
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,9 @@ class TextGenerator(PretrainedModel):
 
     auto_class = AutoModelForCausalLM
 
-    def __init__(self, model, tokenizer, name: str, revision: str, standin: bool, precision: Precision = "fp32"):
-        super().__init__(model, tokenizer, name, revision, standin, precision)
+    def __init__(self, model, tokenizer, name: str, revision: str, standin: bool, precision: Precision = "fp32",
+                 kernels: Kernels = "torch"):
+        super().__init__(model, tokenizer, name, revision, standin, precision, kernels)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -19,7 +19,7 @@ from huggingface_hub import constants as hub_constants
 from transformers import AutoTokenizer
 
 from server.ml import offline
-from server.ml.precision import Precision, apply_precision
+from server.ml.precision import Kernels, Precision, apply_precision
 
 log = logging.getLogger(__name__)
 Kind = Literal["generator", "classifier"]
@@ -108,11 +108,13 @@ class PretrainedModel:
 
     auto_class: ClassVar[type]
 
-    def __init__(self, model, tokenizer, name: str, revision: str, standin: bool, precision: Precision = "fp32"):
+    def __init__(self, model, tokenizer, name: str, revision: str, standin: bool, precision: Precision = "fp32",
+                 kernels: Kernels = "torch"):
         """`model` already computes in `precision` (see `load`); `name` and `revision` are the checkpoint's."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.precision = precision
+        self.kernels = kernels if precision == "fp32" else "torch"
         self.name = name if precision == "fp32" else f"{name}:{precision}"
         self.checkpoint_revision = revision
         self.standin = standin
@@ -127,10 +129,13 @@ class PretrainedModel:
         return self.checkpoint_revision if self.precision == "fp32" else f"{self.checkpoint_revision}:{self.precision}"
 
     @classmethod
-    def load(cls, location: ModelLocation, cache_dir: str, precision: Precision = "fp32") -> Self:
-        """Load the model and tokenizer, then convert the model to `precision` (int8: seconds, see `precision.py`)."""
+    def load(cls, location: ModelLocation, cache_dir: str, precision: Precision = "fp32",
+             kernels: Kernels = "torch") -> Self:
+        """Load the model and tokenizer, then convert the model to `precision` and, in fp32, `kernels` (seconds,
+        see `precision.py`)."""
         kwargs = {"cache_dir": cache_dir, "local_files_only": location.local_files_only}
         tokenizer = AutoTokenizer.from_pretrained(location.path, **kwargs)
         model = cls.auto_class.from_pretrained(location.path, **kwargs)
         revision = weights_revision(model.config, location)
-        return cls(apply_precision(model, precision), tokenizer, location.name, revision, location.standin, precision)
+        return cls(apply_precision(model, precision, kernels), tokenizer, location.name, revision, location.standin,
+                   precision, kernels)

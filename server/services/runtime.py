@@ -65,7 +65,8 @@ async def load_models(settings: Settings) -> tuple[TextGenerator, SentimentClass
                                            settings.models_cache_dir)
     classifier_at = await asyncio.to_thread(locate, settings.sentiment_model, "classifier", settings.model_source,
                                             settings.models_cache_dir)
-    return (await asyncio.to_thread(TextGenerator.load, generator_at, cache, settings.generator_precision),
+    return (await asyncio.to_thread(TextGenerator.load, generator_at, cache, settings.generator_precision,
+                                    settings.generator_fp32_kernels),
             await asyncio.to_thread(SentimentClassifier.load, classifier_at, cache, settings.sentiment_precision))
 
 

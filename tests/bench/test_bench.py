@@ -12,7 +12,7 @@ def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(output.read_text())
-    assert set(results["offline"]) == {"batch_1", "batch_32"}
+    assert set(results["offline"]) == {"batch_1", "batch_32", "fast_batch_1", "fast_batch_32"}
     assert results["offline"]["batch_32"]["brackets"] == 3
     assert [row["concurrency"] for row in results["server"]] == [1, 4]
     assert [row["concurrency"] for row in results["baseline"]] == [1, 4]
@@ -42,3 +42,8 @@ def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
     assert streaming["rounds"] == 3 and streaming["ttft_p50_ms"] > 0 and streaming["prefill_p50_ms"] > 0
     assert streaming["cancellation"]["freed"] == 4
     assert "mixed lengths (4 clients" in run.stdout and "streaming c=1: first token" in run.stdout
+    engines = results["engines"]
+    assert engines["gemm_gflops"] > 0 and engines["compared"] == 32 and 0 <= engines["fast_identical"] <= 32
+    assert engines["fast_vs_transformers_batch"] == engines["fast"]["tokens_per_s"] / engines["transformers"]["tokens_per_s"]
+    assert all(row["vs_fast_full_batch_throughput"] > 0 for row in results["server"])
+    assert "fast path (our loop, oneDNN fp32)" in run.stdout

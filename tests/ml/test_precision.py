@@ -8,9 +8,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
 from server.ml.classifier import SentimentClassifier
+from server.ml.decoding import GenerationParams, Sequence
 from server.ml.generator import TextGenerator
 from server.ml.loader import locate
 from server.ml.precision import apply_precision, linear_from_conv1d
+from tests.ml.conftest import LONG, MIDDLE, SHORT
 
 PROMPTS = ["Once upon a time", "The weather today is", "A"]
 
@@ -79,3 +81,23 @@ def test_an_unknown_precision_is_refused(standins):
     model = AutoModelForCausalLM.from_pretrained(standins[0])
     with pytest.raises(ValueError, match="expected one of fp32, int8"):
         apply_precision(model, "int4")
+
+
+def test_the_onednn_fp32_path_gives_transformers_greedy_output_alone_and_batched(standins):
+    location = locate(str(standins[0]), "generator", "local", standins[0].parent)
+    reference = TextGenerator.load(location, str(standins[0].parent))
+    fast = TextGenerator.load(location, str(standins[0].parent), "fp32", "onednn")
+    assert fast.kernels == "onednn" and fast.name == reference.name and fast.revision == reference.revision
+    assert all(type(m) is not nn.Linear and not isinstance(m, Conv1D) for m in fast.model.modules())
+    params = GenerationParams(max_new_tokens=12)
+    prompts = [reference.encode(p) for p in (*PROMPTS, LONG, MIDDLE, SHORT)]
+    expected = [reference.generate([p], params)[0] for p in prompts]
+    assert fast.generate(prompts, params) == expected
+    assert [fast.generate([p], params)[0] for p in prompts] == expected
+    rows = [Sequence(tuple(p), params) for p in prompts]
+    with torch.inference_mode():
+        batch = fast.decoder.prefill(rows)
+        while unfinished := [i for i, s in enumerate(batch.sequences) if not s.finish_reason]:
+            batch.keep(unfinished)
+            fast.decoder.step(batch)
+    assert [fast.result(s) for s in rows] == expected

@@ -14,7 +14,7 @@ router = APIRouter(tags=["system"])
 
 def _models(runtime: RuntimeDep) -> dict[str, dict]:
     return {role: {"name": model.name, "revision": model.revision, "precision": model.precision,
-                   "offline_stand_in": model.standin}
+                   "kernels": model.kernels, "offline_stand_in": model.standin}
             for role, model in (("generator", runtime.generator), ("sentiment", runtime.classifier))}
 
 
