@@ -94,16 +94,6 @@ def ensure_models(args: argparse.Namespace) -> tuple[Path, Path]:
     return generator, classifier
 
 
-def decode_loop(generator: TextGenerator, prompts: list[list[int]], params: GenerationParams) -> None:
-    """The continuous scheduler's arithmetic for one batch with nobody joining: prefill, then steps until done."""
-    rows = [Sequence(tuple(p), params) for p in prompts]
-    with torch.inference_mode():
-        batch = generator.decoder.prefill(rows)
-        while unfinished := [i for i, row in enumerate(batch.sequences) if not row.finish_reason]:
-            batch.keep(unfinished)
-            generator.decoder.step(batch)
-
-
 def gemm_gflops(size: int = 2048, repeats: int = 5) -> float:
     """This machine's sustained fp32 matrix-multiply rate, probed now (the arithmetic limit's yardstick)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -132,12 +122,16 @@ class OfflineLimit:
         self.fast = TextGenerator.load(location, str(BENCH_MODELS), "fp32", "onednn")
         self.params = GenerationParams(max_new_tokens=new_tokens)
         self.engines = {"": lambda prompts: self.generator.generate(prompts, self.params),
-                        "fast_": lambda prompts: decode_loop(self.fast, prompts, self.params)}
+                        "fast_": self._fast_loop}
         self.sizes = dict(zip((1, batch_size), repeats))
         self.brackets: list[dict[str, list[float]]] = []
         for engine in self.engines:
             self._run(engine, 1, 0)
             self._run(engine, batch_size, 0)
+
+    def _fast_loop(self, prompts: list[list[int]]) -> None:
+        with torch.inference_mode():
+            self.fast.decoder.complete([Sequence(tuple(p), self.params) for p in prompts])
 
     def _run(self, engine: str, size: int, round_: int) -> float:
         """Seconds for one call on the prompts that `size` server clients send in `round_`: same token shapes."""

@@ -159,6 +159,13 @@ class Decoder:
         batch.positions = batch.positions + 1
         self._advance(batch, logits[:, -1, :])
 
+    def complete(self, sequences: list[Sequence]) -> None:
+        """Decode these rows to their end with nobody joining: the continuous loop's arithmetic for one batch."""
+        batch = self.prefill(sequences)
+        while unfinished := [i for i, row in enumerate(batch.sequences) if not row.finish_reason]:
+            batch.keep(unfinished)
+            self.step(batch)
+
     def _advance(self, batch: DecodeBatch, scores: torch.Tensor) -> None:
         scores = scores.float()
         greedy = scores.argmax(dim=-1).tolist()

@@ -96,8 +96,5 @@ def test_the_onednn_fp32_path_gives_transformers_greedy_output_alone_and_batched
     assert [fast.generate([p], params)[0] for p in prompts] == expected
     rows = [Sequence(tuple(p), params) for p in prompts]
     with torch.inference_mode():
-        batch = fast.decoder.prefill(rows)
-        while unfinished := [i for i, s in enumerate(batch.sequences) if not s.finish_reason]:
-            batch.keep(unfinished)
-            fast.decoder.step(batch)
+        fast.decoder.complete(rows)
     assert [fast.result(s) for s in rows] == expected
