@@ -184,18 +184,18 @@ class GenerationService:
             outputs = await self.batcher.submit([jobs[index]], background=background, timeout_s=timeout_s, **tokens)
             return encode_generation(outputs[0])
 
-        def result(index: int, data: bytes, outcome: Outcome) -> GenerationResult:
+        results: dict[int, GenerationResult] = {}
+
+        def answered(index: int, data: bytes, outcome: Outcome) -> None:
+            """Each item's result, made once: the stream's final event and the records carry the same id."""
             out, prompt, job = decode_generation(data), prompts[index], jobs[index]
-            return GenerationResult(
+            results[index] = GenerationResult(
                 id=uuid.uuid4().hex, prompt=prompt, generated_text=prompt + out.text, completion=out.text,
                 model_name=self.generator.name, created_at=created, finish_reason=out.finish_reason,
                 prompt_tokens=len(job.prompt_ids), completion_tokens=len(out.token_ids),
                 cached=outcome in SERVED_FROM_CACHE)
-
-        def answered(index: int, data: bytes, outcome: Outcome) -> None:
             if stream is not None:
-                out = decode_generation(data)
-                stream.done(index, out.token_ids, out.text, result(index, data, outcome))
+                stream.done(index, out.token_ids, out.text, results[index])
 
         @contextmanager
         def admit(count: int) -> Iterator[None]:
@@ -204,9 +204,9 @@ class GenerationService:
                     stream.admitted.set()
                 yield
 
-        answers = await self.cache.resolve("generate", [self.key(job) for job in jobs], compute, bypass=bypass_cache,
-                                          admit=admit, on_item=answered)
-        return [result(i, data, outcome) for i, (data, outcome) in enumerate(answers)], jobs
+        await self.cache.resolve("generate", [self.key(job) for job in jobs], compute, bypass=bypass_cache, admit=admit,
+                                 on_item=answered)
+        return [results[index] for index in range(len(jobs))], jobs
 
     def _record(self, results: list[GenerationResult], jobs: list[GenerationJob], latency_ms: float) -> None:
         self.recorder.add(GenerationRecord, [

@@ -50,6 +50,14 @@ async def test_chunks_add_up_to_the_answer_and_each_prompt_ends_with_its_usage(a
         assert last_chunk < events.index(("message", finals[index]))
 
 
+async def test_the_final_event_carries_the_id_of_the_recorded_generation(app_client):
+    events = await stream(app_client, ["Remember this one"], max_new_tokens=4)
+    [final] = [e for _, e in events if isinstance(e, dict) and "finish_reason" in e]
+    await app_client.app.state.runtime.recorder.flush()
+    recorded = await app_client.get(f"/history/{final['id']}")
+    assert recorded.status_code == 200 and recorded.json()["prompt"] == "Remember this one"
+
+
 async def test_a_cached_prompt_streams_its_whole_text_at_once(app_client):
     first = await stream(app_client, ["Cache me"], max_new_tokens=8)
     again = await stream(app_client, ["Cache me"], max_new_tokens=8)
