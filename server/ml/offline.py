@@ -23,6 +23,8 @@ CORPUS = Path(__file__).with_name("standin_corpus.txt")
 EOS = "<|endoftext|>"
 GPT2_124M = {"n_embd": 768, "n_layer": 12, "n_head": 12}
 TINY_GPT2 = {"n_embd": 64, "n_layer": 2, "n_head": 2}
+DISTILBERT_BASE = {"dim": 768, "n_layers": 6, "n_heads": 12, "hidden_dim": 3072}
+TINY_DISTILBERT = {"dim": 64, "n_layers": 2, "n_heads": 2, "hidden_dim": 128}
 
 
 def _train_bpe(vocab_size: int, special_tokens: list[str]) -> ByteLevelBPETokenizer:
@@ -63,8 +65,10 @@ def build_generator(directory: Path, *, architecture: dict[str, int] | None = No
     return directory
 
 
-def build_classifier(directory: Path, *, stands_in_for: str = "distilbert", seed: int = 0) -> Path:
-    """Write a tiny DistilBERT sentiment classifier (labels NEGATIVE/POSITIVE) with random weights."""
+def build_classifier(directory: Path, *, architecture: dict[str, int] | None = None, stands_in_for: str = "distilbert",
+                     seed: int = 0) -> Path:
+    """Write a DistilBERT sentiment classifier (labels NEGATIVE/POSITIVE) with random weights, tiny unless
+    `architecture` (`DISTILBERT_BASE`: the compute of the default sentiment model, its 30522-row vocabulary too)."""
     directory.mkdir(parents=True, exist_ok=True)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     bpe = _train_bpe(vocab_size=600, special_tokens=specials)
@@ -77,7 +81,7 @@ def build_classifier(directory: Path, *, stands_in_for: str = "distilbert", seed
                                         cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
                                         model_max_length=512)
     torch.manual_seed(seed)
-    config = DistilBertConfig(vocab_size=len(tokenizer), dim=64, n_layers=2, n_heads=2, hidden_dim=128,
+    config = DistilBertConfig(vocab_size=30522 if architecture else len(tokenizer), **(architecture or TINY_DISTILBERT),
                               max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
                               id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
     DistilBertForSequenceClassification(config).save_pretrained(directory)

@@ -2,8 +2,9 @@
 
 Semantics (`MicroBatcher` in batching.py is the static alternative, `GENERATOR_SCHEDULER=static`):
 
-- One decoding loop per model runs in the executor while there is work, and returns when there is none. Between
-  two decoding steps it drops finished and abandoned rows and admits waiting ones: their prefill is one forward
+- One decoding loop per model runs in the executor while there is work, one turn (admissions, then one step) per
+  executor task: each turn queues the next, so other work on the same thread (the classifier's batches) runs
+  between two steps instead of after the whole batch. Between two decoding steps it drops finished and abandoned rows and admits waiting ones: their prefill is one forward
   pass, then they merge into the running batch's KV cache (server/ml/decoding.py). A row's tokens never depend on
   its neighbours, and rows with different sampling parameters share steps (temperature, top_p, seed are per row).
 - When rows join: an idle model admits at once. A prefill is a forward pass of its own, so while rows run, waiting
@@ -33,7 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -216,7 +217,11 @@ class ContinuousBatcher:
                 continue
             await self._linger()
             started = loop.time()
-            await loop.run_in_executor(self.executor, self._drive)
+            drained: Future[None] = Future()
+            # Running from the start: the loop cannot be cancelled mid-turn, it ends at the next turn (`_closing`).
+            drained.set_running_or_notify_cancel()
+            self.executor.submit(self._turn, drained)
+            await asyncio.wrap_future(drained)
             finished = loop.time()
             # Rows waiting now arrived after the loop's last look, that is after the batch drained.
             self._history = History(done_at=finished, duration_s=finished - started, callers=self._finished_callers,
@@ -227,10 +232,11 @@ class ContinuousBatcher:
 
     # Everything below runs in the executor thread that owns the running batch.
 
-    def _drive(self) -> None:
-        """Decode until no row runs and none waits (or the batcher closes)."""
-        with torch.inference_mode():
-            while not self._closing:
+    def _turn(self, drained: Future[None]) -> None:
+        """One turn of the loop; queues the next one, or resolves `drained` once no row runs and none waits (or
+        the batcher closes)."""
+        try:
+            with torch.inference_mode():
                 self._retire()
                 if joining := self._take():
                     self._prefill(joining)
@@ -238,8 +244,12 @@ class ContinuousBatcher:
                 self._retire()
                 if self.running:
                     self._step()
-                elif not self._waiting:
-                    return
+            if self._closing or not (self.running or self._waiting):
+                drained.set_result(None)
+            else:
+                self.executor.submit(self._turn, drained)
+        except BaseException as exc:
+            drained.set_exception(exc)
 
     def _take(self) -> list[_Row]:
         """The waiting rows that join now (see the module's docstring), oldest first."""

@@ -3,7 +3,7 @@
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -59,15 +59,28 @@ class Runtime:
     reports: PerformanceReports
 
 
-async def load_models(settings: Settings) -> tuple[TextGenerator, SentimentClassifier]:
+async def load_models(settings: Settings, executor: Executor) -> tuple[TextGenerator, SentimentClassifier]:
     cache = str(settings.models_cache_dir)
     generator_at = await asyncio.to_thread(locate, settings.generator_model, "generator", settings.model_source,
                                            settings.models_cache_dir)
     classifier_at = await asyncio.to_thread(locate, settings.sentiment_model, "classifier", settings.model_source,
                                             settings.models_cache_dir)
-    return (await asyncio.to_thread(TextGenerator.load, generator_at, cache, settings.generator_precision,
-                                    settings.generator_fp32_kernels),
-            await asyncio.to_thread(SentimentClassifier.load, classifier_at, cache, settings.sentiment_precision))
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(executor, configure_threads, settings.torch_num_threads)
+    return (await loop.run_in_executor(executor, TextGenerator.load, generator_at, cache,
+                                       settings.generator_precision, settings.generator_fp32_kernels),
+            await loop.run_in_executor(executor, SentimentClassifier.load, classifier_at, cache,
+                                       settings.sentiment_precision))
+
+
+def torch_thread() -> ThreadPoolExecutor:
+    """The one thread that runs torch: loading, every forward pass of both models.
+
+    Each thread that enters torch gets its own OpenMP team, and an idle team's spinning workers take cores from
+    the busy one: measured on 2 cores, a lone oneDNN request took 277 ms with every torch call on one thread and
+    ~400 ms once a second thread had run torch. The models take turns instead: the generator's decoding loop
+    gives the thread back after every step (continuous_batching.py)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
 
 
 def open_limits(settings: Settings, redis: GuardedRedis | None) -> tuple[IngressLimits, EgressGuard]:
@@ -101,7 +114,6 @@ def open_reports(settings: Settings, redis: GuardedRedis | None, sessions: async
 
 @asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    configure_threads(settings.torch_num_threads)
     redis = open_redis(settings.redis_url, timeout_s=settings.redis_timeout_s) if settings.redis_url else None
     if redis is not None:
         await warn_if_unreachable(redis)
@@ -111,14 +123,14 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         log.warning("API_KEYS is empty: the server is OPEN to anyone who can reach it; set API_KEYS to require "
                     "'Authorization: Bearer <key>'")
     await asyncio.to_thread(migrate.upgrade, settings.database_url)
-    generator, classifier = await load_models(settings)
+    executor = torch_thread()
+    generator, classifier = await load_models(settings, executor)
     engine = create_engine(settings.database_url, timeout_s=settings.database_timeout_s)
     sessions = session_factory(engine)
     await replay_at_start(sessions, settings)
     recorder = RecordWriter.from_settings(sessions, settings)
     cache = ResponseCache(open_store(redis, ttl_s=settings.cache_ttl_s, max_items=settings.cache_max_items,
                                      lock_ttl_s=settings.cache_lock_ttl_s), lock_ttl_s=settings.cache_lock_ttl_s)
-    executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="model")
     batching = {"executor": executor, "max_batch_size": settings.batch_max_size,
               "max_wait_s": settings.batch_max_wait_ms / 1000, "queue_limit": settings.batch_queue_limit,
               "background_max_size": settings.batch_background_max_size}

@@ -1,6 +1,6 @@
 from safetensors.torch import load_file
 
-from server.ml.offline import GPT2_124M, build_classifier, build_generator
+from server.ml.offline import DISTILBERT_BASE, GPT2_124M, build_classifier, build_generator
 from transformers import AutoConfig
 
 
@@ -20,3 +20,9 @@ def test_benchmark_architecture_has_gpt2_124m_compute(tmp_path):
     config = AutoConfig.from_pretrained(build_generator(tmp_path / "g", architecture=GPT2_124M))
     assert (config.n_layer, config.n_embd, config.n_head, config.vocab_size, config.n_positions) == (
         12, 768, 12, 50257, 1024)
+
+
+def test_benchmark_classifier_has_distilbert_base_compute(tmp_path):
+    config = AutoConfig.from_pretrained(build_classifier(tmp_path / "c", architecture=DISTILBERT_BASE))
+    assert (config.n_layers, config.dim, config.n_heads, config.hidden_dim, config.vocab_size) == (
+        6, 768, 12, 3072, 30522)

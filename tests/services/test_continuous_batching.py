@@ -103,6 +103,19 @@ async def test_a_short_row_leaves_early_and_a_newcomer_joins_a_running_long_row(
     assert [kind for kind, _ in passes.log].count("prefill") == 2
 
 
+async def test_the_loop_gives_its_thread_back_after_every_step(make, generator):
+    """Both models share one torch thread (runtime.torch_thread): other work on it runs between two steps."""
+    batcher, passes = make()
+    long = asyncio.create_task(batcher.submit([job(generator, "A long story", 40)], timeout_s=30))
+    await passes.hold_before(3)
+    other = asyncio.wrap_future(batcher.executor.submit(lambda: len(passes.log)))
+    passes.let_go()
+    assert await other == 4
+    assert not long.done()
+    await long
+    assert len(passes.log) >= 40
+
+
 async def test_rows_with_different_sampling_parameters_share_decoding_steps(make, generator):
     batcher, passes = make()
     jobs = [job(generator, "Same start", 6), job(generator, "Same start", 6, temperature=0.8, seed=4),
