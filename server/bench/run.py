@@ -29,24 +29,15 @@ from pathlib import Path
 
 import httpx
 import torch
-from torch import nn
 from tqdm import tqdm
-from transformers.pytorch_utils import Conv1D
 
 from server.core.config import PROJECT_ROOT, get_settings
-from server.ml.decoding import Sequence
-from server.ml.generator import GenerationParams, TextGenerator
-from server.ml.loader import locate
-from server.ml.offline import GPT2_124M, build_classifier, build_generator, standin_marker_exists
-from server.bench.agreement import greedy_agreement
+from server.ml.offline import DISTILBERT_BASE, GPT2_124M, build_classifier, build_generator, standin_marker_exists
 from server.bench.load import LoadResult, run_load
+from server.bench.limits import (BENCH_MODELS, ENGINE_NAMES, ENGINES, SERVER_TAG, ClassifierLimit, OfflineLimit,
+                                  prompt, review, served_engine)
 from server.bench.scheduling import (CANCELLED_TOKENS, LONG_EVERY, compare_mixed, measure_cancellation,
                                      measure_first_token, measure_mixed)
-
-BENCH_MODELS = PROJECT_ROOT / "models_cache" / "bench"
-SERVER_TAG = "s"
-TOPICS = ["rivers", "mountains", "robots", "gardens", "markets", "oceans", "libraries", "trains", "music", "bridges",
-          "forests", "deserts", "cities", "storms", "islands", "castles"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,114 +63,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="max_new_tokens of the long requests (one in eight) in the mixed phase (default 128)")
     parser.add_argument("--stream-rounds", type=int, default=12,
                         help="streamed requests for the time-to-first-token phase (default 12)")
+    parser.add_argument("--predict-rounds", type=int, default=16,
+                        help="/predict requests per client in the sentiment phase, in each precision (default 16)")
     parser.add_argument("--output", type=Path, help="JSON results (default: bench-results/bench-<time>.json)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny model, few requests: checks the harness in well under a minute (numbers meaningless)")
 
 
-def prompt(tag: str, client: int, round_: int) -> str:
-    """Distinct prompts of similar length, so the cache cannot help and padding stays small."""
-    return f"Request {tag}-{client}-{round_}: write a few words about {TOPICS[(client + round_) % len(TOPICS)]}"
-
-
 def ensure_models(args: argparse.Namespace) -> tuple[Path, Path]:
-    classifier = BENCH_MODELS / "classifier"
+    classifier = BENCH_MODELS / ("tiny-classifier" if args.quick else "distilbert-base-random")
     if not standin_marker_exists(classifier):
-        build_classifier(classifier)
+        build_classifier(classifier, architecture=None if args.quick else DISTILBERT_BASE)
     if args.model_dir:
         return args.model_dir, classifier
     generator = BENCH_MODELS / ("tiny-gpt2" if args.quick else "gpt2-124m-random")
     if not standin_marker_exists(generator):
         build_generator(generator, architecture=None if args.quick else GPT2_124M)
     return generator, classifier
-
-
-def gemm_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """This machine's sustained fp32 matrix-multiply rate, probed now (the arithmetic limit's yardstick)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - started)
-    return 2 * size ** 3 / statistics.median(times) / 1e9
-
-
-def flops_per_token(generator: TextGenerator) -> float:
-    """Multiply-adds of one decoded token through every Linear / Conv1D weight (the LM head included), x2."""
-    return 2.0 * sum(m.weight.numel() for m in generator.model.modules() if isinstance(m, nn.Linear | Conv1D))
-
-
-class OfflineLimit:
-    """The physical limits: the model called directly, no server, at batch 1 and the full batch, two engines:
-    `transformers` (its `generate` in fp32 with torch's GEMM: the reference) and `fast` (the server's default:
-    our decoding loop, fp32 Linear layers on oneDNN)."""
-
-    def __init__(self, model_dir: Path, batch_size: int, new_tokens: int, repeats: tuple[int, int]):
-        location = locate(str(model_dir), "generator", "local", BENCH_MODELS)
-        self.generator = TextGenerator.load(location, str(BENCH_MODELS))
-        self.fast = TextGenerator.load(location, str(BENCH_MODELS), "fp32", "onednn")
-        self.params = GenerationParams(max_new_tokens=new_tokens)
-        self.engines = {"": lambda prompts: self.generator.generate(prompts, self.params),
-                        "fast_": self._fast_loop}
-        self.sizes = dict(zip((1, batch_size), repeats))
-        self.brackets: list[dict[str, list[float]]] = []
-        for engine in self.engines:
-            self._run(engine, 1, 0)
-            self._run(engine, batch_size, 0)
-
-    def _fast_loop(self, prompts: list[list[int]]) -> None:
-        with torch.inference_mode():
-            self.fast.decoder.complete([Sequence(tuple(p), self.params) for p in prompts])
-
-    def _run(self, engine: str, size: int, round_: int) -> float:
-        """Seconds for one call on the prompts that `size` server clients send in `round_`: same token shapes."""
-        prompts = [self.generator.encode(prompt(f"{SERVER_TAG}{size}", i, round_)) for i in range(size)]
-        started = time.perf_counter()
-        self.engines[engine](prompts)
-        return time.perf_counter() - started
-
-    def measure(self) -> None:
-        """One bracket: every engine and size, `repeats` calls each."""
-        first = len(self.brackets) * max(self.sizes.values())
-        self.brackets.append({f"{engine}batch_{size}": [self._run(engine, size, first + k) for k in range(repeat)]
-                              for engine in self.engines for size, repeat in self.sizes.items()})
-
-    def _limits(self, brackets: list[dict[str, list[float]]]) -> dict:
-        """Median latency and throughput of each engine and size over `brackets`."""
-        limits = {}
-        for engine in self.engines:
-            for size in self.sizes:
-                median = statistics.median(t for bracket in brackets for t in bracket[f"{engine}batch_{size}"])
-                limits[f"{engine}batch_{size}"] = {"batch_size": size, "latency_ms": median * 1000,
-                                                   "requests_per_s": size / median, "brackets": len(brackets)}
-        return limits
-
-    def around(self, level: int) -> dict:
-        """The limits just before and just after server level `level` (brackets `level` and `level + 1`)."""
-        return self._limits(self.brackets[level:level + 2])
-
-    def overall(self) -> dict:
-        """All brackets together: the offline rows of the table."""
-        return self._limits(self.brackets)
-
-    def engine_summary(self, new_tokens: int, batch_size: int) -> dict:
-        """The fast path against transformers (same run): speed, share of the GEMM limit, identical greedy output."""
-        limits, gflops = self.overall(), gemm_gflops()
-        per_token = flops_per_token(self.generator)
-        prompts = [prompt(f"{SERVER_TAG}{batch_size}", i, 0) for i in range(batch_size)]
-        agreement = greedy_agreement(self.generator, self.fast, prompts, new_tokens=new_tokens, batch_size=batch_size)
-        summary = {"gemm_gflops": gflops, "gflop_per_token": per_token / 1e9,
-                   "fast_identical": agreement.identical, "compared": agreement.total}
-        for engine, name in (("", "transformers"), ("fast_", "fast")):
-            full, lone = limits[f"{engine}batch_{batch_size}"], limits[f"{engine}batch_1"]
-            tokens_per_s = full["requests_per_s"] * new_tokens
-            summary[name] = {"tokens_per_s": tokens_per_s, "lone_ms": lone["latency_ms"],
-                             "share_of_gemm_limit": tokens_per_s * per_token / (gflops * 1e9)}
-        summary["fast_vs_transformers_batch"] = summary["fast"]["tokens_per_s"] / summary["transformers"]["tokens_per_s"]
-        summary["fast_vs_transformers_lone"] = summary["fast"]["lone_ms"] / summary["transformers"]["lone_ms"]
-        return summary
 
 
 def free_port() -> int:
@@ -224,8 +124,9 @@ def batch_stats(base_url: str) -> tuple[float, float]:
 
 
 def drive(base_url: str, tag: str, levels: list[int], rounds: int, new_tokens: int, bar: tqdm,
-          offline: OfflineLimit | None = None) -> list[dict]:
-    """Closed-loop load at each level; with `offline`, each level is bracketed by offline measurements."""
+          offline: OfflineLimit | None = None, engine: str = "fast_") -> list[dict]:
+    """Closed-loop load at each level; with `offline`, each level is bracketed by offline measurements, and the
+    rows say which offline `engine` the server runs (its own limit)."""
     rows = []
     if offline:
         offline.measure()
@@ -243,7 +144,7 @@ def drive(base_url: str, tag: str, levels: list[int], rounds: int, new_tokens: i
             row["tokens_per_s"] = result.tokens_per_s
             row["mean_batch_size"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
             offline.measure()
-            row["offline"] = offline.around(len(rows))
+            row["engine"], row["offline"] = engine, offline.latest()
         rows.append(row)
         bar.update(1)
     return rows
@@ -312,55 +213,75 @@ def measure_background(base_url: str, items: int, rounds: int, new_tokens: int) 
             "job_outlived_interactive_load": still_running, "failures": idle.failures + busy.failures}
 
 
+def measure_predict(base_url: str, classifier: ClassifierLimit, precision: str, concurrency: int,
+                    rounds: int) -> dict:
+    """/predict with `concurrency` clients, one distinct text per request, against the classifier called directly at
+    the full batch in the same precision, just before and just after."""
+    asyncio.run(run_load(base_url, 2, 2, lambda client, round_: {"text": review(90_000 + 2 * client + round_)},
+                         path="/predict"))
+    before = classifier.items_per_s(precision)
+    result = asyncio.run(run_load(base_url, concurrency, rounds, path="/predict",
+                                  body_for=lambda client, round_: {"text": review(client * rounds + round_)}))
+    limit = statistics.median([before, classifier.items_per_s(precision)])
+    return {"precision": precision, "concurrency": concurrency, "requests": result.requests,
+            "failures": result.failures, "items_per_s": result.requests_per_s, "p50_ms": result.percentile_ms(50),
+            "offline_items_per_s": limit, "vs_offline": result.requests_per_s / limit}
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.quick:
         args.concurrency, args.rounds, args.baseline_rounds, args.new_tokens = "1,4", 2, 1, 4
         args.cache_requests, args.background_items = 100, 16
-        args.mixed_rounds, args.long_tokens, args.stream_rounds = 2, 12, 3
+        args.mixed_rounds, args.long_tokens, args.stream_rounds, args.predict_rounds = 2, 12, 3, 2
     levels = [int(c) for c in args.concurrency.split(",")]
+    int8_levels = sorted({1, max(levels)})
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    phases = 5 + len(levels) * (1 if args.no_baseline else 2)
+    phases = 5 + len(levels) * (1 if args.no_baseline else 2) + len(int8_levels)
+    kernels = get_settings().generator_fp32_kernels
     with tqdm(total=phases, desc="bench", unit="phase", file=sys.stderr) as bar:
         generator_dir, classifier_dir = ensure_models(args)
         bar.set_postfix_str("offline limits")
         offline = OfflineLimit(generator_dir, args.batch_size, args.new_tokens, (3, 1) if args.quick else (4, 2))
+        classifier = ClassifierLimit(classifier_dir, args.batch_size)
         bar.update(1)
-        port = free_port()
         env = {"GENERATOR_MODEL": str(generator_dir), "SENTIMENT_MODEL": str(classifier_dir), "MODEL_SOURCE": "local",
-               "DATABASE_URL": f"sqlite+aiosqlite:///{work / 'bench.db'}", "BATCH_MAX_SIZE": str(args.batch_size),
-               "BATCH_QUEUE_LIMIT": str(max(1024, 4 * max(levels))), "LOG_LEVEL": "warning",
-               "INGRESS_RATE_LIMIT": "off", "API_KEYS": ""}
+               "BATCH_MAX_SIZE": str(args.batch_size), "BATCH_QUEUE_LIMIT": str(max(1024, 4 * max(levels))),
+               "LOG_LEVEL": "warning", "INGRESS_RATE_LIMIT": "off", "API_KEYS": "", "GENERATOR_PRECISION": "fp32",
+               "SENTIMENT_PRECISION": "fp32", "GENERATOR_FP32_KERNELS": kernels}
+
+        def serve(name: str, **overrides: str):
+            port = free_port()
+            return server_process([sys.executable, "-m", "server", "serve", "--port", str(port)],
+                                  {**env, "DATABASE_URL": f"sqlite+aiosqlite:///{work / f'{name}.db'}", **overrides},
+                                  port, work / f"{name}-server.log")
+
         bar.set_postfix_str("server")
-        with server_process([sys.executable, "-m", "server", "serve", "--port", str(port)], env, port,
-                            work / "server.log") as (url, _):
-            server_rows = drive(url, SERVER_TAG, levels, args.rounds, args.new_tokens, bar, offline)
+        engine = served_engine("fp32", kernels)
+        with serve("server") as (url, _):
+            server_rows = drive(url, SERVER_TAG, levels, args.rounds, args.new_tokens, bar, offline, engine)
+            predict = {"fp32": measure_predict(url, classifier, "fp32", max(levels), args.predict_rounds)}
             bar.set_postfix_str("background job")
             background = measure_background(url, args.background_items, max(args.rounds, 8), args.new_tokens)
             bar.update(1)
             bar.set_postfix_str("mixed lengths, streaming")
             mixed = measure_mixed(url, "c", max(levels), args.mixed_rounds, args.new_tokens, args.long_tokens)
-            served = offline.fast if get_settings().generator_fp32_kernels == "onednn" else offline.generator
-            streaming = {**measure_first_token(url, served, args.stream_rounds, args.new_tokens),
+            streaming = {**measure_first_token(url, offline.models[engine], args.stream_rounds, args.new_tokens),
                          "cancellation": measure_cancellation(url, 4, CANCELLED_TOKENS)}
             bar.update(1)
+        bar.set_postfix_str("int8 server")
+        with serve("int8", GENERATOR_PRECISION="int8", SENTIMENT_PRECISION="int8") as (url, _):
+            server_rows += drive(url, SERVER_TAG, int8_levels, args.rounds, args.new_tokens, bar, offline, "int8_")
+            predict["int8"] = measure_predict(url, classifier, "int8", max(levels), args.predict_rounds)
         bar.set_postfix_str("static scheduler")
-        port = free_port()
-        with server_process([sys.executable, "-m", "server", "serve", "--port", str(port)],
-                            {**env, "GENERATOR_SCHEDULER": "static",
-                             "DATABASE_URL": f"sqlite+aiosqlite:///{work / 'static.db'}"}, port,
-                            work / "static-server.log") as (url, _):
+        with serve("static", GENERATOR_SCHEDULER="static") as (url, _):
             mixed = compare_mixed(mixed, measure_mixed(url, "s", max(levels), args.mixed_rounds, args.new_tokens,
                                                        args.long_tokens))
         bar.update(1)
         bar.set_postfix_str("cache hits")
-        with redis_for_bench(args.redis_url, work) as redis_url:
-            port = free_port()
-            cache_env = {**env, "DATABASE_URL": f"sqlite+aiosqlite:///{work / 'cache.db'}",
-                         **({"REDIS_URL": redis_url} if redis_url else {})}
-            with server_process([sys.executable, "-m", "server", "serve", "--port", str(port)], cache_env, port,
-                                work / "cache-server.log") as (url, _):
-                cache = {"backend": "redis" if redis_url else "memory",
-                         **measure_cache_hits(url, args.cache_requests, max(levels))}
+        with redis_for_bench(args.redis_url, work) as redis_url, \
+                serve("cache", **({"REDIS_URL": redis_url} if redis_url else {})) as (url, _):
+            cache = {"backend": "redis" if redis_url else "memory",
+                     **measure_cache_hits(url, args.cache_requests, max(levels))}
         bar.update(1)
         baseline_rows = []
         if not args.no_baseline:
@@ -371,25 +292,26 @@ def run(args: argparse.Namespace) -> dict:
             with server_process(command, {"BENCH_MODEL": str(generator_dir)}, port,
                                 work / "baseline.log") as (url, _):
                 baseline_rows = drive(url, "b", levels, args.baseline_rounds, args.new_tokens, bar)
-    return summarize(args, generator_dir, offline, server_rows, baseline_rows, cache, background, mixed, streaming)
+    predict["int8"] |= classifier.agreement()
+    return summarize(args, generator_dir, offline, server_rows, baseline_rows, cache, background, mixed, streaming,
+                     predict)
 
 
-def summarize(args, generator_dir: Path, offline: OfflineLimit, server_rows: list[dict],
-              baseline_rows: list[dict], cache: dict, background: dict, mixed: dict, streaming: dict) -> dict:
+def summarize(args, generator_dir: Path, offline: OfflineLimit, server_rows: list[dict], baseline_rows: list[dict],
+              cache: dict, background: dict, mixed: dict, streaming: dict, predict: dict) -> dict:
     baseline_by_c = {row["concurrency"]: row for row in baseline_rows}
+    full = f"batch_{args.batch_size}"
     for row in server_rows:
-        limits = row["offline"]
-        row["vs_offline_full_batch_throughput"] = (row["requests_per_s"]
-                                                   / limits[f"batch_{args.batch_size}"]["requests_per_s"])
+        limits, engine = row["offline"], row["engine"]
+        row["vs_offline_full_batch_throughput"] = row["requests_per_s"] / limits[full]["requests_per_s"]
         row["p50_vs_offline_batch_1_latency"] = row["p50_ms"] / limits["batch_1"]["latency_ms"]
-        row["vs_fast_full_batch_throughput"] = (row["requests_per_s"]
-                                                / limits[f"fast_batch_{args.batch_size}"]["requests_per_s"])
-        row["p50_vs_fast_batch_1_latency"] = row["p50_ms"] / limits["fast_batch_1"]["latency_ms"]
+        row["vs_own_full_batch_throughput"] = row["requests_per_s"] / limits[f"{engine}{full}"]["requests_per_s"]
+        row["p50_vs_own_batch_1_latency"] = row["p50_ms"] / limits[f"{engine}batch_1"]["latency_ms"]
         if row["concurrency"] in baseline_by_c:
             row["vs_baseline_throughput"] = row["requests_per_s"] / baseline_by_c[row["concurrency"]]["requests_per_s"]
     limits = offline.overall()
     background["vs_offline_full_batch_throughput"] = (background["background_items_per_s"]
-                                                      / limits[f"batch_{args.batch_size}"]["requests_per_s"])
+                                                      / limits[f"{server_rows[0]['engine']}{full}"]["requests_per_s"])
     return {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -397,7 +319,7 @@ def summarize(args, generator_dir: Path, offline: OfflineLimit, server_rows: lis
         "model": str(generator_dir), "new_tokens": args.new_tokens, "long_tokens": args.long_tokens,
         "quick": args.quick,
         "offline": offline.overall(), "server": server_rows, "baseline": baseline_rows, "cache": cache,
-        "background": background, "mixed": mixed, "streaming": streaming,
+        "background": background, "mixed": mixed, "streaming": streaming, "predict": predict,
         "engines": offline.engine_summary(args.new_tokens, args.batch_size),
     }
 
@@ -406,27 +328,54 @@ def table(results: dict) -> str:
     lines = [f"model {results['model']}, {results['new_tokens']} new tokens, {results['machine']['cpus']} CPUs, "
              f"torch {results['machine']['torch']}", ""]
     full = max(int(k.rsplit("_", 1)[1]) for k in results["offline"])
-    lines.append("| run | concurrency | req/s | tokens/s | p50 ms | p95 ms | p99 ms | mean batch | vs offline "
-                 f"batch {full} | p50 vs offline batch 1 | vs fast batch {full} | p50 vs fast batch 1 | vs baseline |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for key, data in results["offline"].items():
-        lines.append(f"| offline {key.replace('_', ' ')} | - | {data['requests_per_s']:.2f} | - | "
-                     f"{data['latency_ms']:.0f} | - | - | {data['batch_size']} | - | - | - | - | - |")
+    lines.append(f"| run | engine | concurrency | req/s | tokens/s | p50 ms | p95 ms | p99 ms | mean batch | vs "
+                 f"transformers batch {full} | p50 vs transformers batch 1 | vs own engine batch {full} | p50 vs own "
+                 "engine batch 1 | vs baseline |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for engine in ENGINES:
+        for size in (1, full):
+            data = results["offline"][f"{engine}batch_{size}"]
+            lines.append(f"| offline batch {size} | {ENGINE_NAMES[engine]} | - | {data['requests_per_s']:.2f} | - | "
+                         f"{data['latency_ms']:.0f} | - | - | {size} | - | - | - | - | - |")
     for name, rows in (("server", results["server"]), ("baseline", results["baseline"])):
         for row in rows:
             def fmt(key: str, spec: str = ".2f", suffix: str = "") -> str:
                 return f"{row[key]:{spec}}{suffix}" if key in row else "-"
 
-            lines.append(f"| {name} | {row['concurrency']} | {row['requests_per_s']:.2f} | {fmt('tokens_per_s', '.1f')}"
-                         f" | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} | {row['p99_ms']:.0f} | "
-                         f"{fmt('mean_batch_size', '.1f')} | {fmt('vs_offline_full_batch_throughput', '.2f', 'x')} | "
+            engine = ENGINE_NAMES[row["engine"]] if "engine" in row else "transformers fp32 (naive server)"
+            lines.append(f"| {name} | {engine} | {row['concurrency']} | {row['requests_per_s']:.2f} | "
+                         f"{fmt('tokens_per_s', '.1f')} | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} | "
+                         f"{row['p99_ms']:.0f} | {fmt('mean_batch_size', '.1f')} | "
+                         f"{fmt('vs_offline_full_batch_throughput', '.2f', 'x')} | "
                          f"{fmt('p50_vs_offline_batch_1_latency', '.2f', 'x')} | "
-                         f"{fmt('vs_fast_full_batch_throughput', '.2f', 'x')} | "
-                         f"{fmt('p50_vs_fast_batch_1_latency', '.2f', 'x')} | {fmt('vs_baseline_throughput', '.2f', 'x')} |")
+                         f"{fmt('vs_own_full_batch_throughput', '.2f', 'x')} | "
+                         f"{fmt('p50_vs_own_batch_1_latency', '.2f', 'x')} | "
+                         f"{fmt('vs_baseline_throughput', '.2f', 'x')} |")
     brackets = next(iter(results["offline"].values()))["brackets"]
     lines.append("")
     lines.append(f"offline rows: median of {brackets} measurements taken between the server levels; each server "
                  "row's ratios use the ones just before and after it (server[].offline in the JSON)")
+    engines = results["engines"]
+    lines.append("")
+    lines.append(f"| engine (offline, {results['new_tokens']} greedy tokens) | tokens/s at batch {full} | vs "
+                 f"transformers | share of the GEMM probe | lone request ms | vs transformers | greedy output "
+                 "identical to transformers |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|")
+    for engine, (precision, _) in ENGINES.items():
+        data = engines[engine or "transformers_"]
+        probe = (f"{engines['gemm_gflops']:.0f} GFLOPS fp32" if precision == "fp32"
+                 else f"{engines['int8_gemm_gops']:.0f} GOPS int8")
+        lines.append(f"| {data['name']} | {data['tokens_per_s']:.0f} | {data['vs_transformers_batch']:.2f}x | "
+                     f"{data['share_of_gemm_limit']:.0%} of {probe} | {data['lone_ms']:.0f} | "
+                     f"{data['vs_transformers_lone']:.2f}x | {data['identical']}/{engines['compared']} |")
+    lines.append("")
+    for data in results["predict"].values():
+        agreement = (f"; labels equal to fp32 on {data['identical_labels']}/{data['compared']} texts"
+                     if "identical_labels" in data else "")
+        lines.append(f"sentiment /predict {data['precision']} at concurrency {data['concurrency']}: "
+                     f"{data['items_per_s']:.1f} items/s, p50 {data['p50_ms']:.0f} ms, vs the classifier called "
+                     f"directly at batch {full} {data['offline_items_per_s']:.1f} items/s: "
+                     f"{data['vs_offline']:.2f}x{agreement}")
     cache = results["cache"]
     failures = sum(row["failures"] for row in results["server"] + results["baseline"]) + cache["failures"]
     lines.append("")
@@ -448,22 +397,13 @@ def table(results: dict) -> str:
                  f"{continuous['requests_per_s']:.2f} req/s vs static {static['requests_per_s']:.2f} "
                  f"({mixed['throughput_vs_static']:.2f}x); short requests p50 {continuous['short_p50_ms']:.0f} ms vs "
                  f"{static['short_p50_ms']:.0f} ms ({mixed['short_p50_vs_static']:.2f}x)")
-    failures += continuous["failures"] + static["failures"]
+    failures += continuous["failures"] + static["failures"] + sum(p["failures"] for p in results["predict"].values())
     streaming = results["streaming"]
     cancelled = streaming["cancellation"]
     lines.append(f"streaming c=1: first token p50 {streaming['ttft_p50_ms']:.0f} ms vs the prompt's prefill alone "
                  f"{streaming['prefill_p50_ms']:.0f} ms ({streaming['ttft_vs_prefill']:.2f}x); {cancelled['requests']}"
                  f" streams closed mid-generation: {cancelled['freed_within_one_step']:.0f} of "
                  f"{cancelled['freed']:.0f} rows freed within one step (mean {cancelled['mean_steps']:.2f} steps)")
-    engines = results["engines"]
-    lines.append(f"engines (offline, {results['new_tokens']} greedy tokens): transformers fp32 "
-                 f"{engines['transformers']['tokens_per_s']:.0f} tok/s at batch {full} "
-                 f"({engines['transformers']['share_of_gemm_limit']:.0%} of the {engines['gemm_gflops']:.0f} GFLOPS "
-                 f"GEMM probe), lone {engines['transformers']['lone_ms']:.0f} ms; fast path (our loop, oneDNN fp32) "
-                 f"{engines['fast']['tokens_per_s']:.0f} tok/s ({engines['fast_vs_transformers_batch']:.2f}x, "
-                 f"{engines['fast']['share_of_gemm_limit']:.0%}), lone {engines['fast']['lone_ms']:.0f} ms "
-                 f"({engines['fast_vs_transformers_lone']:.2f}x); identical greedy output "
-                 f"{engines['fast_identical']}/{engines['compared']}")
     lines.append(f"failed requests: {failures}")
     return "\n".join(lines)
 

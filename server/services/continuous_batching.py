@@ -4,9 +4,10 @@ Semantics (`MicroBatcher` in batching.py is the static alternative, `GENERATOR_S
 
 - One decoding loop per model runs in the executor while there is work, one turn (admissions, then one step) per
   executor task: each turn queues the next, so other work on the same thread (the classifier's batches) runs
-  between two steps instead of after the whole batch. Between two decoding steps it drops finished and abandoned rows and admits waiting ones: their prefill is one forward
-  pass, then they merge into the running batch's KV cache (server/ml/decoding.py). A row's tokens never depend on
-  its neighbours, and rows with different sampling parameters share steps (temperature, top_p, seed are per row).
+  between two steps instead of after the whole batch. Between two decoding steps it drops finished and abandoned
+  rows and admits waiting ones: their prefill is one forward pass, then they merge into the running batch's KV
+  cache (server/ml/decoding.py). A row's tokens never depend on its neighbours, and rows with different sampling
+  parameters share steps (temperature, top_p, seed are per row).
 - When rows join: an idle model admits at once. A prefill is a forward pass of its own, so while rows run, waiting
   rows join once they number at least `JOIN_FRACTION` of the running batch or the oldest has waited
   `JOIN_AFTER_STEPS` steps. After the running batch drained, the loop lingers for the callers it just answered,

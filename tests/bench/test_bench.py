@@ -12,18 +12,23 @@ def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(output.read_text())
-    assert set(results["offline"]) == {"batch_1", "batch_32", "fast_batch_1", "fast_batch_32"}
-    assert results["offline"]["batch_32"]["brackets"] == 3
-    assert [row["concurrency"] for row in results["server"]] == [1, 4]
+    assert set(results["offline"]) == {f"{engine}batch_{size}" for engine in ("", "fast_", "int8_") for size in (1, 32)}
+    # Brackets around each level: fp32 server 1, 4; int8 server 1, 4.
+    assert results["offline"]["batch_32"]["brackets"] == 6
+    assert [(row["engine"], row["concurrency"]) for row in results["server"]] == [
+        ("fast_", 1), ("fast_", 4), ("int8_", 1), ("int8_", 4)]
     assert [row["concurrency"] for row in results["baseline"]] == [1, 4]
     for row in results["server"]:
         assert row["failures"] == 0 and row["requests"] == row["concurrency"] * 2
         assert row["mean_batch_size"] >= 1 and row["tokens_per_s"] > 0
         assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
-        for ratio in ("vs_offline_full_batch_throughput", "p50_vs_offline_batch_1_latency", "vs_baseline_throughput"):
+        for ratio in ("vs_offline_full_batch_throughput", "p50_vs_offline_batch_1_latency",
+                      "vs_own_full_batch_throughput", "p50_vs_own_batch_1_latency", "vs_baseline_throughput"):
             assert row[ratio] > 0
-        limit = row["offline"]["batch_32"]["requests_per_s"]
-        assert row["vs_offline_full_batch_throughput"] == row["requests_per_s"] / limit
+        reference = row["offline"]["batch_32"]["requests_per_s"]
+        assert row["vs_offline_full_batch_throughput"] == row["requests_per_s"] / reference
+        own = row["offline"][f"{row['engine']}batch_32"]["requests_per_s"]
+        assert row["vs_own_full_batch_throughput"] == row["requests_per_s"] / own
     assert all(row["failures"] == 0 for row in results["baseline"])
     cache = results["cache"]
     assert cache["backend"] == "redis" and cache["failures"] == 0
@@ -32,7 +37,8 @@ def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
     assert background["items"] == 16 and background["failures"] == 0 and background["background_items_per_s"] > 0
     assert background["idle_p50_ms"] > 0 and background["busy_vs_idle_p50"] > 0
     assert "background local job (16 items" in run.stdout
-    assert "| server | 4 |" in run.stdout and "| baseline | 1 |" in run.stdout and "cache hits (redis)" in run.stdout
+    assert "| server | int8, our loop | 4 |" in run.stdout and "cache hits (redis)" in run.stdout
+    assert "| baseline | transformers fp32 (naive server) | 1 |" in run.stdout
     mixed = results["mixed"]
     for scheduler in ("continuous", "static"):
         assert mixed[scheduler]["failures"] == 0 and mixed[scheduler]["requests"] == 4 * 2
@@ -43,7 +49,16 @@ def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
     assert streaming["cancellation"]["freed"] == 4
     assert "mixed lengths (4 clients" in run.stdout and "streaming c=1: first token" in run.stdout
     engines = results["engines"]
-    assert engines["gemm_gflops"] > 0 and engines["compared"] == 32 and 0 <= engines["fast_identical"] <= 32
-    assert engines["fast_vs_transformers_batch"] == engines["fast"]["tokens_per_s"] / engines["transformers"]["tokens_per_s"]
-    assert all(row["vs_fast_full_batch_throughput"] > 0 for row in results["server"])
-    assert "fast path (our loop, oneDNN fp32)" in run.stdout
+    assert engines["gemm_gflops"] > 0 and engines["int8_gemm_gops"] > 0 and engines["compared"] == 32
+    assert engines["transformers_"]["identical"] == 32 and engines["transformers_"]["vs_transformers_batch"] == 1
+    for engine in ("fast_", "int8_"):
+        assert 0 <= engines[engine]["identical"] <= 32 and engines[engine]["share_of_gemm_limit"] > 0
+    fast, reference = engines["fast_"], engines["transformers_"]
+    assert fast["vs_transformers_batch"] == fast["tokens_per_s"] / reference["tokens_per_s"]
+    assert "| fp32, our loop, oneDNN |" in run.stdout and "| int8, our loop |" in run.stdout
+    for precision in ("fp32", "int8"):
+        predict = results["predict"][precision]
+        assert predict["failures"] == 0 and predict["requests"] == 4 * 2 and predict["concurrency"] == 4
+        assert predict["vs_offline"] == predict["items_per_s"] / predict["offline_items_per_s"]
+        assert f"sentiment /predict {precision} at concurrency 4" in run.stdout
+    assert 0 <= results["predict"]["int8"]["identical_labels"] <= results["predict"]["int8"]["compared"] == 256

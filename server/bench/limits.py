@@ -1,0 +1,174 @@
+"""The physical limits the server is judged against: each model engine called directly, in this process, no server.
+
+Generator engines (`ENGINES`, a key prefix each): `""` is transformers' `generate` in fp32 with torch's GEMM, the
+reference every ratio is taken against; `fast_` is the server's default, our decoding loop with fp32 Linear layers
+on oneDNN; `int8_` is our loop on the int8 model (`GENERATOR_PRECISION=int8`). The arithmetic yardsticks (a GEMM
+probe in fp32 and in int8) are measured in the same run.
+"""
+
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from server.bench.agreement import greedy_agreement, label_agreement
+from server.core.config import PROJECT_ROOT
+from server.ml.classifier import SentimentClassifier
+from server.ml.decoding import Sequence
+from server.ml.generator import GenerationParams, TextGenerator
+from server.ml.loader import locate
+from server.ml.precision import PRECISIONS, Kernels, Precision, quantize_linear_int8
+
+BENCH_MODELS = PROJECT_ROOT / "models_cache" / "bench"
+SERVER_TAG = "s"
+TOPICS = ["rivers", "mountains", "robots", "gardens", "markets", "oceans", "libraries", "trains", "music", "bridges",
+          "forests", "deserts", "cities", "storms", "islands", "castles"]
+ENGINES: dict[str, tuple[Precision, Kernels]] = {"": ("fp32", "torch"), "fast_": ("fp32", "onednn"),
+                                                 "int8_": ("int8", "torch")}
+ENGINE_NAMES = {"": "transformers fp32 (generate)", "fast_": "fp32, our loop, oneDNN", "int8_": "int8, our loop"}
+
+
+def prompt(tag: str, client: int, round_: int) -> str:
+    """Distinct prompts of similar length, so the cache cannot help and padding stays small."""
+    return f"Request {tag}-{client}-{round_}: write a few words about {TOPICS[(client + round_) % len(TOPICS)]}"
+
+
+def review(index: int) -> str:
+    """Distinct sentiment inputs of similar length."""
+    return f"Review {index}: the {TOPICS[index % len(TOPICS)]} tour was long but the guide made it worth every minute"
+
+
+def served_engine(precision: Precision, kernels: Kernels) -> str:
+    """The engine prefix of a server started with these settings."""
+    return "int8_" if precision == "int8" else "fast_" if kernels == "onednn" else ""
+
+
+def _median_s(call: Callable[[], object], repeats: int) -> float:
+    call()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def gemm_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """This machine's sustained fp32 matrix-multiply rate, probed now (the fp32 arithmetic limit's yardstick)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size ** 3 / _median_s(lambda: torch.mm(a, b), repeats) / 1e9
+
+
+def int8_gemm_gops(size: int = 2048, repeats: int = 5) -> float:
+    """The same for int8: a dynamically quantized Linear (fbgemm, the int8 model's kernel), input quantization
+    included."""
+    with torch.inference_mode():
+        layer = quantize_linear_int8(nn.Sequential(nn.Linear(size, size, bias=False)))
+        x = torch.randn(size, size)
+        return 2 * size ** 3 / _median_s(lambda: layer(x), repeats) / 1e9
+
+
+def flops_per_token(generator: TextGenerator) -> float:
+    """Multiply-adds of one decoded token through every Linear / Conv1D weight (the LM head included), x2."""
+    return 2.0 * sum(m.weight.numel() for m in generator.model.modules() if isinstance(m, nn.Linear | Conv1D))
+
+
+class OfflineLimit:
+    """Every generator engine at batch 1 and the full batch, measured in brackets between the server's levels."""
+
+    def __init__(self, model_dir: Path, batch_size: int, new_tokens: int, repeats: tuple[int, int]):
+        location = locate(str(model_dir), "generator", "local", BENCH_MODELS)
+        self.models = {engine: TextGenerator.load(location, str(BENCH_MODELS), precision, kernels)
+                       for engine, (precision, kernels) in ENGINES.items()}
+        self.generator = self.models[""]
+        self.params = GenerationParams(max_new_tokens=new_tokens)
+        self.engines: dict[str, Callable[[list[list[int]]], object]] = {
+            engine: partial(self._our_loop, model) if engine else partial(model.generate, params=self.params)
+            for engine, model in self.models.items()}
+        self.sizes = dict(zip((1, batch_size), repeats))
+        self.brackets: list[dict[str, list[float]]] = []
+        for engine in self.engines:
+            self._run(engine, 1, 0)
+            self._run(engine, batch_size, 0)
+
+    def _our_loop(self, model: TextGenerator, prompts: list[list[int]]) -> None:
+        with torch.inference_mode():
+            model.decoder.complete([Sequence(tuple(p), self.params) for p in prompts])
+
+    def _run(self, engine: str, size: int, round_: int) -> float:
+        """Seconds for one call on the prompts that `size` server clients send in `round_`: same token shapes."""
+        prompts = [self.generator.encode(prompt(f"{SERVER_TAG}{size}", i, round_)) for i in range(size)]
+        started = time.perf_counter()
+        self.engines[engine](prompts)
+        return time.perf_counter() - started
+
+    def measure(self) -> None:
+        """One bracket: every engine and size, `repeats` calls each."""
+        first = len(self.brackets) * max(self.sizes.values())
+        self.brackets.append({f"{engine}batch_{size}": [self._run(engine, size, first + k) for k in range(repeat)]
+                              for engine in self.engines for size, repeat in self.sizes.items()})
+
+    def _limits(self, brackets: list[dict[str, list[float]]]) -> dict:
+        """Median latency and throughput of each engine and size over `brackets`."""
+        limits = {}
+        for engine in self.engines:
+            for size in self.sizes:
+                median = statistics.median(t for bracket in brackets for t in bracket[f"{engine}batch_{size}"])
+                limits[f"{engine}batch_{size}"] = {"batch_size": size, "latency_ms": median * 1000,
+                                                   "requests_per_s": size / median, "brackets": len(brackets)}
+        return limits
+
+    def latest(self) -> dict:
+        """The limits of the last two brackets: those just before and just after the server level just run."""
+        return self._limits(self.brackets[-2:])
+
+    def overall(self) -> dict:
+        """All brackets together: the offline rows of the table."""
+        return self._limits(self.brackets)
+
+    def engine_summary(self, new_tokens: int, batch_size: int) -> dict:
+        """Each engine against transformers (same run): tokens/s, lone latency, share of its arithmetic limit
+        (the fp32 or int8 GEMM probe), and how many greedy sequences equal transformers'."""
+        limits, per_token = self.overall(), flops_per_token(self.generator)
+        probes = {"fp32": gemm_gflops(), "int8": int8_gemm_gops()}
+        prompts = [prompt(f"{SERVER_TAG}{batch_size}", i, 0) for i in range(batch_size)]
+        summary: dict = {"gemm_gflops": probes["fp32"], "int8_gemm_gops": probes["int8"],
+                         "gflop_per_token": per_token / 1e9, "compared": len(prompts)}
+        reference = limits[f"batch_{batch_size}"], limits["batch_1"]
+        for engine, (precision, _) in ENGINES.items():
+            full, lone = limits[f"{engine}batch_{batch_size}"], limits[f"{engine}batch_1"]
+            tokens_per_s = full["requests_per_s"] * new_tokens
+            identical = (len(prompts) if not engine else greedy_agreement(
+                self.generator, self.models[engine], prompts, new_tokens=new_tokens, batch_size=batch_size).identical)
+            summary[engine or "transformers_"] = {
+                "name": ENGINE_NAMES[engine], "precision": precision, "tokens_per_s": tokens_per_s,
+                "lone_ms": lone["latency_ms"],
+                "share_of_gemm_limit": tokens_per_s * per_token / (probes[precision] * 1e9),
+                "vs_transformers_batch": full["requests_per_s"] / reference[0]["requests_per_s"],
+                "vs_transformers_lone": lone["latency_ms"] / reference[1]["latency_ms"], "identical": identical}
+        return summary
+
+
+class ClassifierLimit:
+    """The sentiment classifier called directly at the full batch, in each precision: the /predict limit."""
+
+    def __init__(self, model_dir: Path, batch_size: int, repeats: int = 5):
+        location = locate(str(model_dir), "classifier", "local", BENCH_MODELS)
+        self.models = {precision: SentimentClassifier.load(location, str(BENCH_MODELS), precision)
+                       for precision in PRECISIONS}
+        self.batch_size, self.repeats = batch_size, repeats
+        self.texts = [review(i) for i in range(batch_size)]
+
+    def items_per_s(self, precision: Precision) -> float:
+        return self.batch_size / _median_s(lambda: self.models[precision].classify(self.texts), self.repeats)
+
+    def agreement(self, texts: int = 256) -> dict:
+        """Labels of the int8 model equal to fp32's, over `texts` reviews."""
+        result = label_agreement(self.models["fp32"], self.models["int8"], [review(i) for i in range(texts)],
+                                 batch_size=self.batch_size)
+        return {"identical_labels": result.identical, "compared": result.total}
