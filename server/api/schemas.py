@@ -148,8 +148,8 @@ class ModelInfo(BaseModel):
     name: str = Field(description="The `model_name` of answers: the model id, with `:int8` when served in int8")
     revision: str = Field(description="The weights served (checkpoint revision, with `:int8` when quantized)")
     precision: Literal["fp32", "int8"] = Field(description="GENERATOR_PRECISION or SENTIMENT_PRECISION")
-    kernels: Literal["onednn", "torch"] = Field(description="Who computes the fp32 Linear layers: oneDNN "
-                                                            "(GENERATOR_FP32_KERNELS) or torch's default GEMM")
+    kernels: Literal["onednn", "torch"] = Field(description="Who computes the fp32 Linear layers: oneDNN or torch's "
+                                                "default GEMM (GENERATOR_FP32_KERNELS, SENTIMENT_FP32_KERNELS)")
     offline_stand_in: bool
 
 

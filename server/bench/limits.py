@@ -155,20 +155,26 @@ class OfflineLimit:
 
 
 class ClassifierLimit:
-    """The sentiment classifier called directly at the full batch, in each precision: the /predict limit."""
+    """The sentiment classifier called directly at the full batch: the /predict limit of each served precision (fp32
+    on `kernels`, int8), and transformers' fp32 as it is, the reference for speed and labels."""
 
-    def __init__(self, model_dir: Path, batch_size: int, repeats: int = 5):
+    def __init__(self, model_dir: Path, batch_size: int, kernels: Kernels, repeats: int = 5):
         location = locate(str(model_dir), "classifier", "local", BENCH_MODELS)
-        self.models = {precision: SentimentClassifier.load(location, str(BENCH_MODELS), precision)
-                       for precision in PRECISIONS}
+        load = partial(SentimentClassifier.load, location, str(BENCH_MODELS))
+        self.models = {"reference": load("fp32", "torch"), "fp32": load("fp32", kernels), "int8": load("int8")}
         self.batch_size, self.repeats = batch_size, repeats
         self.texts = [review(i) for i in range(batch_size)]
 
-    def items_per_s(self, precision: Precision) -> float:
-        return self.batch_size / _median_s(lambda: self.models[precision].classify(self.texts), self.repeats)
+    def items_per_s(self, model: str) -> float:
+        return self.batch_size / _median_s(lambda: self.models[model].classify(self.texts), self.repeats)
 
-    def agreement(self, texts: int = 256) -> dict:
-        """Labels of the int8 model equal to fp32's, over `texts` reviews."""
-        result = label_agreement(self.models["fp32"], self.models["int8"], [review(i) for i in range(texts)],
-                                 batch_size=self.batch_size)
-        return {"identical_labels": result.identical, "compared": result.total}
+    def summary(self, texts: int = 256) -> dict:
+        """Each served precision against the reference: offline items/s and equal labels over `texts` reviews."""
+        reviews, reference = [review(i) for i in range(texts)], self.items_per_s("reference")
+        summary: dict = {"reference_items_per_s": reference, "compared": texts}
+        for precision in PRECISIONS:
+            agreement = label_agreement(self.models["reference"], self.models[precision], reviews,
+                                        batch_size=self.batch_size)
+            summary[precision] = {"items_per_s": (speed := self.items_per_s(precision)),
+                                  "vs_reference": speed / reference, "identical_labels": agreement.identical}
+        return summary

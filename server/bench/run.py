@@ -237,17 +237,18 @@ def run(args: argparse.Namespace) -> dict:
     int8_levels = sorted({1, max(levels)})
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     phases = 5 + len(levels) * (1 if args.no_baseline else 2) + len(int8_levels)
-    kernels = get_settings().generator_fp32_kernels
+    settings = get_settings()
     with tqdm(total=phases, desc="bench", unit="phase", file=sys.stderr) as bar:
         generator_dir, classifier_dir = ensure_models(args)
         bar.set_postfix_str("offline limits")
         offline = OfflineLimit(generator_dir, args.batch_size, args.new_tokens, (3, 1) if args.quick else (4, 2))
-        classifier = ClassifierLimit(classifier_dir, args.batch_size)
+        classifier = ClassifierLimit(classifier_dir, args.batch_size, settings.sentiment_fp32_kernels)
         bar.update(1)
         env = {"GENERATOR_MODEL": str(generator_dir), "SENTIMENT_MODEL": str(classifier_dir), "MODEL_SOURCE": "local",
                "BATCH_MAX_SIZE": str(args.batch_size), "BATCH_QUEUE_LIMIT": str(max(1024, 4 * max(levels))),
                "LOG_LEVEL": "warning", "INGRESS_RATE_LIMIT": "off", "API_KEYS": "", "GENERATOR_PRECISION": "fp32",
-               "SENTIMENT_PRECISION": "fp32", "GENERATOR_FP32_KERNELS": kernels}
+               "SENTIMENT_PRECISION": "fp32", "GENERATOR_FP32_KERNELS": settings.generator_fp32_kernels,
+               "SENTIMENT_FP32_KERNELS": settings.sentiment_fp32_kernels}
 
         def serve(name: str, **overrides: str):
             port = free_port()
@@ -256,7 +257,7 @@ def run(args: argparse.Namespace) -> dict:
                                   port, work / f"{name}-server.log")
 
         bar.set_postfix_str("server")
-        engine = served_engine("fp32", kernels)
+        engine = served_engine("fp32", settings.generator_fp32_kernels)
         with serve("server") as (url, _):
             server_rows = drive(url, SERVER_TAG, levels, args.rounds, args.new_tokens, bar, offline, engine)
             predict = {"fp32": measure_predict(url, classifier, "fp32", max(levels), args.predict_rounds)}
@@ -292,13 +293,12 @@ def run(args: argparse.Namespace) -> dict:
             with server_process(command, {"BENCH_MODEL": str(generator_dir)}, port,
                                 work / "baseline.log") as (url, _):
                 baseline_rows = drive(url, "b", levels, args.baseline_rounds, args.new_tokens, bar)
-    predict["int8"] |= classifier.agreement()
     return summarize(args, generator_dir, offline, server_rows, baseline_rows, cache, background, mixed, streaming,
-                     predict)
+                     predict, classifier.summary())
 
 
 def summarize(args, generator_dir: Path, offline: OfflineLimit, server_rows: list[dict], baseline_rows: list[dict],
-              cache: dict, background: dict, mixed: dict, streaming: dict, predict: dict) -> dict:
+              cache: dict, background: dict, mixed: dict, streaming: dict, predict: dict, classifier: dict) -> dict:
     baseline_by_c = {row["concurrency"]: row for row in baseline_rows}
     full = f"batch_{args.batch_size}"
     for row in server_rows:
@@ -320,6 +320,7 @@ def summarize(args, generator_dir: Path, offline: OfflineLimit, server_rows: lis
         "quick": args.quick,
         "offline": offline.overall(), "server": server_rows, "baseline": baseline_rows, "cache": cache,
         "background": background, "mixed": mixed, "streaming": streaming, "predict": predict,
+        "classifier": classifier,
         "engines": offline.engine_summary(args.new_tokens, args.batch_size),
     }
 
@@ -370,12 +371,16 @@ def table(results: dict) -> str:
                      f"{data['vs_transformers_lone']:.2f}x | {data['identical']}/{engines['compared']} |")
     lines.append("")
     for data in results["predict"].values():
-        agreement = (f"; labels equal to fp32 on {data['identical_labels']}/{data['compared']} texts"
-                     if "identical_labels" in data else "")
         lines.append(f"sentiment /predict {data['precision']} at concurrency {data['concurrency']}: "
-                     f"{data['items_per_s']:.1f} items/s, p50 {data['p50_ms']:.0f} ms, vs the classifier called "
-                     f"directly at batch {full} {data['offline_items_per_s']:.1f} items/s: "
-                     f"{data['vs_offline']:.2f}x{agreement}")
+                     f"{data['items_per_s']:.1f} items/s, p50 {data['p50_ms']:.0f} ms, vs the same classifier called "
+                     f"directly at batch {full} {data['offline_items_per_s']:.1f} items/s: {data['vs_offline']:.2f}x")
+    classifier = results["classifier"]
+    lines.append(f"sentiment classifier offline at batch {full}: transformers fp32 "
+                 f"{classifier['reference_items_per_s']:.1f} items/s; served fp32 "
+                 f"{classifier['fp32']['items_per_s']:.1f} ({classifier['fp32']['vs_reference']:.2f}x, labels equal on "
+                 f"{classifier['fp32']['identical_labels']}/{classifier['compared']}); int8 "
+                 f"{classifier['int8']['items_per_s']:.1f} ({classifier['int8']['vs_reference']:.2f}x, labels equal on "
+                 f"{classifier['int8']['identical_labels']}/{classifier['compared']})")
     cache = results["cache"]
     failures = sum(row["failures"] for row in results["server"] + results["baseline"]) + cache["failures"]
     lines.append("")

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     generator_precision: Literal["fp32", "int8"] = "fp32"
     sentiment_precision: Literal["fp32", "int8"] = "fp32"
     generator_fp32_kernels: Literal["onednn", "torch"] = "onednn"
+    sentiment_fp32_kernels: Literal["onednn", "torch"] = "onednn"
     models_cache_dir: Path = PROJECT_ROOT / "models_cache"
     torch_num_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
 

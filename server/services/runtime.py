@@ -70,7 +70,7 @@ async def load_models(settings: Settings, executor: Executor) -> tuple[TextGener
     return (await loop.run_in_executor(executor, TextGenerator.load, generator_at, cache,
                                        settings.generator_precision, settings.generator_fp32_kernels),
             await loop.run_in_executor(executor, SentimentClassifier.load, classifier_at, cache,
-                                       settings.sentiment_precision))
+                                       settings.sentiment_precision, settings.sentiment_fp32_kernels))
 
 
 def torch_thread() -> ThreadPoolExecutor:

@@ -61,4 +61,8 @@ def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
         assert predict["failures"] == 0 and predict["requests"] == 4 * 2 and predict["concurrency"] == 4
         assert predict["vs_offline"] == predict["items_per_s"] / predict["offline_items_per_s"]
         assert f"sentiment /predict {precision} at concurrency 4" in run.stdout
-    assert 0 <= results["predict"]["int8"]["identical_labels"] <= results["predict"]["int8"]["compared"] == 256
+    classifier = results["classifier"]
+    assert classifier["compared"] == 256 and classifier["reference_items_per_s"] > 0
+    for precision in ("fp32", "int8"):
+        assert 0 <= classifier[precision]["identical_labels"] <= 256 and classifier[precision]["vs_reference"] > 0
+    assert "sentiment classifier offline at batch 32: transformers fp32" in run.stdout
