@@ -231,7 +231,7 @@ class ContinuousBatcher:
     async def _linger(self) -> None:
         await self._history.linger(self._wakeup, lambda: len(self._waiting), self.max_batch_size, self.max_wait_s)
 
-    # Everything below runs in the executor thread that owns the running batch.
+    # Everything below runs on the torch thread (the executor), one turn at a time.
 
     def _turn(self, drained: Future[None]) -> None:
         """One turn of the loop; queues the next one, or resolves `drained` once no row runs and none waits (or

@@ -111,8 +111,9 @@ async def test_a_failed_computation_reaches_every_caller_and_is_not_cached(cache
 
 
 async def test_processes_sharing_redis_compute_once(redis_server):
-    """Two caches with their own Redis clients stand for two server processes."""
-    clients = [open_redis(redis_server.url) for _ in range(2)]
+    """Two caches with their own Redis clients stand for two server processes. A generous timeout: the test is
+    about the lock, and 40 connections opened at once on a loaded 2-core machine can exceed the 0.25 s default."""
+    clients = [open_redis(redis_server.url, timeout_s=5) for _ in range(2)]
     stores = [RedisStore(client, ttl_s=60, lock_ttl_s=5) for client in clients]
     caches = [ResponseCache(store, lock_ttl_s=5) for store in stores]
     compute = Computation(0.3)
