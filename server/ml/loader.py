@@ -19,7 +19,7 @@ from huggingface_hub import constants as hub_constants
 from transformers import AutoTokenizer
 
 from server.ml import offline
-from server.ml.precision import Kernels, Precision, apply_precision
+from server.ml.precision import Kernels, Precision, apply_precision, usable_kernels
 
 log = logging.getLogger(__name__)
 Kind = Literal["generator", "classifier"]
@@ -137,5 +137,6 @@ class PretrainedModel:
         tokenizer = AutoTokenizer.from_pretrained(location.path, **kwargs)
         model = cls.auto_class.from_pretrained(location.path, **kwargs)
         revision = weights_revision(model.config, location)
+        kernels = usable_kernels(kernels)
         return cls(apply_precision(model, precision, kernels), tokenizer, location.name, revision, location.standin,
                    precision, kernels)

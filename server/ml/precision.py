@@ -16,6 +16,7 @@ mode, as the server runs, it is slower than fp32 for one row (pytorch/ao#4365, p
 warnings are silenced at the one call, by message, and nowhere else.
 """
 
+import logging
 import warnings
 from typing import Literal, get_args
 
@@ -24,9 +25,21 @@ from torch import nn
 from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 from transformers.pytorch_utils import Conv1D
 
+log = logging.getLogger(__name__)
+
 Precision = Literal["fp32", "int8"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 Kernels = Literal["onednn", "torch"]
+
+
+def usable_kernels(kernels: Kernels) -> Kernels:
+    """`kernels`, or `torch` (with a warning) where this torch build has no oneDNN: the default must not stop a
+    server from starting, and `/` and `/health` then say which kernels run."""
+    if kernels == "onednn" and not torch.backends.mkldnn.is_available():
+        log.warning("this torch build has no oneDNN: fp32 Linear layers run on torch's default GEMM instead "
+                    "(set GENERATOR_FP32_KERNELS / SENTIMENT_FP32_KERNELS=torch to silence this)")
+        return "torch"
+    return kernels
 
 
 def apply_precision(model: nn.Module, precision: Precision, kernels: Kernels = "torch") -> nn.Module:

@@ -111,3 +111,11 @@ def test_the_onednn_fp32_classifier_gives_transformers_labels_and_scores(standin
         expected, got = reference.classify(batch), fast.classify(batch)
         assert [s.label for s in got] == [s.label for s in expected]
         assert [s.score for s in got] == pytest.approx([s.score for s in expected], abs=1e-5)
+
+
+def test_a_torch_build_without_onednn_serves_on_torch_kernels_and_says_so(standins, monkeypatch, caplog):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    location = locate(str(standins[0]), "generator", "local", standins[0].parent)
+    generator = TextGenerator.load(location, str(standins[0].parent), "fp32", "onednn")
+    assert generator.kernels == "torch" and any(isinstance(m, Conv1D) for m in generator.model.modules())
+    assert "has no oneDNN" in caplog.text
