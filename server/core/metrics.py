@@ -77,3 +77,7 @@ ANALYZE_REPORTS = Counter("analyze_reports", "Performance reports answered (sour
                           ["source", "reason"])
 GEMINI_CALLS = Counter("gemini_calls", "Calls to Gemini for performance reports (outcome: ok, quota, timeout, "
                        "invalid_answer, error, http_<status>)", ["outcome"])
+
+BACKGROUND_TASK_FAILURES = Counter(
+    "background_task_failures", "Unexpected errors that ended a supervised background loop (it is restarted after a "
+    "backoff, or given up: see /health)", ["task"])
