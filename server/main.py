@@ -8,7 +8,7 @@ from fastapi import Depends, FastAPI
 from server import __version__
 from server.api import errors
 from server.api.body_guard import BodyGuardMiddleware
-from server.api.deps import require_api_key
+from server.api.deps import authenticate
 from server.api.middleware import ObservedRequestMiddleware
 from server.api.openai import routes as openai_routes
 from server.api.openai.errors import OpenAIErrorMiddleware
@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(static.router)
     app.include_router(dashboard.router)
     for module in (generate, predict, history, batch, analytics, openai_routes):
-        app.include_router(module.router, dependencies=[Depends(require_api_key)])
+        app.include_router(module.router, dependencies=[Depends(authenticate)])
     return app
 
 

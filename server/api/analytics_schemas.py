@@ -96,7 +96,7 @@ class AggregatedOut(BaseModel):
     buckets: list[StatsOut] = Field(description="buckets with requests, oldest first")
     total: StatsOut
     breaches: list[BreachOut]
-    live: LiveOut
+    live: LiveOut | None = Field(description="this process's figures over every tenant: admin keys only (else null)")
 
 
 class ThresholdsOut(Thresholds):

@@ -58,7 +58,9 @@ class JobCreate(BaseModel):
     job_type: Annotated[Text, Field(min_length=1, max_length=100)] = "default"
     priority: Priority = 5
     schedule: Schedule = Field("window", description="`window`: the next scheduled run (BATCH_SCHEDULE); `now`")
-    webhook_url: Annotated[Text, Field(pattern=r"^https?://", max_length=2000)] | None = None
+    webhook_url: Annotated[Text, Field(max_length=2000, description=(
+        "Called (POST, signed) when the job finishes: https, to a public address (see WEBHOOK_ALLOW_HTTP, "
+        "WEBHOOK_ALLOWED_HOSTS); refused with 422 otherwise. Answers show only its scheme and host"))] | None = None
     metadata: JSONObject = {}
     requests: list[RequestIn] = Field([], max_length=100_000)
 
@@ -103,6 +105,7 @@ class UsageOut(BaseModel):
 
 class JobOut(BaseModel):
     id: str
+    tenant: str = Field(description="The tenant whose job it is")
     name: str
     description: str
     provider: Provider
@@ -111,7 +114,7 @@ class JobOut(BaseModel):
     job_type: str
     priority: int
     schedule: Schedule
-    webhook_url: str | None
+    webhook_url: str | None = Field(description="Scheme and host of the webhook (its path and query may hold a token)")
     metadata: dict
     status: JobStatus
     counts: CountsOut
@@ -170,7 +173,7 @@ class ProcessIn(BaseModel):
 
     provider: Provider | None = None
     job_type: Annotated[Text, Field(min_length=1, max_length=100)] | None = None
-    max_jobs: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_jobs: Annotated[StrictInt, Field(ge=1, le=100_000)] | None = None
 
 
 class ProcessOut(BaseModel):

@@ -6,10 +6,11 @@ dependency per request that costs more than a cache hit's own work.
 
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from server.core.tenants import Principal
 from server.services.generation import GenerationService
 from server.services.runtime import Runtime
 from server.services.sentiment import SentimentService
@@ -74,33 +75,49 @@ def _unauthorized() -> HTTPException:
                          headers={"WWW-Authenticate": "Bearer"})
 
 
-def check_api_key(runtime: Runtime, credentials: HTTPAuthorizationCredentials | None) -> None:
-    """401 with `WWW-Authenticate: Bearer` unless API_KEYS is empty or the bearer token is one of them (or one of
-    ADMIN_API_KEYS: an admin may do what anyone may)."""
-    token = credentials.credentials if credentials else None
-    if (runtime.api_keys.enabled and runtime.api_keys.identify(token) is None
-            and runtime.admin_keys.identify(token) is None):
-        raise _unauthorized()
+def identify(runtime: Runtime, credentials: HTTPAuthorizationCredentials | None) -> Principal:
+    """The caller: the tenant and role of its key; where no key is needed (an open server, or only admin keys
+    configured), a caller without a valid key is the anonymous principal. 401 with `WWW-Authenticate: Bearer`
+    otherwise."""
+    principal = runtime.keys.identify(credentials.credentials if credentials else None)
+    if principal is not None:
+        return principal
+    if runtime.keys.anonymous_allowed:
+        return runtime.keys.anonymous
+    raise _unauthorized()
 
 
-async def require_api_key(runtime: RuntimeDep, credentials: BearerDep) -> None:
-    check_api_key(runtime, credentials)
+async def authenticate(request: Request, runtime: RuntimeDep, credentials: BearerDep) -> Principal:
+    """The router-level check of every route that serves or stores data; the HTTP layer reads the principal back
+    from `request.state` (to record a refused request under its tenant)."""
+    principal = identify(runtime, credentials)
+    request.state.principal = principal
+    return principal
 
 
-async def require_admin(runtime: RuntimeDep, credentials: BearerDep) -> str | None:
-    """For operations that change the server for everyone. With ADMIN_API_KEYS set: an admin key, else 403 for an
-    ordinary key and 401 for none; without it, whatever `check_api_key` lets through. Returns the caller's key id
-    (never the key) for the audit trail, None on an open server."""
-    token = credentials.credentials if credentials else None
-    if runtime.admin_keys.enabled:
-        admin = runtime.admin_keys.identify(token)
-        if admin is not None:
-            return admin
-        if runtime.api_keys.identify(token) is not None:
-            raise HTTPException(403, "this operation needs an admin key (ADMIN_API_KEYS)")
-        raise _unauthorized()
-    check_api_key(runtime, credentials)
-    return runtime.api_keys.identify(token)
+PrincipalDep = Annotated[Principal, Depends(authenticate)]
 
 
-AdminDep = Annotated[str | None, Depends(require_admin)]
+async def require_admin(principal: PrincipalDep) -> Principal:
+    """For operations that change the server for everyone or reach every tenant: 403 for an ordinary key."""
+    if not principal.admin:
+        raise HTTPException(403, "this operation needs an admin key (ADMIN_API_KEYS, or role = \"admin\" in "
+                                 "API_KEYS_FILE)")
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(require_admin)]
+TenantQuery = Annotated[str | None, Query(min_length=1, max_length=64, description=(
+    "Admin keys only: the data of this tenant alone (by default an admin sees every tenant's); another key gets "
+    "403 for any tenant but its own"))]
+
+
+async def read_scope(principal: PrincipalDep, tenant: TenantQuery = None) -> str | None:
+    """The tenant whose data a read covers: the caller's own, or for an admin the one asked for (None: all)."""
+    try:
+        return principal.scope(tenant)
+    except PermissionError as exc:
+        raise HTTPException(403, str(exc)) from None
+
+
+ScopeDep = Annotated[str | None, Depends(read_scope)]

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from server.core.logging import REQUEST_ID
 from server.services.batch.jobs import JobConflict, JobNotFound
-from server.services.errors import BlockedPrompt, DeadlineExceeded, InputError, ModelFailed, Overloaded
+from server.services.errors import BlockedPrompt, DeadlineExceeded, InputError, ModelFailed, NotGranted, Overloaded
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,10 @@ async def _not_found(request: Request, exc: JobNotFound) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=404)
 
 
+async def _not_granted(request: Request, exc: NotGranted) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=403)
+
+
 async def _conflict(request: Request, exc: JobConflict) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=409)
 
@@ -131,6 +135,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(BlockedPrompt, _blocked)
     app.add_exception_handler(JobNotFound, _not_found)
     app.add_exception_handler(JobConflict, _conflict)
+    app.add_exception_handler(NotGranted, _not_granted)
     app.add_exception_handler(Overloaded, _overloaded)
     app.add_exception_handler(DeadlineExceeded, _deadline)
     app.add_exception_handler(ModelFailed, _model_failed)

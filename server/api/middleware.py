@@ -17,8 +17,10 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.ratelimit import bearer_token
 from server.core import metrics
 from server.core.logging import REQUEST_ID
+from server.core.tenants import UNAUTHENTICATED
 from server.services.analytics.request_log import REQUEST_MARK, RequestMark
 
 HEADER = b"x-request-id"
@@ -45,14 +47,19 @@ def request_id_of(scope: Scope) -> str:
 
 
 def record_refusal(scope: Scope, started: float, status: int) -> None:
-    """Record a model request that its service never saw (by path: a refused request may have matched no route)."""
+    """Record a model request that its service never saw (by path: a refused request may have matched no route),
+    under its caller's tenant: the key's, or UNAUTHENTICATED for a request without a valid one."""
     runtime = getattr(scope["app"].state, "runtime", None)
     if runtime is None or scope["method"] != "POST":
         return
     service = {"/generate": runtime.generation, "/v1/completions": runtime.generation,
                "/v1/chat/completions": runtime.generation, "/predict": runtime.sentiment}.get(scope["path"])
-    if service is not None:
-        service.requests.refused(started, status)
+    if service is None:
+        return
+    principal = runtime.keys.identify(bearer_token(scope))
+    if principal is None and runtime.keys.anonymous_allowed:
+        principal = runtime.keys.anonymous
+    service.requests.refused(started, status, principal.tenant if principal else UNAUTHENTICATED)
 
 
 class ObservedRequestMiddleware:

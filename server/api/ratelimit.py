@@ -22,12 +22,18 @@ ROUTE_GROUPS = {"/generate": "generate", "/v1/completions": "generate", "/v1/cha
                 "/predict": "predict", "/analyze/performance": "analyze"}
 
 
-def client_identity(scope: Scope, runtime) -> str:
+def bearer_token(scope: Scope) -> str | None:
+    """The request's `Authorization: Bearer` token, if it has one."""
     for name, value in scope["headers"]:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and (key := runtime.api_keys.identify(token.strip())):
-                return key
+            return token.strip() if scheme.lower() == "bearer" else None
+    return None
+
+
+def client_identity(scope: Scope, runtime) -> str:
+    if (principal := runtime.keys.identify(bearer_token(scope))) is not None:
+        return principal.key_id
     client = scope.get("client")
     return f"ip:{client[0] if client else 'unknown'}"
 

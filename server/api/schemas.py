@@ -29,6 +29,10 @@ Prompt = Annotated[Text, Field(min_length=1)]
 # Request bodies are strict ("20" is not a number, true is not an int; an int is still a float) and refuse the
 # NaN and Infinity that Python's json parser accepts.
 REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+# Bounds of integer parameters, so that no value reaches the database out of its column's range (a 500): record
+# keys are 32-bit on PostgreSQL; an offset past a million rows is a scan no page needs (use the cursor).
+MAX_ROW_ID = 2**31 - 1
+MAX_OFFSET = 1_000_000
 # SQLite returns naive datetimes; every timestamp the server stores is UTC.
 UtcDatetime = Annotated[datetime, AfterValidator(lambda d: d if d.tzinfo else d.replace(tzinfo=UTC))]
 
@@ -39,7 +43,8 @@ class GenerateRequest(BaseModel):
 
     prompts: list[Prompt] = Field(min_length=1, max_length=32)
     max_new_tokens: int | None = Field(None, ge=1, le=256, description="New tokens per prompt (default 50)")
-    max_length: int | None = Field(None, ge=2, description="Total tokens, prompt included (instead of max_new_tokens)")
+    max_length: int | None = Field(None, ge=2, le=1_000_000,
+                                   description="Total tokens, prompt included (instead of max_new_tokens)")
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy (deterministic)")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**63, description="Makes sampling reproducible")

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -67,6 +67,17 @@ class Settings(BaseSettings):
 
     api_keys: str = ""
     admin_api_keys: str = ""
+    api_keys_file: Path | None = Field(None, description=(
+        "TOML file of API keys: [[keys]] entries with tenant, key (or sha256:<hex>), role (user|admin) and grants "
+        "(paid providers the key may create batch jobs for), and [tenants.<name>] egress_rate_limit"))
+    cache_scope: Literal["tenant", "global"] = Field("tenant", description=(
+        "tenant: each tenant has its own cached answers (another tenant's identical prompt is computed again); "
+        "global: tenants share answers, for deployments whose tenants trust each other"))
+    webhook_allow_http: bool = Field(False, description=(
+        "Accept http:// webhook URLs (job webhooks and ALERT_WEBHOOK_URL); by default only https://"))
+    webhook_allowed_hosts: str = Field("", description=(
+        "Comma-separated host names, addresses or networks (CIDR) that webhooks may reach although they are "
+        "loopback, private, link-local or otherwise internal"))
     metrics_require_key: bool = False
     forwarded_allow_ips: str = "127.0.0.1"
     ingress_rate_limit: str = "120/minute"
@@ -173,6 +184,36 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("expected redis://[:password@]host:6379/0, rediss://... (TLS) or unix:///path/to/socket")
         return value
+
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: str) -> str:
+        from server.core.destinations import parse_allowlist
+
+        parse_allowlist(value)
+        return value
+
+    @model_validator(mode="after")
+    def _alert_webhook(self) -> "Settings":
+        from server.core.destinations import DestinationPolicy, RefusedDestination
+
+        if self.alert_webhook_url is not None:
+            try:
+                DestinationPolicy.from_settings(self.webhook_allow_http, self.webhook_allowed_hosts).check(
+                    self.alert_webhook_url)
+            except RefusedDestination as exc:
+                raise ValueError(f"invalid ALERT_WEBHOOK_URL: {exc}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _keys(self) -> "Settings":
+        from server.core.tenants import KeyFileError, KeyRing
+
+        try:
+            KeyRing.from_settings(self.api_keys, self.admin_api_keys, self.api_keys_file)
+        except KeyFileError as exc:
+            raise ValueError(f"invalid API keys: {exc}") from None
+        return self
 
     @field_validator("blocked_terms")
     @classmethod

@@ -6,6 +6,7 @@ from datetime import datetime
 from sqlalchemy import JSON, Column, DateTime, Float, Integer, String, Table
 from sqlalchemy.orm import Mapped, mapped_column
 
+from server.core.tenants import DEFAULT_TENANT
 from server.db.models import Base
 
 # Upper bounds (ms) of the rollups' latency histogram; a last bucket takes everything above 30 s. Percentiles read
@@ -13,7 +14,7 @@ from server.db.models import Base
 LATENCY_BOUNDS_MS = (5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000,
                      30000)
 HISTOGRAM_COLUMNS = tuple(f"h{index:02d}" for index in range(len(LATENCY_BOUNDS_MS) + 1))
-# Rollup columns summed when rows of one (minute, endpoint, model) meet.
+# Rollup columns summed when rows of one (tenant, minute, endpoint, model) meet.
 ADDITIVE_COLUMNS = ("requests", "items", "errors", "cached_items", "tokens_in", "tokens_out", "latency_sum_ms",
                     *HISTOGRAM_COLUMNS)
 
@@ -25,6 +26,7 @@ class RequestRecord(Base):
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(32), unique=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
     endpoint: Mapped[str] = mapped_column(String(16))
     model: Mapped[str] = mapped_column(String(255))
     status: Mapped[int] = mapped_column(Integer)
@@ -40,15 +42,16 @@ class RequestRecord(Base):
 def _rollup_columns() -> list[Column]:
     counters = [Column(name, Integer, nullable=False, default=0) for name in ADDITIVE_COLUMNS
                 if name != "latency_sum_ms"]
-    return [Column("minute", Integer, primary_key=True), Column("endpoint", String(16), primary_key=True),
+    return [Column("tenant", String(64), primary_key=True), Column("minute", Integer, primary_key=True),
+            Column("endpoint", String(16), primary_key=True),
             Column("model", String(255), primary_key=True), *counters,
             Column("latency_sum_ms", Float, nullable=False, default=0.0),
             Column("latency_max_ms", Float, nullable=False, default=0.0)]
 
 
 class MetricRollup(Base):
-    """Requests of one minute (`minute`: minutes since the Unix epoch, UTC), endpoint and model: counts, tokens and
-    the latency histogram (`hNN`: requests whose latency fell in bucket NN of LATENCY_BOUNDS_MS)."""
+    """Requests of one tenant, minute (`minute`: minutes since the Unix epoch, UTC), endpoint and model: counts, tokens
+    and the latency histogram (`hNN`: requests whose latency fell in bucket NN of LATENCY_BOUNDS_MS)."""
 
     __table__ = Table("metric_rollups", Base.metadata, *_rollup_columns())
 
@@ -71,6 +74,7 @@ class ThresholdAudit(Base):
     __tablename__ = "analytics_threshold_audit"
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
     key_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     changes: Mapped[dict] = mapped_column(JSON)
     changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

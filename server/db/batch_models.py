@@ -9,6 +9,7 @@ from datetime import datetime
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
+from server.core.tenants import DEFAULT_TENANT
 from server.db.models import Base
 
 
@@ -18,6 +19,7 @@ class BatchJob(Base):
     __tablename__ = "batch_jobs"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
     name: Mapped[str] = mapped_column(String(200))
     description: Mapped[str] = mapped_column(Text, default="")
     provider: Mapped[str] = mapped_column(String(16), index=True)
@@ -40,6 +42,7 @@ class BatchJob(Base):
     cost_booked: Mapped[bool] = mapped_column(Boolean, default=False)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     webhook_state: Mapped[str] = mapped_column(String(16), default="none")
+    # The id of the key that created the job (`key:<16 hex>`, never the key), None on an open server.
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -55,6 +58,7 @@ class BatchItem(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     job_id: Mapped[str] = mapped_column(String(32), ForeignKey("batch_jobs.id", ondelete="CASCADE"), index=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
     custom_id: Mapped[str] = mapped_column(String(64))
     body: Mapped[dict] = mapped_column(JSON)
     body_digest: Mapped[str] = mapped_column(String(64))
@@ -82,6 +86,7 @@ class ProviderBatch(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     job_id: Mapped[str] = mapped_column(String(32), ForeignKey("batch_jobs.id", ondelete="CASCADE"), index=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
     provider: Mapped[str] = mapped_column(String(16))
     idempotency_key: Mapped[str] = mapped_column(String(64), unique=True)
     provider_batch_id: Mapped[str | None] = mapped_column(String(200), nullable=True)

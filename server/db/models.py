@@ -5,6 +5,8 @@ from datetime import datetime
 from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from server.core.tenants import DEFAULT_TENANT
+
 
 class Base(DeclarativeBase):
     pass
@@ -15,6 +17,7 @@ class GenerationRecord(Base):
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(32), unique=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
     prompt: Mapped[str] = mapped_column(Text)
     generated_text: Mapped[str] = mapped_column(Text)
     completion: Mapped[str] = mapped_column(Text)
@@ -33,6 +36,7 @@ class PredictionRecord(Base):
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(32), unique=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
     text: Mapped[str] = mapped_column(Text)
     label: Mapped[str] = mapped_column(String(64))
     score: Mapped[float] = mapped_column(Float)

@@ -17,6 +17,10 @@ class InputError(ValueError):
         self.errors = errors
 
 
+class NotGranted(PermissionError):
+    """The caller's key may not do this (create work for a paid provider it is not granted): HTTP 403."""
+
+
 class Overloaded(RuntimeError):
     """The batch queue is full: HTTP 503, try again after `retry_after_s`."""
 

@@ -20,9 +20,9 @@ from server.ml.generator import Generation, GenerationParams, TextGenerator
 from server.services.analytics.request_log import RequestLog
 from server.services.batching import ABORTED, BACKGROUND_TIMEOUT_S, Abandoned, Aborted, MicroBatcher
 from server.services.cache import SERVED_FROM_CACHE, ResponseCache
+from server.services.cache.keys import cache_key
 from server.services.cache.response_cache import Outcome
 from server.services.continuous_batching import ContinuousBatcher
-from server.services.cache.keys import cache_key
 from server.services.errors import FieldError, InputError
 from server.services.prompt_policy import PromptPolicy
 from server.services.records import RecordWriter
@@ -31,11 +31,14 @@ from server.services.streaming import GenerationStream
 
 @dataclass(frozen=True)
 class GenerationJob:
-    """One prompt to continue; the batcher groups jobs by `params` and merges equal deterministic jobs."""
+    """One prompt to continue; the batcher groups jobs by `params` and merges equal deterministic jobs. `scope` is
+    the cache's scope (the tenant, or None when answers are shared): jobs of two scopes never merge, so joining a
+    running computation cannot tell one tenant that another asked the same."""
 
     prompt_ids: tuple[int, ...]
     params: GenerationParams
     seed: int | None
+    scope: str | None = None
 
     @property
     def deterministic(self) -> bool:
@@ -100,7 +103,7 @@ class GenerationService:
         self.max_prompt_chars = max_prompt_chars
         self.timeout_s = timeout_s
 
-    def plan(self, prompts: list[str], options: GenerationOptions) -> list[GenerationJob]:
+    def plan(self, prompts: list[str], options: GenerationOptions, scope: str | None = None) -> list[GenerationJob]:
         """Tokenise and check every prompt; all problems are reported at once, as a 422 would list them."""
         errors: list[FieldError] = []
         jobs: list[GenerationJob] = []
@@ -129,7 +132,7 @@ class GenerationService:
                 continue
             params = GenerationParams(new_tokens, options.temperature, options.top_p if options.temperature else 1.0,
                                       options.stop)
-            jobs.append(GenerationJob(ids, params, options.seed if options.temperature else None))
+            jobs.append(GenerationJob(ids, params, options.seed if options.temperature else None, scope))
         if errors:
             raise InputError(errors)
         return jobs
@@ -141,39 +144,43 @@ class GenerationService:
                   "top_p": job.params.top_p, "seed": job.seed}
         if job.params.stop:
             params["stop"] = list(job.params.stop)
-        return cache_key("generate", self.generator.name, self.generator.revision, job.prompt_ids, params)
+        return cache_key("generate", self.generator.name, self.generator.revision, job.prompt_ids, params, job.scope)
 
-    async def open_stream(self, prompts: list[str], options: GenerationOptions, *,
+    async def open_stream(self, prompts: list[str], options: GenerationOptions, *, tenant: str,
                           bypass_cache: bool = False) -> GenerationStream:
         """Start a streamed request; returns once it was admitted (else raises, as `generate` would)."""
         stream = GenerationStream(len(prompts), self.generator.decoder.text, options.stop)
-        task = asyncio.create_task(self.generate(prompts, options, bypass_cache=bypass_cache, stream=stream))
+        task = asyncio.create_task(self.generate(prompts, options, tenant=tenant, bypass_cache=bypass_cache,
+                                                 stream=stream))
         await stream.started(task)
         return stream
 
-    async def generate(self, prompts: list[str], options: GenerationOptions, *, bypass_cache: bool = False,
-                       background: bool = False, stream: GenerationStream | None = None) -> list[GenerationResult]:
-        """Continue each prompt. `background` work (the batch offload's `local` provider) yields to interactive
-        requests in the batcher, has a long deadline, and is stored with its batch item, not in the history.
-        With a `stream`, tokens and finished prompts are also reported to it as they come."""
+    async def generate(self, prompts: list[str], options: GenerationOptions, *, tenant: str,
+                       bypass_cache: bool = False, background: bool = False,
+                       stream: GenerationStream | None = None) -> list[GenerationResult]:
+        """Continue each prompt for `tenant` (whose records and cached answers they are). `background` work (the
+        batch offload's `local` provider) yields to interactive requests in the batcher, has a long deadline, and
+        is stored with its batch item, not in the history. With a `stream`, tokens and finished prompts are also
+        reported to it as they come."""
         started = time.perf_counter()
         try:
-            results, jobs = await self._compute(prompts, options, bypass_cache, background, stream)
+            results, jobs = await self._compute(prompts, options, tenant, bypass_cache, background, stream)
         except BaseException as exc:
             if not background:
-                self.requests.failed(started, exc)
+                self.requests.failed(started, exc, tenant)
             raise
         if not background:
-            self._record(results, jobs, (time.perf_counter() - started) * 1000)
-            self.requests.answered(started, items=len(results), cached_items=sum(r.cached for r in results),
+            self._record(results, jobs, tenant, (time.perf_counter() - started) * 1000)
+            self.requests.answered(started, tenant, items=len(results), cached_items=sum(r.cached for r in results),
                                    tokens_in=sum(r.prompt_tokens for r in results),
                                    tokens_out=sum(r.completion_tokens for r in results))
         return results
 
-    async def _compute(self, prompts: list[str], options: GenerationOptions, bypass_cache: bool, background: bool,
-                       stream: GenerationStream | None) -> tuple[list[GenerationResult], list[GenerationJob]]:
+    async def _compute(self, prompts: list[str], options: GenerationOptions, tenant: str, bypass_cache: bool,
+                       background: bool, stream: GenerationStream | None
+                       ) -> tuple[list[GenerationResult], list[GenerationJob]]:
         self.policy.check("generate", prompts)
-        jobs = self.plan(prompts, options)
+        jobs = self.plan(prompts, options, self.cache.scope(tenant))
         created = datetime.now(UTC)
 
         async def compute(index: int) -> bytes:
@@ -208,9 +215,10 @@ class GenerationService:
                                  on_item=answered)
         return [results[index] for index in range(len(jobs))], jobs
 
-    def _record(self, results: list[GenerationResult], jobs: list[GenerationJob], latency_ms: float) -> None:
+    def _record(self, results: list[GenerationResult], jobs: list[GenerationJob], tenant: str,
+                latency_ms: float) -> None:
         self.recorder.add(GenerationRecord, [
-            {"id": r.id, "prompt": r.prompt, "generated_text": r.generated_text, "completion": r.completion,
+            {"id": r.id, "tenant": tenant, "prompt": r.prompt, "generated_text": r.generated_text, "completion": r.completion,
              "model": r.model_name, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
              "completion_tokens": r.completion_tokens, "latency_ms": latency_ms, "created_at": r.created_at,
              "cached": r.cached,

@@ -1,4 +1,5 @@
-"""Stored generations and predictions, newest first, by keyset cursor (stable under inserts) or by offset."""
+"""Stored generations and predictions, newest first, by keyset cursor (stable under inserts) or by offset, of one
+tenant (None: every tenant, for an admin)."""
 
 from typing import Literal
 
@@ -12,11 +13,14 @@ TABLES: dict[Kind, type[GenerationRecord] | type[PredictionRecord]] = {
     "generations": GenerationRecord, "predictions": PredictionRecord}
 
 
-async def list_records(sessions: async_sessionmaker[AsyncSession], kind: Kind, *, limit: int, cursor: int | None,
-                       offset: int | None) -> tuple[list[GenerationRecord] | list[PredictionRecord], int | None]:
+async def list_records(sessions: async_sessionmaker[AsyncSession], kind: Kind, *, tenant: str | None, limit: int,
+                       cursor: int | None, offset: int | None
+                       ) -> tuple[list[GenerationRecord] | list[PredictionRecord], int | None]:
     """A page of records and the cursor of the next page (None on the last page)."""
     table = TABLES[kind]
     query = select(table).order_by(table.pk.desc()).limit(limit + 1)
+    if tenant is not None:
+        query = query.where(table.tenant == tenant)
     query = query.where(table.pk < cursor) if cursor is not None else query.offset(offset or 0)
     async with sessions() as session:
         rows = list((await session.scalars(query)).all())
@@ -25,11 +29,15 @@ async def list_records(sessions: async_sessionmaker[AsyncSession], kind: Kind, *
     return rows, (rows[-1].pk if more else None)
 
 
-async def find_record(sessions: async_sessionmaker[AsyncSession],
-                      record_id: str) -> GenerationRecord | PredictionRecord | None:
-    """The generation or prediction with this id (ids are unique across both: random 128-bit hex)."""
+async def find_record(sessions: async_sessionmaker[AsyncSession], record_id: str,
+                      tenant: str | None) -> GenerationRecord | PredictionRecord | None:
+    """The generation or prediction with this id (ids are unique across both: random 128-bit hex), if it belongs to
+    `tenant` (None: any): another tenant's record is not found, as one that does not exist."""
     async with sessions() as session:
         for table in TABLES.values():
-            if (row := await session.scalar(select(table).where(table.id == record_id))) is not None:
+            query = select(table).where(table.id == record_id)
+            if tenant is not None:
+                query = query.where(table.tenant == tenant)
+            if (row := await session.scalar(query)) is not None:
                 return row
     return None

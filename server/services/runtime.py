@@ -11,6 +11,8 @@ from prometheus_client import REGISTRY
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from server.core.config import Settings
+from server.core.rate_policy import parse_policies, parse_policy
+from server.core.tenants import KeyRing
 from server.db import migrate
 from server.db.session import create_engine, session_factory
 from server.ml import configure_threads
@@ -22,15 +24,13 @@ from server.services.analytics.report import PerformanceReports
 from server.services.batch.factory import build_batch_offload
 from server.services.batch.offload import BatchOffload
 from server.services.batching import MicroBatcher
-from server.services.continuous_batching import ContinuousBatcher
-from server.services.auth import ApiKeys
 from server.services.cache import ResponseCache, open_store
+from server.services.continuous_batching import ContinuousBatcher
 from server.services.generation import GenerationService, run_jobs
-from server.services.prompt_policy import PromptPolicy
 from server.services.limits.egress import EgressGuard
 from server.services.limits.gcra import MemoryLimiter, RedisLimiter
 from server.services.limits.ingress import IngressLimits
-from server.core.rate_policy import parse_policies, parse_policy
+from server.services.prompt_policy import PromptPolicy
 from server.services.records import RecordWriter
 from server.services.records.replay import replay_at_start
 from server.services.redis_client import GuardedRedis, open_redis, warn_if_unreachable
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 class Runtime:
     settings: Settings
     redis: GuardedRedis | None
-    api_keys: ApiKeys
+    keys: KeyRing
     ingress: IngressLimits
     egress: EgressGuard
     engine: AsyncEngine
@@ -55,7 +55,6 @@ class Runtime:
     generation: GenerationService
     sentiment: SentimentService
     batch: BatchOffload
-    admin_keys: ApiKeys
     reports: PerformanceReports
 
 
@@ -83,7 +82,8 @@ def torch_thread() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
 
 
-def open_limits(settings: Settings, redis: GuardedRedis | None) -> tuple[IngressLimits, EgressGuard]:
+def open_limits(settings: Settings, redis: GuardedRedis | None,
+                keys: KeyRing) -> tuple[IngressLimits, EgressGuard]:
     """Both layers on one limiter: Redis (exact across replicas) when configured, else this process."""
     limiter = RedisLimiter(redis) if redis is not None else MemoryLimiter()
     fail_open = settings.rate_limit_fail_mode == "open"
@@ -91,7 +91,8 @@ def open_limits(settings: Settings, redis: GuardedRedis | None) -> tuple[Ingress
               for group in ("generate", "predict", "analyze")}
     ingress = IngressLimits(limiter, parse_policy("default", settings.ingress_rate_limit),
                             {group: policy for group, policy in groups.items() if policy}, fail_open)
-    return ingress, EgressGuard(limiter, parse_policies(settings.egress_rate_limit), fail_open=fail_open)
+    return ingress, EgressGuard(limiter, parse_policies(settings.egress_rate_limit), fail_open=fail_open,
+                                tenant_policies=keys.egress)
 
 
 def queue_depths() -> dict[str, float]:
@@ -107,7 +108,8 @@ def open_reports(settings: Settings, redis: GuardedRedis | None, sessions: async
                          base_url=settings.gemini_base_url) if settings.gemini_api_key else None)
     store = open_store(redis, ttl_s=settings.gemini_cache_ttl_s, max_items=settings.cache_max_items,
                        lock_ttl_s=settings.cache_lock_ttl_s)
-    return PerformanceReports(sessions, ResponseCache(store, lock_ttl_s=settings.cache_lock_ttl_s), egress, gemini,
+    cache = ResponseCache(store, lock_ttl_s=settings.cache_lock_ttl_s, per_tenant=settings.cache_scope == "tenant")
+    return PerformanceReports(sessions, cache, egress, gemini,
                               settings.gemini_model, queue_depths, max_wait_s=settings.analyze_max_wait_s,
                               backoff_s=settings.gemini_retry_backoff_s)
 
@@ -117,11 +119,14 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     redis = open_redis(settings.redis_url, timeout_s=settings.redis_timeout_s) if settings.redis_url else None
     if redis is not None:
         await warn_if_unreachable(redis)
-    ingress, egress = open_limits(settings, redis)
-    api_keys = ApiKeys(settings.api_keys)
-    if not api_keys.enabled:
-        log.warning("API_KEYS is empty: the server is OPEN to anyone who can reach it; set API_KEYS to require "
-                    "'Authorization: Bearer <key>'")
+    keys = KeyRing.from_settings(settings.api_keys, settings.admin_api_keys, settings.api_keys_file)
+    ingress, egress = open_limits(settings, redis, keys)
+    if not keys.enabled:
+        log.warning("no API key is set: the server is OPEN to anyone who can reach it, as one tenant; set API_KEYS "
+                    "(or API_KEYS_FILE) to require 'Authorization: Bearer <key>'")
+    else:
+        log.info("API keys for %d tenant(s)%s", len(keys.tenants()),
+                 "; callers without a key are served (no ordinary key is set)" if keys.anonymous_allowed else "")
     await asyncio.to_thread(migrate.upgrade, settings.database_url)
     executor = torch_thread()
     generator, classifier = await load_models(settings, executor)
@@ -130,7 +135,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     await replay_at_start(sessions, settings)
     recorder = RecordWriter.from_settings(sessions, settings)
     cache = ResponseCache(open_store(redis, ttl_s=settings.cache_ttl_s, max_items=settings.cache_max_items,
-                                     lock_ttl_s=settings.cache_lock_ttl_s), lock_ttl_s=settings.cache_lock_ttl_s)
+                                     lock_ttl_s=settings.cache_lock_ttl_s), lock_ttl_s=settings.cache_lock_ttl_s,
+                          per_tenant=settings.cache_scope == "tenant")
     batching = {"executor": executor, "max_batch_size": settings.batch_max_size,
               "max_wait_s": settings.batch_max_wait_ms / 1000, "queue_limit": settings.batch_queue_limit,
               "background_max_size": settings.batch_background_max_size}
@@ -146,10 +152,10 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                                    max_prompt_chars=settings.max_prompt_chars, timeout_s=settings.request_timeout_s)
     sentiment = SentimentService(classifier, predict_batcher, cache, recorder, max_text_chars=settings.max_prompt_chars,
                                  timeout_s=settings.request_timeout_s)
-    runtime = Runtime(settings, redis, api_keys, ingress, egress, engine, sessions, generator, classifier, recorder,
+    runtime = Runtime(settings, redis, keys, ingress, egress, engine, sessions, generator, classifier, recorder,
                       cache, generation, sentiment,
                       build_batch_offload(settings, sessions, egress, generation, sentiment),
-                      ApiKeys(settings.admin_api_keys), open_reports(settings, redis, sessions, egress))
+                      open_reports(settings, redis, sessions, egress))
     batchers = (generate_batcher, predict_batcher)
     for component in (*batchers, recorder):
         component.start()

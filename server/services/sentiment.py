@@ -39,8 +39,8 @@ class SentimentService:
         self.max_text_chars = max_text_chars
         self.timeout_s = timeout_s
 
-    def key(self, text: str) -> str:
-        return cache_key("predict", self.classifier.name, self.classifier.revision, normalise_text(text), {})
+    def key(self, text: str, scope: str | None) -> str:
+        return cache_key("predict", self.classifier.name, self.classifier.revision, normalise_text(text), {}, scope)
 
     def check(self, texts: list[str], field: Literal["text", "texts"] = "texts") -> None:
         """Every problem with the texts at once, as a 422 would list them; `field` is the body field the texts
@@ -51,25 +51,26 @@ class SentimentService:
         if errors:
             raise InputError(errors)
 
-    async def predict(self, texts: list[str], *, bypass_cache: bool = False, background: bool = False,
+    async def predict(self, texts: list[str], *, tenant: str, bypass_cache: bool = False, background: bool = False,
                       field: Literal["text", "texts"] = "texts") -> list[PredictionResult]:
-        """Classify each text; `background` as for `GenerationService.generate`, `field` as for `check`."""
+        """Classify each text for `tenant`; `background` as for `GenerationService.generate`, `field` as for
+        `check`."""
         started = time.perf_counter()
         try:
-            results = await self._compute(texts, bypass_cache, background, field)
+            results = await self._compute(texts, tenant, bypass_cache, background, field)
         except BaseException as exc:
             if not background:
-                self.requests.failed(started, exc)
+                self.requests.failed(started, exc, tenant)
             raise
         if not background:
             latency_ms = (time.perf_counter() - started) * 1000
             self.recorder.add(PredictionRecord, [
-                {"id": r.id, "text": r.text, "label": r.label, "score": r.score, "model": r.model_name,
+                {"id": r.id, "tenant": tenant, "text": r.text, "label": r.label, "score": r.score, "model": r.model_name,
                  "latency_ms": latency_ms, "created_at": r.created_at, "cached": r.cached} for r in results])
-            self.requests.answered(started, items=len(results), cached_items=sum(r.cached for r in results))
+            self.requests.answered(started, tenant, items=len(results), cached_items=sum(r.cached for r in results))
         return results
 
-    async def _compute(self, texts: list[str], bypass_cache: bool, background: bool,
+    async def _compute(self, texts: list[str], tenant: str, bypass_cache: bool, background: bool,
                        field: Literal["text", "texts"]) -> list[PredictionResult]:
         self.check(texts, field)
 
@@ -78,7 +79,7 @@ class SentimentService:
                                                  timeout_s=BACKGROUND_TIMEOUT_S if background else self.timeout_s)
             return json.dumps({"label": output.label, "score": output.score}).encode()
 
-        answers = await self.cache.resolve("predict", [self.key(t) for t in texts], compute, bypass=bypass_cache,
+        answers = await self.cache.resolve("predict", [self.key(t, self.cache.scope(tenant)) for t in texts], compute, bypass=bypass_cache,
                                           admit=self.batcher.admission)
         created = datetime.now(UTC)
         results = []

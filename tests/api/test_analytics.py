@@ -74,8 +74,10 @@ async def test_requests_refused_before_their_service_are_recorded_once(keyed):
     assert [(r.endpoint, r.status, r.error) for r in records] == [
         ("generate", 422, "InvalidRequest"), ("predict", 401, "Unauthorized"), ("predict", 413, "BodyTooLarge"),
         ("generate", 400, "BlockedPrompt"), ("predict", 200, None)]
-    total = (await keyed.post("/metrics/aggregated", headers=USER, json=window() | {"bucket": "day"})).json()["total"]
-    assert (total["requests"], total["errors"]) == (5, 4)
+    own = (await keyed.post("/metrics/aggregated", headers=USER, json=window() | {"bucket": "day"})).json()["total"]
+    assert (own["requests"], own["errors"]) == (4, 3), "the request without a key is nobody's tenant's"
+    every = (await keyed.post("/metrics/aggregated", headers=ADMIN, json=window() | {"bucket": "day"})).json()["total"]
+    assert (every["requests"], every["errors"]) == (5, 4)
 
 
 @pytest.mark.parametrize("body", [{"start": "2026-11-24T10:00:00Z", "end": "2026-11-24T09:00:00Z"},

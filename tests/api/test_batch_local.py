@@ -176,7 +176,8 @@ async def test_a_finished_job_calls_its_webhook_signed_with_the_secret(settings,
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
-    app = create_app(settings.model_copy(update={"batch_worker": "off", "batch_webhook_secret": "s3cret"}))
+    app = create_app(settings.model_copy(update={"batch_worker": "off", "batch_webhook_secret": "s3cret",
+                                                 "webhook_allow_http": True, "webhook_allowed_hosts": "127.0.0.1"}))
     try:
         async with app.router.lifespan_context(app):
             runtime = app.state.runtime

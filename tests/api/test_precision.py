@@ -46,5 +46,5 @@ async def test_one_prompt_has_one_cache_entry_per_precision(settings, redis_serv
             for path, body in (("/generate", generate), ("/predict", predict)):
                 first, again = [await client.post(path, json=body) for _ in range(2)]
                 assert (first.headers["x-cache"], again.headers["x-cache"]) == ("MISS", "HIT"), (precision, path)
-            keys[precision] = client.app.state.runtime.sentiment.key(predict["text"])
+            keys[precision] = client.app.state.runtime.sentiment.key(predict["text"], scope=None)
     assert keys["fp32"] != keys["int8"]

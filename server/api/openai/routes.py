@@ -10,11 +10,22 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from server.api.cancellation import unless_disconnected
-from server.api.deps import CacheBypassDep, GenerationDep, RuntimeDep, x_cache
+from server.api.deps import CacheBypassDep, GenerationDep, PrincipalDep, RuntimeDep, x_cache
 from server.api.json_body import JSONBodyRoute
 from server.api.openai.errors import error_body
-from server.api.openai.schemas import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion,
-                                       CompletionChoice, CompletionRequest, ModelCard, ModelList, Sampling, Usage)
+from server.api.openai.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    Sampling,
+    Usage,
+)
 from server.api.responses import MODEL_ROUTE_ERRORS, error_responses
 from server.api.sse import event_stream
 from server.services.generation import GenerationOptions, GenerationResult, GenerationService
@@ -47,13 +58,13 @@ def _unknown_model(body: Sampling, service: GenerationService) -> JSONResponse |
                                         f"`{service.generator.name}`).", "model", "model_not_found"), 404)
 
 
-async def _answer(request: Request, response: Response, service: GenerationService, bypass: bool, body: Sampling,
-                  prompts: list[str], chunk: Callable[[int, str | None, str | None], dict],
+async def _answer(request: Request, response: Response, service: GenerationService, bypass: bool, tenant: str,
+                  body: Sampling, prompts: list[str], chunk: Callable[[int, str | None, str | None], dict],
                   whole: Callable[[list[GenerationResult]], object]):
     """Run the prompts; a stream of `chunk(index, text, finish_reason)` dicts, or `whole(results)`."""
     options = _options(body)
     if body.stream:
-        stream = await service.open_stream(prompts, options, bypass_cache=bypass)
+        stream = await service.open_stream(prompts, options, tenant=tenant, bypass_cache=bypass)
         finished: list[GenerationResult] = []
 
         def render(event: StreamEvent) -> Iterable[dict]:
@@ -66,7 +77,8 @@ async def _answer(request: Request, response: Response, service: GenerationServi
             return [chunk(-1, None, None) | {"usage": _usage(finished).model_dump()}] if body.include_usage else []
 
         return event_stream(stream, render, lambda status, detail: error_body(status, detail), closing)
-    results = await unless_disconnected(request, service.generate(prompts, options, bypass_cache=bypass))
+    results = await unless_disconnected(request, service.generate(prompts, options, tenant=tenant,
+                                                                  bypass_cache=bypass))
     response.headers["X-Cache"] = x_cache([r.cached for r in results])
     return whole(results)
 
@@ -80,7 +92,7 @@ async def models(runtime: RuntimeDep) -> ModelList:
 @router.post("/completions", response_model=Completion,
              responses={**STREAM_DOC, **error_responses(*MODEL_ROUTE_ERRORS)})
 async def completions(body: CompletionRequest, request: Request, response: Response, service: GenerationDep,
-                      bypass: CacheBypassDep) -> Completion:
+                      bypass: CacheBypassDep, principal: PrincipalDep) -> Completion:
     """OpenAI's legacy completions: one choice per prompt (`index` = the prompt's position)."""
     if refusal := _unknown_model(body, service):
         return refusal
@@ -103,13 +115,13 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
         return Completion(id=meta["id"], created=meta["created"], model=meta["model"], choices=choices,
                           usage=_usage(results))
 
-    return await _answer(request, response, service, bypass, body, prompts, chunk, whole)
+    return await _answer(request, response, service, bypass, principal.tenant, body, prompts, chunk, whole)
 
 
 @router.post("/chat/completions", response_model=ChatCompletion,
              responses={**STREAM_DOC, **error_responses(400, *MODEL_ROUTE_ERRORS)})
 async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response,
-                           service: GenerationDep, bypass: CacheBypassDep) -> ChatCompletion:
+                           service: GenerationDep, bypass: CacheBypassDep, principal: PrincipalDep) -> ChatCompletion:
     """Chat, for a model whose tokenizer has a chat template. GPT-2 has none: 400, as vLLM answers, rather than a
     guessed prompt format."""
     if refusal := _unknown_model(body, service):
@@ -138,4 +150,4 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, respon
                               choices=[ChatChoice(index=0, message=AssistantMessage(content=r.completion),
                                                   finish_reason=r.finish_reason)])
 
-    return await _answer(request, response, service, bypass, body, [prompt], chunk, whole)
+    return await _answer(request, response, service, bypass, principal.tenant, body, [prompt], chunk, whole)

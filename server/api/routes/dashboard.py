@@ -30,5 +30,5 @@ router = APIRouter(include_in_schema=False)
 async def dashboard(request: Request, runtime: RuntimeDep) -> HTMLResponse:
     """The page. It tells its script whether to ask for a key (API_KEYS set) and where the server's root is."""
     context = {"root": request.scope.get("root_path", ""), "version": __version__,
-               "title": runtime.settings.app_name, "keys_required": runtime.api_keys.enabled}
+               "title": runtime.settings.app_name, "keys_required": not runtime.keys.anonymous_allowed}
     return TEMPLATES.TemplateResponse(request, "dashboard.html", context, headers=HEADERS)

@@ -3,7 +3,7 @@ from collections.abc import Iterable
 from fastapi import APIRouter, HTTPException, Request, Response
 
 from server.api.cancellation import unless_disconnected
-from server.api.deps import CacheBypassDep, GenerationDep, RespondAsyncDep, RuntimeDep, accepted, x_cache
+from server.api.deps import CacheBypassDep, GenerationDep, PrincipalDep, RespondAsyncDep, RuntimeDep, accepted, x_cache
 from server.api.json_body import JSONBodyRoute
 from server.api.responses import MODEL_ROUTE_ERRORS, error_responses
 from server.api.schemas import GenerateRequest, GenerationOut, Usage
@@ -36,7 +36,8 @@ def _render(event: StreamEvent) -> Iterable[dict]:
 @router.post("/generate", response_model=list[GenerationOut],
              responses={200: {"content": STREAM_DOC}, **error_responses(400, *MODEL_ROUTE_ERRORS)})
 async def generate(body: GenerateRequest, request: Request, response: Response, service: GenerationDep,
-                   bypass: CacheBypassDep, runtime: RuntimeDep, deferred: RespondAsyncDep) -> list[GenerationOut]:
+                   bypass: CacheBypassDep, runtime: RuntimeDep, deferred: RespondAsyncDep,
+                   principal: PrincipalDep) -> list[GenerationOut]:
     """Continue each prompt with the causal LM; one object per prompt, in order. `X-Cache` says HIT, MISS or
     PARTIAL; greedy and seeded requests are cached, unseeded sampling never is. With `"stream": true`: server-sent
     events as tokens are decoded. With `Prefer: respond-async`: 202 at once, one batch item per prompt, run by
@@ -46,10 +47,11 @@ async def generate(body: GenerateRequest, request: Request, response: Response, 
     if deferred:
         if body.stream:
             raise HTTPException(400, "a deferred request (Prefer: respond-async) cannot stream")
-        return accepted(await runtime.batch.defer_generation(body.prompts, options))
+        return accepted(await runtime.batch.defer_generation(principal, body.prompts, options))
     if body.stream:
-        stream = await service.open_stream(body.prompts, options, bypass_cache=bypass)
+        stream = await service.open_stream(body.prompts, options, tenant=principal.tenant, bypass_cache=bypass)
         return event_stream(stream, _render, lambda status, detail: {"status": status, "detail": detail})
-    results = await unless_disconnected(request, service.generate(body.prompts, options, bypass_cache=bypass))
+    results = await unless_disconnected(request, service.generate(body.prompts, options, tenant=principal.tenant,
+                                                                  bypass_cache=bypass))
     response.headers["X-Cache"] = x_cache([r.cached for r in results])
     return [_out(r) for r in results]

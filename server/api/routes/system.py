@@ -5,7 +5,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
-from server.api.deps import BearerDep, RuntimeDep, check_api_key
+from server.api.deps import BearerDep, RuntimeDep, identify
 from server.api.schemas import AppInfo, CheckOut, HealthOut
 from server.services.health import database_check, records_check, redis_check
 
@@ -46,5 +46,5 @@ async def health(runtime: RuntimeDep) -> JSONResponse:
 async def prometheus_metrics(runtime: RuntimeDep, credentials: BearerDep) -> Response:
     """Prometheus text; open unless METRICS_REQUIRE_KEY is on."""
     if runtime.settings.metrics_require_key:
-        check_api_key(runtime, credentials)
+        identify(runtime, credentials)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -87,7 +87,9 @@ def _moment(minute: int) -> datetime:
     return datetime.fromtimestamp(minute * 60, UTC)
 
 
-def _filters(statement, endpoint: str | None, model: str | None):
+def _filters(statement, endpoint: str | None, model: str | None, tenant: str | None):
+    if tenant is not None:
+        statement = statement.where(TABLE.c.tenant == tenant)
     if endpoint is not None:
         statement = statement.where(TABLE.c.endpoint == endpoint)
     if model is not None:
@@ -96,14 +98,16 @@ def _filters(statement, endpoint: str | None, model: str | None):
 
 
 async def aggregate(sessions: async_sessionmaker[AsyncSession], start: datetime, end: datetime, bucket: BucketSize,
-                    *, endpoint: str | None = None, model: str | None = None) -> Aggregate:
-    """Stats per bucket (those with requests, in order) and over the window `[start, end)`."""
+                    *, endpoint: str | None = None, model: str | None = None, tenant: str | None = None
+                    ) -> Aggregate:
+    """Stats per bucket (those with requests, in order) and over the window `[start, end)`, of one tenant's
+    requests (None: every tenant's)."""
     first, last = _minute(start), _minute(end, up=True)
     width = MINUTES[bucket]
     index = (TABLE.c.minute // width).label("bucket")
     sums = [func.sum(TABLE.c[name]) for name in (*COUNTERS, "latency_sum_ms", *HISTOGRAM_COLUMNS)]
     statement = _filters(select(index, func.max(TABLE.c.latency_max_ms), *sums)
-                         .where(TABLE.c.minute >= first, TABLE.c.minute < last), endpoint, model)
+                         .where(TABLE.c.minute >= first, TABLE.c.minute < last), endpoint, model, tenant)
     async with sessions() as session:
         rows = (await session.execute(statement.group_by(index).order_by(index))).all()
     total = Stats(_moment(first), _moment(last))
@@ -121,15 +125,17 @@ async def aggregate(sessions: async_sessionmaker[AsyncSession], start: datetime,
 
 
 async def count_items(sessions: async_sessionmaker[AsyncSession], *, since: datetime | None = None,
-                      until: datetime | None = None, model: str | None = None) -> dict[str, int]:
-    """Items answered (failed requests answer none), by endpoint, at one-minute resolution."""
+                      until: datetime | None = None, model: str | None = None, tenant: str | None = None
+                      ) -> dict[str, int]:
+    """Items answered (failed requests answer none), by endpoint, at one-minute resolution, for one tenant (None:
+    every tenant)."""
     statement = select(TABLE.c.endpoint, func.sum(TABLE.c["items"]))  # `.c.items` is the collection's method
     if since is not None:
         statement = statement.where(TABLE.c.minute >= _minute(since))
     if until is not None:
         statement = statement.where(TABLE.c.minute < _minute(until, up=True))
     async with sessions() as session:
-        rows = (await session.execute(_filters(statement, None, model).group_by(TABLE.c.endpoint))).all()
+        rows = (await session.execute(_filters(statement, None, model, tenant).group_by(TABLE.c.endpoint))).all()
     return {endpoint: int(total or 0) for endpoint, total in rows}
 
 

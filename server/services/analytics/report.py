@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from server.core import metrics
+from server.core.tenants import DEFAULT_TENANT
 from server.providers.base import ProviderError
 from server.providers.gemini_report import GeminiJson, InvalidAnswer
 from server.services.analytics import thresholds as threshold_store
@@ -127,9 +128,12 @@ class PerformanceReports:
     attempts: int = 4
     backoff_s: float = 1.0
 
-    async def analyze(self, start: datetime, end: datetime, focus: str | None = None) -> dict:
-        """The report on `[start, end)` (one-minute resolution): always an answer, from Gemini or the rules."""
-        window = await aggregate(self.sessions, start, end, "hour")
+    async def analyze(self, start: datetime, end: datetime, focus: str | None = None, *, tenant: str | None = None,
+                      caller: str = DEFAULT_TENANT) -> dict:
+        """The report on `tenant`'s requests (None: every tenant's) in `[start, end)` (one-minute resolution):
+        always an answer, from Gemini or the rules. Gemini's calls count against `caller`'s egress quota, and its
+        report is cached in `caller`'s cache scope."""
+        window = await aggregate(self.sessions, start, end, "hour", tenant=tenant)
         limits = await threshold_store.load(self.sessions)
         found = breaches(limits, window.total, self.queue_depths())
         measured = window.total.summary()
@@ -141,10 +145,11 @@ class PerformanceReports:
             return self._fallback(answer, window.total, found, "no_key")
         measured_and_breached = {"data": data, "breaches": [b.describe() for b in found]}
         digest = hashlib.sha256(json.dumps(measured_and_breached, default=str, sort_keys=True).encode()).hexdigest()
-        key = cache_key("analyze", self.model, REPORT_VERSION, digest, {"focus": focus or ""})
+        key = cache_key("analyze", self.model, REPORT_VERSION, digest, {"focus": focus or "", "tenant": tenant},
+                        self.cache.scope(caller))
 
         async def write(_: int) -> bytes:
-            body = await self._ask(_prompt(data, found, focus))
+            body = await self._ask(_prompt(data, found, focus), caller)
             return json.dumps({"report": body.model_dump(), "generated_at": datetime.now(UTC).isoformat()}).encode()
 
         try:
@@ -171,12 +176,12 @@ class PerformanceReports:
         too_long = isinstance(exc, ProviderError) and (exc.retry_after_s or 0.0) > self.max_wait_s
         return too_long or stop_after_attempt(self.attempts)(state)
 
-    async def _ask(self, prompt: str) -> ReportBody:
+    async def _ask(self, prompt: str, tenant: str) -> ReportBody:
         """Gemini's report, under the quota and the retry policy; `ReportFailed` with the reason otherwise."""
         retrying = AsyncRetrying(stop=self._give_up, wait=self._backoff, reraise=True,
                                  retry=retry_if_exception(_transient))
         try:
-            return await retrying(self._attempt, prompt)
+            return await retrying(self._attempt, prompt, tenant)
         except EgressLimited as exc:
             metrics.GEMINI_CALLS.labels("quota").inc()
             raise ReportFailed("quota") from exc
@@ -188,8 +193,8 @@ class PerformanceReports:
             metrics.GEMINI_CALLS.labels("error").inc()
             raise ReportFailed("error") from exc
 
-    async def _attempt(self, prompt: str) -> ReportBody:
-        await self.egress.acquire(PROVIDER, wait_s=self.max_wait_s)
+    async def _attempt(self, prompt: str, tenant: str) -> ReportBody:
+        await self.egress.acquire(PROVIDER, tenant=tenant, wait_s=self.max_wait_s)
         try:
             body = await self.gemini.generate(prompt, ReportBody)
         except ProviderError as exc:

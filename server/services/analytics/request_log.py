@@ -46,23 +46,24 @@ class RequestLog:
     endpoint: Endpoint
     model: str
 
-    def answered(self, started: float, *, items: int, cached_items: int, tokens_in: int = 0,
+    def answered(self, started: float, tenant: str, *, items: int, cached_items: int, tokens_in: int = 0,
                  tokens_out: int = 0) -> None:
-        self._add(started, 200, None, items, cached_items, tokens_in, tokens_out)
+        self._add(started, tenant, 200, None, items, cached_items, tokens_in, tokens_out)
 
-    def failed(self, started: float, exc: BaseException) -> None:
+    def failed(self, started: float, exc: BaseException, tenant: str) -> None:
         """A request that raised `exc`: it answered no items."""
-        self._add(started, status_of(exc), type(exc).__name__, 0, 0, 0, 0)
+        self._add(started, tenant, status_of(exc), type(exc).__name__, 0, 0, 0, 0)
 
-    def refused(self, started: float, status: int) -> None:
+    def refused(self, started: float, status: int, tenant: str) -> None:
         """A request answered `status` before it reached the service."""
-        self._add(started, status, REFUSALS.get(status, f"HTTP{status}"), 0, 0, 0, 0)
+        self._add(started, tenant, status, REFUSALS.get(status, f"HTTP{status}"), 0, 0, 0, 0)
 
-    def _add(self, started: float, status: int, error: str | None, items: int, cached_items: int, tokens_in: int,
-             tokens_out: int) -> None:
+    def _add(self, started: float, tenant: str, status: int, error: str | None, items: int, cached_items: int,
+             tokens_in: int, tokens_out: int) -> None:
         if (mark := REQUEST_MARK.get()) is not None:
             mark.recorded = True
         self.recorder.add(RequestRecord, [{
-            "id": uuid.uuid4().hex, "endpoint": self.endpoint, "model": self.model, "status": status, "error": error,
+            "id": uuid.uuid4().hex, "tenant": tenant, "endpoint": self.endpoint, "model": self.model,
+            "status": status, "error": error,
             "items": items, "cached_items": cached_items, "tokens_in": tokens_in, "tokens_out": tokens_out,
             "latency_ms": (time.perf_counter() - started) * 1000, "created_at": datetime.now(UTC)}])

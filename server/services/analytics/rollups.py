@@ -1,8 +1,8 @@
 """Per-minute rollups of request records, written by the record writer in the transaction that inserts the records.
 
 Only rows the insert reports as new (`RETURNING id`) are rolled up, and in the same transaction, so a record written
-twice (a replayed spill file, a retry after a lost commit) is counted once. Each (minute, endpoint, model) of a flush
-is one row of one `INSERT ... ON CONFLICT DO UPDATE` that adds its counts to what is stored.
+twice (a replayed spill file, a retry after a lost commit) is counted once. Each (tenant, minute, endpoint, model)
+of a flush is one row of one `INSERT ... ON CONFLICT DO UPDATE` that adds its counts to what is stored.
 """
 
 import bisect
@@ -14,6 +14,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from server.core.tenants import DEFAULT_TENANT
 from server.db.analytics_models import (
     ADDITIVE_COLUMNS,
     HISTOGRAM_COLUMNS,
@@ -25,7 +26,7 @@ from server.db.analytics_models import (
 TABLE = MetricRollup.__table__
 REQUESTS = RequestRecord.__table__
 INSERTS = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}
-KEY = ("minute", "endpoint", "model")
+KEY = ("tenant", "minute", "endpoint", "model")
 
 
 def epoch_minute(moment: datetime) -> int:
@@ -41,7 +42,9 @@ def rollup_rows(records: Iterable[dict]) -> list[dict]:
     """The rollup rows that `records` (rows of the requests table) add, one per (minute, endpoint, model)."""
     rows: dict[tuple, dict] = {}
     for record in records:
-        key = (epoch_minute(record["created_at"]), record["endpoint"], record["model"])
+        # Rows spilled before tenants existed have none: the column's default, as in the table.
+        key = (record.get("tenant", DEFAULT_TENANT), epoch_minute(record["created_at"]), record["endpoint"],
+               record["model"])
         row = rows.get(key)
         if row is None:
             row = rows[key] = dict(zip(KEY, key)) | dict.fromkeys(ADDITIVE_COLUMNS, 0) | {"latency_max_ms": 0.0}

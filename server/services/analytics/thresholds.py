@@ -68,9 +68,10 @@ async def load(sessions: async_sessionmaker[AsyncSession]) -> Thresholds:
     return Thresholds.model_validate(stored) if stored else Thresholds()
 
 
-async def store(sessions: async_sessionmaker[AsyncSession], thresholds: Thresholds,
-                key_id: str | None) -> dict[str, list]:
-    """Replace the thresholds; the audit row (same transaction) names the key id and each change as [old, new]."""
+async def store(sessions: async_sessionmaker[AsyncSession], thresholds: Thresholds, key_id: str | None,
+                tenant: str) -> dict[str, list]:
+    """Replace the thresholds; the audit row (same transaction) names the key id, its tenant and each change as
+    [old, new]."""
     now = datetime.now(UTC)
     async with sessions() as session, session.begin():
         row = await session.get(ThresholdSetting, ROW, with_for_update=True)
@@ -82,7 +83,7 @@ async def store(sessions: async_sessionmaker[AsyncSession], thresholds: Threshol
             session.add(ThresholdSetting(name=ROW, values=new_values, updated_at=now, updated_by=key_id))
         else:
             row.values, row.updated_at, row.updated_by = new_values, now, key_id
-        session.add(ThresholdAudit(key_id=key_id, changes=changes, changed_at=now))
+        session.add(ThresholdAudit(tenant=tenant, key_id=key_id, changes=changes, changed_at=now))
     return changes
 
 
@@ -90,4 +91,5 @@ async def audit_trail(sessions: async_sessionmaker[AsyncSession], limit: int = 2
     """The latest changes, newest first."""
     async with sessions() as session:
         rows = (await session.scalars(select(ThresholdAudit).order_by(ThresholdAudit.pk.desc()).limit(limit))).all()
-    return [{"key_id": row.key_id, "changes": row.changes, "changed_at": row.changed_at} for row in rows]
+    return [{"tenant": row.tenant, "key_id": row.key_id, "changes": row.changes, "changed_at": row.changed_at}
+            for row in rows]

@@ -1,4 +1,4 @@
-"""Every call to a batch provider: through the global egress quota, retried on transient failures.
+"""Every call to a batch provider: through the egress quotas, retried on transient failures.
 
 A call first takes one unit of the provider's quota (`EGRESS_RATE_LIMIT`, shared by replicas through Redis),
 waiting up to `quota_wait_s`; then it runs, and a `ProviderError` that a retry can help (408, 409, 429, 5xx,
@@ -38,14 +38,16 @@ class ProviderCalls:
         floor = exc.retry_after_s if isinstance(exc, ProviderError) and exc.retry_after_s else 0.0
         return max(floor, self.backoff(state))
 
-    async def call(self, provider: str, operation: str, run: Callable[[], Awaitable[T]]) -> T:
-        """`run()` under the quota and the retry policy; raises the last `ProviderError` (or `EgressLimited`)."""
+    async def call(self, provider: str, operation: str, run: Callable[[], Awaitable[T]], *,
+                   tenant: str | None = None) -> T:
+        """`run()` under the quotas (global, and `tenant`'s own) and the retry policy; raises the last
+        `ProviderError` (or `EgressLimited`)."""
         retrying = AsyncRetrying(stop=stop_after_attempt(self.attempts), wait=self._wait,
                                  retry=retry_if_exception(_retryable), reraise=True)
         try:
             async for attempt in retrying:
                 with attempt:
-                    await self.egress.acquire(provider, wait_s=self.quota_wait_s)
+                    await self.egress.acquire(provider, tenant=tenant, wait_s=self.quota_wait_s)
                     try:
                         result = await run()
                     except ProviderError as exc:

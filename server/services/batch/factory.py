@@ -3,6 +3,7 @@
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.core.config import Settings
+from server.core.destinations import DestinationPolicy
 from server.providers.anthropic_batch import AnthropicBatch
 from server.providers.base import BatchLimits, BatchProvider
 from server.providers.gemini_batch import GeminiBatch
@@ -44,7 +45,8 @@ def build_batch_offload(settings: Settings, sessions: async_sessionmaker[AsyncSe
     adapters = build_adapters(settings)
     prices = PriceTable.load(settings.batch_prices_file, settings.batch_local_reference_price)
     lease = Lease(sessions, ttl_s=settings.batch_lease_ttl_s)
-    webhooks = Webhooks(sessions, secret=settings.batch_webhook_secret)
+    destinations = DestinationPolicy.from_settings(settings.webhook_allow_http, settings.webhook_allowed_hosts)
+    webhooks = Webhooks(sessions, secret=settings.batch_webhook_secret, destinations=destinations)
     thresholds = Thresholds(failure_rate=settings.batch_alert_failure_rate, max_age_h=settings.batch_alert_max_age_h,
                             max_queued_items=settings.batch_alert_queued_items,
                             savings_step_usd=settings.batch_alert_savings_step_usd)
@@ -56,4 +58,5 @@ def build_batch_offload(settings: Settings, sessions: async_sessionmaker[AsyncSe
                          max_attempts=settings.batch_max_attempts, holds_lease=lambda: lease.token is not None,
                          item_done=worker.wake)
     return BatchOffload(sessions, JobStore(sessions), ProviderRegistry(frozenset({"local", *adapters})), prices, worker,
-                        runner, generation, sentiment, in_process=settings.batch_worker == "in-process")
+                        runner, generation, sentiment, destinations,
+                        in_process=settings.batch_worker == "in-process")

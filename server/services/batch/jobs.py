@@ -3,6 +3,9 @@
 Job status: queued -> submitted -> in_progress -> completed | partially_completed | failed | cancelled |
 expired. Every change of status is a compare-and-set (`UPDATE ... WHERE status IN (:expected)`), so two
 processes can never both move one job; the caller learns whether it won.
+
+A job, its items and its provider batches belong to a tenant. Every read takes the caller's `tenant` (None: every
+tenant, for an admin): another tenant's job or item is not found, exactly as one that does not exist.
 """
 
 import hashlib
@@ -17,6 +20,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from server.core.tenants import DEFAULT_TENANT
 from server.db.batch_models import BatchItem, BatchJob
 from server.services.errors import FieldError, InputError
 
@@ -50,6 +54,7 @@ class JobSpec:
     schedule: str = "window"
     webhook_url: str | None = None
     metadata: dict = field(default_factory=dict)
+    tenant: str = DEFAULT_TENANT
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,8 @@ class JobStore:
                      accepting: bool = False) -> BatchJob:
         check_items(spec.kind, items)
         at = now()
-        job = BatchJob(id=new_id(), name=spec.name, description=spec.description, provider=spec.provider,
+        job = BatchJob(id=new_id(), tenant=spec.tenant, name=spec.name, description=spec.description,
+                       provider=spec.provider,
                        model=spec.model, kind=spec.kind, job_type=spec.job_type, priority=spec.priority,
                        schedule=spec.schedule, webhook_url=spec.webhook_url, job_metadata=spec.metadata,
                        status="queued", accepting=accepting, input_tokens=0, output_tokens=0, cost_booked=False,
@@ -119,24 +125,25 @@ class JobStore:
         async with self.sessions() as session, session.begin():
             session.add(job)
             await session.flush()
-            session.add_all(self._rows(job.id, items, at))
+            session.add_all(self._rows(job, items, at))
         return job
 
     @staticmethod
-    def _rows(job_id: str, items: Iterable[NewItem], at: datetime) -> list[BatchItem]:
-        return [BatchItem(id=new_id(), job_id=job_id, custom_id=item.custom_id, body=item.body,
+    def _rows(job: BatchJob, items: Iterable[NewItem], at: datetime) -> list[BatchItem]:
+        return [BatchItem(id=new_id(), job_id=job.id, tenant=job.tenant, custom_id=item.custom_id, body=item.body,
                           body_digest=digest(item.body), status="queued", attempts=0, created_at=at, updated_at=at)
                 for item in items]
 
-    async def _one(self, table: type[BatchJob] | type[BatchItem], key: str, what: str):
+    async def _one(self, table: type[BatchJob] | type[BatchItem], key: str, what: str, tenant: str | None):
         async with self.sessions() as session:
             row = await session.get(table, key)
-        if row is None:
+        if row is None or (tenant is not None and row.tenant != tenant):
             raise JobNotFound(f"no batch {what} {key!r}")
         return row
 
-    async def get(self, job_id: str) -> BatchJob:
-        return await self._one(BatchJob, job_id, "job")
+    async def get(self, job_id: str, tenant: str | None = None) -> BatchJob:
+        """The job, if it exists and belongs to `tenant` (None: any tenant); else `JobNotFound`."""
+        return await self._one(BatchJob, job_id, "job", tenant)
 
     async def counts(self, job_ids: Sequence[str]) -> dict[str, Counts]:
         if not job_ids:
@@ -152,12 +159,13 @@ class JobStore:
                                pending=by.get("queued", 0) + by.get("submitted", 0))
                 for job_id, by in totals.items()}
 
-    async def list_jobs(self, *, status: str | None = None, provider: str | None = None, job_type: str | None = None,
-                        limit: int = 20, cursor: tuple[datetime, str] | None = None
+    async def list_jobs(self, *, tenant: str | None, status: str | None = None, provider: str | None = None,
+                        job_type: str | None = None, limit: int = 20, cursor: tuple[datetime, str] | None = None
                         ) -> tuple[list[BatchJob], BatchJob | None]:
         """Newest first; the last job of a full page is the cursor of the next (None on the last page)."""
         query = select(BatchJob).order_by(BatchJob.created_at.desc(), BatchJob.id.desc()).limit(limit + 1)
-        for column, value in ((BatchJob.status, status), (BatchJob.provider, provider), (BatchJob.job_type, job_type)):
+        for column, value in ((BatchJob.tenant, tenant), (BatchJob.status, status), (BatchJob.provider, provider),
+                              (BatchJob.job_type, job_type)):
             if value is not None:
                 query = query.where(column == value)
         if cursor is not None:
@@ -174,8 +182,9 @@ class JobStore:
         async with self.sessions() as session, session.begin():
             return (await session.execute(statement)).rowcount == 1
 
-    async def update(self, job_id: str, changes: dict) -> BatchJob:
+    async def update(self, job_id: str, changes: dict, tenant: str | None = None) -> BatchJob:
         """Change name, description, priority or schedule; only while the job is queued."""
+        await self.get(job_id, tenant)
         statement = (update(BatchJob).where(BatchJob.id == job_id, BatchJob.status == "queued")
                      .values(updated_at=now(), **changes))
         async with self.sessions() as session, session.begin():
@@ -185,9 +194,9 @@ class JobStore:
             raise JobConflict(f"batch job {job_id} is {job.status}: only a queued job can be changed")
         return job
 
-    async def delete(self, job_id: str) -> None:
+    async def delete(self, job_id: str, tenant: str | None = None) -> None:
         """Remove a job that is not in flight (cancel it first), with its items and provider batches."""
-        job = await self.get(job_id)
+        job = await self.get(job_id, tenant)
         async with self.sessions() as session, session.begin():
             statement = delete(BatchJob).where(BatchJob.id == job_id, BatchJob.status.not_in(IN_FLIGHT_STATUSES))
             if (await session.execute(statement)).rowcount == 1:
@@ -195,10 +204,10 @@ class JobStore:
                 return
         raise JobConflict(f"batch job {job_id} is {job.status}: cancel it before deleting it")
 
-    async def add_items(self, job_id: str, items: Sequence[NewItem]) -> AddResult:
+    async def add_items(self, job_id: str, items: Sequence[NewItem], tenant: str | None = None) -> AddResult:
         """Add requests to a queued job. A custom_id already present with the same body is a no-op; with another
         body it is a conflict (nothing is added then)."""
-        job = await self.get(job_id)
+        job = await self.get(job_id, tenant)
         check_items(job.kind, items)
         for attempt in range(2):
             try:
@@ -225,16 +234,16 @@ class JobStore:
             if clashes:
                 raise JobConflict(f"custom_id {clashes[0]!r} already exists in job {job_id} with another body"
                                   + (f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""))
-            rows = self._rows(job_id, [item for item in items if item.custom_id not in existing], at)
+            rows = self._rows(job, [item for item in items if item.custom_id not in existing], at)
             session.add_all(rows)
             job.updated_at = at
         ids = {row.custom_id: row.id for row in rows} | {cid: row.id for cid, row in existing.items()}
         return AddResult(len(rows), len(items) - len(rows), [ids[item.custom_id] for item in items])
 
-    async def items(self, job_id: str, *, status: str | None = None, final_only: bool = False, limit: int = 100,
-                    after: str | None = None) -> list[BatchItem]:
+    async def items(self, job_id: str, *, tenant: str | None = None, status: str | None = None,
+                    final_only: bool = False, limit: int = 100, after: str | None = None) -> list[BatchItem]:
         """A job's items in custom_id order, after the custom_id `after` (keyset pagination)."""
-        await self.get(job_id)
+        await self.get(job_id, tenant)
         query = select(BatchItem).where(BatchItem.job_id == job_id).order_by(BatchItem.custom_id).limit(limit)
         if status is not None:
             query = query.where(BatchItem.status == status)
@@ -245,5 +254,5 @@ class JobStore:
         async with self.sessions() as session:
             return list((await session.scalars(query)).all())
 
-    async def item(self, item_id: str) -> BatchItem:
-        return await self._one(BatchItem, item_id, "item")
+    async def item(self, item_id: str, tenant: str | None = None) -> BatchItem:
+        return await self._one(BatchItem, item_id, "item", tenant)

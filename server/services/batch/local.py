@@ -123,18 +123,19 @@ class LocalRunner:
             await session.execute(update(BatchJob).where(BatchJob.id == job_id, BatchJob.status == "submitted")
                                   .values(status="in_progress", updated_at=datetime.now(UTC)))
 
-    async def _compute(self, body: dict, kind: str) -> tuple[dict, int, int]:
+    async def _compute(self, body: dict, kind: str, tenant: str) -> tuple[dict, int, int]:
         if kind == "generate":
-            [result] = await self.generation.generate([body["prompt"]], generation_options(body), background=True)
+            [result] = await self.generation.generate([body["prompt"]], generation_options(body), tenant=tenant,
+                                                      background=True)
             return ({"text": result.completion, "finish_reason": result.finish_reason},
                     result.prompt_tokens, result.completion_tokens)
-        [prediction] = await self.sentiment.predict([body["text"]], background=True)
+        [prediction] = await self.sentiment.predict([body["text"]], tenant=tenant, background=True)
         return {"label": prediction.label, "score": prediction.score}, 0, 0
 
     async def _run(self, item: BatchItem, kind: str) -> None:
         values: dict
         try:
-            output, input_tokens, output_tokens = await self._compute(item.body, kind)
+            output, input_tokens, output_tokens = await self._compute(item.body, kind, item.tenant)
             values = {"status": "succeeded", "output": output, "error": None, "input_tokens": input_tokens,
                       "output_tokens": output_tokens}
         except asyncio.CancelledError:

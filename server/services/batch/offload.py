@@ -3,16 +3,21 @@
 The worker and the local runner run in this process when `BATCH_WORKER=in-process` (the default, so a
 single machine needs nothing more); with `off`, the web process only records work and another process
 (`python -m server worker`, or cron running `python -m server batch run-once`) does it.
+
+Work is created by a `Principal` (its tenant owns the job; a paid provider needs the key's grant) and read within a
+`tenant` (None: every tenant, for an admin), so that one tenant never sees, runs or cancels another's jobs.
 """
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from server.core.destinations import DestinationPolicy, RefusedDestination
+from server.core.tenants import Principal
 from server.db.batch_models import BatchItem, BatchJob, ProviderBatch
 from server.providers.base import ProviderError
 from server.services.batch.jobs import FINAL_STATUSES, JobConflict, JobSpec, JobStore, NewItem, new_id, now
@@ -21,7 +26,9 @@ from server.services.batch.pricing import PriceTable
 from server.services.batch.registry import ProviderRegistry
 from server.services.batch.reports import BatchReports
 from server.services.batch.worker import BatchWorker, TickReport, finish_job
+from server.services.errors import FieldError, InputError, NotGranted
 from server.services.generation import GenerationOptions, GenerationService
+from server.services.limits.egress import EgressLimited
 from server.services.sentiment import SentimentService
 
 log = logging.getLogger(__name__)
@@ -41,8 +48,9 @@ class QueuedItem:
 class BatchOffload:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], jobs: JobStore, registry: ProviderRegistry,
                  prices: PriceTable, worker: BatchWorker, runner: LocalRunner, generation: GenerationService,
-                 sentiment: SentimentService, *, in_process: bool):
+                 sentiment: SentimentService, destinations: DestinationPolicy, *, in_process: bool):
         self.sessions = sessions
+        self.destinations = destinations
         self.jobs = jobs
         self.registry = registry
         self.prices = prices
@@ -91,26 +99,47 @@ class BatchOffload:
             await self.worker.alerts.update()
         return report
 
-    async def create_job(self, spec: JobSpec, items: list[NewItem]) -> BatchJob:
-        job = await self.jobs.create(spec, items)
+    def authorise(self, principal: Principal, provider: str) -> None:
+        """403 unless the key may create work for `provider` (our own models need no grant)."""
+        if not principal.may_spend(provider):
+            raise NotGranted(f"this API key is not granted provider {provider!r}: jobs for a paid provider need a key "
+                             f"whose grants list it (API_KEYS_FILE)")
+
+    async def check_webhook(self, url: str | None, loc: tuple[str | int, ...] = ("body", "webhook_url")) -> None:
+        """422 for a webhook URL the server would refuse to call (see `server/core/destinations.py`)."""
+        if url is None:
+            return
+        try:
+            await self.destinations.resolve(url)
+        except RefusedDestination as exc:
+            raise InputError([FieldError(loc, f"webhook_url refused: {exc}")]) from None
+
+    async def create_job(self, principal: Principal, spec: JobSpec, items: list[NewItem]) -> BatchJob:
+        self.authorise(principal, spec.provider)
+        self.registry.check(spec.provider, spec.kind)
+        await self.check_webhook(spec.webhook_url)
+        job = await self.jobs.create(replace(spec, tenant=principal.tenant), items, owner=principal.key_id)
         if spec.schedule == "now":
             self.wake()
         return job
 
-    async def submit_now(self, job_id: str) -> BatchJob:
+    async def submit_now(self, job_id: str, tenant: str | None) -> BatchJob:
         """Run a queued job at the next worker tick, whatever its window."""
-        job = await self.jobs.get(job_id)
+        job = await self.jobs.get(job_id, tenant)
         if job.status != "queued":
             raise JobConflict(f"batch job {job_id} is {job.status}: only a queued job can be submitted")
         await self.jobs.update(job_id, {"schedule": "now"})
         self.wake()
         return await self.jobs.get(job_id)
 
-    async def process(self, *, provider: str | None = None, job_type: str | None = None,
+    async def process(self, *, tenant: str | None, provider: str | None = None, job_type: str | None = None,
                       max_jobs: int | None = None) -> list[str]:
-        """Run the window now for the queued jobs that match: they are submitted at the next worker tick."""
+        """Run the window now for the queued jobs of `tenant` (None: every tenant's) that match: they are submitted
+        at the next worker tick."""
         query = (select(BatchJob.id).where(BatchJob.status == "queued", BatchJob.cancel_requested.is_(False))
                  .order_by(BatchJob.priority.desc(), BatchJob.created_at))
+        if tenant is not None:
+            query = query.where(BatchJob.tenant == tenant)
         if provider is not None:
             query = query.where(BatchJob.provider == provider)
         if job_type is not None:
@@ -125,10 +154,10 @@ class BatchOffload:
         self.wake()
         return ids
 
-    async def cancel(self, job_id: str) -> BatchJob:
+    async def cancel(self, job_id: str, tenant: str | None) -> BatchJob:
         """Stop a job: its waiting items are cancelled at once, its provider batches are cancelled by the worker;
         items already finished are kept. 409 once the job has finished."""
-        job = await self.jobs.get(job_id)
+        job = await self.jobs.get(job_id, tenant)
         stamp = now()
         async with self.sessions() as session, session.begin():
             marked = await session.execute(
@@ -149,14 +178,15 @@ class BatchOffload:
         self.wake()
         return await self.jobs.get(job_id)
 
-    async def enqueue(self, *, provider: str, model: str, kind: str, job_type: str, priority: int,
-                      items: list[dict], schedule: str = "window") -> list[QueuedItem]:
-        """Add single items to the open job of their provider, model, kind, job type and priority (one is opened
-        when there is none); the job closes when its window runs."""
+    async def enqueue(self, principal: Principal, *, provider: str, model: str, kind: str, job_type: str,
+                      priority: int, items: list[dict], schedule: str = "window") -> list[QueuedItem]:
+        """Add single items to the caller's tenant's open job of their provider, model, kind, job type and priority
+        (one is opened when there is none); the job closes when its window runs."""
+        self.authorise(principal, provider)
         self.registry.check(provider, kind)
         new = [NewItem(f"item-{new_id()}", data) for data in items]
         for attempt in range(2):
-            job = await self._open_job(provider, model, kind, job_type, priority, schedule)
+            job = await self._open_job(principal, provider, model, kind, job_type, priority, schedule)
             try:
                 result = await self.jobs.add_items(job.id, new)
                 break
@@ -168,42 +198,50 @@ class BatchOffload:
             self.wake()
         return [QueuedItem(item_id, job.id) for item_id in result.item_ids]
 
-    async def _open_job(self, provider: str, model: str, kind: str, job_type: str, priority: int,
-                        schedule: str) -> BatchJob:
+    async def _open_job(self, principal: Principal, provider: str, model: str, kind: str, job_type: str,
+                        priority: int, schedule: str) -> BatchJob:
         async with self.sessions() as session:
             job = await session.scalar(select(BatchJob).where(
-                BatchJob.accepting.is_(True), BatchJob.status == "queued", BatchJob.provider == provider,
+                BatchJob.accepting.is_(True), BatchJob.status == "queued", BatchJob.tenant == principal.tenant,
+                BatchJob.provider == provider,
                 BatchJob.model == model, BatchJob.kind == kind, BatchJob.job_type == job_type,
                 BatchJob.priority == priority, BatchJob.schedule == schedule).order_by(BatchJob.created_at))
         if job is not None:
             return job
-        spec = JobSpec(name=f"queue: {job_type}", provider=provider, model=model, kind=kind, job_type=job_type,
-                       priority=priority, schedule=schedule, description="single items from POST /batch/queue")
-        return await self.jobs.create(spec, accepting=True)
+        spec = JobSpec(name=f"queue: {job_type}", provider=provider, tenant=principal.tenant, model=model, kind=kind,
+                       job_type=job_type, priority=priority, schedule=schedule,
+                       description="single items from POST /batch/queue")
+        return await self.jobs.create(spec, accepting=True, owner=principal.key_id)
 
-    async def defer_generation(self, prompts: list[str], options: GenerationOptions) -> list[QueuedItem]:
+    async def defer_generation(self, principal: Principal, prompts: list[str],
+                               options: GenerationOptions) -> list[QueuedItem]:
         """Validate prompts as /generate does, then queue them for the local models (`Prefer: respond-async`)."""
         self.generation.policy.check("generate", prompts)
         self.generation.plan(prompts, options)
         fields = {"max_tokens": options.max_new_tokens, "max_length": options.max_length,
                   "temperature": options.temperature, "top_p": options.top_p, "seed": options.seed}
         bodies = [{"prompt": prompt, **{k: v for k, v in fields.items() if v is not None}} for prompt in prompts]
-        return await self.enqueue(provider="local", model=self.generation.generator.name, kind="generate",
+        return await self.enqueue(principal, provider="local", model=self.generation.generator.name, kind="generate",
                                   job_type=DEFERRED_JOB_TYPE, priority=DEFERRED_PRIORITY, items=bodies, schedule="now")
 
-    async def defer_prediction(self, texts: list[str], field: Literal["text", "texts"]) -> list[QueuedItem]:
+    async def defer_prediction(self, principal: Principal, texts: list[str],
+                               field: Literal["text", "texts"]) -> list[QueuedItem]:
         """Validate texts as /predict does, then queue them for the local models (`Prefer: respond-async`)."""
         self.sentiment.check(texts, field)
-        return await self.enqueue(provider="local", model=self.sentiment.classifier.name, kind="predict",
+        return await self.enqueue(principal, provider="local", model=self.sentiment.classifier.name, kind="predict",
                                   job_type=DEFERRED_JOB_TYPE, priority=DEFERRED_PRIORITY,
                                   items=[{"text": text} for text in texts], schedule="now")
 
     async def reachability(self, timeout_s: float = PING_TIMEOUT_S) -> dict[str, str]:
-        """Per provider: `ok`, `unconfigured` (no API key) or `unreachable: <why>` (one cheap call each, at once)."""
+        """Per provider: `ok`, `unconfigured` (no API key) or `unreachable: <why>` (one cheap call each, at once,
+        under the egress quota like any other call: a probe answered `quota` spent nothing)."""
         async def probe(name: str) -> str:
             try:
                 async with asyncio.timeout(timeout_s):
+                    await self.worker.calls.egress.acquire(name)
                     await self.worker.providers[name].ping()
+            except EgressLimited as exc:
+                return f"unreachable: {exc}"
             except (ProviderError, TimeoutError) as exc:
                 return f"unreachable: {exc or 'no answer within ' + str(timeout_s) + ' s'}"
             return "ok"
@@ -212,11 +250,13 @@ class BatchOffload:
         answers = dict(zip(external, await asyncio.gather(*(probe(name) for name in external))))
         return {name: "ok" if name == "local" else answers.get(name, "unconfigured") for name in ("local", *PROVIDERS)}
 
-    async def queue_status(self) -> dict[str, dict[str, int]]:
-        """Items waiting to be submitted, by job type, provider and priority."""
+    async def queue_status(self, tenant: str | None) -> dict[str, dict[str, int]]:
+        """Items of `tenant` (None: every tenant) waiting to be submitted, by job type, provider and priority."""
         query = (select(BatchJob.job_type, BatchJob.provider, BatchJob.priority, func.count())
                  .join(BatchItem, BatchItem.job_id == BatchJob.id).where(BatchItem.status == "queued")
                  .group_by(BatchJob.job_type, BatchJob.provider, BatchJob.priority))
+        if tenant is not None:
+            query = query.where(BatchJob.tenant == tenant)
         breakdown: dict[str, dict[str, int]] = {"job_type": {}, "provider": {}, "priority": {}}
         async with self.sessions() as session:
             for job_type, provider, priority, count in await session.execute(query):

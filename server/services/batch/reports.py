@@ -1,4 +1,5 @@
-"""What batch offload did: stats, savings (total, by provider, by job type, by day) and a per-job report."""
+"""What batch offload did: stats, savings (total, by provider, by job type, by day) and a per-job report, each
+for one tenant (None: every tenant, for an admin)."""
 
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,17 +31,21 @@ class BatchReports:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]):
         self.sessions = sessions
 
-    async def stats(self) -> dict:
+    async def stats(self, tenant: str | None) -> dict:
         """Jobs by status and provider, items by status, tokens, provider batches by status, success rate."""
+        def own(table):
+            return [] if tenant is None else [table.tenant == tenant]
+
         async with self.sessions() as session:
             jobs = (await session.execute(select(BatchJob.provider, BatchJob.status, func.count())
-                                          .group_by(BatchJob.provider, BatchJob.status))).all()
-            items = dict((await session.execute(select(BatchItem.status, func.count())
+                                          .where(*own(BatchJob)).group_by(BatchJob.provider, BatchJob.status))).all()
+            items = dict((await session.execute(select(BatchItem.status, func.count()).where(*own(BatchItem))
                                                 .group_by(BatchItem.status))).all())
             tokens = (await session.execute(select(func.coalesce(func.sum(BatchJob.input_tokens), 0),
-                                                   func.coalesce(func.sum(BatchJob.output_tokens), 0)))).one()
+                                                   func.coalesce(func.sum(BatchJob.output_tokens), 0))
+                                            .where(*own(BatchJob)))).one()
             batches = dict((await session.execute(select(ProviderBatch.status, func.count())
-                                                  .group_by(ProviderBatch.status))).all())
+                                                  .where(*own(ProviderBatch)).group_by(ProviderBatch.status))).all())
         by_status: dict[str, int] = {}
         by_provider: dict[str, dict[str, int]] = {}
         for provider, status, count in jobs:
@@ -53,12 +58,14 @@ class BatchReports:
                 "provider_batches": batches,
                 "success_rate": items.get("succeeded", 0) / finished if finished else None}
 
-    async def savings(self, *, days: int | None = None) -> dict:
+    async def savings(self, tenant: str | None, *, days: int | None = None) -> dict:
         """Booked cost and savings of finished jobs: total, by provider, by job type, by day (UTC)."""
         sums = (func.sum(BatchJob.cost_usd), func.sum(BatchJob.realtime_cost_usd), func.sum(BatchJob.savings_usd),
                 func.count())
         booked = BatchJob.cost_booked.is_(True)
         conditions = [booked]
+        if tenant is not None:
+            conditions.append(BatchJob.tenant == tenant)
         if days is not None:
             conditions.append(BatchJob.completed_at >= datetime.now(UTC) - timedelta(days=days))
         async with self.sessions() as session:
@@ -85,7 +92,7 @@ class BatchReports:
                 "by_day": {day: asdict(_money(values)) for day, values in sorted(by_day.items())},
                 "jobs_with_unknown_price": int(unknown or 0)}
 
-    async def report(self, *, days: int) -> list[dict]:
+    async def report(self, tenant: str | None, *, days: int) -> list[dict]:
         """One row per job created in the last `days` days, newest first (columns: `REPORT_COLUMNS`)."""
         since = datetime.now(UTC) - timedelta(days=days)
         counts = (select(BatchItem.job_id, func.count().label("item_count"),
@@ -94,6 +101,8 @@ class BatchReports:
         query = (select(BatchJob, counts.c.item_count, counts.c.succeeded)
                  .outerjoin(counts, counts.c.job_id == BatchJob.id).where(BatchJob.created_at >= since)
                  .order_by(BatchJob.created_at.desc()))
+        if tenant is not None:
+            query = query.where(BatchJob.tenant == tenant)
         async with self.sessions() as session:
             rows = (await session.execute(query)).all()
         report = []

@@ -4,7 +4,9 @@ The body is JSON; `X-Signature: sha256=<hex>` is the HMAC-SHA256 of the exact bo
 `BATCH_WEBHOOK_SECRET` (absent when no secret is set), so a receiver can check the sender and the content.
 Delivery runs in a background task, never blocking the worker, and is retried with exponential backoff;
 a job's delivery state is stored (`webhook_state`: pending, delivered, failed), so a delivery that a
-restart interrupted is made again by the next worker.
+restart interrupted is made again by the next worker. Every send goes through the destination policy
+(`server/core/destinations.py`): to a checked public address, never following a redirect; a refused destination
+or a redirect is a failure at once (retrying would change nothing). Logs show the URL's scheme and host only.
 """
 
 import asyncio
@@ -20,6 +22,7 @@ import httpx
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from server.core.destinations import DestinationPolicy, RefusedDestination, public_form
 from server.db.batch_models import BatchJob
 
 log = logging.getLogger(__name__)
@@ -39,10 +42,11 @@ def job_summary(job: BatchJob) -> dict:
 
 
 class Webhooks:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], *, secret: str | None, attempts: int = 6,
-                 backoff_s: float = 2.0, timeout_s: float = 10.0):
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], *, secret: str | None,
+                 destinations: DestinationPolicy, attempts: int = 6, backoff_s: float = 2.0, timeout_s: float = 10.0):
         self.sessions = sessions
         self.secret = secret
+        self.destinations = destinations
         self.attempts = attempts
         self.backoff_s = backoff_s
         self.timeout_s = timeout_s
@@ -54,19 +58,35 @@ class Webhooks:
         headers = {"content-type": "application/json"}
         if self.secret:
             headers["x-signature"] = signature(self.secret, body)
-        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+        async with httpx.AsyncClient(timeout=self.timeout_s, follow_redirects=False) as client:
             for attempt in range(self.attempts):
                 try:
-                    answer = await client.post(url, content=body, headers=headers)
+                    answer = await self._send(client, url, body, headers)
                     if answer.is_success:
                         return True
                     problem = f"HTTP {answer.status_code}"
+                    if answer.is_redirect:
+                        log.warning("webhook to %s answered a redirect (%s), which is never followed",
+                                    public_form(url), problem)
+                        return False
+                except RefusedDestination as exc:
+                    log.warning("webhook to %s refused: %s", public_form(url), exc)
+                    return False
                 except httpx.HTTPError as exc:
-                    problem = f"{type(exc).__name__}: {exc}"
+                    problem = type(exc).__name__
                 if attempt + 1 < self.attempts:
                     await asyncio.sleep(self.backoff_s * 2 ** attempt)
-        log.warning("webhook %s failed after %d attempts (%s)", url, self.attempts, problem)
+        log.warning("webhook to %s failed after %d attempts (%s)", public_form(url), self.attempts, problem)
         return False
+
+    async def _send(self, client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]
+                    ) -> httpx.Response:
+        """One POST to the address the policy checked, with the URL's own host as Host header and TLS name."""
+        target = await self.destinations.resolve(url)
+        original = httpx.URL(url)
+        return await client.post(original.copy_with(host=target.address), content=body,
+                                 headers={**headers, "host": original.netloc.decode("ascii")},
+                                 extensions={"sni_hostname": target.host})
 
     def _spawn(self, key: str, work: Coroutine) -> None:
         task = asyncio.create_task(work)

@@ -185,7 +185,8 @@ class BatchWorker:
                                    f"{job.provider}'s batch limit of {limits.max_bytes} bytes")
         created = 0
         for chunk in plan.chunks:
-            batch = ProviderBatch(id=new_id(), job_id=job.id, provider=job.provider, status="submitting",
+            batch = ProviderBatch(id=new_id(), job_id=job.id, tenant=job.tenant, provider=job.provider,
+                                  status="submitting",
                                   item_count=len(chunk), byte_size=sum(sizes[i] for i in chunk), polls=0,
                                   created_at=utcnow())
             batch.idempotency_key = f"isrv-{batch.id}"
@@ -215,7 +216,7 @@ class BatchWorker:
         self._sending.add(batch.id)
         try:
             provider_id = await self.calls.call(job.provider, "create", lambda: provider.submit(
-                job.model, job.kind, requests, batch.idempotency_key))
+                job.model, job.kind, requests, batch.idempotency_key), tenant=job.tenant)
         except Exception as exc:
             await self._note(batch.id, f"create failed ({exc}); retried at the next tick")
             log.warning("creating a %s batch for job %s failed: %s; retrying at the next tick", job.provider, job.id,
@@ -257,7 +258,7 @@ class BatchWorker:
             since = aware(batch.created_at) - RECOVERY_SKEW
             try:
                 found = await self.calls.call(batch.provider, "find", lambda: provider.find(
-                    batch.idempotency_key, since=since, count=batch.item_count, known=known))
+                    batch.idempotency_key, since=since, count=batch.item_count, known=known), tenant=batch.tenant)
             except Exception as exc:
                 await self._note(batch.id, f"lookup by idempotency key failed: {exc}")
                 continue
@@ -298,7 +299,8 @@ class BatchWorker:
             provider = self.providers[batch.provider]
             started = time.perf_counter()
             try:
-                snapshot = await self.calls.call(batch.provider, "poll", lambda: provider.poll(batch.provider_batch_id))
+                snapshot = await self.calls.call(batch.provider, "poll", lambda: provider.poll(batch.provider_batch_id),
+                                                 tenant=batch.tenant)
             except Exception as exc:
                 backoff = min(POLL_BACKOFF_MAX_S, self.poll_interval.total_seconds() * 2 ** min(batch.polls, 10))
                 await self._note(batch.id, f"poll failed: {exc}", next_poll_at=now + timedelta(seconds=backoff))
@@ -322,7 +324,7 @@ class BatchWorker:
             provider = self.providers[batch.provider]
             try:
                 results = await self.calls.call(batch.provider, "results",
-                                                lambda: provider.results(batch.provider_batch_id))
+                                                lambda: provider.results(batch.provider_batch_id), tenant=batch.tenant)
             except Exception as exc:
                 await self._note(batch.id, f"downloading results failed: {exc}")
                 report.errors.append(f"provider batch {batch.id}: {exc}")
@@ -330,7 +332,8 @@ class BatchWorker:
             await self._store_results(batch, results)
             report.fetched += 1
             try:
-                await self.calls.call(batch.provider, "cleanup", lambda: provider.cleanup(batch.provider_batch_id))
+                await self.calls.call(batch.provider, "cleanup", lambda: provider.cleanup(batch.provider_batch_id),
+                                      tenant=batch.tenant)
             except Exception as exc:
                 log.warning("deleting the files of %s batch %s failed: %s", batch.provider, batch.provider_batch_id,
                             exc)
@@ -373,7 +376,8 @@ class BatchWorker:
                                          ProviderBatch.status.in_(("validating", "in_progress", "finalizing"))):
             provider = self.providers[batch.provider]
             try:
-                await self.calls.call(batch.provider, "cancel", lambda: provider.cancel(batch.provider_batch_id))
+                await self.calls.call(batch.provider, "cancel", lambda: provider.cancel(batch.provider_batch_id),
+                                      tenant=batch.tenant)
             except Exception as exc:
                 report.errors.append(f"cancelling provider batch {batch.id}: {exc}")
                 continue

@@ -1,9 +1,13 @@
 """Cache keys: sha256 of canonical JSON of everything that determines a cached output.
 
 A key covers the endpoint, the model id and its weights revision (changed weights never serve old
-entries), the normalised input and every output-changing parameter. Canonical JSON (sorted keys, no
-whitespace) makes the key independent of parameter order. Keys read `cache:{endpoint}:{model tag}:{sha256}`, so
-cached answers can be counted and removed by endpoint and model (`key_pattern`).
+entries), the normalised input, every output-changing parameter and its scope: the tenant whose answer it is
+(`CACHE_SCOPE=tenant`, the default: another tenant's identical request is a miss, so a hit reveals nothing about
+other tenants' prompts) or None for answers shared by every tenant (`CACHE_SCOPE=global`). Canonical JSON (sorted
+keys, no whitespace) makes the key independent of parameter order. Keys read
+`cache:{endpoint}:{model tag}:{scope tag}:{sha256}`, so cached answers can be counted and removed by endpoint, model
+and scope (`key_pattern`); the stampede lock and in-process coalescing are keyed by the same key, so they follow the
+same scope.
 """
 
 import hashlib
@@ -17,12 +21,20 @@ def normalise_text(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
+SHARED = "shared"
+
+
 def cache_key(endpoint: str, model: str, revision: str, model_input: str | Sequence[int],
-              params: Mapping[str, object]) -> str:
-    payload = {"endpoint": endpoint, "model": model, "revision": revision,
+              params: Mapping[str, object], scope: str | None = None) -> str:
+    payload = {"endpoint": endpoint, "model": model, "revision": revision, "scope": scope,
                "input": model_input if isinstance(model_input, str) else list(model_input), "params": dict(params)}
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return f"cache:{endpoint}:{model_tag(model)}:{hashlib.sha256(canonical.encode()).hexdigest()}"
+    return f"cache:{endpoint}:{model_tag(model)}:{scope_tag(scope)}:{hashlib.sha256(canonical.encode()).hexdigest()}"
+
+
+def scope_tag(scope: str | None) -> str:
+    """The scope's part of its keys: `shared`, or a short digest of the tenant (names never reach Redis)."""
+    return SHARED if scope is None else "t" + hashlib.sha256(scope.encode()).hexdigest()[:12]
 
 
 def model_tag(model: str) -> str:
@@ -30,6 +42,6 @@ def model_tag(model: str) -> str:
     return hashlib.sha256(model.encode()).hexdigest()[:12]
 
 
-def key_pattern(endpoint: str | None = None, model: str | None = None) -> str:
-    """A glob (Redis MATCH, fnmatch) for the keys of `endpoint` and `model` (None: any)."""
-    return f"cache:{endpoint or '*'}:{model_tag(model) if model else '*'}:*"
+def key_pattern(endpoint: str | None = None, model: str | None = None, scope_tags: str | None = None) -> str:
+    """A glob (Redis MATCH, fnmatch) for the keys of `endpoint`, `model` and the scope tag `scope_tags` (None: any)."""
+    return f"cache:{endpoint or '*'}:{model_tag(model) if model else '*'}:{scope_tags or '*'}:*"

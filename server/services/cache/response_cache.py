@@ -26,7 +26,7 @@ from typing import Literal
 
 from server.core import metrics
 from server.core.throttled_log import ThrottledLog
-from server.services.cache.keys import key_pattern
+from server.services.cache.keys import key_pattern, scope_tag
 from server.services.cache.memory import MemoryStore
 from server.services.cache.redis_store import RedisStore
 from server.services.redis_client import REDIS_ERRORS
@@ -44,9 +44,10 @@ class _Flight:
 
 
 class ResponseCache:
-    def __init__(self, store: MemoryStore | RedisStore, *, lock_ttl_s: float):
+    def __init__(self, store: MemoryStore | RedisStore, *, lock_ttl_s: float, per_tenant: bool = True):
         self.store = store
         self.lock_ttl_s = lock_ttl_s
+        self.per_tenant = per_tenant
         self._flights: dict[str, _Flight] = {}
         self.outcomes: Counter[Outcome] = Counter()
         self._warnings = ThrottledLog(log)
@@ -113,13 +114,21 @@ class ResponseCache:
         served = sum(self.outcomes[outcome] for outcome in SERVED_FROM_CACHE)
         return served / answered if answered else None
 
-    async def entries(self, endpoint: str | None = None, model: str | None = None) -> int:
-        """Cached answers of `endpoint` and `model` (None: any) in the store, every replica's on Redis."""
-        return await self.store.count(key_pattern(endpoint, model))
+    def scope(self, tenant: str) -> str | None:
+        """The scope of `tenant`'s keys: the tenant itself (CACHE_SCOPE=tenant), or None (answers shared)."""
+        return tenant if self.per_tenant else None
 
-    async def remove(self, endpoint: str | None = None, model: str | None = None) -> int:
-        """Remove the cached answers of `endpoint` and `model` (None: any); how many were removed."""
-        return await self.store.delete_matching(key_pattern(endpoint, model))
+    def _pattern(self, endpoint: str | None, model: str | None, tenant: str | None) -> str:
+        """Keys of `endpoint` and `model` (None: any) that `tenant` may see (None: every key, for an admin)."""
+        return key_pattern(endpoint, model, scope_tag(self.scope(tenant)) if tenant is not None else None)
+
+    async def entries(self, endpoint: str | None = None, model: str | None = None, tenant: str | None = None) -> int:
+        """Cached answers of `endpoint` and `model` (None: any) that `tenant` may see, every replica's on Redis."""
+        return await self.store.count(self._pattern(endpoint, model, tenant))
+
+    async def remove(self, endpoint: str | None = None, model: str | None = None, tenant: str | None = None) -> int:
+        """Remove the cached answers of `endpoint` and `model` (None: any) that `tenant` may see; how many."""
+        return await self.store.delete_matching(self._pattern(endpoint, model, tenant))
 
     async def _join(self, key: str, compute: Callable[[], Awaitable[bytes]]) -> tuple[bytes, Outcome]:
         flight = self._flights.get(key)

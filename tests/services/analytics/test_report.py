@@ -58,7 +58,7 @@ async def test_without_a_key_every_breach_is_a_finding_with_a_recommendation(ses
 
 
 async def test_within_thresholds_the_fallback_says_so(sessions):
-    await thresholds.store(sessions, thresholds.Thresholds(p95_latency_ms=5000, error_rate=0.5), "key:admin")
+    await thresholds.store(sessions, thresholds.Thresholds(p95_latency_ms=5000, error_rate=0.5), "key:admin", "admin")
     report = await reports(sessions).analyze(*WINDOW)
     assert (report["severity"], report["breaches"], report["recommendations"]) == ("ok", [], [])
 

@@ -205,6 +205,10 @@
   }
 
   function renderLive(live) {
+    // This process's figures cover every tenant: the server sends them to admin keys only (null otherwise).
+    for (const id of ["#process-table", "#limits-tables"]) $(id).hidden = live === null;
+    for (const note of document.querySelectorAll(".admin-only")) note.hidden = live !== null;
+    if (live === null) return;
     const models = Object.entries(live.models);
     const batches = models.reduce((sum, [, m]) => sum + m.batches, 0);
     const items = models.reduce((sum, [, m]) => sum + m.items, 0);
@@ -226,8 +230,10 @@
   }
 
   function renderAlerts(alerts, breaches) {
+    // The batch alerts cover every tenant's jobs: admin keys only (403 for the others, who still see breaches).
+    $("#alerts-admin-only").hidden = Array.isArray(alerts);
     const entries = [
-      ...alerts.map(alert => el("li", {"data-alert": alert.type},
+      ...(Array.isArray(alerts) ? alerts : []).map(alert => el("li", {"data-alert": alert.type},
         el("span", {class: "pill", "data-status": alert.severity}, alert.severity), " ", alert.message,
         alert.since ? el("span", {class: "muted"}, ` · since ${clock(alert.since)}`) : "")),
       ...breaches.map(breach => el("li", {"data-alert": `threshold:${breach.threshold}`},
@@ -556,7 +562,7 @@
     const reads = {
       aggregated: api("/metrics/aggregated", {method: "POST", json: aggregatedBody}),
       stats: api("/batch/stats"), queue: api("/batch/queue/status"), jobs: api("/batch/jobs?limit=10"),
-      alerts: api("/batch/alerts"),
+      alerts: api("/batch/alerts", {accept: [403]}),
       ...(slow ? {info: api("/"), health: api("/health", {accept: [503]}), cache: api("/cache"),
                   count: api("/metrics/count"), savings: api("/batch/savings"), scheduler: api("/batch/scheduler"),
                   thresholds: api("/metrics/thresholds")} : {}),
