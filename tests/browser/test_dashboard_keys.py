@@ -11,9 +11,14 @@ KEY = "s3cret-dashboard-key"
 KEY_STORAGE = "inference-server.dashboard.api-key"
 
 
+USER_KEY = "s3cret-tenant-key"
+
+
 @pytest.fixture(scope="module")
 def server(serve) -> Server:
-    return serve(API_KEYS=KEY, INGRESS_RATE_LIMIT="off", EGRESS_RATE_LIMIT="", BATCH_WORKER="off")
+    """An operator's admin key, and an ordinary key of one tenant (so that a key is required)."""
+    return serve(API_KEYS=USER_KEY, ADMIN_API_KEYS=KEY, INGRESS_RATE_LIMIT="off", EGRESS_RATE_LIMIT="",
+                 BATCH_WORKER="off")
 
 
 def enter_key(watched: Watched, key: str) -> None:
@@ -75,4 +80,19 @@ def test_sections_whose_feature_is_off_say_so(server, watched):
     assert page.is_hidden("#ingress-table") and page.is_hidden("#egress-table")
     assert "Rate limiting is off" in page.inner_text("#ingress-off")
     assert "worker not running here" in page.inner_text("#batch-worker")
+    watched.assert_clean()
+
+
+def test_a_tenant_key_sees_its_own_figures_and_no_process_wide_ones(server, watched):
+    page = watched.page
+    page.goto(f"{server.url}/dashboard")
+    enter_key(watched, USER_KEY)
+    page.wait_for_selector("#refresh-state[data-state='live']")
+    with server.client(USER_KEY) as client:
+        wait_for_json_figures(page, client, required={"serving.requests", "batch.jobs", "count.total"})
+    for note in page.query_selector_all(".admin-only"):
+        assert note.is_visible()
+    assert page.is_visible("#alerts-admin-only")
+    assert page.is_hidden("#process-table") and page.is_hidden("#limits-tables")
+    assert not any(request.url.endswith("/batch/alerts") for request in watched.api_requests())
     watched.assert_clean()
