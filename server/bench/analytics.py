@@ -25,6 +25,7 @@ from sqlalchemy import func, select
 from server.api.routes import analytics
 from server.db import migrate
 from server.db.analytics_models import MetricRollup, RequestRecord
+from server.core.tenants import KeyRing
 from server.db.session import create_engine, session_factory
 from server.services.limits.egress import EgressGuard
 from server.services.limits.gcra import MemoryLimiter
@@ -87,8 +88,9 @@ async def run(args: argparse.Namespace) -> dict:
             app = FastAPI()
             app.include_router(analytics.router)
             limiter = MemoryLimiter()
-            # No limits configured: the route's live figures list none.
-            app.state.runtime = SimpleNamespace(sessions=sessions, reports=SimpleNamespace(queue_depths=dict),
+            # No keys (one open tenant, which sees every row) and no limits: the live figures list none.
+            app.state.runtime = SimpleNamespace(sessions=sessions, keys=KeyRing(),
+                                                reports=SimpleNamespace(queue_depths=dict),
                                                 ingress=IngressLimits(limiter, None, {}, fail_open=True),
                                                 egress=EgressGuard(limiter, {}, fail_open=True))
             body = {"start": start.isoformat(), "end": end.isoformat(), "bucket": "hour"}
