@@ -112,6 +112,16 @@ def bench_analytics(args: argparse.Namespace) -> None:
     main(args)
 
 
+def config_docs(args: argparse.Namespace) -> None:
+    from server.core.config_docs import write
+
+    changed = write(check=args.check)
+    for path in changed:
+        print(f"{'out of date' if args.check else 'wrote'}: {path}")
+    if args.check and changed:
+        raise SystemExit("run `python -m server config docs` to regenerate them")
+
+
 def parser(argv: list[str]) -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="python -m server", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -140,7 +150,13 @@ def parser(argv: list[str]) -> argparse.ArgumentParser:
     batch_cmd.add_parser("run-once", help="submit due jobs, poll, fetch results, run local items, then exit "
                                           "(for cron)").set_defaults(run=batch_run_once)
 
-    bench_cmd = commands.add_parser("bench", help="throughput and latency benchmark (see README)")
+    config_cmd = commands.add_parser("config", help="settings").add_subparsers(dest="action", required=True)
+    config_docs_cmd = config_cmd.add_parser("docs", help="regenerate docs/configuration.md and .env.example from "
+                                            "the settings' descriptions")
+    config_docs_cmd.add_argument("--check", action="store_true", help="only say whether they are out of date")
+    config_docs_cmd.set_defaults(run=config_docs)
+
+    bench_cmd = commands.add_parser("bench", help="throughput and latency benchmark (see docs/performance.md)")
     bench_cmd.set_defaults(run=bench)
     if argv[:1] == ["bench"]:
         # The bench's options live with the bench, which imports torch (seconds): only for `bench` itself, so that
@@ -149,7 +165,7 @@ def parser(argv: list[str]) -> argparse.ArgumentParser:
 
         add_arguments(bench_cmd)
     analytics_cmd = commands.add_parser("bench-analytics", help="time POST /metrics/aggregated over a month of "
-                                        "records (see README)")
+                                        "records (see docs/analytics-and-dashboard.md)")
     analytics_cmd.set_defaults(run=bench_analytics)
     if argv[:1] == ["bench-analytics"]:
         from server.bench.analytics import add_arguments as add_analytics_arguments

@@ -1,4 +1,4 @@
-"""Request and response bodies of the batch offload API (`/batch/...`; see README "Batch offload")."""
+"""Request and response bodies of the batch offload API (`/batch/...`; see docs/batch-offload.md)."""
 
 import math
 from datetime import datetime

@@ -1,4 +1,4 @@
-"""The error answers of the routes, declared once for `/openapi.json` (the README's "Errors" table).
+"""The error answers of the routes, declared once for `/openapi.json` (docs/api.md's "Errors" table).
 
 422 is not here: FastAPI declares it on every route that validates input, with the shape `errors.py` keeps.
 """

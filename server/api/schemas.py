@@ -1,4 +1,4 @@
-"""Request and response bodies (the HTTP contract; see README "API")."""
+"""Request and response bodies (the HTTP contract; see docs/api.md)."""
 
 import re
 from datetime import UTC, datetime

@@ -1,6 +1,6 @@
 """How often a model served in another precision answers exactly as the fp32 model does (a count, not a timing).
 
-int8 changes outputs; these functions say how much, for the README and the benchmark: the share of prompts whose
+int8 changes outputs; these functions say how much, for docs/precision.md and the benchmark: the share of prompts whose
 greedy continuation is token for token the same, and the share of texts given the same sentiment label.
 """
 

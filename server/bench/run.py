@@ -1,4 +1,4 @@
-"""Orchestrates the benchmark phases; see README "Performance".
+"""Orchestrates the benchmark phases; see docs/performance.md.
 
 Phases: the real server (`python -m server serve`, as users start it) at each concurrency, each level
 bracketed by offline limits (the model called directly in this process, batch 1 and batch BATCH_MAX_SIZE,

@@ -1,4 +1,4 @@
-"""Benchmark phases for continuous batching and streaming (README "Performance"): a mixed-length workload
+"""Benchmark phases for continuous batching and streaming (docs/performance.md): a mixed-length workload
 against the static scheduler, time to first token against the prefill alone, and how fast a cancelled
 stream frees its row (read from the decoding loop's own `batch_abort_steps` histogram)."""
 

@@ -28,45 +28,84 @@ def default_spill_dir() -> Path:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
 
-    app_name: str = "inference-server"
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
-    log_format: Literal["text", "json"] = "text"
-    keep_alive_timeout_s: int = Field(5, ge=1)
-    max_connections: int = Field(1000, ge=1)
-    http_parser: Literal["auto", "httptools", "h11"] = "auto"
-    max_header_bytes: int = Field(16 * 1024, ge=1024)
+    app_name: str = Field("inference-server", description="Name shown by `/` and the docs")
+    host: str = Field("127.0.0.1", description="Address `python -m server serve` listens on")
+    port: int = Field(8000, ge=1, le=65535, description="Port `python -m server serve` listens on")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field("info", description=(
+        "critical, error, warning, info, debug or trace (any case); libraries' INFO lines show only at debug"))
+    log_format: Literal["text", "json"] = Field("text", description=(
+        "text (human) or json (one object per line: time, level, logger, message, request_id; method, route, "
+        "status, duration_ms on access lines), for every line, uvicorn's included"))
+    keep_alive_timeout_s: int = Field(5, ge=1, description=(
+        "Seconds an idle keep-alive connection stays open after a response (uvicorn timeout_keep_alive; `serve` "
+        "only)"))
+    max_connections: int = Field(1000, ge=1, description=(
+        "Once this many connections are open or requests running, a new request is answered 503 at once (uvicorn "
+        "limit_concurrency; `serve` only)"))
+    http_parser: Literal["auto", "httptools", "h11"] = Field("auto", description=(
+        "uvicorn's HTTP/1.1 parser: auto (httptools when installed), httptools or h11 (`serve` only)"))
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description=(
+        "With HTTP_PARSER=h11 only: request line + headers larger than this get 400 (httptools has no such limit)"))
 
-    generator_model: str = "gpt2"
-    sentiment_model: str = "distilbert/distilbert-base-uncased-finetuned-sst-2-english"
-    model_source: Literal["auto", "local", "hub"] = "auto"
-    generator_precision: Literal["fp32", "int8"] = "fp32"
-    sentiment_precision: Literal["fp32", "int8"] = "fp32"
-    generator_fp32_kernels: Literal["onednn", "torch"] = "onednn"
-    sentiment_fp32_kernels: Literal["onednn", "torch"] = "onednn"
-    models_cache_dir: Path = PROJECT_ROOT / "models_cache"
-    torch_num_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    generator_model: str = Field("gpt2", description=(
+        "Causal LM for /generate and /v1/completions: hub id or local directory"))
+    sentiment_model: str = Field("distilbert/distilbert-base-uncased-finetuned-sst-2-english", description=(
+        "Sequence classifier for /predict: hub id or local directory"))
+    model_source: Literal["auto", "local", "hub"] = Field("auto", description=(
+        "local: directories and the cache only, never the network; hub: download into the cache when missing, "
+        "fail clearly when impossible; auto: cache, then hub, then random-weight offline stand-ins with a loud "
+        "warning"))
+    generator_precision: Literal["fp32", "int8"] = Field("fp32", description=(
+        "fp32 (the model as trained) or int8 (Linear layers quantized at load; changes outputs; the model answers"
+        " as `<name>:int8`)"))
+    sentiment_precision: Literal["fp32", "int8"] = Field("fp32", description=(
+        "fp32 or int8 for the classifier, as GENERATOR_PRECISION"))
+    generator_fp32_kernels: Literal["onednn", "torch"] = Field("onednn", description=(
+        "Who computes the generator's fp32 Linear layers: onednn (weights packed at load: same precision, about "
+        "2x faster) or torch (its default GEMM, exactly as transformers runs it)"))
+    sentiment_fp32_kernels: Literal["onednn", "torch"] = Field("onednn", description=(
+        "onednn or torch for the classifier's fp32 Linear layers, as GENERATOR_FP32_KERNELS"))
+    models_cache_dir: Path = Field(PROJECT_ROOT / "models_cache", description="Hub cache and the offline/ stand-ins")
+    torch_num_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, description=(
+        "Intra-op threads of the one torch thread that runs both models (default: the machine's cores)"))
 
-    generator_scheduler: Literal["continuous", "static"] = "continuous"
-    batch_max_size: int = Field(32, ge=1, le=1024)
-    batch_max_wait_ms: float = Field(5.0, ge=0)
-    batch_queue_limit: int = Field(1024, ge=1)
-    request_timeout_s: float = Field(60.0, gt=0)
-    max_prompt_chars: int = Field(4000, ge=1)
-    max_request_bytes: int = Field(1024 * 1024, ge=1)
-    body_timeout_s: float = Field(30.0, gt=0)
-    blocked_terms: str = ""
+    generator_scheduler: Literal["continuous", "static"] = Field("continuous", description=(
+        "continuous: rows join and leave the running batch at every decoding step and tokens stream as they come;"
+        " static: the micro-batcher, one generate call per batch (kept for comparison)"))
+    batch_max_size: int = Field(32, ge=1, le=1024, description=(
+        "Most distinct items per model call (continuous: most rows in the running batch)"))
+    batch_max_wait_ms: float = Field(5.0, ge=0, description="Floor of the post-batch linger, in milliseconds")
+    batch_queue_limit: int = Field(1024, ge=1, description=(
+        "Items waiting per model before a request is refused (503 + Retry-After)"))
+    request_timeout_s: float = Field(60.0, gt=0, description=(
+        "Per-request deadline (504); items not started are dropped, rows being generated stop at the next step"))
+    max_prompt_chars: int = Field(4000, ge=1, description="Longest prompt or text")
+    max_request_bytes: int = Field(1024 * 1024, ge=1, description=(
+        "Largest request body; larger is a 413, before parsing"))
+    body_timeout_s: float = Field(30.0, gt=0, description="Longest wait for the next chunk of a request body; then 408")
+    blocked_terms: str = Field("", description=(
+        "Prompts containing one of these terms get 400: comma-separated, or @path to a file of one term per line "
+        "(# comments); matched case-insensitively on word boundaries after NFKC normalisation"))
 
-    redis_url: str | None = None
-    redis_timeout_s: float = Field(0.25, gt=0)
-    cache_ttl_s: float = Field(3600.0, gt=0)
-    cache_max_items: int = Field(10000, ge=1)
-    cache_lock_ttl_s: float = Field(30.0, gt=0)
-    cache_allow_client_bypass: bool = False
+    redis_url: str | None = Field(None, description=(
+        "Unset: in-process cache and limits; set (redis://, rediss://, unix://): Redis shared by replicas for the"
+        " cache, its stampede lock and the limits"))
+    redis_timeout_s: float = Field(0.25, gt=0, description=(
+        "Longest wait for Redis on the request path: each connect, read and write, and the wait for a pooled "
+        "connection"))
+    cache_ttl_s: float = Field(3600.0, gt=0, description="Lifetime of a cached answer")
+    cache_max_items: int = Field(10000, ge=1, description="Bound of the in-memory cache (LRU)")
+    cache_lock_ttl_s: float = Field(30.0, gt=0, description=(
+        "Stampede lock lifetime; waiters take over from a dead holder after it"))
+    cache_allow_client_bypass: bool = Field(False, description=(
+        "Honour `Cache-Control: no-cache` (recompute and refresh)"))
 
-    api_keys: str = ""
-    admin_api_keys: str = ""
+    api_keys: str = Field("", description=(
+        "Comma-separated bearer keys, or sha256:<hex> digests of them; each key its own tenant, role user, no "
+        "paid-provider grant. Empty (and no other keys): the server is open, as one tenant"))
+    admin_api_keys: str = Field("", description=(
+        "Admin keys (same format): every tenant's data, and the admin operations (thresholds, cache removal, "
+        "scheduler, alerts, batch health)"))
     api_keys_file: Path | None = Field(None, description=(
         "TOML file of API keys: [[keys]] entries with tenant, key (or sha256:<hex>), role (user|admin) and grants "
         "(paid providers the key may create batch jobs for), and [tenants.<name>] egress_rate_limit"))
@@ -78,56 +117,89 @@ class Settings(BaseSettings):
     webhook_allowed_hosts: str = Field("", description=(
         "Comma-separated host names, addresses or networks (CIDR) that webhooks may reach although they are "
         "loopback, private, link-local or otherwise internal"))
-    metrics_require_key: bool = False
-    forwarded_allow_ips: str = "127.0.0.1"
-    ingress_rate_limit: str = "120/minute"
-    ingress_rate_limit_generate: str = ""
-    ingress_rate_limit_predict: str = ""
-    ingress_rate_limit_analyze: str = ""
-    egress_rate_limit: str = "gemini=10/minute,openai=60/minute,anthropic=50/minute"
-    rate_limit_fail_mode: Literal["open", "closed"] = "open"
+    metrics_require_key: bool = Field(False, description="Put /metrics behind the keys too")
+    forwarded_allow_ips: str = Field("127.0.0.1", description="Proxies trusted for X-Forwarded-For (uvicorn's setting)")
+    ingress_rate_limit: str = Field("120/minute", description=(
+        "Per client over all limited routes: N/second|minute|hour|day[;burst=B] or off"))
+    ingress_rate_limit_generate: str = Field("", description=(
+        "Extra per-client limit on /generate and /v1/completions, on top of INGRESS_RATE_LIMIT (empty: none)"))
+    ingress_rate_limit_predict: str = Field("", description=(
+        "Extra per-client limit on /predict, on top of INGRESS_RATE_LIMIT (empty: none)"))
+    ingress_rate_limit_analyze: str = Field("", description=(
+        "Extra per-client limit on /analyze/performance, on top of INGRESS_RATE_LIMIT (empty: none)"))
+    egress_rate_limit: str = Field("gemini=10/minute,openai=60/minute,anthropic=50/minute", description=(
+        "Global quotas on paid API calls, per provider: name=N/period,..."))
+    rate_limit_fail_mode: Literal["open", "closed"] = Field("open", description=(
+        "When Redis is down: open allows and counts, closed answers 503"))
 
-    openai_api_key: str | None = None
-    openai_base_url: str | None = None
-    anthropic_api_key: str | None = None
-    anthropic_base_url: str | None = None
-    gemini_api_key: str | None = None
-    gemini_base_url: str | None = None
-    gemini_model: str = "gemini-2.5-flash-lite"
-    gemini_timeout_s: float = Field(20.0, gt=0)
-    gemini_cache_ttl_s: float = Field(300.0, gt=0)
-    gemini_retry_backoff_s: float = Field(1.0, ge=0)
-    analyze_max_wait_s: float = Field(2.0, ge=0)
+    openai_api_key: str | None = Field(None, description=(
+        "OpenAI key for batch offload (unset: the provider is unconfigured and its jobs are refused)"))
+    openai_base_url: str | None = Field(None, description=(
+        "Another OpenAI endpoint (a proxy, or a test server); unset: the SDK's default"))
+    anthropic_api_key: str | None = Field(None, description="Anthropic key for batch offload (unset: unconfigured)")
+    anthropic_base_url: str | None = Field(None, description="Another Anthropic endpoint; unset: the SDK's default")
+    gemini_api_key: str | None = Field(None, description=(
+        "Gemini key for batch offload and the performance report (unset: unconfigured, rule-based reports)"))
+    gemini_base_url: str | None = Field(None, description="Another Gemini endpoint; unset: the SDK's default")
+    gemini_model: str = Field("gemini-2.5-flash-lite", description="The model that writes /analyze/performance reports")
+    gemini_timeout_s: float = Field(20.0, gt=0, description="Timeout of one report call")
+    gemini_cache_ttl_s: float = Field(300.0, gt=0, description="How long a report stays cached")
+    gemini_retry_backoff_s: float = Field(1.0, ge=0, description=(
+        "Report retry backoff base (waits of 1-2, 2-4, 4-8 times it, or Retry-After if longer; at most 4 "
+        "attempts)"))
+    analyze_max_wait_s: float = Field(2.0, ge=0, description=(
+        "Longest wait for the gemini egress quota or a Retry-After; beyond it the report falls back"))
 
-    batch_worker: Literal["in-process", "off"] = "in-process"
-    batch_schedule: str = "0 2 * * *"
-    batch_timezone: str = "UTC"
-    batch_poll_interval_s: float = Field(60.0, gt=0)
-    batch_max_attempts: int = Field(3, ge=1)
-    batch_lease_ttl_s: float = Field(120.0, gt=0)
-    batch_background_max_size: int = Field(4, ge=1)
-    batch_prices_file: Path | None = None
-    batch_local_reference_price: str = "openai:gpt-4o-mini"
-    batch_webhook_secret: str | None = None
-    alert_webhook_url: str | None = None
-    batch_alert_failure_rate: float = Field(0.10, ge=0, le=1)
-    batch_alert_max_age_h: float = Field(48.0, gt=0)
-    batch_alert_queued_items: int = Field(10_000, ge=0)
-    batch_alert_savings_step_usd: float = Field(1000.0, gt=0)
-    batch_openai_max_requests: int = Field(50_000, ge=1)
-    batch_openai_max_bytes: int = Field(200 * 1024 * 1024, ge=1)
-    batch_anthropic_max_requests: int = Field(100_000, ge=1)
-    batch_anthropic_max_bytes: int = Field(256 * 1024 * 1024, ge=1)
-    batch_gemini_max_requests: int = Field(100_000, ge=1)
-    batch_gemini_max_bytes: int = Field(2 * 1024 * 1024 * 1024, ge=1)
+    batch_worker: Literal["in-process", "off"] = Field("in-process", description=(
+        "in-process: the web process runs the batch worker; off: another process does (`python -m server worker`)"))
+    batch_schedule: str = Field("0 2 * * *", description="The window (cron, five fields) at which window jobs run")
+    batch_timezone: str = Field("UTC", description="IANA time zone of BATCH_SCHEDULE")
+    batch_poll_interval_s: float = Field(60.0, gt=0, description=(
+        "How often the worker ticks and polls each provider batch"))
+    batch_max_attempts: int = Field(3, ge=1, description=(
+        "Tries of an item (errored or expired items go into a later batch)"))
+    batch_lease_ttl_s: float = Field(120.0, gt=0, description=(
+        "The worker lease's lifetime; another process takes over after it"))
+    batch_background_max_size: int = Field(4, ge=1, description=(
+        "Largest background batch of local items (an interactive request waits behind at most one)"))
+    batch_prices_file: Path | None = Field(None, description=(
+        "JSON overriding or extending the shipped prices (server/services/batch/prices.json)"))
+    batch_local_reference_price: str = Field("openai:gpt-4o-mini", description=(
+        "Whose real-time price local work's savings are measured against (provider:model)"))
+    batch_webhook_secret: str | None = Field(None, description="Key of the X-Signature HMAC on job and alert webhooks")
+    alert_webhook_url: str | None = Field(None, description=(
+        "Where alerts are posted when they start (https, public address, unless WEBHOOK_ALLOW_HTTP / "
+        "WEBHOOK_ALLOWED_HOSTS)"))
+    batch_alert_failure_rate: float = Field(0.10, ge=0, le=1, description="Alert when a job's failed share passes this")
+    batch_alert_max_age_h: float = Field(48.0, gt=0, description="Alert when queued work is older than this many hours")
+    batch_alert_queued_items: int = Field(10_000, ge=0, description="Alert when more items than this are queued")
+    batch_alert_savings_step_usd: float = Field(1000.0, gt=0, description=(
+        "Alert (good news) each time the savings pass another step of this many dollars"))
+    batch_openai_max_requests: int = Field(50_000, ge=1, description=(
+        "Most requests per OpenAI batch (larger jobs are split)"))
+    batch_openai_max_bytes: int = Field(200 * 1024 * 1024, ge=1, description=(
+        "Largest OpenAI batch input file, in bytes"))
+    batch_anthropic_max_requests: int = Field(100_000, ge=1, description="Most requests per Anthropic batch")
+    batch_anthropic_max_bytes: int = Field(256 * 1024 * 1024, ge=1, description="Largest Anthropic batch, in bytes")
+    batch_gemini_max_requests: int = Field(100_000, ge=1, description="Most requests per Gemini batch")
+    batch_gemini_max_bytes: int = Field(2 * 1024 * 1024 * 1024, ge=1, description=(
+        "Largest Gemini batch input file, in bytes"))
 
-    database_url: str = f"sqlite+aiosqlite:///{PROJECT_ROOT / 'data' / 'server.db'}"
-    record_flush_interval_ms: float = Field(200.0, gt=0)
-    record_flush_max_items: int = Field(500, ge=1)
-    record_buffer_max: int = Field(100_000, ge=1)
-    record_spill_dir: Path = Field(default_factory=default_spill_dir)
-    database_timeout_s: float = Field(5.0, gt=0)
-    shutdown_timeout_s: float = Field(10.0, gt=0)
+    database_url: str = Field(f"sqlite+aiosqlite:///{PROJECT_ROOT / 'data' / 'server.db'}", description=(
+        "sqlite+aiosqlite:///path/to/file.db or postgresql+asyncpg://user:pass@host:5432/db"))
+    record_flush_interval_ms: float = Field(200.0, gt=0, description=(
+        "How often buffered records are written, in milliseconds (also the most a SIGKILL can lose)"))
+    record_flush_max_items: int = Field(500, ge=1, description="Most records per write")
+    record_buffer_max: int = Field(100_000, ge=1, description=(
+        "Most records buffered in memory; past it, new rows go to a spill file (never dropped)"))
+    record_spill_dir: Path = Field(default_factory=default_spill_dir, description=(
+        "Spill files (JSON lines): rows not written at shutdown or past RECORD_BUFFER_MAX, and rows the database "
+        "rejected (default: $XDG_STATE_HOME/inference-server/spill)"))
+    database_timeout_s: float = Field(5.0, gt=0, description=(
+        "Bound on every database connect and statement, and on each record write transaction"))
+    shutdown_timeout_s: float = Field(10.0, gt=0, description=(
+        "Bound on finishing open requests and then on writing buffered records at shutdown; what is still pending"
+        " is spilled"))
 
     @field_validator("batch_schedule")
     @classmethod

@@ -3,7 +3,7 @@ and for fp32 who computes the Linear layers: torch's default GEMM, or oneDNN (`l
 
 `int8` stores every `nn.Linear` weight as int8 (one scale per output channel) and quantizes each layer's input on the
 fly, so matrix products run as int8 GEMMs (fbgemm); embeddings, layer norms and attention stay fp32. It changes
-outputs (see README, "Model precision"): it is opt-in, and a quantized model answers under another name.
+outputs (see docs/precision.md): it is opt-in, and a quantized model answers under another name.
 
 GPT-2's projections are transformers' `Conv1D`, a Linear whose weight is stored transposed, which quantization does
 not recognise: they are turned into `nn.Linear` first (on its own an exact change), so that every projection, not
@@ -115,7 +115,7 @@ def linear_onednn(model: nn.Module) -> nn.Module:
     head: 8.1 ms for one row against 1.7 ms with oneDNN's packed weights; 23.6 against 6.3 ms for 32 rows), and a
     decoding step is little else. The precision is the same; only the summation order may differ, so outputs can
     differ in their last bits: greedy output is checked identical to transformers' on the test prompts
-    (tests/ml/test_precision.py) and on the benchmark's (README, Performance). The weights are repacked once, at load.
+    (tests/ml/test_precision.py) and on the benchmark's (docs/performance.md). The weights are repacked once, at load.
     """
     linear_from_conv1d(model)
     untie_output_embeddings(model)
