@@ -9,7 +9,7 @@ from server import __version__
 from server.api import errors
 from server.api.body_guard import BodyGuardMiddleware
 from server.api.deps import authenticate
-from server.api.middleware import ObservedRequestMiddleware
+from server.api.middleware import ObservedRequestMiddleware, route_templates
 from server.api.openai import routes as openai_routes
 from server.api.openai.errors import OpenAIErrorMiddleware
 from server.api.ratelimit import IngressRateLimitMiddleware
@@ -37,12 +37,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(OpenAIErrorMiddleware)
     app.add_middleware(ObservedRequestMiddleware)
     errors.install(app)
-    app.include_router(system.router)
-    app.include_router(docs.router)
-    app.include_router(static.router)
-    app.include_router(dashboard.router)
-    for module in (generate, predict, history, batch, analytics, openai_routes):
-        app.include_router(module.router, dependencies=[Depends(authenticate)])
+    routers = [system.router, docs.router, static.router, dashboard.router]
+    for router in routers:
+        app.include_router(router)
+    keyed = [module.router for module in (generate, predict, history, batch, analytics, openai_routes)]
+    for router in keyed:
+        app.include_router(router, dependencies=[Depends(authenticate)])
+    app.state.route_templates = route_templates(routers + keyed)
     return app
 
 

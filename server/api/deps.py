@@ -10,7 +10,7 @@ from fastapi import Depends, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from server.core.tenants import Principal
+from server.core.tenants import UNAUTHORIZED, Principal
 from server.services.generation import GenerationService
 from server.services.runtime import Runtime
 from server.services.sentiment import SentimentService
@@ -71,8 +71,7 @@ BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(au
 
 
 def _unauthorized() -> HTTPException:
-    return HTTPException(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                         headers={"WWW-Authenticate": "Bearer"})
+    return HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
 
 
 def identify(runtime: Runtime, credentials: HTTPAuthorizationCredentials | None) -> Principal:

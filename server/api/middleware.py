@@ -14,7 +14,11 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterable
 
+from fastapi import APIRouter
+from fastapi.routing import APIRoute
+from starlette.routing import Match, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.ratelimit import bearer_token
@@ -30,9 +34,31 @@ access_log = logging.getLogger("server.access")
 
 
 def route_template(scope: Scope) -> str:
-    """The matched route's path template (set by the router), so that labels stay few."""
+    """The matched route's path template, so that labels stay few. FastAPI's routes set it in the scope; a plain
+    Starlette route (`/openapi.json`) does not, nor does a request answered before routing (a 429 of the rate
+    limiter, a 401, a 413): those are matched here, against the app's own routes and then its OpenAPI paths (the
+    routes of included routers, which `create_app` lists in `app.state.route_templates`)."""
     route = scope.get("route")
-    return getattr(route, "path", "unmatched")
+    if route is not None:
+        return getattr(route, "path", "unmatched")
+    app = scope.get("app")
+    if app is None:
+        return "unmatched"
+    for candidate in app.router.routes:
+        path = getattr(candidate, "path", None)
+        if path is not None and candidate.matches(scope)[0] is not Match.NONE:
+            return path
+    for template, pattern in getattr(app.state, "route_templates", ()):
+        if pattern.fullmatch(scope["path"]):
+            return template
+    return "unmatched"
+
+
+def route_templates(routers: Iterable[APIRouter]) -> list[tuple[str, re.Pattern[str]]]:
+    """The path templates of included routers' routes, compiled once for `route_template` (FastAPI matches an
+    included router as a whole, so its routes are not among the app's own)."""
+    return [(route.path, compile_path(route.path)[0]) for router in routers for route in router.routes
+            if isinstance(route, APIRoute)]
 
 
 def request_id_of(scope: Scope) -> str:

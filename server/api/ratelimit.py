@@ -11,6 +11,7 @@ import math
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.core.tenants import UNAUTHORIZED
 from server.services.limits.decide import LimiterUnavailable
 
 # The dashboard page holds no figures (its script asks the limited JSON routes, with the key).
@@ -55,6 +56,11 @@ class IngressRateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         runtime = scope["app"].state.runtime
+        if not runtime.keys.anonymous_allowed and runtime.keys.identify(bearer_token(scope)) is None:
+            # A request the routes will refuse for its key is answered so here, before it counts: a client that
+            # forgot its key keeps getting 401 (the cause), never 429 for tries that could not succeed.
+            await _json(send, 401, {"detail": UNAUTHORIZED}, [(b"www-authenticate", b"Bearer")])
+            return
         try:
             decision = await runtime.ingress.check(ROUTE_GROUPS.get(scope["path"], "default"),
                                                    client_identity(scope, runtime))

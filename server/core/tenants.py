@@ -35,6 +35,7 @@ DEFAULT_TENANT = "default"
 ADMIN_TENANT = "admin"
 # Where requests refused for want of a valid key are recorded: not a name a tenant can have, so no tenant sees them.
 UNAUTHENTICATED = "(unauthenticated)"
+UNAUTHORIZED = "missing or invalid API key: send 'Authorization: Bearer <key>'"
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 

@@ -51,3 +51,21 @@ async def test_no_keys_runs_open_with_a_startup_warning(settings, caplog):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
             assert (await client.post("/predict", json={"text": "x"})).status_code == 200
     assert "no API key is set: the server is OPEN" in caplog.text
+
+
+@pytest.mark.parametrize("secured", [{"ingress_rate_limit": "2/minute"}], indirect=True)
+async def test_tries_without_a_valid_key_stay_401_and_do_not_use_up_the_quota(secured):
+    # A client that forgot its key is told so every time, not 429 once its tries pass the limit; the key's own
+    # quota is untouched by them.
+    for _ in range(5):
+        refused = await secured.post("/predict", json={"text": "x"})
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+    keyed = [await secured.post("/predict", json={"text": "x"}, headers={"Authorization": "Bearer plain-secret"})
+             for _ in range(3)]
+    assert [response.status_code for response in keyed] == [200, 200, 429]
+
+
+async def test_the_openai_api_answers_a_missing_key_in_its_own_shape(secured):
+    refused = await secured.post("/v1/completions", json={"model": "x", "prompt": "x"})
+    assert refused.status_code == 401
+    assert "API key" in refused.json()["error"]["message"]
