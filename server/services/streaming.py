@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from server.ml.sampling import TokenLogprob
 
+
 @dataclass(frozen=True)
 class TextChunk:
     index: int
