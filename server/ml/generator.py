@@ -78,6 +78,7 @@ class TextGenerator(PretrainedModel):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.context_size = int(getattr(model.config, "n_positions", None) or model.config.max_position_embeddings)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         self.decoder = Decoder(self.model, tokenizer)
 
     def encode(self, text: str) -> list[int]:

@@ -84,6 +84,8 @@ class GenerationResult:
 
 
 DEFAULT_MAX_NEW_TOKENS = 50
+# A prompt is text, or token ids as OpenAI's completions take them (evaluation harnesses send their own tokenisation).
+Prompt = str | tuple[int, ...]
 EXTENSIONS = ("top_k", "repetition_penalty", "min_tokens", "ignore_eos", "logprobs", "prompt_logprobs")
 
 
@@ -140,18 +142,26 @@ class GenerationService:
         self.max_prompt_chars = max_prompt_chars
         self.timeout_s = timeout_s
 
-    def plan(self, prompts: list[str], options: GenerationOptions, scope: str | None = None) -> list[GenerationJob]:
+    def text(self, prompt: Prompt) -> str:
+        return prompt if isinstance(prompt, str) else self.generator.decoder.text(list(prompt))
+
+    def plan(self, prompts: list[Prompt], options: GenerationOptions, scope: str | None = None) -> list[GenerationJob]:
         """Tokenise and check every prompt; all problems are reported at once, as a 422 would list them."""
         errors: list[FieldError] = []
         jobs: list[GenerationJob] = []
         context = self.generator.context_size
         for index, prompt in enumerate(prompts):
             loc = ("body", "prompts", index)
-            if len(prompt) > self.max_prompt_chars:
+            if isinstance(prompt, tuple):
+                if outside := [token for token in prompt if token >= self.generator.vocab_size]:
+                    errors.append(FieldError(loc, f"token id {outside[0]} is not in the model's vocabulary of "
+                                                  f"{self.generator.vocab_size}"))
+                    continue
+            elif len(prompt) > self.max_prompt_chars:
                 errors.append(FieldError(loc, f"prompt is {len(prompt)} characters; MAX_PROMPT_CHARS is "
                                               f"{self.max_prompt_chars}"))
                 continue
-            ids = tuple(self.generator.encode(prompt))
+            ids = prompt if isinstance(prompt, tuple) else tuple(self.generator.encode(prompt))
             if not ids:
                 errors.append(FieldError(loc, "prompt encodes to no tokens"))
                 continue
@@ -183,7 +193,7 @@ class GenerationService:
         return cache_key("generate", self.generator.name, self.generator.revision, job.prompt_ids, described(job),
                          job.scope)
 
-    async def open_stream(self, prompts: list[str], options: GenerationOptions, *, tenant: str,
+    async def open_stream(self, prompts: list[Prompt], options: GenerationOptions, *, tenant: str,
                           bypass_cache: bool = False) -> GenerationStream:
         """Start a streamed request; returns once it was admitted (else raises, as `generate` would)."""
         stream = GenerationStream(len(prompts), self.generator.decoder.text, options.stop)
@@ -192,7 +202,7 @@ class GenerationService:
         await stream.started(task)
         return stream
 
-    async def generate(self, prompts: list[str], options: GenerationOptions, *, tenant: str,
+    async def generate(self, prompts: list[Prompt], options: GenerationOptions, *, tenant: str,
                        bypass_cache: bool = False, background: bool = False,
                        stream: GenerationStream | None = None) -> list[GenerationResult]:
         """Continue each prompt for `tenant` (whose records and cached answers they are). `background` work (the
@@ -213,10 +223,11 @@ class GenerationService:
                                    tokens_out=sum(r.completion_tokens for r in results))
         return results
 
-    async def _compute(self, prompts: list[str], options: GenerationOptions, tenant: str, bypass_cache: bool,
+    async def _compute(self, prompts: list[Prompt], options: GenerationOptions, tenant: str, bypass_cache: bool,
                        background: bool, stream: GenerationStream | None
                        ) -> tuple[list[GenerationResult], list[GenerationJob]]:
-        self.policy.check("generate", prompts)
+        texts = [self.text(prompt) for prompt in prompts]
+        self.policy.check("generate", texts)
         jobs = self.plan(prompts, options, self.cache.scope(tenant))
         created = datetime.now(UTC)
 
@@ -232,7 +243,7 @@ class GenerationService:
 
         def answered(index: int, data: bytes, outcome: Outcome) -> None:
             """Each item's result, made once: the stream's final event and the records carry the same id."""
-            out, prompt, job = decode_generation(data), prompts[index], jobs[index]
+            out, prompt, job = decode_generation(data), texts[index], jobs[index]
             results[index] = GenerationResult(
                 id=uuid.uuid4().hex, prompt=prompt, generated_text=prompt + out.text, completion=out.text,
                 model_name=self.generator.name, created_at=created, finish_reason=out.finish_reason,

@@ -83,6 +83,24 @@ async def test_lm_eval_loglikelihood_request_gets_the_models_own_logprobs(settin
                                          abs=1e-3)
 
 
+async def test_token_id_prompts_as_lm_eval_sends_them_by_default(app_client):
+    # tokenized_requests=True (local-completions' default): a list of token-id prompts.
+    generator = app_client.app.state.runtime.generator
+    ids = generator.encode(CONTEXT + CONTINUATION)
+    body = {"temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True}
+    by_ids = await complete(app_client, prompt=[ids, ids[:4]], **body)
+    by_text = await complete(app_client, prompt=CONTEXT + CONTINUATION, **body)
+    assert by_ids.status_code == 200, by_ids.text
+    first, second = by_ids.json()["choices"]
+    assert first["logprobs"] == by_text.json()["choices"][0]["logprobs"] and first["text"] == by_text.json()[
+        "choices"][0]["text"]
+    assert len(second["logprobs"]["tokens"]) == 5 and by_ids.json()["usage"]["prompt_tokens"] == len(ids) + 4
+    single = await complete(app_client, prompt=ids[:4], **body)
+    assert single.json()["choices"][0]["logprobs"] == second["logprobs"]
+    outside = await complete(app_client, prompt=[generator.vocab_size], max_tokens=1)
+    assert outside.status_code == 400 and "vocabulary" in outside.json()["error"]["message"]
+
+
 async def test_streamed_logprobs_add_up_to_the_plain_answers(app_client):
     body = {"prompt": "Streaming scores", "temperature": 0, "max_tokens": 10, "logprobs": 2}
     plain = (await complete(app_client, **body)).json()["choices"][0]["logprobs"]
@@ -140,7 +158,9 @@ async def test_extensions_reach_the_decoder_per_row(app_client):
     {"top_k": -2},
     {"repetition_penalty": 0},
     {"best_of": 2},
+    {"prompt": [1, "x"]},
+    {"prompt": [-1]},
 ])
 async def test_what_cannot_be_honoured_is_refused(app_client, body):
-    response = await complete(app_client, prompt="x", **body)
+    response = await complete(app_client, **{"prompt": "x", **body})
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"

@@ -31,7 +31,7 @@ from server.api.openai.schemas import (
 from server.api.responses import MODEL_ROUTE_ERRORS, error_responses
 from server.api.sse import event_stream
 from server.ml.sampling import TokenLogprob
-from server.services.generation import GenerationOptions, GenerationResult, GenerationService
+from server.services.generation import GenerationOptions, GenerationResult, GenerationService, Prompt
 from server.services.streaming import ItemDone, StreamEvent, TextChunk
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=JSONBodyRoute)
@@ -87,7 +87,7 @@ def _unknown_model(body: Sampling, service: GenerationService) -> JSONResponse |
 
 
 async def _answer(request: Request, response: Response, service: GenerationService, bypass: bool, tenant: str,
-                  body: Sampling, prompts: list[str], chunk: Callable[[int, str | None, str | None], dict],
+                  body: Sampling, prompts: list[Prompt], chunk: Callable[[int, str | None, str | None], dict],
                   whole: Callable[[list[GenerationResult]], object], options: GenerationOptions | None = None,
                   scored: Callable[[TextChunk], dict] | None = None):
     """Run the prompts; a stream of `chunk(index, text, finish_reason)` dicts (with `scored(text_chunk)` as the
@@ -143,7 +143,7 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
             return meta | {"choices": []}
         if body.echo and index not in echoed:
             echoed.add(index)
-            text = prompts[index] + (text or "")
+            text = service.text(prompts[index]) + (text or "")
         return meta | {"choices": [{"text": text or "", "index": index, "logprobs": None, "finish_reason": finish}]}
 
     def scored(event: TextChunk) -> dict:

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from server.api.schemas import REQUEST_CONFIG, Prompt
 
 Stop = Annotated[str, Field(min_length=1, max_length=200)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1, max_length=100_000)]
 DEFAULT_MAX_TOKENS = 16
 Zero = Annotated[float, Field(ge=0, le=0)]
 
@@ -68,7 +69,8 @@ class CompletionRequest(Sampling):
     model_config = REQUEST_CONFIG | ConfigDict(json_schema_extra={
         "examples": [{"model": "gpt2", "prompt": "Once upon a time", "max_tokens": 20}]})
 
-    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=32)]
+    prompt: (Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=32)] | TokenIds
+             | Annotated[list[TokenIds], Field(min_length=1, max_length=32)])
     echo: bool | None = False
     max_tokens: int | None = Field(None, ge=0, le=256, description="New tokens (default 16)")
     best_of: Literal[1] | None = None
@@ -83,8 +85,13 @@ class CompletionRequest(Sampling):
         return self
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | tuple[int, ...]]:
+        """One per choice: a text, or token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if isinstance(self.prompt[0], int):
+            return [tuple(self.prompt)]
+        return [p if isinstance(p, str) else tuple(p) for p in self.prompt]
 
 
 class ChatMessage(BaseModel):
