@@ -1,6 +1,7 @@
 """/v1/completions as the field's standard clients call it: `vllm bench serve`'s streamed request, lm-evaluation-
 harness's `local-completions` loglikelihood request (echo + logprobs), and the vLLM/TGI/llama.cpp extensions."""
 
+import asyncio
 import json
 
 import httpx
@@ -149,6 +150,21 @@ async def test_extensions_reach_the_decoder_per_row(app_client):
                 if item["params"].get("min_tokens")]
     assert record["params"] == {"max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "seed": None,
                                      "min_tokens": 6, "ignore_eos": True}
+
+
+async def test_a_plain_row_decoded_beside_extended_rows_keeps_its_tokens(app_client):
+    generator = app_client.app.state.runtime.generator
+    prompt = "Neighbours in one batch"
+    plain, *_ = await asyncio.gather(
+        complete(app_client, prompt=prompt, temperature=0, max_tokens=12),
+        complete(app_client, prompt=prompt + " too", temperature=1.0, top_k=3, seed=1, max_tokens=12),
+        complete(app_client, prompt="Another one", temperature=0, repetition_penalty=1.5, min_tokens=4,
+                 max_tokens=12),
+        complete(app_client, prompt="Scored", temperature=0, max_tokens=12, logprobs=5, echo=True))
+    alone = Sequence(tuple(generator.encode(prompt)), GenerationParams(12))
+    with torch.inference_mode():
+        generator.decoder.complete([alone])
+    assert plain.json()["choices"][0]["text"] == generator.result(alone).text
 
 
 @pytest.mark.parametrize("body", [
