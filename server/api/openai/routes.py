@@ -135,7 +135,8 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
     prompts = body.prompts
     echoed: set[int] = set()
     decode = service.generator.decoder.text
-    options = replace(_options(body), logprobs=body.logprobs, prompt_logprobs=bool(body.echo) and body.logprobs is not None)
+    options = replace(_options(body), logprobs=body.logprobs,
+                      prompt_logprobs=bool(body.echo) and body.logprobs is not None)
     offsets = [0] * len(prompts)
 
     def chunk(index: int, text: str | None, finish: str | None) -> dict:
