@@ -5,6 +5,7 @@ import asyncio
 import json
 
 import httpx
+import openai
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -180,3 +181,19 @@ async def test_a_plain_row_decoded_beside_extended_rows_keeps_its_tokens(app_cli
 async def test_what_cannot_be_honoured_is_refused(app_client, body):
     response = await complete(app_client, **{"prompt": "x", **body})
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_the_openai_sdk_reads_logprobs(live_app):
+    base_url, app = live_app
+    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0) as sdk:
+        model = app.state.runtime.generator.name
+        completion = await sdk.completions.create(model=model, prompt="Read by the SDK", max_tokens=4, temperature=0,
+                                                  logprobs=2, echo=True)
+        chunks = [chunk async for chunk in await sdk.completions.create(
+            model=model, prompt="Read by the SDK", max_tokens=4, temperature=0, logprobs=2, stream=True)]
+    logprobs = completion.choices[0].logprobs
+    prompt_tokens = completion.usage.prompt_tokens
+    assert len(logprobs.tokens) == prompt_tokens + 4 and logprobs.token_logprobs[0] is None
+    streamed = [value for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
+                for value in chunk.choices[0].logprobs.token_logprobs]
+    assert streamed == logprobs.token_logprobs[prompt_tokens:]
