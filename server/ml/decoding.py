@@ -10,56 +10,55 @@ Everything here blocks and mutates tensors: one thread (the scheduler's loop, in
 """
 
 import copy
-import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from transformers import DynamicCache
 
+from server.ml.sampling import RowSampler, TokenLogprob, shaped
+
 FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """Everything that changes a row's tokens besides its prompt and seed.
+    """Everything that changes a row's answer besides its prompt and seed.
 
-    `stop` strings end the text before their first occurrence (finish reason "stop"), as OpenAI's `stop` does."""
+    `stop` strings end the text before their first occurrence (finish reason "stop"), as OpenAI's `stop` does.
+    The extensions of vLLM, TGI and llama.cpp (server/ml/sampling.py): `top_k` (0: off), `repetition_penalty`
+    (1.0: off), `min_tokens` (end-of-text is not picked before), `ignore_eos` (end-of-text does not end the row).
+    `logprobs` (top alternatives per token; None: none reported) and `prompt_logprobs` change the answer, not
+    its tokens."""
 
     max_new_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-
-class RowSampler:
-    """Temperature + nucleus sampling for one row, from the row's own seeded generator.
-
-    Works in double precision, shifted by the row's maximum: in float32 a tiny temperature rounds to 0 or overflows
-    the division to inf, and softmax of inf is NaN."""
-
-    def __init__(self, params: GenerationParams, seed: int | None):
-        self.params = params
-        self.generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
-
-    def pick(self, scores: torch.Tensor) -> int:
-        scores = scores.double()
-        probs = torch.softmax((scores - scores.max()) / self.params.temperature, dim=-1)
-        if self.params.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            outside = sorted_probs.cumsum(dim=-1) - sorted_probs > self.params.top_p
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether the row's logits change before its pick (else the pick is the plain greedy or sampled one)."""
+        return self.repetition_penalty != 1.0 or self.min_tokens > 0
 
 
 @dataclass(eq=False)
 class Sequence:
     """One row's decoding state: its prompt, the tokens generated so far (the last one not yet fed to the model),
-    and, once done, why it stopped and how many of its tokens the answer keeps."""
+    and, once done, why it stopped and how many of its tokens the answer keeps. With `params.logprobs` set,
+    `logprobs[i]` is `tokens[i]`'s; with `params.prompt_logprobs`, the prefill sets `prompt_logprobs` (None for
+    the first prompt token, which nothing predicts)."""
 
     prompt: tuple[int, ...]
     params: GenerationParams
@@ -67,6 +66,8 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     kept: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     sampler: RowSampler | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -144,9 +145,15 @@ class Decoder:
         mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in inputs], dtype=torch.long)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         batch = DecodeBatch(sequences, DynamicCache(config=self.model.config), mask, mask.sum(dim=-1))
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=batch.cache,
-                            use_cache=True, logits_to_keep=1).logits
-        self._advance(batch, logits[:, -1, :])
+        scoring = [row for row, s in enumerate(sequences) if s.params.prompt_logprobs and s.prompt_logprobs is None]
+        # Prompt log-probabilities come from the last hidden states of this same pass; the logits the rows pick
+        # from stay those of the last position alone, as they are computed without them (a wider product would
+        # change their last bits, and so possibly a neighbour's greedy token).
+        output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=batch.cache,
+                            use_cache=True, logits_to_keep=1, **({"output_hidden_states": True} if scoring else {}))
+        for row in scoring:
+            self._score_prompt(sequences[row], output.hidden_states[-1][row, width - len(inputs[row]):])
+        self._advance(batch, output.logits[:, -1, :])
         return batch
 
     def step(self, batch: DecodeBatch) -> None:
@@ -159,25 +166,53 @@ class Decoder:
         batch.positions = batch.positions + 1
         self._advance(batch, logits[:, -1, :])
 
-    def complete(self, sequences: list[Sequence]) -> None:
-        """Decode these rows to their end with nobody joining: the continuous loop's arithmetic for one batch."""
+    def complete(self, sequences: list[Sequence], abandoned: Callable[[int], bool] = lambda row: False) -> None:
+        """Decode these rows to their end with nobody joining: the continuous loop's arithmetic for one batch. A
+        row for which `abandoned(i)` (its index in `sequences`) turns true stops at the next step, unfinished."""
         batch = self.prefill(sequences)
-        while unfinished := [i for i, row in enumerate(batch.sequences) if not row.finish_reason]:
+        rows = list(range(len(sequences)))
+        while unfinished := [i for i, row in enumerate(batch.sequences)
+                             if not row.finish_reason and not abandoned(rows[i])]:
             batch.keep(unfinished)
+            rows = [rows[i] for i in unfinished]
             self.step(batch)
+
+    def _score_prompt(self, sequence: Sequence, hidden: torch.Tensor) -> None:
+        """The log-probability of each prompt token after the ones before it, from the row's last hidden states."""
+        prompt, top = sequence.prompt, sequence.params.logprobs or 0
+        sequence.prompt_logprobs = [None]
+        if len(prompt) > 1:
+            logits = self.model.get_output_embeddings()(hidden[:len(prompt) - 1]).float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            sequence.prompt_logprobs += [TokenLogprob.at(logprobs[i], prompt[i + 1], top)
+                                         for i in range(len(prompt) - 1)]
 
     def _advance(self, batch: DecodeBatch, scores: torch.Tensor) -> None:
         scores = scores.float()
         greedy = scores.argmax(dim=-1).tolist()
         for row, sequence in enumerate(batch.sequences):
-            token = greedy[row] if sequence.sampler is None else sequence.sampler.pick(scores[row])
+            params = sequence.params
+            if len(sequence.tokens) >= params.max_new_tokens:
+                # Only a row asked for no new tokens (its prompt scored alone) gets here, at its prefill.
+                self.finish(sequence)
+                continue
+            if params.shapes_logits:
+                chosen = shaped(scores[row], params, [*sequence.prompt, *sequence.tokens], len(sequence.tokens),
+                                self.tokenizer.eos_token_id)
+                token = int(chosen.argmax()) if sequence.sampler is None else sequence.sampler.pick(chosen)
+            else:
+                token = greedy[row] if sequence.sampler is None else sequence.sampler.pick(scores[row])
+            if params.logprobs is not None:
+                sequence.logprobs.append(TokenLogprob.at(torch.log_softmax(scores[row], dim=-1), token,
+                                                         params.logprobs))
             sequence.tokens.append(token)
             self.finish(sequence)
 
     def finish(self, sequence: Sequence) -> None:
-        """Set `finish_reason` and `kept` once the row is done: end of sequence, a stop string, or its length."""
+        """Set `finish_reason` and `kept` once the row is done: end of sequence (unless the row ignores it), a stop
+        string, or its length."""
         tokens = sequence.tokens
-        if tokens and tokens[-1] == self.tokenizer.eos_token_id:
+        if tokens and tokens[-1] == self.tokenizer.eos_token_id and not sequence.params.ignore_eos:
             sequence.finish_reason, sequence.kept = "stop", len(tokens) - 1
         elif sequence.params.stop and any(s in self.text(tokens) for s in sequence.params.stop):
             sequence.finish_reason, sequence.kept = "stop", len(tokens)

@@ -17,9 +17,10 @@ import torch
 from transformers import (AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList,
                           StoppingCriteria, StoppingCriteriaList)
 
-from server.ml.decoding import Decoder, GenerationParams, RowSampler, Sequence as DecodedSequence
+from server.ml.decoding import Decoder, GenerationParams, Sequence as DecodedSequence
 from server.ml.loader import PretrainedModel
 from server.ml.precision import Kernels, Precision
+from server.ml.sampling import RowSampler, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class Generation:
     token_ids: list[int]
     text: str
     finish_reason: Literal["stop", "length", "aborted"]
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class PerRowSampler(LogitsProcessor):
@@ -58,6 +61,11 @@ class AbandonedRows(StoppingCriteria):
         return now
 
 
+def _decoder_only(params: GenerationParams) -> bool:
+    return (params.shapes_logits or params.ignore_eos or params.logprobs is not None or params.prompt_logprobs
+            or params.max_new_tokens == 0)
+
+
 class TextGenerator(PretrainedModel):
     """A loaded causal LM and its tokenizer. `generate` blocks: call it from the executor only."""
 
@@ -70,6 +78,7 @@ class TextGenerator(PretrainedModel):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.context_size = int(getattr(model.config, "n_positions", None) or model.config.max_position_embeddings)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         self.decoder = Decoder(self.model, tokenizer)
 
     def encode(self, text: str) -> list[int]:
@@ -80,7 +89,11 @@ class TextGenerator(PretrainedModel):
                  abandoned: Callable[[int], bool] = lambda row: False) -> list[Generation]:
         """One static batch through HF's `generate`: every row runs until the longest is done (the static
         scheduler). `seeds[i]` fixes row i's sample (None: a fresh random seed). Rows for which `abandoned(i)`
-        becomes true stop at the next step and come back as `finish_reason="aborted"`."""
+        becomes true stop at the next step and come back as `finish_reason="aborted"`. Parameters HF's loop does
+        not apply as the continuous one does (penalties, end-of-text rules, log-probabilities, no new tokens) run
+        the continuous loop's decoder on this batch instead."""
+        if _decoder_only(params):
+            return self._complete(prompts, params, seeds or [None] * len(prompts), abandoned)
         batch = self.tokenizer.pad({"input_ids": [list(p) for p in prompts]}, padding=True, return_tensors="pt")
         config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False,
                                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
@@ -107,9 +120,19 @@ class TextGenerator(PretrainedModel):
             results.append(self.result(sequence))
         return results
 
+    def _complete(self, prompts: Sequence[Sequence[int]], params: GenerationParams, seeds: Sequence[int | None],
+                  abandoned: Callable[[int], bool]) -> list[Generation]:
+        sequences = [DecodedSequence(tuple(prompt), params, seed) for prompt, seed in zip(prompts, seeds)]
+        with torch.inference_mode():
+            self.decoder.complete(sequences, abandoned)
+        return [self.result(s) if s.finish_reason else Generation([], "", "aborted") for s in sequences]
+
     def result(self, sequence: DecodedSequence) -> Generation:
         tokens, text = self.decoder.answer(sequence)
-        return Generation(tokens, text, sequence.finish_reason or "length")
+        params = sequence.params
+        return Generation(tokens, text, sequence.finish_reason or "length",
+                          sequence.logprobs[:len(tokens)] if params.logprobs is not None else None,
+                          sequence.prompt_logprobs)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str | None:
         """The prompt for a chat, from the tokenizer's chat template; None when the model has none (GPT-2)."""

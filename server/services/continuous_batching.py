@@ -23,7 +23,8 @@ Semantics (`MicroBatcher` in batching.py is the static alternative, `GENERATOR_S
 - Deadlines and disconnects: a caller that times out (504) or is cancelled leaves its row; a row with no caller
   left is dropped before the next step (`batch_abort_steps` observes the steps in between: at most one).
 - Equal deterministic jobs share one row; a caller that joins a running row first receives its tokens so far.
-- Streaming: a caller's `on_tokens(token_ids)` runs on the event loop after each step that gave its row tokens.
+- Streaming: a caller's `on_tokens(token_ids, logprobs)` runs on the event loop after each step that gave its row
+  tokens (`logprobs`: theirs, when the row reports them, else empty).
 - Failure isolation: a forward pass that raises dissolves its batch; its rows run again one at a time, resumed
   from the tokens they had. A row that fails alone fails its callers with `ModelFailed`; the others finish.
 """
@@ -47,13 +48,14 @@ from server.core import metrics
 from server.ml.decoding import DecodeBatch, GenerationParams
 from server.ml.decoding import Sequence as DecodedSequence
 from server.ml.generator import Generation, TextGenerator
+from server.ml.sampling import TokenLogprob
 from server.services.batching import AbandonReason, AdmissionGate, History, answers
 from server.services.errors import ModelFailed, Overloaded
 
 log = logging.getLogger(__name__)
 JOIN_FRACTION = 0.25
 JOIN_AFTER_STEPS = 4
-TokenSink = Callable[[list[int]], None]
+TokenSink = Callable[[list[int], list[TokenLogprob]], None]
 
 
 class Job(Hashable, Protocol):
@@ -83,6 +85,7 @@ class _Row(DecodedSequence):
     enqueued_at: float = 0.0
     enqueued_step: int = 0
     delivered: list[int] = field(default_factory=list)
+    delivered_logprobs: list[TokenLogprob] = field(default_factory=list)
     sent: int = 0
     gone: bool = False
     gone_at_step: int = 0
@@ -99,6 +102,7 @@ class _Update:
     row: _Row
     tokens: list[int]
     outcome: Generation | BaseException | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class ContinuousBatcher:
@@ -195,7 +199,7 @@ class ContinuousBatcher:
             row.callers.append(caller)
             if on_tokens := caller.on_tokens:
                 if row.delivered:
-                    on_tokens(list(row.delivered))
+                    on_tokens(list(row.delivered), list(row.delivered_logprobs))
         caller.future.add_done_callback(partial(self._left, row))
 
     def _left(self, row: _Row, future: asyncio.Future) -> None:
@@ -346,9 +350,10 @@ class ContinuousBatcher:
 
     def _update(self, row: _Row) -> _Update:
         limit = row.kept if row.finish_reason else len(row.tokens)
-        tokens, row.sent = row.tokens[row.sent:limit], max(row.sent, limit)
+        tokens, logprobs = row.tokens[row.sent:limit], row.logprobs[row.sent:limit]
+        row.sent = max(row.sent, limit)
         outcome = self.generator.result(row) if row.finish_reason else None
-        return _Update(row, tokens, outcome)
+        return _Update(row, tokens, outcome, logprobs)
 
     def _park_or_resume(self) -> None:
         """Background rows sit out the steps of interactive rows (their cache kept aside, intact), and rejoin when
@@ -400,9 +405,10 @@ class ContinuousBatcher:
         for update in updates:
             row = update.row
             row.delivered.extend(update.tokens)
+            row.delivered_logprobs.extend(update.logprobs)
             for caller in row.callers:
                 if update.tokens and caller.on_tokens is not None and not caller.future.done():
-                    caller.on_tokens(update.tokens)
+                    caller.on_tokens(update.tokens, update.logprobs)
             if update.outcome is None:
                 continue
             self._forget(row)

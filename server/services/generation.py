@@ -17,6 +17,7 @@ from functools import partial
 
 from server.db.models import GenerationRecord
 from server.ml.generator import Generation, GenerationParams, TextGenerator
+from server.ml.sampling import TokenLogprob
 from server.services.analytics.request_log import RequestLog
 from server.services.batching import ABORTED, BACKGROUND_TIMEOUT_S, Abandoned, Aborted, MicroBatcher
 from server.services.cache import SERVED_FROM_CACHE, ResponseCache
@@ -47,7 +48,9 @@ class GenerationJob:
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """What the client asked for; `max_length` (prompt included) and `max_new_tokens` exclude each other."""
+    """What the client asked for; `max_length` (prompt included) and `max_new_tokens` exclude each other. `top_k`
+    0 or -1 is off; `logprobs` is the number of alternatives reported per token (None: no log-probabilities), and
+    `prompt_logprobs` reports the prompt's tokens' too (for `echo`)."""
 
     max_new_tokens: int | None = None
     max_length: int | None = None
@@ -55,6 +58,12 @@ class GenerationOptions:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,9 +78,15 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     cached: bool
+    logprobs: list[TokenLogprob] | None = None
+    prompt_ids: tuple[int, ...] = ()
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 DEFAULT_MAX_NEW_TOKENS = 50
+# A prompt is text, or token ids as OpenAI's completions take them (evaluation harnesses send their own tokenisation).
+Prompt = str | tuple[int, ...]
+EXTENSIONS = ("top_k", "repetition_penalty", "min_tokens", "ignore_eos", "logprobs", "prompt_logprobs")
 
 
 def run_jobs(generator: TextGenerator, jobs: list[GenerationJob], abandoned: Abandoned) -> list[Generation | Aborted]:
@@ -82,12 +97,36 @@ def run_jobs(generator: TextGenerator, jobs: list[GenerationJob], abandoned: Aba
 
 
 def encode_generation(output: Generation) -> bytes:
-    return json.dumps({"tokens": output.token_ids, "text": output.text, "finish": output.finish_reason}).encode()
+    fields = {"tokens": output.token_ids, "text": output.text, "finish": output.finish_reason}
+    if output.logprobs is not None:
+        fields["logprobs"] = [entry.encode() for entry in output.logprobs]
+    if output.prompt_logprobs is not None:
+        fields["prompt_logprobs"] = [entry and entry.encode() for entry in output.prompt_logprobs]
+    return json.dumps(fields).encode()
 
 
 def decode_generation(data: bytes) -> Generation:
     fields = json.loads(data)
-    return Generation(fields["tokens"], fields["text"], fields["finish"])
+    logprobs, prompt_logprobs = fields.get("logprobs"), fields.get("prompt_logprobs")
+    return Generation(fields["tokens"], fields["text"], fields["finish"],
+                      None if logprobs is None else [TokenLogprob.decode(entry) for entry in logprobs],
+                      None if prompt_logprobs is None else [entry and TokenLogprob.decode(entry)
+                                                            for entry in prompt_logprobs])
+
+
+def described(job: GenerationJob) -> dict:
+    """The job's parameters as its cache key and its record hold them: the extensions only where they are set, so
+    a job without them keeps the key it always had."""
+    params = job.params
+    fields = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
+              "seed": job.seed}
+    if params.stop:
+        fields["stop"] = list(params.stop)
+    defaults = GenerationParams(params.max_new_tokens)
+    for name in EXTENSIONS:
+        if (value := getattr(params, name)) != getattr(defaults, name):
+            fields[name] = value
+    return fields
 
 
 class GenerationService:
@@ -103,18 +142,26 @@ class GenerationService:
         self.max_prompt_chars = max_prompt_chars
         self.timeout_s = timeout_s
 
-    def plan(self, prompts: list[str], options: GenerationOptions, scope: str | None = None) -> list[GenerationJob]:
+    def text(self, prompt: Prompt) -> str:
+        return prompt if isinstance(prompt, str) else self.generator.decoder.text(list(prompt))
+
+    def plan(self, prompts: list[Prompt], options: GenerationOptions, scope: str | None = None) -> list[GenerationJob]:
         """Tokenise and check every prompt; all problems are reported at once, as a 422 would list them."""
         errors: list[FieldError] = []
         jobs: list[GenerationJob] = []
         context = self.generator.context_size
         for index, prompt in enumerate(prompts):
             loc = ("body", "prompts", index)
-            if len(prompt) > self.max_prompt_chars:
+            if isinstance(prompt, tuple):
+                if outside := [token for token in prompt if token >= self.generator.vocab_size]:
+                    errors.append(FieldError(loc, f"token id {outside[0]} is not in the model's vocabulary of "
+                                                  f"{self.generator.vocab_size}"))
+                    continue
+            elif len(prompt) > self.max_prompt_chars:
                 errors.append(FieldError(loc, f"prompt is {len(prompt)} characters; MAX_PROMPT_CHARS is "
                                               f"{self.max_prompt_chars}"))
                 continue
-            ids = tuple(self.generator.encode(prompt))
+            ids = prompt if isinstance(prompt, tuple) else tuple(self.generator.encode(prompt))
             if not ids:
                 errors.append(FieldError(loc, "prompt encodes to no tokens"))
                 continue
@@ -125,13 +172,16 @@ class GenerationService:
                                                   f"after this prompt's {len(ids)} tokens"))
                     continue
             else:
-                new_tokens = options.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+                new_tokens = DEFAULT_MAX_NEW_TOKENS if options.max_new_tokens is None else options.max_new_tokens
             if len(ids) + new_tokens > context:
                 errors.append(FieldError(loc, f"prompt ({len(ids)} tokens) + {new_tokens} new tokens exceeds the "
                                               f"model's context of {context} tokens"))
                 continue
-            params = GenerationParams(new_tokens, options.temperature, options.top_p if options.temperature else 1.0,
-                                      options.stop)
+            sampled = options.temperature > 0
+            params = GenerationParams(new_tokens, options.temperature, options.top_p if sampled else 1.0, options.stop,
+                                      max(options.top_k, 0) if sampled else 0, options.repetition_penalty,
+                                      options.min_tokens, options.ignore_eos, options.logprobs,
+                                      options.prompt_logprobs)
             jobs.append(GenerationJob(ids, params, options.seed if options.temperature else None, scope))
         if errors:
             raise InputError(errors)
@@ -140,13 +190,10 @@ class GenerationService:
     def key(self, job: GenerationJob) -> str | None:
         if not job.deterministic:
             return None
-        params = {"max_new_tokens": job.params.max_new_tokens, "temperature": job.params.temperature,
-                  "top_p": job.params.top_p, "seed": job.seed}
-        if job.params.stop:
-            params["stop"] = list(job.params.stop)
-        return cache_key("generate", self.generator.name, self.generator.revision, job.prompt_ids, params, job.scope)
+        return cache_key("generate", self.generator.name, self.generator.revision, job.prompt_ids, described(job),
+                         job.scope)
 
-    async def open_stream(self, prompts: list[str], options: GenerationOptions, *, tenant: str,
+    async def open_stream(self, prompts: list[Prompt], options: GenerationOptions, *, tenant: str,
                           bypass_cache: bool = False) -> GenerationStream:
         """Start a streamed request; returns once it was admitted (else raises, as `generate` would)."""
         stream = GenerationStream(len(prompts), self.generator.decoder.text, options.stop)
@@ -155,7 +202,7 @@ class GenerationService:
         await stream.started(task)
         return stream
 
-    async def generate(self, prompts: list[str], options: GenerationOptions, *, tenant: str,
+    async def generate(self, prompts: list[Prompt], options: GenerationOptions, *, tenant: str,
                        bypass_cache: bool = False, background: bool = False,
                        stream: GenerationStream | None = None) -> list[GenerationResult]:
         """Continue each prompt for `tenant` (whose records and cached answers they are). `background` work (the
@@ -176,10 +223,11 @@ class GenerationService:
                                    tokens_out=sum(r.completion_tokens for r in results))
         return results
 
-    async def _compute(self, prompts: list[str], options: GenerationOptions, tenant: str, bypass_cache: bool,
+    async def _compute(self, prompts: list[Prompt], options: GenerationOptions, tenant: str, bypass_cache: bool,
                        background: bool, stream: GenerationStream | None
                        ) -> tuple[list[GenerationResult], list[GenerationJob]]:
-        self.policy.check("generate", prompts)
+        texts = [self.text(prompt) for prompt in prompts]
+        self.policy.check("generate", texts)
         jobs = self.plan(prompts, options, self.cache.scope(tenant))
         created = datetime.now(UTC)
 
@@ -195,14 +243,15 @@ class GenerationService:
 
         def answered(index: int, data: bytes, outcome: Outcome) -> None:
             """Each item's result, made once: the stream's final event and the records carry the same id."""
-            out, prompt, job = decode_generation(data), prompts[index], jobs[index]
+            out, prompt, job = decode_generation(data), texts[index], jobs[index]
             results[index] = GenerationResult(
                 id=uuid.uuid4().hex, prompt=prompt, generated_text=prompt + out.text, completion=out.text,
                 model_name=self.generator.name, created_at=created, finish_reason=out.finish_reason,
                 prompt_tokens=len(job.prompt_ids), completion_tokens=len(out.token_ids),
-                cached=outcome in SERVED_FROM_CACHE)
+                cached=outcome in SERVED_FROM_CACHE, logprobs=out.logprobs,
+                prompt_ids=job.prompt_ids, prompt_logprobs=out.prompt_logprobs)
             if stream is not None:
-                stream.done(index, out.token_ids, out.text, results[index])
+                stream.done(index, out.token_ids, out.text, results[index], out.logprobs)
 
         @contextmanager
         def admit(count: int) -> Iterator[None]:
@@ -222,7 +271,6 @@ class GenerationService:
              "model": r.model_name, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
              "completion_tokens": r.completion_tokens, "latency_ms": latency_ms, "created_at": r.created_at,
              "cached": r.cached,
-             "params": {"max_new_tokens": job.params.max_new_tokens, "temperature": job.params.temperature,
-                        "top_p": job.params.top_p, "seed": job.seed}}
+             "params": described(job)}
             for r, job in zip(results, jobs)
         ])

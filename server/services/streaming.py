@@ -4,12 +4,14 @@ Events come in order for each prompt (`index`): `TextChunk`s, then one `ItemDone
 text is never taken back: text that may still change is held until it cannot: an incomplete UTF-8 character at
 the end, or an ending that could be the start of a stop string. The chunks of a prompt add up to its completion.
 Prompts answered from the cache (or computed without token streaming) send their whole text in one chunk.
+A chunk carries the log-probabilities of its tokens when the request asked for them.
 """
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
+from server.ml.sampling import TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,7 @@ class TextChunk:
     index: int
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class IncrementalText:
     decode: Callable[[list[int]], str]
     stops: Sequence[str] = ()
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     sent_tokens: int = 0
     sent: str = ""
 
@@ -51,24 +55,29 @@ class IncrementalText:
         held = max((k for stop in self.stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
         return text[:len(text) - held]
 
-    def _release(self, text: str) -> tuple[str, list[int]] | None:
+    def _release(self, text: str) -> tuple[str, list[int], list[TokenLogprob]] | None:
         new_tokens = self.tokens[self.sent_tokens:]
         fresh = text[len(self.sent):] if text.startswith(self.sent) else ""
         if not fresh and not new_tokens:
             return None
         self.sent += fresh
+        new_logprobs = self.logprobs[self.sent_tokens:]
         self.sent_tokens = len(self.tokens)
-        return fresh, new_tokens
+        return fresh, new_tokens, new_logprobs
 
-    def push(self, token_ids: list[int]) -> tuple[str, list[int]] | None:
-        """New settled text and the tokens not reported yet, if any."""
+    def push(self, token_ids: list[int], logprobs: list[TokenLogprob]
+             ) -> tuple[str, list[int], list[TokenLogprob]] | None:
+        """New settled text, and the tokens (with their log-probabilities, if reported) not reported yet, if any."""
         self.tokens.extend(token_ids)
+        self.logprobs.extend(logprobs)
         return self._release(self._settled(self.decode(self.tokens)))
 
-    def finish(self, token_ids: list[int], text: str) -> tuple[str, list[int]] | None:
+    def finish(self, token_ids: list[int], text: str, logprobs: list[TokenLogprob] | None
+               ) -> tuple[str, list[int], list[TokenLogprob]] | None:
         """The rest of the final answer (its tokens and text) not sent yet."""
         if len(token_ids) >= len(self.tokens):
             self.tokens = list(token_ids)
+            self.logprobs = list(logprobs or ())
         return self._release(text)
 
 
@@ -82,12 +91,13 @@ class GenerationStream:
         self._queue: asyncio.Queue[StreamEvent | _End] = asyncio.Queue()
         self._task: asyncio.Task | None = None
 
-    def tokens(self, index: int, token_ids: list[int]) -> None:
-        if chunk := self.texts[index].push(token_ids):
+    def tokens(self, index: int, token_ids: list[int], logprobs: list[TokenLogprob]) -> None:
+        if chunk := self.texts[index].push(token_ids, logprobs):
             self._queue.put_nowait(TextChunk(index, *chunk))
 
-    def done(self, index: int, token_ids: list[int], text: str, result: object) -> None:
-        if chunk := self.texts[index].finish(token_ids, text):
+    def done(self, index: int, token_ids: list[int], text: str, result: object,
+             logprobs: list[TokenLogprob] | None = None) -> None:
+        if chunk := self.texts[index].finish(token_ids, text, logprobs):
             self._queue.put_nowait(TextChunk(index, *chunk))
         self._queue.put_nowait(ItemDone(index, result))
 

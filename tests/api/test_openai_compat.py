@@ -81,7 +81,7 @@ async def test_errors_come_in_openai_shape(sdk):
         await sdk.completions.create(model=model, prompt="x", n=2)
     assert many.value.status_code == 400 and many.value.param == "n"
     with pytest.raises(openai.BadRequestError):
-        await sdk.completions.create(model=model, prompt="x", logprobs=2)
+        await sdk.completions.create(model=model, prompt="x", suffix="y")
     async with openai.AsyncOpenAI(base_url=str(sdk.base_url), api_key="wrong", max_retries=0) as stranger:
         with pytest.raises(openai.AuthenticationError) as denied:
             await stranger.completions.create(model=model, prompt="x")

@@ -131,7 +131,7 @@ async def test_tokens_stream_after_each_step_and_add_up_to_the_answer(make, gene
     batcher, passes = make()
     chunks: list[list[int]] = []
     request = asyncio.create_task(batcher.submit([job(generator, "Streaming", 7)], timeout_s=30,
-                                                 on_tokens=chunks.append))
+                                                 on_tokens=lambda ids, _: chunks.append(ids)))
     await passes.hold_before(1)
     for _ in range(500):
         if chunks:
@@ -150,7 +150,7 @@ async def test_equal_deterministic_jobs_share_one_row_and_a_late_joiner_gets_the
     first = asyncio.create_task(batcher.submit([same], timeout_s=30))
     await passes.hold_before(4)
     late: list[int] = []
-    second = asyncio.create_task(batcher.submit([same], timeout_s=30, on_tokens=late.extend))
+    second = asyncio.create_task(batcher.submit([same], timeout_s=30, on_tokens=lambda ids, _: late.extend(ids)))
     await asyncio.sleep(0.05)
     passes.let_go()
     assert (await first) == (await second)

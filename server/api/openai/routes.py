@@ -4,7 +4,8 @@ Requests run through the same service as /generate (cache, limits, API keys, rec
 
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -20,6 +21,7 @@ from server.api.openai.schemas import (
     ChatCompletionRequest,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     ModelCard,
     ModelList,
@@ -28,20 +30,46 @@ from server.api.openai.schemas import (
 )
 from server.api.responses import MODEL_ROUTE_ERRORS, error_responses
 from server.api.sse import event_stream
-from server.services.generation import GenerationOptions, GenerationResult, GenerationService
-from server.services.streaming import ItemDone, StreamEvent
+from server.ml.sampling import TokenLogprob
+from server.services.generation import GenerationOptions, GenerationResult, GenerationService, Prompt
+from server.services.streaming import ItemDone, StreamEvent, TextChunk
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=JSONBodyRoute)
 STARTED = int(time.time())
-DEFAULT_MAX_TOKENS = 16
+# JSON has no -inf; vLLM reports an impossible token's log-probability as this.
+MIN_LOGPROB = -9999.0
 STREAM_DOC = {200: {"content": {"text/event-stream": {
     "description": 'With `"stream": true`: OpenAI\'s chunks as `data:` lines, then `data: [DONE]`'}}}}
 
 
 def _options(body: Sampling) -> GenerationOptions:
-    return GenerationOptions(max_new_tokens=body.max_tokens or DEFAULT_MAX_TOKENS,
+    return GenerationOptions(max_new_tokens=body.new_tokens,
                              temperature=1.0 if body.temperature is None else body.temperature,
-                             top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=body.stops)
+                             top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=body.stops,
+                             top_k=body.top_k or 0,
+                             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                             min_tokens=body.min_tokens or 0, ignore_eos=bool(body.ignore_eos))
+
+
+def _logprobs(token_ids: Sequence[int], entries: Sequence[TokenLogprob | None], offset: int,
+              decode: Callable[[list[int]], str]) -> CompletionLogprobs:
+    """OpenAI's `logprobs` object for these tokens, whose text starts at `offset` in the choice's text."""
+    out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for token, entry in zip(token_ids, entries):
+        text = decode([token])
+        out.tokens.append(text)
+        out.text_offset.append(offset)
+        offset += len(text)
+        if entry is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
+        # As OpenAI's: the chosen token is always among the alternatives, so there may be one more than asked.
+        top = {decode([t]): max(logprob, MIN_LOGPROB) for t, logprob in entry.top}
+        top.setdefault(text, max(entry.logprob, MIN_LOGPROB))
+        out.token_logprobs.append(max(entry.logprob, MIN_LOGPROB))
+        out.top_logprobs.append(top)
+    return out
 
 
 def _usage(results: Iterable[GenerationResult]) -> Usage:
@@ -59,10 +87,12 @@ def _unknown_model(body: Sampling, service: GenerationService) -> JSONResponse |
 
 
 async def _answer(request: Request, response: Response, service: GenerationService, bypass: bool, tenant: str,
-                  body: Sampling, prompts: list[str], chunk: Callable[[int, str | None, str | None], dict],
-                  whole: Callable[[list[GenerationResult]], object]):
-    """Run the prompts; a stream of `chunk(index, text, finish_reason)` dicts, or `whole(results)`."""
-    options = _options(body)
+                  body: Sampling, prompts: list[Prompt], chunk: Callable[[int, str | None, str | None], dict],
+                  whole: Callable[[list[GenerationResult]], object], options: GenerationOptions | None = None,
+                  scored: Callable[[TextChunk], dict] | None = None):
+    """Run the prompts; a stream of `chunk(index, text, finish_reason)` dicts (with `scored(text_chunk)` as the
+    choice's `logprobs`, when given), or `whole(results)`."""
+    options = options or _options(body)
     if body.stream:
         stream = await service.open_stream(prompts, options, tenant=tenant, bypass_cache=bypass)
         finished: list[GenerationResult] = []
@@ -71,6 +101,10 @@ async def _answer(request: Request, response: Response, service: GenerationServi
             if isinstance(event, ItemDone):
                 finished.append(event.result)
                 return [chunk(event.index, None, event.result.finish_reason)]
+            if scored is not None and (event.text or event.token_ids):
+                payload = chunk(event.index, event.text, None)
+                payload["choices"][0]["logprobs"] = scored(event)
+                return [payload]
             return [chunk(event.index, event.text, None)] if event.text else []
 
         def closing() -> Iterable[dict]:
@@ -100,22 +134,43 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
             "model": service.generator.name}
     prompts = body.prompts
     echoed: set[int] = set()
+    decode = service.generator.decoder.text
+    options = replace(_options(body), logprobs=body.logprobs,
+                      prompt_logprobs=bool(body.echo) and body.logprobs is not None)
+    offsets = [0] * len(prompts)
 
     def chunk(index: int, text: str | None, finish: str | None) -> dict:
         if index < 0:
             return meta | {"choices": []}
         if body.echo and index not in echoed:
             echoed.add(index)
-            text = prompts[index] + (text or "")
+            text = service.text(prompts[index]) + (text or "")
         return meta | {"choices": [{"text": text or "", "index": index, "logprobs": None, "finish_reason": finish}]}
+
+    def scored(event: TextChunk) -> dict:
+        """A streamed chunk's log-probabilities, offsets counted from the start of its choice's text (a stream
+        with log-probabilities does not echo)."""
+        logprobs = _logprobs(event.token_ids, event.logprobs, offsets[event.index], decode)
+        offsets[event.index] += sum(map(len, logprobs.tokens))
+        return logprobs.model_dump()
+
+    def logprobs_of(r: GenerationResult) -> CompletionLogprobs | None:
+        if r.logprobs is None:
+            return None
+        ids, entries = [entry.token for entry in r.logprobs], list(r.logprobs)
+        if body.echo:
+            ids, entries = [*r.prompt_ids, *ids], [*(r.prompt_logprobs or [None] * len(r.prompt_ids)), *entries]
+        return _logprobs(ids, entries, 0, decode)
 
     def whole(results: list[GenerationResult]) -> Completion:
         choices = [CompletionChoice(text=(r.prompt if body.echo else "") + r.completion, index=i,
-                                    finish_reason=r.finish_reason) for i, r in enumerate(results)]
+                                    logprobs=logprobs_of(r), finish_reason=r.finish_reason)
+                   for i, r in enumerate(results)]
         return Completion(id=meta["id"], created=meta["created"], model=meta["model"], choices=choices,
                           usage=_usage(results))
 
-    return await _answer(request, response, service, bypass, principal.tenant, body, prompts, chunk, whole)
+    return await _answer(request, response, service, bypass, principal.tenant, body, prompts, chunk, whole, options,
+                         scored if body.logprobs is not None else None)
 
 
 @router.post("/chat/completions", response_model=ChatCompletion,
