@@ -59,7 +59,7 @@ def excerpt(value: Any, depth: int = 0) -> Any:
 
 def _safe_error(error: dict) -> dict:
     """One entry of FastAPI's 422 list, every part of it safe to encode and short."""
-    safe = {"type": _clip(str(error.get("type", "value_error"))),
+    safe: dict[str, Any] = {"type": _clip(str(error.get("type", "value_error"))),
             "loc": [part if isinstance(part, int) else _clip(str(part)) for part in error.get("loc", ())],
             "msg": str(error.get("msg", "")).encode("utf-8", "backslashreplace").decode("utf-8")}
     if "input" in error:
@@ -128,14 +128,15 @@ async def _model_failed(request: Request, exc: ModelFailed) -> JSONResponse:
 
 
 def install(app: FastAPI) -> None:
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    # Starlette types a handler as taking any Exception; each of these takes the class it is registered for.
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     # Any other exception still gets logged with its traceback; the client gets JSON like every other error.
     app.add_exception_handler(Exception, _unexpected)
-    app.add_exception_handler(InputError, _input_error)
-    app.add_exception_handler(BlockedPrompt, _blocked)
-    app.add_exception_handler(JobNotFound, _not_found)
-    app.add_exception_handler(JobConflict, _conflict)
-    app.add_exception_handler(NotGranted, _not_granted)
-    app.add_exception_handler(Overloaded, _overloaded)
-    app.add_exception_handler(DeadlineExceeded, _deadline)
-    app.add_exception_handler(ModelFailed, _model_failed)
+    app.add_exception_handler(InputError, _input_error)  # type: ignore[arg-type]
+    app.add_exception_handler(BlockedPrompt, _blocked)  # type: ignore[arg-type]
+    app.add_exception_handler(JobNotFound, _not_found)  # type: ignore[arg-type]
+    app.add_exception_handler(JobConflict, _conflict)  # type: ignore[arg-type]
+    app.add_exception_handler(NotGranted, _not_granted)  # type: ignore[arg-type]
+    app.add_exception_handler(Overloaded, _overloaded)  # type: ignore[arg-type]
+    app.add_exception_handler(DeadlineExceeded, _deadline)  # type: ignore[arg-type]
+    app.add_exception_handler(ModelFailed, _model_failed)  # type: ignore[arg-type]

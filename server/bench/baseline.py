@@ -12,7 +12,10 @@ from pydantic import BaseModel
 from transformers import pipeline
 
 generator = pipeline("text-generation", model=os.environ["BENCH_MODEL"])
-generator.tokenizer.pad_token = generator.tokenizer.eos_token
+if generator.tokenizer is None:
+    raise RuntimeError(f"{os.environ['BENCH_MODEL']} has no tokenizer")
+tokenizer = generator.tokenizer
+tokenizer.pad_token = tokenizer.eos_token
 app = FastAPI(title="naive baseline")
 
 
@@ -30,5 +33,5 @@ def health() -> dict:
 def generate(request: GenerateRequest) -> list[dict]:
     return [{"prompt": prompt,
              "generated_text": generator(prompt, max_new_tokens=request.max_new_tokens, do_sample=False,
-                                         pad_token_id=generator.tokenizer.eos_token_id)[0]["generated_text"]}
+                                         pad_token_id=tokenizer.eos_token_id)[0]["generated_text"]}
             for prompt in request.prompts]

@@ -26,6 +26,7 @@ import time
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
@@ -136,10 +137,10 @@ def drive(base_url: str, tag: str, levels: list[int], rounds: int, new_tokens: i
         asyncio.run(run_load(base_url, 1, 2, lambda client, round_: body(client + 1000, round_)))
         before = batch_stats(base_url) if offline else None
         result: LoadResult = asyncio.run(run_load(base_url, concurrency, rounds, body))
-        row = {"concurrency": concurrency, "requests": result.requests, "failures": result.failures,
+        row: dict[str, Any] = {"concurrency": concurrency, "requests": result.requests, "failures": result.failures,
                "requests_per_s": result.requests_per_s, "p50_ms": result.percentile_ms(50),
                "p95_ms": result.percentile_ms(95), "p99_ms": result.percentile_ms(99)}
-        if offline:
+        if offline and before is not None:
             after = batch_stats(base_url)
             row["tokens_per_s"] = result.tokens_per_s
             row["mean_batch_size"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])

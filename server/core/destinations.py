@@ -118,7 +118,8 @@ class DestinationPolicy:
             found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
             raise RefusedDestination(f"its host {host} does not resolve: {exc.strerror or exc}") from None
-        addresses = [ipaddress.ip_address(entry[4][0].split("%")[0]) for entry in found]
+        # typeshed allows an int here for non-IP families; a host name resolves to IP addresses, given as text.
+        addresses = [ipaddress.ip_address(str(entry[4][0]).split("%")[0]) for entry in found]
         if not addresses:
             raise RefusedDestination(f"its host {host} resolves to no address")
         self._judge(host, addresses)

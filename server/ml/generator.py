@@ -11,7 +11,7 @@ stopped the call returns: abandoned work never holds the model for the rest of i
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from transformers import (AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList,
@@ -42,7 +42,7 @@ class PerRowSampler(LogitsProcessor):
     def __init__(self, params: GenerationParams, seeds: Sequence[int | None]):
         self.samplers = [RowSampler(params, seed) for seed in seeds]
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         chosen = torch.tensor([sampler.pick(row) for row, sampler in zip(scores, self.samplers)])
         picked = torch.full_like(scores, float("-inf"))
         return picked.scatter(-1, chosen.unsqueeze(-1), 0.0)
@@ -58,7 +58,8 @@ class AbandonedRows(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         now = torch.tensor([self.abandoned(row) for row in range(len(self.stopped))], dtype=torch.bool)
         self.stopped |= now
-        return now
+        # transformers annotates BoolTensor, a legacy type that no torch operation is typed to return.
+        return cast(torch.BoolTensor, now)
 
 
 def _decoder_only(params: GenerationParams) -> bool:

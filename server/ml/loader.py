@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 from huggingface_hub import constants as hub_constants
 from transformers import AutoTokenizer
+from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from server.ml import offline
 from server.ml.precision import Kernels, Precision, apply_precision, usable_kernels
@@ -106,7 +107,7 @@ def weights_revision(model_config: object, location: ModelLocation) -> str:
 class PretrainedModel:
     """A model and its tokenizer, loaded once from a `ModelLocation`; subclasses name their auto class."""
 
-    auto_class: ClassVar[type]
+    auto_class: ClassVar[type[_BaseAutoModelClass]]
 
     def __init__(self, model, tokenizer, name: str, revision: str, standin: bool, precision: Precision = "fp32",
                  kernels: Kernels = "torch"):
@@ -133,9 +134,10 @@ class PretrainedModel:
              kernels: Kernels = "torch") -> Self:
         """Load the model and tokenizer, then convert the model to `precision` and, in fp32, `kernels` (seconds,
         see `precision.py`)."""
-        kwargs = {"cache_dir": cache_dir, "local_files_only": location.local_files_only}
-        tokenizer = AutoTokenizer.from_pretrained(location.path, **kwargs)
-        model = cls.auto_class.from_pretrained(location.path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(location.path, cache_dir=cache_dir,
+                                                  local_files_only=location.local_files_only)
+        model = cls.auto_class.from_pretrained(location.path, cache_dir=cache_dir,
+                                               local_files_only=location.local_files_only)
         revision = weights_revision(model.config, location)
         kernels = usable_kernels(kernels)
         return cls(apply_precision(model, precision, kernels), tokenizer, location.name, revision, location.standin,

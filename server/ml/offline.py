@@ -14,7 +14,7 @@ from transformers import (
     DistilBertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
-    GPT2TokenizerFast,
+    GPT2Tokenizer,
     PreTrainedTokenizerFast,
 )
 
@@ -53,12 +53,13 @@ def build_generator(directory: Path, *, architecture: dict[str, int] | None = No
     """
     directory.mkdir(parents=True, exist_ok=True)
     bpe = _train_bpe(vocab_size=600, special_tokens=[EOS])
-    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS)
+    tokenizer = GPT2Tokenizer(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS)
     shape = architecture or TINY_GPT2
     vocab_size = 50257 if architecture else len(tokenizer)
     torch.manual_seed(seed)
+    # transformers types **kwargs as any of the config's parameters; `shape` holds only its int sizes.
     config = GPT2Config(vocab_size=vocab_size, n_positions=1024, bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, **shape)
+                        eos_token_id=tokenizer.eos_token_id, **shape)  # type: ignore[arg-type]
     GPT2LMHeadModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     _mark(directory, "generator", stands_in_for)
@@ -81,7 +82,8 @@ def build_classifier(directory: Path, *, architecture: dict[str, int] | None = N
                                         cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
                                         model_max_length=512)
     torch.manual_seed(seed)
-    config = DistilBertConfig(vocab_size=30522 if architecture else len(tokenizer), **(architecture or TINY_DISTILBERT),
+    # As for GPT2Config: the architecture holds only the config's int sizes.
+    config = DistilBertConfig(vocab_size=30522 if architecture else len(tokenizer), **(architecture or TINY_DISTILBERT),  # type: ignore[arg-type]
                               max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
                               id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
     DistilBertForSequenceClassification(config).save_pretrained(directory)

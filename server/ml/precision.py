@@ -23,6 +23,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def untie_output_embeddings(model: nn.Module) -> None:
     if config is None or not getattr(config, "tie_word_embeddings", False):
         return
     config.tie_word_embeddings = False
-    if hasattr(model, "all_tied_weights_keys"):
+    if hasattr(model, "all_tied_weights_keys") and isinstance(model, PreTrainedModel):
         model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
 
 

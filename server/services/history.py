@@ -1,7 +1,7 @@
 """Stored generations and predictions, newest first, by keyset cursor (stable under inserts) or by offset, of one
 tenant (None: every tenant, for an admin)."""
 
-from typing import Literal
+from typing import Literal, cast
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -23,7 +23,8 @@ async def list_records(sessions: async_sessionmaker[AsyncSession], kind: Kind, *
         query = query.where(table.tenant == tenant)
     query = query.where(table.pk < cursor) if cursor is not None else query.offset(offset or 0)
     async with sessions() as session:
-        rows = list((await session.scalars(query)).all())
+        # SQLAlchemy types the rows of select() over either table as their common base; they are the table's.
+        rows = cast(list[GenerationRecord] | list[PredictionRecord], list((await session.scalars(query)).all()))
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, (rows[-1].pk if more else None)
@@ -39,5 +40,5 @@ async def find_record(sessions: async_sessionmaker[AsyncSession], record_id: str
             if tenant is not None:
                 query = query.where(table.tenant == tenant)
             if (row := await session.scalar(query)) is not None:
-                return row
+                return cast(GenerationRecord | PredictionRecord, row)
     return None

@@ -1,6 +1,8 @@
 from dataclasses import asdict
+from typing import Literal
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 
 from server.api.cancellation import unless_disconnected
 from server.api.deps import CacheBypassDep, PrincipalDep, RespondAsyncDep, RuntimeDep, SentimentDep, accepted, x_cache
@@ -15,11 +17,13 @@ router = APIRouter(tags=["models"], route_class=JSONBodyRoute)
              responses=error_responses(*MODEL_ROUTE_ERRORS))
 async def predict(body: PredictRequest, request: Request, response: Response, service: SentimentDep,
                   bypass: CacheBypassDep, runtime: RuntimeDep, deferred: RespondAsyncDep, principal: PrincipalDep
-                  ) -> PredictionOut | list[PredictionOut]:
+                  ) -> PredictionOut | list[PredictionOut] | JSONResponse:
     """Sentiment of `text` (one object) or of each of `texts` (a list, in order). `X-Cache` as for /generate.
     `Prefer: respond-async` as for /generate."""
     texts = [body.text] if body.text is not None else body.texts
-    field = "text" if body.text is not None else "texts"
+    if texts is None:
+        raise RuntimeError("PredictRequest validates that one of text or texts is given")
+    field: Literal["text", "texts"] = "text" if body.text is not None else "texts"
     if deferred:
         return accepted(await runtime.batch.defer_prediction(principal, texts, field))
     answers = await unless_disconnected(request, service.predict(texts, tenant=principal.tenant, bypass_cache=bypass,

@@ -7,10 +7,13 @@ PostgreSQL: an advisory lock; SQLite: a file lock beside the database file.
 
 import asyncio
 import logging
+from collections.abc import Collection, Mapping
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 from alembic import context
-from alembic.runtime.migration import MigrationInfo
+from alembic.runtime.migration import MigrationContext, MigrationInfo
+from alembic.script import Script
 from filelock import FileLock
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, make_url
@@ -27,8 +30,10 @@ url = config.get_main_option("sqlalchemy.url") or get_settings().database_url
 log = logging.getLogger("server.db.migrate")
 
 
-def _announce(step: MigrationInfo, **_: object) -> None:
-    log.info("database migrated to %s (%s)", step.up_revision_id, step.up_revision.doc if step.up_revision else "")
+def _announce(ctx: MigrationContext, step: MigrationInfo, heads: Collection[Any], run_args: Mapping[str, Any]) -> None:
+    # Alembic types up_revision as a Revision; the ones it loads from versions/ are Scripts, which carry the doc.
+    up = step.up_revision
+    log.info("database migrated to %s (%s)", step.up_revision_id, up.doc if isinstance(up, Script) else "")
 
 
 def _run(connection: Connection) -> None:

@@ -117,8 +117,10 @@ async def aggregate(sessions: async_sessionmaker[AsyncSession], start: datetime,
         values = [value or 0 for value in row[2:]]
         begin = max(first, row[0] * width)
         stats = Stats(_moment(begin), _moment(min(last, row[0] * width + width)),
-                      *(int(v) for v in values[:counters]), latency_sum_ms=float(values[counters]),
-                      latency_max_ms=float(row[1] or 0.0), histogram=[int(v) for v in values[counters + 1:]])
+                      latency_sum_ms=float(values[counters]), latency_max_ms=float(row[1] or 0.0),
+                      histogram=[int(v) for v in values[counters + 1:]])
+        for name, value in zip(COUNTERS, values[:counters], strict=True):
+            setattr(stats, name, int(value))
         buckets.append(stats)
         total.add(stats)
     return Aggregate(buckets, total)

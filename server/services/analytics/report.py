@@ -194,6 +194,8 @@ class PerformanceReports:
             raise ReportFailed("error") from exc
 
     async def _attempt(self, prompt: str, tenant: str) -> ReportBody:
+        if self.gemini is None:
+            raise RuntimeError("no Gemini client: reports without a key fall back before asking")
         await self.egress.acquire(PROVIDER, tenant=tenant, wait_s=self.max_wait_s)
         try:
             body = await self.gemini.generate(prompt, ReportBody)

@@ -6,10 +6,11 @@ of a flush is one row of one `INSERT ... ON CONFLICT DO UPDATE` that adds its co
 """
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 
-from sqlalchemy import case
+from sqlalchemy import Table, case
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -25,7 +26,8 @@ from server.db.analytics_models import (
 
 TABLE = MetricRollup.__table__
 REQUESTS = RequestRecord.__table__
-INSERTS = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}
+INSERTS: dict[str, Callable[[Table], postgresql.Insert | sqlite.Insert]] = {"postgresql": postgresql_insert,
+                                                                            "sqlite": sqlite_insert}
 KEY = ("tenant", "minute", "endpoint", "model")
 
 
@@ -64,7 +66,7 @@ async def add_to_rollups(session: AsyncSession, records: list[dict]) -> None:
     rows = rollup_rows(records)
     if not rows:
         return
-    statement = INSERTS[session.bind.dialect.name](TABLE)
+    statement = INSERTS[session.get_bind().dialect.name](TABLE)
     new = statement.excluded
     updates = {name: TABLE.c[name] + new[name] for name in ADDITIVE_COLUMNS}
     updates["latency_max_ms"] = case((new.latency_max_ms > TABLE.c.latency_max_ms, new.latency_max_ms),

@@ -19,15 +19,12 @@ from collections.abc import Iterable, Sequence
 from typing import Literal, NamedTuple
 
 from sqlalchemy import Table
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError, StatementError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from server.services.analytics.rollups import REQUESTS, add_to_rollups
+from server.services.analytics.rollups import INSERTS, REQUESTS, add_to_rollups
 
 Reason = Literal["timeout", "unavailable", "error", "rejected"]
-INSERTS = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}
 # PostgreSQL SQLSTATE classes: 22 data exception, 23 integrity violation (the row's fault); 08 connection,
 # 40 transaction rollback, 53 insufficient resources, 57 operator intervention, 58 system error (the server's).
 REJECTED_SQLSTATES = ("22", "23")
@@ -81,7 +78,7 @@ async def insert_records(sessions: async_sessionmaker[AsyncSession], records: Se
     inserted = 0
     async with asyncio.timeout(timeout_s):
         async with sessions() as session, session.begin():
-            dialect = session.bind.dialect.name
+            dialect = session.get_bind().dialect.name
             for table, rows in by_table.items():
                 new_ids = set((await session.execute(_statement(dialect, table), rows)).scalars())
                 inserted += len(new_ids)

@@ -181,6 +181,7 @@ class RecordWriter:
         paths = []
         async with self._spilling:
             while self._overflow or self._rejected:
+                kind: Kind
                 kind, queue = ("records", self._overflow) if self._overflow else ("rejected", self._rejected)
                 entries = queue[:]
                 try:
