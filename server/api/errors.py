@@ -79,7 +79,13 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     """FastAPI's 422 (a list of {type, loc, msg, input, ctx}), but echoing only excerpts of the input: its own
     handler serialises the input whole, so a 4 MB body got a 4 MB answer, and NaN or a lone surrogate a 500."""
     try:
-        return JSONResponse({"detail": [_safe_error(error) for error in exc.errors()]}, status_code=422)
+        detail = [_safe_error(error) for error in exc.errors()]
+        if "json" not in request.headers.get("content-type", ""):
+            for error in detail:
+                if error["loc"] == ["body"] and error["type"] == "model_attributes_type":
+                    error["msg"] += (" (the body was not read as JSON: send the header 'content-type: "
+                                     "application/json')")
+        return JSONResponse({"detail": detail}, status_code=422)
     except Exception:  # the answer to bad input must never itself fail
         logger.exception("could not describe a request validation error")
         return JSONResponse({"detail": [{"type": "value_error", "loc": ["body"], "msg": "invalid request"}]},

@@ -215,3 +215,12 @@ def test_an_excerpt_is_short_and_always_encodes(value):
     text = json.dumps(shown, allow_nan=False, ensure_ascii=False)
     text.encode("utf-8")
     assert len(shown if isinstance(shown, str) else text) <= EXCERPT_CHARS + 1
+
+
+async def test_a_json_body_sent_without_its_content_type_is_a_422_that_says_so(app_client):
+    refused = await app_client.post("/predict", content=b'{"text": "hi"}')
+    assert refused.status_code == 422 and "content-type: application/json" in refused.json()["detail"][0]["msg"]
+    openai = await app_client.post("/v1/completions", content=b'{"model": "x", "prompt": "hi"}')
+    assert openai.status_code == 400 and "content-type: application/json" in openai.json()["error"]["message"]
+    sent_as_json = await app_client.post("/predict", json=["not", "an", "object"])
+    assert sent_as_json.status_code == 422 and "content-type" not in sent_as_json.json()["detail"][0]["msg"]

@@ -26,6 +26,7 @@ from server.services.analytics.aggregate import aggregate, count_items, default_
 from server.services.analytics.live import live_figures
 from server.services.analytics.thresholds import Thresholds, breaches
 from server.services.cache import ResponseCache
+from server.services.errors import FieldError, InputError
 from server.services.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ async def count(runtime: RuntimeDep, scope: ScopeDep, since: AwareDatetime | Non
                 until: AwareDatetime | None = None,
                 model: Annotated[str | None, Query(max_length=255)] = None) -> CountOut:
     """Items answered (predictions, generations) for the tenant by every replica, at one-minute resolution."""
+    if since is not None and until is not None and since > until:
+        raise InputError([FieldError(("query", "until"), "until is before since: the window would be empty")])
     counted = await count_items(runtime.sessions, since=since, until=until, model=model, tenant=scope)
     predictions, generations = counted.get("predict", 0), counted.get("generate", 0)
     return CountOut(predictions=predictions, generations=generations, total=predictions + generations)

@@ -52,7 +52,9 @@ def rollup_rows(records: Iterable[dict]) -> list[dict]:
             row = rows[key] = dict(zip(KEY, key)) | dict.fromkeys(ADDITIVE_COLUMNS, 0) | {"latency_max_ms": 0.0}
         latency = float(record["latency_ms"])
         row["requests"] += 1
-        row["errors"] += record["status"] >= 400
+        # Server errors only: a client's mistakes (400, 404, 422, 429, 499) say nothing about the server's health,
+        # and counting them made a user's typos read as a failing server in the report.
+        row["errors"] += record["status"] >= 500
         for field in ("items", "cached_items", "tokens_in", "tokens_out"):
             row[field] += record[field]
         row["latency_sum_ms"] += latency
