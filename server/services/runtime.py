@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from server.core.config import Settings
 from server.core.rate_policy import parse_policies, parse_policy
+from server.core.supervisor import RestartPolicy
 from server.core.tenants import KeyRing
 from server.db import migrate
 from server.db.session import create_engine, session_factory
@@ -139,7 +140,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                           per_tenant=settings.cache_scope == "tenant")
     batching = {"executor": executor, "max_batch_size": settings.batch_max_size,
               "max_wait_s": settings.batch_max_wait_ms / 1000, "queue_limit": settings.batch_queue_limit,
-              "background_max_size": settings.batch_background_max_size}
+              "background_max_size": settings.batch_background_max_size, "stall_s": settings.batch_stall_s,
+              "restart": RestartPolicy(window_s=settings.batch_loop_failure_window_s,
+                                       give_up_after=settings.batch_loop_max_failures)}
     generate_batcher = (
         ContinuousBatcher("generator", generator, **batching) if settings.generator_scheduler == "continuous" else
         MicroBatcher("generator", lambda jobs, abandoned: run_jobs(generator, jobs, abandoned), **batching,
