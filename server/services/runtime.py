@@ -27,6 +27,7 @@ from server.services.batch.offload import BatchOffload
 from server.services.batching import MicroBatcher
 from server.services.cache import ResponseCache, open_store
 from server.services.continuous_batching import ContinuousBatcher
+from server.services.health import Health, server_health
 from server.services.generation import GenerationService, run_jobs
 from server.services.limits.egress import EgressGuard
 from server.services.limits.gcra import MemoryLimiter, RedisLimiter
@@ -57,6 +58,13 @@ class Runtime:
     sentiment: SentimentService
     batch: BatchOffload
     reports: PerformanceReports
+    health: Health
+
+
+def describe_models(generator: TextGenerator, classifier: SentimentClassifier) -> dict[str, dict]:
+    return {role: {"name": model.name, "revision": model.revision, "precision": model.precision,
+                   "kernels": model.kernels, "offline_stand_in": model.standin}
+            for role, model in (("generator", generator), ("sentiment", classifier))}
 
 
 async def load_models(settings: Settings, executor: Executor) -> tuple[TextGenerator, SentimentClassifier]:
@@ -158,7 +166,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     runtime = Runtime(settings, redis, keys, ingress, egress, engine, sessions, generator, classifier, recorder,
                       cache, generation, sentiment,
                       build_batch_offload(settings, sessions, egress, generation, sentiment),
-                      open_reports(settings, redis, sessions, egress))
+                      open_reports(settings, redis, sessions, egress),
+                      server_health({"generator": generate_batcher, "sentiment": predict_batcher},
+                                    describe_models(generator, classifier), engine, recorder, redis))
     batchers = (generate_batcher, predict_batcher)
     for component in (*batchers, recorder):
         component.start()
