@@ -36,7 +36,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="GPT-2 generation and sentiment classification, micro-batched and cached.")
     # The last added runs first. The rate limiter reads no body, so it decides before the body guard: an oversized
     # or stalled body still counts against its client's quota and its 413/408 carries the RateLimit headers.
-    app.add_middleware(BodyGuardMiddleware, max_bytes=settings.max_request_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(BodyGuardMiddleware, max_bytes=settings.max_request_bytes, timeout_s=settings.body_timeout_s,
+                       deadline_s=settings.body_deadline_s)
     app.add_middleware(IngressRateLimitMiddleware)
     # Inside the OpenAI error shaping and the observation: a request cut at shutdown is an ordinary 503 to both.
     app.add_middleware(DrainMiddleware)

@@ -18,7 +18,8 @@ Semantics (see ../../shared/reference/batching.md for what other servers do):
   most `background_max_size`, so an interactive arrival waits behind at most one small background batch
   (observed per interactive item in `batch_background_batches_waited{model}`).
 - Items with equal `dedup_key_of` (not None) in one batch are computed once; each caller gets the result.
-- Bounded queue: past `queue_limit` waiting items, `submit` raises `Overloaded` and enqueues nothing.
+- Bounded queue: past `queue_limit` waiting items, `submit` raises `Overloaded` and enqueues nothing; a request of
+  more items than `queue_limit` could never be admitted and raises `InputError` (422) instead.
 - A request is admitted whole: `admission(n)` reserves room for its n items before any of them is submitted
   (or raises `Overloaded`), and submits made inside it (in the same task or tasks it starts) draw on that
   reservation, so a request that gets 503 has had none of its items computed.
@@ -50,7 +51,7 @@ from typing import Final, Generic, Literal, Protocol, TypeVar
 from server.core import metrics
 from server.core.aio import wait_event
 from server.core.supervisor import RestartPolicy, Supervisor
-from server.services.errors import DeadlineExceeded, ModelFailed, Overloaded
+from server.services.errors import DeadlineExceeded, FieldError, InputError, ModelFailed, Overloaded
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -106,6 +107,10 @@ class AdmissionGate:
         self.reserved = 0
 
     def _check(self, count: int) -> None:
+        if count > self.limit:
+            # Never admissible, however long the caller waits: not a retryable 503.
+            raise InputError([FieldError(("body",), f"{count} items: more than the {self.name} model's queue holds "
+                                                   f"(BATCH_QUEUE_LIMIT={self.limit}); split the request")])
         if self.waiting() + self.reserved + count > self.limit:
             metrics.BATCH_REJECTED.labels(self.name).inc(count)
             raise Overloaded(self.name, self.retry_after_s())

@@ -134,3 +134,10 @@ async def test_the_first_health_against_a_hung_database_is_bounded_at_the_check_
             assert took < health_module.CHECK_TIMEOUT_S + 1
     finally:
         server.destroy()
+
+
+async def test_a_request_of_more_items_than_the_queue_holds_is_a_422_naming_the_limit(settings):
+    async with serving(settings.model_copy(update={"batch_queue_limit": 2})) as client:
+        response = await client.post("/predict", json={"texts": ["a", "b", "c"]})
+        assert response.status_code == 422 and "BATCH_QUEUE_LIMIT=2" in response.text
+        assert (await client.post("/predict", json={"texts": ["a", "b"]})).status_code == 200
