@@ -2,7 +2,6 @@
 
 import asyncio
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -82,7 +81,7 @@ def test_servers_started_together_on_a_fresh_database_all_come_up(standins, data
         processes = []
         for port in ports:
             log = stack.enter_context((tmp_path / f"{port}.log").open("w"))
-            process = subprocess.Popen([sys.executable, *command, "--port", str(port)], env=env,
+            process = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port)], env=env,
                                        cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
             stack.callback(process.wait, 30)
             stack.callback(process.terminate)

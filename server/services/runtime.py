@@ -27,8 +27,8 @@ from server.services.batch.offload import BatchOffload
 from server.services.batching import MicroBatcher
 from server.services.cache import ResponseCache, open_store
 from server.services.continuous_batching import ContinuousBatcher
-from server.services.health import Health, server_health
 from server.services.generation import GenerationService, run_jobs
+from server.services.health import Health, server_health
 from server.services.limits.egress import EgressGuard
 from server.services.limits.gcra import MemoryLimiter, RedisLimiter
 from server.services.limits.ingress import IngressLimits

@@ -119,8 +119,8 @@ async def test_liveness_is_never_rate_limited(settings):
 
 @pytest.mark.postgres
 async def test_the_first_health_against_a_hung_database_is_bounded_at_the_check_limit(settings):
-    from tests.test_faults_database import hung
     from tests.support.servers import PostgresServer
+    from tests.test_faults_database import hung
 
     server = PostgresServer().start()
     try:

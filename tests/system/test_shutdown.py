@@ -4,7 +4,6 @@ the bounded exit of bare uvicorn with clients that never finish their bodies."""
 import json
 import signal
 import socket
-import sys
 import threading
 import time
 
