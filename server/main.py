@@ -9,6 +9,7 @@ from server import __version__
 from server.api import errors
 from server.api.body_guard import BodyGuardMiddleware
 from server.api.deps import authenticate
+from server.api.drain import Drain, DrainMiddleware
 from server.api.middleware import ObservedRequestMiddleware, route_templates
 from server.api.openai import routes as openai_routes
 from server.api.openai.errors import OpenAIErrorMiddleware
@@ -26,14 +27,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_runtime(settings) as runtime:
             app.state.runtime = runtime
+            app.state.drain = Drain(runtime.health, drain_s=settings.drain_s,
+                                    shutdown_timeout_s=settings.shutdown_timeout_s)
+            app.state.drain.install()
             yield
 
     app = FastAPI(title="Inference server", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="GPT-2 generation and sentiment classification, micro-batched and cached.")
     # The last added runs first. The rate limiter reads no body, so it decides before the body guard: an oversized
     # or stalled body still counts against its client's quota and its 413/408 carries the RateLimit headers.
-    app.add_middleware(BodyGuardMiddleware, max_bytes=settings.max_request_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(BodyGuardMiddleware, max_bytes=settings.max_request_bytes, timeout_s=settings.body_timeout_s,
+                       deadline_s=settings.body_deadline_s)
     app.add_middleware(IngressRateLimitMiddleware)
+    # Inside the OpenAI error shaping and the observation: a request cut at shutdown is an ordinary 503 to both.
+    app.add_middleware(DrainMiddleware)
     app.add_middleware(OpenAIErrorMiddleware)
     app.add_middleware(ObservedRequestMiddleware)
     errors.install(app)

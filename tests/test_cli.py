@@ -106,7 +106,7 @@ def test_serve_hands_the_http_settings_to_uvicorn(monkeypatch):
         get_settings.cache_clear()
     [(app, options)] = calls
     assert (options["timeout_graceful_shutdown"], options["timeout_keep_alive"], options["limit_concurrency"],
-            options["http"], options["h11_max_incomplete_event_size"], options["port"]) == (7, 9, 50, "h11", 8192, 8123)
+            options["http"], options["h11_max_incomplete_event_size"], options["port"]) == (8, 9, 50, "h11", 8192, 8123)
     assert options["access_log"] is False
     assert options["log_config"]["formatters"]["default"]["()"].__name__ == "JsonFormatter"
     assert app == "server.main:app" and set(options) <= set(inspect.signature(uvicorn.Config).parameters)

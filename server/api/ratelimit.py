@@ -15,8 +15,8 @@ from server.core.tenants import UNAUTHORIZED
 from server.services.limits.decide import LimiterUnavailable
 
 # The dashboard page holds no figures (its script asks the limited JSON routes, with the key).
-OPEN_PATHS = frozenset({"/", "/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
-                        "/dashboard"})
+OPEN_PATHS = frozenset({"/", "/health", "/health/live", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc",
+                        "/openapi.json", "/dashboard"})
 # The docs' assets (and any page served from /static): a page load fetches several, none costs more than a file read.
 OPEN_PREFIXES = ("/static/",)
 ROUTE_GROUPS = {"/generate": "generate", "/v1/completions": "generate", "/v1/chat/completions": "generate",

@@ -83,6 +83,17 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(1024 * 1024, ge=1, description=(
         "Largest request body; larger is a 413, before parsing"))
     body_timeout_s: float = Field(30.0, gt=0, description="Longest wait for the next chunk of a request body; then 408")
+    body_deadline_s: float = Field(60.0, gt=0, description=(
+        "Longest time to receive a whole request body, however it trickles in; then 408"))
+    batch_loop_max_failures: int = Field(5, ge=1, description=(
+        "A model loop that fails this many times within BATCH_LOOP_FAILURE_WINDOW_S is not restarted: /health and "
+        "/health/live answer 503"))
+    batch_loop_failure_window_s: float = Field(60.0, gt=0, description="Window of BATCH_LOOP_MAX_FAILURES")
+    batch_stall_s: float = Field(30.0, gt=0, description=(
+        "A model with work waiting and no forward pass for this long is stalled: /health answers 503"))
+    drain_s: float = Field(5.0, ge=0, description=(
+        "After SIGTERM, /health answers 503 while requests are still served for this long (at least two "
+        "health-check intervals of the load balancer), then the server stops accepting"))
     blocked_terms: str = Field("", description=(
         "Prompts containing one of these terms get 400: comma-separated, or @path to a file of one term per line "
         "(# comments); matched case-insensitively on word boundaries after NFKC normalisation"))

@@ -102,12 +102,14 @@ class Supervisor:
         log.error("background task %s failed (%d in the last %g s)%s", self.name, len(self._recent),
                   self.policy.window_s, "; giving up: the process needs a restart" if giving_up else "; restarting",
                   exc_info=exc)
+        if giving_up:
+            # Before `on_failure`, which may then also fail the work queued for a loop that will not come back.
+            self.state = "failed"
         if self.on_failure is not None:
             try:
                 self.on_failure(exc)
             except Exception:
                 log.exception("cleaning up after the failure of %s failed", self.name)
         if giving_up:
-            self.state = "failed"
             return None
         return min(self.policy.max_backoff_s, self.policy.backoff_s * 2 ** (len(self._recent) - 1))

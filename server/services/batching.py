@@ -18,7 +18,8 @@ Semantics (see ../../shared/reference/batching.md for what other servers do):
   most `background_max_size`, so an interactive arrival waits behind at most one small background batch
   (observed per interactive item in `batch_background_batches_waited{model}`).
 - Items with equal `dedup_key_of` (not None) in one batch are computed once; each caller gets the result.
-- Bounded queue: past `queue_limit` waiting items, `submit` raises `Overloaded` and enqueues nothing.
+- Bounded queue: past `queue_limit` waiting items, `submit` raises `Overloaded` and enqueues nothing; a request of
+  more items than `queue_limit` could never be admitted and raises `InputError` (422) instead.
 - A request is admitted whole: `admission(n)` reserves room for its n items before any of them is submitted
   (or raises `Overloaded`), and submits made inside it (in the same task or tasks it starts) draw on that
   reservation, so a request that gets 503 has had none of its items computed.
@@ -26,12 +27,18 @@ Semantics (see ../../shared/reference/batching.md for what other servers do):
 - Abandoned items stop mid-computation: `compute(items, abandoned)` may call `abandoned(i)` between its steps
   (a decoding step, say); it turns true once every caller of item i is gone, and `compute` may then return
   `ABORTED` for that item instead of finishing it (counted in `batch_aborted_items_total{model,reason}`).
-- A batch that raises is retried item by item, so only the guilty item's caller gets `ModelFailed`.
+- A batch that raises is bisected (each half retried, a failing half split again, about 2 log2(n) calls for one
+  guilty item among n), so only the guilty item's caller gets `ModelFailed`.
+- Supervision (server/core/supervisor.py): an error that escapes the loop fails the batch it was running with a
+  `ModelFailed` naming it, and the loop restarts; `restart.give_up_after` failures within `restart.window_s` and it
+  stays down (state `failed`, what was queued fails too). `stalled`: items wait or run and the model made no
+  progress (a call started or ended, or `compute` looked at `abandoned` between its steps) for `stall_s`.
 """
 
 import asyncio
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Executor
@@ -43,7 +50,8 @@ from typing import Final, Generic, Literal, Protocol, TypeVar
 
 from server.core import metrics
 from server.core.aio import wait_event
-from server.services.errors import DeadlineExceeded, ModelFailed, Overloaded
+from server.core.supervisor import RestartPolicy, Supervisor
+from server.services.errors import DeadlineExceeded, FieldError, InputError, ModelFailed, Overloaded
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -99,6 +107,10 @@ class AdmissionGate:
         self.reserved = 0
 
     def _check(self, count: int) -> None:
+        if count > self.limit:
+            # Never admissible, however long the caller waits: not a retryable 503.
+            raise InputError([FieldError(("body",), f"{count} items: more than the {self.name} model's queue holds "
+                                                   f"(BATCH_QUEUE_LIMIT={self.limit}); split the request")])
         if self.waiting() + self.reserved + count > self.limit:
             metrics.BATCH_REJECTED.labels(self.name).inc(count)
             raise Overloaded(self.name, self.retry_after_s())
@@ -128,8 +140,9 @@ class _Liveness:
     """Which items of a running batch still have a caller. Futures' done-callbacks update it on the event loop;
     `compute` reads it from the executor thread (a list of bools: a read never sees a torn value)."""
 
-    def __init__(self, batch: "list[list[_Entry]]"):
+    def __init__(self, batch: "list[list[_Entry]]", on_step: Callable[[], None]):
         self.batch = batch
+        self.on_step = on_step
         self.waiting = [sum(not entry.future.done() for entry in entries) for entries in batch]
         self.gone = [count == 0 for count in self.waiting]
         for index, entries in enumerate(batch):
@@ -143,6 +156,7 @@ class _Liveness:
             self.gone[index] = True
 
     def __call__(self, index: int) -> bool:
+        self.on_step()
         return self.gone[index]
 
     def reason(self, index: int) -> AbandonReason:
@@ -197,7 +211,8 @@ class MicroBatcher(Generic[T, R]):
     def __init__(self, name: str, compute: Callable[[list[T], Abandoned], list[R | Aborted]], executor: Executor, *,
                  max_batch_size: int, max_wait_s: float, queue_limit: int, background_max_size: int | None = None,
                  group_of: Callable[[T], Hashable] = lambda item: None,
-                 dedup_key_of: Callable[[T], Hashable | None] = lambda item: None):
+                 dedup_key_of: Callable[[T], Hashable | None] = lambda item: None,
+                 restart: RestartPolicy = RestartPolicy(), stall_s: float = 30.0):
         self.name = name
         self.compute = compute
         self.executor = executor
@@ -212,15 +227,17 @@ class MicroBatcher(Generic[T, R]):
         self._running_background = False
         self._wakeup = asyncio.Event()
         self._history = History()
-        self._task: asyncio.Task | None = None
+        self._running: list[list[_Entry[T, R]]] = []
+        self.stall_s = stall_s
+        self._progress_at = time.monotonic()
+        self.supervisor = Supervisor(f"batcher-{name}", self._run_forever, on_failure=self._fail_owned,
+                                     policy=restart)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run_forever(), name=f"batcher-{self.name}")
+        self.supervisor.start()
 
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self.supervisor.stop()
         for entry in self._queue:
             if not entry.future.done():
                 entry.future.set_exception(Overloaded(self.name, 1))
@@ -229,6 +246,29 @@ class MicroBatcher(Generic[T, R]):
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def stalled(self) -> bool:
+        """Items wait or run, and the model made no progress for `stall_s`."""
+        self._prune()
+        return bool(self._queue or self._running) and time.monotonic() - self._progress_at > self.stall_s
+
+    def _progressed(self) -> None:
+        self._progress_at = time.monotonic()
+
+    def _fail_owned(self, exc: BaseException) -> None:
+        """The loop raised: fail the batch it was running (and, when it will not restart, what waits for it)."""
+        failure = ModelFailed(f"the {self.name} model's loop failed: {type(exc).__name__}: {exc}")
+        owned = [entry for entries in self._running for entry in entries]
+        if self.supervisor.state == "failed":
+            owned.extend(self._queue)
+            self._queue.clear()
+        self._running = []
+        self._running_background = False
+        for entry in owned:
+            if not entry.future.done():
+                entry.future.set_exception(failure)
+        self._progressed()
 
     @contextmanager
     def admission(self, count: int) -> Iterator[None]:
@@ -243,7 +283,12 @@ class MicroBatcher(Generic[T, R]):
         A caller cancelled or timed out drops its items that have not started yet, and stops those being computed.
         """
         self._prune()
+        if self.supervisor.state == "failed":
+            raise ModelFailed(f"the {self.name} model's loop is down after repeated failures "
+                              f"({self.supervisor.last_error}); the process needs a restart")
         self.gate.take(len(items))
+        if not (self._queue or self._running):
+            self._progressed()
         loop = asyncio.get_running_loop()
         now = loop.time()
         # A background batch already running counts as one this item waits behind.
@@ -317,18 +362,30 @@ class MicroBatcher(Generic[T, R]):
         metrics.MODEL_BATCHES.labels(self.name, str(groups)).inc()
         metrics.MODEL_ITEMS.labels(self.name).inc(len(items))
         metrics.MODEL_BATCH_SIZE.labels(self.name).observe(len(items))
-        with metrics.MODEL_BATCH_SECONDS.labels(self.name).time():
-            results = self.compute(items, abandoned)
+        self._progressed()
+        try:
+            with metrics.MODEL_BATCH_SECONDS.labels(self.name).time():
+                results = self.compute(items, abandoned)
+        finally:
+            self._progressed()
         if len(results) != len(items):
             raise RuntimeError(f"{self.name} returned {len(results)} results for {len(items)} items")
         return results
 
-    def _call_singly(self, items: list[T], abandoned: Abandoned) -> list[R | Aborted | BaseException]:
+    def _bisect(self, items: list[T], abandoned: Abandoned, first: int = 0) -> list[R | Aborted | BaseException]:
+        """The outcomes of `items` (a batch that failed), each half called again and a failing half split again;
+        `first` is the index of items[0] in the batch, which `abandoned` takes."""
         outcomes: list[R | Aborted | BaseException] = []
-        for index, item in enumerate(items):
+        middle = len(items) // 2
+        for start, part in ((0, items[:middle]), (middle, items[middle:])):
+            if not part:
+                continue
             try:
-                outcomes.extend(self._call([item], lambda _, index=index: abandoned(index)))
+                outcomes.extend(self._call(part, lambda i, at=first + start: abandoned(at + i)))
             except Exception as exc:
+                if len(part) > 1:
+                    outcomes.extend(self._bisect(part, abandoned, first + start))
+                    continue
                 metrics.MODEL_ITEM_FAILURES.labels(self.name).inc()
                 log.exception("%s failed on one item; its batch-mates are unaffected", self.name)
                 outcomes.append(exc)
@@ -350,13 +407,14 @@ class MicroBatcher(Generic[T, R]):
             metrics.BATCH_BACKGROUND_ITEMS.labels(self.name).inc(len(batch))
         self._running_background = background
         items = [entries[0].item for entries in batch]
-        liveness = _Liveness(batch)
+        self._running = batch
+        liveness = _Liveness(batch, self._progressed)
         try:
             outcomes: list[R | Aborted | BaseException] = await loop.run_in_executor(
                 self.executor, self._call, items, liveness)
         except Exception:
-            log.warning("%s batch of %d failed; retrying its items one by one", self.name, len(items))
-            outcomes = await loop.run_in_executor(self.executor, self._call_singly, items, liveness)
+            log.warning("%s batch of %d failed; bisecting it", self.name, len(items))
+            outcomes = await loop.run_in_executor(self.executor, self._bisect, items, liveness)
         for index, (entries, outcome) in enumerate(zip(batch, outcomes)):
             if outcome is ABORTED:
                 metrics.BATCH_ABORTED.labels(self.name, liveness.reason(index)).inc()
@@ -369,6 +427,7 @@ class MicroBatcher(Generic[T, R]):
                     entry.future.set_exception(failure)
                 else:
                     entry.future.set_result(outcome)
+        self._running = []
         self._running_background = False
         finished = loop.time()
         self._history = History(done_at=finished, duration_s=finished - started,

@@ -25,8 +25,16 @@ Semantics (`MicroBatcher` in batching.py is the static alternative, `GENERATOR_S
 - Equal deterministic jobs share one row; a caller that joins a running row first receives its tokens so far.
 - Streaming: a caller's `on_tokens(token_ids, logprobs)` runs on the event loop after each step that gave its row
   tokens (`logprobs`: theirs, when the row reports them, else empty).
-- Failure isolation: a forward pass that raises dissolves its batch; its rows run again one at a time, resumed
-  from the tokens they had. A row that fails alone fails its callers with `ModelFailed`; the others finish.
+- Failure isolation: a forward pass that raises dissolves its batch and its rows are bisected, one pass per turn
+  between the running batch's steps (which go on, and admit new arrivals): half of the suspects is prefilled again,
+  resumed from the tokens it had; a half that passes rejoins the running batch, a half that fails becomes the
+  suspects and the other half waits, cleared, to rejoin in one pass once the guilty row is found. One guilty row
+  among n costs log2(n) + 1 passes; it fails its callers with `ModelFailed` (500), the others finish.
+- Supervision (server/core/supervisor.py): an error that escapes a turn (outside the forward passes: the KV-cache
+  surgery when rows join, leave or park) fails the rows the loop owned (running, parked, being bisected) with a
+  `ModelFailed` naming it, and the loop restarts with the rows still waiting; `restart.give_up_after` failures
+  within `restart.window_s` and it stays down (state `failed`). `stalled`: rows wait or run and no forward pass
+  ran for `stall_s` (the clock starts when an idle batcher gets work). `/health` reads both.
 """
 
 import asyncio
@@ -45,6 +53,7 @@ from typing import Protocol
 import torch
 
 from server.core import metrics
+from server.core.supervisor import RestartPolicy, Supervisor
 from server.ml.decoding import DecodeBatch, GenerationParams
 from server.ml.decoding import Sequence as DecodedSequence
 from server.ml.generator import Generation, TextGenerator
@@ -89,7 +98,7 @@ class _Row(DecodedSequence):
     sent: int = 0
     gone: bool = False
     gone_at_step: int = 0
-    isolated: bool = False
+    failure: str = ""  # why the pass that made it a suspect failed
     background_before: int = 0
 
     @property
@@ -107,7 +116,8 @@ class _Update:
 
 class ContinuousBatcher:
     def __init__(self, name: str, generator: TextGenerator, executor: Executor, *, max_batch_size: int,
-                 max_wait_s: float, queue_limit: int, background_max_size: int | None = None):
+                 max_wait_s: float, queue_limit: int, background_max_size: int | None = None,
+                 restart: RestartPolicy = RestartPolicy(), stall_s: float = 30.0):
         self.name = name
         self.generator = generator
         self.executor = executor
@@ -130,18 +140,23 @@ class ContinuousBatcher:
         self._step_seconds = 0.0
         self._row_steps = 16.0
         self._closing = False
-        self._task: asyncio.Task | None = None
+        # Rows taken out of the batch by a failed forward pass: groups known to hold a guilty row, and rows cleared
+        # by the bisection that wait to rejoin together.
+        self._suspects: deque[list[_Row]] = deque()
+        self._cleared: list[_Row] = []
+        self.stall_s = stall_s
+        self._progress_at = time.monotonic()
+        self.supervisor = Supervisor(f"batcher-{name}", self._run_forever, on_failure=self._fail_owned,
+                                     policy=restart)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._task = asyncio.create_task(self._run_forever(), name=f"batcher-{self.name}")
+        self.supervisor.start()
 
     async def close(self) -> None:
         self._closing = True
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self.supervisor.stop()
         for row in self._rows:
             for caller in row.callers:
                 if not caller.future.done():
@@ -159,6 +174,31 @@ class ContinuousBatcher:
         batch = self._batch
         return len(batch) if batch is not None else 0
 
+    @property
+    def stalled(self) -> bool:
+        """Rows wait or run, and no forward pass ran for `stall_s`."""
+        return bool(self._rows) and time.monotonic() - self._progress_at > self.stall_s
+
+    def _fail_owned(self, exc: BaseException) -> None:
+        """On the event loop, after the loop's turn raised (the torch thread runs none of this batcher's turns
+        now): fail every row the loop had taken from the queue; the rows still waiting are the next loop's."""
+        failure = ModelFailed(f"the {self.name} model's decoding loop failed: {type(exc).__name__}: {exc}")
+        with self._lock:
+            # A loop that will not restart owns the waiting rows too: nobody else would answer them.
+            waiting = set(self._waiting) if self.supervisor.state != "failed" else set()
+            self._waiting = deque(row for row in self._waiting if row in waiting)
+        owned = [row for row in self._rows if row not in waiting]
+        self._batch = self._parked = None
+        self._suspects.clear()
+        self._cleared = []
+        for row in owned:
+            self._forget(row)
+            for caller in row.callers:
+                if not caller.future.done():
+                    caller.future.set_exception(failure)
+        metrics.GENERATOR_RUNNING.labels(self.name).set(0)
+        self._progress_at = time.monotonic()
+
     @contextmanager
     def admission(self, count: int) -> Iterator[None]:
         """Reserve room for `count` rows that this request will submit, or raise `Overloaded` now."""
@@ -173,6 +213,7 @@ class ContinuousBatcher:
                      on_tokens: TokenSink | None = None) -> list[Generation]:
         """Generate for `jobs` (all or none enqueued) within `timeout_s`, else `DeadlineExceeded`; `on_tokens`
         receives each row's new token ids as they come (one call per row per step)."""
+        self._refuse_if_down()
         self.gate.take(len(jobs))
         loop = asyncio.get_running_loop()
         callers = [_Caller(loop.create_future(), on_tokens, background) for _ in jobs]
@@ -182,9 +223,16 @@ class ContinuousBatcher:
         self._wakeup.set()
         return await answers(self.name, callers, timeout_s)
 
+    def _refuse_if_down(self) -> None:
+        if self.supervisor.state == "failed":
+            raise ModelFailed(f"the {self.name} model's loop is down after repeated failures ({self.supervisor.last_error}); "
+                              "the process needs a restart")
+
     def _subscribe(self, job: Job, caller: _Caller, now: float) -> None:
         row = self._shared.get(job) if job.deterministic else None
         if row is None:
+            if not self._rows:
+                self._progress_at = now
             row = _Row(job.prompt_ids, job.params, job.seed, job=job, callers=[caller], enqueued_at=now,
                        enqueued_step=self.steps,
                        # A background prefill under way counts as one this row waits behind.
@@ -221,6 +269,8 @@ class ContinuousBatcher:
                 await self._wakeup.wait()
                 continue
             await self._linger()
+            # Lingering is the loop's choice, not a stall: the stall clock counts from here.
+            self._progress_at = time.monotonic()
             started = loop.time()
             drained: Future[None] = Future()
             # Running from the start: the loop cannot be cancelled mid-turn, it ends at the next turn (`_closing`).
@@ -243,13 +293,14 @@ class ContinuousBatcher:
         try:
             with torch.inference_mode():
                 self._retire()
+                self._bisect()
                 if joining := self._take():
                     self._prefill(joining)
                 self._park_or_resume()
                 self._retire()
                 if self.running:
                     self._step()
-            if self._closing or not (self.running or self._waiting):
+            if self._closing or not (self.running or self._waiting or self._suspects or self._cleared):
                 drained.set_result(None)
             else:
                 self.executor.submit(self._turn, drained)
@@ -264,21 +315,20 @@ class ContinuousBatcher:
                 metrics.BATCH_DROPPED.labels(self.name, "cancelled").inc(dropped)
             self._waiting = deque(live)
             running = self._batch.sequences if self._batch is not None else []
-            if not live or any(row.isolated for row in running):
+            if not live:
                 return []
-            if live[0].isolated:
-                chosen = [live[0]] if not running else []
-            else:
-                room = self.max_batch_size - len(running)
-                interactive = [row for row in live if not row.background and not row.isolated]
-                candidates = interactive
-                if not interactive and all(row.background for row in running):
-                    background_running = len(running) + (len(self._parked) if self._parked is not None else 0)
-                    room = min(room, self.background_max_size - background_running)
-                    candidates = [row for row in live if not row.isolated]
-                due = (not running or len(candidates) >= JOIN_FRACTION * len(running)
-                       or self.steps - candidates[0].enqueued_step >= JOIN_AFTER_STEPS) if candidates else False
-                chosen = candidates[:max(room, 0)] if due else []
+            # Rows under bisection come back: their places stay theirs.
+            room = (self.max_batch_size - len(running) - len(self._cleared)
+                    - sum(len(group) for group in self._suspects))
+            interactive = [row for row in live if not row.background]
+            candidates = interactive
+            if not interactive and all(row.background for row in running):
+                background_running = len(running) + (len(self._parked) if self._parked is not None else 0)
+                room = min(room, self.background_max_size - background_running)
+                candidates = live
+            due = (not running or len(candidates) >= JOIN_FRACTION * len(running)
+                   or self.steps - candidates[0].enqueued_step >= JOIN_AFTER_STEPS) if candidates else False
+            chosen = candidates[:max(room, 0)] if due else []
             for row in chosen:
                 self._waiting.remove(row)
         metrics.BATCH_QUEUE_DEPTH.labels(self.name).set(self.queued)
@@ -299,17 +349,42 @@ class ContinuousBatcher:
             self._background_admissions += 1
         self._background_prefilling = int(background > 0)
         try:
+            self._join(rows)
+        finally:
+            self._background_prefilling = 0
+
+    def _join(self, rows: list[_Row]) -> bool:
+        """Prefill `rows` (resumed from the tokens they have) into the running batch; False when the pass failed
+        (the rows are then suspects)."""
+        try:
             joined = self._forward("prefill", rows, lambda: self.generator.decoder.prefill(list(rows)))
         except Exception as exc:
             self._failed(rows, exc)
-            return
-        finally:
-            self._background_prefilling = 0
+            return False
         if self._batch is None or not len(self._batch):
             self._batch = joined
         else:
             self._batch.extend(joined)
         self._send([self._update(row) for row in rows])
+        return True
+
+    def _bisect(self) -> None:
+        """One pass of the bisection of failed rows (see the module's docstring)."""
+        if self._suspects:
+            suspects = [row for row in self._suspects.popleft() if not row.gone]
+            if len(suspects) == 1:
+                self._fail_row(suspects[0], suspects[0].failure)
+            elif suspects:
+                half, rest = suspects[:len(suspects) // 2], suspects[len(suspects) // 2:]
+                if self._join(half):
+                    self._suspects.appendleft(rest)
+                else:
+                    # `_failed` queued `half` as the suspects; the rest is cleared, since one pass over all failed.
+                    self._cleared.extend(rest)
+        elif self._cleared:
+            cleared, self._cleared = [row for row in self._cleared if not row.gone], []
+            if cleared:
+                self._join(cleared)
 
     def _step(self) -> None:
         batch = self._batch
@@ -327,26 +402,34 @@ class ContinuousBatcher:
         metrics.MODEL_BATCH_SIZE.labels(self.name).observe(len(rows))
         metrics.GENERATOR_FORWARDS.labels(self.name, kind).inc()
         started = time.perf_counter()
-        with metrics.MODEL_BATCH_SECONDS.labels(self.name).time():
-            result = call()
+        try:
+            with metrics.MODEL_BATCH_SECONDS.labels(self.name).time():
+                result = call()
+        finally:
+            self._progress_at = time.monotonic()
         if kind == "decode":
             self._step_seconds = time.perf_counter() - started
         return result
 
     def _failed(self, rows: Sequence[DecodedSequence], exc: Exception) -> None:
-        """A forward pass raised: a lone row fails; several run again one at a time, resumed where they were."""
+        """A forward pass raised: a lone row fails; several become suspects, bisected from the next turn on."""
         rows = [row for row in rows if isinstance(row, _Row)]
         if len(rows) == 1:
-            metrics.MODEL_ITEM_FAILURES.labels(self.name).inc()
-            log.exception("%s failed on one row; its batch-mates are unaffected", self.name, exc_info=exc)
-            self._send([_Update(rows[0], [], ModelFailed(f"the {self.name} model failed on this input: {exc}"))])
+            self._fail_row(rows[0], f"{type(exc).__name__}: {exc}")
             return
-        log.warning("%s forward pass over %d rows failed (%s); running them one at a time", self.name, len(rows),
-                    exc)
-        for row in rows:
-            row.isolated = True
-        with self._lock:
-            self._waiting.extendleft(reversed(rows))
+        # A step that raised midway may have finished some rows: they are answered, not re-run.
+        done = [row for row in rows if row.finish_reason]
+        self._send([self._update(row) for row in done])
+        if suspects := [row for row in rows if not row.finish_reason]:
+            log.warning("%s forward pass over %d rows failed (%s); bisecting them", self.name, len(rows), exc)
+            for row in suspects:
+                row.failure = f"{type(exc).__name__}: {exc}"
+            self._suspects.appendleft(suspects)
+
+    def _fail_row(self, row: _Row, cause: str) -> None:
+        metrics.MODEL_ITEM_FAILURES.labels(self.name).inc()
+        log.error("%s failed on one row (%s); its batch-mates are unaffected", self.name, cause)
+        self._send([_Update(row, [], ModelFailed(f"the {self.name} model failed on this input: {cause}"))])
 
     def _update(self, row: _Row) -> _Update:
         limit = row.kept if row.finish_reason else len(row.tokens)

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from server.core.config import Settings
 from server.core.rate_policy import parse_policies, parse_policy
+from server.core.supervisor import RestartPolicy
 from server.core.tenants import KeyRing
 from server.db import migrate
 from server.db.session import create_engine, session_factory
@@ -27,6 +28,7 @@ from server.services.batching import MicroBatcher
 from server.services.cache import ResponseCache, open_store
 from server.services.continuous_batching import ContinuousBatcher
 from server.services.generation import GenerationService, run_jobs
+from server.services.health import Health, server_health
 from server.services.limits.egress import EgressGuard
 from server.services.limits.gcra import MemoryLimiter, RedisLimiter
 from server.services.limits.ingress import IngressLimits
@@ -56,6 +58,13 @@ class Runtime:
     sentiment: SentimentService
     batch: BatchOffload
     reports: PerformanceReports
+    health: Health
+
+
+def describe_models(generator: TextGenerator, classifier: SentimentClassifier) -> dict[str, dict]:
+    return {role: {"name": model.name, "revision": model.revision, "precision": model.precision,
+                   "kernels": model.kernels, "offline_stand_in": model.standin}
+            for role, model in (("generator", generator), ("sentiment", classifier))}
 
 
 async def load_models(settings: Settings, executor: Executor) -> tuple[TextGenerator, SentimentClassifier]:
@@ -139,7 +148,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                           per_tenant=settings.cache_scope == "tenant")
     batching = {"executor": executor, "max_batch_size": settings.batch_max_size,
               "max_wait_s": settings.batch_max_wait_ms / 1000, "queue_limit": settings.batch_queue_limit,
-              "background_max_size": settings.batch_background_max_size}
+              "background_max_size": settings.batch_background_max_size, "stall_s": settings.batch_stall_s,
+              "restart": RestartPolicy(window_s=settings.batch_loop_failure_window_s,
+                                       give_up_after=settings.batch_loop_max_failures)}
     generate_batcher = (
         ContinuousBatcher("generator", generator, **batching) if settings.generator_scheduler == "continuous" else
         MicroBatcher("generator", lambda jobs, abandoned: run_jobs(generator, jobs, abandoned), **batching,
@@ -155,7 +166,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     runtime = Runtime(settings, redis, keys, ingress, egress, engine, sessions, generator, classifier, recorder,
                       cache, generation, sentiment,
                       build_batch_offload(settings, sessions, egress, generation, sentiment),
-                      open_reports(settings, redis, sessions, egress))
+                      open_reports(settings, redis, sessions, egress),
+                      server_health({"generator": generate_batcher, "sentiment": predict_batcher},
+                                    describe_models(generator, classifier), engine, recorder, redis))
     batchers = (generate_batcher, predict_batcher)
     for component in (*batchers, recorder):
         component.start()

@@ -69,7 +69,8 @@ async def test_a_cached_prompt_streams_its_whole_text_at_once(app_client):
 async def test_errors_before_the_stream_starts_are_plain_http_errors(app_client):
     response = await app_client.post("/generate", json={"prompts": ["x" * 5000], "stream": True})
     assert response.status_code == 422 and response.headers["content-type"] == "application/json"
-    app_client.app.state.runtime.generation.batcher.gate.limit = 0
+    gate = app_client.app.state.runtime.generation.batcher.gate
+    gate.reserved = gate.limit  # every place taken by requests being admitted
     full = await app_client.post("/generate", json={"prompts": ["queue is full"], "stream": True})
     assert full.status_code == 503 and "retry-after" in full.headers
 

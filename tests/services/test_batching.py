@@ -5,6 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from server.core.supervisor import RestartPolicy
 from server.services.batching import ABORTED, MicroBatcher
 from server.services.errors import DeadlineExceeded, ModelFailed, Overloaded
 from tests.support.metrics import metric
@@ -152,7 +153,7 @@ async def test_one_failing_item_does_not_fail_its_batch_mates(model, make_batche
     with pytest.raises(ModelFailed, match="poisoned"):
         await bad
     await first
-    assert model.calls[1:] == [[1, 2, "poison"], [1], [2], ["poison"]]
+    assert model.calls[1:] == [[1, 2, "poison"], [1], [2, "poison"], [2], ["poison"]]
 
 
 async def test_callers_of_a_finished_batch_rejoin_the_waiting_items(model, make_batcher):
@@ -289,3 +290,46 @@ async def test_background_items_run_only_when_no_interactive_item_waits(model, m
     within_one = metric("batch_background_batches_waited_bucket", model="test", le="1.0")
     assert observed == 4 and within_one == metric("batch_background_batches_waited_count", model="test")
     assert metric("batch_background_batches_waited_sum", model="test") - waited_before == 1
+
+
+async def test_a_failed_batch_is_bisected_not_retried_item_by_item(model, make_batcher):
+    batcher = make_batcher(max_batch_size=16)
+    first = await hold(model, batcher)
+    items = [*range(1, 6), "poison", *range(6, 16)]
+    tasks = [asyncio.create_task(batcher.submit([item], timeout_s=10)) for item in items]
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    await first
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(outcomes[5], ModelFailed)
+    assert [out for i, out in enumerate(outcomes) if i != 5] == [[2 * i] for i in items if i != "poison"]
+    assert len(model.calls[2:]) <= 2 * 4, "two calls per halving of 16 items"
+
+
+async def test_an_error_that_escapes_the_loop_fails_its_batch_and_the_loop_restarts(model, make_batcher, monkeypatch):
+    batcher = make_batcher(restart=RestartPolicy(backoff_s=0.01, window_s=60, give_up_after=2))
+    before = metric("background_task_failures_total", task="batcher-test")
+    monkeypatch.setattr(batcher, "_bisect", lambda items, abandoned: 1 / 0)
+    with pytest.raises(ModelFailed, match="ZeroDivisionError"):
+        await batcher.submit(["poison"], timeout_s=10)
+    assert metric("background_task_failures_total", task="batcher-test") - before == 1
+    assert await batcher.submit([3], timeout_s=10) == [6]
+    with pytest.raises(ModelFailed, match="ZeroDivisionError"):
+        await batcher.submit(["poison"], timeout_s=10)
+    async with asyncio.timeout(5):
+        while batcher.supervisor.state != "failed":
+            await asyncio.sleep(0.01)
+    with pytest.raises(ModelFailed, match="restart"):
+        await batcher.submit([3], timeout_s=10)
+
+
+async def test_items_waiting_on_a_held_model_beyond_the_stall_limit_are_a_stall(model, make_batcher):
+    batcher = make_batcher(stall_s=0.2)
+    first = await hold(model, batcher)
+    assert not batcher.stalled
+    async with asyncio.timeout(5):
+        while not batcher.stalled:
+            await asyncio.sleep(0.01)
+    model.gate.set()
+    await first
+    assert not batcher.stalled

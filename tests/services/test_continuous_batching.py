@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from server.ml.decoding import GenerationParams
+from server.core.supervisor import RestartPolicy
+from server.ml.decoding import DecodeBatch, GenerationParams
 from server.ml.generator import TextGenerator
 from server.services.continuous_batching import ContinuousBatcher
 from server.services.errors import DeadlineExceeded, ModelFailed, Overloaded
@@ -241,3 +242,119 @@ async def test_a_full_queue_refuses_the_whole_request(make, generator):
             pass
     passes.let_go()
     await asyncio.gather(running, waiting)
+
+
+FAST_RESTART = RestartPolicy(backoff_s=0.01, max_backoff_s=0.05, window_s=60, give_up_after=3)
+
+
+class FailOnce:
+    """Replaces a method of `DecodeBatch` (KV-cache surgery, outside the guarded forward pass) with one that raises
+    on its first call, or on every call with `always`."""
+
+    def __init__(self, monkeypatch, name: str, always: bool = False):
+        self.calls = 0
+        original = getattr(DecodeBatch, name)
+
+        def failing(batch, *args):
+            self.calls += 1
+            if always or self.calls == 1:
+                raise MemoryError(f"injected into DecodeBatch.{name}")
+            return original(batch, *args)
+
+        monkeypatch.setattr(DecodeBatch, name, failing)
+
+
+async def until(condition, timeout_s: float = 20.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("surgery", ["extend", "keep"])
+async def test_an_error_outside_the_forward_pass_fails_the_rows_the_loop_owned_and_the_loop_restarts(
+        make, generator, monkeypatch, surgery):
+    batcher, passes = make(restart=FAST_RESTART)
+    before = metric("background_task_failures_total", task="batcher-generator")
+    # Rows of different lengths (a short one leaves: `keep`), then more rows joining the running batch (`extend`).
+    first = [asyncio.create_task(batcher.submit([job(generator, f"first {i}", 3 + 6 * i)], timeout_s=30))
+             for i in range(3)]
+    await passes.hold_before(2)
+    FailOnce(monkeypatch, surgery)
+    joining = [asyncio.create_task(batcher.submit([job(generator, f"joining {i}", 5)], timeout_s=30))
+               for i in range(3)]
+    await asyncio.sleep(0.05)
+    passes.let_go()
+    outcomes = await asyncio.gather(*first, *joining, return_exceptions=True)
+    failed = [out for out in outcomes if isinstance(out, ModelFailed)]
+    assert failed and all(f"injected into DecodeBatch.{surgery}" in str(out) for out in failed)
+    assert all(isinstance(out, list | ModelFailed) for out in outcomes), outcomes
+    assert metric("background_task_failures_total", task="batcher-generator") - before == 1
+    later = job(generator, "asked after the failure", 6)
+    assert await batcher.submit([later], timeout_s=30) == generator.generate([later.prompt_ids], later.params)
+    assert batcher.supervisor.state == "running" and not batcher.running
+
+
+async def test_a_loop_that_fails_every_turn_gives_up_and_refuses_at_once(make, generator, monkeypatch):
+    batcher, passes = make(restart=FAST_RESTART)
+    monkeypatch.setattr(ContinuousBatcher, "_park_or_resume", lambda self: 1 / 0)
+    for attempt in range(FAST_RESTART.give_up_after):
+        with pytest.raises(ModelFailed, match="ZeroDivisionError"):
+            await batcher.submit([job(generator, f"doomed {attempt}", 4)], timeout_s=30)
+        await until(lambda: batcher.supervisor.state != "restarting")
+    assert batcher.supervisor.state == "failed"
+    with pytest.raises(ModelFailed, match="restart"):
+        await batcher.submit([job(generator, "too late", 4)], timeout_s=30)
+
+
+async def test_work_waiting_without_a_forward_pass_beyond_the_stall_limit_is_a_stall(make, generator):
+    batcher, passes = make(stall_s=0.3)
+    assert not batcher.stalled
+    request = asyncio.create_task(batcher.submit([job(generator, "held", 6)], timeout_s=30))
+    await passes.hold_before(2)
+    await until(lambda: batcher.stalled)
+    passes.let_go()
+    await request
+    assert not batcher.stalled
+
+
+async def test_a_guilty_row_among_32_is_found_by_bisection_while_the_others_go_on(make, generator):
+    batcher, passes = make(max_batch_size=32, queue_limit=100)
+    loop = asyncio.get_running_loop()
+    guilty = tuple(generator.encode("row 13"))
+    newcomer_job = job(generator, "newcomer", 3)
+    prefill, step = generator.decoder.prefill, generator.decoder.step
+    log: list[tuple[str, list[tuple[int, ...]], bool]] = []
+    newcomer: list = []
+
+    def poisoned(kind, rows, call):
+        row = next((r for r in rows if r.prompt == guilty), None)
+        failing = row is not None and len(row.tokens) >= 2
+        log.append((kind, [r.prompt for r in rows], failing))
+        if failing:
+            if not newcomer:  # an arrival while the bisection runs
+                newcomer.append(asyncio.run_coroutine_threadsafe(batcher.submit([newcomer_job], timeout_s=30), loop))
+            raise RuntimeError("this row breaks the model")
+        return call()
+
+    generator.decoder.prefill = lambda rows: poisoned("prefill", rows, lambda: prefill(rows))
+    generator.decoder.step = lambda batch: poisoned("decode", batch.sequences, lambda: step(batch))
+    jobs = [job(generator, f"row {i}", 8) for i in range(32)]
+    outcomes = await asyncio.gather(*(batcher.submit([j], timeout_s=60) for j in jobs), return_exceptions=True)
+    assert isinstance(outcomes[13], ModelFailed) and "this row breaks the model" in str(outcomes[13])
+    for i, (j, out) in enumerate(zip(jobs, outcomes)):
+        if i != 13:
+            assert out == generator.generate([j.prompt_ids], j.params), i
+    assert await asyncio.wrap_future(newcomer[0]) == generator.generate([newcomer_job.prompt_ids], newcomer_job.params)
+    first_failure = next(i for i, (_, _, failing) in enumerate(log) if failing)
+    after = log[first_failure + 1:]
+    bisection = [prompts for kind, prompts, _ in after if kind == "prefill" and newcomer_job.prompt_ids not in prompts]
+    assert len(bisection) <= 5 + 1, "log2(32) + 1 extra passes"
+    resumed = [prompts for kind, prompts, failing in after
+               if kind == "prefill" and prompts in bisection and not failing]
+    assert sorted(p for prompts in resumed for p in prompts) == sorted(
+        j.prompt_ids for j in jobs if j.prompt_ids != guilty), "every innocent row resumed once"
+    # Meanwhile the newcomer was admitted and the rows cleared first kept decoding.
+    last_bisection = max(i for i, (kind, prompts, _) in enumerate(after) if kind == "prefill" and prompts in bisection)
+    joined = next(i for i, (kind, prompts, _) in enumerate(after) if newcomer_job.prompt_ids in prompts)
+    assert joined < last_bisection
+    assert any(kind == "decode" for kind, _, _ in after[:last_bisection])

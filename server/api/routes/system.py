@@ -7,15 +7,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server import __version__
 from server.api.deps import BearerDep, RuntimeDep, identify
 from server.api.schemas import AppInfo, CheckOut, HealthOut
-from server.services.health import database_check, records_check, redis_check
+from server.services.health import Report
+from server.services.runtime import describe_models
 
 router = APIRouter(tags=["system"])
 
 
 def _models(runtime: RuntimeDep) -> dict[str, dict]:
-    return {role: {"name": model.name, "revision": model.revision, "precision": model.precision,
-                   "kernels": model.kernels, "offline_stand_in": model.standin}
-            for role, model in (("generator", runtime.generator), ("sentiment", runtime.classifier))}
+    return describe_models(runtime.generator, runtime.classifier)
 
 
 def _cache(runtime: RuntimeDep) -> dict:
@@ -27,19 +26,24 @@ async def info(runtime: RuntimeDep) -> AppInfo:
     return AppInfo(name=runtime.settings.app_name, version=__version__, models=_models(runtime), cache=_cache(runtime))
 
 
+def _answer(report: Report) -> JSONResponse:
+    body = HealthOut(status=report.status,
+                     checks={name: CheckOut(**check.__dict__) for name, check in report.checks.items()})
+    return JSONResponse(body.model_dump(mode="json"), status_code=report.http_status)
+
+
 @router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
 async def health(runtime: RuntimeDep) -> JSONResponse:
-    """200 when the models are loaded and the database answers, else 503; Redis failing, or records piling up
-    (the `records` check), is only `degraded`."""
-    checks = {"models": CheckOut(status="ok", latency_ms=0.0, detail=_models(runtime)),
-              "database": CheckOut(**(await database_check(runtime.engine)).__dict__),
-              "records": CheckOut(**records_check(runtime.recorder).__dict__)}
-    if runtime.redis is not None:
-        checks["redis"] = CheckOut(**(await redis_check(runtime.redis)).__dict__)
-    states = {check.status for check in checks.values()}
-    status = "down" if "down" in states else "degraded" if "degraded" in states else "ok"
-    body = HealthOut(status=status, checks=checks)
-    return JSONResponse(body.model_dump(mode="json"), status_code=503 if status == "down" else 200)
+    """Readiness, what load balancers probe: 503 when a model's loop is down or stalled, the database does not
+    answer, or the server is draining after SIGTERM; Redis failing, or records piling up, is only `degraded`."""
+    return _answer(await runtime.health.readiness())
+
+
+@router.get("/health/live", response_model=HealthOut, responses={503: {"model": HealthOut}})
+async def liveness(runtime: RuntimeDep) -> JSONResponse:
+    """Liveness, what orchestrators probe: 503 only when the process should be restarted (a model's loop failed
+    too often to be restarted)."""
+    return _answer(await runtime.health.liveness())
 
 
 @router.get("/metrics", response_class=Response)
