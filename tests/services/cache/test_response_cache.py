@@ -1,10 +1,12 @@
 import asyncio
+from contextlib import contextmanager
 
 import pytest
 
 from server.services.cache import MemoryStore, RedisStore, ResponseCache
 from server.services.cache.redis_store import lock_key
 from server.services.circuit import CircuitBreaker
+from server.services.errors import DeadlineExceeded
 from server.services.redis_client import REDIS_FAILURES, open_redis
 from tests.support.clock import Clock
 from tests.support.metrics import metric
@@ -181,3 +183,47 @@ async def test_waiting_for_another_process_is_not_cut_by_the_socket_timeout(redi
     assert compute.calls == 1 and all(client.circuit.state == "closed" for client in clients)
     for client in clients:
         await client.aclose()
+
+
+async def test_a_joiner_keeps_its_own_deadline(cache):
+    """The first caller's computation runs for seconds; a caller that joins it with a short deadline gets
+    `DeadlineExceeded` on its own terms, and the computation carries on for the first."""
+    compute = Computation(5)
+    first = asyncio.create_task(cache.resolve("t", ["slow"], compute, background=True, timeout_s=60))
+    await compute.started.wait()
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(cache.resolve("t", ["slow"], Computation(5), timeout_s=0.2), 2)
+    assert not first.done() and compute.calls == 1
+    first.cancel()
+
+
+async def test_an_interactive_joiner_submits_its_own_item_to_promote_a_background_computation(cache):
+    """Its own submit is what the batcher merges with the background item and runs at interactive priority;
+    a background joiner, like an interactive joiner of an interactive computation, only waits."""
+    background = Computation(5)
+    first = asyncio.create_task(cache.resolve("t", ["k"], background, background=True))
+    await background.started.wait()
+    waiter = Computation(0)
+    second = asyncio.create_task(cache.resolve("t", ["k"], waiter, background=True, timeout_s=0.2))
+    interactive = Computation(0)
+    assert await asyncio.wait_for(cache.resolve("t", ["k"], interactive), 2) == [(b"value-0", "coalesced")]
+    assert interactive.calls == 1 and waiter.calls == 0 and background.calls == 1
+    with pytest.raises(DeadlineExceeded):
+        await second
+    first.cancel()
+
+
+async def test_only_items_that_start_a_computation_take_queue_room(cache):
+    """Callers joining a computation in flight (and repeats within a request) reserve nothing in the batcher."""
+    compute = Computation(0.3)
+    admitted: list[int] = []
+
+    @contextmanager
+    def admit(count: int):
+        admitted.append(count)
+        yield
+
+    first = asyncio.create_task(cache.resolve("t", ["k"], compute, admit=admit))
+    await compute.started.wait()
+    await asyncio.gather(first, cache.resolve("t", ["k", "k", "other", None], compute, admit=admit))
+    assert admitted == [1, 2]
