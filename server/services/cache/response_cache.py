@@ -214,6 +214,15 @@ class ResponseCache:
                 return await compute(), "miss"
             if token is not None:
                 return await self._lead(key, token, compute)
+            if self.store.holds_finished(key):
+                # The holder is this process's own computation, over but not released (Redis failed then):
+                # release it now, storing its value, rather than sleep until the lock expires.
+                try:
+                    await self.store.settle(key)
+                except REDIS_ERRORS as exc:
+                    self._store_failed("release", exc)
+                    return await compute(), "miss"
+                continue
             try:
                 value = await self.store.wait_for(key, self.lock_ttl_s)
             except REDIS_ERRORS as exc:
