@@ -174,17 +174,20 @@ async def test_sigkill_fails_only_requests_in_flight_and_haproxy_stops_routing_t
     async def kill(load: Load) -> None:
         killed["at"] = time.monotonic()
         os.kill(victim.process.pid, signal.SIGKILL)
+        # A killed process keeps its sockets open while the kernel frees its memory (a fraction of a second for a
+        # process holding models): requests that reached it meanwhile were in flight on it.
+        await asyncio.to_thread(victim.process.wait, 10)
+        killed["gone"] = time.monotonic()
         killed["out_after_s"] = await asyncio.to_thread(cluster.wait_states, {"app3": "DOWN"}, 30)
         await asyncio.sleep(1)
 
     load = await under_load(cluster, kill)
-    victim.process.wait(10)
     victim.process = None
     assert killed["out_after_s"] <= OUT_WITHIN_S
     failures = load.failures()
     assert len(failures) <= WORKERS, failures
-    assert all(started < killed["at"] for started, _, _ in failures), (killed, failures)
-    assert sum(1 for started, _, outcome in load.outcomes if started > killed["at"] and outcome == "200") > 0
+    assert all(started < killed["gone"] for started, _, _ in failures), (killed, failures)
+    assert sum(1 for started, _, outcome in load.outcomes if started > killed["gone"] and outcome == "200") > 0
     victim.start()
     await asyncio.to_thread(victim.wait_ready)
     await asyncio.to_thread(cluster.all_up)

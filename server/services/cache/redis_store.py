@@ -23,6 +23,7 @@ import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 from redis.asyncio.client import PubSub
 from redis.exceptions import TimeoutError as RedisTimeout
@@ -61,7 +62,7 @@ def done_channel(key: str) -> str:
 class LockWaiters:
     """Waits for `done:{key}` publishes, for the whole process, on one pub/sub connection read by one task."""
 
-    _of: "weakref.WeakKeyDictionary[GuardedRedis, LockWaiters]" = weakref.WeakKeyDictionary()
+    _of: ClassVar["weakref.WeakKeyDictionary[GuardedRedis, LockWaiters]"] = weakref.WeakKeyDictionary()
 
     @classmethod
     def of(cls, client: GuardedRedis) -> "LockWaiters":
