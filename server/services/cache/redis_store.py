@@ -109,7 +109,12 @@ class LockWaiters:
                 if self._pubsub is None:
                     self._pubsub = self.client.pubsub()
                 self._confirmed[channel] = asyncio.get_running_loop().create_future()
-                await self._pubsub.subscribe(channel)
+                try:
+                    await self._pubsub.subscribe(channel)
+                except BaseException:
+                    # Not subscribed: the next waiter tries again rather than waiting for a confirmation.
+                    del self._confirmed[channel]
+                    raise
                 if self._reader is None:
                     self._reader = asyncio.create_task(self._read(self._pubsub), name="lock-waiters")
             return self._confirmed[channel]

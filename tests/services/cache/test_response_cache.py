@@ -232,9 +232,9 @@ async def test_only_items_that_start_a_computation_take_queue_room(cache):
 
 
 async def test_waiters_on_many_keys_share_one_connection_and_leave_the_pool_to_commands(redis_server):
-    """64 keys wait on another process's locks; the pool holds 64 connections and Redis answers within the
-    default timeout, so a waiter holding a pooled connection each would starve the commands and open the circuit."""
-    holder_client, waiting_client = open_redis(redis_server.url, timeout_s=5), open_redis(redis_server.url)
+    """64 keys wait on another process's locks; the pool holds 64 connections, so a waiter holding a pooled
+    connection each would starve the commands (they would wait the 2 s timeout for one) and open the circuit."""
+    holder_client, waiting_client = open_redis(redis_server.url, timeout_s=5), open_redis(redis_server.url, timeout_s=2)
     holder = RedisStore(holder_client, ttl_s=60, lock_ttl_s=30)
     cache = ResponseCache(RedisStore(waiting_client, ttl_s=60, lock_ttl_s=30), lock_ttl_s=30)
     keys = [f"held-{i}" for i in range(64)]
