@@ -4,15 +4,19 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+from redis.asyncio import Redis
 
 from server.core.config import Settings
 from server.main import create_app
+from tests.support.app import serving as serving_app
 from tests.support.metrics import metric
+from tests.support.redis import redis_answers_again
 from tests.support.servers import RedisServer
 
 WORKERS = 8
@@ -102,3 +106,38 @@ async def test_an_unreachable_redis_is_announced_once_at_start_and_the_server_se
             assert (await client.post("/predict", json={"text": "no redis"})).status_code == 200
     announced = [record for record in caplog.records if record.getMessage().startswith("REDIS_URL is set but")]
     assert len(announced) == 1 and announced[0].levelname == "WARNING"
+
+
+async def test_locks_left_by_a_redis_stall_do_not_make_the_same_prompts_wait_for_their_ttl(settings, redis_server):
+    """16 generations hold their stampede locks when Redis stops for 3 s; they finish meanwhile, so their releases
+    fail. Once Redis answers again, the same prompts are answered without waiting for the locks' TTL (60 s)."""
+    on_redis = settings.model_copy(update={"redis_url": redis_server.url, "cache_lock_ttl_s": 60.0})
+    observer = Redis.from_url(redis_server.url)
+    prompts = [f"stalled story {i}" for i in range(16)]
+    async with serving_app(on_redis) as client:
+        # The torch thread held until every generation holds its lock.
+        held = threading.Event()
+        client.app.state.runtime.generation.batcher.executor.submit(held.wait, 30)
+        first = [asyncio.create_task(client.post("/generate", json={"prompts": [prompt], "max_new_tokens": 64}))
+                 for prompt in prompts]
+        for _ in range(300):
+            if len(await observer.keys("lock:*")) == 16:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the generations did not all take their locks")
+        os.kill(redis_server.process.pid, signal.SIGSTOP)
+        try:
+            held.set()
+            assert [response.status_code for response in await asyncio.gather(*first)] == [200] * 16
+            await asyncio.sleep(3)
+        finally:
+            os.kill(redis_server.process.pid, signal.SIGCONT)
+        await redis_answers_again(client)
+        async with asyncio.timeout(20):
+            again = await asyncio.gather(*(client.post("/generate", json={"prompts": [prompt], "max_new_tokens": 64})
+                                          for prompt in prompts))
+        assert [response.status_code for response in again] == [200] * 16
+        assert [a.json()[0]["completion"] for a in again] == [
+            f.result().json()[0]["completion"] for f in first]
+    await observer.aclose()

@@ -17,9 +17,12 @@ Semantics (see ../../shared/reference/batching.md for what other servers do):
   offload's `local` provider) are dispatched only when no interactive item waits, and in batches of at
   most `background_max_size`, so an interactive arrival waits behind at most one small background batch
   (observed per interactive item in `batch_background_batches_waited{model}`).
-- Items with equal `dedup_key_of` (not None) in one batch are computed once; each caller gets the result.
-- Bounded queue: past `queue_limit` waiting items, `submit` raises `Overloaded` and enqueues nothing; a request of
-  more items than `queue_limit` could never be admitted and raises `InputError` (422) instead.
+- Items with equal `dedup_key_of` (not None) in one batch are computed once; each caller gets the result. An
+  interactive batch takes the waiting background items equal to its own along (they are promoted, not computed
+  twice).
+- Bounded queue: past `queue_limit` waiting computations, `submit` raises `Overloaded` and enqueues nothing. An
+  item equal to one already waiting joins its computation and takes no room.
+  A request of more items than `queue_limit` could never be admitted and raises `InputError` (422) instead.
 - A request is admitted whole: `admission(n)` reserves room for its n items before any of them is submitted
   (or raises `Overloaded`), and submits made inside it (in the same task or tasks it starts) draw on that
   reservation, so a request that gets 503 has had none of its items computed.
@@ -40,7 +43,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -219,7 +222,7 @@ class MicroBatcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.background_max_size = background_max_size or max_batch_size
         self.max_wait_s = max_wait_s
-        self.gate = AdmissionGate(name, queue_limit, lambda: len(self._queue), self._retry_after_s)
+        self.gate = AdmissionGate(name, queue_limit, lambda: self._computations(self._queue), self._retry_after_s)
         self.group_of = group_of
         self.dedup_key_of = dedup_key_of
         self._queue: deque[_Entry[T, R]] = deque()
@@ -286,7 +289,6 @@ class MicroBatcher(Generic[T, R]):
         if self.supervisor.state == "failed":
             raise ModelFailed(f"the {self.name} model's loop is down after repeated failures "
                               f"({self.supervisor.last_error}); the process needs a restart")
-        self.gate.take(len(items))
         if not (self._queue or self._running):
             self._progressed()
         loop = asyncio.get_running_loop()
@@ -294,11 +296,20 @@ class MicroBatcher(Generic[T, R]):
         # A background batch already running counts as one this item waits behind.
         seen = self._background_batches - self._running_background
         entries = [_Entry(item, loop.create_future(), now, background, seen) for item in items]
+        self.gate.take(self._computations([*self._queue, *entries]) - self._computations(self._queue))
         self._queue.extend(entries)
         self._history.arrived_since += len(entries)
         metrics.BATCH_QUEUE_DEPTH.labels(self.name).set(len(self._queue))
         self._wakeup.set()
         return await answers(self.name, entries, timeout_s)
+
+    def _key(self, entry: _Entry[T, R]) -> Hashable:
+        """Entries with equal keys are computed once when they share a batch."""
+        key = self.dedup_key_of(entry.item)
+        return id(entry) if key is None else key
+
+    def _computations(self, entries: Iterable[_Entry[T, R]]) -> int:
+        return len({self._key(entry) for entry in entries})
 
     def _retry_after_s(self) -> float:
         batches_ahead = len(self._queue) / self.max_batch_size + 1
@@ -341,16 +352,21 @@ class MicroBatcher(Generic[T, R]):
         first = next(entry for entry in self._queue if entry.background == background)
         group = self.group_of(first.item)
         batch: dict[Hashable, list[_Entry[T, R]]] = {}
+        for entry in self._queue:
+            if entry.background == background and self.group_of(entry.item) == group:
+                key = self._key(entry)
+                if key in batch:
+                    batch[key].append(entry)
+                elif len(batch) < limit:
+                    batch[key] = [entry]
+        taken = {id(entry) for entries in batch.values() for entry in entries}
         rest: deque[_Entry[T, R]] = deque()
         for entry in self._queue:
-            key = self.dedup_key_of(entry.item)
-            key = id(entry) if key is None else key
-            if entry.background != background or self.group_of(entry.item) != group:
-                rest.append(entry)
-            elif key in batch:
+            if id(entry) in taken:
+                continue
+            # An interactive batch promotes the background items equal to one of its own: computed once, now.
+            if not background and self.group_of(entry.item) == group and (key := self._key(entry)) in batch:
                 batch[key].append(entry)
-            elif len(batch) < limit:
-                batch[key] = [entry]
             else:
                 rest.append(entry)
         self._queue = rest

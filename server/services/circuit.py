@@ -12,7 +12,8 @@ States (`state`, and the `circuit_state{dependency}` gauge: 0 closed, 1 open, 2 
 Any other outcome is an answer from the dependency, so a success: a Redis `ResponseError` proves Redis is up.
 Calls already in flight when the circuit opens finish normally; their failures are counted
 (`circuit_failures_total`) but do not lengthen the interval: one outage is one failure, whatever the
-concurrency. Skipped calls are counted in `circuit_skipped_total`. The process's callers share one
+concurrency. Skipped calls are counted in `circuit_skipped_total`. Callbacks registered with `on_close` run when the
+circuit closes again (work deferred while the dependency was skipped). The process's callers share one
 breaker per dependency, so a dead dependency costs one timeout per interval, not one per request.
 """
 
@@ -55,7 +56,12 @@ class CircuitBreaker:
         self._cause = ""
         self._opened_at = 0.0
         self._warnings = ThrottledLog(log)
+        self._on_close: list[Callable[[], None]] = []
         self._publish()
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the event loop, synchronously) each time the circuit closes after being open."""
+        self._on_close.append(callback)
 
     @property
     def state(self) -> State:
@@ -131,6 +137,8 @@ class CircuitBreaker:
         self._probe = None
         self._failed_probes = 0
         self._publish()
+        for callback in self._on_close:
+            callback()
 
     def _publish(self) -> None:
         metrics.CIRCUIT_STATE.labels(self.dependency).set(STATE_VALUES[self.state])

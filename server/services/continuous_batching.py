@@ -19,10 +19,12 @@ Semantics (`MicroBatcher` in batching.py is the static alternative, `GENERATOR_S
   cache kept) and rejoin after, so they do not slow the interactive steps either
   (`batch_background_batches_waited` observes, per interactive row, the background admissions while it waited).
 - Bounded queue and whole-request admission: as `MicroBatcher` (`AdmissionGate`): 503 past `queue_limit` waiting
-  callers, and a request that gets 503 has had none of its rows computed.
+  rows, and a request that gets 503 has had none of its rows computed. A job that joins an existing row takes no
+  room.
 - Deadlines and disconnects: a caller that times out (504) or is cancelled leaves its row; a row with no caller
   left is dropped before the next step (`batch_abort_steps` observes the steps in between: at most one).
-- Equal deterministic jobs share one row; a caller that joins a running row first receives its tokens so far.
+- Equal deterministic jobs share one row; a caller that joins a running row first receives its tokens so far. Each
+  caller keeps its own deadline, and an interactive caller makes a background row interactive.
 - Streaming: a caller's `on_tokens(token_ids, logprobs)` runs on the event loop after each step that gave its row
   tokens (`logprobs`: theirs, when the row reports them, else empty).
 - Failure isolation: a forward pass that raises dissolves its batch and its rows are bisected, one pass per turn
@@ -124,7 +126,7 @@ class ContinuousBatcher:
         self.max_batch_size = max_batch_size
         self.background_max_size = background_max_size or max_batch_size
         self.max_wait_s = max_wait_s
-        self.gate = AdmissionGate(name, queue_limit, lambda: self.queued, self._retry_after_s)
+        self.gate = AdmissionGate(name, queue_limit, lambda: len(self._waiting), self._retry_after_s)
         self.steps = 0
         self._background_admissions = 0
         self._background_prefilling = 0
@@ -214,7 +216,8 @@ class ContinuousBatcher:
         """Generate for `jobs` (all or none enqueued) within `timeout_s`, else `DeadlineExceeded`; `on_tokens`
         receives each row's new token ids as they come (one call per row per step)."""
         self._refuse_if_down()
-        self.gate.take(len(jobs))
+        self.gate.take(sum(not job.deterministic for job in jobs)
+                       + len({job for job in jobs if job.deterministic and job not in self._shared}))
         loop = asyncio.get_running_loop()
         callers = [_Caller(loop.create_future(), on_tokens, background) for _ in jobs]
         for job, caller in zip(jobs, callers):

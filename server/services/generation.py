@@ -231,8 +231,9 @@ class GenerationService:
         jobs = self.plan(prompts, options, self.cache.scope(tenant))
         created = datetime.now(UTC)
 
+        timeout_s = BACKGROUND_TIMEOUT_S if background else self.timeout_s
+
         async def compute(index: int) -> bytes:
-            timeout_s = BACKGROUND_TIMEOUT_S if background else self.timeout_s
             # The static batcher has no steps to report: its streams get each text whole, when it is done.
             streaming = stream is not None and isinstance(self.batcher, ContinuousBatcher)
             tokens = {"on_tokens": partial(stream.tokens, index)} if streaming else {}
@@ -261,7 +262,7 @@ class GenerationService:
                 yield
 
         await self.cache.resolve("generate", [self.key(job) for job in jobs], compute, bypass=bypass_cache, admit=admit,
-                                 on_item=answered)
+                                 on_item=answered, timeout_s=timeout_s, background=background)
         return [results[index] for index in range(len(jobs))], jobs
 
     def _record(self, results: list[GenerationResult], jobs: list[GenerationJob], tenant: str,

@@ -11,6 +11,7 @@ hung Redis must not double the wait).
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -34,10 +35,17 @@ class GuardedRedis(Redis):
     callers: their connection is the subscription's own)."""
 
     circuit: CircuitBreaker
+    # What else holds this client's connections (the stampede lock's shared subscription): closed first.
+    closers: list[Callable[[], Awaitable[None]]]
 
     async def execute_command(self, *args, **options):
         async with self.circuit.guard():
             return await super().execute_command(*args, **options)
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        for close in self.closers:
+            await close()
+        await super().aclose(close_connection_pool)
 
 
 def open_redis(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> GuardedRedis:
@@ -48,6 +56,7 @@ def open_redis(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> GuardedRedi
                                            retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)))
     client = GuardedRedis.from_pool(pool)
     client.circuit = CircuitBreaker("redis", failures=REDIS_FAILURES)
+    client.closers = []
     return client
 
 

@@ -74,13 +74,14 @@ class SentimentService:
                        field: Literal["text", "texts"]) -> list[PredictionResult]:
         self.check(texts, field)
 
+        timeout_s = BACKGROUND_TIMEOUT_S if background else self.timeout_s
+
         async def compute(index: int) -> bytes:
-            [output] = await self.batcher.submit([texts[index]], background=background,
-                                                 timeout_s=BACKGROUND_TIMEOUT_S if background else self.timeout_s)
+            [output] = await self.batcher.submit([texts[index]], background=background, timeout_s=timeout_s)
             return json.dumps({"label": output.label, "score": output.score}).encode()
 
         answers = await self.cache.resolve("predict", [self.key(t, self.cache.scope(tenant)) for t in texts], compute, bypass=bypass_cache,
-                                          admit=self.batcher.admission)
+                                          admit=self.batcher.admission, timeout_s=timeout_s, background=background)
         created = datetime.now(UTC)
         results = []
         for text, (data, outcome) in zip(texts, answers):

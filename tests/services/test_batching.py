@@ -112,6 +112,35 @@ async def test_equal_items_in_one_batch_are_computed_once(model, make_batcher):
     assert model.calls[1:] == [[5, 6]]
 
 
+async def test_items_equal_to_a_waiting_one_take_no_queue_room(model, make_batcher):
+    batcher = make_batcher(dedup_key_of=lambda item: item, queue_limit=2)
+    first = await hold(model, batcher)
+    waiting = [asyncio.create_task(batcher.submit([5], timeout_s=10)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    other = asyncio.create_task(batcher.submit([6], timeout_s=10))
+    await asyncio.sleep(0.01)
+    with pytest.raises(Overloaded):
+        await batcher.submit([7], timeout_s=10)
+    model.gate.set()
+    assert [await t for t in (*waiting, other)] == [[10], [10], [10], [12]]
+    await first
+
+
+async def test_an_interactive_item_promotes_an_equal_waiting_background_item(model, make_batcher):
+    """Computed once, in the interactive batch, for both callers."""
+    batcher = make_batcher(dedup_key_of=lambda item: item)
+    first = await hold(model, batcher)
+    background = asyncio.create_task(batcher.submit([5], timeout_s=10, background=True))
+    unrelated = asyncio.create_task(batcher.submit([9], timeout_s=10, background=True))
+    await asyncio.sleep(0.01)
+    interactive = asyncio.create_task(batcher.submit([5], timeout_s=10))
+    await asyncio.sleep(0.01)
+    model.gate.set()
+    assert await interactive == [10] and await background == [10] and await unrelated == [18]
+    await first
+    assert model.calls[1:] == [[5], [9]]
+
+
 async def test_full_queue_refuses_with_retry_after_and_enqueues_nothing(model, make_batcher):
     batcher = make_batcher(queue_limit=3)
     first = await hold(model, batcher)

@@ -178,3 +178,12 @@ async def test_a_probe_outdated_by_another_answer_does_not_release_the_current_p
     gates["probe"].set()
     await probe
     assert breaker.state == "closed"
+
+
+async def test_on_close_callbacks_run_when_the_circuit_closes_again(breaker, clock):
+    closed: list[str] = []
+    breaker.on_close(lambda: closed.append(breaker.state))
+    assert await call(breaker) and closed == [], "closed all along: nothing deferred to run"
+    await fail(breaker)
+    clock.now += breaker.interval_s
+    assert await call(breaker) and closed == ["closed"]

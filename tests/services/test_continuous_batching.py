@@ -358,3 +358,20 @@ async def test_a_guilty_row_among_32_is_found_by_bisection_while_the_others_go_o
     joined = next(i for i, (kind, prompts, _) in enumerate(after) if newcomer_job.prompt_ids in prompts)
     assert joined < last_bisection
     assert any(kind == "decode" for kind, _, _ in after[:last_bisection])
+
+
+async def test_a_job_joining_a_waiting_row_takes_no_queue_room(make, generator):
+    batcher, passes = make(max_batch_size=1, queue_limit=2)
+    running = asyncio.create_task(batcher.submit([job(generator, "busy", 50)], timeout_s=30))
+    await passes.hold_before(2)
+    same = job(generator, "one", 2)
+    waiting = [asyncio.create_task(batcher.submit([same], timeout_s=30)) for _ in range(3)]
+    other = asyncio.create_task(batcher.submit([job(generator, "two", 2)], timeout_s=30))
+    await asyncio.sleep(0.05)
+    with pytest.raises(Overloaded):
+        with batcher.admission(1):
+            pass
+    passes.let_go()
+    outputs = await asyncio.gather(running, *waiting, other)
+    assert outputs[1] == outputs[2] == outputs[3]
+

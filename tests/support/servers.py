@@ -1,4 +1,4 @@
-"""Real PostgreSQL and Redis servers for tests, on free ports in temporary directories."""
+"""Real PostgreSQL, Redis and HAProxy servers for tests, on free ports in temporary directories."""
 
 import os
 import pwd
@@ -100,3 +100,51 @@ class RedisServer:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+
+class HAProxyServer:
+    """HAProxy on a free loopback port with deploy/haproxy.cfg, in front of `backends` (host:port each)."""
+
+    CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "haproxy.cfg"
+
+    def __init__(self, backends: list[str]):
+        self.directory = Path(tempfile.mkdtemp(prefix="haproxy-test-"))
+        self.port = free_port()
+        self.backends = backends
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "HAProxyServer":
+        binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        if not Path(binary).exists():
+            raise FileNotFoundError("haproxy not found: install it (apt-get install -y haproxy)")
+        env = {**os.environ, "HAPROXY_BIND": f"127.0.0.1:{self.port}", "HAPROXY_STATS_SOCKET": str(self.socket),
+               **{f"APP{i}": backend for i, backend in enumerate(self.backends, 1)}}
+        log = (self.directory / "haproxy.log").open("w")
+        self.process = subprocess.Popen([binary, "-db", "-f", str(self.CONFIG)], env=env, stdout=log,
+                                        stderr=subprocess.STDOUT, cwd=self.directory)
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def socket(self) -> Path:
+        return self.directory / "stats.sock"
+
+    def states(self) -> dict[str, str]:
+        """Each backend server's status as HAProxy sees it (UP, DOWN, ...), from the runtime API."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(self.socket))
+            sock.sendall(b"show stat\n")
+            data = b"".join(iter(lambda: sock.recv(65536), b""))
+        rows = [line.split(",") for line in data.decode().splitlines() if line and not line.startswith("#")]
+        return {row[1]: row[17].split(" ")[0] for row in rows if row[0] == "app" and row[1].startswith("app")}

@@ -10,7 +10,10 @@
 
 In-process single-flight: one task per key computes; callers await it shielded, so one caller's
 disconnect does not cancel it for the others; when the last caller leaves, the computation is cancelled
-(so its item is dropped from the batch queue if it has not started).
+(so its item is dropped from the batch queue if it has not started). A caller that joins keeps its own terms:
+its own deadline (`DeadlineExceeded` on time, whoever computes), and an interactive caller that joins a background
+computation submits its own item, which the batcher merges with the waiting one and runs at interactive priority.
+Only the items that start a computation count towards the batcher's admission.
 A store failure never fails a request: it is counted (`cache_store_errors_total{operation}`, skipped calls
 included), logged at most once per 30 s, and the item is computed. Recovery needs nothing: the store is
 tried again by the next request (Redis: once its circuit breaker lets a probe through).
@@ -22,6 +25,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 from server.core import metrics
@@ -29,6 +33,7 @@ from server.core.throttled_log import ThrottledLog
 from server.services.cache.keys import key_pattern, scope_tag
 from server.services.cache.memory import MemoryStore
 from server.services.cache.redis_store import RedisStore
+from server.services.errors import DeadlineExceeded
 from server.services.redis_client import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,7 @@ SERVED_FROM_CACHE: frozenset[Outcome] = frozenset({"hit", "coalesced"})
 @dataclass(eq=False)
 class _Flight:
     task: "asyncio.Task[tuple[bytes, Outcome]]"
+    background: bool
     waiters: int = field(default=0)
 
 
@@ -62,15 +68,16 @@ class ResponseCache:
                                self.backend, operation, type(exc).__name__, exc)
 
     async def resolve(self, endpoint: str, keys: list[str | None], compute: Callable[[int], Awaitable[bytes]],
-                      *, bypass: bool = False,
+                      *, bypass: bool = False, timeout_s: float | None = None, background: bool = False,
                       admit: Callable[[int], AbstractContextManager[object]] = lambda count: nullcontext(),
                       on_item: Callable[[int, bytes, Outcome], None] = lambda index, value, outcome: None
                       ) -> list[tuple[bytes, Outcome]]:
         """Value and outcome for each item; `keys[i]` None means item i is not cacheable.
 
-        `admit(n)` is entered, with the number of items the store did not answer, before any of them is computed
-        and held until all are: the batcher's all-or-none admission of a request. `on_item` hears of each item as
-        soon as it is answered (a stream sends it then)."""
+        `admit(n)` is entered, with the number of computations the items the store did not answer start, before
+        any of them is computed and held until all are: the batcher's all-or-none admission of a request. `on_item`
+        hears of each item as soon as it is answered (a stream sends it then). `timeout_s` bounds this caller's
+        wait for an item computed by another (`DeadlineExceeded`); `background` is its priority (see `_join`)."""
         lookups = [i for i, key in enumerate(keys) if key is not None and not bypass]
         found: dict[int, bytes] = {}
         store_error = False
@@ -97,10 +104,15 @@ class ResponseCache:
                 value = await compute(i)
                 await self._set(key, value)
                 return value, "bypass"
-            value, outcome = await self._join(key, lambda: compute(i))
+            flight = led.get(key) if leaders.get(key) == i else None
+            value, outcome = await self._join(key, lambda: compute(i), timeout_s, background, flight)
             return value, "error" if store_error and outcome == "miss" else outcome
 
-        with admit(len(keys) - len(found)):
+        # No await from counting the computations to starting the flights this request leads: a concurrent identical
+        # request has either started its flight before (this one joins it) or joins this one's.
+        count, leaders = self._plan(keys, found, bypass, background)
+        with admit(count):
+            led = {key: self._start(key, partial(compute, i), background) for key, i in leaders.items()}
             results = await asyncio.gather(*(one(i) for i in range(len(keys))))
         for _, outcome in results:
             metrics.CACHE_REQUESTS.labels(endpoint, outcome).inc()
@@ -130,16 +142,53 @@ class ResponseCache:
         """Remove the cached answers of `endpoint` and `model` (None: any) that `tenant` may see; how many."""
         return await self.store.delete_matching(self._pattern(endpoint, model, tenant))
 
-    async def _join(self, key: str, compute: Callable[[], Awaitable[bytes]]) -> tuple[bytes, Outcome]:
-        flight = self._flights.get(key)
-        leader = flight is None
+    def _plan(self, keys: list[str | None], found: dict[int, bytes], bypass: bool,
+              background: bool) -> tuple[int, dict[str, int]]:
+        """How many batcher items the items the store did not answer will submit, and the keys this request leads
+        (no computation in flight), each with its first item. A joiner submits nothing, unless it promotes a
+        background computation (its submit then merges with that one in the batcher); an uncacheable item, one."""
+        leaders: dict[str, int] = {}
+        promoted: set[str] = set()
+        uncached = 0
+        for i, key in enumerate(keys):
+            if i in found:
+                continue
+            if key is None or bypass:
+                uncached += 1
+            elif (flight := self._flights.get(key)) is None:
+                leaders.setdefault(key, i)
+            elif flight.background and not background:
+                promoted.add(key)
+        return uncached + len(leaders) + len(promoted), leaders
+
+    def _start(self, key: str, compute: Callable[[], Awaitable[bytes]], background: bool) -> _Flight:
+        flight = _Flight(asyncio.create_task(self._fill(key, compute)), background)
+        self._flights[key] = flight
+        flight.task.add_done_callback(lambda _: self._flights.pop(key, None))
+        return flight
+
+    async def _join(self, key: str, compute: Callable[[], Awaitable[bytes]], timeout_s: float | None,
+                    background: bool, led: _Flight | None = None) -> tuple[bytes, Outcome]:
+        """This caller's answer from `led` (the flight it started), else from the key's flight in progress, else
+        from a flight it starts now."""
+        flight = led or self._flights.get(key)
+        leader = led is not None
         if flight is None:
-            flight = _Flight(asyncio.create_task(self._fill(key, compute)))
-            self._flights[key] = flight
-            flight.task.add_done_callback(lambda _: self._flights.pop(key, None))
+            flight, leader = self._start(key, compute, background), True
         flight.waiters += 1
         try:
-            value, outcome = await asyncio.shield(flight.task)
+            async with asyncio.timeout(timeout_s):
+                if flight.background and not background:
+                    # The flight's item waits in the batcher's background class: this caller's own submit merges
+                    # with it there, at interactive priority; the flight still stores the value.
+                    value, outcome = await compute(), "coalesced"
+                else:
+                    value, outcome = await asyncio.shield(flight.task)
+        except TimeoutError as exc:
+            if isinstance(exc, DeadlineExceeded):
+                raise
+            raise DeadlineExceeded(f"the answer, computed for another request, did not come within {timeout_s:g} s "
+                                   "(REQUEST_TIMEOUT_S)") from None
         finally:
             flight.waiters -= 1
             if flight.waiters == 0 and not flight.task.done():
@@ -165,6 +214,15 @@ class ResponseCache:
                 return await compute(), "miss"
             if token is not None:
                 return await self._lead(key, token, compute)
+            if self.store.holds_finished(key):
+                # The holder is this process's own computation, over but not released (Redis failed then):
+                # release it now, storing its value, rather than sleep until the lock expires.
+                try:
+                    await self.store.settle(key)
+                except REDIS_ERRORS as exc:
+                    self._store_failed("release", exc)
+                    return await compute(), "miss"
+                continue
             try:
                 value = await self.store.wait_for(key, self.lock_ttl_s)
             except REDIS_ERRORS as exc:

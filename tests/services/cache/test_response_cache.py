@@ -1,10 +1,14 @@
 import asyncio
+import os
+import signal
+from contextlib import contextmanager
 
 import pytest
 
 from server.services.cache import MemoryStore, RedisStore, ResponseCache
 from server.services.cache.redis_store import lock_key
 from server.services.circuit import CircuitBreaker
+from server.services.errors import DeadlineExceeded
 from server.services.redis_client import REDIS_FAILURES, open_redis
 from tests.support.clock import Clock
 from tests.support.metrics import metric
@@ -180,4 +184,103 @@ async def test_waiting_for_another_process_is_not_cut_by_the_socket_timeout(redi
     assert await leader == [(b"value-0", "miss")]
     assert compute.calls == 1 and all(client.circuit.state == "closed" for client in clients)
     for client in clients:
+        await client.aclose()
+
+
+async def test_a_joiner_keeps_its_own_deadline(cache):
+    """The first caller's computation runs for seconds; a caller that joins it with a short deadline gets
+    `DeadlineExceeded` on its own terms, and the computation carries on for the first."""
+    compute = Computation(5)
+    first = asyncio.create_task(cache.resolve("t", ["slow"], compute, background=True, timeout_s=60))
+    await compute.started.wait()
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(cache.resolve("t", ["slow"], Computation(5), timeout_s=0.2), 2)
+    assert not first.done() and compute.calls == 1
+    first.cancel()
+
+
+async def test_an_interactive_joiner_submits_its_own_item_to_promote_a_background_computation(cache):
+    """Its own submit is what the batcher merges with the background item and runs at interactive priority;
+    a background joiner, like an interactive joiner of an interactive computation, only waits."""
+    background = Computation(5)
+    first = asyncio.create_task(cache.resolve("t", ["k"], background, background=True))
+    await background.started.wait()
+    waiter = Computation(0)
+    second = asyncio.create_task(cache.resolve("t", ["k"], waiter, background=True, timeout_s=0.2))
+    interactive = Computation(0)
+    assert await asyncio.wait_for(cache.resolve("t", ["k"], interactive), 2) == [(b"value-0", "coalesced")]
+    assert interactive.calls == 1 and waiter.calls == 0 and background.calls == 1
+    with pytest.raises(DeadlineExceeded):
+        await second
+    first.cancel()
+
+
+async def test_only_items_that_start_a_computation_take_queue_room(cache):
+    """Callers joining a computation in flight (and repeats within a request) reserve nothing in the batcher."""
+    compute = Computation(0.3)
+    admitted: list[int] = []
+
+    @contextmanager
+    def admit(count: int):
+        admitted.append(count)
+        yield
+
+    first = asyncio.create_task(cache.resolve("t", ["k"], compute, admit=admit))
+    await compute.started.wait()
+    await asyncio.gather(first, cache.resolve("t", ["k", "k", "other", None], compute, admit=admit))
+    assert admitted == [1, 2]
+
+
+async def test_waiters_on_many_keys_share_one_connection_and_leave_the_pool_to_commands(redis_server):
+    """64 keys wait on another process's locks; the pool holds 64 connections, so a waiter holding a pooled
+    connection each would starve the commands (they would wait the 2 s timeout for one) and open the circuit."""
+    holder_client, waiting_client = open_redis(redis_server.url, timeout_s=5), open_redis(redis_server.url, timeout_s=2)
+    holder = RedisStore(holder_client, ttl_s=60, lock_ttl_s=30)
+    cache = ResponseCache(RedisStore(waiting_client, ttl_s=60, lock_ttl_s=30), lock_ttl_s=30)
+    keys = [f"held-{i}" for i in range(64)]
+    tokens = [await holder.try_lock(key) for key in keys]
+    compute = Computation(0)
+    waiting = [asyncio.create_task(cache.resolve("t", [key], compute)) for key in keys]
+    for _ in range(200):
+        if sum(await holder_client.pubsub_numsub(*(f"done:{key}" for key in keys)), ()).count(1) == 64:
+            break
+        await asyncio.sleep(0.05)
+    pools = waiting_client.connection_pool
+    assert await waiting_client.set("other", b"command") and await waiting_client.get("other") == b"command"
+    assert len(pools._in_use_connections) <= 2, "the waiters' subscriptions share one connection"
+    for key, token in zip(keys, tokens):
+        await holder.store_and_release(key, b"theirs", token)
+    answers = await asyncio.wait_for(asyncio.gather(*waiting), 5)
+    assert {answer[0] for answer in answers} == {(b"theirs", "coalesced")} and compute.calls == 0
+    assert waiting_client.circuit.state == "closed"
+    for client in (holder_client, waiting_client):
+        await client.aclose()
+
+
+async def test_a_lock_left_by_a_redis_stall_is_settled_when_the_circuit_closes(redis_server):
+    """The holder's release fails while Redis is stopped; once Redis answers again, neither this process's next
+    caller nor another process's waiter sleeps until the lock's TTL (30 s)."""
+    clock = Clock()
+    holder_client, other_client = open_redis(redis_server.url), open_redis(redis_server.url, timeout_s=5)
+    holder_client.circuit = CircuitBreaker("redis", failures=REDIS_FAILURES, clock=clock)
+    holder = ResponseCache(RedisStore(holder_client, ttl_s=60, lock_ttl_s=30), lock_ttl_s=30)
+    other = ResponseCache(RedisStore(other_client, ttl_s=60, lock_ttl_s=30), lock_ttl_s=30)
+    compute = Computation(0.5)
+    first = [asyncio.create_task(holder.resolve("t", [key], compute)) for key in ("mine", "theirs")]
+    await compute.started.wait()
+    await asyncio.sleep(0.1)
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    try:
+        assert [answer[0][1] for answer in await asyncio.gather(*first)] == ["miss", "miss"]
+        assert holder_client.circuit.state == "open"
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+    assert await other_client.exists(lock_key("mine"), lock_key("theirs")) == 2, "both releases failed"
+    waiter = asyncio.create_task(other.resolve("t", ["theirs"], compute))
+    await asyncio.sleep(0.2)
+    clock.now += holder_client.circuit.interval_s
+    assert await asyncio.wait_for(holder.resolve("t", ["mine"], compute), 3) == [(b"value-0", "coalesced")]
+    assert await asyncio.wait_for(waiter, 3) == [(b"value-0", "coalesced")]
+    assert compute.calls == 2
+    for client in (holder_client, other_client):
         await client.aclose()
