@@ -105,6 +105,8 @@ class Settings(BaseSettings):
     batch_poll_interval_s: float = Field(60.0, gt=0)
     batch_max_attempts: int = Field(3, ge=1)
     batch_lease_ttl_s: float = Field(120.0, gt=0)
+    # Per call to a provider's batch API: past it the call counts as answerless (a create is then looked up).
+    batch_provider_timeout_s: float = Field(60.0, gt=0)
     batch_background_max_size: int = Field(4, ge=1)
     batch_prices_file: Path | None = None
     batch_local_reference_price: str = "openai:gpt-4o-mini"

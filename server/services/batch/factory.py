@@ -36,7 +36,8 @@ ADAPTERS = {"openai": OpenAIBatch, "anthropic": AnthropicBatch, "gemini": Gemini
 def build_adapters(settings: Settings) -> dict[str, BatchProvider]:
     """An adapter for each external provider whose API key is set (base URL from `<PROVIDER>_BASE_URL`)."""
     limits = provider_limits(settings)
-    return {name: adapter(key, getattr(settings, f"{name}_base_url"), limits[name])
+    return {name: adapter(key, getattr(settings, f"{name}_base_url"), limits[name],
+                          timeout_s=settings.batch_provider_timeout_s)
             for name, adapter in ADAPTERS.items() if (key := getattr(settings, f"{name}_api_key"))}
 
 
