@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     # Per call to a provider's batch API: past it the call counts as answerless (a create is then looked up).
     batch_provider_timeout_s: float = Field(60.0, gt=0)
     batch_background_max_size: int = Field(4, ge=1)
+    # A local item claimed this long ago by a runner that is not computing it (it failed or was restarted) is
+    # queued again.
+    batch_local_requeue_s: float = Field(600.0, gt=0)
     batch_prices_file: Path | None = None
     batch_local_reference_price: str = "openai:gpt-4o-mini"
     batch_webhook_secret: str | None = None

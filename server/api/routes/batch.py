@@ -342,15 +342,14 @@ async def report(runtime: RuntimeDep, scope: ScopeDep, days: Annotated[int, Quer
 @router.get("/health", response_model=BatchHealthOut)
 async def batch_health(runtime: RuntimeDep, admin: AdminDep) -> BatchHealthOut:
     """The batch scheduler: whether it runs here, who leads, the last and next runs, and each provider's state
-    (`ok`, `unconfigured`, or `unreachable: <why>` from one cheap call, which takes its share of the egress quota).
-    Admin keys only."""
+    (`ok`, `unconfigured`, or `unreachable: <why>` from one cheap call, which takes its share of the egress quota);
+    `degraded` while one of this process's batch loops is down or restarting. Admin keys only."""
     holder = await runtime.batch.worker.lease.holder()
     worker = runtime.batch.worker
     providers = await runtime.batch.reachability()
-    expected_here = runtime.batch.in_process
+    health = runtime.batch.health()
     return BatchHealthOut(
-        status="degraded" if expected_here and not runtime.batch.running else "ok",
-        scheduler=_scheduler(runtime),
+        status=health["status"], tasks=health["tasks"], scheduler=_scheduler(runtime),
         leader={"owner": holder.owner, "expires_at": holder.expires_at} if holder else None,
         last_run_at=worker.last_run_at, last_run=asdict(worker.last_report) if worker.last_report else None,
         providers=providers)

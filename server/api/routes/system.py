@@ -29,11 +29,14 @@ async def info(runtime: RuntimeDep) -> AppInfo:
 
 @router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
 async def health(runtime: RuntimeDep) -> JSONResponse:
-    """200 when the models are loaded and the database answers, else 503; Redis failing, or records piling up
-    (the `records` check), is only `degraded`."""
+    """200 when the models are loaded and the database answers, else 503; Redis failing, records piling up
+    (the `records` check), or a batch loop of this process down or restarting (the `batch` check) is only
+    `degraded`."""
+    batch = runtime.batch.health()
     checks = {"models": CheckOut(status="ok", latency_ms=0.0, detail=_models(runtime)),
               "database": CheckOut(**(await database_check(runtime.engine)).__dict__),
-              "records": CheckOut(**records_check(runtime.recorder).__dict__)}
+              "records": CheckOut(**records_check(runtime.recorder).__dict__),
+              "batch": CheckOut(status=batch["status"], latency_ms=0.0, detail=batch["tasks"])}
     if runtime.redis is not None:
         checks["redis"] = CheckOut(**(await redis_check(runtime.redis)).__dict__)
     states = {check.status for check in checks.values()}

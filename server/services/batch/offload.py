@@ -2,7 +2,9 @@
 
 The worker and the local runner run in this process when `BATCH_WORKER=in-process` (the default, so a
 single machine needs nothing more); with `off`, the web process only records work and another process
-(`python -m server worker`, or cron running `python -m server batch run-once`) does it.
+(`python -m server worker`, or cron running `python -m server batch run-once`) does it. Each runs under a
+`Supervisor` (restarted with backoff after an unexpected error, counted, logged); `health()` is degraded
+while one is down or restarting.
 
 Work is created by a `Principal` (its tenant owns the job; a paid provider needs the key's grant) and read within a
 `tenant` (None: every tenant, for an admin), so that one tenant never sees, runs or cancels another's jobs.
@@ -17,6 +19,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.core.destinations import DestinationPolicy, RefusedDestination
+from server.core.supervisor import Supervisor
 from server.core.tenants import Principal
 from server.db.batch_models import BatchItem, BatchJob, ProviderBatch
 from server.providers.base import ProviderError
@@ -60,22 +63,27 @@ class BatchOffload:
         self.sentiment = sentiment
         self.reports = BatchReports(sessions)
         self.in_process = in_process
-        self._tasks: list[asyncio.Task] = []
+        self.supervisors = [Supervisor("batch-worker", self.worker.run_forever),
+                            Supervisor("batch-local-runner", self.runner.run_forever)]
 
     @property
     def running(self) -> bool:
-        return any(not task.done() for task in self._tasks)
+        return any(supervisor.state in ("running", "restarting") for supervisor in self.supervisors)
 
     def start(self) -> None:
-        if not self.running:
-            self._tasks = [asyncio.create_task(self.worker.run_forever(), name="batch-worker"),
-                           asyncio.create_task(self.runner.run_forever(), name="batch-local-runner")]
+        for supervisor in self.supervisors:
+            supervisor.start()
+
+    def health(self) -> dict:
+        """`degraded` while a loop that should run here is not running (down, restarting or given up), with each
+        loop's state, failures and last error."""
+        tasks = {supervisor.name: supervisor.status() for supervisor in self.supervisors}
+        down = self.in_process and not all(supervisor.healthy for supervisor in self.supervisors)
+        return {"status": "degraded" if down else "ok", "tasks": tasks}
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        for supervisor in self.supervisors:
+            await supervisor.stop()
         await self.worker.webhooks.close()
         try:
             await self.worker.lease.release()
