@@ -6,9 +6,12 @@ import threading
 
 import httpx
 import pytest
+from sqlalchemy import update
 
+from server.db.batch_models import BatchJob
 from server.main import create_app
 from server.services.batch.pricing import PriceTable
+from server.services.batch.worker import finish_job
 from server.services.continuous_batching import ContinuousBatcher
 from tests.support.metrics import metric
 
@@ -284,3 +287,20 @@ async def test_the_in_process_worker_finishes_a_job_without_waiting_for_its_poll
             done = (await client.get(f"/batch/jobs/{job['id']}")).json()
             assert done["status"] == "completed" and done["completed_at"].endswith("Z")
             assert (await client.get("/batch/scheduler")).json()["running"] is True
+
+
+async def test_a_cancel_racing_the_finishing_tick_is_booked_cancelled(client):
+    runtime = client.app.state.runtime
+    job = (await client.post("/batch/jobs", json={"name": "race", "provider": "local", "model": "gpt2",
+                                                  "kind": "generate", "schedule": "now",
+                                                  "requests": [prompt("a", "The cat"), prompt("b", "A dog")]})).json()
+    await runtime.batch.worker.run_once()
+    while await runtime.batch.runner.run_available():
+        await runtime.batch.runner.wait_idle()
+    read_by_the_tick = await runtime.batch.jobs.get(job["id"])
+    # The cancel's write lands between the finishing tick's read and its compare-and-set.
+    async with runtime.sessions() as session, session.begin():
+        await session.execute(update(BatchJob).where(BatchJob.id == job["id"]).values(cancel_requested=True))
+    assert await finish_job(runtime.sessions, runtime.batch.prices, read_by_the_tick)
+    done = (await client.get(f"/batch/jobs/{job['id']}")).json()
+    assert done["status"] == "cancelled" and done["counts"]["succeeded"] == 2

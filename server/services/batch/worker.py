@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.core import metrics
@@ -460,9 +460,7 @@ async def finish_job(sessions: async_sessionmaker[AsyncSession], prices: PriceTa
     input_tokens = sum(int(tokens) for _, _, tokens, _ in rows)
     output_tokens = sum(int(tokens) for _, _, _, tokens in rows)
     total, succeeded = sum(by_status.values()), by_status.get("succeeded", 0)
-    if job.cancel_requested:
-        status = "cancelled"
-    elif total and succeeded == total:
+    if total and succeeded == total:
         status = "completed"
     elif succeeded:
         status = "partially_completed"
@@ -473,15 +471,18 @@ async def finish_job(sessions: async_sessionmaker[AsyncSession], prices: PriceTa
     cost = prices.cost(job.provider, job.model, input_tokens, output_tokens)
     now = utcnow()
     async with sessions() as session, session.begin():
+        # A cancel that lands between the read above and this write is decided here, by the row itself.
         booked = await session.execute(
             update(BatchJob).where(BatchJob.id == job.id, BatchJob.status.not_in(FINAL_STATUSES),
                                    BatchJob.cost_booked.is_(False))
-            .values(status=status, input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost.cost_usd,
+            .values(status=case((BatchJob.cancel_requested.is_(True), "cancelled"), else_=status),
+                    input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost.cost_usd,
                     realtime_cost_usd=cost.realtime_cost_usd, savings_usd=cost.savings_usd, cost_booked=True,
                     completed_at=now, updated_at=now, accepting=False,
                     webhook_state="pending" if job.webhook_url else "none"))
-    if booked.rowcount != 1:
-        return False
+        if booked.rowcount != 1:
+            return False
+        status = await session.scalar(select(BatchJob.status).where(BatchJob.id == job.id))
     metrics.BATCH_JOBS.labels(job.provider, status).inc()
     for item_status, count in by_status.items():
         metrics.BATCH_ITEMS.labels(job.provider, item_status).inc(count)
