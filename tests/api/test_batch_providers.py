@@ -199,3 +199,18 @@ async def test_batch_health_probes_each_configured_provider(settings, database_u
     assert providers["local"] == "ok" and providers["anthropic"] == "ok" and providers["gemini"] == "unconfigured"
     assert providers["openai"].startswith("unreachable: ")
     assert fake.calls("GET", "/v1/messages/batches")
+
+
+async def test_an_item_the_provider_format_cannot_express_fails_alone_and_its_job_completes(settings, database_url):
+    with FakeGemini().serve() as fake:
+        async with serving(settings, database_url, "gemini", fake) as client:
+            malformed = {"custom_id": "bad", "body": {"messages": ["hi"]}}
+            job = (await client.post("/batch/jobs", json={"name": "m", "provider": "gemini",
+                                                          "model": "gemini-2.5-flash-lite", "kind": "chat",
+                                                          "schedule": "now",
+                                                          "requests": [chat("a"), malformed, chat("b")]})).json()
+            done = await run_until_final(client, job["id"])
+            assert done["status"] == "partially_completed" and done["counts"]["succeeded"] == 2
+            items = {i["custom_id"]: i for i in (await client.get(f"/batch/jobs/{job['id']}/requests")).json()["items"]}
+            assert items["bad"]["status"] == "failed" and "cannot be sent to gemini" in items["bad"]["error"]
+        assert fake.batches_created == 1

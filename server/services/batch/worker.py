@@ -174,8 +174,7 @@ class BatchWorker:
 
     async def _submit_job(self, job: BatchJob) -> int:
         provider = self.providers[job.provider]
-        items = await self._claim(job)
-        sizes = [len(provider.line(job.model, job.kind, NeutralRequest(item.custom_id, item.body))) for item in items]
+        items, sizes = await self._sized(job, provider, await self._claim(job))
         limits = self.limits[job.provider]
         plan = split(sizes, limits)
         if plan.oversized:
@@ -194,6 +193,21 @@ class BatchWorker:
             created += 1
             await self._send(batch, job, chunk_items)
         return created
+
+    async def _sized(self, job: BatchJob, provider: BatchProvider,
+                     items: list[BatchItem]) -> tuple[list[BatchItem], list[int]]:
+        """The items the provider's format can express, with their encoded sizes; each other one fails alone, with
+        its reason, so that one malformed item never holds up its job."""
+        kept, sizes = [], []
+        for item in items:
+            try:
+                sizes.append(len(provider.line(job.model, job.kind, NeutralRequest(item.custom_id, item.body))))
+            except Exception as exc:
+                await self._fail_items([item], f"the request cannot be sent to {job.provider}: "
+                                       f"{type(exc).__name__}: {exc}")
+                continue
+            kept.append(item)
+        return kept, sizes
 
     async def _record_chunk(self, batch: ProviderBatch, items: list[BatchItem]) -> bool:
         """Insert the provider batch as `submitting` and claim its items, in one transaction."""
