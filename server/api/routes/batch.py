@@ -161,7 +161,7 @@ async def delete_job(job_id: JobId, runtime: RuntimeDep, scope: ScopeDep) -> Res
 async def add_requests(job_id: JobId, body: RequestsIn, runtime: RuntimeDep, scope: ScopeDep) -> AddedOut:
     """Add requests to a queued job. Idempotent on custom_id: the same body again is a no-op; another body under
     an existing custom_id is a 409 (and nothing is added)."""
-    result = await runtime.batch.jobs.add_items(job_id, [NewItem(r.custom_id, r.body) for r in body.requests], scope)
+    result = await runtime.batch.add_requests(job_id, [NewItem(r.custom_id, r.body) for r in body.requests], scope)
     return AddedOut(added=result.added, unchanged=result.unchanged)
 
 

@@ -23,7 +23,9 @@ from server.core.supervisor import Supervisor
 from server.core.tenants import Principal
 from server.db.batch_models import BatchItem, BatchJob, ProviderBatch
 from server.providers.base import ProviderError
-from server.services.batch.jobs import FINAL_STATUSES, JobConflict, JobSpec, JobStore, NewItem, new_id, now
+from server.services.batch.bodies import check_bodies, check_model
+from server.services.batch.jobs import (FINAL_STATUSES, AddResult, JobConflict, JobSpec, JobStore, NewItem, new_id,
+                                       now)
 from server.services.batch.local import LocalRunner
 from server.services.batch.pricing import PriceTable
 from server.services.batch.registry import ProviderRegistry
@@ -122,14 +124,29 @@ class BatchOffload:
         except RefusedDestination as exc:
             raise InputError([FieldError(loc, f"webhook_url refused: {exc}")]) from None
 
+    def check_work(self, provider: str, kind: str, model: str, items: list[tuple[str, dict]],
+                   loc: tuple[str | int, ...], model_loc: tuple[str | int, ...] = ("body", "model")) -> None:
+        """422 for a model or a request body that `provider`'s `kind` cannot run (see `bodies.py`)."""
+        check_model(provider, kind, model, self.generation.generator.name, model_loc)
+        check_bodies(provider, kind, items, loc)
+
     async def create_job(self, principal: Principal, spec: JobSpec, items: list[NewItem]) -> BatchJob:
         self.authorise(principal, spec.provider)
         self.registry.check(spec.provider, spec.kind)
+        self.check_work(spec.provider, spec.kind, spec.model, [(item.custom_id, item.body) for item in items],
+                        ("body", "requests"))
         await self.check_webhook(spec.webhook_url)
         job = await self.jobs.create(replace(spec, tenant=principal.tenant), items, owner=principal.key_id)
         if spec.schedule == "now":
             self.wake()
         return job
+
+    async def add_requests(self, job_id: str, items: list[NewItem], tenant: str | None) -> AddResult:
+        """Add requests to a job of `tenant`, each checked as at the job's creation."""
+        job = await self.jobs.get(job_id, tenant)
+        self.check_work(job.provider, job.kind, job.model, [(item.custom_id, item.body) for item in items],
+                        ("body", "requests"))
+        return await self.jobs.add_items(job_id, items, tenant)
 
     async def submit_now(self, job_id: str, tenant: str | None) -> BatchJob:
         """Run a queued job at the next worker tick, whatever its window."""
@@ -193,6 +210,8 @@ class BatchOffload:
         self.authorise(principal, provider)
         self.registry.check(provider, kind)
         new = [NewItem(f"item-{new_id()}", data) for data in items]
+        # Queued items have no custom_id of the caller's: the error names the item's `data`.
+        self.check_work(provider, kind, model, [("data", data) for data in items], ("body", "data"))
         for attempt in range(2):
             job = await self._open_job(principal, provider, model, kind, job_type, priority, schedule)
             try:
