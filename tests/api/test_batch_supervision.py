@@ -32,42 +32,42 @@ async def test_a_database_error_in_the_local_runner_restarts_it_with_health_degr
         settings, database_url):
     app = create_app(settings.model_copy(update={"database_url": database_url, "batch_worker": "in-process",
                                                  "batch_poll_interval_s": 0.1}))
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            runtime = app.state.runtime
-            failures = metric("background_task_failures_total", task="batch-local-runner")
-            job = (await client.post("/batch/jobs", json={
-                "name": "survives", "provider": "local", "model": "gpt2", "kind": "generate",
-                "requests": [prompt(f"p{i}") for i in range(3)]})).json()
-            # A real database error, not a mock: the runner's query finds no table while it is renamed.
-            async with runtime.engine.begin() as connection:
-                await connection.execute(text("ALTER TABLE batch_items RENAME TO batch_items_away"))
+    async with (app.router.lifespan_context(app),
+                httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client):
+        runtime = app.state.runtime
+        failures = metric("background_task_failures_total", task="batch-local-runner")
+        job = (await client.post("/batch/jobs", json={
+            "name": "survives", "provider": "local", "model": "gpt2", "kind": "generate",
+            "requests": [prompt(f"p{i}") for i in range(3)]})).json()
+        # A real database error, not a mock: the runner's query finds no table while it is renamed.
+        async with runtime.engine.begin() as connection:
+            await connection.execute(text("ALTER TABLE batch_items RENAME TO batch_items_away"))
 
-            async def degraded():
-                health = (await client.get("/batch/health")).json()
-                return health if health["status"] == "degraded" else None
+        async def degraded():
+            health = (await client.get("/batch/health")).json()
+            return health if health["status"] == "degraded" else None
 
-            health = await wait_for(degraded, "/batch/health to say degraded")
-            assert health["tasks"]["batch-local-runner"]["failures"] >= 1
-            assert "batch_items" in health["tasks"]["batch-local-runner"]["last_error"]
-            assert (await client.get("/health")).json()["checks"]["batch"]["status"] == "degraded"
-            assert metric("background_task_failures_total", task="batch-local-runner") > failures
-            async with runtime.engine.begin() as connection:
-                await connection.execute(text("ALTER TABLE batch_items_away RENAME TO batch_items"))
-            await client.post(f"/batch/jobs/{job['id']}/submit")
+        health = await wait_for(degraded, "/batch/health to say degraded")
+        assert health["tasks"]["batch-local-runner"]["failures"] >= 1
+        assert "batch_items" in health["tasks"]["batch-local-runner"]["last_error"]
+        assert (await client.get("/health")).json()["checks"]["batch"]["status"] == "degraded"
+        assert metric("background_task_failures_total", task="batch-local-runner") > failures
+        async with runtime.engine.begin() as connection:
+            await connection.execute(text("ALTER TABLE batch_items_away RENAME TO batch_items"))
+        await client.post(f"/batch/jobs/{job['id']}/submit")
 
-            async def finished():
-                answer = (await client.get(f"/batch/jobs/{job['id']}")).json()
-                return answer if answer["status"] == "completed" else None
+        async def finished():
+            answer = (await client.get(f"/batch/jobs/{job['id']}")).json()
+            return answer if answer["status"] == "completed" else None
 
-            done = await wait_for(finished, "the job to complete")
-            assert done["counts"]["succeeded"] == 3
+        done = await wait_for(finished, "the job to complete")
+        assert done["counts"]["succeeded"] == 3
 
-            async def healthy():
-                return (await client.get("/batch/health")).json()["status"] == "ok"
+        async def healthy():
+            return (await client.get("/batch/health")).json()["status"] == "ok"
 
-            await wait_for(healthy, "/batch/health to say ok again")
-            assert (await client.get("/health")).json()["checks"]["batch"]["status"] == "ok"
+        await wait_for(healthy, "/batch/health to say ok again")
+        assert (await client.get("/health")).json()["checks"]["batch"]["status"] == "ok"
 
 
 async def test_a_local_item_left_claimed_by_a_runner_that_failed_is_queued_again(client):

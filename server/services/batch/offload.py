@@ -24,8 +24,7 @@ from server.core.tenants import Principal
 from server.db.batch_models import BatchItem, BatchJob, ProviderBatch
 from server.providers.base import ProviderError
 from server.services.batch.bodies import check_bodies, check_model
-from server.services.batch.jobs import (FINAL_STATUSES, AddResult, JobConflict, JobSpec, JobStore, NewItem, new_id,
-                                       now)
+from server.services.batch.jobs import FINAL_STATUSES, AddResult, JobConflict, JobSpec, JobStore, NewItem, new_id, now
 from server.services.batch.local import LocalRunner
 from server.services.batch.pricing import PriceTable
 from server.services.batch.registry import ProviderRegistry

@@ -31,8 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from server.core import metrics
 from server.core.aio import wait_event
 from server.db.batch_models import BatchItem, BatchJob, ProviderBatch
-from server.providers.base import (TERMINAL_STATES, BatchLimits, BatchProvider, ItemResult, LookupPending,
-                                   NeutralRequest)
+from server.providers.base import TERMINAL_STATES, BatchLimits, BatchProvider, ItemResult, LookupPending, NeutralRequest
 from server.services.batch.alerts import BatchAlerts
 from server.services.batch.calls import CreateDeferred, ProviderCalls
 from server.services.batch.jobs import FINAL_STATUSES, IN_FLIGHT_STATUSES, new_id
