@@ -8,9 +8,12 @@ import time
 
 import httpx
 import pytest
+from sqlalchemy import select
 
+from server.db.batch_models import ProviderBatch
 from server.services.batch.pricing import PriceTable
 from tests.api.test_batch_providers import FAKES, chat, serving
+from tests.fakes import FakeAnthropic
 
 FINAL = ("completed", "partially_completed", "failed", "cancelled", "expired")
 FAULTS = ["502_after", "reset_after", "stall_after", "retry_after_long"]
@@ -54,3 +57,25 @@ async def test_a_create_with_an_unknown_outcome_is_never_repeated_blind(settings
             assert done["cost_usd"] == pytest.approx(expected.cost_usd)
             assert (await client.get("/batch/stats")).json()["provider_batches"] == {"fetched": ITEMS // PER_BATCH}
     assert fake.settings.create_faults == [] and fake.batches_created == ITEMS // PER_BATCH
+
+
+async def test_anthropic_waits_for_a_batch_it_cannot_identify_yet_instead_of_creating_another(settings,
+                                                                                           database_url):
+    with FakeAnthropic().serve() as fake:
+        fake.settings.create_faults = ["502_after"]
+        fake.settings.polls_to_complete = 4
+        async with serving(settings, database_url, "anthropic", fake,
+                           batch_anthropic_max_requests=PER_BATCH) as client:
+            job = (await client.post("/batch/jobs", json={
+                "name": "wait", "provider": "anthropic", "model": FAKES["anthropic"][1], "kind": "chat",
+                "schedule": "now", "requests": [chat(f"q{i}") for i in range(ITEMS)]})).json()
+            await client.app.state.runtime.batch.run_once()
+            # The first chunk's batch exists, unrecorded and without results yet: it is not created again.
+            assert fake.batches_created == ITEMS // PER_BATCH
+            async with client.app.state.runtime.sessions() as session:
+                notes = (await session.scalars(select(ProviderBatch.error).where(
+                    ProviderBatch.job_id == job["id"], ProviderBatch.status == "submitting"))).all()
+            assert len(notes) == 1 and notes[0].startswith("waiting to tell whether the provider holds it")
+            done = await run_until_final(client, job["id"])
+            assert done["status"] == "completed" and done["counts"]["succeeded"] == ITEMS
+    assert fake.batches_created == ITEMS // PER_BATCH

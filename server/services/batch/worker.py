@@ -241,6 +241,9 @@ class BatchWorker:
                     before_attempt=self.lease.ensure)
         except LeaseLost:
             raise
+        except LookupPending as exc:
+            await self._note(batch.id, f"waiting to tell whether the provider holds it: {exc}")
+            return
         except CreateDeferred as exc:
             await self._note(batch.id, f"create deferred: {exc}",
                              next_poll_at=utcnow() + timedelta(seconds=exc.wait_s))
