@@ -235,6 +235,8 @@ class AlertOut(BaseModel):
 
 class BatchHealthOut(BaseModel):
     status: Literal["ok", "degraded"]
+    tasks: dict[str, dict] = Field(description="Per background loop of this process (batch-worker, "
+                                   "batch-local-runner): its state, failures and last error")
     scheduler: SchedulerOut
     leader: dict | None = Field(description="The process holding the worker lease (owner, expires_at), if any")
     last_run_at: UtcDatetime | None = Field(description="This process's last worker tick")

@@ -171,8 +171,14 @@ class Settings(BaseSettings):
         "Tries of an item (errored or expired items go into a later batch)"))
     batch_lease_ttl_s: float = Field(120.0, gt=0, description=(
         "The worker lease's lifetime; another process takes over after it"))
+    batch_provider_timeout_s: float = Field(60.0, gt=0, description=(
+        "Per call to a provider's batch API: past it the call counts as answerless (a create is then looked up "
+        "before any retry)"))
     batch_background_max_size: int = Field(4, ge=1, description=(
         "Largest background batch of local items (an interactive request waits behind at most one)"))
+    batch_local_requeue_s: float = Field(600.0, gt=0, description=(
+        "A local item claimed this long ago by a runner that is not computing it (it failed or was restarted) is "
+        "queued again"))
     batch_prices_file: Path | None = Field(None, description=(
         "JSON overriding or extending the shipped prices (server/services/batch/prices.json)"))
     batch_local_reference_price: str = Field("openai:gpt-4o-mini", description=(

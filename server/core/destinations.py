@@ -19,6 +19,8 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import httpx
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -103,6 +105,11 @@ class DestinationPolicy:
             raise RefusedDestination("a webhook URL must not carry credentials (user:password@)")
         if any(ord(character) < 33 for character in url):
             raise RefusedDestination("a webhook URL must not contain spaces or control characters")
+        try:
+            # What the sender cannot parse would stay pending forever: refused when it is given.
+            httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise RefusedDestination(f"not a usable URL: {exc}") from None
         try:
             address = ipaddress.ip_address(host)
         except ValueError:

@@ -1,9 +1,11 @@
 """Anthropic Message Batches adapter (official `anthropic` SDK, `client.messages.batches`).
 
-The requests go inline in the create call. Anthropic's batches carry no metadata, so `find` cannot look
-for the idempotency key: it recovers a crashed submission as the only batch created since the submission
-began with the same number of requests that no recorded batch is (none, or several, finds nothing: the
-chunk is then submitted again). Results are streamed from the batch's results URL, matched on custom_id.
+The requests go inline in the create call. Anthropic's batches carry no metadata, so the chunk's idempotency key
+travels in its requests' custom_ids (`<key>-<position>`, mapped back to ours by the worker): `find` recognises a
+batch by its own contents, never by its size or age. A batch's requests can only be read in its results, so an
+unrecorded batch of the chunk's size whose results are not out yet makes `find` answer `LookupPending` (the chunk
+is neither adopted nor created again until that batch has ended). Results are streamed from the batch's results
+URL, matched on custom_id.
 """
 
 import json
@@ -12,7 +14,7 @@ from datetime import datetime
 
 import anthropic
 
-from server.providers.base import BatchLimits, BatchSnapshot, ItemResult, Kind, NeutralRequest
+from server.providers.base import BatchLimits, BatchSnapshot, ItemResult, Kind, LookupPending, NeutralRequest
 from server.providers.errors import guarded
 
 STATES = {"in_progress": "in_progress", "canceling": "cancelling", "ended": "completed"}
@@ -36,22 +38,41 @@ class AnthropicBatch:
         return json.dumps({"custom_id": request.custom_id, "params": self.params(model, request)},
                           separators=(",", ":")).encode() + b","
 
-    async def submit(self, model: str, kind: Kind, requests: Sequence[NeutralRequest], key: str) -> str:
+    def wire_ids(self, key: str, custom_ids: Sequence[str]) -> list[str]:
+        return [f"{key}-{position}" for position in range(len(custom_ids))]
+
+    async def upload(self, model: str, kind: Kind, requests: Sequence[NeutralRequest], key: str) -> str | None:
+        return None
+
+    async def create(self, model: str, kind: Kind, requests: Sequence[NeutralRequest], source: str | None,
+                     key: str) -> str:
         batch = await guarded(self.name, "create", lambda: self.client.messages.batches.create(requests=[
             {"custom_id": request.custom_id, "params": self.params(model, request)} for request in requests]))
         return batch.id
 
     async def find(self, key: str, *, since: datetime, count: int, known: Collection[str]) -> str | None:
+        async def carries_key(batch_id: str) -> bool:
+            async for entry in await self.client.messages.batches.results(batch_id):
+                return entry.custom_id.startswith(f"{key}-")
+            return False
+
         async def scan() -> str | None:
-            candidates = []
+            pending = False
             async for batch in self.client.messages.batches.list(limit=100):
                 if batch.created_at < since:
                     break
                 counts = batch.request_counts
                 total = counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
-                if total == count and batch.id not in known:
-                    candidates.append(batch.id)
-            return candidates[0] if len(candidates) == 1 else None
+                if total != count or batch.id in known:
+                    continue
+                # The list may lag: a fresh read says whether the batch's results (its custom_ids) can be read.
+                if (await self.client.messages.batches.retrieve(batch.id)).processing_status != "ended":
+                    pending = True
+                elif await carries_key(batch.id):
+                    return batch.id
+            if pending:
+                raise LookupPending(f"an unrecorded batch of {count} requests has not ended yet")
+            return None
 
         return await guarded(self.name, "find", scan)
 

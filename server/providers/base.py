@@ -76,6 +76,11 @@ class ProviderError(Exception):
         return self.status is None or self.status in RETRYABLE_STATUS
 
 
+class LookupPending(Exception):
+    """The provider cannot tell yet whether it holds the batch of a key (an unrecorded batch that may be it has no
+    results yet): neither adopt nor create, ask again later."""
+
+
 class BatchProvider(Protocol):
     name: str
     limits: BatchLimits
@@ -83,14 +88,24 @@ class BatchProvider(Protocol):
     def line(self, model: str, kind: Kind, request: NeutralRequest) -> bytes:
         """The request as one line of the provider's batch input; its size counts towards `limits.max_bytes`."""
 
-    async def submit(self, model: str, kind: Kind, requests: Sequence[NeutralRequest], key: str) -> str:
-        """Create a provider batch carrying `key` (metadata or display name); returns the provider's batch id."""
+    def wire_ids(self, key: str, custom_ids: Sequence[str]) -> list[str]:
+        """The custom_ids the provider is sent for a chunk's requests (in order), and reports its results under."""
+
+    async def upload(self, model: str, kind: Kind, requests: Sequence[NeutralRequest], key: str) -> str | None:
+        """Upload the requests where the API needs a file first; the file's id (None: they go inline in `create`).
+        An upload creates no batch: repeating it costs nothing but storage."""
+
+    async def create(self, model: str, kind: Kind, requests: Sequence[NeutralRequest], source: str | None,
+                     key: str) -> str:
+        """Create a provider batch carrying `key`, over `source` (from `upload`) or `requests` inline; returns the
+        provider's batch id. Never retried blind: the caller looks the key up first (`find`)."""
 
     async def find(self, key: str, *, since: datetime, count: int, known: Collection[str]) -> str | None:
-        """The id of the provider batch created with `key`, if any: recovery after a crash during `submit`.
+        """The id of the provider batch created with `key`, if any; None when the provider has none. Raises
+        `LookupPending` when it cannot tell yet.
 
         `since` (shortly before the submission began), `count` (its requests) and `known` (provider batch ids
-        already recorded) serve a provider that cannot tag a batch with the key (Anthropic)."""
+        already recorded) narrow the scan of a provider that lists batches without their key (Anthropic)."""
 
     async def poll(self, batch_id: str) -> BatchSnapshot: ...
 

@@ -5,7 +5,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
+import aiohttp
 import anthropic
+import httpx
 import openai
 from google.genai import errors as genai_errors
 
@@ -37,7 +39,10 @@ def translate(provider: str, operation: str, exc: Exception) -> ProviderError:
     return ProviderError(provider, operation, f"{type(exc).__name__}: {exc}")
 
 
-ANSWERLESS = (openai.APIConnectionError, anthropic.APIConnectionError, TimeoutError, OSError)
+# No answer, or none that can be read: the call may or may not have taken effect. google-genai lets its transport's
+# own errors through (aiohttp's when installed, else httpx's).
+ANSWERLESS = (openai.APIConnectionError, anthropic.APIConnectionError, httpx.TransportError, aiohttp.ClientError,
+              TimeoutError, OSError)
 
 
 async def guarded(provider: str, operation: str, call: Callable[[], Awaitable[T]]) -> T:

@@ -66,17 +66,23 @@ class GeminiBatch:
         return json.dumps({"key": request.custom_id, "request": request_of(request.body)},
                           separators=(",", ":")).encode() + b"\n"
 
-    async def submit(self, model: str, kind: Kind, requests: Sequence[NeutralRequest], key: str) -> str:
+    def wire_ids(self, key: str, custom_ids: Sequence[str]) -> list[str]:
+        return list(custom_ids)
+
+    async def upload(self, model: str, kind: Kind, requests: Sequence[NeutralRequest], key: str) -> str | None:
         lines = [self.line(model, kind, request) for request in requests]
         if sum(map(len, lines)) < INLINE_LIMIT_BYTES:
-            source: list[types.InlinedRequest] | str = [inlined(r.custom_id, request_of(r.body)) for r in requests]
-        else:
-            upload = await guarded(self.name, "upload", lambda: self.client.aio.files.upload(
-                file=io.BytesIO(b"".join(lines)),
-                config=types.UploadFileConfig(mime_type="application/jsonl", display_name=key)))
-            source = upload.name
+            return None
+        upload = await guarded(self.name, "upload", lambda: self.client.aio.files.upload(
+            file=io.BytesIO(b"".join(lines)),
+            config=types.UploadFileConfig(mime_type="application/jsonl", display_name=key)))
+        return upload.name
+
+    async def create(self, model: str, kind: Kind, requests: Sequence[NeutralRequest], source: str | None,
+                     key: str) -> str:
+        src = source or [inlined(r.custom_id, request_of(r.body)) for r in requests]
         batch = await guarded(self.name, "create", lambda: self.client.aio.batches.create(
-            model=model, src=source, config=types.CreateBatchJobConfig(display_name=key)))
+            model=model, src=src, config=types.CreateBatchJobConfig(display_name=key)))
         return batch.name
 
     async def find(self, key: str, *, since: datetime, count: int, known: Collection[str]) -> str | None:

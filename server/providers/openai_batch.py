@@ -32,12 +32,19 @@ class OpenAIBatch:
         return json.dumps({"custom_id": request.custom_id, "method": "POST", "url": ENDPOINTS[kind],
                            "body": body}, separators=(",", ":")).encode() + b"\n"
 
-    async def submit(self, model: str, kind: Kind, requests: Sequence[NeutralRequest], key: str) -> str:
+    def wire_ids(self, key: str, custom_ids: Sequence[str]) -> list[str]:
+        return list(custom_ids)
+
+    async def upload(self, model: str, kind: Kind, requests: Sequence[NeutralRequest], key: str) -> str | None:
         content = b"".join(self.line(model, kind, request) for request in requests)
         upload = await guarded(self.name, "upload", lambda: self.client.files.create(
             file=(f"{key}.jsonl", content, "application/jsonl"), purpose="batch"))
+        return upload.id
+
+    async def create(self, model: str, kind: Kind, requests: Sequence[NeutralRequest], source: str | None,
+                     key: str) -> str:
         batch = await guarded(self.name, "create", lambda: self.client.batches.create(
-            input_file_id=upload.id, endpoint=ENDPOINTS[kind], completion_window="24h", metadata={KEY_FIELD: key}))
+            input_file_id=source, endpoint=ENDPOINTS[kind], completion_window="24h", metadata={KEY_FIELD: key}))
         return batch.id
 
     async def find(self, key: str, *, since: datetime, count: int, known: Collection[str]) -> str | None:

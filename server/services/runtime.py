@@ -28,7 +28,7 @@ from server.services.batching import MicroBatcher
 from server.services.cache import ResponseCache, open_store
 from server.services.continuous_batching import ContinuousBatcher
 from server.services.generation import GenerationService, run_jobs
-from server.services.health import Health, server_health
+from server.services.health import Check, Health, server_health
 from server.services.limits.egress import EgressGuard
 from server.services.limits.gcra import MemoryLimiter, RedisLimiter
 from server.services.limits.ingress import IngressLimits
@@ -169,6 +169,13 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                       open_reports(settings, redis, sessions, egress),
                       server_health({"generator": generate_batcher, "sentiment": predict_batcher},
                                     describe_models(generator, classifier), engine, recorder, redis))
+    batch = runtime.batch
+
+    async def batch_check() -> Check:
+        state = batch.health()
+        return Check(state["status"], 0.0, state["tasks"])
+
+    runtime.health.ready["batch"] = batch_check
     batchers = (generate_batcher, predict_batcher)
     for component in (*batchers, recorder):
         component.start()

@@ -6,9 +6,12 @@ import threading
 
 import httpx
 import pytest
+from sqlalchemy import update
 
+from server.db.batch_models import BatchJob
 from server.main import create_app
 from server.services.batch.pricing import PriceTable
+from server.services.batch.worker import finish_job
 from server.services.continuous_batching import ContinuousBatcher
 from tests.support.metrics import metric
 
@@ -284,3 +287,46 @@ async def test_the_in_process_worker_finishes_a_job_without_waiting_for_its_poll
             done = (await client.get(f"/batch/jobs/{job['id']}")).json()
             assert done["status"] == "completed" and done["completed_at"].endswith("Z")
             assert (await client.get("/batch/scheduler")).json()["running"] is True
+
+
+async def test_a_cancel_racing_the_finishing_tick_is_booked_cancelled(client):
+    runtime = client.app.state.runtime
+    job = (await client.post("/batch/jobs", json={"name": "race", "provider": "local", "model": "gpt2",
+                                                  "kind": "generate", "schedule": "now",
+                                                  "requests": [prompt("a", "The cat"), prompt("b", "A dog")]})).json()
+    await runtime.batch.worker.run_once()
+    while await runtime.batch.runner.run_available():
+        await runtime.batch.runner.wait_idle()
+    read_by_the_tick = await runtime.batch.jobs.get(job["id"])
+    # The cancel's write lands between the finishing tick's read and its compare-and-set.
+    async with runtime.sessions() as session, session.begin():
+        await session.execute(update(BatchJob).where(BatchJob.id == job["id"]).values(cancel_requested=True))
+    assert await finish_job(runtime.sessions, runtime.batch.prices, read_by_the_tick)
+    done = (await client.get(f"/batch/jobs/{job['id']}")).json()
+    assert done["status"] == "cancelled" and done["counts"]["succeeded"] == 2
+
+
+
+@pytest.mark.parametrize("body, field", [({"prompt": "x", "max_tokens": -3}, "max_tokens"),
+                                         ({"prompt": "x", "temperature": -4}, "temperature"),
+                                         ({"prompt": "x", "top_p": -1}, "top_p"),
+                                         ({"prompt": "x", "unknown": 1}, "unknown")])
+async def test_local_bodies_follow_the_interactive_rules_at_acceptance(client, body, field):
+    job = {"name": "v", "provider": "local", "model": "gpt2", "kind": "generate",
+           "requests": [prompt("ok", "The cat"), {"custom_id": "bad", "body": body}]}
+    refused = await client.post("/batch/jobs", json=job)
+    assert refused.status_code == 422
+    [error] = refused.json()["detail"]
+    assert error["loc"] == ["body", "requests", 1, field] and error["msg"].startswith(f"request 'bad': {field}:")
+    created = (await client.post("/batch/jobs", json={**job, "requests": job["requests"][:1]})).json()
+    added = await client.post(f"/batch/jobs/{created['id']}/requests", json={"requests": job["requests"][1:]})
+    assert added.status_code == 422 and added.json()["detail"][0]["loc"] == ["body", "requests", 0, field]
+
+
+async def test_a_local_generate_job_must_name_the_served_model(client):
+    job = {"name": "m", "provider": "local", "model": "llama-70b", "kind": "generate",
+           "requests": [prompt("a", "The cat")]}
+    refused = await client.post("/batch/jobs", json=job)
+    assert refused.status_code == 422 and "llama-70b" in refused.json()["detail"][0]["msg"]
+    served = (await client.get("/v1/models")).json()["data"][0]["id"]
+    assert (await client.post("/batch/jobs", json={**job, "model": served})).status_code == 201

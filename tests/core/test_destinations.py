@@ -37,7 +37,8 @@ def test_https_only_unless_http_is_allowed_and_no_credentials_or_other_schemes()
         DestinationPolicy().check("http://hooks.example.com/x")
     for url, reason in (("ftp://hooks.example.com/", "https://"), ("https://u:p@hooks.example.com/", "credentials"),
                         ("https:///path", "needs a host"), ("https://[::1/", "not a usable URL"),
-                        ("https://hooks.example.com/a b", "spaces")):
+                        ("https://hooks.example.com/a b", "spaces"),
+                        ("https://hooks.example.com/\x7f", "not a usable URL: Invalid non-printable")):
         with pytest.raises(RefusedDestination, match=reason):
             DestinationPolicy().check(url)
     assert DestinationPolicy().check("https://hooks.example.com/x?token=1") == ("hooks.example.com", 443)

@@ -94,9 +94,10 @@ class FakeAnthropic(FakeServer):
     async def _create_batch(self, request: Request) -> Response:
         requests = json.loads(await request.body()).get("requests") or []
         with self.lock:
-            if self.settings.take_create_429():
+            fault = self.settings.take_create_fault()
+            if retry_after := self.settings.refusal(fault):
                 return _error(429, "rate_limit_error", "Number of requests has exceeded your rate limit.",
-                              {"retry-after": self.settings.retry_after})
+                              {"retry-after": retry_after})
             params: dict[str, dict[str, Any]] = {}
             for index, item in enumerate(requests):
                 custom_id = item.get("custom_id", "")
@@ -114,7 +115,8 @@ class FakeAnthropic(FakeServer):
             self.batches_created += 1
             batch = _Batch(self._new_id("msgbatch_"), params, Lifecycle(self.batches_created, list(params)))
             self._batches[batch.id] = batch
-            return JSONResponse(self._body(batch))
+            answer = JSONResponse(self._body(batch))
+        return await self.answer_created(fault, answer)
 
     async def _retrieve_batch(self, request: Request) -> Response:
         with self.lock:
@@ -134,7 +136,8 @@ class FakeAnthropic(FakeServer):
             batch.results = [_errored(key, _BATCH_FAILURE) for key in lifecycle.keys]
             return
         undone = "canceled" if lifecycle.outcome == "cancelled" else "expired"
-        failing = set(lifecycle.errored(settings))
+        failing = {key for key in lifecycle.done_keys
+                   if settings.fail_item(key) or settings.fail_item(_message_text(batch.params[key]["messages"]))}
         batch.results = settings.ordered(
             [_errored(key, {"type": "invalid_request_error", "message": f"The fake was told to fail {key}."})
              if key in failing else self._succeeded(key, batch.params[key]) for key in lifecycle.done_keys]

@@ -25,7 +25,8 @@ class BatchBehaviour:
     out_of_order: bool = False
     """Results come in the reverse of request order, so a client that matches on order breaks."""
     fail_item: Callable[[str], bool] = _no_item_fails
-    """Items (by custom_id / key) that finish with the provider's per-item error."""
+    """Items (by custom_id / key; Anthropic: or by the text of the item's last message, as a client may send its
+    own custom_ids) that finish with the provider's per-item error."""
     failed_batches: set[int] = field(default_factory=set)
     """Batch numbers that fail provider-side as a whole, while the others succeed."""
     expired_batches: set[int] = field(default_factory=set)
@@ -36,6 +37,13 @@ class BatchBehaviour:
     """The next K batch-create calls answer 429 with a Retry-After header."""
     retry_after_s: float = 1.0
     """The Retry-After value of every 429 (fractions are allowed so tests stay fast; the SDKs accept them)."""
+    create_faults: list[str] = field(default_factory=list)
+    """Faults of the next batch creates, one per create, in order: `502_after` (the batch is created, then a gateway
+    answers 502 in its place), `reset_after` (created, then the connection is cut in the middle of the answer),
+    `stall_after` (created, then the answer waits `stall_s`: past the client's timeout), `retry_after_long`
+    (refused: 429 with a Retry-After of `long_retry_after_s`), None (no fault)."""
+    stall_s: float = 5.0
+    long_retry_after_s: float = 130.0
     answer_create_after_s: float = 0.0
     """How long an accepted batch create waits before answering (OpenAI): a crash in between loses the answer."""
     input_tokens: int = 12
@@ -49,6 +57,16 @@ class BatchBehaviour:
             return False
         self.create_429s -= 1
         return True
+
+    def take_create_fault(self) -> str | None:
+        """The fault of this create call (consumed)."""
+        return self.create_faults.pop(0) if self.create_faults else None
+
+    def refusal(self, fault: str | None) -> str | None:
+        """The Retry-After of a 429 refusing this create (with `fault`), None when it goes through."""
+        if fault == "retry_after_long":
+            return f"{self.long_retry_after_s:g}"
+        return self.retry_after if self.take_create_429() else None
 
     @property
     def retry_after(self) -> str:

@@ -257,8 +257,9 @@ class FakeGemini(FakeServer):
         spec = json.loads(await request.body()).get("batch", {})
         source = spec.get("inputConfig", {})
         with self.lock:
-            if self.settings.take_create_429():
-                return _rate_limited(self.settings.retry_after)
+            fault = self.settings.take_create_fault()
+            if retry_after := self.settings.refusal(fault):
+                return _rate_limited(retry_after)
             if "fileName" in source:
                 uploaded = self._files.get(source["fileName"])
                 if uploaded is None:
@@ -282,7 +283,8 @@ class FakeGemini(FakeServer):
                            spec.get("displayName"), requests, metadata, source.get("fileName"),
                            Lifecycle(self.batches_created, list(requests)))
             self._batches[batch.name] = batch
-            return JSONResponse(self._operation(batch))
+            answer = JSONResponse(self._operation(batch))
+        return await self.answer_created(fault, answer)
 
     def _batch(self, batch_id: str) -> _Batch | JSONResponse:
         found = self._batches.get(f"batches/{batch_id}")

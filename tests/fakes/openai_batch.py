@@ -175,10 +175,10 @@ class FakeOpenAI(FakeServer):
     async def _create_batch(self, request: Request) -> Response:
         body = json.loads(await request.body())
         with self.lock:
-            if self.settings.take_create_429():
+            fault = self.settings.take_create_fault()
+            if retry_after := self.settings.refusal(fault):
                 return _error(429, "Rate limit reached for batch creation. Please try again later.",
-                              error_type="requests", code="rate_limit_exceeded",
-                              headers={"retry-after": self.settings.retry_after})
+                              error_type="requests", code="rate_limit_exceeded", headers={"retry-after": retry_after})
             endpoint = body.get("endpoint")
             if endpoint not in ENDPOINTS:
                 return _error(400, f"The fake supports the endpoints {ENDPOINTS}, not {endpoint!r}.", param="endpoint")
@@ -198,7 +198,7 @@ class FakeOpenAI(FakeServer):
             answer = batch.body()
         # Accepted but not yet answered: a client killed now never learns the batch's id.
         await self.pause(self.settings.answer_create_after_s)
-        return JSONResponse(answer)
+        return await self.answer_created(fault, JSONResponse(answer))
 
     async def _retrieve_batch(self, request: Request) -> Response:
         with self.lock:

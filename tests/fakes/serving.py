@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from tests.fakes.behaviour import BatchBehaviour
 from tests.support.servers import free_port
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -41,7 +42,9 @@ class LoggedRequest:
 
 class FakeServer:
     """Base of the fakes: state guarded by `lock` (handlers run on uvicorn's thread, tests read from theirs), a log
-    of every request, and `serve()`. Subclasses list their routes in `routes()`."""
+    of every request, and `serve()`. Subclasses list their routes in `routes()` and set `settings`."""
+
+    settings: BatchBehaviour
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
@@ -80,6 +83,20 @@ class FakeServer:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and not self._closing.is_set():
             await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    async def answer_created(self, fault: str | None, answer: Response) -> Response:
+        """The answer to a batch create that was accepted, or what `fault` (see BatchBehaviour) puts in its place:
+        the client cannot tell whether the batch exists."""
+        if fault == "502_after":
+            return Response("<html><body><h1>502 Bad Gateway</h1></body></html>", status_code=502,
+                            media_type="text/html")
+        if fault == "reset_after":
+            # Fewer bytes than Content-Length declares: the server closes the connection mid-answer.
+            return Response(answer.body[:10], media_type="application/json",
+                            headers={"content-length": str(len(answer.body))})
+        if fault == "stall_after":
+            await self.pause(self.settings.stall_s)
+        return answer
 
     @contextmanager
     def serve(self) -> Iterator[Self]:

@@ -161,7 +161,7 @@ async def delete_job(job_id: JobId, runtime: RuntimeDep, scope: ScopeDep) -> Res
 async def add_requests(job_id: JobId, body: RequestsIn, runtime: RuntimeDep, scope: ScopeDep) -> AddedOut:
     """Add requests to a queued job. Idempotent on custom_id: the same body again is a no-op; another body under
     an existing custom_id is a 409 (and nothing is added)."""
-    result = await runtime.batch.jobs.add_items(job_id, [NewItem(r.custom_id, r.body) for r in body.requests], scope)
+    result = await runtime.batch.add_requests(job_id, [NewItem(r.custom_id, r.body) for r in body.requests], scope)
     return AddedOut(added=result.added, unchanged=result.unchanged)
 
 
@@ -342,15 +342,14 @@ async def report(runtime: RuntimeDep, scope: ScopeDep, days: Annotated[int, Quer
 @router.get("/health", response_model=BatchHealthOut)
 async def batch_health(runtime: RuntimeDep, admin: AdminDep) -> BatchHealthOut:
     """The batch scheduler: whether it runs here, who leads, the last and next runs, and each provider's state
-    (`ok`, `unconfigured`, or `unreachable: <why>` from one cheap call, which takes its share of the egress quota).
-    Admin keys only."""
+    (`ok`, `unconfigured`, or `unreachable: <why>` from one cheap call, which takes its share of the egress quota);
+    `degraded` while one of this process's batch loops is down or restarting. Admin keys only."""
     holder = await runtime.batch.worker.lease.holder()
     worker = runtime.batch.worker
     providers = await runtime.batch.reachability()
-    expected_here = runtime.batch.in_process
+    health = runtime.batch.health()
     return BatchHealthOut(
-        status="degraded" if expected_here and not runtime.batch.running else "ok",
-        scheduler=_scheduler(runtime),
+        status=health["status"], tasks=health["tasks"], scheduler=_scheduler(runtime),
         leader={"owner": holder.owner, "expires_at": holder.expires_at} if holder else None,
         last_run_at=worker.last_run_at, last_run=asdict(worker.last_report) if worker.last_report else None,
         providers=providers)

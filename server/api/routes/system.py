@@ -35,7 +35,8 @@ def _answer(report: Report) -> JSONResponse:
 @router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
 async def health(runtime: RuntimeDep) -> JSONResponse:
     """Readiness, what load balancers probe: 503 when a model's loop is down or stalled, the database does not
-    answer, or the server is draining after SIGTERM; Redis failing, or records piling up, is only `degraded`."""
+    answer, or the server is draining after SIGTERM; Redis failing, records piling up, or a
+    batch loop of this process down or restarting (the `batch` check) is only `degraded`."""
     return _answer(await runtime.health.readiness())
 
 

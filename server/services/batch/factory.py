@@ -36,7 +36,8 @@ ADAPTERS = {"openai": OpenAIBatch, "anthropic": AnthropicBatch, "gemini": Gemini
 def build_adapters(settings: Settings) -> dict[str, BatchProvider]:
     """An adapter for each external provider whose API key is set (base URL from `<PROVIDER>_BASE_URL`)."""
     limits = provider_limits(settings)
-    return {name: adapter(key, getattr(settings, f"{name}_base_url"), limits[name])
+    return {name: adapter(key, getattr(settings, f"{name}_base_url"), limits[name],
+                          timeout_s=settings.batch_provider_timeout_s)
             for name, adapter in ADAPTERS.items() if (key := getattr(settings, f"{name}_api_key"))}
 
 
@@ -56,7 +57,7 @@ def build_batch_offload(settings: Settings, sessions: async_sessionmaker[AsyncSe
                          poll_interval_s=settings.batch_poll_interval_s, max_attempts=settings.batch_max_attempts)
     runner = LocalRunner(sessions, generation, sentiment, concurrency=2 * settings.batch_background_max_size,
                          max_attempts=settings.batch_max_attempts, holds_lease=lambda: lease.token is not None,
-                         item_done=worker.wake)
+                         item_done=worker.wake, requeue_s=settings.batch_local_requeue_s)
     return BatchOffload(sessions, JobStore(sessions), ProviderRegistry(frozenset({"local", *adapters})), prices, worker,
                         runner, generation, sentiment, destinations,
                         in_process=settings.batch_worker == "in-process")

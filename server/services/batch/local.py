@@ -6,14 +6,16 @@ request waits behind at most one small background batch. The runner keeps `concu
 enough to fill a background batch without flooding the queue. It runs in the process holding the worker
 lease; an item is claimed by compare-and-set (queued -> submitted) and its result stored only if it is still
 claimed, so a result is never stored twice. Items a dead holder had claimed are queued again when the lease
-is taken. Each finished item wakes the worker, so a job whose items are all done is finished at once, not
-at the next poll.
+is taken, and an item left claimed by a runner that failed (its result could not be stored, or the runner
+was restarted by its supervisor) is queued again once it has not moved for `requeue_s`. Each finished item
+wakes the worker, so a job whose items are all done is finished at once, not at the next poll.
 """
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -39,7 +41,7 @@ def generation_options(body: dict) -> GenerationOptions:
 class LocalRunner:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], generation: GenerationService,
                  sentiment: SentimentService, *, concurrency: int, max_attempts: int, holds_lease: Callable[[], bool],
-                 item_done: Callable[[], None], idle_poll_s: float = 1.0):
+                 item_done: Callable[[], None], requeue_s: float, idle_poll_s: float = 1.0):
         self.sessions = sessions
         self.generation = generation
         self.sentiment = sentiment
@@ -48,6 +50,9 @@ class LocalRunner:
         self.holds_lease = holds_lease
         self.item_done = item_done
         self.idle_poll_s = idle_poll_s
+        self.requeue_s = requeue_s
+        self._next_sweep = 0.0
+        self._claimed: set[str] = set()
         self._running: set[asyncio.Task] = set()
         self._wakeup = asyncio.Event()
 
@@ -62,6 +67,9 @@ class LocalRunner:
                 if self.holds_lease() and not held:
                     await self.requeue_orphans()
                 held = self.holds_lease()
+                if held and time.monotonic() >= self._next_sweep:
+                    await self.requeue_stale()
+                    self._next_sweep = time.monotonic() + self.requeue_s / 4
                 started = await self.run_available() if held else 0
                 if not started:
                     await wait_event(self._wakeup, self.idle_poll_s)
@@ -79,6 +87,21 @@ class LocalRunner:
                 .values(status="queued", attempts=BatchItem.attempts - 1, updated_at=datetime.now(UTC)))
         return moved.rowcount
 
+    async def requeue_stale(self) -> int:
+        """Queue again the local items claimed more than `requeue_s` ago that this runner is not computing."""
+        local_jobs = select(BatchJob.id).where(BatchJob.provider == "local")
+        now = datetime.now(UTC)
+        async with self.sessions() as session, session.begin():
+            moved = await session.execute(
+                update(BatchItem).where(BatchItem.job_id.in_(local_jobs), BatchItem.status == "submitted",
+                                        BatchItem.updated_at < now - timedelta(seconds=self.requeue_s),
+                                        BatchItem.id.not_in(list(self._claimed)))
+                .values(status="queued", updated_at=now))
+        if moved.rowcount:
+            log.warning("%d local batch items left claimed for over %g s were queued again", moved.rowcount,
+                        self.requeue_s)
+        return moved.rowcount
+
     async def run_available(self) -> int:
         """Start as many waiting items as there is room for; returns how many were started."""
         room = self.concurrency - len(self._running)
@@ -94,11 +117,13 @@ class LocalRunner:
         started = 0
         for item, kind, job_id in rows:
             if await self._claim(item.id):
+                self._claimed.add(item.id)
                 started += 1
                 await self._start_job(job_id)
                 task = asyncio.create_task(self._run(item, kind))
                 self._running.add(task)
                 task.add_done_callback(self._finished)
+                task.add_done_callback(lambda _, item_id=item.id: self._claimed.discard(item_id))
         return started
 
     def _finished(self, task: asyncio.Task) -> None:
@@ -151,6 +176,11 @@ class LocalRunner:
         now = datetime.now(UTC)
         if values["status"] != "queued":
             values["completed_at"] = now
-        async with self.sessions() as session, session.begin():
-            await session.execute(update(BatchItem).where(BatchItem.id == item.id, BatchItem.status == "submitted")
-                                  .values(updated_at=now, **values))
+        try:
+            async with self.sessions() as session, session.begin():
+                await session.execute(update(BatchItem).where(BatchItem.id == item.id,
+                                                              BatchItem.status == "submitted")
+                                      .values(updated_at=now, **values))
+        except Exception:
+            log.exception("storing the result of local batch item %s failed; it is queued again after %g s",
+                          item.id, self.requeue_s)

@@ -2,7 +2,9 @@
 
 The worker and the local runner run in this process when `BATCH_WORKER=in-process` (the default, so a
 single machine needs nothing more); with `off`, the web process only records work and another process
-(`python -m server worker`, or cron running `python -m server batch run-once`) does it.
+(`python -m server worker`, or cron running `python -m server batch run-once`) does it. Each runs under a
+`Supervisor` (restarted with backoff after an unexpected error, counted, logged); `health()` is degraded
+while one is down or restarting.
 
 Work is created by a `Principal` (its tenant owns the job; a paid provider needs the key's grant) and read within a
 `tenant` (None: every tenant, for an admin), so that one tenant never sees, runs or cancels another's jobs.
@@ -17,10 +19,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.core.destinations import DestinationPolicy, RefusedDestination
+from server.core.supervisor import Supervisor
 from server.core.tenants import Principal
 from server.db.batch_models import BatchItem, BatchJob, ProviderBatch
 from server.providers.base import ProviderError
-from server.services.batch.jobs import FINAL_STATUSES, JobConflict, JobSpec, JobStore, NewItem, new_id, now
+from server.services.batch.bodies import check_bodies, check_model
+from server.services.batch.jobs import FINAL_STATUSES, AddResult, JobConflict, JobSpec, JobStore, NewItem, new_id, now
 from server.services.batch.local import LocalRunner
 from server.services.batch.pricing import PriceTable
 from server.services.batch.registry import ProviderRegistry
@@ -60,22 +64,27 @@ class BatchOffload:
         self.sentiment = sentiment
         self.reports = BatchReports(sessions)
         self.in_process = in_process
-        self._tasks: list[asyncio.Task] = []
+        self.supervisors = [Supervisor("batch-worker", self.worker.run_forever),
+                            Supervisor("batch-local-runner", self.runner.run_forever)]
 
     @property
     def running(self) -> bool:
-        return any(not task.done() for task in self._tasks)
+        return any(supervisor.state in ("running", "restarting") for supervisor in self.supervisors)
 
     def start(self) -> None:
-        if not self.running:
-            self._tasks = [asyncio.create_task(self.worker.run_forever(), name="batch-worker"),
-                           asyncio.create_task(self.runner.run_forever(), name="batch-local-runner")]
+        for supervisor in self.supervisors:
+            supervisor.start()
+
+    def health(self) -> dict:
+        """`degraded` while a loop that should run here is not running (down, restarting or given up), with each
+        loop's state, failures and last error."""
+        tasks = {supervisor.name: supervisor.status() for supervisor in self.supervisors}
+        down = self.in_process and not all(supervisor.healthy for supervisor in self.supervisors)
+        return {"status": "degraded" if down else "ok", "tasks": tasks}
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        for supervisor in self.supervisors:
+            await supervisor.stop()
         await self.worker.webhooks.close()
         try:
             await self.worker.lease.release()
@@ -114,14 +123,29 @@ class BatchOffload:
         except RefusedDestination as exc:
             raise InputError([FieldError(loc, f"webhook_url refused: {exc}")]) from None
 
+    def check_work(self, provider: str, kind: str, model: str, items: list[tuple[str, dict]],
+                   loc: tuple[str | int, ...], model_loc: tuple[str | int, ...] = ("body", "model")) -> None:
+        """422 for a model or a request body that `provider`'s `kind` cannot run (see `bodies.py`)."""
+        check_model(provider, kind, model, self.generation.generator.name, model_loc)
+        check_bodies(provider, kind, items, loc)
+
     async def create_job(self, principal: Principal, spec: JobSpec, items: list[NewItem]) -> BatchJob:
         self.authorise(principal, spec.provider)
         self.registry.check(spec.provider, spec.kind)
+        self.check_work(spec.provider, spec.kind, spec.model, [(item.custom_id, item.body) for item in items],
+                        ("body", "requests"))
         await self.check_webhook(spec.webhook_url)
         job = await self.jobs.create(replace(spec, tenant=principal.tenant), items, owner=principal.key_id)
         if spec.schedule == "now":
             self.wake()
         return job
+
+    async def add_requests(self, job_id: str, items: list[NewItem], tenant: str | None) -> AddResult:
+        """Add requests to a job of `tenant`, each checked as at the job's creation."""
+        job = await self.jobs.get(job_id, tenant)
+        self.check_work(job.provider, job.kind, job.model, [(item.custom_id, item.body) for item in items],
+                        ("body", "requests"))
+        return await self.jobs.add_items(job_id, items, tenant)
 
     async def submit_now(self, job_id: str, tenant: str | None) -> BatchJob:
         """Run a queued job at the next worker tick, whatever its window."""
@@ -185,6 +209,8 @@ class BatchOffload:
         self.authorise(principal, provider)
         self.registry.check(provider, kind)
         new = [NewItem(f"item-{new_id()}", data) for data in items]
+        # Queued items have no custom_id of the caller's: the error names the item's `data`.
+        self.check_work(provider, kind, model, [("data", data) for data in items], ("body", "data"))
         for attempt in range(2):
             job = await self._open_job(principal, provider, model, kind, job_type, priority, schedule)
             try:

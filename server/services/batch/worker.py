@@ -5,8 +5,10 @@
 2. Queued items of submitted or running jobs are split into provider batches (`splitting.py`). Each batch is
    recorded as `submitting` with an idempotency key, and its items claimed (compare-and-set, and
    `FOR UPDATE SKIP LOCKED` on PostgreSQL), BEFORE the provider is called; the key travels with the
-   provider's batch. A `submitting` batch this process is not sending (a crash, or a create answered 429)
-   is looked up by its key at the next tick and submitted only if the provider has not seen it.
+   provider's batch. A create is never repeated blind (`ProviderCalls.create`): after a failed attempt the
+   batch is looked up by its key first. A `submitting` batch this process is not sending (a crash, a create
+   that still failed, a long Retry-After) is looked up by its key at a later tick and created only if the
+   provider says it has none. The lease is renewed in the background meanwhile.
 3. Provider batches whose poll time has come are polled, each on its own: a failure is recorded on that
    batch (and its next poll pushed back), never stalling the others.
 4. Terminal provider batches have their results stored, matched on custom_id; finished items of an expired
@@ -23,17 +25,17 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.core import metrics
 from server.core.aio import wait_event
 from server.db.batch_models import BatchItem, BatchJob, ProviderBatch
-from server.providers.base import TERMINAL_STATES, BatchLimits, BatchProvider, ItemResult, NeutralRequest
+from server.providers.base import TERMINAL_STATES, BatchLimits, BatchProvider, ItemResult, LookupPending, NeutralRequest
 from server.services.batch.alerts import BatchAlerts
-from server.services.batch.calls import ProviderCalls
+from server.services.batch.calls import CreateDeferred, ProviderCalls
 from server.services.batch.jobs import FINAL_STATUSES, IN_FLIGHT_STATUSES, new_id
-from server.services.batch.lease import Lease
+from server.services.batch.lease import Lease, LeaseLost
 from server.services.batch.pricing import PriceTable
 from server.services.batch.splitting import split
 from server.services.batch.webhooks import Webhooks
@@ -44,10 +46,6 @@ LIVE_BATCH_STATES = ("validating", "in_progress", "finalizing", "cancelling")
 POLL_BACKOFF_MAX_S = 3600.0
 # Clock difference tolerated between this server and a provider when recovering a batch by its creation time.
 RECOVERY_SKEW = timedelta(minutes=5)
-
-
-class LeaseLost(RuntimeError):
-    """Another process took the worker lease: this one stops before doing anything that must not run twice."""
 
 
 @dataclass
@@ -175,9 +173,7 @@ class BatchWorker:
 
     async def _submit_job(self, job: BatchJob) -> int:
         provider = self.providers[job.provider]
-        items = await self._claim(job)
-        requests = [NeutralRequest(item.custom_id, item.body) for item in items]
-        sizes = [len(provider.line(job.model, job.kind, request)) for request in requests]
+        items, sizes = await self._sized(job, provider, await self._claim(job))
         limits = self.limits[job.provider]
         plan = split(sizes, limits)
         if plan.oversized:
@@ -194,8 +190,23 @@ class BatchWorker:
             if not await self._record_chunk(batch, chunk_items):
                 continue
             created += 1
-            await self._send(batch, job, [requests[i] for i in chunk])
+            await self._send(batch, job, chunk_items)
         return created
+
+    async def _sized(self, job: BatchJob, provider: BatchProvider,
+                     items: list[BatchItem]) -> tuple[list[BatchItem], list[int]]:
+        """The items the provider's format can express, with their encoded sizes; each other one fails alone, with
+        its reason, so that one malformed item never holds up its job."""
+        kept, sizes = [], []
+        for item in items:
+            try:
+                sizes.append(len(provider.line(job.model, job.kind, NeutralRequest(item.custom_id, item.body))))
+            except Exception as exc:
+                await self._fail_items([item], f"the request cannot be sent to {job.provider}: "
+                                       f"{type(exc).__name__}: {exc}")
+                continue
+            kept.append(item)
+        return kept, sizes
 
     async def _record_chunk(self, batch: ProviderBatch, items: list[BatchItem]) -> bool:
         """Insert the provider batch as `submitting` and claim its items, in one transaction."""
@@ -209,18 +220,39 @@ class BatchWorker:
                 return False
         return True
 
-    async def _send(self, batch: ProviderBatch, job: BatchJob, requests: list[NeutralRequest]) -> None:
-        if not await self.lease.renew():
-            raise LeaseLost("the batch worker lease was taken over")
+    async def _send(self, batch: ProviderBatch, job: BatchJob, items: list[BatchItem]) -> None:
+        """Upload and create the provider batch of a recorded chunk (`items` in custom_id order: a request's
+        position is its wire id's for Anthropic). A create that fails leaves the batch `submitting`."""
+        await self.lease.ensure()
         provider = self.providers[job.provider]
+        key = batch.idempotency_key
+        wire = provider.wire_ids(key, [item.custom_id for item in items])
+        requests = [NeutralRequest(wire_id, item.body) for wire_id, item in zip(wire, items, strict=True)]
+        known = await self._known_ids(job.provider)
+        since = aware(batch.created_at) - RECOVERY_SKEW
         self._sending.add(batch.id)
         try:
-            provider_id = await self.calls.call(job.provider, "create", lambda: provider.submit(
-                job.model, job.kind, requests, batch.idempotency_key), tenant=job.tenant)
+            async with self.lease.kept():
+                source = await self.calls.call(job.provider, "upload", lambda: provider.upload(
+                    job.model, job.kind, requests, key), tenant=job.tenant)
+                provider_id = await self.calls.create(
+                    job.provider, lambda: provider.create(job.model, job.kind, requests, source, key),
+                    lambda: provider.find(key, since=since, count=len(requests), known=known), tenant=job.tenant,
+                    before_attempt=self.lease.ensure)
+        except LeaseLost:
+            raise
+        except LookupPending as exc:
+            await self._note(batch.id, f"waiting to tell whether the provider holds it: {exc}")
+            return
+        except CreateDeferred as exc:
+            await self._note(batch.id, f"create deferred: {exc}",
+                             next_poll_at=utcnow() + timedelta(seconds=exc.wait_s))
+            log.warning("creating a %s batch for job %s: %s", job.provider, job.id, exc)
+            return
         except Exception as exc:
-            await self._note(batch.id, f"create failed ({exc}); retried at the next tick")
-            log.warning("creating a %s batch for job %s failed: %s; retrying at the next tick", job.provider, job.id,
-                        exc)
+            await self._note(batch.id, f"create failed ({exc}); looked up by its key and retried at a later tick")
+            log.warning("creating a %s batch for job %s failed: %s; looked up by its key and retried at a later "
+                        "tick", job.provider, job.id, exc)
             return
         finally:
             self._sending.discard(batch.id)
@@ -229,10 +261,14 @@ class BatchWorker:
     async def _submitted(self, batch_id: str, provider_id: str) -> None:
         now = utcnow()
         async with self.sessions() as session, session.begin():
-            await session.execute(
-                update(ProviderBatch).where(ProviderBatch.id == batch_id, ProviderBatch.status == "submitting")
+            recorded = await session.execute(
+                update(ProviderBatch).where(ProviderBatch.id == batch_id, ProviderBatch.status == "submitting",
+                                            self.lease.fence())
                 .values(provider_batch_id=provider_id, status="validating", submitted_at=now, error=None,
                         next_poll_at=now + self.poll_interval))
+        if recorded.rowcount != 1:
+            # Another holder took over meanwhile: it finds this batch by its key and adopts it.
+            raise LeaseLost(f"provider batch {provider_id} created after the lease was lost; left to its new holder")
 
     async def _note(self, batch_id: str, error: str, **values) -> None:
         async with self.sessions() as session, session.begin():
@@ -249,9 +285,12 @@ class BatchWorker:
             return await session.get(BatchJob, job_id)
 
     async def _recover(self, report: TickReport) -> None:
-        for batch in await self._batches(ProviderBatch.status == "submitting"):
+        now = utcnow()
+        for batch in await self._batches(ProviderBatch.status == "submitting",
+                                         (ProviderBatch.next_poll_at.is_(None)) | (ProviderBatch.next_poll_at <= now)):
             if batch.id in self._sending:
                 continue
+            await self.lease.ensure()
             job = await self._job(batch.job_id)
             provider = self.providers[batch.provider]
             known = await self._known_ids(batch.provider)
@@ -259,6 +298,9 @@ class BatchWorker:
             try:
                 found = await self.calls.call(batch.provider, "find", lambda: provider.find(
                     batch.idempotency_key, since=since, count=batch.item_count, known=known), tenant=batch.tenant)
+            except LookupPending as exc:
+                await self._note(batch.id, f"waiting to tell whether the provider holds it: {exc}")
+                continue
             except Exception as exc:
                 await self._note(batch.id, f"lookup by idempotency key failed: {exc}")
                 continue
@@ -272,7 +314,7 @@ class BatchWorker:
             async with self.sessions() as session:
                 items = (await session.scalars(select(BatchItem).where(BatchItem.chunk_id == batch.id)
                                                .order_by(BatchItem.custom_id))).all()
-            await self._send(batch, job, [NeutralRequest(item.custom_id, item.body) for item in items])
+            await self._send(batch, job, list(items))
 
     async def _drop_unsent(self, batch: ProviderBatch) -> None:
         """A batch the provider never received, of a job cancelled meanwhile: its items are cancelled, not sent."""
@@ -297,6 +339,7 @@ class BatchWorker:
                                   (ProviderBatch.next_poll_at.is_(None)) | (ProviderBatch.next_poll_at <= now))
         for batch in due:
             provider = self.providers[batch.provider]
+            await self.lease.ensure()
             started = time.perf_counter()
             try:
                 snapshot = await self.calls.call(batch.provider, "poll", lambda: provider.poll(batch.provider_batch_id),
@@ -315,16 +358,19 @@ class BatchWorker:
                 values["ended_at"] = now
             async with self.sessions() as session, session.begin():
                 await session.execute(update(ProviderBatch).values(**values).where(
-                    ProviderBatch.id == batch.id, ProviderBatch.status == batch.status))
+                    ProviderBatch.id == batch.id, ProviderBatch.status == batch.status, self.lease.fence()))
             if snapshot.state != "validating":
                 await self._move(batch.job_id, ["submitted"], "in_progress")
 
     async def _fetch(self, report: TickReport) -> None:
         for batch in await self._batches(ProviderBatch.status.in_(TERMINAL_STATES)):
             provider = self.providers[batch.provider]
+            await self.lease.ensure()
             try:
-                results = await self.calls.call(batch.provider, "results",
-                                                lambda: provider.results(batch.provider_batch_id), tenant=batch.tenant)
+                async with self.lease.kept():
+                    results = await self.calls.call(batch.provider, "results",
+                                                    lambda: provider.results(batch.provider_batch_id),
+                                                    tenant=batch.tenant)
             except Exception as exc:
                 await self._note(batch.id, f"downloading results failed: {exc}")
                 report.errors.append(f"provider batch {batch.id}: {exc}")
@@ -339,14 +385,20 @@ class BatchWorker:
                             exc)
 
     async def _store_results(self, batch: ProviderBatch, results: list[ItemResult]) -> None:
+        """Store a terminal batch's results on its items (matched on custom_id, through the provider's wire ids),
+        in one transaction fenced by the lease: a stale holder stores nothing."""
         by_id = {result.custom_id: result for result in results}
         now = utcnow()
         async with self.sessions() as session, session.begin():
             job = await session.get(BatchJob, batch.job_id)
-            items = (await session.scalars(select(BatchItem).where(BatchItem.chunk_id == batch.id,
-                                                                   BatchItem.status == "submitted"))).all()
-            for item in items:
-                result = by_id.get(item.custom_id) or ItemResult(
+            chunk = (await session.scalars(select(BatchItem).where(BatchItem.chunk_id == batch.id)
+                                           .order_by(BatchItem.custom_id))).all()
+            wire = self.providers[batch.provider].wire_ids(batch.idempotency_key, [item.custom_id for item in chunk])
+            wire_of = dict(zip((item.id for item in chunk), wire, strict=True))
+            for item in chunk:
+                if item.status != "submitted":
+                    continue
+                result = by_id.get(wire_of[item.id]) or ItemResult(
                     item.custom_id, "failed", None, None,
                     error=f"no result from the provider (its batch {batch.status})")
                 item.updated_at = now
@@ -359,9 +411,12 @@ class BatchWorker:
                 else:
                     final = "cancelled" if job.cancel_requested and result.status != "succeeded" else result.status
                     item.status, item.error, item.completed_at = final, result.error, now
-            await session.execute(update(ProviderBatch).where(ProviderBatch.id == batch.id,
-                                                              ProviderBatch.status == batch.status)
-                                  .values(status="fetched", ended_at=batch.ended_at or now))
+            fetched = await session.execute(update(ProviderBatch).where(
+                ProviderBatch.id == batch.id, ProviderBatch.status == batch.status, self.lease.fence())
+                .values(status="fetched", ended_at=batch.ended_at or now))
+            if fetched.rowcount != 1:
+                await session.rollback()
+                raise LeaseLost(f"the results of provider batch {batch.id} were not stored: the lease was lost")
 
     async def _fail_items(self, items: list[BatchItem], reason: str) -> None:
         now = utcnow()
@@ -375,6 +430,7 @@ class BatchWorker:
         for batch in await self._batches(ProviderBatch.job_id.in_(cancelling),
                                          ProviderBatch.status.in_(("validating", "in_progress", "finalizing"))):
             provider = self.providers[batch.provider]
+            await self.lease.ensure()
             try:
                 await self.calls.call(batch.provider, "cancel", lambda: provider.cancel(batch.provider_batch_id),
                                       tenant=batch.tenant)
@@ -383,7 +439,8 @@ class BatchWorker:
                 continue
             async with self.sessions() as session, session.begin():
                 await session.execute(update(ProviderBatch).where(ProviderBatch.id == batch.id,
-                                                                  ProviderBatch.status == batch.status)
+                                                                  ProviderBatch.status == batch.status,
+                                                                  self.lease.fence())
                                       .values(status="cancelling", next_poll_at=utcnow()))
 
     async def finish_jobs(self) -> list[str]:
@@ -419,9 +476,7 @@ async def finish_job(sessions: async_sessionmaker[AsyncSession], prices: PriceTa
     input_tokens = sum(int(tokens) for _, _, tokens, _ in rows)
     output_tokens = sum(int(tokens) for _, _, _, tokens in rows)
     total, succeeded = sum(by_status.values()), by_status.get("succeeded", 0)
-    if job.cancel_requested:
-        status = "cancelled"
-    elif total and succeeded == total:
+    if total and succeeded == total:
         status = "completed"
     elif succeeded:
         status = "partially_completed"
@@ -432,15 +487,18 @@ async def finish_job(sessions: async_sessionmaker[AsyncSession], prices: PriceTa
     cost = prices.cost(job.provider, job.model, input_tokens, output_tokens)
     now = utcnow()
     async with sessions() as session, session.begin():
+        # A cancel that lands between the read above and this write is decided here, by the row itself.
         booked = await session.execute(
             update(BatchJob).where(BatchJob.id == job.id, BatchJob.status.not_in(FINAL_STATUSES),
                                    BatchJob.cost_booked.is_(False))
-            .values(status=status, input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost.cost_usd,
+            .values(status=case((BatchJob.cancel_requested.is_(True), "cancelled"), else_=status),
+                    input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost.cost_usd,
                     realtime_cost_usd=cost.realtime_cost_usd, savings_usd=cost.savings_usd, cost_booked=True,
                     completed_at=now, updated_at=now, accepting=False,
                     webhook_state="pending" if job.webhook_url else "none"))
-    if booked.rowcount != 1:
-        return False
+        if booked.rowcount != 1:
+            return False
+        status = await session.scalar(select(BatchJob.status).where(BatchJob.id == job.id))
     metrics.BATCH_JOBS.labels(job.provider, status).inc()
     for item_status, count in by_status.items():
         metrics.BATCH_ITEMS.labels(job.provider, item_status).inc(count)

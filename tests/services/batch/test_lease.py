@@ -1,10 +1,12 @@
 import asyncio
 
 import pytest
+from sqlalchemy import update
 
 from server.db import migrate
+from server.db.batch_models import WorkerLease
 from server.db.session import create_engine, session_factory
-from server.services.batch.lease import Lease
+from server.services.batch.lease import Lease, LeaseLost
 
 
 @pytest.fixture
@@ -35,3 +37,22 @@ async def test_contenders_starting_together_elect_exactly_one(sessions):
     won = await asyncio.gather(*(lease.acquire() for lease in leases), return_exceptions=True)
     assert [w for w in won if w is True] == [True]
     assert all(w is False for w in won if w is not True)
+
+
+async def test_a_lease_kept_during_long_work_is_not_taken_over_and_a_lost_one_stops_its_holder(sessions):
+    first, second = Lease(sessions, ttl_s=0.3, owner="first"), Lease(sessions, ttl_s=0.3, owner="second")
+    assert await first.acquire()
+    async with first.kept():
+        for _ in range(5):
+            await asyncio.sleep(0.2)
+            assert not await second.acquire()
+    await first.ensure()
+    await asyncio.sleep(0.4)
+    assert await second.acquire()
+    # The old holder does not know yet: its fenced writes change nothing, and its next check stops it.
+    async with sessions() as session, session.begin():
+        fenced = await session.execute(update(WorkerLease).where(first.fence()).values(owner="stale"))
+        allowed = await session.execute(update(WorkerLease).where(second.fence()).values(owner="second"))
+    assert fenced.rowcount == 0 and allowed.rowcount == 1
+    with pytest.raises(LeaseLost):
+        await first.ensure()
