@@ -17,6 +17,7 @@ from server.db import migrate
 from server.db.session import create_engine, session_factory
 from server.ml import configure_threads
 from server.ml.classifier import SentimentClassifier
+from server.ml.device import default_batch_max_size, kernels_for, resolve
 from server.ml.generator import TextGenerator
 from server.ml.loader import locate
 from server.providers.gemini_report import GeminiJson
@@ -64,12 +65,18 @@ async def load_models(settings: Settings, executor: Executor) -> tuple[TextGener
                                            settings.models_cache_dir)
     classifier_at = await asyncio.to_thread(locate, settings.sentiment_model, "classifier", settings.model_source,
                                             settings.models_cache_dir)
+    # Before any weights load: a refused device or dtype (DeviceRefused) ends the start with its one line.
+    generator_on = resolve("GENERATOR", settings.device, settings.generator_dtype, settings.generator_precision,
+                           settings.generator_fp32_kernels)
+    classifier_on = resolve("SENTIMENT", settings.device, settings.sentiment_dtype, settings.sentiment_precision,
+                            settings.sentiment_fp32_kernels)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(executor, configure_threads, settings.torch_num_threads)
-    return (await loop.run_in_executor(executor, TextGenerator.load, generator_at, cache,
-                                       settings.generator_precision, settings.generator_fp32_kernels),
+    return (await loop.run_in_executor(executor, TextGenerator.load, generator_at, cache, settings.generator_precision,
+                                       kernels_for(settings.generator_fp32_kernels, generator_on), generator_on),
             await loop.run_in_executor(executor, SentimentClassifier.load, classifier_at, cache,
-                                       settings.sentiment_precision, settings.sentiment_fp32_kernels))
+                                       settings.sentiment_precision,
+                                       kernels_for(settings.sentiment_fp32_kernels, classifier_on), classifier_on))
 
 
 def torch_thread() -> ThreadPoolExecutor:
@@ -137,7 +144,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     cache = ResponseCache(open_store(redis, ttl_s=settings.cache_ttl_s, max_items=settings.cache_max_items,
                                      lock_ttl_s=settings.cache_lock_ttl_s), lock_ttl_s=settings.cache_lock_ttl_s,
                           per_tenant=settings.cache_scope == "tenant")
-    batching = {"executor": executor, "max_batch_size": settings.batch_max_size,
+    batching = {"executor": executor,
+              "max_batch_size": settings.batch_max_size or default_batch_max_size(generator.placement,
+                                                                                 generator.model.config),
               "max_wait_s": settings.batch_max_wait_ms / 1000, "queue_limit": settings.batch_queue_limit,
               "background_max_size": settings.batch_background_max_size}
     generate_batcher = (
@@ -161,8 +170,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         component.start()
     if runtime.batch.in_process:
         runtime.batch.start()
-    log.info("serving %s and %s (database %s, cache %s)", generator.name, classifier.name,
-             engine.url.render_as_string(), cache.backend)
+    log.info("serving %s and %s on %s, batches of up to %d (database %s, cache %s)", generator.name,
+             classifier.name, generator.device, batching["max_batch_size"], engine.url.render_as_string(),
+             cache.backend)
     try:
         yield runtime
     finally:

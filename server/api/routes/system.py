@@ -7,6 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server import __version__
 from server.api.deps import BearerDep, RuntimeDep, identify
 from server.api.schemas import AppInfo, CheckOut, HealthOut
+from server.ml.device import memory
 from server.services.health import database_check, records_check, redis_check
 
 router = APIRouter(tags=["system"])
@@ -14,8 +15,14 @@ router = APIRouter(tags=["system"])
 
 def _models(runtime: RuntimeDep) -> dict[str, dict]:
     return {role: {"name": model.name, "revision": model.revision, "precision": model.precision,
-                   "kernels": model.kernels, "offline_stand_in": model.standin}
+                   "kernels": model.kernels, "device": str(model.device), "dtype": model.placement.dtype_name,
+                   "offline_stand_in": model.standin}
             for role, model in (("generator", runtime.generator), ("sentiment", runtime.classifier))}
+
+
+def _devices(runtime: RuntimeDep) -> dict[str, dict]:
+    """Each device a model runs on, with its memory in use and free now."""
+    return {str(device): memory(device) for device in {runtime.generator.device, runtime.classifier.device}}
 
 
 def _cache(runtime: RuntimeDep) -> dict:
@@ -24,7 +31,8 @@ def _cache(runtime: RuntimeDep) -> dict:
 
 @router.get("/", response_model=AppInfo)
 async def info(runtime: RuntimeDep) -> AppInfo:
-    return AppInfo(name=runtime.settings.app_name, version=__version__, models=_models(runtime), cache=_cache(runtime))
+    return AppInfo(name=runtime.settings.app_name, version=__version__, models=_models(runtime), cache=_cache(runtime),
+                   devices=_devices(runtime))
 
 
 @router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
@@ -32,6 +40,7 @@ async def health(runtime: RuntimeDep) -> JSONResponse:
     """200 when the models are loaded and the database answers, else 503; Redis failing, or records piling up
     (the `records` check), is only `degraded`."""
     checks = {"models": CheckOut(status="ok", latency_ms=0.0, detail=_models(runtime)),
+              "devices": CheckOut(status="ok", latency_ms=0.0, detail=_devices(runtime)),
               "database": CheckOut(**(await database_check(runtime.engine)).__dict__),
               "records": CheckOut(**records_check(runtime.recorder).__dict__)}
     if runtime.redis is not None:
