@@ -366,10 +366,10 @@ def settings_errors(error: ValidationError) -> list[str]:
         field = Settings.model_fields.get(name)
         if name in lines:
             continue
-        if field is None:
-            lines[name] = f"invalid settings: {problem['msg']}"
-            continue
         own_rule = problem["type"] == "value_error"
+        if field is None:
+            lines[name] = f"invalid settings: {problem['ctx']['error'] if own_rule else problem['msg']}"
+            continue
         expected = str(problem["ctx"]["error"]) if own_rule else _accepted_forms(field)
         lines[name] = f"invalid setting {name.upper()}={_redacted(problem['input'])}: {expected}"
     return list(lines.values())
