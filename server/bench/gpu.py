@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -79,7 +80,7 @@ class GpuOffline:
         for name, engine in engines.items():
             outputs[name] = engine(prompts, params)
             tokens = sum(map(len, outputs[name]))
-            times = [_synchronized_s(lambda: engine(prompts, params), self.model.device) for _ in range(self.repeats)]
+            times = [_synchronized_s(partial(engine, prompts, params), self.model.device) for _ in range(self.repeats)]
             median = statistics.median(times)
             row[name] = {"latency_ms": median * 1000, "tokens_per_s": tokens / median, "tokens": tokens}
         same = sum(a == b for a, b in zip(outputs["transformers_generate"], outputs["our_loop"]))
@@ -93,8 +94,9 @@ class GpuOffline:
 
 
 def measure_server(url: str, concurrency: int, rounds: int, new_tokens: int) -> dict:
-    body = lambda client, round_: {"prompts": [prompt(f"c{concurrency}t{new_tokens}", client, round_)],
-                                   "max_new_tokens": new_tokens}
+    def body(client: int, round_: int) -> dict:
+        return {"prompts": [prompt(f"c{concurrency}t{new_tokens}", client, round_)], "max_new_tokens": new_tokens}
+
     asyncio.run(run_load(url, min(concurrency, 8), 1, lambda client, round_: body(client + 10_000, round_)))
     result = asyncio.run(run_load(url, concurrency, rounds, body))
     return {"concurrency": concurrency, "new_tokens": new_tokens, "requests": result.requests,
@@ -164,7 +166,8 @@ def table(results: dict) -> str:
         lines.append(f"| {row['batch']} | {row['new_tokens']} | {ref['tokens_per_s']:.0f} | {ours['tokens_per_s']:.0f}"
                      f" | {row['our_loop_vs_generate_tokens_per_s']:.2f}x | {ref['latency_ms']:.1f} | "
                      f"{ours['latency_ms']:.1f} | {row['greedy_identical']}")
-    lines += ["server | clients | new tokens | tok/s | req/s | p50 ms | p95 ms | failures", "---|---|---|---|---|---|---|---"]
+    lines += ["server | clients | new tokens | tok/s | req/s | p50 ms | p95 ms | failures",
+              "---|---|---|---|---|---|---|---"]
     for row in results["server"]:
         lines.append(f"| {row['concurrency']} | {row['new_tokens']} | {row['tokens_per_s']:.0f} | "
                      f"{row['requests_per_s']:.1f} | {row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['failures']}")

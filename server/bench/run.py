@@ -431,7 +431,8 @@ def run_gpu(args: argparse.Namespace) -> dict:
            "BATCH_QUEUE_LIMIT": "4096", "LOG_LEVEL": "warning", "INGRESS_RATE_LIMIT": "off", "API_KEYS": "",
            "GENERATOR_PRECISION": "fp32", "SENTIMENT_PRECISION": "fp32", "GENERATOR_FP32_KERNELS": "auto",
            "SENTIMENT_FP32_KERNELS": "auto"}
-    return gpu.run(args, generator_dir, classifier_dir, server_factory(Path(tempfile.mkdtemp(prefix="bench-gpu-")), env))
+    work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    return gpu.run(args, generator_dir, classifier_dir, server_factory(work, env))
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -27,4 +27,4 @@ class SentimentClassifier(PretrainedModel):
         scores, labels = probs.max(dim=-1)
         id2label = self.model.config.id2label
         # One copy from the device for the whole batch, not one per text.
-        return [Sentiment(id2label[i], s) for s, i in zip(scores.tolist(), labels.tolist())]
+        return [Sentiment(id2label[i], s) for s, i in zip(scores.tolist(), labels.tolist(), strict=True)]

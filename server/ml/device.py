@@ -124,10 +124,11 @@ def _mem_available() -> int | None:
 def row_bytes(config: object, dtype: torch.dtype) -> int:
     """The memory one full-length row of a causal LM holds: its keys and values at every layer for the whole context,
     and its float32 logits over the vocabulary."""
-    layers = int(getattr(config, "n_layer", None) or getattr(config, "num_hidden_layers"))
-    width = int(getattr(config, "n_embd", None) or getattr(config, "hidden_size"))
-    context = int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings"))
-    vocab = int(getattr(config, "vocab_size"))
+    def size(name: str, other: str = "") -> int:
+        return int(getattr(config, name, None) or getattr(config, other))
+
+    layers, width = size("n_layer", "num_hidden_layers"), size("n_embd", "hidden_size")
+    context, vocab = size("n_positions", "max_position_embeddings"), size("vocab_size")
     return 2 * layers * width * context * dtype.itemsize + 4 * vocab
 
 

@@ -150,7 +150,7 @@ class PretrainedModel:
                                                   local_files_only=location.local_files_only)
         model = cls.auto_class.from_pretrained(
             location.path, cache_dir=cache_dir, local_files_only=location.local_files_only, dtype=placement.dtype,
-            **({"attn_implementation": cls.attention} if cls.attention else {})).to(placement.device)
+            attn_implementation=cls.attention).to(placement.device)
         revision = weights_revision(model.config, location)
         kernels = usable_kernels(kernels)
         return cls(apply_precision(model, precision, kernels), tokenizer, location.name, revision, location.standin,

@@ -7,9 +7,20 @@ import torch
 from transformers import GPT2Config
 
 from server.ml.decoding import GenerationParams
-from server.ml.device import (CPU_BATCH_MAX_SIZE, CPU_FLOAT32, GPU_BATCH_MAX_SIZE, DeviceRefused, Placement,
-                              default_batch_max_size, kernels_for, memory, resolve, resolve_device, resolve_dtype,
-                              row_bytes)
+from server.ml.device import (
+    CPU_BATCH_MAX_SIZE,
+    CPU_FLOAT32,
+    GPU_BATCH_MAX_SIZE,
+    DeviceRefused,
+    Placement,
+    default_batch_max_size,
+    kernels_for,
+    memory,
+    resolve,
+    resolve_device,
+    resolve_dtype,
+    row_bytes,
+)
 from server.ml.generator import TextGenerator
 from server.ml.loader import locate
 from server.services.cache.keys import cache_key

@@ -48,7 +48,7 @@ async def test_rows_that_ran_out_of_memory_together_finish_one_at_a_time(setup):
     results = await asyncio.gather(*(batcher.submit([job], timeout_s=60) for job in jobs))
     assert failures, "the batch never ran out of memory"
     generator.decoder.step = step
-    for job, [out] in zip(jobs, results):
+    for job, [out] in zip(jobs, results, strict=True):
         assert out == generator.generate([job.prompt_ids], job.params)[0]
 
 
