@@ -64,9 +64,6 @@ class RowSampler:
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
         return self._generator
 
-    def pick(self, scores: torch.Tensor) -> int:
-        return int(self.draw(scores))
-
     def draw(self, scores: torch.Tensor) -> torch.Tensor:
         """The drawn token id as a 0-d tensor on the scores' device (no copy to the host)."""
         generator = self.generator(scores.device)
