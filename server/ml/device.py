@@ -18,7 +18,7 @@ from typing import Literal, cast, get_args
 
 import torch
 
-from server.core.config import settings_conflict
+from server.core.config import Settings, settings_conflict
 from server.ml.precision import Kernels
 
 DTypeSetting = Literal["auto", "float32", "float16", "bfloat16"]
@@ -95,6 +95,14 @@ def resolve(role: str, device: str, dtype: str, precision: str, kernels: str) ->
     if problem := settings_conflict(role, resolved_device, dtype, precision, kernels):
         raise DeviceRefused(problem if device != "auto" else f"{problem} (DEVICE=auto found a {placed.type} device)")
     return Placement(placed, resolve_dtype(dtype, placed))
+
+
+def placements(settings: Settings) -> tuple[Placement, Placement]:
+    """The generator's and the classifier's placements under these settings on this machine (`DeviceRefused`)."""
+    return (resolve("GENERATOR", settings.device, settings.generator_dtype, settings.generator_precision,
+                    settings.generator_fp32_kernels),
+            resolve("SENTIMENT", settings.device, settings.sentiment_dtype, settings.sentiment_precision,
+                    settings.sentiment_fp32_kernels))
 
 
 def memory(device: torch.device) -> dict[str, object]:

@@ -17,7 +17,7 @@ from server.db import migrate
 from server.db.session import create_engine, session_factory
 from server.ml import configure_threads
 from server.ml.classifier import SentimentClassifier
-from server.ml.device import default_batch_max_size, kernels_for, resolve
+from server.ml.device import default_batch_max_size, kernels_for, placements
 from server.ml.generator import TextGenerator
 from server.ml.loader import locate
 from server.providers.gemini_report import GeminiJson
@@ -60,16 +60,13 @@ class Runtime:
 
 
 async def load_models(settings: Settings, executor: Executor) -> tuple[TextGenerator, SentimentClassifier]:
+    # Before any model is looked for or loaded: a refused device or dtype (DeviceRefused) ends the start at once.
+    generator_on, classifier_on = placements(settings)
     cache = str(settings.models_cache_dir)
     generator_at = await asyncio.to_thread(locate, settings.generator_model, "generator", settings.model_source,
                                            settings.models_cache_dir)
     classifier_at = await asyncio.to_thread(locate, settings.sentiment_model, "classifier", settings.model_source,
                                             settings.models_cache_dir)
-    # Before any weights load: a refused device or dtype (DeviceRefused) ends the start with its one line.
-    generator_on = resolve("GENERATOR", settings.device, settings.generator_dtype, settings.generator_precision,
-                           settings.generator_fp32_kernels)
-    classifier_on = resolve("SENTIMENT", settings.device, settings.sentiment_dtype, settings.sentiment_precision,
-                            settings.sentiment_fp32_kernels)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(executor, configure_threads, settings.torch_num_threads)
     return (await loop.run_in_executor(executor, TextGenerator.load, generator_at, cache, settings.generator_precision,
