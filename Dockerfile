@@ -4,7 +4,8 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HOST=0.0.0.0 PORT=8000 MODEL_SOURCE=lo
 WORKDIR /app
 RUN useradd --create-home --uid 1000 app
 
-# The CPU build of torch first: a bare torch requirement would pull a multi-GB CUDA build.
+# The CPU build of torch first: a bare torch requirement would pull a multi-GB CUDA build. For a GPU image pass the
+# CUDA build's index: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 (docs/gpu.md).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 COPY requirements.txt .
 RUN pip install torch==2.13.0 --index-url "$TORCH_INDEX_URL" && pip install -r requirements.txt

@@ -13,7 +13,14 @@ from server.core.logging import log_config
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from server.ml.device import DeviceRefused, placements
+
     settings = get_settings()
+    try:
+        # Here as well as at startup: uvicorn would print the refusal inside a traceback.
+        placements(settings)
+    except DeviceRefused as refused:
+        raise SystemExit(str(refused)) from None
     uvicorn.run("server.main:app", host=args.host or settings.host, port=args.port or settings.port,
                 log_config=log_config(settings.log_level, settings.log_format), log_level=settings.log_level,
                 access_log=False, proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips,

@@ -33,7 +33,9 @@ import torch
 from tqdm import tqdm
 
 from server.core.config import PROJECT_ROOT, get_settings
+from server.ml.device import CPU_BATCH_MAX_SIZE, CPU_FLOAT32, kernels_for
 from server.ml.offline import DISTILBERT_BASE, GPT2_124M, build_classifier, build_generator, standin_marker_exists
+from server.bench import gpu
 from server.bench.load import LoadResult, run_load
 from server.bench.limits import (BENCH_MODELS, ENGINE_NAMES, ENGINES, SERVER_TAG, ClassifierLimit, OfflineLimit,
                                   prompt, review, served_engine)
@@ -49,8 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests per client at each concurrency (default 12)")
     parser.add_argument("--baseline-rounds", type=int, default=2, help="the same for the naive baseline (default 2)")
     parser.add_argument("--new-tokens", type=int, default=16, help="max_new_tokens per request (default 16)")
-    parser.add_argument("--batch-size", type=int, default=get_settings().batch_max_size,
-                        help="offline batch size and the server's BATCH_MAX_SIZE (default: the setting)")
+    parser.add_argument("--batch-size", type=int, default=get_settings().batch_max_size or CPU_BATCH_MAX_SIZE,
+                        help="offline batch size and the server's BATCH_MAX_SIZE (default: the setting, else 32)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the naive baseline server")
     parser.add_argument("--cache-requests", type=int, default=2000,
                         help="requests for the cache-hit phase (default 2000)")
@@ -69,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, help="JSON results (default: bench-results/bench-<time>.json)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny model, few requests: checks the harness in well under a minute (numbers meaningless)")
+    gpu.add_arguments(parser)
 
 
 def ensure_models(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -112,6 +115,17 @@ def server_process(command: list[str], env: dict[str, str], port: int, log_path:
         finally:
             process.terminate()
             process.wait(30)
+
+
+def server_factory(work: Path, env: dict[str, str]):
+    """`serve(name, **overrides)`: a context manager starting `python -m server serve` with `env` and its own
+    database and log under `work`, yielding (base URL, process)."""
+    def serve(name: str, **overrides: str):
+        port = free_port()
+        return server_process([sys.executable, "-m", "server", "serve", "--port", str(port)],
+                              {**env, "DATABASE_URL": f"sqlite+aiosqlite:///{work / f'{name}.db'}", **overrides},
+                              port, work / f"{name}-server.log")
+    return serve
 
 
 def batch_stats(base_url: str) -> tuple[float, float]:
@@ -243,22 +257,18 @@ def run(args: argparse.Namespace) -> dict:
         generator_dir, classifier_dir = ensure_models(args)
         bar.set_postfix_str("offline limits")
         offline = OfflineLimit(generator_dir, args.batch_size, args.new_tokens, (3, 1) if args.quick else (4, 2))
-        classifier = ClassifierLimit(classifier_dir, args.batch_size, settings.sentiment_fp32_kernels)
+        classifier = ClassifierLimit(classifier_dir, args.batch_size,
+                                     kernels_for(settings.sentiment_fp32_kernels, CPU_FLOAT32))
         bar.update(1)
         env = {"GENERATOR_MODEL": str(generator_dir), "SENTIMENT_MODEL": str(classifier_dir), "MODEL_SOURCE": "local",
                "BATCH_MAX_SIZE": str(args.batch_size), "BATCH_QUEUE_LIMIT": str(max(1024, 4 * max(levels))),
                "LOG_LEVEL": "warning", "INGRESS_RATE_LIMIT": "off", "API_KEYS": "", "GENERATOR_PRECISION": "fp32",
                "SENTIMENT_PRECISION": "fp32", "GENERATOR_FP32_KERNELS": settings.generator_fp32_kernels,
-               "SENTIMENT_FP32_KERNELS": settings.sentiment_fp32_kernels}
+               "SENTIMENT_FP32_KERNELS": settings.sentiment_fp32_kernels, "DEVICE": "cpu"}
 
-        def serve(name: str, **overrides: str):
-            port = free_port()
-            return server_process([sys.executable, "-m", "server", "serve", "--port", str(port)],
-                                  {**env, "DATABASE_URL": f"sqlite+aiosqlite:///{work / f'{name}.db'}", **overrides},
-                                  port, work / f"{name}-server.log")
-
+        serve = server_factory(work, env)
         bar.set_postfix_str("server")
-        engine = served_engine("fp32", settings.generator_fp32_kernels)
+        engine = served_engine("fp32", kernels_for(settings.generator_fp32_kernels, CPU_FLOAT32))
         with serve("server") as (url, _):
             server_rows = drive(url, SERVER_TAG, levels, args.rounds, args.new_tokens, bar, offline, engine)
             predict = {"fp32": measure_predict(url, classifier, "fp32", max(levels), args.predict_rounds)}
@@ -414,11 +424,23 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def run_gpu(args: argparse.Namespace) -> dict:
+    """The GPU bench (server/bench/gpu.py) with this bench's models and server harness."""
+    generator_dir, classifier_dir = ensure_models(args)
+    env = {"GENERATOR_MODEL": str(generator_dir), "SENTIMENT_MODEL": str(classifier_dir), "MODEL_SOURCE": "local",
+           "BATCH_QUEUE_LIMIT": "4096", "LOG_LEVEL": "warning", "INGRESS_RATE_LIMIT": "off", "API_KEYS": "",
+           "GENERATOR_PRECISION": "fp32", "SENTIMENT_PRECISION": "fp32", "GENERATOR_FP32_KERNELS": "auto",
+           "SENTIMENT_FP32_KERNELS": "auto"}
+    work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    return gpu.run(args, generator_dir, classifier_dir, server_factory(work, env))
+
+
 def main(args: argparse.Namespace) -> dict:
-    results = run(args)
+    on_gpu = args.device != "cpu"
+    results = run_gpu(args) if on_gpu else run(args)
     output = args.output or PROJECT_ROOT / "bench-results" / f"bench-{time.strftime('%Y%m%dT%H%M%S')}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2))
-    print(table(results))
+    print(gpu.table(results) if on_gpu else table(results))
     print(f"\nresults: {output}")
     return results

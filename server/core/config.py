@@ -25,6 +25,21 @@ def default_spill_dir() -> Path:
     return (Path(state) if os.path.isabs(state) else Path.home() / ".local" / "state") / "inference-server" / "spill"
 
 
+def settings_conflict(role: str, device: str, dtype: str, precision: str, kernels: str) -> str | None:
+    """The line refusing a contradiction visible in the settings alone (`role` is GENERATOR or SENTIMENT), or None.
+    What depends on the machine (DEVICE=auto finding a GPU, or none there) is refused at load (server/ml/device.py)."""
+    if device.startswith("cuda") and precision == "int8":
+        return (f"{role}_PRECISION=int8 runs on the CPU only (dynamic quantization has no CUDA kernels): set "
+                f"DEVICE=cpu or {role}_PRECISION=fp32")
+    if device.startswith("cuda") and kernels == "onednn":
+        return (f"{role}_FP32_KERNELS=onednn is a CPU path (oneDNN packed weights): set DEVICE=cpu, or "
+                f"{role}_FP32_KERNELS=auto on a GPU")
+    if device == "cpu" and dtype in ("float16", "bfloat16"):
+        return (f"{role}_DTYPE={dtype} is refused on the CPU (slower than float32 there, and it changes outputs): "
+                f"set {role}_DTYPE=auto or float32, or DEVICE=cuda")
+    return None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
 
@@ -60,11 +75,21 @@ class Settings(BaseSettings):
         " as `<name>:int8`)"))
     sentiment_precision: Literal["fp32", "int8"] = Field("fp32", description=(
         "fp32 or int8 for the classifier, as GENERATOR_PRECISION"))
-    generator_fp32_kernels: Literal["onednn", "torch"] = Field("onednn", description=(
-        "Who computes the generator's fp32 Linear layers: onednn (weights packed at load: same precision, about "
-        "2x faster) or torch (its default GEMM, exactly as transformers runs it)"))
-    sentiment_fp32_kernels: Literal["onednn", "torch"] = Field("onednn", description=(
-        "onednn or torch for the classifier's fp32 Linear layers, as GENERATOR_FP32_KERNELS"))
+    generator_fp32_kernels: Literal["auto", "onednn", "torch"] = Field("auto", description=(
+        "Who computes the generator's fp32 Linear layers on the CPU: onednn (weights packed at load: same precision,"
+        " about 2x faster) or torch (its default GEMM, exactly as transformers runs it); auto: onednn on the CPU, "
+        "torch on a GPU (onednn is refused there)"))
+    sentiment_fp32_kernels: Literal["auto", "onednn", "torch"] = Field("auto", description=(
+        "auto, onednn or torch for the classifier's fp32 Linear layers, as GENERATOR_FP32_KERNELS"))
+    device: str = Field("auto", description=(
+        "Where both models run: auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N (see "
+        "docs/gpu.md)"))
+    generator_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description=(
+        "The generator's floating-point type: auto (bfloat16 on a GPU that computes it, else float16 on a GPU; "
+        "float32 on the CPU); half types are refused on the CPU. Other than the CPU's float32, the model answers "
+        "as `<name>:<device>:<dtype>`"))
+    sentiment_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description=(
+        "The classifier's floating-point type, as GENERATOR_DTYPE"))
     models_cache_dir: Path = Field(PROJECT_ROOT / "models_cache", description="Hub cache and the offline/ stand-ins")
     torch_num_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, description=(
         "Intra-op threads of the one torch thread that runs both models (default: the machine's cores)"))
@@ -72,8 +97,9 @@ class Settings(BaseSettings):
     generator_scheduler: Literal["continuous", "static"] = Field("continuous", description=(
         "continuous: rows join and leave the running batch at every decoding step and tokens stream as they come;"
         " static: the micro-batcher, one generate call per batch (kept for comparison)"))
-    batch_max_size: int = Field(32, ge=1, le=1024, description=(
-        "Most distinct items per model call (continuous: most rows in the running batch)"))
+    batch_max_size: int | None = Field(None, ge=1, le=1024, description=(
+        "Most distinct items per model call (continuous: most rows in the running batch); unset: 32 on the CPU, "
+        "on a GPU as many full-context rows as half its free memory holds, at most 256"))
     batch_max_wait_ms: float = Field(5.0, ge=0, description="Floor of the post-batch linger, in milliseconds")
     batch_queue_limit: int = Field(1024, ge=1, description=(
         "Items waiting per model before a request is refused (503 + Retry-After)"))
@@ -304,6 +330,24 @@ class Settings(BaseSettings):
             raise ValueError(f"invalid API keys: {exc}") from None
         return self
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("expected auto, cpu, cuda or cuda:N")
+        return value
+
+    @model_validator(mode="after")
+    def _placement(self) -> "Settings":
+        """Contradictions between the device and the per-model settings that the settings alone show (those that
+        depend on the machine are refused when the models load: server/ml/device.py)."""
+        for role in ("generator", "sentiment"):
+            problem = settings_conflict(role.upper(), self.device, getattr(self, f"{role}_dtype"),
+                                        getattr(self, f"{role}_precision"), getattr(self, f"{role}_fp32_kernels"))
+            if problem:
+                raise ValueError(problem)
+        return self
+
     @field_validator("blocked_terms")
     @classmethod
     def _terms_file_exists(cls, value: str) -> str:
@@ -339,10 +383,10 @@ def settings_errors(error: ValidationError) -> list[str]:
         field = Settings.model_fields.get(name)
         if name in lines:
             continue
-        if field is None:
-            lines[name] = f"invalid settings: {problem['msg']}"
-            continue
         own_rule = problem["type"] == "value_error"
+        if field is None:
+            lines[name] = f"invalid settings: {problem['ctx']['error'] if own_rule else problem['msg']}"
+            continue
         expected = str(problem["ctx"]["error"]) if own_rule else _accepted_forms(field)
         lines[name] = f"invalid setting {name.upper()}={_redacted(problem['input'])}: {expected}"
     return list(lines.values())

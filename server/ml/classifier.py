@@ -21,9 +21,10 @@ class SentimentClassifier(PretrainedModel):
     auto_class = AutoModelForSequenceClassification
 
     def classify(self, texts: Sequence[str]) -> list[Sentiment]:
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
         with torch.inference_mode():
             probs = torch.softmax(self.model(**batch).logits.float(), dim=-1)
         scores, labels = probs.max(dim=-1)
         id2label = self.model.config.id2label
-        return [Sentiment(id2label[int(i)], float(s)) for s, i in zip(scores, labels)]
+        # One copy from the device for the whole batch, not one per text.
+        return [Sentiment(id2label[i], s) for s, i in zip(scores.tolist(), labels.tolist(), strict=True)]

@@ -89,10 +89,10 @@ class DecodeBatch:
 
     def keep(self, indices: list[int]) -> None:
         """Keep only these rows, then drop the leading columns that are padding in every remaining row."""
-        index = torch.tensor(indices, dtype=torch.long)
+        index = torch.tensor(indices, dtype=torch.long, device=self.mask.device)
         mask = self.mask[index]
-        used = mask.any(dim=0).nonzero()
-        first = int(used[0]) if len(used) else mask.shape[1]
+        # Columns before the first one any remaining row uses: a count summed on the device, one copy to the host.
+        first = int((mask.any(dim=0).cumsum(0) == 0).sum())
         for layer in self.cache.layers:
             layer.keys = layer.keys[index, :, first:]
             layer.values = layer.values[index, :, first:]
@@ -134,6 +134,7 @@ class Decoder:
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
 
     def prefill(self, sequences: list[Sequence]) -> DecodeBatch:
         """Run each row's prompt (and the tokens it already has: a row resumed alone after a failure) and pick
@@ -141,8 +142,9 @@ class Decoder:
         inputs = [list(s.prompt) + s.tokens for s in sequences]
         width = max(map(len, inputs))
         pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(row)) + row for row in inputs], dtype=torch.long)
-        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in inputs], dtype=torch.long)
+        ids = torch.tensor([[pad] * (width - len(row)) + row for row in inputs], dtype=torch.long, device=self.device)
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in inputs], dtype=torch.long,
+                            device=self.device)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         batch = DecodeBatch(sequences, DynamicCache(config=self.model.config), mask, mask.sum(dim=-1))
         scoring = [row for row, s in enumerate(sequences) if s.params.prompt_logprobs and s.prompt_logprobs is None]
@@ -158,7 +160,7 @@ class Decoder:
 
     def step(self, batch: DecodeBatch) -> None:
         """Feed every row its last token and pick the next one."""
-        ids = torch.tensor([[s.tokens[-1]] for s in batch.sequences], dtype=torch.long)
+        ids = torch.tensor([[s.tokens[-1]] for s in batch.sequences], dtype=torch.long, device=self.device)
         mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=batch.positions.unsqueeze(1),
                             cache=batch.cache, use_cache=True).logits
@@ -188,20 +190,26 @@ class Decoder:
                                          for i in range(len(prompt) - 1)]
 
     def _advance(self, batch: DecodeBatch, scores: torch.Tensor) -> None:
+        """Pick every row's next token on the device (greedy rows by one argmax, the others each from its own
+        shaped logits or sampler, written into the same tensor), then copy the picks to the host once."""
         scores = scores.float()
-        greedy = scores.argmax(dim=-1).tolist()
+        picks = scores.argmax(dim=-1)
+        for row, sequence in enumerate(batch.sequences):
+            params = sequence.params
+            if params.shapes_logits and len(sequence.tokens) < params.max_new_tokens:
+                chosen = shaped(scores[row], params, [*sequence.prompt, *sequence.tokens], len(sequence.tokens),
+                                self.tokenizer.eos_token_id)
+                picks[row] = chosen.argmax() if sequence.sampler is None else sequence.sampler.draw(chosen)
+            elif sequence.sampler is not None and len(sequence.tokens) < params.max_new_tokens:
+                picks[row] = sequence.sampler.draw(scores[row])
+        tokens = picks.tolist()
         for row, sequence in enumerate(batch.sequences):
             params = sequence.params
             if len(sequence.tokens) >= params.max_new_tokens:
                 # Only a row asked for no new tokens (its prompt scored alone) gets here, at its prefill.
                 self.finish(sequence)
                 continue
-            if params.shapes_logits:
-                chosen = shaped(scores[row], params, [*sequence.prompt, *sequence.tokens], len(sequence.tokens),
-                                self.tokenizer.eos_token_id)
-                token = int(chosen.argmax()) if sequence.sampler is None else sequence.sampler.pick(chosen)
-            else:
-                token = greedy[row] if sequence.sampler is None else sequence.sampler.pick(scores[row])
+            token = tokens[row]
             if params.logprobs is not None:
                 sequence.logprobs.append(TokenLogprob.at(torch.log_softmax(scores[row], dim=-1), token,
                                                          params.logprobs))

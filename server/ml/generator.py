@@ -18,6 +18,7 @@ from transformers import (AutoModelForCausalLM, GenerationConfig, LogitsProcesso
                           StoppingCriteria, StoppingCriteriaList)
 
 from server.ml.decoding import Decoder, GenerationParams, Sequence as DecodedSequence
+from server.ml.device import CPU_FLOAT32, Placement
 from server.ml.loader import PretrainedModel
 from server.ml.precision import Kernels, Precision
 from server.ml.sampling import RowSampler, TokenLogprob
@@ -43,7 +44,7 @@ class PerRowSampler(LogitsProcessor):
         self.samplers = [RowSampler(params, seed) for seed in seeds]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        chosen = torch.tensor([sampler.pick(row) for row, sampler in zip(scores, self.samplers)])
+        chosen = torch.stack([sampler.draw(row) for row, sampler in zip(scores, self.samplers)])
         picked = torch.full_like(scores, float("-inf"))
         return picked.scatter(-1, chosen.unsqueeze(-1), 0.0)
 
@@ -59,7 +60,7 @@ class AbandonedRows(StoppingCriteria):
         now = torch.tensor([self.abandoned(row) for row in range(len(self.stopped))], dtype=torch.bool)
         self.stopped |= now
         # transformers annotates BoolTensor, a legacy type that no torch operation is typed to return.
-        return cast(torch.BoolTensor, now)
+        return cast(torch.BoolTensor, now.to(input_ids.device))
 
 
 def _decoder_only(params: GenerationParams) -> bool:
@@ -71,10 +72,13 @@ class TextGenerator(PretrainedModel):
     """A loaded causal LM and its tokenizer. `generate` blocks: call it from the executor only."""
 
     auto_class = AutoModelForCausalLM
+    # transformers' default for GPT-2 already, named so that every architecture loaded here attends through
+    # torch's fused kernels (flash or memory-efficient on a GPU) rather than an eager softmax.
+    attention = "sdpa"
 
     def __init__(self, model, tokenizer, name: str, revision: str, standin: bool, precision: Precision = "fp32",
-                 kernels: Kernels = "torch"):
-        super().__init__(model, tokenizer, name, revision, standin, precision, kernels)
+                 kernels: Kernels = "torch", placement: Placement = CPU_FLOAT32):
+        super().__init__(model, tokenizer, name, revision, standin, precision, kernels, placement)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -95,7 +99,8 @@ class TextGenerator(PretrainedModel):
         the continuous loop's decoder on this batch instead."""
         if _decoder_only(params):
             return self._complete(prompts, params, seeds or [None] * len(prompts), abandoned)
-        batch = self.tokenizer.pad({"input_ids": [list(p) for p in prompts]}, padding=True, return_tensors="pt")
+        batch = self.tokenizer.pad({"input_ids": [list(p) for p in prompts]}, padding=True,
+                                   return_tensors="pt").to(self.device)
         config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False,
                                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         processors = LogitsProcessorList()

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import ClassVar, Literal, Self
 from urllib.parse import urlparse
 
+import torch
 from huggingface_hub import constants as hub_constants
 from transformers import AutoTokenizer
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from server.ml import offline
+from server.ml.device import CPU_FLOAT32, Placement
 from server.ml.precision import Kernels, Precision, apply_precision, usable_kernels
 
 log = logging.getLogger(__name__)
@@ -108,37 +110,48 @@ class PretrainedModel:
     """A model and its tokenizer, loaded once from a `ModelLocation`; subclasses name their auto class."""
 
     auto_class: ClassVar[type[_BaseAutoModelClass]]
+    # The attention implementation `load` asks for (None: transformers' default for the architecture).
+    attention: ClassVar[str | None] = None
 
     def __init__(self, model, tokenizer, name: str, revision: str, standin: bool, precision: Precision = "fp32",
-                 kernels: Kernels = "torch"):
-        """`model` already computes in `precision` (see `load`); `name` and `revision` are the checkpoint's."""
+                 kernels: Kernels = "torch", placement: Placement = CPU_FLOAT32):
+        """`model` already computes in `precision` on `placement` (see `load`); `name` and `revision` are the
+        checkpoint's."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.precision = precision
+        self.placement = placement
         self.kernels = kernels if precision == "fp32" else "torch"
-        self.name = name if precision == "fp32" else f"{name}:{precision}"
+        self.tag = ("" if precision == "fp32" else f":{precision}") + placement.suffix
+        self.name = f"{name}{self.tag}"
         self.checkpoint_revision = revision
         self.standin = standin
 
     @property
-    def revision(self) -> str:
-        """What cache keys call the weights as served: the checkpoint's revision, plus the precision unless fp32.
+    def device(self) -> torch.device:
+        return self.placement.device
 
-        int8 weights compute other outputs than the fp32 ones they came from, so their answers never share a key;
-        fp32 keys stay those of a server without this setting.
+    @property
+    def revision(self) -> str:
+        """What cache keys call the weights as served: the checkpoint's revision, plus the precision unless fp32 and
+        the device class and dtype unless the CPU's float32.
+
+        int8 weights, or another device or dtype, compute other outputs than the CPU's fp32 weights they came from,
+        so their answers never share a key; CPU fp32 keys stay those of a server without these settings.
         """
-        return self.checkpoint_revision if self.precision == "fp32" else f"{self.checkpoint_revision}:{self.precision}"
+        return f"{self.checkpoint_revision}{self.tag}"
 
     @classmethod
     def load(cls, location: ModelLocation, cache_dir: str, precision: Precision = "fp32",
-             kernels: Kernels = "torch") -> Self:
-        """Load the model and tokenizer, then convert the model to `precision` and, in fp32, `kernels` (seconds,
-        see `precision.py`)."""
+             kernels: Kernels = "torch", placement: Placement = CPU_FLOAT32) -> Self:
+        """Load the model and tokenizer onto `placement`'s device in its dtype, then convert the model to
+        `precision` and, in fp32, `kernels` (seconds, see `precision.py`; both CPU only, see `device.py`)."""
         tokenizer = AutoTokenizer.from_pretrained(location.path, cache_dir=cache_dir,
                                                   local_files_only=location.local_files_only)
-        model = cls.auto_class.from_pretrained(location.path, cache_dir=cache_dir,
-                                               local_files_only=location.local_files_only)
+        model = cls.auto_class.from_pretrained(
+            location.path, cache_dir=cache_dir, local_files_only=location.local_files_only, dtype=placement.dtype,
+            attn_implementation=cls.attention).to(placement.device)
         revision = weights_revision(model.config, location)
         kernels = usable_kernels(kernels)
         return cls(apply_precision(model, precision, kernels), tokenizer, location.name, revision, location.standin,
-                   precision, kernels)
+                   precision, kernels, placement)

@@ -50,13 +50,23 @@ class RowSampler:
     """Temperature, top-k and nucleus sampling for one row, from the row's own seeded generator.
 
     Works in double precision, shifted by the row's maximum: in float32 a tiny temperature rounds to 0 or overflows
-    the division to inf, and softmax of inf is NaN."""
+    the division to inf, and softmax of inf is NaN. The generator lives on the device of the first scores it draws
+    from, so a GPU row samples where its logits are (a seed gives the same tokens in any batch on one device class;
+    the CPU's and a GPU's random streams differ)."""
 
     def __init__(self, params: "GenerationParams", seed: int | None):
         self.params = params
-        self.generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+        self.seed = secrets.randbits(63) if seed is None else seed
+        self._generator: torch.Generator | None = None
 
-    def pick(self, scores: torch.Tensor) -> int:
+    def generator(self, device: torch.device) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    def draw(self, scores: torch.Tensor) -> torch.Tensor:
+        """The drawn token id as a 0-d tensor on the scores' device (no copy to the host)."""
+        generator = self.generator(scores.device)
         scores = scores.double()
         if 0 < self.params.top_k < scores.numel():
             scores = scores.masked_fill(scores < torch.topk(scores, self.params.top_k).values[-1], float("-inf"))
@@ -65,13 +75,13 @@ class RowSampler:
             sorted_probs, order = torch.sort(probs, descending=True)
             outside = sorted_probs.cumsum(dim=-1) - sorted_probs > self.params.top_p
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return torch.multinomial(probs, 1, generator=generator)[0]
 
 
 def penalize_repetition(scores: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
     """transformers' `RepetitionPenaltyLogitsProcessor` for one row: every token already in the row (prompt and
     generated) has its logit divided by `penalty` when positive, multiplied when negative."""
-    index = torch.tensor(seen, dtype=torch.long)
+    index = torch.tensor(seen, dtype=torch.long, device=scores.device)
     picked = scores.gather(0, index)
     return scores.scatter(0, index, torch.where(picked < 0, picked * penalty, picked / penalty))
 

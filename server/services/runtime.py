@@ -18,6 +18,7 @@ from server.db import migrate
 from server.db.session import create_engine, session_factory
 from server.ml import configure_threads
 from server.ml.classifier import SentimentClassifier
+from server.ml.device import default_batch_max_size, kernels_for, memory, placements
 from server.ml.generator import TextGenerator
 from server.ml.loader import locate
 from server.providers.gemini_report import GeminiJson
@@ -63,11 +64,14 @@ class Runtime:
 
 def describe_models(generator: TextGenerator, classifier: SentimentClassifier) -> dict[str, dict]:
     return {role: {"name": model.name, "revision": model.revision, "precision": model.precision,
-                   "kernels": model.kernels, "offline_stand_in": model.standin}
+                   "kernels": model.kernels, "device": str(model.device), "dtype": model.placement.dtype_name,
+                   "offline_stand_in": model.standin}
             for role, model in (("generator", generator), ("sentiment", classifier))}
 
 
 async def load_models(settings: Settings, executor: Executor) -> tuple[TextGenerator, SentimentClassifier]:
+    # Before any model is looked for or loaded: a refused device or dtype (DeviceRefused) ends the start at once.
+    generator_on, classifier_on = placements(settings)
     cache = str(settings.models_cache_dir)
     generator_at = await asyncio.to_thread(locate, settings.generator_model, "generator", settings.model_source,
                                            settings.models_cache_dir)
@@ -75,10 +79,11 @@ async def load_models(settings: Settings, executor: Executor) -> tuple[TextGener
                                             settings.models_cache_dir)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(executor, configure_threads, settings.torch_num_threads)
-    return (await loop.run_in_executor(executor, TextGenerator.load, generator_at, cache,
-                                       settings.generator_precision, settings.generator_fp32_kernels),
+    return (await loop.run_in_executor(executor, TextGenerator.load, generator_at, cache, settings.generator_precision,
+                                       kernels_for(settings.generator_fp32_kernels, generator_on), generator_on),
             await loop.run_in_executor(executor, SentimentClassifier.load, classifier_at, cache,
-                                       settings.sentiment_precision, settings.sentiment_fp32_kernels))
+                                       settings.sentiment_precision,
+                                       kernels_for(settings.sentiment_fp32_kernels, classifier_on), classifier_on))
 
 
 def torch_thread() -> ThreadPoolExecutor:
@@ -146,7 +151,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     cache = ResponseCache(open_store(redis, ttl_s=settings.cache_ttl_s, max_items=settings.cache_max_items,
                                      lock_ttl_s=settings.cache_lock_ttl_s), lock_ttl_s=settings.cache_lock_ttl_s,
                           per_tenant=settings.cache_scope == "tenant")
-    batching = {"executor": executor, "max_batch_size": settings.batch_max_size,
+    batching = {"executor": executor,
+              "max_batch_size": settings.batch_max_size or default_batch_max_size(generator.placement,
+                                                                                 generator.model.config),
               "max_wait_s": settings.batch_max_wait_ms / 1000, "queue_limit": settings.batch_queue_limit,
               "background_max_size": settings.batch_background_max_size, "stall_s": settings.batch_stall_s,
               "restart": RestartPolicy(window_s=settings.batch_loop_failure_window_s,
@@ -176,13 +183,19 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         return Check(state["status"], 0.0, state["tasks"])
 
     runtime.health.ready["batch"] = batch_check
+
+    async def devices_check() -> Check:
+        return Check("ok", 0.0, {str(device): memory(device) for device in {generator.device, classifier.device}})
+
+    runtime.health.ready["devices"] = devices_check
     batchers = (generate_batcher, predict_batcher)
     for component in (*batchers, recorder):
         component.start()
     if runtime.batch.in_process:
         runtime.batch.start()
-    log.info("serving %s and %s (database %s, cache %s)", generator.name, classifier.name,
-             engine.url.render_as_string(), cache.backend)
+    log.info("serving %s and %s on %s, batches of up to %d (database %s, cache %s)", generator.name,
+             classifier.name, generator.device, batching["max_batch_size"], engine.url.render_as_string(),
+             cache.backend)
     try:
         yield runtime
     finally:

@@ -7,6 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server import __version__
 from server.api.deps import BearerDep, RuntimeDep, identify
 from server.api.schemas import AppInfo, CheckOut, HealthOut
+from server.ml.device import memory
 from server.services.health import Report
 from server.services.runtime import describe_models
 
@@ -17,13 +18,19 @@ def _models(runtime: RuntimeDep) -> dict[str, dict]:
     return describe_models(runtime.generator, runtime.classifier)
 
 
+def _devices(runtime: RuntimeDep) -> dict[str, dict]:
+    """Each device a model runs on, with its memory in use and free now."""
+    return {str(device): memory(device) for device in {runtime.generator.device, runtime.classifier.device}}
+
+
 def _cache(runtime: RuntimeDep) -> dict:
     return {"backend": runtime.cache.backend, "ttl_s": runtime.settings.cache_ttl_s}
 
 
 @router.get("/", response_model=AppInfo)
 async def info(runtime: RuntimeDep) -> AppInfo:
-    return AppInfo(name=runtime.settings.app_name, version=__version__, models=_models(runtime), cache=_cache(runtime))
+    return AppInfo(name=runtime.settings.app_name, version=__version__, models=_models(runtime), cache=_cache(runtime),
+                   devices=_devices(runtime))
 
 
 def _answer(report: Report) -> JSONResponse:

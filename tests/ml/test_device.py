@@ -1,0 +1,119 @@
+"""Device and dtype selection, the refusals, and the names and cache keys they give, all checkable on the CPU."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config
+
+from server.ml.decoding import GenerationParams
+from server.ml.device import (
+    CPU_BATCH_MAX_SIZE,
+    CPU_FLOAT32,
+    GPU_BATCH_MAX_SIZE,
+    DeviceRefused,
+    Placement,
+    default_batch_max_size,
+    kernels_for,
+    memory,
+    resolve,
+    resolve_device,
+    resolve_dtype,
+    row_bytes,
+)
+from server.ml.generator import TextGenerator
+from server.ml.loader import locate
+from server.services.cache.keys import cache_key
+
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without a GPU does")
+CUDA_BF16 = Placement(torch.device("cuda", 0), torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def loaded(standins: tuple[Path, Path]) -> TextGenerator:
+    location = locate(str(standins[0]), "generator", "local", standins[0].parent)
+    return TextGenerator.load(location, str(standins[0].parent))
+
+
+@no_gpu
+def test_auto_is_the_cpu_in_float32_without_a_gpu():
+    assert resolve("GENERATOR", "auto", "auto", "fp32", "auto") == CPU_FLOAT32
+    assert resolve("GENERATOR", "auto", "auto", "int8", "onednn") == CPU_FLOAT32
+
+
+@no_gpu
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:3"])
+def test_a_gpu_is_refused_in_one_line_where_torch_has_none(device):
+    with pytest.raises(DeviceRefused, match=rf"^DEVICE={device} but this torch .* set DEVICE=cpu$"):
+        resolve_device(device)
+
+
+def test_an_unknown_device_is_refused():
+    with pytest.raises(DeviceRefused, match="expected auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+
+
+@pytest.mark.parametrize(("dtype", "precision", "kernels", "refusal"), [
+    ("bfloat16", "fp32", "auto", "GENERATOR_DTYPE=bfloat16 is refused on the CPU"),
+    ("float16", "fp32", "torch", "GENERATOR_DTYPE=float16 is refused on the CPU"),
+])
+def test_half_precision_is_refused_on_the_cpu(dtype, precision, kernels, refusal):
+    with pytest.raises(DeviceRefused, match=refusal):
+        resolve("GENERATOR", "cpu", dtype, precision, kernels)
+
+
+def test_cpu_dtypes_resolve_to_float32_unless_named():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("float32", cpu) == torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cuda")) == torch.bfloat16
+
+
+def test_kernels_auto_are_onednn_on_the_cpu_and_torch_on_a_gpu():
+    assert kernels_for("auto", CPU_FLOAT32) == "onednn"
+    assert kernels_for("auto", CUDA_BF16) == "torch"
+    assert kernels_for("torch", CPU_FLOAT32) == "torch"
+
+
+def test_only_outputs_that_can_differ_get_a_suffix():
+    assert CPU_FLOAT32.suffix == ""
+    assert CUDA_BF16.suffix == ":cuda:bfloat16"
+    assert Placement(torch.device("cuda", 1), torch.float32).suffix == ":cuda:float32"
+    assert Placement(torch.device("cpu"), torch.bfloat16).suffix == ":cpu:bfloat16"
+
+
+def test_a_gpu_model_names_itself_and_keys_its_answers_apart(loaded):
+    on_gpu = TextGenerator(loaded.model, loaded.tokenizer, "gpt2", "abc123", False, placement=CUDA_BF16)
+    on_cpu = TextGenerator(loaded.model, loaded.tokenizer, "gpt2", "abc123", False)
+    assert (on_gpu.name, on_gpu.revision) == ("gpt2:cuda:bfloat16", "abc123:cuda:bfloat16")
+    assert (on_cpu.name, on_cpu.revision) == ("gpt2", "abc123")
+    keys = {cache_key("generate", m.name, m.revision, [1, 2, 3], {}, None) for m in (on_gpu, on_cpu)}
+    assert len(keys) == 2
+
+
+def test_a_model_loaded_in_another_dtype_computes_in_it_and_says_so(standins):
+    location = locate(str(standins[0]), "generator", "local", standins[0].parent)
+    placement = Placement(torch.device("cpu"), torch.bfloat16)
+    model = TextGenerator.load(location, str(standins[0].parent), placement=placement)
+    assert next(model.model.parameters()).dtype == torch.bfloat16
+    assert model.name.endswith(":cpu:bfloat16") and model.revision.endswith(":cpu:bfloat16")
+    assert model.model.config._attn_implementation == "sdpa"
+    [out] = model.generate([model.encode("Once upon a time")], GenerationParams(max_new_tokens=4))
+    assert len(out.token_ids) <= 4
+
+
+def test_the_default_batch_size_is_32_on_the_cpu():
+    assert default_batch_max_size(CPU_FLOAT32, GPT2Config()) == CPU_BATCH_MAX_SIZE == 32
+
+
+def test_a_row_holds_its_full_context_of_keys_and_values_and_its_logits():
+    config = GPT2Config()  # GPT-2 124M: 12 layers, 768 wide, 1024 positions, 50257 tokens
+    assert row_bytes(config, torch.bfloat16) == 2 * 12 * 768 * 1024 * 2 + 4 * 50257
+    assert GPU_BATCH_MAX_SIZE == 256
+
+
+def test_cpu_memory_is_the_systems():
+    seen = memory(torch.device("cpu"))
+    assert seen["device"] == "cpu"
+    assert 0 < seen["memory_free_bytes"] <= seen["memory_total_bytes"]
+    assert seen["memory_used_bytes"] == seen["memory_total_bytes"] - seen["memory_free_bytes"]
