@@ -69,3 +69,13 @@ async def test_the_openai_api_answers_a_missing_key_in_its_own_shape(secured):
     refused = await secured.post("/v1/completions", json={"model": "x", "prompt": "x"})
     assert refused.status_code == 401
     assert "API key" in refused.json()["error"]["message"]
+
+
+async def test_health_without_a_key_says_states_but_no_details(secured):
+    anonymous = (await secured.get("/health")).json()
+    assert anonymous["checks"]["database"]["status"] == "ok"
+    assert all(check["detail"] == {} for check in anonymous["checks"].values())
+    keyed = (await secured.get("/health", headers={"Authorization": "Bearer plain-secret"})).json()
+    assert keyed["checks"]["models"]["detail"]["generator"]["name"]
+    live = (await secured.get("/health/live")).json()
+    assert all(check["detail"] == {} for check in live["checks"].values())

@@ -2,6 +2,7 @@
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
@@ -33,25 +34,30 @@ async def info(runtime: RuntimeDep) -> AppInfo:
                    devices=_devices(runtime))
 
 
-def _answer(report: Report) -> JSONResponse:
+def _answer(report: Report, runtime: RuntimeDep, credentials: HTTPAuthorizationCredentials | None) -> JSONResponse:
+    """The report; where keys are configured, its details (driver errors, counts, addresses) only for a caller with
+    a valid key: probes need no key, and an anonymous one learns each check's state, nothing more."""
+    shown = not runtime.keys.entries or runtime.keys.identify(credentials.credentials if credentials else None)
     body = HealthOut(status=report.status,
-                     checks={name: CheckOut(**check.__dict__) for name, check in report.checks.items()})
+                     checks={name: CheckOut(status=check.status, latency_ms=check.latency_ms,
+                                            detail=check.detail if shown else {})
+                             for name, check in report.checks.items()})
     return JSONResponse(body.model_dump(mode="json"), status_code=report.http_status)
 
 
 @router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
-async def health(runtime: RuntimeDep) -> JSONResponse:
+async def health(runtime: RuntimeDep, credentials: BearerDep) -> JSONResponse:
     """Readiness, what load balancers probe: 503 when a model's loop is down or stalled, the database does not
     answer, or the server is draining after SIGTERM; Redis failing, records piling up, or a
     batch loop of this process down or restarting (the `batch` check) is only `degraded`."""
-    return _answer(await runtime.health.readiness())
+    return _answer(await runtime.health.readiness(), runtime, credentials)
 
 
 @router.get("/health/live", response_model=HealthOut, responses={503: {"model": HealthOut}})
-async def liveness(runtime: RuntimeDep) -> JSONResponse:
+async def liveness(runtime: RuntimeDep, credentials: BearerDep) -> JSONResponse:
     """Liveness, what orchestrators probe: 503 only when the process should be restarted (a model's loop failed
     too often to be restarted)."""
-    return _answer(await runtime.health.liveness())
+    return _answer(await runtime.health.liveness(), runtime, credentials)
 
 
 @router.get("/metrics", response_class=Response)

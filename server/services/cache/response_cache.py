@@ -177,7 +177,9 @@ class ResponseCache:
             flight, leader = self._start(key, compute, background), True
         flight.waiters += 1
         try:
-            async with asyncio.timeout(timeout_s):
+            # A leader's computation carries the same deadline into the batcher, which ends it there (and books why:
+            # `deadline`); timing it out here too would race that and cancel it instead.
+            async with asyncio.timeout(None if leader else timeout_s):
                 if flight.background and not background:
                     # The flight's item waits in the batcher's background class: this caller's own submit merges
                     # with it there, at interactive priority; the flight still stores the value.
