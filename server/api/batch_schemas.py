@@ -7,7 +7,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, model_validator
 from pydantic_core import PydanticCustomError
 
-from server.api.schemas import REQUEST_CONFIG, Text, UtcDatetime, storable
+from server.api.schemas import UtcDatetime
+from server.core.request_types import REQUEST_CONFIG, Text, storable
 
 
 def _storable_json(value):

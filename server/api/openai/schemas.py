@@ -4,7 +4,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.api.schemas import REQUEST_CONFIG, Prompt
+from server.core.request_types import REQUEST_CONFIG, Prompt
 
 Stop = Annotated[str, Field(min_length=1, max_length=200)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1, max_length=100_000)]

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from server.api.schemas import REQUEST_CONFIG, Prompt, Text
+from server.core.request_types import REQUEST_CONFIG, Prompt, Text
 from server.services.errors import FieldError, InputError
 
 PROVIDER_CONFIG = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
