@@ -2,12 +2,26 @@
 bench`."""
 
 import argparse
+import socket
 import sys
 from pathlib import Path
 
 from server.core.config import get_settings
 from server.core.logging import configure as configure_logging
 from server.core.logging import log_config
+
+
+def _check_free(host: str, port: int) -> None:
+    """Fail at once, with one line, when the address is taken: uvicorn would first load the models and migrate the
+    database (seconds to minutes), then fail."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is not "taken"
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror or exc} (another server running? set "
+                             "PORT or --port)") from None
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -21,7 +35,9 @@ def serve(args: argparse.Namespace) -> None:
         placements(settings)
     except DeviceRefused as refused:
         raise SystemExit(str(refused)) from None
-    uvicorn.run("server.main:app", host=args.host or settings.host, port=args.port or settings.port,
+    host, port = args.host or settings.host, args.port or settings.port
+    _check_free(host, port)
+    uvicorn.run("server.main:app", host=host, port=port,
                 log_config=log_config(settings.log_level, settings.log_format), log_level=settings.log_level,
                 access_log=False, proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips,
                 # A backstop: the app cuts what is still open at SHUTDOWN_TIMEOUT_S, with a JSON 503 (api/drain.py).

@@ -110,3 +110,14 @@ def test_serve_hands_the_http_settings_to_uvicorn(monkeypatch):
     assert options["access_log"] is False
     assert options["log_config"]["formatters"]["default"]["()"].__name__ == "JsonFormatter"
     assert app == "server.main:app" and set(options) <= set(inspect.signature(uvicorn.Config).parameters)
+
+
+def test_serve_on_a_taken_port_fails_at_once_with_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = cli("serve", "--port", str(taken.getsockname()[1]), DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/x.db")
+    assert result.returncode == 1 and "cannot listen on 127.0.0.1" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "x.db").exists(), "nothing was loaded or migrated"
