@@ -61,6 +61,13 @@ class Runtime:
     reports: PerformanceReports
     health: Health
 
+    def model_name(self, name: str) -> str:
+        """The served name of a model asked for by its configured id (GENERATOR_MODEL, SENTIMENT_MODEL): answers
+        name the stand-in, precision or device (`offline-stand-in:gpt2`, `gpt2:int8`), clients ask for `gpt2`."""
+        aliases = {self.settings.generator_model: self.generator.name,
+                   self.settings.sentiment_model: self.classifier.name}
+        return aliases.get(name, name)
+
 
 def describe_models(generator: TextGenerator, classifier: SentimentClassifier) -> dict[str, dict]:
     return {role: {"name": model.name, "revision": model.revision, "precision": model.precision,

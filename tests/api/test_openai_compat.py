@@ -110,3 +110,9 @@ async def test_chat_needs_a_chat_template(sdk):
                                                max_tokens=5, temperature=0, stream=True)
     deltas = [chunk.choices[0].delta async for chunk in stream]
     assert deltas[0].role == "assistant" and "".join(d.content or "" for d in deltas) == expected["completion"]
+
+
+async def test_the_configured_model_id_is_an_alias_of_the_served_name(sdk):
+    settings = sdk.app.state.runtime.settings
+    completion = await sdk.completions.create(model=settings.generator_model, prompt="x", max_tokens=2, temperature=0)
+    assert completion.model == await model_id(sdk) != settings.generator_model

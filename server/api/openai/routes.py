@@ -79,8 +79,8 @@ def _usage(results: Iterable[GenerationResult]) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def _unknown_model(body: Sampling, service: GenerationService) -> JSONResponse | None:
-    if body.model == service.generator.name:
+def _unknown_model(body: Sampling, service: GenerationService, request: Request) -> JSONResponse | None:
+    if request.app.state.runtime.model_name(body.model) == service.generator.name:
         return None
     return JSONResponse(error_body(404, f"The model `{body.model}` does not exist (this server serves "
                                         f"`{service.generator.name}`).", "model", "model_not_found"), 404)
@@ -128,7 +128,7 @@ async def models(runtime: RuntimeDep) -> ModelList:
 async def completions(body: CompletionRequest, request: Request, response: Response, service: GenerationDep,
                       bypass: CacheBypassDep, principal: PrincipalDep) -> Completion:
     """OpenAI's legacy completions: one choice per prompt (`index` = the prompt's position)."""
-    if refusal := _unknown_model(body, service):
+    if refusal := _unknown_model(body, service, request):
         return refusal
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": service.generator.name}
@@ -179,7 +179,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, respon
                            service: GenerationDep, bypass: CacheBypassDep, principal: PrincipalDep) -> ChatCompletion:
     """Chat, for a model whose tokenizer has a chat template. GPT-2 has none: 400, as vLLM answers, rather than a
     guessed prompt format."""
-    if refusal := _unknown_model(body, service):
+    if refusal := _unknown_model(body, service, request):
         return refusal
     prompt = service.generator.chat_prompt([m.model_dump() for m in body.messages])
     if prompt is None:

@@ -43,7 +43,8 @@ async def count(runtime: RuntimeDep, scope: ScopeDep, since: AwareDatetime | Non
     """Items answered (predictions, generations) for the tenant by every replica, at one-minute resolution."""
     if since is not None and until is not None and since > until:
         raise InputError([FieldError(("query", "until"), "until is before since: the window would be empty")])
-    counted = await count_items(runtime.sessions, since=since, until=until, model=model, tenant=scope)
+    counted = await count_items(runtime.sessions, since=since, until=until, model=model and runtime.model_name(model),
+                                tenant=scope)
     predictions, generations = counted.get("predict", 0), counted.get("generate", 0)
     return CountOut(predictions=predictions, generations=generations, total=predictions + generations)
 
@@ -106,7 +107,8 @@ async def cache_stats(runtime: RuntimeDep, scope: ScopeDep, endpoint: CacheEndpo
                       model: Annotated[str | None, Query(max_length=255)] = None) -> CacheOut:
     """How many answers the tenant has cached (optionally of one endpoint and model; with CACHE_SCOPE=global, every
     shared answer) and this process's hit ratio."""
-    entries = sum([await cache.entries(endpoint, model, scope) for cache in _caches(runtime)])
+    entries = sum([await cache.entries(endpoint, model and runtime.model_name(model), scope)
+                   for cache in _caches(runtime)])
     return CacheOut(entries=entries, backend=runtime.cache.backend, hit_ratio=runtime.cache.hit_ratio)
 
 
@@ -115,7 +117,8 @@ async def clear_cache(runtime: RuntimeDep, admin: AdminDep, scope: ScopeDep, end
                       model: Annotated[str | None, Query(max_length=255)] = None) -> CacheRemovedOut:
     """Remove cached answers (optionally only one endpoint's, one model's, one tenant's); on Redis by SCAN + UNLINK
     in batches. Admin keys only."""
-    removed = sum([await cache.remove(endpoint, model, scope) for cache in _caches(runtime)])
+    removed = sum([await cache.remove(endpoint, model and runtime.model_name(model), scope)
+                   for cache in _caches(runtime)])
     log.info("cache cleared by %s (endpoint %s, model %s, tenant %s): %d entries removed",
              admin.key_id or "an anonymous caller", endpoint or "any", model or "any", scope or "any", removed)
     return CacheRemovedOut(removed=removed)
