@@ -209,9 +209,13 @@ def measure_background(base_url: str, items: int, rounds: int, new_tokens: int) 
     idle = asyncio.run(run_load(base_url, 1, rounds, body))
     requests = [{"custom_id": f"bg-{i}", "body": {"prompt": prompt("bg", i, 0), "max_tokens": new_tokens}}
                 for i in range(items)]
-    job = httpx.post(f"{base_url}/batch/jobs", timeout=60, json={
-        "name": "bench background", "provider": "local", "model": "bench", "kind": "generate", "schedule": "now",
-        "requests": requests}).json()
+    model = httpx.get(f"{base_url}/v1/models", timeout=60).json()["data"][0]["id"]
+    created = httpx.post(f"{base_url}/batch/jobs", timeout=60, json={
+        "name": "bench background", "provider": "local", "model": model, "kind": "generate", "schedule": "now",
+        "requests": requests})
+    if created.status_code != 201:
+        raise RuntimeError(f"the background job was refused: {created.status_code} {created.text}")
+    job = created.json()
     started = time.perf_counter()
     while httpx.get(f"{base_url}/batch/jobs/{job['id']}", timeout=60).json()["counts"]["succeeded"] == 0:
         time.sleep(0.05)

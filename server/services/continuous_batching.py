@@ -32,6 +32,9 @@ Semantics (`MicroBatcher` in batching.py is the static alternative, `GENERATOR_S
   resumed from the tokens it had; a half that passes rejoins the running batch, a half that fails becomes the
   suspects and the other half waits, cleared, to rejoin in one pass once the guilty row is found. One guilty row
   among n costs log2(n) + 1 passes; it fails its callers with `ModelFailed` (500), the others finish.
+  Running out of memory (`torch.OutOfMemoryError`) blames the batch's size, not a row: the rows of a pass that ran
+  out run again one at a time, each alone in the batch and resumed from its tokens, while new arrivals wait; a
+  row that runs out of memory alone fails, the others finish.
 - Supervision (server/core/supervisor.py): an error that escapes a turn (outside the forward passes: the KV-cache
   surgery when rows join, leave or park) fails the rows the loop owned (running, parked, being bisected) with a
   `ModelFailed` naming it, and the loop restarts with the rows still waiting; `restart.give_up_after` failures
@@ -146,6 +149,8 @@ class ContinuousBatcher:
         # by the bisection that wait to rejoin together.
         self._suspects: deque[list[_Row]] = deque()
         self._cleared: list[_Row] = []
+        # Rows of a pass that ran out of memory, to run one at a time.
+        self._alone: deque[_Row] = deque()
         self.stall_s = stall_s
         self._progress_at = time.monotonic()
         self.supervisor = Supervisor(f"batcher-{name}", self._run_forever, on_failure=self._fail_owned,
@@ -193,6 +198,7 @@ class ContinuousBatcher:
         self._batch = self._parked = None
         self._suspects.clear()
         self._cleared = []
+        self._alone.clear()
         for row in owned:
             self._forget(row)
             for caller in row.callers:
@@ -297,13 +303,13 @@ class ContinuousBatcher:
             with torch.inference_mode():
                 self._retire()
                 self._bisect()
-                if joining := self._take():
+                if not self._alone and (joining := self._take()):
                     self._prefill(joining)
                 self._park_or_resume()
                 self._retire()
                 if self.running:
                     self._step()
-            if self._closing or not (self.running or self._waiting or self._suspects or self._cleared):
+            if self._closing or not (self.running or self._waiting or self._suspects or self._cleared or self._alone):
                 drained.set_result(None)
             else:
                 self.executor.submit(self._turn, drained)
@@ -321,7 +327,7 @@ class ContinuousBatcher:
             if not live:
                 return []
             # Rows under bisection come back: their places stay theirs.
-            room = (self.max_batch_size - len(running) - len(self._cleared)
+            room = (self.max_batch_size - len(running) - len(self._cleared) - len(self._alone)
                     - sum(len(group) for group in self._suspects))
             interactive = [row for row in live if not row.background]
             candidates = interactive
@@ -372,8 +378,14 @@ class ContinuousBatcher:
         return True
 
     def _bisect(self) -> None:
-        """One pass of the bisection of failed rows (see the module's docstring)."""
-        if self._suspects:
+        """One pass of the bisection of failed rows, or the next row that ran out of memory once the batch is empty
+        (see the module's docstring)."""
+        if self._alone:
+            while self._alone and self._alone[0].gone:
+                self._alone.popleft()
+            if self._alone and not self.running:
+                self._join([self._alone.popleft()])
+        elif self._suspects:
             suspects = [row for row in self._suspects.popleft() if not row.gone]
             if len(suspects) == 1:
                 self._fail_row(suspects[0], suspects[0].failure)
@@ -423,7 +435,12 @@ class ContinuousBatcher:
         # A step that raised midway may have finished some rows: they are answered, not re-run.
         done = [row for row in rows if row.finish_reason]
         self._send([self._update(row) for row in done])
-        if suspects := [row for row in rows if not row.finish_reason]:
+        suspects = [row for row in rows if not row.finish_reason]
+        if suspects and isinstance(exc, torch.OutOfMemoryError):
+            log.warning("%s ran out of memory over %d rows (%s); they run again one at a time", self.name, len(rows),
+                        exc)
+            self._alone.extend(suspects)
+        elif suspects:
             log.warning("%s forward pass over %d rows failed (%s); bisecting them", self.name, len(rows), exc)
             for row in suspects:
                 row.failure = f"{type(exc).__name__}: {exc}"

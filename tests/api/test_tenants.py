@@ -321,6 +321,7 @@ NO_TENANT_DATA = "holds no tenant data"
 ROUTES: dict[tuple[str, str], Scenario | str] = {
     ("GET", "/"): f"{NO_TENANT_DATA}: the server's name, version and models",
     ("GET", "/health"): f"{NO_TENANT_DATA}: the state of the server's dependencies",
+    ("GET", "/health/live"): f"{NO_TENANT_DATA}: whether the process's loops run",
     ("GET", "/metrics"): f"{NO_TENANT_DATA}: Prometheus counters of the process, labelled by route and model",
     ("GET", "/v1/models"): f"{NO_TENANT_DATA}: the served model",
     ("GET", "/batch/scheduler"): f"{NO_TENANT_DATA}: whether this process runs the worker, and the window",

@@ -1,8 +1,8 @@
 """Request bodies checked where work is accepted (`POST /batch/jobs`, `.../requests`, `/batch/queue`), per provider and
 kind, so that a body no provider (or model) can run is a 422 naming its custom_id and field, not a job that fails
 hours later. `local` items follow the interactive API's own rules (the same strict types and bounds as /generate
-and /predict); a `local` generate job must name the model this server serves (its `/v1/models` id, or `gpt2`
-while the offline stand-in serves it). Provider bodies are checked for what the adapters read; other fields go
+and /predict); a `local` generate job must name the model this server serves (its `/v1/models` id, or its
+configured id GENERATOR_MODEL, e.g. `gpt2`). Provider bodies are checked for what the adapters read; other fields go
 to OpenAI and Anthropic as given (their APIs judge them), while Gemini's adapter reads only the fields below.
 """
 
@@ -71,11 +71,11 @@ SCHEMAS: dict[tuple[str, str], type[BaseModel]] = {
     ("openai", "embedding"): Embedding, ("anthropic", "chat"): Chat, ("gemini", "chat"): GeminiChat}
 
 
-def check_model(provider: str, kind: str, model: str, served: str, loc: tuple[str | int, ...]) -> None:
-    """A local generate job runs on the served generator: another model name is refused, not silently replaced."""
+def check_model(provider: str, kind: str, model: str, accepted: frozenset[str], loc: tuple[str | int, ...]) -> None:
+    """A local generate job runs on the served generator (`accepted`: its names): another model name is refused,
+    not silently replaced."""
     if provider != "local" or kind != "generate":
         return
-    accepted = {served} | ({"gpt2"} if served.endswith(":gpt2") else set())
     if model not in accepted:
         raise InputError([FieldError(loc, f"model {model!r} is not served here: use {' or '.join(sorted(accepted))}"
                                           " (GET /v1/models)")])

@@ -59,5 +59,5 @@ def build_batch_offload(settings: Settings, sessions: async_sessionmaker[AsyncSe
                          max_attempts=settings.batch_max_attempts, holds_lease=lambda: lease.token is not None,
                          item_done=worker.wake, requeue_s=settings.batch_local_requeue_s)
     return BatchOffload(sessions, JobStore(sessions), ProviderRegistry(frozenset({"local", *adapters})), prices, worker,
-                        runner, generation, sentiment, destinations,
+                        runner, generation, sentiment, destinations, generator_model=settings.generator_model,
                         in_process=settings.batch_worker == "in-process")

@@ -52,7 +52,8 @@ class QueuedItem:
 class BatchOffload:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], jobs: JobStore, registry: ProviderRegistry,
                  prices: PriceTable, worker: BatchWorker, runner: LocalRunner, generation: GenerationService,
-                 sentiment: SentimentService, destinations: DestinationPolicy, *, in_process: bool):
+                 sentiment: SentimentService, destinations: DestinationPolicy, *, generator_model: str,
+                 in_process: bool):
         self.sessions = sessions
         self.destinations = destinations
         self.jobs = jobs
@@ -61,6 +62,10 @@ class BatchOffload:
         self.worker = worker
         self.runner = runner
         self.generation = generation
+        # A local generate job names the generator as clients do: its configured id (GENERATOR_MODEL), its served
+        # name (with precision and device), or `gpt2` while the offline stand-in of GPT-2 serves it.
+        served = generation.generator.name
+        self.generator_names = frozenset({generator_model, served} | ({"gpt2"} if served.endswith(":gpt2") else set()))
         self.sentiment = sentiment
         self.reports = BatchReports(sessions)
         self.in_process = in_process
@@ -126,7 +131,7 @@ class BatchOffload:
     def check_work(self, provider: str, kind: str, model: str, items: list[tuple[str, dict]],
                    loc: tuple[str | int, ...], model_loc: tuple[str | int, ...] = ("body", "model")) -> None:
         """422 for a model or a request body that `provider`'s `kind` cannot run (see `bodies.py`)."""
-        check_model(provider, kind, model, self.generation.generator.name, model_loc)
+        check_model(provider, kind, model, self.generator_names, model_loc)
         check_bodies(provider, kind, items, loc)
 
     async def create_job(self, principal: Principal, spec: JobSpec, items: list[NewItem]) -> BatchJob:
