@@ -62,6 +62,12 @@ class Supervisor:
         if self.state != "failed":
             self.state = "stopped"
 
+    async def finished(self) -> None:
+        """Wait for the loop to end by itself (`body` returned, or the supervisor gave up); cancelling the wait
+        cancels the loop."""
+        if self._task is not None:
+            await self._task
+
     @property
     def healthy(self) -> bool:
         return self.state == "running"

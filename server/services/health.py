@@ -160,7 +160,8 @@ def records_check(writer: RecordWriter) -> Check:
     """The record writer's state, without touching the database (see `RecordsStatus` for `degraded`)."""
     status = writer.status()
     detail = {"pending": status.pending, "spilled": status.spilled, "rejected": status.rejected,
-              "failures_by_reason": status.failures_by_reason, "last_error": status.last_error}
+              "failures_by_reason": status.failures_by_reason, "last_error": status.last_error,
+              "task": status.task}
     return Check("degraded" if status.degraded else "ok", 0.0, detail)
 
 

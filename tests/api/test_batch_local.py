@@ -1,11 +1,16 @@
 """Batch offload on the local models: jobs, the single-item queue, Prefer: respond-async, cancel, savings."""
 
 import asyncio
+import hashlib
+import hmac
 import json
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest
+from aiohttp import web
 from sqlalchemy import update
 
 from server.db.batch_models import BatchJob
@@ -156,14 +161,12 @@ async def test_alerts_start_once_and_the_savings_milestone_counts_levels(client,
     assert metric("batch_alerts_active", type="savings_milestone") == 1
 
 
-async def test_a_finished_job_calls_its_webhook_signed_with_the_secret(settings, tmp_path):
-    import hashlib
-    import hmac
-
-    from aiohttp import web
-
+@asynccontextmanager
+async def webhook_receiver(failures: int = 0) -> AsyncIterator[tuple[int, list[tuple[bytes, str]]]]:
+    """An HTTP server on loopback that answers 503 `failures` times, then records each POST /hook and its
+    signature; yields its port and the records."""
     received: list[tuple[bytes, str]] = []
-    failures_left = [1]
+    failures_left = [failures]
 
     async def hook(request: web.Request) -> web.Response:
         if failures_left[0]:
@@ -178,30 +181,77 @@ async def test_a_finished_job_calls_its_webhook_signed_with_the_secret(settings,
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    app = create_app(settings.model_copy(update={"batch_worker": "off", "batch_webhook_secret": "s3cret",
-                                                 "webhook_allow_http": True, "webhook_allowed_hosts": "127.0.0.1"}))
     try:
-        async with app.router.lifespan_context(app):
-            runtime = app.state.runtime
-            runtime.batch.worker.webhooks.backoff_s = 0.01
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-                body = {"name": "hooked", "provider": "local", "model": "gpt2", "kind": "generate", "schedule": "now",
-                        "webhook_url": f"http://127.0.0.1:{port}/hook", "requests": [prompt("a", "hi")]}
-                job = (await client.post("/batch/jobs", json=body)).json()
-                await runtime.batch.run_once()
-                for _ in range(200):
-                    if (await runtime.batch.jobs.get(job["id"])).webhook_state == "delivered":
-                        break
-                    await asyncio.sleep(0.02)
-                assert (await runtime.batch.jobs.get(job["id"])).webhook_state == "delivered"
+        yield site._server.sockets[0].getsockname()[1], received
     finally:
         await runner.cleanup()
+
+
+def hooked_app(settings, **update):
+    return create_app(settings.model_copy(update={"batch_worker": "off", "webhook_allow_http": True,
+                                                 "webhook_allowed_hosts": "127.0.0.1", **update}))
+
+
+async def test_a_finished_job_calls_its_webhook_signed_with_the_secret(settings, tmp_path):
+    app = hooked_app(settings, batch_webhook_secret="s3cret")
+    async with webhook_receiver(failures=1) as (port, received), app.router.lifespan_context(app):
+        runtime = app.state.runtime
+        runtime.batch.worker.webhooks.backoff_s = 0.01
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            body = {"name": "hooked", "provider": "local", "model": "gpt2", "kind": "generate", "schedule": "now",
+                    "webhook_url": f"http://127.0.0.1:{port}/hook", "requests": [prompt("a", "hi")]}
+            job = (await client.post("/batch/jobs", json=body)).json()
+            await runtime.batch.run_once()
+            for _ in range(200):
+                if (await runtime.batch.jobs.get(job["id"])).webhook_state == "delivered":
+                    break
+                await asyncio.sleep(0.02)
+            assert (await runtime.batch.jobs.get(job["id"])).webhook_state == "delivered"
     [(payload, signature)] = received
     assert signature == "sha256=" + hmac.new(b"s3cret", payload, hashlib.sha256).hexdigest()
     summary = json.loads(payload)
     assert summary["job_id"] == job["id"] and summary["status"] == "completed"
     assert summary["event"] == "batch.job.finished"
+
+
+async def test_a_delivery_that_fails_unexpectedly_is_counted_and_made_again_at_the_next_tick(settings, caplog):
+    app = hooked_app(settings)
+    async with webhook_receiver() as (port, received), app.router.lifespan_context(app):
+        runtime = app.state.runtime
+        webhooks = runtime.batch.worker.webhooks
+        store, broken = webhooks._state, [1]
+
+        async def state_write_with_a_bug(job_id: str, state: str) -> None:
+            if broken:
+                broken.pop()
+                raise RuntimeError("a bug storing the delivery")
+            await store(job_id, state)
+
+        webhooks._state = state_write_with_a_bug
+        before = metric("background_task_failures_total", task="webhook-sender")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            body = {"name": "hooked", "provider": "local", "model": "gpt2", "kind": "generate", "schedule": "now",
+                    "webhook_url": f"http://127.0.0.1:{port}/hook", "requests": [prompt("a", "hi")]}
+            job = (await client.post("/batch/jobs", json=body)).json()
+            await runtime.batch.run_once()
+            for _ in range(200):
+                if webhooks.status()["state"] == "restarting":
+                    break
+                await asyncio.sleep(0.02)
+            health = runtime.batch.health()
+            assert health["status"] == "degraded" and health["tasks"]["webhook-sender"]["state"] == "restarting"
+            assert metric("background_task_failures_total", task="webhook-sender") - before == 1
+            assert "a bug storing the delivery" in caplog.text and (await runtime.batch.jobs.get(job["id"])
+                                                                   ).webhook_state == "pending"
+            await runtime.batch.run_once()
+            for _ in range(200):
+                if (await runtime.batch.jobs.get(job["id"])).webhook_state == "delivered":
+                    break
+                await asyncio.sleep(0.02)
+            assert (await runtime.batch.jobs.get(job["id"])).webhook_state == "delivered"
+            assert runtime.batch.health()["tasks"]["webhook-sender"]["state"] == "running"
+    # At least once: the first delivery reached the receiver before its outcome could be stored.
+    assert [json.loads(payload)["job_id"] for payload, _ in received] == [job["id"], job["id"]]
 
 
 @pytest.fixture

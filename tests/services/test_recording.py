@@ -335,3 +335,34 @@ async def test_records_health_is_degraded_while_writes_fail_or_the_backlog_does_
     assert await records.flush()
     check = records_check(records)
     assert check.status == "ok" and check.detail["pending"] == 0 and check.detail["last_error"]
+
+
+async def test_an_unexpected_error_in_the_background_task_restarts_it_and_health_says_so(engine, database_url,
+                                                                                        tmp_path, caplog):
+    await asyncio.to_thread(migrate.upgrade, database_url)
+    records = writer(engine, database_url, tmp_path, interval_s=0.02)
+    flush, broken = records.flush, asyncio.Event()
+
+    async def flush_with_a_bug() -> bool:
+        broken.set()
+        raise RuntimeError("a bug in the writer")
+
+    records.flush = flush_with_a_bug
+    before = REGISTRY.get_sample_value("background_task_failures_total", {"task": "record-writer"}) or 0.0
+    records.start()
+    records.add(PredictionRecord, [prediction(1)])
+    await asyncio.wait_for(broken.wait(), 5)
+    await asyncio.sleep(0)
+    check = records_check(records)
+    assert check.status == "degraded" and check.detail["task"]["state"] == "restarting"
+    assert "a bug in the writer" in check.detail["task"]["last_error"]
+    assert "Traceback" in caplog.text
+    records.flush = flush
+    for _ in range(200):
+        if await count(engine, PredictionRecord) == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert await count(engine, PredictionRecord) == 1, "the restarted task writes the rows the failed one held"
+    assert records_check(records).status == "ok"
+    assert REGISTRY.get_sample_value("background_task_failures_total", {"task": "record-writer"}) - before == 1
+    await records.close()

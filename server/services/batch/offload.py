@@ -81,10 +81,13 @@ class BatchOffload:
             supervisor.start()
 
     def health(self) -> dict:
-        """`degraded` while a loop that should run here is not running (down, restarting or given up), with each
-        loop's state, failures and last error."""
+        """`degraded` while a loop that should run here is not running (down, restarting or given up), or a webhook
+        delivery this process made failed and waits to be made again; with each task's state, failures and last
+        error."""
         tasks = {supervisor.name: supervisor.status() for supervisor in self.supervisors}
-        down = self.in_process and not all(supervisor.healthy for supervisor in self.supervisors)
+        webhooks = tasks["webhook-sender"] = self.worker.webhooks.status()
+        down = ((self.in_process and not all(supervisor.healthy for supervisor in self.supervisors))
+                or webhooks["state"] != "running")
         return {"status": "degraded" if down else "ok", "tasks": tasks}
 
     async def stop(self) -> None:

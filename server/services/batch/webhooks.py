@@ -3,8 +3,12 @@
 The body is JSON; `X-Signature: sha256=<hex>` is the HMAC-SHA256 of the exact body bytes with
 `BATCH_WEBHOOK_SECRET` (absent when no secret is set), so a receiver can check the sender and the content.
 Delivery runs in a background task, never blocking the worker, and is retried with exponential backoff;
-a job's delivery state is stored (`webhook_state`: pending, delivered, failed), so a delivery that a
-restart interrupted is made again by the next worker. Every send goes through the destination policy
+a job's delivery state is stored (`webhook_state`: pending, delivered, failed). A delivery task that fails
+unexpectedly (say, the database is down when its outcome is stored) is logged with its traceback and counted
+(`background_task_failures_total{task="webhook-sender"}`), the sender reads `restarting` in `/batch/health` until
+the job's webhook is delivered again: the worker resumes every pending delivery at each tick, so a delivery that a
+crash or a restart interrupted is made again. Delivery is therefore at least once: receivers tell repeats apart by
+`job_id`. Every send goes through the destination policy
 (`server/core/destinations.py`): to a checked public address, never following a redirect; a refused destination
 or a redirect is a failure at once (retrying would change nothing). Logs show the URL's scheme and host only.
 """
@@ -22,6 +26,7 @@ import httpx
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from server.core import metrics
 from server.core.destinations import DestinationPolicy, RefusedDestination, public_form
 from server.db.batch_models import BatchJob
 
@@ -51,6 +56,10 @@ class Webhooks:
         self.backoff_s = backoff_s
         self.timeout_s = timeout_s
         self._tasks: dict[str, asyncio.Task] = {}
+        # Job ids whose delivery task failed unexpectedly and waits to be resumed.
+        self._crashed: set[str] = set()
+        self.failures = 0
+        self.last_error: str | None = None
 
     async def post(self, url: str, payload: dict) -> bool:
         """POST `payload` to `url` with retries; True once a 2xx answer came back."""
@@ -88,19 +97,38 @@ class Webhooks:
                                  headers={**headers, "host": original.netloc.decode("ascii")},
                                  extensions={"sni_hostname": target.host})
 
-    def _spawn(self, key: str, work: Coroutine) -> None:
+    def _spawn(self, key: str, work: Coroutine, *, resumable: bool) -> None:
+        """Run `work` in the background; `resumable`: a job's delivery, which `resume` makes again if it fails."""
         task = asyncio.create_task(work)
         self._tasks[key] = task
-        task.add_done_callback(lambda _: self._tasks.pop(key, None))
+        task.add_done_callback(lambda _: self._ended(key, task, resumable))
+
+    def _ended(self, key: str, task: asyncio.Task, resumable: bool) -> None:
+        self._tasks.pop(key, None)
+        if task.cancelled() or (exc := task.exception()) is None:
+            self._crashed.discard(key)
+            return
+        self.failures += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        metrics.BACKGROUND_TASK_FAILURES.labels("webhook-sender").inc()
+        log.error("background task webhook-sender failed%s", "; the delivery is made again at the worker's next tick"
+                  if resumable else "", exc_info=exc)
+        if resumable:
+            self._crashed.add(key)
+
+    def status(self) -> dict:
+        """As a supervised loop's (`Supervisor.status`): `restarting` while a failed delivery waits to be resumed."""
+        return {"state": "restarting" if self._crashed else "running", "failures": self.failures,
+                "last_error": self.last_error}
 
     def post_later(self, url: str, payload: dict) -> None:
         """`post` in the background."""
-        self._spawn(uuid.uuid4().hex, self.post(url, payload))
+        self._spawn(uuid.uuid4().hex, self.post(url, payload), resumable=False)
 
     def job_finished(self, job: BatchJob) -> None:
         """Deliver the job's webhook in the background (no-op without a webhook_url, or if already under way)."""
         if job.webhook_url and job.id not in self._tasks:
-            self._spawn(job.id, self._deliver(job))
+            self._spawn(job.id, self._deliver(job), resumable=True)
 
     async def _deliver(self, job: BatchJob) -> None:
         delivered = await self.post(job.webhook_url, job_summary(job))
@@ -112,7 +140,7 @@ class Webhooks:
                                   .values(webhook_state=state, updated_at=datetime.now(UTC)))
 
     async def resume(self) -> None:
-        """Deliver again what a previous process left pending."""
+        """Deliver again what is pending and not under way here: left by a previous process, or by a failed task."""
         async with self.sessions() as session:
             pending = (await session.scalars(select(BatchJob).where(BatchJob.webhook_state == "pending"))).all()
         for job in pending:

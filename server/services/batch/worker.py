@@ -86,7 +86,6 @@ class BatchWorker:
         self.max_attempts = max_attempts
         self.alerts = alerts
         self.webhooks = webhooks
-        self._resumed_webhooks = False
         self._sending: set[str] = set()
         self._wakeup = asyncio.Event()
         self.last_run_at: datetime | None = None
@@ -120,9 +119,7 @@ class BatchWorker:
         for step in (self._request_cancels, self._submit_queued, self._recover, self._poll, self._fetch):
             await step(report)
         report.finished_jobs = await self.finish_jobs()
-        if not self._resumed_webhooks:
-            await self.webhooks.resume()
-            self._resumed_webhooks = True
+        await self.webhooks.resume()
         await self.alerts.update()
         self.last_run_at, self.last_report = started, report
         await self._update_queue_gauge()

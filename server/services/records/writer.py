@@ -11,8 +11,10 @@ Requests only append rows to an in-memory buffer (`add`: no I/O). A background t
   every WARN_INTERVAL_S per kind, with the number held back;
 - past `buffer_max` rows in memory, new rows go to a spill file instead (memory stays bounded, nothing is
   dropped); once the database takes writes again and the buffer has drained, the writer replays them.
-`close()` flushes what is left within `shutdown_timeout_s`, then spills what is still pending and logs
-why it could not be written. Spill files are replayed at the next start (`replay.replay_at_start`).
+The background task is supervised (`server/core/supervisor.py`, task `record-writer`): an unexpected error in it
+is logged with its traceback, counted, and the task restarts with backoff, the buffered rows kept; the writer reads
+`degraded` meanwhile. `close()` flushes what is left within `shutdown_timeout_s`, then spills what is still pending
+and logs why it could not be written. Spill files are replayed at the next start (`replay.replay_at_start`).
 """
 
 import asyncio
@@ -27,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from server.core import metrics
 from server.core.aio import wait_event
 from server.core.config import Settings
+from server.core.supervisor import Supervisor
 from server.core.throttled_log import ThrottledLog
 from server.db.models import Base
 from server.services.records.replay import replay_spill
@@ -63,6 +66,8 @@ class RecordsStatus:
     failures_by_reason: dict[str, int]
     last_error: str | None
     degraded: bool
+    # The background task's supervisor: state, failures, last error (see `Supervisor.status`).
+    task: dict
 
 
 class RecordWriter:
@@ -84,7 +89,7 @@ class RecordWriter:
         self._stopping = asyncio.Event()
         self._writing = asyncio.Lock()
         self._spilling = asyncio.Lock()
-        self._task: asyncio.Task | None = None
+        self.supervisor = Supervisor("record-writer", self._run)
         self._spiller: asyncio.Task | None = None
         self._spilled_to_replay = False
         self._failing = False
@@ -103,7 +108,7 @@ class RecordWriter:
                    shutdown_timeout_s=settings.shutdown_timeout_s, buffer_max=settings.record_buffer_max)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="record-writer")
+        self.supervisor.start()
 
     def add(self, table: type[Base], rows: Sequence[dict]) -> None:
         """Buffer `rows` for writing; beyond `buffer_max` buffered rows, they go to a spill file instead."""
@@ -123,8 +128,11 @@ class RecordWriter:
 
     def status(self) -> RecordsStatus:
         backlog = len(self._pending) > self.max_items and self._pending_after_flush > self.max_items
+        # A task that is not running (restarting or given up) writes nothing: rows only pile up.
+        down = self.supervisor.state in ("restarting", "failed")
         return RecordsStatus(len(self._pending), self.spilled, self.rejected, dict(self.failures),
-                             self.last_failure.error if self.last_failure else None, self._failing or backlog)
+                             self.last_failure.error if self.last_failure else None,
+                             self._failing or backlog or down, self.supervisor.status())
 
     async def flush(self) -> bool:
         """Write every row buffered now; False when the database failed, the unwritten rows staying buffered.
@@ -244,8 +252,7 @@ class RecordWriter:
         timed_out = False
         try:
             async with asyncio.timeout(self.shutdown_timeout_s):
-                if self._task:
-                    await self._task
+                await self.supervisor.finished()
                 for attempt in range(CLOSE_ATTEMPTS):
                     if await self.flush():
                         break
@@ -255,11 +262,11 @@ class RecordWriter:
                     await self._spiller
         except TimeoutError:
             timed_out = True
-        for task in (self._task, self._spiller):
-            if task and not task.done():
-                task.cancel()
-                # gather, not suppress(CancelledError): a cancellation of close() itself must still propagate.
-                await asyncio.gather(task, return_exceptions=True)
+        await self.supervisor.stop()
+        if self._spiller and not self._spiller.done():
+            self._spiller.cancel()
+            # gather, not suppress(CancelledError): a cancellation of close() itself must still propagate.
+            await asyncio.gather(self._spiller, return_exceptions=True)
         unwritten = len(self._pending) + len(self._overflow)
         self._overflow.extend((record, None) for record in self._pending)
         self._pending = []
