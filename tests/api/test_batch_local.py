@@ -187,6 +187,14 @@ async def webhook_receiver(failures: int = 0) -> AsyncIterator[tuple[int, list[t
         await runner.cleanup()
 
 
+async def delivered(runtime, job_id: str) -> None:
+    for _ in range(200):
+        if (await runtime.batch.jobs.get(job_id)).webhook_state == "delivered":
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the webhook of job {job_id} was not delivered within 4 s")
+
+
 def hooked_app(settings, **update):
     return create_app(settings.model_copy(update={"batch_worker": "off", "webhook_allow_http": True,
                                                  "webhook_allowed_hosts": "127.0.0.1", **update}))
@@ -202,11 +210,7 @@ async def test_a_finished_job_calls_its_webhook_signed_with_the_secret(settings,
                     "webhook_url": f"http://127.0.0.1:{port}/hook", "requests": [prompt("a", "hi")]}
             job = (await client.post("/batch/jobs", json=body)).json()
             await runtime.batch.run_once()
-            for _ in range(200):
-                if (await runtime.batch.jobs.get(job["id"])).webhook_state == "delivered":
-                    break
-                await asyncio.sleep(0.02)
-            assert (await runtime.batch.jobs.get(job["id"])).webhook_state == "delivered"
+            await delivered(runtime, job["id"])
     [(payload, signature)] = received
     assert signature == "sha256=" + hmac.new(b"s3cret", payload, hashlib.sha256).hexdigest()
     summary = json.loads(payload)
@@ -244,11 +248,7 @@ async def test_a_delivery_that_fails_unexpectedly_is_counted_and_made_again_at_t
             assert "a bug storing the delivery" in caplog.text and (await runtime.batch.jobs.get(job["id"])
                                                                    ).webhook_state == "pending"
             await runtime.batch.run_once()
-            for _ in range(200):
-                if (await runtime.batch.jobs.get(job["id"])).webhook_state == "delivered":
-                    break
-                await asyncio.sleep(0.02)
-            assert (await runtime.batch.jobs.get(job["id"])).webhook_state == "delivered"
+            await delivered(runtime, job["id"])
             assert runtime.batch.health()["tasks"]["webhook-sender"]["state"] == "running"
     # At least once: the first delivery reached the receiver before its outcome could be stored.
     assert [json.loads(payload)["job_id"] for payload, _ in received] == [job["id"], job["id"]]
