@@ -168,9 +168,9 @@ async def test_the_per_client_rate_limit_is_exact_across_the_replicas(cluster):
     assert codes.count(200) == PREDICT_BURST and codes.count(429) == PREDICT_BURST, codes
 
 
-@pytest.mark.xfail(strict=False, reason="needs the drain on SIGTERM (readiness 503 for DRAIN_S while still "
-                                        "serving), which lands with the supervised-engine half of issue 21")
 async def test_a_rolling_restart_fails_no_request(cluster):
+    """Each replica in turn gets SIGTERM under load: it drains (readiness 503 for DRAIN_S while it still serves),
+    HAProxy takes it out, it comes back; no request fails."""
     async def roll(load: Load) -> None:
         for index, replica in enumerate(cluster.replicas, 1):
             await asyncio.to_thread(replica.stop, signal.SIGTERM)
