@@ -9,6 +9,8 @@ import httpx
 import openai
 import pytest
 
+from tests.support.app import serving
+
 POLL_S = 0.1
 MAX_POLLS = 600
 
@@ -168,12 +170,21 @@ async def test_another_tenants_files_and_batches_are_not_found(sdk, other):
     assert (await other.batches.list()).data == [] and (await other.files.list()).data == []
 
 
-async def test_an_upload_past_the_size_limit_is_413(live_app, settings):
-    base_url, app = live_app
-    limit = app.state.runtime.settings.max_batch_file_bytes
-    app.state.runtime.openai_batches.files.max_bytes = 1000
-    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="sk-test", max_retries=0) as client:
-        with pytest.raises(openai.APIStatusError) as refused:
-            await client.files.create(file=("big.jsonl", io.BytesIO(b"x" * 5000)), purpose="batch")
-    assert refused.value.status_code == 413 and limit == 200 * 1024 * 1024
-    assert list((settings.files_dir).glob("*")) == []
+async def test_uploads_are_bounded_by_max_batch_file_bytes_not_max_request_bytes(settings):
+    limits = {"max_request_bytes": 500, "max_batch_file_bytes": 2000}
+    async with serving(settings.model_copy(update={**limits, "batch_worker": "off"})) as client:
+        headers = {"Authorization": "Bearer sk-test"}
+
+        async def post(size: int) -> httpx.Response:
+            return await client.post("/v1/files", headers=headers, data={"purpose": "batch"},
+                                     files={"file": ("in.jsonl", b"x" * size)})
+
+        assert (await post(1500)).json()["bytes"] == 1500
+        refused = await post(5000)
+        assert refused.status_code == 413 and "MAX_BATCH_FILE_BYTES" in refused.json()["error"]["message"]
+        wrong = await client.post("/v1/files", headers=headers, data={"purpose": "fine-tune"},
+                                  files={"file": ("in.jsonl", b"x")})
+        assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "purpose"
+        assert (await client.post("/v1/completions", headers=headers, json={"model": "x", "prompt": "y" * 600})
+                ).status_code == 413
+    assert len(list(settings.files_dir.iterdir())) == 1

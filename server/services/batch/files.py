@@ -42,6 +42,7 @@ class FileStore:
 
     async def create(self, tenant: str, filename: str, purpose: str, chunks: AsyncIterable[bytes]) -> StoredFile:
         """Store `chunks` as a new file of `tenant`; `FileTooLarge` (and nothing stored) past the size limit."""
+        await self.purge_expired()
         file_id = f"file-{uuid.uuid4().hex}"
         partial = self.path(f".{file_id}.part")
         await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True)
