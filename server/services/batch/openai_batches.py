@@ -121,9 +121,9 @@ def check_file(path: Path, endpoint: str, local_names: frozenset[str], routes: M
     seen: set[str] = set()
     model: str | None = None
 
-    def fail(*error: object) -> None:
+    def fail(line: int | None, code: str, message: str, param: str | None = None) -> None:
         if len(plan.errors) < MAX_ERRORS:
-            plan.errors.append(line_error(*error))  # type: ignore[arg-type]
+            plan.errors.append(line_error(line, code, message, param))
 
     for number, raw in enumerate(read_lines(path), 1):
         if not raw.strip():
