@@ -235,8 +235,8 @@ class Settings(BaseSettings):
         "Largest upload to POST /v1/files; larger is a 413 while it streams in"))
     files_retention_days: float = Field(30.0, gt=0, description=(
         "Files of /v1/files (uploads and batch outputs) are deleted this many days after their creation"))
-    batch_model_routes: str = Field("gpt-*=openai,o1-*=openai,o3-*=openai,o4-*=openai,claude-*=anthropic,"
-                                    "gemini-*=gemini", description=(
+    batch_model_routes: str = Field("gpt-*=openai,o1-*=openai,o3-*=openai,o4-*=openai,text-embedding-*=openai,"
+                                    "claude-*=anthropic,gemini-*=gemini", description=(
         "Which paid provider runs a /v1/batches line's model: comma-separated `pattern=provider` (a trailing `*` "
         "matches by prefix); `provider/model` in a line always names its provider; the served model runs locally"))
 

@@ -11,6 +11,7 @@ import pytest
 
 from server.main import create_app
 from tests.fakes import FakeAnthropic, FakeOpenAI
+from tests.fakes.openai_batch import embedding_for
 
 FAKES = {"openai": (FakeOpenAI, "gpt-4o-mini", "/v1"), "anthropic": (FakeAnthropic, "claude-haiku-4-5", "")}
 MAX_TICKS = 30
@@ -60,3 +61,31 @@ async def test_a_chat_batch_routed_to_a_provider_returns_its_answers(settings, d
                         assert body["choices"][0]["message"]["content"] == f"answer to {result['custom_id']}"
                 job = await runtime.batch.jobs.get(batch.id.removeprefix("batch_"))
                 assert (job.provider, job.model) == (provider, model)
+
+
+async def test_an_embeddings_batch_goes_to_openai_and_returns_its_vectors(settings, tmp_path):
+    with FakeOpenAI().serve() as fake:
+        app = create_app(settings.model_copy(update={
+            "batch_worker": "off", "batch_poll_interval_s": 0.01, "openai_api_key": "test-key",
+            "openai_base_url": fake.base_url + "/v1", "egress_rate_limit": "", "files_dir": tmp_path / "files"}))
+        async with app.router.lifespan_context(app):
+            runtime = app.state.runtime
+            transport = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+            async with openai.AsyncOpenAI(base_url="http://test/v1", api_key="unused", http_client=transport,
+                                          max_retries=0) as sdk:
+                lines = "".join(json.dumps({"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+                                            "body": {"model": "text-embedding-3-small", "input": f"text {i}"}}) + "\n"
+                                for i in range(3)).encode()
+                source = await sdk.files.create(file=("emb.jsonl", io.BytesIO(lines)), purpose="batch")
+                batch = await sdk.batches.create(input_file_id=source.id, endpoint="/v1/embeddings",
+                                                 completion_window="24h")
+                for _ in range(MAX_TICKS):
+                    await runtime.batch.run_once()
+                    batch = await sdk.batches.retrieve(batch.id)
+                    if batch.status == "completed":
+                        break
+                assert batch.status == "completed" and batch.request_counts.completed == 3
+                content = await sdk.files.content(batch.output_file_id)
+                for result in map(json.loads, content.text.splitlines()):
+                    index = result["custom_id"].removeprefix("e")
+                    assert result["response"]["body"]["data"][0]["embedding"] == embedding_for(f"text {index}")

@@ -232,10 +232,15 @@ class OpenAIBatches:
             await self.offload.jobs.transition(job.id, ["queued"], "failed", completed_at=now())
         else:
             job = await self.offload.create_job(principal, spec, [])
-            async for chunk in aiter_lines(path, INSERT_CHUNK):
-                items = [NewItem(request["custom_id"], item_body(kind, request["body"]))
-                         for request in filter(None, (parse_line(raw) for _, raw in chunk if raw.strip()))]
-                await self.offload.jobs.add_items(job.id, items)
+            try:
+                async for chunk in aiter_lines(path, INSERT_CHUNK):
+                    items = [NewItem(request["custom_id"], item_body(kind, request["body"]))
+                             for request in filter(None, (parse_line(raw) for _, raw in chunk if raw.strip()))]
+                    await self.offload.jobs.add_items(job.id, items)
+            except BaseException:
+                # A job left with part of its file would run that part at the next window.
+                await self.offload.jobs.delete(job.id)
+                raise
         row = OpenAIBatch(id=job.id, tenant=principal.tenant, input_file_id=source.id, endpoint=endpoint,
                           completion_window=COMPLETION_WINDOW, batch_metadata=metadata, errors=plan.errors or None,
                           created_at=job.created_at)

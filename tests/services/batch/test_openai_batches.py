@@ -147,3 +147,24 @@ async def test_a_20000_line_batch_is_checked_stored_and_written_in_bounded_memor
             assert result["response"]["body"]["choices"][0]["text"] == " x"
             seen.add(result["custom_id"])
         assert seen == {f"line-{i:05d}" for i in range(LINES)}
+
+
+async def test_a_batch_whose_items_cannot_all_be_stored_leaves_no_job(settings, tmp_path, monkeypatch):
+    source = write(tmp_path / "in.jsonl", [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+                                             "body": {"model": "gpt2", "prompt": "hi"}} for i in range(3)])
+
+    async def cut_short(path, batch):
+        yield [(1, source.read_bytes().splitlines()[0])]
+        raise OSError("disk gone")
+
+    async with serving(settings.model_copy(update={"batch_worker": "off", "files_dir": tmp_path / "files"})) as client:
+        batches = client.app.state.runtime.openai_batches
+
+        async def chunks():
+            yield source.read_bytes()
+
+        stored = await batches.files.create(OPEN.tenant, "in.jsonl", "batch", chunks())
+        monkeypatch.setattr("server.services.batch.openai_batches.aiter_lines", cut_short)
+        with pytest.raises(OSError, match="disk gone"):
+            await batches.create(OPEN, stored.id, "/v1/completions", None)
+        assert (await batches.offload.jobs.list_jobs(tenant=None))[0] == []
