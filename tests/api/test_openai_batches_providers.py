@@ -89,3 +89,20 @@ async def test_an_embeddings_batch_goes_to_openai_and_returns_its_vectors(settin
                 for result in map(json.loads, content.text.splitlines()):
                     index = result["custom_id"].removeprefix("e")
                     assert result["response"]["body"]["data"][0]["embedding"] == embedding_for(f"text {index}")
+
+
+async def test_a_key_not_granted_the_provider_cannot_create_its_batch(settings, tmp_path):
+    with FakeOpenAI().serve() as fake:
+        app = create_app(settings.model_copy(update={
+            "api_keys": "sk-user", "batch_worker": "off", "openai_api_key": "test-key",
+            "openai_base_url": fake.base_url + "/v1", "files_dir": tmp_path / "files"}))
+        async with app.router.lifespan_context(app):
+            transport = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+            async with openai.AsyncOpenAI(base_url="http://test/v1", api_key="sk-user", http_client=transport,
+                                          max_retries=0) as sdk:
+                lines = (json.dumps(chat_line("q0", "gpt-4o-mini")) + "\n").encode()
+                source = await sdk.files.create(file=("chat.jsonl", io.BytesIO(lines)), purpose="batch")
+                with pytest.raises(openai.PermissionDeniedError, match="not granted provider 'openai'"):
+                    await sdk.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                                             completion_window="24h")
+                assert (await sdk.batches.list()).data == []
