@@ -11,6 +11,8 @@ from server.api.body_guard import BodyGuardMiddleware
 from server.api.deps import authenticate
 from server.api.drain import Drain, DrainMiddleware
 from server.api.middleware import ObservedRequestMiddleware, route_templates
+from server.api.openai import batches as openai_batches
+from server.api.openai import files as openai_files
 from server.api.openai import routes as openai_routes
 from server.api.openai.errors import OpenAIErrorMiddleware
 from server.api.ratelimit import IngressRateLimitMiddleware
@@ -37,7 +39,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The last added runs first. The rate limiter reads no body, so it decides before the body guard: an oversized
     # or stalled body still counts against its client's quota and its 413/408 carries the RateLimit headers.
     app.add_middleware(BodyGuardMiddleware, max_bytes=settings.max_request_bytes, timeout_s=settings.body_timeout_s,
-                       deadline_s=settings.body_deadline_s)
+                       deadline_s=settings.body_deadline_s,
+                       path_limits={"/v1/files": (settings.max_batch_file_bytes, "MAX_BATCH_FILE_BYTES")})
     app.add_middleware(IngressRateLimitMiddleware)
     # Inside the OpenAI error shaping and the observation: a request cut at shutdown is an ordinary 503 to both.
     app.add_middleware(DrainMiddleware)
@@ -47,7 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routers = [system.router, docs.router, static.router, dashboard.router]
     for router in routers:
         app.include_router(router)
-    keyed = [module.router for module in (generate, predict, history, batch, analytics, openai_routes)]
+    keyed = [module.router for module in (generate, predict, history, batch, analytics, openai_routes,
+                                               openai_files, openai_batches)]
     for router in keyed:
         app.include_router(router, dependencies=[Depends(authenticate)])
     app.state.route_templates = route_templates(routers + keyed)

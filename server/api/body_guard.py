@@ -22,22 +22,27 @@ CLIENT_CLOSED = 499  # nginx's code for a client that left before the answer
 
 
 class BodyGuardMiddleware:
-    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float, deadline_s: float):
+    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float, deadline_s: float,
+                 path_limits: dict[str, tuple[int, str]] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        # Paths whose bodies are bounded by a setting of their own: path -> (bytes, the setting's name).
+        self.path_limits = path_limits or {}
         self.timeout_s = timeout_s
         self.deadline_s = deadline_s
 
-    def _too_large(self) -> HTTPException:
-        return HTTPException(413, f"request body larger than MAX_REQUEST_BYTES ({self.max_bytes} bytes)", _CLOSE)
+    @staticmethod
+    def _too_large(limit: int, setting: str) -> HTTPException:
+        return HTTPException(413, f"request body larger than {setting} ({limit} bytes)", _CLOSE)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit, setting = self.path_limits.get(scope["path"], (self.max_bytes, "MAX_REQUEST_BYTES"))
         declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            refusal = self._too_large()
+        if declared.isdigit() and int(declared) > limit:
+            refusal = self._too_large(limit, setting)
             await JSONResponse({"detail": refusal.detail}, refusal.status_code, refusal.headers)(scope, receive, send)
             return
         received = 0
@@ -65,8 +70,8 @@ class BodyGuardMiddleware:
                 raise HTTPException(CLIENT_CLOSED, "the client left before sending the whole body")
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise self._too_large()
+                if received > limit:
+                    raise self._too_large(limit, setting)
                 complete = not message.get("more_body", False)
             return message
 

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.core.tenants import UNAUTHORIZED, Principal
+from server.services.batch.openai_batches import OpenAIBatches
 from server.services.generation import GenerationService
 from server.services.runtime import Runtime
 from server.services.sentiment import SentimentService
@@ -31,7 +32,12 @@ async def get_sentiment(runtime: RuntimeDep) -> SentimentService:
     return runtime.sentiment
 
 
+async def get_openai_batches(runtime: RuntimeDep) -> OpenAIBatches:
+    return runtime.openai_batches
+
+
 GenerationDep = Annotated[GenerationService, Depends(get_generation)]
+OpenAIBatchesDep = Annotated[OpenAIBatches, Depends(get_openai_batches)]
 SentimentDep = Annotated[SentimentService, Depends(get_sentiment)]
 
 

@@ -228,6 +228,18 @@ class Settings(BaseSettings):
     batch_gemini_max_bytes: int = Field(2 * 1024 * 1024 * 1024, ge=1, description=(
         "Largest Gemini batch input file, in bytes"))
 
+    files_dir: Path = Field(PROJECT_ROOT / "data" / "files", description=(
+        "Where the files of /v1/files (batch inputs and outputs) are kept, one file per id; their metadata is in "
+        "the database"))
+    max_batch_file_bytes: int = Field(200 * 1024 * 1024, ge=1, description=(
+        "Largest upload to POST /v1/files; larger is a 413 while it streams in"))
+    files_retention_days: float = Field(30.0, gt=0, description=(
+        "Files of /v1/files (uploads and batch outputs) are deleted this many days after their creation"))
+    batch_model_routes: str = Field("gpt-*=openai,o1-*=openai,o3-*=openai,o4-*=openai,text-embedding-*=openai,"
+                                    "claude-*=anthropic,gemini-*=gemini", description=(
+        "Which paid provider runs a /v1/batches line's model: comma-separated `pattern=provider` (a trailing `*` "
+        "matches by prefix); `provider/model` in a line always names its provider; the served model runs locally"))
+
     database_url: str = Field(f"sqlite+aiosqlite:///{PROJECT_ROOT / 'data' / 'server.db'}", description=(
         "sqlite+aiosqlite:///path/to/file.db or postgresql+asyncpg://user:pass@host:5432/db"))
     record_flush_interval_ms: float = Field(200.0, gt=0, description=(

@@ -124,3 +124,39 @@ class BatchAlert(Base):
     message: Mapped[str] = mapped_column(Text)
     since: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     level: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class StoredFile(Base):
+    """A file of the OpenAI-compatible Files API: its bytes live under FILES_DIR, named by its id."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class OpenAIBatch(Base):
+    """What `/v1/batches` adds to a batch job (same id): the input file, the endpoint, the validation errors, the
+    output files. The job itself holds the status, counts, cost and savings."""
+
+    __tablename__ = "openai_batches"
+
+    id: Mapped[str] = mapped_column(String(32), ForeignKey("batch_jobs.id", ondelete="CASCADE"), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(8))
+    # `metadata` is reserved by SQLAlchemy's declarative base.
+    batch_metadata: Mapped[dict | None] = mapped_column("metadata", JSON, nullable=True)
+    errors: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    output_file_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    error_file_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finalized_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -23,8 +23,9 @@ from server.ml.generator import TextGenerator
 from server.ml.loader import locate
 from server.providers.gemini_report import GeminiJson
 from server.services.analytics.report import PerformanceReports
-from server.services.batch.factory import build_batch_offload
+from server.services.batch.factory import build_batch_offload, build_openai_batches
 from server.services.batch.offload import BatchOffload
+from server.services.batch.openai_batches import OpenAIBatches
 from server.services.batching import MicroBatcher
 from server.services.cache import ResponseCache, open_store
 from server.services.continuous_batching import ContinuousBatcher
@@ -58,6 +59,7 @@ class Runtime:
     generation: GenerationService
     sentiment: SentimentService
     batch: BatchOffload
+    openai_batches: OpenAIBatches
     reports: PerformanceReports
     health: Health
 
@@ -177,9 +179,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                                    max_prompt_chars=settings.max_prompt_chars, timeout_s=settings.request_timeout_s)
     sentiment = SentimentService(classifier, predict_batcher, cache, recorder, max_text_chars=settings.max_prompt_chars,
                                  timeout_s=settings.request_timeout_s)
+    offload = build_batch_offload(settings, sessions, egress, generation, sentiment)
     runtime = Runtime(settings, redis, keys, ingress, egress, engine, sessions, generator, classifier, recorder,
-                      cache, generation, sentiment,
-                      build_batch_offload(settings, sessions, egress, generation, sentiment),
+                      cache, generation, sentiment, offload, build_openai_batches(settings, sessions, offload),
                       open_reports(settings, redis, sessions, egress),
                       server_health({"generator": generate_batcher, "sentiment": predict_batcher},
                                     describe_models(generator, classifier), engine, recorder, redis))

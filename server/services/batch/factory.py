@@ -1,5 +1,7 @@
 """Builds the batch offload from the settings: adapters for the configured providers, worker, local runner."""
 
+from datetime import timedelta
+
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.core.config import Settings
@@ -10,10 +12,12 @@ from server.providers.gemini_batch import GeminiBatch
 from server.providers.openai_batch import OpenAIBatch
 from server.services.batch.alerts import BatchAlerts, Thresholds
 from server.services.batch.calls import ProviderCalls
+from server.services.batch.files import FileStore
 from server.services.batch.jobs import JobStore
 from server.services.batch.lease import Lease
 from server.services.batch.local import LocalRunner
 from server.services.batch.offload import BatchOffload
+from server.services.batch.openai_batches import ModelRoutes, OpenAIBatches
 from server.services.batch.pricing import PriceTable
 from server.services.batch.registry import ProviderRegistry
 from server.services.batch.webhooks import Webhooks
@@ -61,3 +65,10 @@ def build_batch_offload(settings: Settings, sessions: async_sessionmaker[AsyncSe
     return BatchOffload(sessions, JobStore(sessions), ProviderRegistry(frozenset({"local", *adapters})), prices, worker,
                         runner, generation, sentiment, destinations, generator_model=settings.generator_model,
                         in_process=settings.batch_worker == "in-process")
+
+
+def build_openai_batches(settings: Settings, sessions: async_sessionmaker[AsyncSession],
+                         offload: BatchOffload) -> OpenAIBatches:
+    files = FileStore(sessions, settings.files_dir, max_bytes=settings.max_batch_file_bytes,
+                      retention=timedelta(days=settings.files_retention_days))
+    return OpenAIBatches(sessions, offload, files, ModelRoutes.parse(settings.batch_model_routes))
