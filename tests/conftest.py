@@ -66,7 +66,8 @@ def settings(standins: tuple[Path, Path], tmp_path: Path) -> Settings:
                     # asks for the GPU itself).
                     device="cpu",
                     database_url=f"sqlite+aiosqlite:///{tmp_path / 'server.db'}", torch_num_threads=1,
-                    record_flush_interval_ms=20, record_spill_dir=tmp_path / "spill", ingress_rate_limit="off")
+                    record_flush_interval_ms=20, record_spill_dir=tmp_path / "spill", ingress_rate_limit="off",
+                    files_dir=tmp_path / "files")
 
 
 @pytest.fixture

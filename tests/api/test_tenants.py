@@ -5,6 +5,7 @@ tenant data say why. A route missing from `ROUTES` fails the walk, so a new rout
 import csv
 import hashlib
 import io
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -47,6 +48,8 @@ class World:
     finished_job: str = ""
     paid_job: str = ""
     item_id: str = ""
+    file_id: str = ""
+    v1_batch: str = ""
     seen: dict = field(default_factory=dict)
 
     async def call(self, method: str, path: str, headers: dict, **kwargs) -> httpx.Response:
@@ -93,6 +96,16 @@ async def seed(world: World) -> None:
     queued = await call("POST", "/batch/queue", A, json={"job_type": "nightly", "provider": "local", "model": "sst2",
                                                          "kind": "predict", "data": {"text": "alpha queued"}})
     world.item_id = queued.json()["item_id"]
+    line = {"custom_id": "v1", "method": "POST", "url": "/v1/completions",
+            "body": {"model": world.model, "prompt": "alpha's file", "max_tokens": 2}}
+    uploaded = await call("POST", "/v1/files", A, data={"purpose": "batch"},
+                          files={"file": ("alpha.jsonl", json.dumps(line).encode())})
+    assert uploaded.status_code == 200, uploaded.text
+    world.file_id = uploaded.json()["id"]
+    v1_batch = await call("POST", "/v1/batches", A, json={"input_file_id": world.file_id,
+                                                          "endpoint": "/v1/completions", "completion_window": "24h"})
+    assert v1_batch.status_code == 200, v1_batch.text
+    world.v1_batch = v1_batch.json()["id"]
     assert await world.client.app.state.runtime.recorder.flush()
 
 
@@ -317,6 +330,40 @@ async def chat_completions(w: World) -> None:
     assert (await w.call("POST", "/v1/chat/completions", B, json=body)).status_code == 400  # no chat template
 
 
+async def upload_file(w: World) -> None:
+    own = await w.call("POST", "/v1/files", B, data={"purpose": "batch"}, files={"file": ("beta.jsonl", b"{}")})
+    assert own.status_code == 200
+    assert own.json()["id"] not in {f["id"] for f in (await w.call("GET", "/v1/files", A)).json()["data"]}
+
+
+async def list_files(w: World) -> None:
+    assert w.file_id not in {f["id"] for f in (await w.call("GET", "/v1/files", B)).json()["data"]}
+    assert w.file_id in {f["id"] for f in (await w.call("GET", "/v1/files", A)).json()["data"]}
+
+
+async def file_by_id(w: World) -> None:
+    for method, path in (("GET", f"/v1/files/{w.file_id}"), ("GET", f"/v1/files/{w.file_id}/content"),
+                         ("DELETE", f"/v1/files/{w.file_id}")):
+        assert (await w.call(method, path, B)).status_code == 404, path
+    assert (await w.call("GET", f"/v1/files/{w.file_id}/content", A)).status_code == 200
+
+
+async def create_v1_batch(w: World) -> None:
+    body = {"input_file_id": w.file_id, "endpoint": "/v1/completions", "completion_window": "24h"}
+    assert (await w.call("POST", "/v1/batches", B, json=body)).status_code == 404, "B may not run A's file"
+
+
+async def list_v1_batches(w: World) -> None:
+    assert w.v1_batch not in {b["id"] for b in (await w.call("GET", "/v1/batches", B)).json()["data"]}
+    assert w.v1_batch in {b["id"] for b in (await w.call("GET", "/v1/batches", A)).json()["data"]}
+
+
+async def v1_batch_by_id(w: World) -> None:
+    for method, path in (("GET", f"/v1/batches/{w.v1_batch}"), ("POST", f"/v1/batches/{w.v1_batch}/cancel")):
+        assert (await w.call(method, path, B)).status_code == 404, path
+    assert (await w.call("GET", f"/v1/batches/{w.v1_batch}", A)).json()["status"] != "cancelling"
+
+
 NO_TENANT_DATA = "holds no tenant data"
 ROUTES: dict[tuple[str, str], Scenario | str] = {
     ("GET", "/"): f"{NO_TENANT_DATA}: the server's name, version and models",
@@ -356,11 +403,20 @@ ROUTES: dict[tuple[str, str], Scenario | str] = {
     ("POST", "/analyze/performance"): analyze,
     ("GET", "/cache"): cache_stats,
     ("DELETE", "/cache"): clear_cache,
+    ("GET", "/v1/files"): list_files,
+    ("GET", "/v1/files/{file_id}"): file_by_id,
+    ("GET", "/v1/files/{file_id}/content"): file_by_id,
+    ("DELETE", "/v1/files/{file_id}"): file_by_id,
+    ("POST", "/v1/batches"): create_v1_batch,
+    ("GET", "/v1/batches"): list_v1_batches,
+    ("GET", "/v1/batches/{batch_id}"): v1_batch_by_id,
+    ("POST", "/v1/batches/{batch_id}/cancel"): v1_batch_by_id,
     # Last: B's own requests, which the reads above must not have counted yet.
     ("POST", "/generate"): generate,
     ("POST", "/predict"): predict,
     ("POST", "/v1/completions"): completions,
     ("POST", "/v1/chat/completions"): chat_completions,
+    ("POST", "/v1/files"): upload_file,
 }
 
 
@@ -408,7 +464,8 @@ async def test_a_request_joining_the_same_computation_stays_within_its_tenant(se
 
 
 async def test_every_integer_query_parameter_is_bounded(world):
-    """Out of range on either side is a 422, never a 500 (e.g. a cursor past the database's integer)."""
+    """Out of range on either side is a 422 (400 in OpenAI's shape on /v1), never a 500 (e.g. a cursor past the
+    database's integer)."""
     spec = (await world.client.get("/openapi.json")).json()
     checked = 0
     for path, operations in spec["paths"].items():
@@ -423,7 +480,8 @@ async def test_every_integer_query_parameter_is_bounded(world):
                 url = path.replace("{job_id}", world.queued_job).replace("{record_id}", world.generation_id)
                 for value in (integer["maximum"] + 1, integer["minimum"] - 1, 10**20):
                     answer = await world.call(method.upper(), url, ADMIN, params={parameter["name"]: value})
-                    assert answer.status_code == 422, (method, path, parameter["name"], value, answer.text)
+                    expected = 400 if path.startswith("/v1/") else 422
+                    assert answer.status_code == expected, (method, path, parameter["name"], value, answer.text)
                     checked += 1
     assert checked >= 3 * 5
 
