@@ -23,9 +23,9 @@ from fastapi import FastAPI
 from sqlalchemy import func, select
 
 from server.api.routes import analytics
+from server.core.tenants import KeyRing
 from server.db import migrate
 from server.db.analytics_models import MetricRollup, RequestRecord
-from server.core.tenants import KeyRing
 from server.db.session import create_engine, session_factory
 from server.services.limits.egress import EgressGuard
 from server.services.limits.gcra import MemoryLimiter

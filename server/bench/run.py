@@ -32,15 +32,30 @@ import httpx
 import torch
 from tqdm import tqdm
 
+from server.bench import gpu
+from server.bench.limits import (
+    BENCH_MODELS,
+    ENGINE_NAMES,
+    ENGINES,
+    SERVER_TAG,
+    ClassifierLimit,
+    OfflineLimit,
+    prompt,
+    review,
+    served_engine,
+)
+from server.bench.load import LoadResult, run_load
+from server.bench.scheduling import (
+    CANCELLED_TOKENS,
+    LONG_EVERY,
+    compare_mixed,
+    measure_cancellation,
+    measure_first_token,
+    measure_mixed,
+)
 from server.core.config import PROJECT_ROOT, get_settings
 from server.ml.device import CPU_BATCH_MAX_SIZE, CPU_FLOAT32, kernels_for
 from server.ml.offline import DISTILBERT_BASE, GPT2_124M, build_classifier, build_generator, standin_marker_exists
-from server.bench import gpu
-from server.bench.load import LoadResult, run_load
-from server.bench.limits import (BENCH_MODELS, ENGINE_NAMES, ENGINES, SERVER_TAG, ClassifierLimit, OfflineLimit,
-                                  prompt, review, served_engine)
-from server.bench.scheduling import (CANCELLED_TOKENS, LONG_EVERY, compare_mixed, measure_cancellation,
-                                     measure_first_token, measure_mixed)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,10 +14,17 @@ from dataclasses import dataclass
 from typing import Literal, cast
 
 import torch
-from transformers import (AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList,
-                          StoppingCriteria, StoppingCriteriaList)
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
-from server.ml.decoding import Decoder, GenerationParams, Sequence as DecodedSequence
+from server.ml.decoding import Decoder, GenerationParams
+from server.ml.decoding import Sequence as DecodedSequence
 from server.ml.device import CPU_FLOAT32, Placement
 from server.ml.loader import PretrainedModel
 from server.ml.precision import Kernels, Precision

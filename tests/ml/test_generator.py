@@ -2,7 +2,6 @@ from pathlib import Path
 
 from server.ml.generator import GenerationParams, TextGenerator
 from server.ml.loader import locate
-
 from tests.ml.conftest import LONG, MIDDLE, SHORT
 
 
