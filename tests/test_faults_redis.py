@@ -76,7 +76,7 @@ async def test_a_hung_redis_keeps_requests_flowing_at_the_no_redis_rate(settings
             health = (await stalled.get("/health")).json()
         finally:
             os.kill(redis_server.process.pid, signal.SIGCONT)
-        failures, skipped = (now - before for now, before in zip(redis_calls(), (failures, skipped)))
+        failures, skipped = (now - before for now, before in zip(redis_calls(), (failures, skipped), strict=True))
     assert answered["stalled"] >= answered["no_redis"] / 2, answered
     # Requests in flight when Redis stopped each waited for one timeout, then only probes reached Redis.
     assert failures <= WORKERS + MAX_PROBES, (failures, answered)

@@ -38,7 +38,7 @@ class Drain:
     def install(self) -> bool:
         """Wrap uvicorn's SIGTERM handler, if it is the one in place; whether it was."""
         stop = signal.getsignal(signal.SIGTERM)
-        if not isinstance(getattr(stop, "__self__", None), uvicorn.Server):
+        if not callable(stop) or not isinstance(getattr(stop, "__self__", None), uvicorn.Server):
             return False
         loop = asyncio.get_running_loop()
 

@@ -23,9 +23,9 @@ from fastapi import FastAPI
 from sqlalchemy import func, select
 
 from server.api.routes import analytics
+from server.core.tenants import KeyRing
 from server.db import migrate
 from server.db.analytics_models import MetricRollup, RequestRecord
-from server.core.tenants import KeyRing
 from server.db.session import create_engine, session_factory
 from server.services.limits.egress import EgressGuard
 from server.services.limits.gcra import MemoryLimiter
@@ -55,7 +55,8 @@ def _records(count: int, start: datetime, days: int, rng: random.Random):
                else 200, "error": "DeadlineExceeded" if failed else None, "items": items,
                "cached_items": sum(rng.random() < 0.3 for _ in range(items)), "tokens_in": 8 * items,
                "tokens_out": 20 * items if endpoint == "generate" else 0,
-               "latency_ms": rng.lognormvariate(4.5, 0.8), "created_at": start + timedelta(seconds=rng.random() * span_s)}
+               "latency_ms": rng.lognormvariate(4.5, 0.8),
+               "created_at": start + timedelta(seconds=rng.random() * span_s)}
 
 
 async def fill(sessions, count: int, start: datetime, days: int, seed: int) -> float:

@@ -83,7 +83,7 @@ class GpuOffline:
             times = [_synchronized_s(partial(engine, prompts, params), self.model.device) for _ in range(self.repeats)]
             median = statistics.median(times)
             row[name] = {"latency_ms": median * 1000, "tokens_per_s": tokens / median, "tokens": tokens}
-        same = sum(a == b for a, b in zip(outputs["transformers_generate"], outputs["our_loop"]))
+        same = sum(a == b for a, b in zip(outputs["transformers_generate"], outputs["our_loop"], strict=True))
         row["greedy_identical"] = f"{same}/{size}"
         row["greedy_identical_share"] = same / size
         row["our_loop_vs_generate_tokens_per_s"] = (row["our_loop"]["tokens_per_s"]

@@ -90,7 +90,7 @@ class OfflineLimit:
         self.engines: dict[str, Callable[[list[list[int]]], object]] = {
             engine: partial(self._our_loop, model) if engine else partial(model.generate, params=self.params)
             for engine, model in self.models.items()}
-        self.sizes = dict(zip((1, batch_size), repeats))
+        self.sizes = dict(zip((1, batch_size), repeats, strict=True))
         self.brackets: list[dict[str, list[float]]] = []
         for engine in self.engines:
             self._run(engine, 1, 0)

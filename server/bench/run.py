@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,15 +33,30 @@ import httpx
 import torch
 from tqdm import tqdm
 
+from server.bench import gpu
+from server.bench.limits import (
+    BENCH_MODELS,
+    ENGINE_NAMES,
+    ENGINES,
+    SERVER_TAG,
+    ClassifierLimit,
+    OfflineLimit,
+    prompt,
+    review,
+    served_engine,
+)
+from server.bench.load import LoadResult, run_load
+from server.bench.scheduling import (
+    CANCELLED_TOKENS,
+    LONG_EVERY,
+    compare_mixed,
+    measure_cancellation,
+    measure_first_token,
+    measure_mixed,
+)
 from server.core.config import PROJECT_ROOT, get_settings
 from server.ml.device import CPU_BATCH_MAX_SIZE, CPU_FLOAT32, kernels_for
 from server.ml.offline import DISTILBERT_BASE, GPT2_124M, build_classifier, build_generator, standin_marker_exists
-from server.bench import gpu
-from server.bench.load import LoadResult, run_load
-from server.bench.limits import (BENCH_MODELS, ENGINE_NAMES, ENGINES, SERVER_TAG, ClassifierLimit, OfflineLimit,
-                                  prompt, review, served_engine)
-from server.bench.scheduling import (CANCELLED_TOKENS, LONG_EVERY, compare_mixed, measure_cancellation,
-                                     measure_first_token, measure_mixed)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="/predict requests per client in the sentiment phase, in each precision (default 16)")
     parser.add_argument("--output", type=Path, help="JSON results (default: bench-results/bench-<time>.json)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny model, few requests: checks the harness in well under a minute (numbers meaningless)")
+                        help="tiny model, few requests: checks the harness in well under a minute "
+                             "(numbers meaningless)")
     gpu.add_arguments(parser)
 
 
@@ -146,9 +163,13 @@ def drive(base_url: str, tag: str, levels: list[int], rounds: int, new_tokens: i
     if offline:
         offline.measure()
     for concurrency in levels:
-        body = lambda client, round_, c=concurrency: {
-            "prompts": [prompt(f"{tag}{c}", client, round_)], "max_new_tokens": new_tokens}
-        asyncio.run(run_load(base_url, 1, 2, lambda client, round_: body(client + 1000, round_)))
+        def body(client: int, round_: int, c: int = concurrency) -> dict:
+            return {"prompts": [prompt(f"{tag}{c}", client, round_)], "max_new_tokens": new_tokens}
+
+        def warmup(client: int, round_: int, body: Callable[[int, int], dict] = body) -> dict:
+            return body(client + 1000, round_)
+
+        asyncio.run(run_load(base_url, 1, 2, warmup))
         before = batch_stats(base_url) if offline else None
         result: LoadResult = asyncio.run(run_load(base_url, concurrency, rounds, body))
         row: dict[str, Any] = {"concurrency": concurrency, "requests": result.requests, "failures": result.failures,
@@ -205,7 +226,9 @@ def measure_cache_hits(base_url: str, requests: int, concurrency: int) -> dict:
 
 def measure_background(base_url: str, items: int, rounds: int, new_tokens: int) -> dict:
     """Interactive c=1 latency idle, then while a background local job of `items` items runs; the job's items/s."""
-    body = lambda client, round_: {"prompts": [prompt("i", client, round_)], "max_new_tokens": new_tokens}
+    def body(client: int, round_: int) -> dict:
+        return {"prompts": [prompt("i", client, round_)], "max_new_tokens": new_tokens}
+
     idle = asyncio.run(run_load(base_url, 1, rounds, body))
     requests = [{"custom_id": f"bg-{i}", "body": {"prompt": prompt("bg", i, 0), "max_tokens": new_tokens}}
                 for i in range(items)]
@@ -355,7 +378,7 @@ def table(results: dict) -> str:
                          f"{data['latency_ms']:.0f} | - | - | {size} | - | - | - | - | - |")
     for name, rows in (("server", results["server"]), ("baseline", results["baseline"])):
         for row in rows:
-            def fmt(key: str, spec: str = ".2f", suffix: str = "") -> str:
+            def fmt(key: str, spec: str = ".2f", suffix: str = "", row: dict = row) -> str:
                 return f"{row[key]:{spec}}{suffix}" if key in row else "-"
 
             engine = ENGINE_NAMES[row["engine"]] if "engine" in row else "transformers fp32 (naive server)"

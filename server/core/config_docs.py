@@ -64,7 +64,7 @@ def _accepts(field: FieldInfo) -> str:
 
 
 def _sections() -> list[tuple[str, list[tuple[str, FieldInfo]]]]:
-    starts = dict((first, title) for title, first in SECTIONS)
+    starts = {first: title for title, first in SECTIONS}
     unknown = set(starts) - set(Settings.model_fields)
     if unknown:
         raise ValueError(f"SECTIONS names settings that do not exist: {sorted(unknown)}")

@@ -1,8 +1,9 @@
 """Async engine and session factory for `DATABASE_URL` (SQLite via aiosqlite, PostgreSQL via asyncpg)."""
 
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import CursorResult, Result, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 
@@ -30,3 +31,9 @@ def create_engine(url: str, *, timeout_s: float | None = None) -> AsyncEngine:
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def affected(result: Result[Any]) -> int:
+    """The rows an UPDATE or DELETE matched. `execute` is typed as returning `Result`, though for DML statements
+    it returns a `CursorResult`, which alone carries the count."""
+    return cast(CursorResult[Any], result).rowcount

@@ -12,7 +12,7 @@ Everything here blocks and mutates tensors: one thread (the scheduler's loop, in
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Generic, Literal, Protocol, TypeVar, cast
 
 import torch
 from transformers import DynamicCache
@@ -75,11 +75,25 @@ class Sequence:
             self.sampler = RowSampler(self.params, self.seed)
 
 
+S = TypeVar("S", bound=Sequence)
+
+
+class _LayerTensors(Protocol):
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+def _filled(cache: DynamicCache) -> list[_LayerTensors]:
+    """The layers of a batch's cache, which its prefill filled: transformers types them as possibly empty or of
+    other kinds (linear attention) than the plain attention layers of the models served here."""
+    return cast(list[_LayerTensors], cache.layers)
+
+
 @dataclass(eq=False)
-class DecodeBatch:
+class DecodeBatch(Generic[S]):
     """Rows decoded together: `mask` and the cache cover the same columns; `positions[i]` is row i's next position."""
 
-    sequences: list[Sequence]
+    sequences: list[S]
     cache: DynamicCache
     mask: torch.Tensor
     positions: torch.Tensor
@@ -93,14 +107,14 @@ class DecodeBatch:
         mask = self.mask[index]
         # Columns before the first one any remaining row uses: a count summed on the device, one copy to the host.
         first = int((mask.any(dim=0).cumsum(0) == 0).sum())
-        for layer in self.cache.layers:
+        for layer in _filled(self.cache):
             layer.keys = layer.keys[index, :, first:]
             layer.values = layer.values[index, :, first:]
         self.mask = mask[:, first:]
         self.positions = self.positions[index]
         self.sequences = [self.sequences[i] for i in indices]
 
-    def split(self, indices: list[int]) -> "DecodeBatch":
+    def split(self, indices: list[int]) -> "DecodeBatch[S]":
         """Move these rows out into a batch of their own (returned, its cache intact); the others stay."""
         moved = DecodeBatch(list(self.sequences), copy.deepcopy(self.cache), self.mask, self.positions)
         moved.keep(indices)
@@ -108,7 +122,7 @@ class DecodeBatch:
         self.keep([i for i in range(len(self)) if i not in chosen])
         return moved
 
-    def extend(self, other: "DecodeBatch") -> None:
+    def extend(self, other: "DecodeBatch[S]") -> None:
         """Append `other`'s rows, left-padding the shorter of the two caches (padding is masked out)."""
         width = max(self.mask.shape[1], other.mask.shape[1])
 
@@ -120,7 +134,7 @@ class DecodeBatch:
             shape[dim] = missing
             return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+        for mine, theirs in zip(_filled(self.cache), _filled(other.cache), strict=True):
             mine.keys = torch.cat([padded(mine.keys, 2), padded(theirs.keys, 2)])
             mine.values = torch.cat([padded(mine.values, 2), padded(theirs.values, 2)])
         self.mask = torch.cat([padded(self.mask, 1), padded(other.mask, 1)])
@@ -136,7 +150,7 @@ class Decoder:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
 
-    def prefill(self, sequences: list[Sequence]) -> DecodeBatch:
+    def prefill(self, sequences: list[S]) -> DecodeBatch[S]:
         """Run each row's prompt (and the tokens it already has: a row resumed alone after a failure) and pick
         its next token."""
         inputs = [list(s.prompt) + s.tokens for s in sequences]
@@ -158,7 +172,7 @@ class Decoder:
         self._advance(batch, output.logits[:, -1, :])
         return batch
 
-    def step(self, batch: DecodeBatch) -> None:
+    def step(self, batch: DecodeBatch[S]) -> None:
         """Feed every row its last token and pick the next one."""
         ids = torch.tensor([[s.tokens[-1]] for s in batch.sequences], dtype=torch.long, device=self.device)
         mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)

@@ -14,10 +14,17 @@ from dataclasses import dataclass
 from typing import Literal, cast
 
 import torch
-from transformers import (AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList,
-                          StoppingCriteria, StoppingCriteriaList)
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
-from server.ml.decoding import Decoder, GenerationParams, Sequence as DecodedSequence
+from server.ml.decoding import Decoder, GenerationParams
+from server.ml.decoding import Sequence as DecodedSequence
 from server.ml.device import CPU_FLOAT32, Placement
 from server.ml.loader import PretrainedModel
 from server.ml.precision import Kernels, Precision
@@ -44,7 +51,7 @@ class PerRowSampler(LogitsProcessor):
         self.samplers = [RowSampler(params, seed) for seed in seeds]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        chosen = torch.stack([sampler.draw(row) for row, sampler in zip(scores, self.samplers)])
+        chosen = torch.stack([sampler.draw(row) for row, sampler in zip(scores, self.samplers, strict=True)])
         picked = torch.full_like(scores, float("-inf"))
         return picked.scatter(-1, chosen.unsqueeze(-1), 0.0)
 
@@ -113,7 +120,7 @@ class TextGenerator(PretrainedModel):
                                          stopping_criteria=StoppingCriteriaList([aborts]))
         results = []
         for prompt, row, aborted in zip(prompts, output[:, batch["input_ids"].shape[1]:].tolist(),
-                                        aborts.stopped.tolist()):
+                                        aborts.stopped.tolist(), strict=True):
             if aborted:
                 results.append(Generation([], "", "aborted"))
                 continue
@@ -128,7 +135,7 @@ class TextGenerator(PretrainedModel):
 
     def _complete(self, prompts: Sequence[Sequence[int]], params: GenerationParams, seeds: Sequence[int | None],
                   abandoned: Callable[[int], bool]) -> list[Generation]:
-        sequences = [DecodedSequence(tuple(prompt), params, seed) for prompt, seed in zip(prompts, seeds)]
+        sequences = [DecodedSequence(tuple(prompt), params, seed) for prompt, seed in zip(prompts, seeds, strict=True)]
         with torch.inference_mode():
             self.decoder.complete(sequences, abandoned)
         return [self.result(s) if s.finish_reason else Generation([], "", "aborted") for s in sequences]

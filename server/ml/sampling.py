@@ -34,7 +34,7 @@ class TokenLogprob:
     def at(cls, logprobs: torch.Tensor, token: int, top: int) -> "TokenLogprob":
         """From one position's log-probabilities over the vocabulary."""
         best = torch.topk(logprobs, min(top, logprobs.numel())) if top else None
-        alternatives = tuple(zip(best.indices.tolist(), best.values.tolist())) if best is not None else ()
+        alternatives = tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else ()
         return cls(token, float(logprobs[token]), alternatives)
 
     def encode(self) -> list:

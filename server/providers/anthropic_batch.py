@@ -11,14 +11,26 @@ URL, matched on custom_id.
 import json
 from collections.abc import Collection, Sequence
 from datetime import datetime
+from typing import cast
 
 import anthropic
+from anthropic.types.messages.batch_create_params import MessageCreateParamsNonStreaming
 
-from server.providers.base import BatchLimits, BatchSnapshot, ItemResult, Kind, LookupPending, NeutralRequest
+from server.providers.base import (
+    BatchLimits,
+    BatchSnapshot,
+    BatchState,
+    ItemResult,
+    ItemStatus,
+    Kind,
+    LookupPending,
+    NeutralRequest,
+)
 from server.providers.errors import guarded
 
-STATES = {"in_progress": "in_progress", "canceling": "cancelling", "ended": "completed"}
-RESULT_STATUS = {"succeeded": "succeeded", "errored": "failed", "canceled": "cancelled", "expired": "expired"}
+STATES: dict[str, BatchState] = {"in_progress": "in_progress", "canceling": "cancelling", "ended": "completed"}
+RESULT_STATUS: dict[str | None, ItemStatus] = {
+    "succeeded": "succeeded", "errored": "failed", "canceled": "cancelled", "expired": "expired"}
 
 
 class AnthropicBatch:
@@ -29,10 +41,11 @@ class AnthropicBatch:
         self.limits = limits
 
     @staticmethod
-    def params(model: str, request: NeutralRequest) -> dict:
+    def params(model: str, request: NeutralRequest) -> MessageCreateParamsNonStreaming:
         body = dict(request.body)
         body.setdefault("max_tokens", 1024)
-        return {**body, "model": model}
+        # A chat request's body is the Messages API's, checked when the job was accepted.
+        return cast(MessageCreateParamsNonStreaming, {**body, "model": model})
 
     def line(self, model: str, kind: Kind, request: NeutralRequest) -> bytes:
         return json.dumps({"custom_id": request.custom_id, "params": self.params(model, request)},

@@ -11,6 +11,8 @@ import io
 import json
 from collections.abc import Collection, Sequence
 from datetime import datetime
+from functools import partial
+from typing import cast
 
 from google import genai
 from google.genai import types
@@ -83,7 +85,8 @@ class GeminiBatch:
         src = source or [inlined(r.custom_id, request_of(r.body)) for r in requests]
         batch = await guarded(self.name, "create", lambda: self.client.aio.batches.create(
             model=model, src=src, config=types.CreateBatchJobConfig(display_name=key)))
-        return batch.name
+        # The SDK types every field of its models optional; a created batch always has its name.
+        return cast(str, batch.name)
 
     async def find(self, key: str, *, since: datetime, count: int, known: Collection[str]) -> str | None:
         async def scan() -> str | None:
@@ -107,7 +110,7 @@ class GeminiBatch:
         if dest.inlined_responses:
             return [inline_result(entry) for entry in dest.inlined_responses]
         if dest.file_name:
-            content = await guarded(self.name, "download", lambda: self.client.aio.files.download(file=dest.file_name))
+            content = await guarded(self.name, "download", partial(self.client.aio.files.download, file=dest.file_name))
             return [file_result(json.loads(line)) for line in content.decode().splitlines() if line.strip()]
         return []
 
@@ -122,7 +125,7 @@ class GeminiBatch:
         batch = await guarded(self.name, "poll", lambda: self.client.aio.batches.get(name=batch_id))
         names = [batch.src.file_name if batch.src else None, batch.dest.file_name if batch.dest else None]
         for name in filter(None, names):
-            await guarded(self.name, "delete", lambda: self.client.aio.files.delete(name=name))
+            await guarded(self.name, "delete", partial(self.client.aio.files.delete, name=name))
 
 
 def _success(custom_id: str, response: dict, raw: dict) -> ItemResult:

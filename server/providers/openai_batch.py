@@ -8,13 +8,17 @@ import json
 import time
 from collections.abc import Collection, Sequence
 from datetime import datetime
+from functools import partial
+from typing import Literal
 
 import openai
 
-from server.providers.base import BatchLimits, BatchSnapshot, ItemResult, Kind, NeutralRequest
+from server.providers.base import BatchLimits, BatchSnapshot, ItemResult, ItemStatus, Kind, NeutralRequest
 from server.providers.errors import guarded
 
-ENDPOINTS = {"chat": "/v1/chat/completions", "embedding": "/v1/embeddings"}
+ENDPOINTS: dict[str, Literal["/v1/chat/completions", "/v1/embeddings"]] = {
+    "chat": "/v1/chat/completions", "embedding": "/v1/embeddings"}
+ERROR_STATUS: dict[str, ItemStatus] = {"batch_expired": "expired", "batch_cancelled": "cancelled"}
 KEY_FIELD = "idempotency_key"
 # A crashed submission is recovered within the poll interval; older batches need not be scanned.
 FIND_WINDOW_S = 48 * 3600
@@ -43,6 +47,7 @@ class OpenAIBatch:
 
     async def create(self, model: str, kind: Kind, requests: Sequence[NeutralRequest], source: str | None,
                      key: str) -> str:
+        assert source is not None, "an OpenAI batch reads the file `upload` returned"
         batch = await guarded(self.name, "create", lambda: self.client.batches.create(
             input_file_id=source, endpoint=ENDPOINTS[kind], completion_window="24h", metadata={KEY_FIELD: key}))
         return batch.id
@@ -87,7 +92,7 @@ class OpenAIBatch:
         batch = await guarded(self.name, "poll", lambda: self.client.batches.retrieve(batch_id))
         for file_id in (batch.input_file_id, batch.output_file_id, batch.error_file_id):
             if file_id:
-                await guarded(self.name, "delete", lambda: self.client.files.delete(file_id))
+                await guarded(self.name, "delete", partial(self.client.files.delete, file_id))
 
 
 def output_of(body: dict) -> dict:
@@ -107,6 +112,6 @@ def result_of(line: dict) -> ItemResult:
         return ItemResult(custom_id, "succeeded", output_of(body), line, **tokens)
     error = error or body.get("error") or {}
     code = error.get("code") or ""
-    status = {"batch_expired": "expired", "batch_cancelled": "cancelled"}.get(code, "failed")
+    status = ERROR_STATUS.get(code, "failed")
     message = error.get("message") or f"HTTP {(response or {}).get('status_code')}"
     return ItemResult(custom_id, status, None, line, error=f"{code}: {message}" if code else message, **tokens)

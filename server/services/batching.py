@@ -211,7 +211,7 @@ async def answers(name: str, callers: Sequence[Caller], timeout_s: float) -> lis
 
 
 class MicroBatcher(Generic[T, R]):
-    def __init__(self, name: str, compute: Callable[[list[T], Abandoned], list[R | Aborted]], executor: Executor, *,
+    def __init__(self, name: str, compute: Callable[[list[T], Abandoned], Sequence[R | Aborted]], executor: Executor, *,
                  max_batch_size: int, max_wait_s: float, queue_limit: int, background_max_size: int | None = None,
                  group_of: Callable[[T], Hashable] = lambda item: None,
                  dedup_key_of: Callable[[T], Hashable | None] = lambda item: None,
@@ -372,7 +372,7 @@ class MicroBatcher(Generic[T, R]):
         self._queue = rest
         return list(batch.values())
 
-    def _call(self, items: list[T], abandoned: Abandoned) -> list[R | Aborted]:
+    def _call(self, items: list[T], abandoned: Abandoned) -> Sequence[R | Aborted]:
         """Runs in the executor: one model call, with its metrics."""
         groups = len({self.group_of(item) for item in items})
         metrics.MODEL_BATCHES.labels(self.name, str(groups)).inc()
@@ -396,8 +396,12 @@ class MicroBatcher(Generic[T, R]):
         for start, part in ((0, items[:middle]), (middle, items[middle:])):
             if not part:
                 continue
+
+            def shifted(i: int, at: int = first + start) -> bool:
+                return abandoned(at + i)
+
             try:
-                outcomes.extend(self._call(part, lambda i, at=first + start: abandoned(at + i)))
+                outcomes.extend(self._call(part, shifted))
             except Exception as exc:
                 if len(part) > 1:
                     outcomes.extend(self._bisect(part, abandoned, first + start))
@@ -426,13 +430,13 @@ class MicroBatcher(Generic[T, R]):
         self._running = batch
         liveness = _Liveness(batch, self._progressed)
         try:
-            outcomes: list[R | Aborted | BaseException] = await loop.run_in_executor(
+            outcomes: Sequence[R | Aborted | BaseException] = await loop.run_in_executor(
                 self.executor, self._call, items, liveness)
         except Exception:
             log.warning("%s batch of %d failed; bisecting it", self.name, len(items))
             outcomes = await loop.run_in_executor(self.executor, self._bisect, items, liveness)
-        for index, (entries, outcome) in enumerate(zip(batch, outcomes)):
-            if outcome is ABORTED:
+        for index, (entries, outcome) in enumerate(zip(batch, outcomes, strict=True)):
+            if isinstance(outcome, Aborted):
                 metrics.BATCH_ABORTED.labels(self.name, liveness.reason(index)).inc()
                 continue
             for entry in entries:

@@ -53,7 +53,7 @@ from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -66,6 +66,7 @@ from server.ml.sampling import TokenLogprob
 from server.services.batching import AbandonReason, AdmissionGate, History, answers
 from server.services.errors import ModelFailed, Overloaded
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 JOIN_FRACTION = 0.25
 JOIN_AFTER_STEPS = 4
@@ -73,9 +74,15 @@ TokenSink = Callable[[list[int], list[TokenLogprob]], None]
 
 
 class Job(Hashable, Protocol):
-    prompt_ids: tuple[int, ...]
-    params: GenerationParams
-    seed: int | None
+    # Read-only: the jobs are frozen dataclasses.
+    @property
+    def prompt_ids(self) -> tuple[int, ...]: ...
+
+    @property
+    def params(self) -> GenerationParams: ...
+
+    @property
+    def seed(self) -> int | None: ...
 
     @property
     def deterministic(self) -> bool: ...
@@ -135,8 +142,8 @@ class ContinuousBatcher:
         self._background_prefilling = 0
         self._lock = threading.Lock()
         self._waiting: deque[_Row] = deque()
-        self._batch: DecodeBatch | None = None
-        self._parked: DecodeBatch | None = None
+        self._batch: DecodeBatch[_Row] | None = None
+        self._parked: DecodeBatch[_Row] | None = None
         self._rows: set[_Row] = set()
         self._shared: dict[Job, _Row] = {}
         self._wakeup = asyncio.Event()
@@ -226,7 +233,7 @@ class ContinuousBatcher:
                        + len({job for job in jobs if job.deterministic and job not in self._shared}))
         loop = asyncio.get_running_loop()
         callers = [_Caller(loop.create_future(), on_tokens, background) for _ in jobs]
-        for job, caller in zip(jobs, callers):
+        for job, caller in zip(jobs, callers, strict=True):
             self._subscribe(job, caller, time.monotonic())
         metrics.BATCH_QUEUE_DEPTH.labels(self.name).set(self.queued)
         self._wakeup.set()
@@ -234,8 +241,8 @@ class ContinuousBatcher:
 
     def _refuse_if_down(self) -> None:
         if self.supervisor.state == "failed":
-            raise ModelFailed(f"the {self.name} model's loop is down after repeated failures ({self.supervisor.last_error}); "
-                              "the process needs a restart")
+            raise ModelFailed(f"the {self.name} model's loop is down after repeated failures "
+                              f"({self.supervisor.last_error}); the process needs a restart")
 
     def _subscribe(self, job: Job, caller: _Caller, now: float) -> None:
         row = self._shared.get(job) if job.deterministic else None
@@ -403,6 +410,7 @@ class ContinuousBatcher:
 
     def _step(self) -> None:
         batch = self._batch
+        assert batch is not None, "a turn steps only while rows run"
         try:
             self._forward("decode", batch.sequences, lambda: self.generator.decoder.step(batch))
         except Exception as exc:
@@ -412,7 +420,7 @@ class ContinuousBatcher:
         self.steps += 1
         self._send([self._update(row) for row in batch.sequences])
 
-    def _forward(self, kind: str, rows: Sequence[DecodedSequence], call: Callable[[], object]) -> object:
+    def _forward(self, kind: str, rows: Sequence[DecodedSequence], call: Callable[[], T]) -> T:
         metrics.MODEL_BATCHES.labels(self.name, "1").inc()
         metrics.MODEL_BATCH_SIZE.labels(self.name).observe(len(rows))
         metrics.GENERATOR_FORWARDS.labels(self.name, kind).inc()
@@ -426,9 +434,9 @@ class ContinuousBatcher:
             self._step_seconds = time.perf_counter() - started
         return result
 
-    def _failed(self, rows: Sequence[DecodedSequence], exc: Exception) -> None:
+    def _failed(self, sequences: Sequence[DecodedSequence], exc: Exception) -> None:
         """A forward pass raised: a lone row fails; several become suspects, bisected from the next turn on."""
-        rows = [row for row in rows if isinstance(row, _Row)]
+        rows = [row for row in sequences if isinstance(row, _Row)]
         if len(rows) == 1:
             self._fail_row(rows[0], f"{type(exc).__name__}: {exc}")
             return
@@ -470,7 +478,7 @@ class ContinuousBatcher:
                 self._batch = parked
             else:
                 batch.extend(parked)
-        elif interactive and not all(not row.background for row in rows):
+        elif batch is not None and interactive and not all(not row.background for row in rows):
             moved = batch.split([i for i, row in enumerate(rows) if row.background])
             if parked is None:
                 self._parked = moved

@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -118,8 +118,8 @@ def described(job: GenerationJob) -> dict:
     """The job's parameters as its cache key and its record hold them: the extensions only where they are set, so
     a job without them keeps the key it always had."""
     params = job.params
-    fields = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
-              "seed": job.seed}
+    fields: dict[str, object] = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
+                                 "top_p": params.top_p, "seed": job.seed}
     if params.stop:
         fields["stop"] = list(params.stop)
     defaults = GenerationParams(params.max_new_tokens)
@@ -145,7 +145,8 @@ class GenerationService:
     def text(self, prompt: Prompt) -> str:
         return prompt if isinstance(prompt, str) else self.generator.decoder.text(list(prompt))
 
-    def plan(self, prompts: list[Prompt], options: GenerationOptions, scope: str | None = None) -> list[GenerationJob]:
+    def plan(self, prompts: Sequence[Prompt], options: GenerationOptions,
+             scope: str | None = None) -> list[GenerationJob]:
         """Tokenise and check every prompt; all problems are reported at once, as a 422 would list them."""
         errors: list[FieldError] = []
         jobs: list[GenerationJob] = []
@@ -193,7 +194,7 @@ class GenerationService:
         return cache_key("generate", self.generator.name, self.generator.revision, job.prompt_ids, described(job),
                          job.scope)
 
-    async def open_stream(self, prompts: list[Prompt], options: GenerationOptions, *, tenant: str,
+    async def open_stream(self, prompts: Sequence[Prompt], options: GenerationOptions, *, tenant: str,
                           bypass_cache: bool = False) -> GenerationStream:
         """Start a streamed request; returns once it was admitted (else raises, as `generate` would)."""
         stream = GenerationStream(len(prompts), self.generator.decoder.text, options.stop)
@@ -202,7 +203,7 @@ class GenerationService:
         await stream.started(task)
         return stream
 
-    async def generate(self, prompts: list[Prompt], options: GenerationOptions, *, tenant: str,
+    async def generate(self, prompts: Sequence[Prompt], options: GenerationOptions, *, tenant: str,
                        bypass_cache: bool = False, background: bool = False,
                        stream: GenerationStream | None = None) -> list[GenerationResult]:
         """Continue each prompt for `tenant` (whose records and cached answers they are). `background` work (the
@@ -223,7 +224,7 @@ class GenerationService:
                                    tokens_out=sum(r.completion_tokens for r in results))
         return results
 
-    async def _compute(self, prompts: list[Prompt], options: GenerationOptions, tenant: str, bypass_cache: bool,
+    async def _compute(self, prompts: Sequence[Prompt], options: GenerationOptions, tenant: str, bypass_cache: bool,
                        background: bool, stream: GenerationStream | None
                        ) -> tuple[list[GenerationResult], list[GenerationJob]]:
         texts = [self.text(prompt) for prompt in prompts]
@@ -235,8 +236,8 @@ class GenerationService:
 
         async def compute(index: int) -> bytes:
             # The static batcher has no steps to report: its streams get each text whole, when it is done.
-            streaming = stream is not None and isinstance(self.batcher, ContinuousBatcher)
-            tokens = {"on_tokens": partial(stream.tokens, index)} if streaming else {}
+            tokens = ({"on_tokens": partial(stream.tokens, index)}
+                      if stream is not None and isinstance(self.batcher, ContinuousBatcher) else {})
             outputs = await self.batcher.submit([jobs[index]], background=background, timeout_s=timeout_s, **tokens)
             return encode_generation(outputs[0])
 
@@ -268,10 +269,11 @@ class GenerationService:
     def _record(self, results: list[GenerationResult], jobs: list[GenerationJob], tenant: str,
                 latency_ms: float) -> None:
         self.recorder.add(GenerationRecord, [
-            {"id": r.id, "tenant": tenant, "prompt": r.prompt, "generated_text": r.generated_text, "completion": r.completion,
+            {"id": r.id, "tenant": tenant, "prompt": r.prompt, "generated_text": r.generated_text,
+             "completion": r.completion,
              "model": r.model_name, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
              "completion_tokens": r.completion_tokens, "latency_ms": latency_ms, "created_at": r.created_at,
              "cached": r.cached,
              "params": described(job)}
-            for r, job in zip(results, jobs)
+            for r, job in zip(results, jobs, strict=True)
         ])

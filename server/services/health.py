@@ -101,7 +101,7 @@ class Health:
             except Exception as exc:
                 return Check("down", _ms_since(started), {"error": f"{type(exc).__name__}: {exc}"})
 
-        results = dict(zip(checks, await asyncio.gather(*(bounded(check) for check in checks.values()))))
+        results = dict(zip(checks, await asyncio.gather(*(bounded(check) for check in checks.values())), strict=True))
         states = {check.status for check in results.values()}
         return Report("down" if "down" in states else "degraded" if "degraded" in states else "ok", results)
 

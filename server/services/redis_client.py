@@ -12,6 +12,7 @@ hung Redis must not double the wait).
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -54,7 +55,8 @@ def open_redis(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> GuardedRedi
     pool = BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=timeout_s,
                                            socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                            retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)))
-    client = GuardedRedis.from_pool(pool)
+    # redis-py types `from_pool` as returning `Redis`, though it builds an instance of the class it is called on.
+    client = cast(GuardedRedis, GuardedRedis.from_pool(pool))
     client.circuit = CircuitBreaker("redis", failures=REDIS_FAILURES)
     client.closers = []
     return client

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TypedDict
 
 from prometheus_client import REGISTRY
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -17,9 +18,9 @@ from server.core.tenants import KeyRing
 from server.db import migrate
 from server.db.session import create_engine, session_factory
 from server.ml import configure_threads
-from server.ml.classifier import SentimentClassifier
+from server.ml.classifier import Sentiment, SentimentClassifier
 from server.ml.device import default_batch_max_size, kernels_for, memory, placements
-from server.ml.generator import TextGenerator
+from server.ml.generator import Generation, TextGenerator
 from server.ml.loader import locate
 from server.providers.gemini_report import GeminiJson
 from server.services.analytics.report import PerformanceReports
@@ -29,7 +30,7 @@ from server.services.batch.openai_batches import OpenAIBatches
 from server.services.batching import MicroBatcher
 from server.services.cache import ResponseCache, open_store
 from server.services.continuous_batching import ContinuousBatcher
-from server.services.generation import GenerationService, run_jobs
+from server.services.generation import GenerationJob, GenerationService, run_jobs
 from server.services.health import Check, Health, server_health
 from server.services.limits.egress import EgressGuard
 from server.services.limits.gcra import MemoryLimiter, RedisLimiter
@@ -137,6 +138,18 @@ def open_reports(settings: Settings, redis: GuardedRedis | None, sessions: async
                               backoff_s=settings.gemini_retry_backoff_s)
 
 
+class _BatcherOptions(TypedDict):
+    """The settings both batchers take, as keywords."""
+
+    executor: Executor
+    max_batch_size: int
+    max_wait_s: float
+    queue_limit: int
+    background_max_size: int | None
+    stall_s: float
+    restart: RestartPolicy
+
+
 @asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     redis = open_redis(settings.redis_url, timeout_s=settings.redis_timeout_s) if settings.redis_url else None
@@ -160,7 +173,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     cache = ResponseCache(open_store(redis, ttl_s=settings.cache_ttl_s, max_items=settings.cache_max_items,
                                      lock_ttl_s=settings.cache_lock_ttl_s), lock_ttl_s=settings.cache_lock_ttl_s,
                           per_tenant=settings.cache_scope == "tenant")
-    batching = {"executor": executor,
+    batching: _BatcherOptions = {"executor": executor,
               "max_batch_size": settings.batch_max_size or default_batch_max_size(generator.placement,
                                                                                  generator.model.config),
               "max_wait_s": settings.batch_max_wait_ms / 1000, "queue_limit": settings.batch_queue_limit,
@@ -169,11 +182,12 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                                        give_up_after=settings.batch_loop_max_failures)}
     generate_batcher = (
         ContinuousBatcher("generator", generator, **batching) if settings.generator_scheduler == "continuous" else
-        MicroBatcher("generator", lambda jobs, abandoned: run_jobs(generator, jobs, abandoned), **batching,
-                     group_of=lambda job: job.params, dedup_key_of=lambda job: job if job.deterministic else None))
+        MicroBatcher[GenerationJob, Generation](
+            "generator", lambda jobs, abandoned: run_jobs(generator, jobs, abandoned), **batching,
+            group_of=lambda job: job.params, dedup_key_of=lambda job: job if job.deterministic else None))
     # One forward pass has no step to stop at: an abandoned text's batch simply finishes.
-    predict_batcher = MicroBatcher("classifier", lambda texts, abandoned: classifier.classify(texts), **batching,
-                                   dedup_key_of=lambda text: text)
+    predict_batcher = MicroBatcher[str, Sentiment]("classifier", lambda texts, abandoned: classifier.classify(texts),
+                                                   **batching, dedup_key_of=lambda text: text)
     generation = GenerationService(generator, generate_batcher, cache, recorder,
                                    PromptPolicy.from_setting(settings.blocked_terms),
                                    max_prompt_chars=settings.max_prompt_chars, timeout_s=settings.request_timeout_s)

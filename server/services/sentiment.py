@@ -65,8 +65,9 @@ class SentimentService:
         if not background:
             latency_ms = (time.perf_counter() - started) * 1000
             self.recorder.add(PredictionRecord, [
-                {"id": r.id, "tenant": tenant, "text": r.text, "label": r.label, "score": r.score, "model": r.model_name,
-                 "latency_ms": latency_ms, "created_at": r.created_at, "cached": r.cached} for r in results])
+                {"id": r.id, "tenant": tenant, "text": r.text, "label": r.label, "score": r.score,
+                 "model": r.model_name, "latency_ms": latency_ms, "created_at": r.created_at, "cached": r.cached}
+                for r in results])
             self.requests.answered(started, tenant, items=len(results), cached_items=sum(r.cached for r in results))
         return results
 
@@ -80,11 +81,12 @@ class SentimentService:
             [output] = await self.batcher.submit([texts[index]], background=background, timeout_s=timeout_s)
             return json.dumps({"label": output.label, "score": output.score}).encode()
 
-        answers = await self.cache.resolve("predict", [self.key(t, self.cache.scope(tenant)) for t in texts], compute, bypass=bypass_cache,
-                                          admit=self.batcher.admission, timeout_s=timeout_s, background=background)
+        answers = await self.cache.resolve("predict", [self.key(t, self.cache.scope(tenant)) for t in texts], compute,
+                                          bypass=bypass_cache, admit=self.batcher.admission, timeout_s=timeout_s,
+                                          background=background)
         created = datetime.now(UTC)
         results = []
-        for text, (data, outcome) in zip(texts, answers):
+        for text, (data, outcome) in zip(texts, answers, strict=True):
             out = Sentiment(**json.loads(data))
             results.append(PredictionResult(uuid.uuid4().hex, text, out.label, out.score, self.classifier.name, created,
                                             cached=outcome in SERVED_FROM_CACHE))

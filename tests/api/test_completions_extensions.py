@@ -114,7 +114,8 @@ async def test_streamed_logprobs_add_up_to_the_plain_answers(app_client):
                 joined[name] += values
     assert joined == plain and len(plain["tokens"]) == 10
     # Two alternatives plus the chosen token, fewer where their texts coincide (parts of one character).
-    assert all(token in top and len(top) <= 3 for token, top in zip(plain["tokens"], plain["top_logprobs"]))
+    assert all(token in top and len(top) <= 3
+               for token, top in zip(plain["tokens"], plain["top_logprobs"], strict=True))
 
 
 async def test_cached_answers_with_and_without_logprobs_are_kept_apart(app_client):

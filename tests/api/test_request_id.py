@@ -68,7 +68,8 @@ async def test_routes_answered_outside_fastapis_routes_are_labelled_by_their_tem
         await client.get("/no/such/path", headers={"X-Request-ID": "nowhere"})
     assert limited.status_code == 429
     routes = {r.request_id: r.route for r in collected if r.name == "server.access"}
-    assert (routes["spec"], routes["limited"], routes["nowhere"]) == ("/openapi.json", "/history/{record_id}", "unmatched")
+    assert (routes["spec"], routes["limited"], routes["nowhere"]) == (
+        "/openapi.json", "/history/{record_id}", "unmatched")
 
 async def test_refusals_by_the_outer_middlewares_carry_an_id_too(settings):
     app = create_app(settings.model_copy(update={"api_keys": "k", "ingress_rate_limit": "1/minute"}))

@@ -40,7 +40,7 @@ def test_greedy_rows_match_transformers_generate_alone_and_batched(generator: Te
 def test_rows_joining_and_leaving_mid_flight_keep_their_tokens(generator: TextGenerator):
     prompts = [generator.encode(p) for p in PROMPTS]
     lengths = (20, 3, 9, 14, 6)
-    reference = [generator.generate([p], GenerationParams(n))[0] for p, n in zip(prompts, lengths)]
+    reference = [generator.generate([p], GenerationParams(n))[0] for p, n in zip(prompts, lengths, strict=True)]
     first = [Sequence(tuple(prompts[0]), GenerationParams(lengths[0])),
              Sequence(tuple(prompts[1]), GenerationParams(lengths[1]))]
     joining = {2: [Sequence(tuple(prompts[2]), GenerationParams(lengths[2]))],
@@ -107,8 +107,8 @@ def test_a_resumed_row_continues_as_if_never_interrupted(generator: TextGenerato
 def test_rows_split_off_and_merged_back_keep_their_tokens(generator: TextGenerator):
     prompts = [tuple(generator.encode(p)) for p in PROMPTS[:4]]
     lengths = (12, 9, 3, 10)
-    reference = [generator.generate([p], GenerationParams(n))[0] for p, n in zip(prompts, lengths)]
-    rows = [Sequence(p, GenerationParams(n)) for p, n in zip(prompts, lengths)]
+    reference = [generator.generate([p], GenerationParams(n))[0] for p, n in zip(prompts, lengths, strict=True)]
+    rows = [Sequence(p, GenerationParams(n)) for p, n in zip(prompts, lengths, strict=True)]
 
     def step(batch: DecodeBatch) -> None:
         batch.keep([i for i, s in enumerate(batch.sequences) if not s.finish_reason])

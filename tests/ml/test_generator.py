@@ -2,7 +2,6 @@ from pathlib import Path
 
 from server.ml.generator import GenerationParams, TextGenerator
 from server.ml.loader import locate
-
 from tests.ml.conftest import LONG, MIDDLE, SHORT
 
 
@@ -10,7 +9,7 @@ def test_greedy_output_is_identical_batched_and_alone(generator: TextGenerator):
     params = GenerationParams(max_new_tokens=12)
     prompts = [generator.encode(p) for p in (LONG, MIDDLE, SHORT)]
     batched = generator.generate(prompts, params)
-    for prompt, together in zip(prompts, batched):
+    for prompt, together in zip(prompts, batched, strict=True):
         alone = generator.generate([prompt], params)[0]
         assert together.token_ids == alone.token_ids
         assert together.text == alone.text

@@ -1,7 +1,7 @@
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
 from server.ml.offline import DISTILBERT_BASE, GPT2_124M, build_classifier, build_generator
-from transformers import AutoConfig
 
 
 def test_stand_ins_are_deterministic(tmp_path):

@@ -255,7 +255,7 @@ class Stepper:
                 break
             threading.Event().wait(0.001)
         self.saw_abandoned = [abandoned(i) for i in range(len(items))]
-        return [ABORTED if gone else item for item, gone in zip(items, self.saw_abandoned)]
+        return [ABORTED if gone else item for item, gone in zip(items, self.saw_abandoned, strict=True)]
 
 
 @pytest.mark.parametrize("reason", ["cancelled", "deadline"])

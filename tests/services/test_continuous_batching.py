@@ -122,7 +122,7 @@ async def test_rows_with_different_sampling_parameters_share_decoding_steps(make
     jobs = [job(generator, "Same start", 6), job(generator, "Same start", 6, temperature=0.8, seed=4),
             job(generator, "Other", 6, temperature=1.5, top_p=0.5, seed=9)]
     outs = await asyncio.gather(*(batcher.submit([j], timeout_s=30) for j in jobs))
-    for j, [out] in zip(jobs, outs):
+    for j, [out] in zip(jobs, outs, strict=True):
         assert out == generator.generate([j.prompt_ids], j.params, [j.seed])[0]
     assert passes.log[0] == ("prefill", [j.prompt_ids for j in jobs])
     assert all(len(prompts) == 3 for kind, prompts in passes.log[1:])
@@ -227,7 +227,7 @@ async def test_a_row_that_breaks_a_step_fails_alone_and_the_others_finish(make, 
                                    batcher.submit([Job(poison, GenerationParams(6))], timeout_s=30),
                                    return_exceptions=True)
     assert isinstance(results[3], ModelFailed)
-    for j, [out] in zip(good, results[:3]):
+    for j, [out] in zip(good, results[:3], strict=True):
         assert out == generator.generate([j.prompt_ids], j.params)[0]
 
 
@@ -341,7 +341,7 @@ async def test_a_guilty_row_among_32_is_found_by_bisection_while_the_others_go_o
     jobs = [job(generator, f"row {i}", 8) for i in range(32)]
     outcomes = await asyncio.gather(*(batcher.submit([j], timeout_s=60) for j in jobs), return_exceptions=True)
     assert isinstance(outcomes[13], ModelFailed) and "this row breaks the model" in str(outcomes[13])
-    for i, (j, out) in enumerate(zip(jobs, outcomes)):
+    for i, (j, out) in enumerate(zip(jobs, outcomes, strict=True)):
         if i != 13:
             assert out == generator.generate([j.prompt_ids], j.params), i
     assert await asyncio.wrap_future(newcomer[0]) == generator.generate([newcomer_job.prompt_ids], newcomer_job.params)

@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
+from typing import Any, cast
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -38,7 +39,7 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=JSONBodyRoute)
 STARTED = int(time.time())
 # JSON has no -inf; vLLM reports an impossible token's log-probability as this.
 MIN_LOGPROB = -9999.0
-STREAM_DOC = {200: {"content": {"text/event-stream": {
+STREAM_DOC: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {
     "description": 'With `"stream": true`: OpenAI\'s chunks as `data:` lines, then `data: [DONE]`'}}}}
 
 
@@ -55,7 +56,7 @@ def _logprobs(token_ids: Sequence[int], entries: Sequence[TokenLogprob | None], 
               decode: Callable[[list[int]], str]) -> CompletionLogprobs:
     """OpenAI's `logprobs` object for these tokens, whose text starts at `offset` in the choice's text."""
     out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
-    for token, entry in zip(token_ids, entries):
+    for token, entry in zip(token_ids, entries, strict=True):
         text = decode([token])
         out.tokens.append(text)
         out.text_offset.append(offset)
@@ -99,8 +100,10 @@ async def _answer(request: Request, response: Response, service: GenerationServi
 
         def render(event: StreamEvent) -> Iterable[dict]:
             if isinstance(event, ItemDone):
-                finished.append(event.result)
-                return [chunk(event.index, None, event.result.finish_reason)]
+                # GenerationService's streams end each item with its GenerationResult.
+                result = cast(GenerationResult, event.result)
+                finished.append(result)
+                return [chunk(event.index, None, result.finish_reason)]
             if scored is not None and (event.text or event.token_ids):
                 payload = chunk(event.index, event.text, None)
                 payload["choices"][0]["logprobs"] = scored(event)
@@ -126,7 +129,7 @@ async def models(runtime: RuntimeDep) -> ModelList:
 @router.post("/completions", response_model=Completion,
              responses={**STREAM_DOC, **error_responses(*MODEL_ROUTE_ERRORS)})
 async def completions(body: CompletionRequest, request: Request, response: Response, service: GenerationDep,
-                      bypass: CacheBypassDep, principal: PrincipalDep) -> Completion:
+                      bypass: CacheBypassDep, principal: PrincipalDep) -> Completion | Response:
     """OpenAI's legacy completions: one choice per prompt (`index` = the prompt's position)."""
     if refusal := _unknown_model(body, service, request):
         return refusal
@@ -157,7 +160,8 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
     def logprobs_of(r: GenerationResult) -> CompletionLogprobs | None:
         if r.logprobs is None:
             return None
-        ids, entries = [entry.token for entry in r.logprobs], list(r.logprobs)
+        ids = [entry.token for entry in r.logprobs]
+        entries: list[TokenLogprob | None] = list(r.logprobs)
         if body.echo:
             ids, entries = [*r.prompt_ids, *ids], [*(r.prompt_logprobs or [None] * len(r.prompt_ids)), *entries]
         return _logprobs(ids, entries, 0, decode)
@@ -176,7 +180,8 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
 @router.post("/chat/completions", response_model=ChatCompletion,
              responses={**STREAM_DOC, **error_responses(400, *MODEL_ROUTE_ERRORS)})
 async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response,
-                           service: GenerationDep, bypass: CacheBypassDep, principal: PrincipalDep) -> ChatCompletion:
+                           service: GenerationDep, bypass: CacheBypassDep,
+                           principal: PrincipalDep) -> ChatCompletion | Response:
     """Chat, for a model whose tokenizer has a chat template. GPT-2 has none: 400, as vLLM answers, rather than a
     guessed prompt format."""
     if refusal := _unknown_model(body, service, request):

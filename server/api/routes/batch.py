@@ -244,7 +244,7 @@ async def _enqueue(runtime: RuntimeDep, principal: PrincipalDep, entries: list[Q
     for (provider, model, kind, job_type, priority), indices in groups.items():
         queued = await runtime.batch.enqueue(principal, provider=provider, model=model, kind=kind, job_type=job_type,
                                              priority=priority, items=[entries[i].data for i in indices])
-        answers.update({i: QueuedOut(item_id=q.item_id, job_id=q.job_id) for i, q in zip(indices, queued)})
+        answers.update({i: QueuedOut(item_id=q.item_id, job_id=q.job_id) for i, q in zip(indices, queued, strict=True)})
     return [answers[i] for i in range(len(entries))]
 
 

@@ -1,4 +1,5 @@
 from collections.abc import Iterable
+from typing import cast
 
 from fastapi import APIRouter, HTTPException, Request, Response
 
@@ -28,7 +29,9 @@ def _out(r: GenerationResult) -> GenerationOut:
 
 def _render(event: StreamEvent) -> Iterable[dict]:
     if isinstance(event, ItemDone):
-        done = _out(event.result).model_dump(mode="json", exclude={"prompt", "generated_text", "completion"})
+        # GenerationService's streams end each item with its GenerationResult.
+        done = _out(cast(GenerationResult, event.result)).model_dump(
+            mode="json", exclude={"prompt", "generated_text", "completion"})
         return [{"index": event.index, **done}]
     return [{"index": event.index, "text": event.text, "token_ids": event.token_ids}]
 
@@ -37,7 +40,7 @@ def _render(event: StreamEvent) -> Iterable[dict]:
              responses={200: {"content": STREAM_DOC}, **error_responses(400, *MODEL_ROUTE_ERRORS)})
 async def generate(body: GenerateRequest, request: Request, response: Response, service: GenerationDep,
                    bypass: CacheBypassDep, runtime: RuntimeDep, deferred: RespondAsyncDep,
-                   principal: PrincipalDep) -> list[GenerationOut]:
+                   principal: PrincipalDep) -> list[GenerationOut] | Response:
     """Continue each prompt with the causal LM; one object per prompt, in order. `X-Cache` says HIT, MISS or
     PARTIAL; greedy and seeded requests are cached, unseeded sampling never is. With `"stream": true`: server-sent
     events as tokens are decoded. With `Prefer: respond-async`: 202 at once, one batch item per prompt, run by

@@ -42,7 +42,7 @@ class Stats:
         for name in (*COUNTERS, "latency_sum_ms"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.latency_max_ms = max(self.latency_max_ms, other.latency_max_ms)
-        self.histogram = [a + b for a, b in zip(self.histogram, other.histogram)]
+        self.histogram = [a + b for a, b in zip(self.histogram, other.histogram, strict=True)]
 
     def percentile(self, q: float) -> float | None:
         """The latency (ms) under which a fraction `q` of the requests fell, to one histogram bucket."""

@@ -49,7 +49,8 @@ def rollup_rows(records: Iterable[dict]) -> list[dict]:
                record["model"])
         row = rows.get(key)
         if row is None:
-            row = rows[key] = dict(zip(KEY, key)) | dict.fromkeys(ADDITIVE_COLUMNS, 0) | {"latency_max_ms": 0.0}
+            row = rows[key] = (dict(zip(KEY, key, strict=True)) | dict.fromkeys(ADDITIVE_COLUMNS, 0)
+                               | {"latency_max_ms": 0.0})
         latency = float(record["latency_ms"])
         row["requests"] += 1
         # Server errors only: a client's mistakes (400, 404, 422, 429, 499) say nothing about the server's health,

@@ -76,9 +76,10 @@ class BatchAlerts:
         if (queued or 0) > limits.max_queued_items:
             alerts.append(Alert("queue_backlog", "info", f"{queued} batch items are waiting to be submitted "
                                 f"(threshold {limits.max_queued_items})"))
-        level = int(float(saved or 0) // limits.savings_step_usd)
+        saved_usd = float(saved or 0)
+        level = int(saved_usd // limits.savings_step_usd)
         if level >= 1:
-            alerts.append(Alert("savings_milestone", "info", f"batch offload has saved ${float(saved):,.2f} "
+            alerts.append(Alert("savings_milestone", "info", f"batch offload has saved ${saved_usd:,.2f} "
                                 f"(past ${level * limits.savings_step_usd:,.0f})", level))
         return alerts
 

@@ -1,6 +1,7 @@
 """Builds the batch offload from the settings: adapters for the configured providers, worker, local runner."""
 
 from datetime import timedelta
+from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -34,7 +35,12 @@ def provider_limits(settings: Settings) -> dict[str, BatchLimits]:
             for name in ("openai", "anthropic", "gemini")}
 
 
-ADAPTERS = {"openai": OpenAIBatch, "anthropic": AnthropicBatch, "gemini": GeminiBatch}
+class Adapter(Protocol):
+    def __call__(self, api_key: str, base_url: str | None, limits: BatchLimits, timeout_s: float = ...
+                 ) -> BatchProvider: ...
+
+
+ADAPTERS: dict[str, Adapter] = {"openai": OpenAIBatch, "anthropic": AnthropicBatch, "gemini": GeminiBatch}
 
 
 def build_adapters(settings: Settings) -> dict[str, BatchProvider]:

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -22,8 +23,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.core.tenants import DEFAULT_TENANT
 from server.db.batch_models import BatchItem, BatchJob
+from server.db.session import affected
 from server.services.errors import FieldError, InputError
 
+Row = TypeVar("Row", BatchJob, BatchItem)
 JOB_STATUSES = ("queued", "submitted", "in_progress", "completed", "partially_completed", "failed", "cancelled",
                 "expired")
 FINAL_STATUSES = frozenset({"completed", "partially_completed", "failed", "cancelled", "expired"})
@@ -134,7 +137,7 @@ class JobStore:
                           body_digest=digest(item.body), status="queued", attempts=0, created_at=at, updated_at=at)
                 for item in items]
 
-    async def _one(self, table: type[BatchJob] | type[BatchItem], key: str, what: str, tenant: str | None):
+    async def _one(self, table: type[Row], key: str, what: str, tenant: str | None) -> Row:
         async with self.sessions() as session:
             row = await session.get(table, key)
         if row is None or (tenant is not None and row.tenant != tenant):
@@ -180,7 +183,7 @@ class JobStore:
         statement = (update(BatchJob).where(BatchJob.id == job_id, BatchJob.status.in_(list(expected)))
                      .values(status=to, updated_at=now(), **values))
         async with self.sessions() as session, session.begin():
-            return (await session.execute(statement)).rowcount == 1
+            return affected(await session.execute(statement)) == 1
 
     async def update(self, job_id: str, changes: dict, tenant: str | None = None) -> BatchJob:
         """Change name, description, priority or schedule; only while the job is queued."""
@@ -188,7 +191,7 @@ class JobStore:
         statement = (update(BatchJob).where(BatchJob.id == job_id, BatchJob.status == "queued")
                      .values(updated_at=now(), **changes))
         async with self.sessions() as session, session.begin():
-            moved = (await session.execute(statement)).rowcount == 1
+            moved = affected(await session.execute(statement)) == 1
         job = await self.get(job_id)
         if not moved:
             raise JobConflict(f"batch job {job_id} is {job.status}: only a queued job can be changed")
@@ -199,7 +202,7 @@ class JobStore:
         job = await self.get(job_id, tenant)
         async with self.sessions() as session, session.begin():
             statement = delete(BatchJob).where(BatchJob.id == job_id, BatchJob.status.not_in(IN_FLIGHT_STATUSES))
-            if (await session.execute(statement)).rowcount == 1:
+            if affected(await session.execute(statement)) == 1:
                 await session.execute(delete(BatchItem).where(BatchItem.job_id == job_id))
                 return
         raise JobConflict(f"batch job {job_id} is {job.status}: cancel it before deleting it")

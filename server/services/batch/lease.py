@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.db.batch_models import WorkerLease
+from server.db.session import affected
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class Lease:
             taken = await session.execute(
                 update(WorkerLease).where(WorkerLease.name == self.name, WorkerLease.expires_at < now)
                 .values(owner=self.owner, token=WorkerLease.token + 1, expires_at=now + self.ttl))
-            if taken.rowcount == 1:
+            if affected(taken) == 1:
                 self.token = await session.scalar(select(WorkerLease.token).where(WorkerLease.name == self.name))
                 self._renewed_at = time.monotonic()
                 return True
@@ -84,7 +85,7 @@ class Lease:
                 update(WorkerLease).where(WorkerLease.name == self.name, WorkerLease.owner == self.owner,
                                           WorkerLease.token == self.token)
                 .values(expires_at=now + self.ttl))
-        if kept.rowcount != 1:
+        if affected(kept) != 1:
             self.token = None
         else:
             self._renewed_at = time.monotonic()

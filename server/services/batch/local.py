@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.core.aio import wait_event
 from server.db.batch_models import BatchItem, BatchJob
+from server.db.session import affected
 from server.services.batch.jobs import IN_FLIGHT_STATUSES
 from server.services.errors import DeadlineExceeded, InputError, ModelFailed, Overloaded
 from server.services.generation import GenerationOptions, GenerationService
@@ -85,7 +86,7 @@ class LocalRunner:
             moved = await session.execute(
                 update(BatchItem).where(BatchItem.job_id.in_(local_jobs), BatchItem.status == "submitted")
                 .values(status="queued", attempts=BatchItem.attempts - 1, updated_at=datetime.now(UTC)))
-        return moved.rowcount
+        return affected(moved)
 
     async def requeue_stale(self) -> int:
         """Queue again the local items claimed more than `requeue_s` ago that this runner is not computing."""
@@ -97,10 +98,10 @@ class LocalRunner:
                                         BatchItem.updated_at < now - timedelta(seconds=self.requeue_s),
                                         BatchItem.id.not_in(list(self._claimed)))
                 .values(status="queued", updated_at=now))
-        if moved.rowcount:
-            log.warning("%d local batch items left claimed for over %g s were queued again", moved.rowcount,
-                        self.requeue_s)
-        return moved.rowcount
+        count = affected(moved)
+        if count:
+            log.warning("%d local batch items left claimed for over %g s were queued again", count, self.requeue_s)
+        return count
 
     async def run_available(self) -> int:
         """Start as many waiting items as there is room for; returns how many were started."""
@@ -123,7 +124,10 @@ class LocalRunner:
                 task = asyncio.create_task(self._run(item, kind))
                 self._running.add(task)
                 task.add_done_callback(self._finished)
-                task.add_done_callback(lambda _, item_id=item.id: self._claimed.discard(item_id))
+                def unclaim(_: asyncio.Task, item_id: str = item.id) -> None:
+                    self._claimed.discard(item_id)
+
+                task.add_done_callback(unclaim)
         return started
 
     def _finished(self, task: asyncio.Task) -> None:
@@ -141,7 +145,7 @@ class LocalRunner:
             claimed = await session.execute(
                 update(BatchItem).where(BatchItem.id == item_id, BatchItem.status == "queued")
                 .values(status="submitted", attempts=BatchItem.attempts + 1, updated_at=datetime.now(UTC)))
-        return claimed.rowcount == 1
+        return affected(claimed) == 1
 
     async def _start_job(self, job_id: str) -> None:
         async with self.sessions() as session, session.begin():

@@ -22,6 +22,7 @@ from server.core.destinations import DestinationPolicy, RefusedDestination
 from server.core.supervisor import Supervisor
 from server.core.tenants import Principal
 from server.db.batch_models import BatchItem, BatchJob, ProviderBatch
+from server.db.session import affected
 from server.providers.base import ProviderError
 from server.services.batch.bodies import check_bodies, check_model
 from server.services.batch.jobs import FINAL_STATUSES, AddResult, JobConflict, JobSpec, JobStore, NewItem, new_id, now
@@ -195,7 +196,7 @@ class BatchOffload:
             marked = await session.execute(
                 update(BatchJob).where(BatchJob.id == job_id, BatchJob.status.not_in(FINAL_STATUSES))
                 .values(cancel_requested=True, accepting=False, updated_at=stamp))
-            if marked.rowcount != 1:
+            if affected(marked) != 1:
                 raise JobConflict(f"batch job {job_id} is {job.status}: it has already finished")
             await session.execute(
                 update(BatchItem).where(BatchItem.job_id == job_id, BatchItem.status == "queued")
@@ -281,7 +282,7 @@ class BatchOffload:
             return "ok"
 
         external = [name for name in PROVIDERS if name in self.worker.providers]
-        answers = dict(zip(external, await asyncio.gather(*(probe(name) for name in external))))
+        answers = dict(zip(external, await asyncio.gather(*(probe(name) for name in external)), strict=True))
         return {name: "ok" if name == "local" else answers.get(name, "unconfigured") for name in ("local", *PROVIDERS)}
 
     async def queue_status(self, tenant: str | None) -> dict[str, dict[str, int]]:

@@ -4,7 +4,7 @@ for one tenant (None: every tenant, for an admin)."""
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Integer, func, select
+from sqlalchemy import ColumnElement, Integer, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.db.batch_models import BatchItem, BatchJob, ProviderBatch
@@ -63,7 +63,7 @@ class BatchReports:
         sums = (func.sum(BatchJob.cost_usd), func.sum(BatchJob.realtime_cost_usd), func.sum(BatchJob.savings_usd),
                 func.count())
         booked = BatchJob.cost_booked.is_(True)
-        conditions = [booked]
+        conditions: list[ColumnElement[bool]] = [booked]
         if tenant is not None:
             conditions.append(BatchJob.tenant == tenant)
         if days is not None:
@@ -81,6 +81,7 @@ class BatchReports:
                                            .where(*conditions, BatchJob.cost_usd.is_(None)))
         by_day: dict[str, list[float]] = {}
         for completed_at, cost, realtime, savings in finished:
+            assert completed_at is not None, "booking a job's cost completes it"
             day = by_day.setdefault(completed_at.date().isoformat(), [0.0, 0.0, 0.0, 0])
             day[0] += cost or 0
             day[1] += realtime or 0

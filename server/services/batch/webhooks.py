@@ -128,10 +128,10 @@ class Webhooks:
     def job_finished(self, job: BatchJob) -> None:
         """Deliver the job's webhook in the background (no-op without a webhook_url, or if already under way)."""
         if job.webhook_url and job.id not in self._tasks:
-            self._spawn(job.id, self._deliver(job), resumable=True)
+            self._spawn(job.id, self._deliver(job, job.webhook_url), resumable=True)
 
-    async def _deliver(self, job: BatchJob) -> None:
-        delivered = await self.post(job.webhook_url, job_summary(job))
+    async def _deliver(self, job: BatchJob, url: str) -> None:
+        delivered = await self.post(url, job_summary(job))
         await self._state(job.id, "delivered" if delivered else "failed")
 
     async def _state(self, job_id: str, state: str) -> None:

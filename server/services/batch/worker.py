@@ -22,16 +22,28 @@
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import cast, overload
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import Integer, case, func, select, type_coerce, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.core import metrics
 from server.core.aio import wait_event
 from server.db.batch_models import BatchItem, BatchJob, ProviderBatch
-from server.providers.base import TERMINAL_STATES, BatchLimits, BatchProvider, ItemResult, LookupPending, NeutralRequest
+from server.db.session import affected
+from server.providers.base import (
+    TERMINAL_STATES,
+    BatchLimits,
+    BatchProvider,
+    ItemResult,
+    Kind,
+    LookupPending,
+    NeutralRequest,
+)
 from server.services.batch.alerts import BatchAlerts
 from server.services.batch.calls import CreateDeferred, ProviderCalls
 from server.services.batch.jobs import FINAL_STATUSES, IN_FLIGHT_STATUSES, new_id
@@ -65,9 +77,23 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@overload
+def aware(moment: datetime) -> datetime: ...
+@overload
+def aware(moment: None) -> None: ...
 def aware(moment: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; every stored timestamp is UTC."""
     return moment if moment is None or moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def kind_of(job: BatchJob) -> Kind:
+    """A job's kind, stored as text: one of `Kind`, as the API accepts no other."""
+    return cast(Kind, job.kind)
+
+
+def submitted_id(batch: ProviderBatch) -> str:
+    """The provider's id of a batch past `submitting`: the write that leaves that state sets it."""
+    return cast(str, batch.provider_batch_id)
 
 
 class BatchWorker:
@@ -104,7 +130,7 @@ class BatchWorker:
                     await self.run_once()
             except Exception:
                 # A driver may turn the task's cancellation into its own error: then stop, do not loop on.
-                if asyncio.current_task().cancelling():
+                if (task := asyncio.current_task()) is not None and task.cancelling():
                     raise
                 log.exception("batch worker tick failed; retrying at the next tick")
             await wait_event(self._wakeup, self.poll_interval.total_seconds())
@@ -140,7 +166,7 @@ class BatchWorker:
         statement = (update(BatchJob).where(BatchJob.id == job_id, BatchJob.status.in_(expected))
                      .values(status=to, updated_at=utcnow(), **values))
         async with self.sessions() as session, session.begin():
-            return (await session.execute(statement)).rowcount == 1
+            return affected(await session.execute(statement)) == 1
 
     async def _jobs_with_queued_items(self) -> list[BatchJob]:
         waiting = select(BatchItem.job_id).where(BatchItem.status == "queued").distinct()
@@ -164,7 +190,7 @@ class BatchWorker:
         query = (select(BatchItem).where(BatchItem.job_id == job.id, BatchItem.status == "queued")
                  .order_by(BatchItem.custom_id))
         async with self.sessions() as session:
-            if session.bind.dialect.name == "postgresql":
+            if session.get_bind().dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True)
             return list((await session.scalars(query)).all())
 
@@ -197,7 +223,7 @@ class BatchWorker:
         kept, sizes = [], []
         for item in items:
             try:
-                sizes.append(len(provider.line(job.model, job.kind, NeutralRequest(item.custom_id, item.body))))
+                sizes.append(len(provider.line(job.model, kind_of(job), NeutralRequest(item.custom_id, item.body))))
             except Exception as exc:
                 await self._fail_items([item], f"the request cannot be sent to {job.provider}: "
                                        f"{type(exc).__name__}: {exc}")
@@ -212,7 +238,7 @@ class BatchWorker:
             claimed = await session.execute(
                 update(BatchItem).where(BatchItem.id.in_([item.id for item in items]), BatchItem.status == "queued")
                 .values(status="submitted", chunk_id=batch.id, attempts=BatchItem.attempts + 1, updated_at=utcnow()))
-            if claimed.rowcount != len(items):
+            if affected(claimed) != len(items):
                 await session.rollback()
                 return False
         return True
@@ -231,9 +257,9 @@ class BatchWorker:
         try:
             async with self.lease.kept():
                 source = await self.calls.call(job.provider, "upload", lambda: provider.upload(
-                    job.model, job.kind, requests, key), tenant=job.tenant)
+                    job.model, kind_of(job), requests, key), tenant=job.tenant)
                 provider_id = await self.calls.create(
-                    job.provider, lambda: provider.create(job.model, job.kind, requests, source, key),
+                    job.provider, lambda: provider.create(job.model, kind_of(job), requests, source, key),
                     lambda: provider.find(key, since=since, count=len(requests), known=known), tenant=job.tenant,
                     before_attempt=self.lease.ensure)
         except LeaseLost:
@@ -263,7 +289,7 @@ class BatchWorker:
                                             self.lease.fence())
                 .values(provider_batch_id=provider_id, status="validating", submitted_at=now, error=None,
                         next_poll_at=now + self.poll_interval))
-        if recorded.rowcount != 1:
+        if affected(recorded) != 1:
             # Another holder took over meanwhile: it finds this batch by its key and adopts it.
             raise LeaseLost(f"provider batch {provider_id} created after the lease was lost; left to its new holder")
 
@@ -279,7 +305,7 @@ class BatchWorker:
 
     async def _job(self, job_id: str) -> BatchJob:
         async with self.sessions() as session:
-            return await session.get(BatchJob, job_id)
+            return await session.get_one(BatchJob, job_id)
 
     async def _recover(self, report: TickReport) -> None:
         now = utcnow()
@@ -293,8 +319,9 @@ class BatchWorker:
             known = await self._known_ids(batch.provider)
             since = aware(batch.created_at) - RECOVERY_SKEW
             try:
-                found = await self.calls.call(batch.provider, "find", lambda: provider.find(
-                    batch.idempotency_key, since=since, count=batch.item_count, known=known), tenant=batch.tenant)
+                found = await self.calls.call(batch.provider, "find", partial(
+                    provider.find, batch.idempotency_key, since=since, count=batch.item_count, known=known),
+                    tenant=batch.tenant)
             except LookupPending as exc:
                 await self._note(batch.id, f"waiting to tell whether the provider holds it: {exc}")
                 continue
@@ -327,8 +354,9 @@ class BatchWorker:
 
     async def _known_ids(self, provider: str) -> set[str]:
         async with self.sessions() as session:
-            return set((await session.scalars(select(ProviderBatch.provider_batch_id).where(
-                ProviderBatch.provider == provider, ProviderBatch.provider_batch_id.is_not(None)))).all())
+            ids = (await session.scalars(select(ProviderBatch.provider_batch_id).where(
+                ProviderBatch.provider == provider, ProviderBatch.provider_batch_id.is_not(None)))).all()
+            return set(cast(Sequence[str], ids))
 
     async def _poll(self, report: TickReport) -> None:
         now = utcnow()
@@ -339,8 +367,8 @@ class BatchWorker:
             await self.lease.ensure()
             started = time.perf_counter()
             try:
-                snapshot = await self.calls.call(batch.provider, "poll", lambda: provider.poll(batch.provider_batch_id),
-                                                 tenant=batch.tenant)
+                snapshot = await self.calls.call(batch.provider, "poll",
+                                                 partial(provider.poll, submitted_id(batch)), tenant=batch.tenant)
             except Exception as exc:
                 backoff = min(POLL_BACKOFF_MAX_S, self.poll_interval.total_seconds() * 2 ** min(batch.polls, 10))
                 await self._note(batch.id, f"poll failed: {exc}", next_poll_at=now + timedelta(seconds=backoff))
@@ -366,7 +394,7 @@ class BatchWorker:
             try:
                 async with self.lease.kept():
                     results = await self.calls.call(batch.provider, "results",
-                                                    lambda: provider.results(batch.provider_batch_id),
+                                                    partial(provider.results, submitted_id(batch)),
                                                     tenant=batch.tenant)
             except Exception as exc:
                 await self._note(batch.id, f"downloading results failed: {exc}")
@@ -375,7 +403,7 @@ class BatchWorker:
             await self._store_results(batch, results)
             report.fetched += 1
             try:
-                await self.calls.call(batch.provider, "cleanup", lambda: provider.cleanup(batch.provider_batch_id),
+                await self.calls.call(batch.provider, "cleanup", partial(provider.cleanup, submitted_id(batch)),
                                       tenant=batch.tenant)
             except Exception as exc:
                 log.warning("deleting the files of %s batch %s failed: %s", batch.provider, batch.provider_batch_id,
@@ -387,7 +415,7 @@ class BatchWorker:
         by_id = {result.custom_id: result for result in results}
         now = utcnow()
         async with self.sessions() as session, session.begin():
-            job = await session.get(BatchJob, batch.job_id)
+            job = await session.get_one(BatchJob, batch.job_id)
             chunk = (await session.scalars(select(BatchItem).where(BatchItem.chunk_id == batch.id)
                                            .order_by(BatchItem.custom_id))).all()
             wire = self.providers[batch.provider].wire_ids(batch.idempotency_key, [item.custom_id for item in chunk])
@@ -411,7 +439,7 @@ class BatchWorker:
             fetched = await session.execute(update(ProviderBatch).where(
                 ProviderBatch.id == batch.id, ProviderBatch.status == batch.status, self.lease.fence())
                 .values(status="fetched", ended_at=batch.ended_at or now))
-            if fetched.rowcount != 1:
+            if affected(fetched) != 1:
                 await session.rollback()
                 raise LeaseLost(f"the results of provider batch {batch.id} were not stored: the lease was lost")
 
@@ -429,7 +457,7 @@ class BatchWorker:
             provider = self.providers[batch.provider]
             await self.lease.ensure()
             try:
-                await self.calls.call(batch.provider, "cancel", lambda: provider.cancel(batch.provider_batch_id),
+                await self.calls.call(batch.provider, "cancel", partial(provider.cancel, submitted_id(batch)),
                                       tenant=batch.tenant)
             except Exception as exc:
                 report.errors.append(f"cancelling provider batch {batch.id}: {exc}")
@@ -466,8 +494,10 @@ async def finish_job(sessions: async_sessionmaker[AsyncSession], prices: PriceTa
     """Give a job whose items are all final its status, usage and cost; True for the one caller that did it."""
     async with sessions() as session:
         rows = (await session.execute(
-            select(BatchItem.status, func.count(), func.coalesce(func.sum(BatchItem.input_tokens), 0),
-                   func.coalesce(func.sum(BatchItem.output_tokens), 0))
+            # A coalesced sum is never NULL, though SQLAlchemy types it as nullable as its first argument.
+            select(BatchItem.status, func.count(),
+                   type_coerce(func.coalesce(func.sum(BatchItem.input_tokens), 0), Integer),
+                   type_coerce(func.coalesce(func.sum(BatchItem.output_tokens), 0), Integer))
             .where(BatchItem.job_id == job.id).group_by(BatchItem.status))).all()
     by_status = {status: count for status, count, _, _ in rows}
     input_tokens = sum(int(tokens) for _, _, tokens, _ in rows)
@@ -493,9 +523,9 @@ async def finish_job(sessions: async_sessionmaker[AsyncSession], prices: PriceTa
                     realtime_cost_usd=cost.realtime_cost_usd, savings_usd=cost.savings_usd, cost_booked=True,
                     completed_at=now, updated_at=now, accepting=False,
                     webhook_state="pending" if job.webhook_url else "none"))
-        if booked.rowcount != 1:
+        if affected(booked) != 1:
             return False
-        status = await session.scalar(select(BatchJob.status).where(BatchJob.id == job.id))
+        status = (await session.execute(select(BatchJob.status).where(BatchJob.id == job.id))).scalar_one()
     metrics.BATCH_JOBS.labels(job.provider, status).inc()
     for item_status, count in by_status.items():
         metrics.BATCH_ITEMS.labels(job.provider, item_status).inc(count)

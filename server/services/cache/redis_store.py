@@ -23,7 +23,7 @@ import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from redis.asyncio.client import PubSub
 from redis.exceptions import TimeoutError as RedisTimeout
@@ -199,7 +199,8 @@ class RedisStore:
         client.circuit.on_close(self._settle_all)
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
-        return await self.client.mget(keys)
+        # The client does not decode responses: values come back as bytes, never str.
+        return cast(list[bytes | None], await self.client.mget(keys))
 
     async def set(self, key: str, value: bytes) -> None:
         await self.client.set(key, value, px=self.ttl_ms)
@@ -257,7 +258,7 @@ class RedisStore:
     async def wait_for(self, key: str, max_wait_s: float) -> bytes | None:
         """The key's value once its lock holder publishes; None if the lock expires (or `max_wait_s`) first."""
         async with self.waiters.subscription(done_channel(key)) as published:
-            value = await self.client.get(key)
+            value = cast(bytes | None, await self.client.get(key))
             if value is not None:
                 return value
             remaining_ms = await self.client.pttl(lock_key(key))
@@ -266,7 +267,7 @@ class RedisStore:
                     await asyncio.shield(published)
             except TimeoutError:
                 pass
-            return await self.client.get(key)
+            return cast(bytes | None, await self.client.get(key))
 
 
     async def count(self, pattern: str) -> int:

@@ -78,13 +78,13 @@ class ResponseCache:
         any of them is computed and held until all are: the batcher's all-or-none admission of a request. `on_item`
         hears of each item as soon as it is answered (a stream sends it then). `timeout_s` bounds this caller's
         wait for an item computed by another (`DeadlineExceeded`); `background` is its priority (see `_join`)."""
-        lookups = [i for i, key in enumerate(keys) if key is not None and not bypass]
+        lookups = {i: key for i, key in enumerate(keys) if key is not None and not bypass}
         found: dict[int, bytes] = {}
         store_error = False
         if lookups:
             try:
-                values = await self.store.get_many([keys[i] for i in lookups])
-                found = {i: v for i, v in zip(lookups, values) if v is not None}
+                values = await self.store.get_many(list(lookups.values()))
+                found = {i: v for i, v in zip(lookups, values, strict=True) if v is not None}
             except REDIS_ERRORS as exc:
                 self._store_failed("get", exc)
                 store_error = True
@@ -176,6 +176,7 @@ class ResponseCache:
         if flight is None:
             flight, leader = self._start(key, compute, background), True
         flight.waiters += 1
+        outcome: Outcome
         try:
             # A leader's computation carries the same deadline into the batcher, which ends it there (and books why:
             # `deadline`); timing it out here too would race that and cancel it instead.
@@ -215,7 +216,7 @@ class ResponseCache:
                 self._store_failed("lock", exc)
                 return await compute(), "miss"
             if token is not None:
-                return await self._lead(key, token, compute)
+                return await self._lead(self.store, key, token, compute)
             if self.store.holds_finished(key):
                 # The holder is this process's own computation, over but not released (Redis failed then):
                 # release it now, storing its value, rather than sleep until the lock expires.
@@ -226,36 +227,37 @@ class ResponseCache:
                     return await compute(), "miss"
                 continue
             try:
-                value = await self.store.wait_for(key, self.lock_ttl_s)
+                published = await self.store.wait_for(key, self.lock_ttl_s)
             except REDIS_ERRORS as exc:
                 self._store_failed("wait", exc)
                 return await compute(), "miss"
-            if value is not None:
-                return value, "coalesced"
+            if published is not None:
+                return published, "coalesced"
 
-    async def _release(self, key: str, token: str) -> None:
+    async def _release(self, store: RedisStore, key: str, token: str) -> None:
         try:
-            await self.store.release(key, token)
+            await store.release(key, token)
         except REDIS_ERRORS as exc:
             self._store_failed("release", exc)
 
-    async def _lead(self, key: str, token: str, compute: Callable[[], Awaitable[bytes]]) -> tuple[bytes, Outcome]:
+    async def _lead(self, store: RedisStore, key: str, token: str,
+                    compute: Callable[[], Awaitable[bytes]]) -> tuple[bytes, Outcome]:
         """Holding the lock: double-check, compute, then store + release + publish in one script."""
         try:
-            [value] = await self.store.get_many([key])
+            [value] = await store.get_many([key])
         except REDIS_ERRORS as exc:
             self._store_failed("get", exc)
             value = None
         if value is not None:
-            await self._release(key, token)
+            await self._release(store, key, token)
             return value, "coalesced"
         try:
             value = await compute()
         except BaseException:
-            await self._release(key, token)
+            await self._release(store, key, token)
             raise
         try:
-            await self.store.store_and_release(key, value, token)
+            await store.store_and_release(key, value, token)
         except REDIS_ERRORS as exc:
             self._store_failed("set", exc)
         return value, "miss"

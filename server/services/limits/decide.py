@@ -9,9 +9,9 @@ import logging
 from collections.abc import Sequence
 
 from server.core import metrics
+from server.core.rate_policy import RatePolicy
 from server.core.throttled_log import ThrottledLog
 from server.services.limits.gcra import Decision, MemoryLimiter, RedisLimiter
-from server.core.rate_policy import RatePolicy
 
 log = logging.getLogger(__name__)
 _warnings = ThrottledLog(log)

@@ -11,7 +11,7 @@ TIME (no application clock, so replicas with skewed clocks agree), shared by eve
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -45,14 +45,14 @@ class Decision:
 def _evaluate(now_us: int, tats: Sequence[int | None], policies: Sequence[RatePolicy]) -> tuple[Decision, list[int]]:
     """The decision and the new TATs (µs) for `policies` whose stored TATs are `tats`."""
     news, retry_us, states = [], 0, []
-    for tat, policy in zip(tats, policies):
+    for tat, policy in zip(tats, policies, strict=True):
         interval = round(policy.interval_s * 1_000_000)
         tolerance = interval * policy.burst
         new = max(tat or now_us, now_us) + interval
         retry_us = max(retry_us, new - tolerance - now_us)
         news.append(new)
     allowed = retry_us <= 0
-    for tat, new, policy in zip(tats, news, policies):
+    for tat, new, policy in zip(tats, news, policies, strict=True):
         interval = round(policy.interval_s * 1_000_000)
         used = (new if allowed else max(tat or now_us, now_us)) - now_us
         remaining = max(0, (interval * policy.burst - used) // interval)
@@ -66,7 +66,7 @@ MAX_MEMORY_KEYS = 100_000
 class MemoryLimiter:
     """One process's limits (the default when no Redis is configured)."""
 
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._tats: dict[str, int] = {}
 
@@ -75,7 +75,7 @@ class MemoryLimiter:
         keys = [key for _, key in checks]
         decision, news = _evaluate(now, [self._tats.get(key) for key in keys], [policy for policy, _ in checks])
         if decision.allowed:
-            self._tats.update(zip(keys, news))
+            self._tats.update(zip(keys, news, strict=True))
         if len(self._tats) > MAX_MEMORY_KEYS:
             # A TAT in the past means a full bucket, the same as no entry: forget those.
             self._tats = {key: tat for key, tat in self._tats.items() if tat > now}

@@ -7,9 +7,9 @@ policy that applies allows it, and only then is it counted against them.
 
 from dataclasses import dataclass
 
+from server.core.rate_policy import RatePolicy
 from server.services.limits.decide import decide
 from server.services.limits.gcra import Decision, MemoryLimiter, RedisLimiter
-from server.core.rate_policy import RatePolicy
 
 
 @dataclass

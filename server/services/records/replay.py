@@ -19,8 +19,18 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from server.core import metrics
 from server.core.config import Settings
 from server.db.session import create_engine, session_factory
-from server.services.records.spill import (Kind, SpillFormatError, claim, database_identity, read_header,
-                                           read_records, release, spill_files, unclaimed_name, write_spill)
+from server.services.records.spill import (
+    Kind,
+    SpillFormatError,
+    claim,
+    database_identity,
+    read_header,
+    read_records,
+    release,
+    spill_files,
+    unclaimed_name,
+    write_spill,
+)
 from server.services.records.store import BatchWrite, classify, describe
 
 log = logging.getLogger(__name__)

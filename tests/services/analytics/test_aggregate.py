@@ -21,7 +21,8 @@ def request(minute: int, latency_ms: float, *, status: int = 200, endpoint: str 
             items: int = 1, cached: int = 0, record_id: str | None = None) -> dict:
     return {"id": record_id or uuid.uuid4().hex, "endpoint": endpoint, "model": model, "status": status,
             "error": None if status < 400 else "DeadlineExceeded", "items": 0 if status >= 400 else items,
-            "cached_items": 0 if status >= 400 else cached, "tokens_in": 0 if status >= 400 else 3 * items, "tokens_out": 0 if status >= 400 else 5 * items, "latency_ms": latency_ms,
+            "cached_items": 0 if status >= 400 else cached, "tokens_in": 0 if status >= 400 else 3 * items,
+            "tokens_out": 0 if status >= 400 else 5 * items, "latency_ms": latency_ms,
             "created_at": BASE + timedelta(minutes=minute, seconds=30)}
 
 

@@ -13,7 +13,7 @@ def test_batches_respect_both_the_count_and_the_byte_limit():
     for chunk in result.chunks:
         assert len(chunk) <= 100 and sum(sizes[i] for i in chunk) <= 64 * 1024
     # Greedy: every batch but the last was closed because the next request would not fit.
-    for chunk, following in zip(result.chunks, result.chunks[1:]):
+    for chunk, following in zip(result.chunks, result.chunks[1:], strict=False):
         assert len(chunk) == 100 or sum(sizes[i] for i in chunk) + sizes[following[0]] > 64 * 1024
 
 

@@ -248,7 +248,7 @@ async def test_waiters_on_many_keys_share_one_connection_and_leave_the_pool_to_c
     pools = waiting_client.connection_pool
     assert await waiting_client.set("other", b"command") and await waiting_client.get("other") == b"command"
     assert len(pools._in_use_connections) <= 2, "the waiters' subscriptions share one connection"
-    for key, token in zip(keys, tokens):
+    for key, token in zip(keys, tokens, strict=True):
         await holder.store_and_release(key, b"theirs", token)
     answers = await asyncio.wait_for(asyncio.gather(*waiting), 5)
     assert {answer[0] for answer in answers} == {(b"theirs", "coalesced")} and compute.calls == 0

@@ -1,8 +1,8 @@
 import pytest
 
+from server.core.rate_policy import RatePolicy
 from server.services.limits.egress import EgressGuard, EgressLimited
 from server.services.limits.gcra import MemoryLimiter, RedisLimiter
-from server.core.rate_policy import RatePolicy
 from server.services.redis_client import open_redis
 from tests.support.metrics import metric
 

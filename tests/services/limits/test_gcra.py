@@ -2,8 +2,8 @@ import asyncio
 
 import pytest
 
-from server.services.limits.gcra import MemoryLimiter, RedisLimiter
 from server.core.rate_policy import RatePolicy
+from server.services.limits.gcra import MemoryLimiter, RedisLimiter
 from server.services.redis_client import open_redis
 from tests.support.clock import Clock
 
