@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from server.core.config import PROJECT_ROOT
 from server.db import migrate
-from server.db.batch_models import BatchItem, BatchJob, ProviderBatch
+from server.db.batch_models import BatchItem, BatchJob, ProviderBatch, WorkerLease
 from server.db.session import create_engine, session_factory
 from server.services.batch.jobs import JobSpec, JobStore, NewItem
 from server.services.batch.pricing import PriceTable
@@ -128,21 +128,25 @@ def test_a_worker_killed_at_any_step_leaves_one_batch_per_chunk_and_one_result_p
                                                                                          step, standins, tmp_path):
     """The fake keeps back its answer to the step (`upload`: the input file is stored, no batch yet; `create`: the
     batch is accepted, its id not recorded; `poll`: the read that ends the batch; `results`: the download), the
-    worker is SIGKILLed there, and a new worker takes over once the 1 s lease has expired."""
+    lease holder is SIGKILLed there, and the standby worker takes over once the lease has expired. The lease (3 s)
+    outlasts the moment between the hold and the kill: a poll is not renewed in the background, and the holder
+    must still be the one that reached the step when it is read."""
     database = fresh_database(request, backend, tmp_path, f"killed_{provider}_{step}")
     job_id = asyncio.run(create_job(database, ITEMS, provider))
     with FAKES[provider][0]().serve() as fake:
         fake.settings.hold_at = step
-        env = environment(standins, database, fake, provider, BATCH_LEASE_TTL_S="1")
-        with worker(env, tmp_path / "first.log") as first:
-            wait_until(fake.held.is_set, f"the worker to reach the {step} step")
-            first.send_signal(signal.SIGKILL)
-            first.wait(10)
-        if step in ("upload", "create"):
-            assert ("submitting", None) in read(database, select(ProviderBatch.status,
-                                                                 ProviderBatch.provider_batch_id))
-        fake.settings.hold_at = None
-        with worker(env, tmp_path / "second.log"):
+        env = environment(standins, database, fake, provider, BATCH_LEASE_TTL_S="3")
+        with ExitStack() as stack:
+            workers = {process.pid: process for process in (
+                stack.enter_context(worker(env, tmp_path / f"{name}.log")) for name in ("a", "b"))}
+            wait_until(fake.held.is_set, f"a worker to reach the {step} step")
+            [(owner,)] = read(database, select(WorkerLease.owner))
+            if step in ("upload", "create"):
+                assert ("submitting", None) in read(database, select(ProviderBatch.status,
+                                                                     ProviderBatch.provider_batch_id))
+            holder = workers[int(owner.split(":")[-2])]
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(10)
             wait_until(lambda: job_status(database, job_id) == "completed", "the job to complete")
     assert_exactly_once(database, job_id, fake, provider)
 

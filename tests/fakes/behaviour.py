@@ -45,8 +45,8 @@ class BatchBehaviour:
     stall_s: float = 5.0
     long_retry_after_s: float = 130.0
     hold_at: str | None = None
-    """A step whose answer the fake keeps back until `hold_at` changes (or the fake closes), after setting its
-    `held` event: the test kills the client there. `create` (all three fakes: the batch was accepted, its answer
+    """A step whose first answer the fake keeps back until `hold_at` changes (or the fake closes), after setting
+    its `held` event: the test kills the client there. `create` (all three fakes: the batch was accepted, its answer
     is pending); OpenAI also `upload` (the input file was stored), `poll` (the status read that ends the batch
     was counted) and `results` (the output file was asked for)."""
     input_tokens: int = 12

@@ -86,8 +86,9 @@ class FakeServer:
             await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
     async def hold(self, step: str) -> None:
-        """Keep this answer back while `settings.hold_at` names `step` (see BatchBehaviour), once `held` is set."""
-        if self.settings.hold_at != step:
+        """Keep this answer back while `settings.hold_at` names `step` (see BatchBehaviour), once `held` is set.
+        Only the first request of the step is held: the client that takes over after the kill goes through."""
+        if self.settings.hold_at != step or self.held.is_set():
             return
         self.held.set()
         while self.settings.hold_at == step and not self._closing.is_set():
