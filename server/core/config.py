@@ -200,6 +200,9 @@ class Settings(BaseSettings):
     batch_provider_timeout_s: float = Field(60.0, gt=0, description=(
         "Per call to a provider's batch API: past it the call counts as answerless (a create is then looked up "
         "before any retry)"))
+    batch_provider_max_backoff_s: float = Field(30.0, gt=0, description=(
+        "Longest wait between two tries of a provider call; a create refused with a longer Retry-After is left to "
+        "a later tick"))
     batch_background_max_size: int = Field(4, ge=1, description=(
         "Largest background batch of local items (an interactive request waits behind at most one)"))
     batch_local_requeue_s: float = Field(600.0, gt=0, description=(

@@ -44,8 +44,11 @@ class BatchBehaviour:
     (refused: 429 with a Retry-After of `long_retry_after_s`), None (no fault)."""
     stall_s: float = 5.0
     long_retry_after_s: float = 130.0
-    answer_create_after_s: float = 0.0
-    """How long an accepted batch create waits before answering (OpenAI): a crash in between loses the answer."""
+    hold_at: str | None = None
+    """A step whose first answer the fake keeps back until `hold_at` changes (or the fake closes), after setting
+    its `held` event: the test kills the client there. `create` (all three fakes: the batch was accepted, its answer
+    is pending); OpenAI also `upload` (the input file was stored), `poll` (the status read that ends the batch
+    was counted) and `results` (the output file was asked for)."""
     input_tokens: int = 12
     """Input tokens reported per item (and per real-time call)."""
     output_tokens: int = 7

@@ -122,6 +122,11 @@ class FakeOpenAI(FakeServer):
         with self.lock:
             return set(self._files)
 
+    def batched_custom_ids(self) -> list[str]:
+        """The custom_id of every request of every accepted batch (one entry per request)."""
+        with self.lock:
+            return [custom_id for batch in self._batches.values() for custom_id in batch.lines]
+
     def routes(self) -> list[Route]:
         return [
             self.route("/v1/files", self._upload_file, "POST"),
@@ -147,7 +152,9 @@ class FakeOpenAI(FakeServer):
         with self.lock:
             uploaded = _File(self._new_id("file-"), filename or "upload", fields["purpose"][1].decode(), content)
             self._files[uploaded.id] = uploaded
-            return JSONResponse(uploaded.body())
+            answer = uploaded.body()
+        await self.hold("upload")
+        return JSONResponse(answer)
 
     def _file(self, file_id: str) -> _File | JSONResponse:
         found = self._files.get(file_id)
@@ -159,6 +166,7 @@ class FakeOpenAI(FakeServer):
             return found if isinstance(found, Response) else JSONResponse(found.body())
 
     async def _file_content(self, request: Request) -> Response:
+        await self.hold("results")
         with self.lock:
             found = self._file(request.path_params["file_id"])
             return found if isinstance(found, Response) else Response(found.content,
@@ -196,8 +204,6 @@ class FakeOpenAI(FakeServer):
             batch.counts["total"] = len(lines)
             self._batches[batch.id] = batch
             answer = batch.body()
-        # Accepted but not yet answered: a client killed now never learns the batch's id.
-        await self.pause(self.settings.answer_create_after_s)
         return await self.answer_created(fault, JSONResponse(answer))
 
     async def _retrieve_batch(self, request: Request) -> Response:
@@ -212,7 +218,9 @@ class FakeOpenAI(FakeServer):
                 batch.times.setdefault("in_progress", now)
             if was_running and batch.lifecycle.outcome is not None:
                 self._finish(batch, now)
-            return JSONResponse(batch.body())
+            answer = batch.body()
+        await self.hold("poll")
+        return JSONResponse(answer)
 
     def _finish(self, batch: _Batch, now: int) -> None:
         lifecycle, settings = batch.lifecycle, self.settings

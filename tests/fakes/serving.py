@@ -51,6 +51,7 @@ class FakeServer:
         self.base_url = ""
         self._log: list[LoggedRequest] = []
         self._closing = threading.Event()
+        self.held = threading.Event()
 
     def routes(self) -> list[Route]:
         raise NotImplementedError
@@ -84,9 +85,19 @@ class FakeServer:
         while time.monotonic() < deadline and not self._closing.is_set():
             await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
+    async def hold(self, step: str) -> None:
+        """Keep this answer back while `settings.hold_at` names `step` (see BatchBehaviour), once `held` is set.
+        Only the first request of the step is held: the client that takes over after the kill goes through."""
+        if self.settings.hold_at != step or self.held.is_set():
+            return
+        self.held.set()
+        while self.settings.hold_at == step and not self._closing.is_set():
+            await asyncio.sleep(0.05)
+
     async def answer_created(self, fault: str | None, answer: Response) -> Response:
         """The answer to a batch create that was accepted, or what `fault` (see BatchBehaviour) puts in its place:
         the client cannot tell whether the batch exists."""
+        await self.hold("create")
         if fault == "502_after":
             return Response("<html><body><h1>502 Bad Gateway</h1></body></html>", status_code=502,
                             media_type="text/html")

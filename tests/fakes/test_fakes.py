@@ -129,6 +129,19 @@ def test_openai_sdk_retries_429_on_create_honouring_retry_after(fake_openai: Fak
     assert (len(fake_openai.calls("POST", "/v1/batches")), fake_openai.batches_created) == (6, 1)
 
 
+@pytest.mark.parametrize("step", ["upload", "create", "poll", "results"])
+def test_openai_holds_back_the_first_answer_of_a_step(fake_openai: FakeOpenAI, step: str):
+    fake_openai.settings.hold_at = step
+    client = openai_client(fake_openai).with_options(timeout=0.5)
+    with pytest.raises(openai.APITimeoutError):
+        batch_id = openai_batch(client, ["r0"])
+        client.files.content(client.batches.retrieve(batch_id).output_file_id)
+    assert fake_openai.held.is_set()
+    # Held only once: the client that takes over goes through.
+    batch_id = openai_batch(client, ["r1"])
+    client.files.content(client.batches.retrieve(batch_id).output_file_id)
+
+
 def test_openai_list_pages_and_cancel_keeps_finished_items(fake_openai: FakeOpenAI):
     fake_openai.settings.polls_to_complete = 5
     client = openai_client(fake_openai)

@@ -62,7 +62,8 @@ def build_batch_offload(settings: Settings, sessions: async_sessionmaker[AsyncSe
                             max_queued_items=settings.batch_alert_queued_items,
                             savings_step_usd=settings.batch_alert_savings_step_usd)
     alerts = BatchAlerts(sessions, thresholds, webhooks=webhooks, webhook_url=settings.alert_webhook_url)
-    worker = BatchWorker(sessions, adapters, provider_limits(settings), ProviderCalls(egress), prices, lease,
+    worker = BatchWorker(sessions, adapters, provider_limits(settings),
+                         ProviderCalls(egress, max_backoff_s=settings.batch_provider_max_backoff_s), prices, lease,
                          Window(settings.batch_schedule, settings.batch_timezone), alerts, webhooks,
                          poll_interval_s=settings.batch_poll_interval_s, max_attempts=settings.batch_max_attempts)
     runner = LocalRunner(sessions, generation, sentiment, concurrency=2 * settings.batch_background_max_size,
