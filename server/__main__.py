@@ -20,8 +20,9 @@ def _check_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror or exc} (another server running? set "
-                             "PORT or --port)") from None
+            raise SystemExit(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc} (another server running? set PORT or --port)"
+            ) from None
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -37,21 +38,32 @@ def serve(args: argparse.Namespace) -> None:
         raise SystemExit(str(refused)) from None
     host, port = args.host or settings.host, args.port or settings.port
     _check_free(host, port)
-    uvicorn.run("server.main:app", host=host, port=port,
-                log_config=log_config(settings.log_level, settings.log_format), log_level=settings.log_level,
-                access_log=False, proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips,
-                # A backstop: the app cuts what is still open at SHUTDOWN_TIMEOUT_S, with a JSON 503 (api/drain.py).
-                timeout_graceful_shutdown=settings.shutdown_timeout_s + 1,  # type: ignore[arg-type]  # a float works
-                timeout_keep_alive=settings.keep_alive_timeout_s, limit_concurrency=settings.max_connections,
-                http=settings.http_parser, h11_max_incomplete_event_size=settings.max_header_bytes)
+    uvicorn.run(
+        "server.main:app",
+        host=host,
+        port=port,
+        log_config=log_config(settings.log_level, settings.log_format),
+        log_level=settings.log_level,
+        access_log=False,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+        # A backstop: the app cuts what is still open at SHUTDOWN_TIMEOUT_S, with a JSON 503 (api/drain.py).
+        timeout_graceful_shutdown=settings.shutdown_timeout_s + 1,  # type: ignore[arg-type]  # a float works
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        limit_concurrency=settings.max_connections,
+        http=settings.http_parser,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+    )
 
 
 def fetch_models(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     settings = get_settings()
-    for model_id, model_class in ((settings.generator_model, AutoModelForCausalLM),
-                                  (settings.sentiment_model, AutoModelForSequenceClassification)):
+    for model_id, model_class in (
+        (settings.generator_model, AutoModelForCausalLM),
+        (settings.sentiment_model, AutoModelForSequenceClassification),
+    ):
         print(f"fetching {model_id} into {settings.models_cache_dir}")
         try:
             AutoTokenizer.from_pretrained(model_id, cache_dir=settings.models_cache_dir)
@@ -156,27 +168,33 @@ def parser(argv: list[str]) -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="model files").add_subparsers(dest="action", required=True)
     models.add_parser("fetch", help="download GENERATOR_MODEL and SENTIMENT_MODEL into the cache").set_defaults(
-        run=fetch_models)
+        run=fetch_models
+    )
     offline = models.add_parser("build-offline", help="write the random-weight stand-in models (no network)")
     offline.add_argument("--dir", type=Path, help="default: MODELS_CACHE_DIR/offline")
     offline.set_defaults(run=build_offline)
 
     db = commands.add_parser("db", help="database").add_subparsers(dest="action", required=True)
     db.add_parser("upgrade", help="apply Alembic migrations").set_defaults(run=upgrade_db)
-    replay = db.add_parser("replay-spill", help="write the records spilled to RECORD_SPILL_DIR to the database "
-                           "(each once) and remove what was written")
+    replay = db.add_parser(
+        "replay-spill",
+        help="write the records spilled to RECORD_SPILL_DIR to the database (each once) and remove what was written",
+    )
     replay.add_argument("--rejected", action="store_true", help="also retry the rows the database rejected before")
     replay.set_defaults(run=replay_spill)
 
     commands.add_parser("worker", help="run the batch worker (and local batch items) without HTTP").set_defaults(
-        run=worker)
+        run=worker
+    )
     batch_cmd = commands.add_parser("batch", help="batch offload").add_subparsers(dest="action", required=True)
-    batch_cmd.add_parser("run-once", help="submit due jobs, poll, fetch results, run local items, then exit "
-                                          "(for cron)").set_defaults(run=batch_run_once)
+    batch_cmd.add_parser(
+        "run-once", help="submit due jobs, poll, fetch results, run local items, then exit (for cron)"
+    ).set_defaults(run=batch_run_once)
 
     config_cmd = commands.add_parser("config", help="settings").add_subparsers(dest="action", required=True)
-    config_docs_cmd = config_cmd.add_parser("docs", help="regenerate docs/configuration.md and .env.example from "
-                                            "the settings' descriptions")
+    config_docs_cmd = config_cmd.add_parser(
+        "docs", help="regenerate docs/configuration.md and .env.example from the settings' descriptions"
+    )
     config_docs_cmd.add_argument("--check", action="store_true", help="only say whether they are out of date")
     config_docs_cmd.set_defaults(run=config_docs)
 
@@ -188,8 +206,10 @@ def parser(argv: list[str]) -> argparse.ArgumentParser:
         from server.bench.run import add_arguments
 
         add_arguments(bench_cmd)
-    analytics_cmd = commands.add_parser("bench-analytics", help="time POST /metrics/aggregated over a month of "
-                                        "records (see docs/analytics-and-dashboard.md)")
+    analytics_cmd = commands.add_parser(
+        "bench-analytics",
+        help="time POST /metrics/aggregated over a month of records (see docs/analytics-and-dashboard.md)",
+    )
     analytics_cmd.set_defaults(run=bench_analytics)
     if argv[:1] == ["bench-analytics"]:
         from server.bench.analytics import add_arguments as add_analytics_arguments

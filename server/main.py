@@ -29,18 +29,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_runtime(settings) as runtime:
             app.state.runtime = runtime
-            app.state.drain = Drain(runtime.health, drain_s=settings.drain_s,
-                                    shutdown_timeout_s=settings.shutdown_timeout_s)
+            app.state.drain = Drain(
+                runtime.health, drain_s=settings.drain_s, shutdown_timeout_s=settings.shutdown_timeout_s
+            )
             app.state.drain.install()
             yield
 
-    app = FastAPI(title="Inference server", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="GPT-2 generation and sentiment classification, micro-batched and cached.")
+    app = FastAPI(
+        title="Inference server",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        description="GPT-2 generation and sentiment classification, micro-batched and cached.",
+    )
     # The last added runs first. The rate limiter reads no body, so it decides before the body guard: an oversized
     # or stalled body still counts against its client's quota and its 413/408 carries the RateLimit headers.
-    app.add_middleware(BodyGuardMiddleware, max_bytes=settings.max_request_bytes, timeout_s=settings.body_timeout_s,
-                       deadline_s=settings.body_deadline_s,
-                       path_limits={"/v1/files": (settings.max_batch_file_bytes, "MAX_BATCH_FILE_BYTES")})
+    app.add_middleware(
+        BodyGuardMiddleware,
+        max_bytes=settings.max_request_bytes,
+        timeout_s=settings.body_timeout_s,
+        deadline_s=settings.body_deadline_s,
+        path_limits={"/v1/files": (settings.max_batch_file_bytes, "MAX_BATCH_FILE_BYTES")},
+    )
     app.add_middleware(IngressRateLimitMiddleware)
     # Inside the OpenAI error shaping and the observation: a request cut at shutdown is an ordinary 503 to both.
     app.add_middleware(DrainMiddleware)
@@ -50,8 +61,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routers = [system.router, docs.router, static.router, dashboard.router]
     for router in routers:
         app.include_router(router)
-    keyed = [module.router for module in (generate, predict, history, batch, analytics, openai_routes,
-                                               openai_files, openai_batches)]
+    keyed = [
+        module.router
+        for module in (generate, predict, history, batch, analytics, openai_routes, openai_files, openai_batches)
+    ]
     for router in keyed:
         app.include_router(router, dependencies=[Depends(authenticate)])
     app.state.route_templates = route_templates(routers + keyed)

@@ -60,14 +60,22 @@ async def _create_database(server: PostgresServer, name: str) -> None:
 @pytest.fixture
 def settings(standins: tuple[Path, Path], tmp_path: Path) -> Settings:
     generator, classifier = standins
-    return Settings(_env_file=None, generator_model=str(generator), sentiment_model=str(classifier),
-                    model_source="local", models_cache_dir=tmp_path / "cache",
-                    # The CPU even on a GPU machine: these tests check CPU names and outputs (tests/ml/test_cuda.py
-                    # asks for the GPU itself).
-                    device="cpu",
-                    database_url=f"sqlite+aiosqlite:///{tmp_path / 'server.db'}", torch_num_threads=1,
-                    record_flush_interval_ms=20, record_spill_dir=tmp_path / "spill", ingress_rate_limit="off",
-                    files_dir=tmp_path / "files")
+    return Settings(
+        _env_file=None,
+        generator_model=str(generator),
+        sentiment_model=str(classifier),
+        model_source="local",
+        models_cache_dir=tmp_path / "cache",
+        # The CPU even on a GPU machine: these tests check CPU names and outputs (tests/ml/test_cuda.py
+        # asks for the GPU itself).
+        device="cpu",
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'server.db'}",
+        torch_num_threads=1,
+        record_flush_interval_ms=20,
+        record_spill_dir=tmp_path / "spill",
+        ingress_rate_limit="off",
+        files_dir=tmp_path / "files",
+    )
 
 
 @pytest.fixture

@@ -33,8 +33,13 @@ ITEMS, PER_BATCH = 6, 2
 @contextmanager
 def worker(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
     with log.open("a") as out:
-        process = subprocess.Popen([sys.executable, "-m", "server", "worker"], cwd=PROJECT_ROOT, stdout=out,
-                                   stderr=subprocess.STDOUT, env={**os.environ, **env})
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server", "worker"],
+            cwd=PROJECT_ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
         try:
             yield process
         finally:
@@ -66,7 +71,8 @@ async def create_job(database_url: str, items: int, provider: str = "openai") ->
     try:
         job = await JobStore(session_factory(engine)).create(
             JobSpec(name="workers", provider=provider, model=FAKES[provider][1], kind="chat", schedule="now"),
-            [NewItem(f"c{i:05d}", {"messages": [{"role": "user", "content": f"item {i}"}]}) for i in range(items)])
+            [NewItem(f"c{i:05d}", {"messages": [{"role": "user", "content": f"item {i}"}]}) for i in range(items)],
+        )
     finally:
         await engine.dispose()
     return job.id
@@ -84,15 +90,25 @@ def read(database_url: str, query):
     return asyncio.run(run())
 
 
-def environment(standins, database_url: str, fake: FakeServer, provider: str = "openai",
-                **extra: str) -> dict[str, str]:
+def environment(
+    standins, database_url: str, fake: FakeServer, provider: str = "openai", **extra: str
+) -> dict[str, str]:
     generator, classifier = standins
     prefix = provider.upper()
-    return {"GENERATOR_MODEL": str(generator), "SENTIMENT_MODEL": str(classifier), "MODEL_SOURCE": "local",
-            "DATABASE_URL": database_url, f"{prefix}_API_KEY": "test-key",
-            f"{prefix}_BASE_URL": fake.base_url + FAKES[provider][2], f"BATCH_{prefix}_MAX_REQUESTS": str(PER_BATCH),
-            "BATCH_POLL_INTERVAL_S": "0.2", "TORCH_NUM_THREADS": "1", "LOG_LEVEL": "warning",
-            "EGRESS_RATE_LIMIT": "", **extra}
+    return {
+        "GENERATOR_MODEL": str(generator),
+        "SENTIMENT_MODEL": str(classifier),
+        "MODEL_SOURCE": "local",
+        "DATABASE_URL": database_url,
+        f"{prefix}_API_KEY": "test-key",
+        f"{prefix}_BASE_URL": fake.base_url + FAKES[provider][2],
+        f"BATCH_{prefix}_MAX_REQUESTS": str(PER_BATCH),
+        "BATCH_POLL_INTERVAL_S": "0.2",
+        "TORCH_NUM_THREADS": "1",
+        "LOG_LEVEL": "warning",
+        "EGRESS_RATE_LIMIT": "",
+        **extra,
+    }
 
 
 def job_status(database_url: str, job_id: str) -> str:
@@ -113,28 +129,44 @@ def assert_exactly_once(database_url: str, job_id: str, fake: FakeServer, provid
     """What every fault must end with: the job completed, one provider batch per chunk, one result per item (sent
     once: one attempt), the cost booked once."""
     chunks = ITEMS // PER_BATCH
-    [(status, booked, cost, tokens)] = read(database_url, select(
-        BatchJob.status, BatchJob.cost_booked, BatchJob.cost_usd,
-        BatchJob.input_tokens + BatchJob.output_tokens).where(BatchJob.id == job_id))
+    [(status, booked, cost, tokens)] = read(
+        database_url,
+        select(
+            BatchJob.status, BatchJob.cost_booked, BatchJob.cost_usd, BatchJob.input_tokens + BatchJob.output_tokens
+        ).where(BatchJob.id == job_id),
+    )
     assert (status, booked, tokens) == ("completed", True, ITEMS * (12 + 7))
     assert cost == pytest.approx(PriceTable.load().cost(provider, FAKES[provider][1], ITEMS * 12, ITEMS * 7).cost_usd)
-    items = read(database_url, select(BatchItem.custom_id, BatchItem.status, BatchItem.attempts,
-                                      BatchItem.output.is_not(None)).where(BatchItem.job_id == job_id))
+    items = read(
+        database_url,
+        select(BatchItem.custom_id, BatchItem.status, BatchItem.attempts, BatchItem.output.is_not(None)).where(
+            BatchItem.job_id == job_id
+        ),
+    )
     assert sorted(tuple(item) for item in items) == [(f"c{i:05d}", "succeeded", 1, True) for i in range(ITEMS)]
-    batches = read(database_url, select(ProviderBatch.status, ProviderBatch.provider_batch_id)
-                   .where(ProviderBatch.job_id == job_id))
+    batches = read(
+        database_url,
+        select(ProviderBatch.status, ProviderBatch.provider_batch_id).where(ProviderBatch.job_id == job_id),
+    )
     assert [status for status, _ in batches] == ["fetched"] * chunks
     assert len({provider_id for _, provider_id in batches}) == fake.batches_created == chunks
 
 
-KILLS = [("sqlite", "openai", "upload"), ("sqlite", "openai", "create"), ("postgres", "openai", "create"),
-         ("sqlite", "openai", "poll"), ("sqlite", "openai", "results"), ("sqlite", "anthropic", "create"),
-         ("sqlite", "gemini", "create")]
+KILLS = [
+    ("sqlite", "openai", "upload"),
+    ("sqlite", "openai", "create"),
+    ("postgres", "openai", "create"),
+    ("sqlite", "openai", "poll"),
+    ("sqlite", "openai", "results"),
+    ("sqlite", "anthropic", "create"),
+    ("sqlite", "gemini", "create"),
+]
 
 
 @pytest.mark.parametrize(("backend", "provider", "step"), KILLS, ids=["-".join(kill) for kill in KILLS])
-def test_a_worker_killed_at_any_step_leaves_one_batch_per_chunk_and_one_result_per_item(request, backend, provider,
-                                                                                         step, standins, tmp_path):
+def test_a_worker_killed_at_any_step_leaves_one_batch_per_chunk_and_one_result_per_item(
+    request, backend, provider, step, standins, tmp_path
+):
     """The fake keeps back its answer to the step (`upload`: the input file is stored, no batch yet; `create`: the
     batch is accepted, its id not recorded; `poll`: the read that ends the batch; `results`: the download), the
     worker is SIGKILLed there, and a new worker takes over once the 1 s lease has expired. The new worker starts
@@ -150,16 +182,16 @@ def test_a_worker_killed_at_any_step_leaves_one_batch_per_chunk_and_one_result_p
             first.send_signal(signal.SIGKILL)
             first.wait(10)
         if step in ("upload", "create"):
-            assert ("submitting", None) in read(database, select(ProviderBatch.status,
-                                                                 ProviderBatch.provider_batch_id))
+            assert ("submitting", None) in read(database, select(ProviderBatch.status, ProviderBatch.provider_batch_id))
         with worker(env, tmp_path / "second.log"):
             wait_until(lambda: job_status(database, job_id) == "completed", "the job to complete")
     assert_exactly_once(database, job_id, fake, provider)
 
 
 @pytest.mark.parametrize("longest_wait", ["30", "0.5"], ids=["waited-in-the-call", "left-to-a-later-tick"])
-def test_two_workers_on_postgresql_create_once_through_a_retry_after_longer_than_the_lease(request, longest_wait,
-                                                                                          standins, tmp_path):
+def test_two_workers_on_postgresql_create_once_through_a_retry_after_longer_than_the_lease(
+    request, longest_wait, standins, tmp_path
+):
     """The issue's scenario (the first create refused with a 130 s Retry-After; a 120 s lease; a call waits at most
     30 s) scaled down: a 3 s Retry-After, a 1 s lease. Waited in the call (longest wait 30 s), the lease is renewed
     meanwhile, so the other worker does not take over; left to a later tick (longest wait 0.5 s, as 30 s < 130 s),

@@ -11,8 +11,14 @@ from server.core.config import PROJECT_ROOT
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
 
 
 def test_build_offline_writes_both_stand_ins(tmp_path):
@@ -51,15 +57,23 @@ def test_batch_run_once_runs_a_due_local_job_and_exits(tmp_path, standins):
         try:
             job = await JobStore(session_factory(engine)).create(
                 JobSpec(name="cron", provider="local", model="gpt2", kind="generate", schedule="now"),
-                [NewItem("a", {"prompt": "The cat", "max_tokens": 3})])
+                [NewItem("a", {"prompt": "The cat", "max_tokens": 3})],
+            )
         finally:
             await engine.dispose()
         return job.id
 
     job_id = asyncio.run(create_job())
     generator, classifier = standins
-    result = cli("batch", "run-once", DATABASE_URL=database, GENERATOR_MODEL=str(generator),
-                 SENTIMENT_MODEL=str(classifier), MODEL_SOURCE="local", RECORD_SPILL_DIR=str(tmp_path / "spill"))
+    result = cli(
+        "batch",
+        "run-once",
+        DATABASE_URL=database,
+        GENERATOR_MODEL=str(generator),
+        SENTIMENT_MODEL=str(classifier),
+        MODEL_SOURCE="local",
+        RECORD_SPILL_DIR=str(tmp_path / "spill"),
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["submitted_jobs"] == 1 and report["finished_jobs"] == [job_id]
@@ -70,14 +84,23 @@ HEAVY_MODULES = {"torch", "transformers", "fastapi", "uvicorn", "sqlalchemy"}
 
 def imported_modules(importtime_report: str) -> set[str]:
     """Top-level names from `python -X importtime` lines ("import time: self | cumulative | name")."""
-    return {line.rsplit("|", 1)[1].strip().split(".")[0] for line in importtime_report.splitlines()
-            if line.startswith("import time:") and "|" in line}
+    return {
+        line.rsplit("|", 1)[1].strip().split(".")[0]
+        for line in importtime_report.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
 
 
 @pytest.mark.parametrize("args", [["--help"], ["serve", "--help"], ["db", "--help"], ["models", "build-offline", "-h"]])
 def test_help_imports_no_heavy_module(args):
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "server", *args], cwd=PROJECT_ROOT,
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "server", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0 and result.stdout.startswith("usage: python -m server")
     modules = imported_modules(result.stderr)
     assert "argparse" in modules and not modules & HEAVY_MODULES, modules & HEAVY_MODULES
@@ -96,8 +119,14 @@ def test_serve_hands_the_http_settings_to_uvicorn(monkeypatch):
 
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: calls.append((app, options)))
-    for name, value in {"SHUTDOWN_TIMEOUT_S": "7", "KEEP_ALIVE_TIMEOUT_S": "9", "MAX_CONNECTIONS": "50",
-                        "HTTP_PARSER": "h11", "MAX_HEADER_BYTES": "8192", "LOG_FORMAT": "json"}.items():
+    for name, value in {
+        "SHUTDOWN_TIMEOUT_S": "7",
+        "KEEP_ALIVE_TIMEOUT_S": "9",
+        "MAX_CONNECTIONS": "50",
+        "HTTP_PARSER": "h11",
+        "MAX_HEADER_BYTES": "8192",
+        "LOG_FORMAT": "json",
+    }.items():
         monkeypatch.setenv(name, value)
     get_settings.cache_clear()
     try:
@@ -105,8 +134,14 @@ def test_serve_hands_the_http_settings_to_uvicorn(monkeypatch):
     finally:
         get_settings.cache_clear()
     [(app, options)] = calls
-    assert (options["timeout_graceful_shutdown"], options["timeout_keep_alive"], options["limit_concurrency"],
-            options["http"], options["h11_max_incomplete_event_size"], options["port"]) == (8, 9, 50, "h11", 8192, 8123)
+    assert (
+        options["timeout_graceful_shutdown"],
+        options["timeout_keep_alive"],
+        options["limit_concurrency"],
+        options["http"],
+        options["h11_max_incomplete_event_size"],
+        options["port"],
+    ) == (8, 9, 50, "h11", 8192, 8123)
     assert options["access_log"] is False
     assert options["log_config"]["formatters"]["default"]["()"].__name__ == "JsonFormatter"
     assert app == "server.main:app" and set(options) <= set(inspect.signature(uvicorn.Config).parameters)
@@ -118,6 +153,8 @@ def test_serve_on_a_taken_port_fails_at_once_with_one_line(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        result = cli("serve", "--port", str(taken.getsockname()[1]), DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/x.db")
+        result = cli(
+            "serve", "--port", str(taken.getsockname()[1]), DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/x.db"
+        )
     assert result.returncode == 1 and "cannot listen on 127.0.0.1" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "x.db").exists(), "nothing was loaded or migrated"

@@ -21,8 +21,9 @@ def test_each_manifest_is_valid_for_the_kubernetes_api(document):
 
 
 def test_the_server_is_probed_on_readiness_and_liveness_and_has_time_to_drain():
-    [deployment] = [doc for doc in documents() if doc["kind"] == "Deployment"
-                    and doc["metadata"]["name"] == "inference-server"]
+    [deployment] = [
+        doc for doc in documents() if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "inference-server"
+    ]
     pod = deployment["spec"]["template"]["spec"]
     [server] = pod["containers"]
     env = {item["name"]: item.get("value") for item in server["env"]}
@@ -31,8 +32,10 @@ def test_the_server_is_probed_on_readiness_and_liveness_and_has_time_to_drain():
     assert pod["terminationGracePeriodSeconds"] > float(env["DRAIN_S"]) + float(env["SHUTDOWN_TIMEOUT_S"])
     kinds = {doc["kind"] for doc in documents()}
     assert {"Deployment", "Service", "HorizontalPodAutoscaler"} <= kinds
-    assert any(doc["kind"] == "Deployment" and doc["spec"]["template"]["spec"]["containers"][0]["command"][-1]
-               == "worker" for doc in documents())
+    assert any(
+        doc["kind"] == "Deployment" and doc["spec"]["template"]["spec"]["containers"][0]["command"][-1] == "worker"
+        for doc in documents()
+    )
 
 
 def test_the_compose_file_runs_every_replica_that_haproxy_routes_to():
@@ -40,8 +43,11 @@ def test_the_compose_file_runs_every_replica_that_haproxy_routes_to():
     services = compose["services"]
     haproxy = services["haproxy"]
     assert haproxy["volumes"] == ["./haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro"]
-    routed = [line.split()[1] for line in (DEPLOY / "haproxy.cfg").read_text().splitlines()
-              if line.strip().startswith("server ")]
+    routed = [
+        line.split()[1]
+        for line in (DEPLOY / "haproxy.cfg").read_text().splitlines()
+        if line.strip().startswith("server ")
+    ]
     assert len(routed) >= 2
     for name in routed:
         host, port = haproxy["environment"][name.upper()].split(":")

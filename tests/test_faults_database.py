@@ -99,16 +99,29 @@ def spilled_ids(spill_dir: Path) -> set[str]:
 
 
 def row(i: int) -> dict:
-    return {"id": f"p{i}", "text": f"text {i}", "label": "POSITIVE", "score": 0.9, "model": "m", "latency_ms": 1.0,
-            "created_at": datetime.now(UTC)}
+    return {
+        "id": f"p{i}",
+        "text": f"text {i}",
+        "label": "POSITIVE",
+        "score": 0.9,
+        "model": "m",
+        "latency_ms": 1.0,
+        "created_at": datetime.now(UTC),
+    }
 
 
 async def test_a_write_to_a_hung_database_times_out_and_close_spills_within_its_bound(own_postgres, tmp_path):
     url = await database(own_postgres, "writer")
     engine = create_engine(url, timeout_s=DATABASE_TIMEOUT_S)
-    records = RecordWriter(session_factory(engine), database_url=url, flush_interval_s=60, max_items=100,
-                           spill_dir=tmp_path / "spill", timeout_s=DATABASE_TIMEOUT_S,
-                           shutdown_timeout_s=SHUTDOWN_TIMEOUT_S)
+    records = RecordWriter(
+        session_factory(engine),
+        database_url=url,
+        flush_interval_s=60,
+        max_items=100,
+        spill_dir=tmp_path / "spill",
+        timeout_s=DATABASE_TIMEOUT_S,
+        shutdown_timeout_s=SHUTDOWN_TIMEOUT_S,
+    )
     records.add(PredictionRecord, [row(i) for i in range(5)])
     assert await records.flush()
     try:
@@ -137,14 +150,23 @@ def predict(client: httpx.Client, base_url: str, texts: range) -> list[str]:
 
 
 async def test_sigterm_with_a_hung_database_spills_within_the_bound_and_the_restart_writes_each_row_once(
-        own_postgres, standins, tmp_path):
+    own_postgres, standins, tmp_path
+):
     url = await database(own_postgres, "faults")
     generator, classifier = standins
     spill_dir = tmp_path / "spill"
-    env = {"GENERATOR_MODEL": str(generator), "SENTIMENT_MODEL": str(classifier), "MODEL_SOURCE": "local",
-           "DATABASE_URL": url, "DATABASE_TIMEOUT_S": str(DATABASE_TIMEOUT_S),
-           "SHUTDOWN_TIMEOUT_S": str(SHUTDOWN_TIMEOUT_S), "RECORD_SPILL_DIR": str(spill_dir),
-           "TORCH_NUM_THREADS": "1", "INGRESS_RATE_LIMIT": "off", "LOG_LEVEL": "info"}
+    env = {
+        "GENERATOR_MODEL": str(generator),
+        "SENTIMENT_MODEL": str(classifier),
+        "MODEL_SOURCE": "local",
+        "DATABASE_URL": url,
+        "DATABASE_TIMEOUT_S": str(DATABASE_TIMEOUT_S),
+        "SHUTDOWN_TIMEOUT_S": str(SHUTDOWN_TIMEOUT_S),
+        "RECORD_SPILL_DIR": str(spill_dir),
+        "TORCH_NUM_THREADS": "1",
+        "INGRESS_RATE_LIMIT": "off",
+        "LOG_LEVEL": "info",
+    }
     port = free_port()
     command = [sys.executable, "-m", "server", "serve", "--port", str(port)]
     with server_process(command, env, port, tmp_path / "first.log") as (base_url, process):

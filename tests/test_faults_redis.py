@@ -60,8 +60,9 @@ async def test_a_hung_redis_keeps_requests_flowing_at_the_no_redis_rate(settings
     """Both apps cache and rate-limit (in memory, or in the stopped Redis). Their windows alternate, so the
     machine's drifting speed weighs on both alike."""
     limited = settings.model_copy(update={"ingress_rate_limit": "1000000/second"})
-    on_redis = limited.model_copy(update={"redis_url": redis_server.url,
-                                          "database_url": f"sqlite+aiosqlite:///{tmp_path / 'redis-app.db'}"})
+    on_redis = limited.model_copy(
+        update={"redis_url": redis_server.url, "database_url": f"sqlite+aiosqlite:///{tmp_path / 'redis-app.db'}"}
+    )
     async with serving(limited) as no_redis, serving(on_redis) as stalled:
         for client in (no_redis, stalled):
             await completed_in_window(client, "warm-up")
@@ -86,8 +87,9 @@ async def test_a_hung_redis_keeps_requests_flowing_at_the_no_redis_rate(settings
 
 async def test_a_stale_connection_after_a_redis_restart_does_not_fail_the_request(settings, redis_server):
     """RATE_LIMIT_FAIL_MODE=closed answers 503 when the limiter's Redis fails: a restart must not cause one."""
-    closed = settings.model_copy(update={"redis_url": redis_server.url, "ingress_rate_limit": "1000/minute",
-                                         "rate_limit_fail_mode": "closed"})
+    closed = settings.model_copy(
+        update={"redis_url": redis_server.url, "ingress_rate_limit": "1000/minute", "rate_limit_fail_mode": "closed"}
+    )
     async with serving(closed) as client:
         assert (await client.post("/predict", json={"text": "before"})).status_code == 200
         failures = metric("circuit_failures_total", dependency="redis")
@@ -118,8 +120,10 @@ async def test_locks_left_by_a_redis_stall_do_not_make_the_same_prompts_wait_for
         # The torch thread held until every generation holds its lock.
         held = threading.Event()
         client.app.state.runtime.generation.batcher.executor.submit(held.wait, 30)
-        first = [asyncio.create_task(client.post("/generate", json={"prompts": [prompt], "max_new_tokens": 64}))
-                 for prompt in prompts]
+        first = [
+            asyncio.create_task(client.post("/generate", json={"prompts": [prompt], "max_new_tokens": 64}))
+            for prompt in prompts
+        ]
         for _ in range(300):
             if len(await observer.keys("lock:*")) == 16:
                 break
@@ -135,9 +139,9 @@ async def test_locks_left_by_a_redis_stall_do_not_make_the_same_prompts_wait_for
             os.kill(redis_server.process.pid, signal.SIGCONT)
         await redis_answers_again(client)
         async with asyncio.timeout(20):
-            again = await asyncio.gather(*(client.post("/generate", json={"prompts": [prompt], "max_new_tokens": 64})
-                                          for prompt in prompts))
+            again = await asyncio.gather(
+                *(client.post("/generate", json={"prompts": [prompt], "max_new_tokens": 64}) for prompt in prompts)
+            )
         assert [response.status_code for response in again] == [200] * 16
-        assert [a.json()[0]["completion"] for a in again] == [
-            f.result().json()[0]["completion"] for f in first]
+        assert [a.json()[0]["completion"] for a in again] == [f.result().json()[0]["completion"] for f in first]
     await observer.aclose()

@@ -30,12 +30,22 @@ def replicas(standins, redis_server: RedisServer, tmp_path: Path):
         urls = []
         for name in ("a", "b"):
             port = free_port()
-            env = {"GENERATOR_MODEL": str(generator), "SENTIMENT_MODEL": str(classifier), "MODEL_SOURCE": "local",
-                   "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / name}.db", "REDIS_URL": redis_server.url,
-                   "CACHE_LOCK_TTL_S": str(LOCK_TTL_S), "TORCH_NUM_THREADS": "1", "LOG_LEVEL": "warning",
-                   "INGRESS_RATE_LIMIT": "off"}
-            url, _ = stack.enter_context(server_process([sys.executable, "-m", "server", "serve", "--port", str(port)],
-                                                        env, port, tmp_path / f"{name}.log"))
+            env = {
+                "GENERATOR_MODEL": str(generator),
+                "SENTIMENT_MODEL": str(classifier),
+                "MODEL_SOURCE": "local",
+                "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / name}.db",
+                "REDIS_URL": redis_server.url,
+                "CACHE_LOCK_TTL_S": str(LOCK_TTL_S),
+                "TORCH_NUM_THREADS": "1",
+                "LOG_LEVEL": "warning",
+                "INGRESS_RATE_LIMIT": "off",
+            }
+            url, _ = stack.enter_context(
+                server_process(
+                    [sys.executable, "-m", "server", "serve", "--port", str(port)], env, port, tmp_path / f"{name}.log"
+                )
+            )
             urls.append(url)
         yield urls
 
@@ -52,19 +62,40 @@ async def test_identical_requests_over_two_processes_compute_once(replicas):
 
 async def test_waiters_answer_when_the_lock_holder_process_dies(standins, redis_server, tmp_path):
     generator, classifier = standins
-    common = {"GENERATOR_MODEL": str(generator), "SENTIMENT_MODEL": str(classifier), "MODEL_SOURCE": "local",
-              "REDIS_URL": redis_server.url, "CACHE_LOCK_TTL_S": str(LOCK_TTL_S), "TORCH_NUM_THREADS": "1",
-              "LOG_LEVEL": "warning", "REQUEST_TIMEOUT_S": "120", "INGRESS_RATE_LIMIT": "off"}
+    common = {
+        "GENERATOR_MODEL": str(generator),
+        "SENTIMENT_MODEL": str(classifier),
+        "MODEL_SOURCE": "local",
+        "REDIS_URL": redis_server.url,
+        "CACHE_LOCK_TTL_S": str(LOCK_TTL_S),
+        "TORCH_NUM_THREADS": "1",
+        "LOG_LEVEL": "warning",
+        "REQUEST_TIMEOUT_S": "120",
+        "INGRESS_RATE_LIMIT": "off",
+    }
     with ExitStack() as stack:
         (holder, holder_process), (waiter, _) = (
-            stack.enter_context(server_process([sys.executable, "-m", "server", "serve", "--port", str(port)],
-                                               {**common, "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/{n}.db"},
-                                               port, tmp_path / f"{n}.log"))
-            for n, port in (("holder", free_port()), ("waiter", free_port())))
+            stack.enter_context(
+                server_process(
+                    [sys.executable, "-m", "server", "serve", "--port", str(port)],
+                    {**common, "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/{n}.db"},
+                    port,
+                    tmp_path / f"{n}.log",
+                )
+            )
+            for n, port in (("holder", free_port()), ("waiter", free_port()))
+        )
         target = {"prompts": ["The holder dies holding this"], "max_new_tokens": 4}
         async with httpx.AsyncClient(timeout=120) as client:
-            backlog = [asyncio.create_task(client.post(f"{holder}/generate", json={
-                "prompts": [f"busy {i} {j}" for j in range(32)], "max_new_tokens": 256})) for i in range(10)]
+            backlog = [
+                asyncio.create_task(
+                    client.post(
+                        f"{holder}/generate",
+                        json={"prompts": [f"busy {i} {j}" for j in range(32)], "max_new_tokens": 256},
+                    )
+                )
+                for i in range(10)
+            ]
             await asyncio.sleep(0.5)
             doomed = asyncio.create_task(client.post(f"{holder}/generate", json=target))
             await asyncio.sleep(0.5)
@@ -81,20 +112,30 @@ async def test_waiters_answer_when_the_lock_holder_process_dies(standins, redis_
         assert elapsed < LOCK_TTL_S + 30
 
 
-async def test_four_processes_sharing_redis_admit_exactly_burst_plus_rate_times_duration(standins, redis_server,
-                                                                                         tmp_path):
+async def test_four_processes_sharing_redis_admit_exactly_burst_plus_rate_times_duration(
+    standins, redis_server, tmp_path
+):
     burst, rate, duration_s = 5, 10, 3.0
     generator, classifier = standins
     with ExitStack() as stack:
         urls = []
         for n in range(4):
             port = free_port()
-            env = {"GENERATOR_MODEL": str(generator), "SENTIMENT_MODEL": str(classifier), "MODEL_SOURCE": "local",
-                   "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/{n}.db", "REDIS_URL": redis_server.url,
-                   "INGRESS_RATE_LIMIT": f"{rate}/second;burst={burst}", "TORCH_NUM_THREADS": "1",
-                   "LOG_LEVEL": "warning"}
-            url, _ = stack.enter_context(server_process([sys.executable, "-m", "server", "serve", "--port", str(port)],
-                                                        env, port, tmp_path / f"{n}.log"))
+            env = {
+                "GENERATOR_MODEL": str(generator),
+                "SENTIMENT_MODEL": str(classifier),
+                "MODEL_SOURCE": "local",
+                "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/{n}.db",
+                "REDIS_URL": redis_server.url,
+                "INGRESS_RATE_LIMIT": f"{rate}/second;burst={burst}",
+                "TORCH_NUM_THREADS": "1",
+                "LOG_LEVEL": "warning",
+            }
+            url, _ = stack.enter_context(
+                server_process(
+                    [sys.executable, "-m", "server", "serve", "--port", str(port)], env, port, tmp_path / f"{n}.log"
+                )
+            )
             urls.append(url)
         statuses: list[int] = []
         sent_at: list[float] = []

@@ -23,13 +23,16 @@ BAD_SETTINGS = {"INGRESS_RATE_LIMIT": "5/min", "PORT": "abc", "MODEL_SOURCE": "f
 
 
 def run(command: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, env={**os.environ, **env},
-                          timeout=120, check=False)
+    return subprocess.run(
+        command, cwd=PROJECT_ROOT, capture_output=True, text=True, env={**os.environ, **env}, timeout=120, check=False
+    )
 
 
-@pytest.mark.parametrize("command", [[sys.executable, "-m", "server", "serve"],
-                                     [sys.executable, "-m", "uvicorn", "server.main:app", "--port", "1"]],
-                         ids=["python -m server serve", "uvicorn"])
+@pytest.mark.parametrize(
+    "command",
+    [[sys.executable, "-m", "server", "serve"], [sys.executable, "-m", "uvicorn", "server.main:app", "--port", "1"]],
+    ids=["python -m server serve", "uvicorn"],
+)
 def test_bad_settings_stop_the_start_with_one_line_each_and_exit_status_2(command):
     result = run(command, **BAD_SETTINGS)
     assert result.returncode == 2
@@ -56,16 +59,25 @@ async def current_revision(url: str) -> str:
 
 # Each process imports everything first, then all call upgrade() at one wall-clock instant: the race that made
 # all but one of them fail ("table already exists", UniqueViolationError) when nothing serialised migrations.
-UPGRADE_AT = "import sys, time; from server.db.migrate import upgrade; " \
-             "time.sleep(max(0.0, float(sys.argv[1]) - time.time())); upgrade(sys.argv[2])"
+UPGRADE_AT = (
+    "import sys, time; from server.db.migrate import upgrade; "
+    "time.sleep(max(0.0, float(sys.argv[1]) - time.time())); upgrade(sys.argv[2])"
+)
 
 
 @pytest.mark.parametrize("processes", [2, 4])
 def test_upgrades_started_at_the_same_instant_on_a_fresh_database_all_succeed(database_url, processes):
     start_at = time.time() + 4
-    running = [subprocess.Popen([sys.executable, "-c", UPGRADE_AT, str(start_at), database_url], cwd=PROJECT_ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for _ in range(processes)]
+    running = [
+        subprocess.Popen(
+            [sys.executable, "-c", UPGRADE_AT, str(start_at), database_url],
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(processes)
+    ]
     outcomes = [(process.wait(120), process.stdout.read()) for process in running]
     assert [status for status, _ in outcomes] == [0] * processes, [output for _, output in outcomes]
     assert asyncio.run(current_revision(database_url)) == head_revision(database_url)
@@ -73,16 +85,29 @@ def test_upgrades_started_at_the_same_instant_on_a_fresh_database_all_succeed(da
 
 def test_servers_started_together_on_a_fresh_database_all_come_up(standins, database_url, tmp_path: Path):
     generator, classifier = standins
-    env = {**os.environ, "GENERATOR_MODEL": str(generator), "SENTIMENT_MODEL": str(classifier),
-           "MODEL_SOURCE": "local", "DATABASE_URL": database_url, "RECORD_SPILL_DIR": str(tmp_path / "spill"),
-           "TORCH_NUM_THREADS": "1", "LOG_LEVEL": "warning", "BATCH_WORKER": "off"}
+    env = {
+        **os.environ,
+        "GENERATOR_MODEL": str(generator),
+        "SENTIMENT_MODEL": str(classifier),
+        "MODEL_SOURCE": "local",
+        "DATABASE_URL": database_url,
+        "RECORD_SPILL_DIR": str(tmp_path / "spill"),
+        "TORCH_NUM_THREADS": "1",
+        "LOG_LEVEL": "warning",
+        "BATCH_WORKER": "off",
+    }
     ports = [free_port() for _ in range(4)]
     with ExitStack() as stack:
         processes = []
         for port in ports:
             log = stack.enter_context((tmp_path / f"{port}.log").open("w"))
-            process = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port)], env=env,
-                                       cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "server", "serve", "--port", str(port)],
+                env=env,
+                cwd=PROJECT_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
             stack.callback(process.wait, 30)
             stack.callback(process.terminate)
             processes.append(process)
@@ -102,16 +127,29 @@ def test_servers_started_together_on_a_fresh_database_all_come_up(standins, data
     assert asyncio.run(current_revision(database_url)) == head_revision(database_url)
 
 
-def start_server(standins, tmp_path: Path, command: tuple[str, ...] = ("-m", "server", "serve"),
-                 **settings: str) -> tuple[subprocess.Popen, int]:
+def start_server(
+    standins, tmp_path: Path, command: tuple[str, ...] = ("-m", "server", "serve"), **settings: str
+) -> tuple[subprocess.Popen, int]:
     """A server process (`python <command> --port N`) answering /health; its output in tmp_path/server.log."""
     generator, classifier = standins
     port = free_port()
-    env = {**os.environ, "GENERATOR_MODEL": str(generator), "SENTIMENT_MODEL": str(classifier),
-           "MODEL_SOURCE": "local", "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'server.db'}",
-           "RECORD_SPILL_DIR": str(tmp_path / "spill"), "TORCH_NUM_THREADS": "1", **settings}
-    process = subprocess.Popen([sys.executable, *command, "--port", str(port)], env=env,
-                               cwd=PROJECT_ROOT, stdout=(tmp_path / "server.log").open("w"), stderr=subprocess.STDOUT)
+    env = {
+        **os.environ,
+        "GENERATOR_MODEL": str(generator),
+        "SENTIMENT_MODEL": str(classifier),
+        "MODEL_SOURCE": "local",
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'server.db'}",
+        "RECORD_SPILL_DIR": str(tmp_path / "spill"),
+        "TORCH_NUM_THREADS": "1",
+        **settings,
+    }
+    process = subprocess.Popen(
+        [sys.executable, *command, "--port", str(port)],
+        env=env,
+        cwd=PROJECT_ROOT,
+        stdout=(tmp_path / "server.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         try:

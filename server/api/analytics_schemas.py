@@ -111,8 +111,7 @@ class AnalyzeIn(_Window):
 
 class ReportOut(BaseModel):
     source: Literal["gemini", "fallback"]
-    reason: str | None = Field(description="why a fallback: no_key, quota, timeout, unavailable, invalid_answer, "
-                                                   "error")
+    reason: str | None = Field(description="why a fallback: no_key, quota, timeout, unavailable, invalid_answer, error")
     model: str
     summary: str
     severity: Severity

@@ -28,8 +28,9 @@ JSONObject = Annotated[dict, AfterValidator(_storable_json)]
 
 Provider = Literal["openai", "anthropic", "gemini", "local"]
 Kind = Literal["chat", "embedding", "generate", "predict"]
-JobStatus = Literal["queued", "submitted", "in_progress", "completed", "partially_completed", "failed", "cancelled",
-                    "expired"]
+JobStatus = Literal[
+    "queued", "submitted", "in_progress", "completed", "partially_completed", "failed", "cancelled", "expired"
+]
 ItemStatus = Literal["queued", "submitted", "succeeded", "failed", "cancelled", "expired"]
 Name = Annotated[Text, Field(min_length=1, max_length=200)]
 Priority = Annotated[StrictInt, Field(ge=1, le=10, description="Higher runs first")]
@@ -40,16 +41,32 @@ class RequestIn(BaseModel):
     model_config = REQUEST_CONFIG
 
     custom_id: Annotated[Text, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Unique in its job")]
-    body: JSONObject = Field(description="`messages` (chat), `input` (embedding), `prompt` (generate) or `text` "
-                                         "(predict), plus options such as `max_tokens` and `temperature`")
+    body: JSONObject = Field(
+        description="`messages` (chat), `input` (embedding), `prompt` (generate) or `text` "
+        "(predict), plus options such as `max_tokens` and `temperature`"
+    )
 
 
 class JobCreate(BaseModel):
-    model_config = REQUEST_CONFIG | ConfigDict(json_schema_extra={"examples": [{
-        "name": "nightly scoring", "provider": "openai", "model": "gpt-4o-mini", "kind": "chat",
-        "job_type": "creative_scoring", "requests": [
-            {"custom_id": "ad-1", "body": {"messages": [{"role": "user", "content": "Score this ad: ..."}],
-                                           "max_tokens": 50}}]}]})
+    model_config = REQUEST_CONFIG | ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "nightly scoring",
+                    "provider": "openai",
+                    "model": "gpt-4o-mini",
+                    "kind": "chat",
+                    "job_type": "creative_scoring",
+                    "requests": [
+                        {
+                            "custom_id": "ad-1",
+                            "body": {"messages": [{"role": "user", "content": "Score this ad: ..."}], "max_tokens": 50},
+                        }
+                    ],
+                }
+            ]
+        }
+    )
 
     name: Name
     description: Annotated[Text, Field(max_length=2000)] = ""
@@ -59,9 +76,19 @@ class JobCreate(BaseModel):
     job_type: Annotated[Text, Field(min_length=1, max_length=100)] = "default"
     priority: Priority = 5
     schedule: Schedule = Field("window", description="`window`: the next scheduled run (BATCH_SCHEDULE); `now`")
-    webhook_url: Annotated[Text, Field(max_length=2000, description=(
-        "Called (POST, signed) when the job finishes: https, to a public address (see WEBHOOK_ALLOW_HTTP, "
-        "WEBHOOK_ALLOWED_HOSTS); refused with 422 otherwise. Answers show only its scheme and host"))] | None = None
+    webhook_url: (
+        Annotated[
+            Text,
+            Field(
+                max_length=2000,
+                description=(
+                    "Called (POST, signed) when the job finishes: https, to a public address (see WEBHOOK_ALLOW_HTTP, "
+                    "WEBHOOK_ALLOWED_HOSTS); refused with 422 otherwise. Answers show only its scheme and host"
+                ),
+            ),
+        ]
+        | None
+    ) = None
     metadata: JSONObject = {}
     requests: list[RequestIn] = Field([], max_length=100_000)
 
@@ -182,9 +209,19 @@ class ProcessOut(BaseModel):
 
 
 class QueueIn(BaseModel):
-    model_config = REQUEST_CONFIG | ConfigDict(json_schema_extra={"examples": [{
-        "job_type": "nightly_summaries", "provider": "local", "model": "gpt2", "kind": "generate",
-        "data": {"prompt": "Summarise: ...", "max_tokens": 40}}]})
+    model_config = REQUEST_CONFIG | ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "job_type": "nightly_summaries",
+                    "provider": "local",
+                    "model": "gpt2",
+                    "kind": "generate",
+                    "data": {"prompt": "Summarise: ...", "max_tokens": 40},
+                }
+            ]
+        }
+    )
 
     job_type: Annotated[Text, Field(min_length=1, max_length=100)]
     provider: Provider
@@ -236,8 +273,10 @@ class AlertOut(BaseModel):
 
 class BatchHealthOut(BaseModel):
     status: Literal["ok", "degraded"]
-    tasks: dict[str, dict] = Field(description="Per background loop of this process (batch-worker, "
-                                   "batch-local-runner): its state, failures and last error")
+    tasks: dict[str, dict] = Field(
+        description="Per background loop of this process (batch-worker, "
+        "batch-local-runner): its state, failures and last error"
+    )
     scheduler: SchedulerOut
     leader: dict | None = Field(description="The process holding the worker lease (owner, expires_at), if any")
     last_run_at: UtcDatetime | None = Field(description="This process's last worker tick")

@@ -22,8 +22,15 @@ CLIENT_CLOSED = 499  # nginx's code for a client that left before the answer
 
 
 class BodyGuardMiddleware:
-    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float, deadline_s: float,
-                 path_limits: dict[str, tuple[int, str]] | None = None):
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        timeout_s: float,
+        deadline_s: float,
+        path_limits: dict[str, tuple[int, str]] | None = None,
+    ):
         self.app = app
         self.max_bytes = max_bytes
         # Paths whose bodies are bounded by a setting of their own: path -> (bytes, the setting's name).

@@ -50,12 +50,15 @@ async def cache_bypass(runtime: RuntimeDep, cache_control: Annotated[str | None,
 CacheBypassDep = Annotated[bool, Depends(cache_bypass)]
 
 
-async def respond_async(prefer: Annotated[str | None, Header(description="`respond-async`: answer 202 at once and "
-                                                                       "run the work as a local batch item")] = None
-                        ) -> bool:
+async def respond_async(
+    prefer: Annotated[
+        str | None, Header(description="`respond-async`: answer 202 at once and run the work as a local batch item")
+    ] = None,
+) -> bool:
     """Whether the client prefers an asynchronous answer (RFC 7240 `Prefer: respond-async`)."""
-    return prefer is not None and any(token.split(";")[0].strip().lower() == "respond-async"
-                                      for token in prefer.split(","))
+    return prefer is not None and any(
+        token.split(";")[0].strip().lower() == "respond-async" for token in prefer.split(",")
+    )
 
 
 RespondAsyncDep = Annotated[bool, Depends(respond_async)]
@@ -64,8 +67,9 @@ RespondAsyncDep = Annotated[bool, Depends(respond_async)]
 def accepted(queued: list) -> JSONResponse:
     """202 for deferred work: where to follow each item (`Location`: the first)."""
     body = [{"item_id": q.item_id, "job_id": q.job_id, "url": f"/batch/items/{q.item_id}"} for q in queued]
-    return JSONResponse(body, status_code=202, headers={"Location": body[0]["url"],
-                                                          "Preference-Applied": "respond-async"})
+    return JSONResponse(
+        body, status_code=202, headers={"Location": body[0]["url"], "Preference-Applied": "respond-async"}
+    )
 
 
 def x_cache(cached: list[bool]) -> str:
@@ -106,15 +110,24 @@ PrincipalDep = Annotated[Principal, Depends(authenticate)]
 async def require_admin(principal: PrincipalDep) -> Principal:
     """For operations that change the server for everyone or reach every tenant: 403 for an ordinary key."""
     if not principal.admin:
-        raise HTTPException(403, "this operation needs an admin key (ADMIN_API_KEYS, or role = \"admin\" in "
-                                 "API_KEYS_FILE)")
+        raise HTTPException(
+            403, 'this operation needs an admin key (ADMIN_API_KEYS, or role = "admin" in API_KEYS_FILE)'
+        )
     return principal
 
 
 AdminDep = Annotated[Principal, Depends(require_admin)]
-TenantQuery = Annotated[str | None, Query(min_length=1, max_length=64, description=(
-    "Admin keys only: the data of this tenant alone (by default an admin sees every tenant's); another key gets "
-    "403 for any tenant but its own"))]
+TenantQuery = Annotated[
+    str | None,
+    Query(
+        min_length=1,
+        max_length=64,
+        description=(
+            "Admin keys only: the data of this tenant alone (by default an admin sees every tenant's); another key "
+            "gets 403 for any tenant but its own"
+        ),
+    ),
+]
 
 
 async def read_scope(principal: PrincipalDep, tenant: TenantQuery = None) -> str | None:

@@ -54,8 +54,12 @@ class Drain:
         return True
 
     def _drain(self, loop: asyncio.AbstractEventLoop, stop: Handler, signum: int) -> None:
-        log.warning("SIGTERM: draining for %g s (/health answers 503, requests are still served), then stopping; "
-                    "requests still open %g s later are cut with 503", self.drain_s, self.shutdown_timeout_s)
+        log.warning(
+            "SIGTERM: draining for %g s (/health answers 503, requests are still served), then stopping; "
+            "requests still open %g s later are cut with 503",
+            self.drain_s,
+            self.shutdown_timeout_s,
+        )
         loop.call_later(self.drain_s, self._stop, loop, stop, signum)
 
     def _stop(self, loop: asyncio.AbstractEventLoop, stop: Handler, signum: int) -> None:
@@ -64,8 +68,11 @@ class Drain:
 
     def _cut(self) -> None:
         if self.requests:
-            log.warning("cutting %d request(s) still open %g s after the drain (SHUTDOWN_TIMEOUT_S): 503",
-                        len(self.requests), self.shutdown_timeout_s)
+            log.warning(
+                "cutting %d request(s) still open %g s after the drain (SHUTDOWN_TIMEOUT_S): 503",
+                len(self.requests),
+                self.shutdown_timeout_s,
+            )
         self.cut = True
         for task in self.requests:
             task.cancel()
@@ -101,7 +108,10 @@ class DrainMiddleware:
             if started:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             else:
-                await JSONResponse({"detail": "the server is shutting down: retry (another replica answers)"}, 503,
-                                   {"Connection": "close", "Retry-After": "1"})(scope, receive, send)
+                await JSONResponse(
+                    {"detail": "the server is shutting down: retry (another replica answers)"},
+                    503,
+                    {"Connection": "close", "Retry-After": "1"},
+                )(scope, receive, send)
         finally:
             drain.requests.discard(task)

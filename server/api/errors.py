@@ -51,22 +51,29 @@ def excerpt(value: Any, depth: int = 0) -> Any:
     if isinstance(value, list | tuple | dict):
         if depth >= _EXCERPT_DEPTH or len(value) > _EXCERPT_ITEMS:
             return _summary(value)
-        shown = ({_clip(str(k)): excerpt(v, depth + 1) for k, v in value.items()} if isinstance(value, dict)
-                 else [excerpt(v, depth + 1) for v in value])
+        shown = (
+            {_clip(str(k)): excerpt(v, depth + 1) for k, v in value.items()}
+            if isinstance(value, dict)
+            else [excerpt(v, depth + 1) for v in value]
+        )
         return shown if len(json.dumps(shown)) <= EXCERPT_CHARS else _summary(value)
     return f"<{type(value).__name__}>"
 
 
 def _safe_error(error: dict) -> dict:
     """One entry of FastAPI's 422 list, every part of it safe to encode and short."""
-    safe: dict[str, Any] = {"type": _clip(str(error.get("type", "value_error"))),
-            "loc": [part if isinstance(part, int) else _clip(str(part)) for part in error.get("loc", ())],
-            "msg": str(error.get("msg", "")).encode("utf-8", "backslashreplace").decode("utf-8")}
+    safe: dict[str, Any] = {
+        "type": _clip(str(error.get("type", "value_error"))),
+        "loc": [part if isinstance(part, int) else _clip(str(part)) for part in error.get("loc", ())],
+        "msg": str(error.get("msg", "")).encode("utf-8", "backslashreplace").decode("utf-8"),
+    }
     if "input" in error:
         safe["input"] = excerpt(error["input"])
-    ctx = {key: _clip(str(value)) if isinstance(value, BaseException) else excerpt(value)
-           for key, value in (error.get("ctx") or {}).items()
-           if isinstance(value, BaseException | str | int | float | None)}
+    ctx = {
+        key: _clip(str(value)) if isinstance(value, BaseException) else excerpt(value)
+        for key, value in (error.get("ctx") or {}).items()
+        if isinstance(value, BaseException | str | int | float | None)
+    }
     if ctx:
         safe["ctx"] = ctx
     if safe["type"] == "json_invalid" and "error" in ctx:
@@ -83,20 +90,23 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         if "json" not in request.headers.get("content-type", ""):
             for error in detail:
                 if error["loc"] == ["body"] and error["type"] == "model_attributes_type":
-                    error["msg"] += (" (the body was not read as JSON: send the header 'content-type: "
-                                     "application/json')")
+                    error["msg"] += " (the body was not read as JSON: send the header 'content-type: application/json')"
         return JSONResponse({"detail": detail}, status_code=422)
     except Exception:  # the answer to bad input must never itself fail
         logger.exception("could not describe a request validation error")
-        return JSONResponse({"detail": [{"type": "value_error", "loc": ["body"], "msg": "invalid request"}]},
-                            status_code=422)
+        return JSONResponse(
+            {"detail": [{"type": "value_error", "loc": ["body"], "msg": "invalid request"}]}, status_code=422
+        )
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # Starlette answers this outside the middleware stack, so the request-id middleware cannot add its header.
     request_id = REQUEST_ID.get()
-    return JSONResponse({"detail": "internal server error"}, status_code=500,
-                        headers={"X-Request-ID": request_id} if request_id else None)
+    return JSONResponse(
+        {"detail": "internal server error"},
+        status_code=500,
+        headers={"X-Request-ID": request_id} if request_id else None,
+    )
 
 
 async def _input_error(request: Request, exc: InputError) -> JSONResponse:
@@ -121,8 +131,9 @@ async def _blocked(request: Request, exc: BlockedPrompt) -> JSONResponse:
 
 
 async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=503,
-                        headers={"Retry-After": str(math.ceil(exc.retry_after_s))})
+    return JSONResponse(
+        {"detail": str(exc)}, status_code=503, headers={"Retry-After": str(math.ceil(exc.retry_after_s))}
+    )
 
 
 async def _deadline(request: Request, exc: DeadlineExceeded) -> JSONResponse:

@@ -23,8 +23,9 @@ class JSONBodyRequest(Request):
             except json.JSONDecodeError:
                 raise
             except UnicodeDecodeError as exc:
-                raise json.JSONDecodeError(f"body is not valid {exc.encoding.upper()} JSON ({exc.reason} at byte "
-                                           f"{exc.start})", "", exc.start) from None
+                raise json.JSONDecodeError(
+                    f"body is not valid {exc.encoding.upper()} JSON ({exc.reason} at byte {exc.start})", "", exc.start
+                ) from None
             except RecursionError:
                 raise json.JSONDecodeError("body nested too deeply", "", 0) from None
             except ValueError as exc:

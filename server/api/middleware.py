@@ -57,8 +57,12 @@ def route_template(scope: Scope) -> str:
 def route_templates(routers: Iterable[APIRouter]) -> list[tuple[str, re.Pattern[str]]]:
     """The path templates of included routers' routes, compiled once for `route_template` (FastAPI matches an
     included router as a whole, so its routes are not among the app's own)."""
-    return [(route.path, compile_path(route.path)[0]) for router in routers for route in router.routes
-            if isinstance(route, APIRoute)]
+    return [
+        (route.path, compile_path(route.path)[0])
+        for router in routers
+        for route in router.routes
+        if isinstance(route, APIRoute)
+    ]
 
 
 def request_id_of(scope: Scope) -> str:
@@ -78,8 +82,12 @@ def record_refusal(scope: Scope, started: float, status: int) -> None:
     runtime = getattr(scope["app"].state, "runtime", None)
     if runtime is None or scope["method"] != "POST":
         return
-    service = {"/generate": runtime.generation, "/v1/completions": runtime.generation,
-               "/v1/chat/completions": runtime.generation, "/predict": runtime.sentiment}.get(scope["path"])
+    service = {
+        "/generate": runtime.generation,
+        "/v1/completions": runtime.generation,
+        "/v1/chat/completions": runtime.generation,
+        "/predict": runtime.sentiment,
+    }.get(scope["path"])
     if service is None:
         return
     principal = runtime.keys.identify(bearer_token(scope))
@@ -126,5 +134,11 @@ class ObservedRequestMiddleware:
         metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
         metrics.HTTP_LATENCY.labels(method, route).observe(duration_s)
         duration_ms = round(duration_s * 1000, 1)
-        access_log.info("%s %s %s %.1f ms", method, route, status, duration_ms,
-                        extra={"method": method, "route": route, "status": status, "duration_ms": duration_ms})
+        access_log.info(
+            "%s %s %s %.1f ms",
+            method,
+            route,
+            status,
+            duration_ms,
+            extra={"method": method, "route": route, "status": status, "duration_ms": duration_ms},
+        )

@@ -15,12 +15,28 @@ from server.core.tenants import UNAUTHORIZED
 from server.services.limits.decide import LimiterUnavailable
 
 # The dashboard page holds no figures (its script asks the limited JSON routes, with the key).
-OPEN_PATHS = frozenset({"/", "/health", "/health/live", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc",
-                        "/openapi.json", "/dashboard"})
+OPEN_PATHS = frozenset(
+    {
+        "/",
+        "/health",
+        "/health/live",
+        "/metrics",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+        "/openapi.json",
+        "/dashboard",
+    }
+)
 # The docs' assets (and any page served from /static): a page load fetches several, none costs more than a file read.
 OPEN_PREFIXES = ("/static/",)
-ROUTE_GROUPS = {"/generate": "generate", "/v1/completions": "generate", "/v1/chat/completions": "generate",
-                "/predict": "predict", "/analyze/performance": "analyze"}
+ROUTE_GROUPS = {
+    "/generate": "generate",
+    "/v1/completions": "generate",
+    "/v1/chat/completions": "generate",
+    "/predict": "predict",
+    "/analyze/performance": "analyze",
+}
 
 
 def bearer_token(scope: Scope) -> str | None:
@@ -41,9 +57,17 @@ def client_identity(scope: Scope, runtime) -> str:
 
 async def _json(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]]) -> None:
     payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -62,21 +86,28 @@ class IngressRateLimitMiddleware:
             await _json(send, 401, {"detail": UNAUTHORIZED}, [(b"www-authenticate", b"Bearer")])
             return
         try:
-            decision = await runtime.ingress.check(ROUTE_GROUPS.get(scope["path"], "default"),
-                                                   client_identity(scope, runtime))
+            decision = await runtime.ingress.check(
+                ROUTE_GROUPS.get(scope["path"], "default"), client_identity(scope, runtime)
+            )
         except LimiterUnavailable as exc:
             await _json(send, 503, {"detail": str(exc)}, [(b"retry-after", b"1")])
             return
         if decision is None:
             await self.app(scope, receive, send)
             return
-        headers = [(b"ratelimit-policy", ", ".join(s.policy.header for s in decision.states).encode()),
-                   (b"ratelimit", ", ".join(s.header for s in decision.states).encode())]
+        headers = [
+            (b"ratelimit-policy", ", ".join(s.policy.header for s in decision.states).encode()),
+            (b"ratelimit", ", ".join(s.header for s in decision.states).encode()),
+        ]
         if not decision.allowed:
             retry_after = max(1, math.ceil(decision.retry_after_s))
             names = ", ".join(decision.denied_by)
-            await _json(send, 429, {"detail": f"rate limit exceeded (policy {names}); retry after {retry_after} s",
-                                    "policy": names}, [(b"retry-after", str(retry_after).encode()), *headers])
+            await _json(
+                send,
+                429,
+                {"detail": f"rate limit exceeded (policy {names}); retry after {retry_after} s", "policy": names},
+                [(b"retry-after", str(retry_after).encode()), *headers],
+            )
             return
 
         async def with_headers(message: Message) -> None:

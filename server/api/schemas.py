@@ -16,18 +16,23 @@ UtcDatetime = Annotated[datetime, AfterValidator(lambda d: d if d.tzinfo else d.
 
 
 class GenerateRequest(BaseModel):
-    model_config = REQUEST_CONFIG | ConfigDict(json_schema_extra={
-        "examples": [{"prompts": ["Once upon a time"], "max_new_tokens": 20}]})
+    model_config = REQUEST_CONFIG | ConfigDict(
+        json_schema_extra={"examples": [{"prompts": ["Once upon a time"], "max_new_tokens": 20}]}
+    )
 
     prompts: list[Prompt] = Field(min_length=1, max_length=32)
     max_new_tokens: int | None = Field(None, ge=1, le=256, description="New tokens per prompt (default 50)")
-    max_length: int | None = Field(None, ge=2, le=1_000_000,
-                                   description="Total tokens, prompt included (instead of max_new_tokens)")
+    max_length: int | None = Field(
+        None, ge=2, le=1_000_000, description="Total tokens, prompt included (instead of max_new_tokens)"
+    )
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy (deterministic)")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**63, description="Makes sampling reproducible")
-    stream: bool = Field(False, description="Answer `text/event-stream`: token chunks as they are decoded, then "
-                                            "each prompt's final event, then `[DONE]`")
+    stream: bool = Field(
+        False,
+        description="Answer `text/event-stream`: token chunks as they are decoded, then "
+        "each prompt's final event, then `[DONE]`",
+    )
 
     @model_validator(mode="after")
     def one_length(self) -> "GenerateRequest":
@@ -50,8 +55,10 @@ class GenerationOut(BaseModel):
     created_at: datetime
     finish_reason: Literal["stop", "length"]
     usage: Usage
-    cached: bool = Field(description="True when this item was not computed for this request (cache hit, or "
-                                     "answered by a concurrent identical request's computation)")
+    cached: bool = Field(
+        description="True when this item was not computed for this request (cache hit, or "
+        "answered by a concurrent identical request's computation)"
+    )
 
 
 class PredictRequest(BaseModel):
@@ -128,12 +135,16 @@ class HealthOut(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    name: str = Field(description="The `model_name` of answers: the model id, with `:int8` when served in int8 and "
-                      "`:<device>:<dtype>` unless on the CPU in float32 (e.g. `gpt2:cuda:bfloat16`)")
+    name: str = Field(
+        description="The `model_name` of answers: the model id, with `:int8` when served in int8 and "
+        "`:<device>:<dtype>` unless on the CPU in float32 (e.g. `gpt2:cuda:bfloat16`)"
+    )
     revision: str = Field(description="The weights served (checkpoint revision, with the same suffixes as `name`)")
     precision: Literal["fp32", "int8"] = Field(description="GENERATOR_PRECISION or SENTIMENT_PRECISION")
-    kernels: Literal["onednn", "torch"] = Field(description="Who computes the fp32 Linear layers: oneDNN or torch's "
-                                                "default GEMM (GENERATOR_FP32_KERNELS, SENTIMENT_FP32_KERNELS)")
+    kernels: Literal["onednn", "torch"] = Field(
+        description="Who computes the fp32 Linear layers: oneDNN or torch's "
+        "default GEMM (GENERATOR_FP32_KERNELS, SENTIMENT_FP32_KERNELS)"
+    )
     device: str = Field(description="Where the model runs: cpu, or cuda:N (DEVICE)")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(description="GENERATOR_DTYPE or SENTIMENT_DTYPE, resolved")
     offline_stand_in: bool

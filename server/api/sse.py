@@ -19,8 +19,9 @@ def _data(payload: dict | str) -> bytes:
     return format_sse_event(data_str=payload if isinstance(payload, str) else json.dumps(payload))
 
 
-async def _frames(stream: GenerationStream, render: Render, render_error: RenderError,
-                  closing: Callable[[], Iterable[dict]]) -> AsyncIterator[bytes]:
+async def _frames(
+    stream: GenerationStream, render: Render, render_error: RenderError, closing: Callable[[], Iterable[dict]]
+) -> AsyncIterator[bytes]:
     try:
         async for event in stream.events():
             for payload in render(event):
@@ -35,8 +36,13 @@ async def _frames(stream: GenerationStream, render: Render, render_error: Render
     yield _data("[DONE]")
 
 
-def event_stream(stream: GenerationStream, render: Render, render_error: RenderError,
-                 closing: Callable[[], Iterable[dict]] = lambda: ()) -> EventSourceResponse:
+def event_stream(
+    stream: GenerationStream,
+    render: Render,
+    render_error: RenderError,
+    closing: Callable[[], Iterable[dict]] = lambda: (),
+) -> EventSourceResponse:
     """The response for a started stream; the client going away closes the iterator, which cancels the request."""
-    return EventSourceResponse(_frames(stream, render, render_error, closing),
-                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventSourceResponse(
+        _frames(stream, render, render_error, closing), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )

@@ -28,12 +28,19 @@ def _agreement(reference: Sequence, candidate: Sequence) -> Agreement:
 
 
 def _in_batches(call: Callable[[Sequence], list], inputs: Sequence, batch_size: int) -> list:
-    return [output for start in range(0, len(inputs), batch_size)
-            for output in call(inputs[start:start + batch_size])]
+    return [
+        output for start in range(0, len(inputs), batch_size) for output in call(inputs[start : start + batch_size])
+    ]
 
 
-def greedy_agreement(reference: TextGenerator, candidate: TextGenerator, prompts: Sequence[str], *,
-                     new_tokens: int = 16, batch_size: int = 32) -> Agreement:
+def greedy_agreement(
+    reference: TextGenerator,
+    candidate: TextGenerator,
+    prompts: Sequence[str],
+    *,
+    new_tokens: int = 16,
+    batch_size: int = 32,
+) -> Agreement:
     """Of `prompts`, how many get the same greedy continuation from both generators.
 
     Each prompt is continued by `new_tokens` greedy tokens (fewer where the end-of-text token comes first), in
@@ -50,8 +57,9 @@ def greedy_agreement(reference: TextGenerator, candidate: TextGenerator, prompts
     return _agreement(continuations(reference), continuations(candidate))
 
 
-def label_agreement(reference: SentimentClassifier, candidate: SentimentClassifier, texts: Sequence[str], *,
-                    batch_size: int = 64) -> Agreement:
+def label_agreement(
+    reference: SentimentClassifier, candidate: SentimentClassifier, texts: Sequence[str], *, batch_size: int = 64
+) -> Agreement:
     """Of `texts`, how many get the same label from both classifiers (scores may differ), in batches of
     `batch_size` through `SentimentClassifier.classify`. Blocks: call it from a thread in async code."""
 

@@ -40,8 +40,11 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--records", type=int, default=1_000_000)
     command.add_argument("--days", type=int, default=30)
     command.add_argument("--repeat", type=int, default=20, help="timed queries")
-    command.add_argument("--database-url", help="an EMPTY database (default: a new SQLite file in a temporary "
-                                                "directory); PostgreSQL: postgresql+asyncpg://...")
+    command.add_argument(
+        "--database-url",
+        help="an EMPTY database (default: a new SQLite file in a temporary "
+        "directory); PostgreSQL: postgresql+asyncpg://...",
+    )
     command.add_argument("--seed", type=int, default=0)
 
 
@@ -51,12 +54,19 @@ def _records(count: int, start: datetime, days: int, rng: random.Random):
         endpoint = "generate" if rng.random() < 0.5 else "predict"
         failed = rng.random() < 0.02
         items = 0 if failed else rng.randint(1, 4)
-        yield {"id": uuid.uuid4().hex, "endpoint": endpoint, "model": MODELS[endpoint], "status": 504 if failed
-               else 200, "error": "DeadlineExceeded" if failed else None, "items": items,
-               "cached_items": sum(rng.random() < 0.3 for _ in range(items)), "tokens_in": 8 * items,
-               "tokens_out": 20 * items if endpoint == "generate" else 0,
-               "latency_ms": rng.lognormvariate(4.5, 0.8),
-               "created_at": start + timedelta(seconds=rng.random() * span_s)}
+        yield {
+            "id": uuid.uuid4().hex,
+            "endpoint": endpoint,
+            "model": MODELS[endpoint],
+            "status": 504 if failed else 200,
+            "error": "DeadlineExceeded" if failed else None,
+            "items": items,
+            "cached_items": sum(rng.random() < 0.3 for _ in range(items)),
+            "tokens_in": 8 * items,
+            "tokens_out": 20 * items if endpoint == "generate" else 0,
+            "latency_ms": rng.lognormvariate(4.5, 0.8),
+            "created_at": start + timedelta(seconds=rng.random() * span_s),
+        }
 
 
 async def fill(sessions, count: int, start: datetime, days: int, seed: int) -> float:
@@ -90,10 +100,13 @@ async def run(args: argparse.Namespace) -> dict:
             app.include_router(analytics.router)
             limiter = MemoryLimiter()
             # No keys (one open tenant, which sees every row) and no limits: the live figures list none.
-            app.state.runtime = SimpleNamespace(sessions=sessions, keys=KeyRing(),
-                                                reports=SimpleNamespace(queue_depths=dict),
-                                                ingress=IngressLimits(limiter, None, {}, fail_open=True),
-                                                egress=EgressGuard(limiter, {}, fail_open=True))
+            app.state.runtime = SimpleNamespace(
+                sessions=sessions,
+                keys=KeyRing(),
+                reports=SimpleNamespace(queue_depths=dict),
+                ingress=IngressLimits(limiter, None, {}, fail_open=True),
+                egress=EgressGuard(limiter, {}, fail_open=True),
+            )
             body = {"start": start.isoformat(), "end": end.isoformat(), "bucket": "hour"}
             timings = []
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench") as client:
@@ -106,11 +119,20 @@ async def run(args: argparse.Namespace) -> dict:
         finally:
             await engine.dispose()
     measured = timings[1:]
-    return {"database": engine.url.get_backend_name(), "records": args.records, "days": args.days,
-            "rollup_rows": rollups, "fill_s": round(fill_s, 1), "buckets": len(result["buckets"]),
-            "total_requests": result["total"]["requests"],
-            "aggregated_ms": {"p50": round(statistics.median(measured), 1), "max": round(max(measured), 1),
-                              "min": round(min(measured), 1)}}
+    return {
+        "database": engine.url.get_backend_name(),
+        "records": args.records,
+        "days": args.days,
+        "rollup_rows": rollups,
+        "fill_s": round(fill_s, 1),
+        "buckets": len(result["buckets"]),
+        "total_requests": result["total"]["requests"],
+        "aggregated_ms": {
+            "p50": round(statistics.median(measured), 1),
+            "max": round(max(measured), 1),
+            "min": round(min(measured), 1),
+        },
+    }
 
 
 def main(args: argparse.Namespace) -> None:

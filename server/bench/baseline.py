@@ -31,7 +31,12 @@ def health() -> dict:
 
 @app.post("/generate")
 def generate(request: GenerateRequest) -> list[dict]:
-    return [{"prompt": prompt,
-             "generated_text": generator(prompt, max_new_tokens=request.max_new_tokens, do_sample=False,
-                                         pad_token_id=tokenizer.eos_token_id)[0]["generated_text"]}
-            for prompt in request.prompts]
+    return [
+        {
+            "prompt": prompt,
+            "generated_text": generator(
+                prompt, max_new_tokens=request.max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
+            )[0]["generated_text"],
+        }
+        for prompt in request.prompts
+    ]

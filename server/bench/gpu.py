@@ -32,13 +32,22 @@ OFFLINE_TAG = "g"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", help="cpu (the CPU bench, default) or cuda / cuda:N (this GPU "
-                        "bench: transformers generate, our loop offline and the server, in one dtype)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                        help="the GPU bench's dtype (default: that of GENERATOR_DTYPE=auto on this GPU)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (the CPU bench, default) or cuda / cuda:N (this GPU "
+        "bench: transformers generate, our loop offline and the server, in one dtype)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="the GPU bench's dtype (default: that of GENERATOR_DTYPE=auto on this GPU)",
+    )
     parser.add_argument("--gpu-batch", type=int, default=32, help="the GPU bench's offline batch (default 32)")
-    parser.add_argument("--gpu-concurrency", default="1,32,256",
-                        help="the GPU bench's server client counts (default 1,32,256)")
+    parser.add_argument(
+        "--gpu-concurrency", default="1,32,256", help="the GPU bench's server client counts (default 1,32,256)"
+    )
     parser.add_argument("--gpu-new-tokens", default="16,128", help="the GPU bench's max_new_tokens (default 16,128)")
     parser.add_argument("--gpu-repeats", type=int, default=3, help="timed offline calls per shape (default 3)")
 
@@ -86,10 +95,10 @@ class GpuOffline:
         same = sum(a == b for a, b in zip(outputs["transformers_generate"], outputs["our_loop"], strict=True))
         row["greedy_identical"] = f"{same}/{size}"
         row["greedy_identical_share"] = same / size
-        row["our_loop_vs_generate_tokens_per_s"] = (row["our_loop"]["tokens_per_s"]
-                                                    / row["transformers_generate"]["tokens_per_s"])
-        row["our_loop_vs_generate_latency"] = (row["our_loop"]["latency_ms"]
-                                               / row["transformers_generate"]["latency_ms"])
+        row["our_loop_vs_generate_tokens_per_s"] = (
+            row["our_loop"]["tokens_per_s"] / row["transformers_generate"]["tokens_per_s"]
+        )
+        row["our_loop_vs_generate_latency"] = row["our_loop"]["latency_ms"] / row["transformers_generate"]["latency_ms"]
         return row
 
 
@@ -99,10 +108,16 @@ def measure_server(url: str, concurrency: int, rounds: int, new_tokens: int) -> 
 
     asyncio.run(run_load(url, min(concurrency, 8), 1, lambda client, round_: body(client + 10_000, round_)))
     result = asyncio.run(run_load(url, concurrency, rounds, body))
-    return {"concurrency": concurrency, "new_tokens": new_tokens, "requests": result.requests,
-            "failures": result.failures, "requests_per_s": result.requests_per_s,
-            "tokens_per_s": result.tokens_per_s, "p50_ms": result.percentile_ms(50),
-            "p95_ms": result.percentile_ms(95)}
+    return {
+        "concurrency": concurrency,
+        "new_tokens": new_tokens,
+        "requests": result.requests,
+        "failures": result.failures,
+        "requests_per_s": result.requests_per_s,
+        "tokens_per_s": result.tokens_per_s,
+        "p50_ms": result.percentile_ms(50),
+        "p95_ms": result.percentile_ms(95),
+    }
 
 
 def targets(offline: list[dict], server: list[dict], batch: int) -> dict:
@@ -118,8 +133,9 @@ def targets(offline: list[dict], server: list[dict], batch: int) -> dict:
         if 1 in by_batch:
             entry["our_loop_vs_generate_latency_batch_1"] = by_batch[1]["our_loop_vs_generate_latency"]
         if batch in by_batch and batch in served:
-            entry["server_vs_our_loop_offline"] = (served[batch]["tokens_per_s"]
-                                                   / by_batch[batch]["our_loop"]["tokens_per_s"])
+            entry["server_vs_our_loop_offline"] = (
+                served[batch]["tokens_per_s"] / by_batch[batch]["our_loop"]["tokens_per_s"]
+            )
         result[f"new_tokens_{tokens}"] = entry
     same = sum(int(row["greedy_identical"].split("/")[0]) for row in offline)
     result["greedy_identical"] = f"{same}/{sum(row['batch'] for row in offline)}"
@@ -140,8 +156,12 @@ def run(args: argparse.Namespace, generator_dir: Path, classifier_dir: Path, ser
         for size in sorted({1, args.gpu_batch}):
             offline.append(offline_bench.measure(size, tokens))
             print(f"offline batch {size}, {tokens} tokens: {offline[-1]}", file=sys.stderr)
-    env = {"DEVICE": args.device, "GENERATOR_DTYPE": args.dtype, "SENTIMENT_DTYPE": args.dtype,
-           "BATCH_MAX_SIZE": str(max(levels + [args.gpu_batch]))}
+    env = {
+        "DEVICE": args.device,
+        "GENERATOR_DTYPE": args.dtype,
+        "SENTIMENT_DTYPE": args.dtype,
+        "BATCH_MAX_SIZE": str(max(levels + [args.gpu_batch])),
+    }
     with serve("gpu", **env) as (url, _):
         for tokens in token_counts:
             for concurrency in levels:
@@ -151,28 +171,42 @@ def run(args: argparse.Namespace, generator_dir: Path, classifier_dir: Path, ser
     return {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {**memory(placement.device), "torch": torch.__version__, "cuda": torch.version.cuda},
-        "device": str(placement.device), "dtype": placement.dtype_name, "model": str(generator_dir),
-        "offline": offline, "server": server, "streaming": streaming,
+        "device": str(placement.device),
+        "dtype": placement.dtype_name,
+        "model": str(generator_dir),
+        "offline": offline,
+        "server": server,
+        "streaming": streaming,
         "targets": targets(offline, server, args.gpu_batch),
     }
 
 
 def table(results: dict) -> str:
-    lines = [f"GPU bench, {results['machine']['name']}, {results['dtype']}, {results['when']}",
-             "offline | batch | new tokens | generate tok/s | our loop tok/s | ratio | generate ms | our ms | greedy",
-             "---|---|---|---|---|---|---|---|---"]
+    lines = [
+        f"GPU bench, {results['machine']['name']}, {results['dtype']}, {results['when']}",
+        "offline | batch | new tokens | generate tok/s | our loop tok/s | ratio | generate ms | our ms | greedy",
+        "---|---|---|---|---|---|---|---|---",
+    ]
     for row in results["offline"]:
         ref, ours = row["transformers_generate"], row["our_loop"]
-        lines.append(f"| {row['batch']} | {row['new_tokens']} | {ref['tokens_per_s']:.0f} | {ours['tokens_per_s']:.0f}"
-                     f" | {row['our_loop_vs_generate_tokens_per_s']:.2f}x | {ref['latency_ms']:.1f} | "
-                     f"{ours['latency_ms']:.1f} | {row['greedy_identical']}")
-    lines += ["server | clients | new tokens | tok/s | req/s | p50 ms | p95 ms | failures",
-              "---|---|---|---|---|---|---|---"]
+        lines.append(
+            f"| {row['batch']} | {row['new_tokens']} | {ref['tokens_per_s']:.0f} | {ours['tokens_per_s']:.0f}"
+            f" | {row['our_loop_vs_generate_tokens_per_s']:.2f}x | {ref['latency_ms']:.1f} | "
+            f"{ours['latency_ms']:.1f} | {row['greedy_identical']}"
+        )
+    lines += [
+        "server | clients | new tokens | tok/s | req/s | p50 ms | p95 ms | failures",
+        "---|---|---|---|---|---|---|---",
+    ]
     for row in results["server"]:
-        lines.append(f"| {row['concurrency']} | {row['new_tokens']} | {row['tokens_per_s']:.0f} | "
-                     f"{row['requests_per_s']:.1f} | {row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['failures']}")
+        lines.append(
+            f"| {row['concurrency']} | {row['new_tokens']} | {row['tokens_per_s']:.0f} | "
+            f"{row['requests_per_s']:.1f} | {row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['failures']}"
+        )
     if results["streaming"]:
-        lines.append(f"first token p50 {results['streaming']['ttft_p50_ms']:.1f} ms "
-                     f"(prefill alone {results['streaming']['prefill_p50_ms']:.1f} ms)")
+        lines.append(
+            f"first token p50 {results['streaming']['ttft_p50_ms']:.1f} ms "
+            f"(prefill alone {results['streaming']['prefill_p50_ms']:.1f} ms)"
+        )
     lines.append(f"targets: {results['targets']}")
     return "\n".join(lines)

@@ -26,10 +26,29 @@ from server.ml.precision import PRECISIONS, Kernels, Precision, quantize_linear_
 
 BENCH_MODELS = PROJECT_ROOT / "models_cache" / "bench"
 SERVER_TAG = "s"
-TOPICS = ["rivers", "mountains", "robots", "gardens", "markets", "oceans", "libraries", "trains", "music", "bridges",
-          "forests", "deserts", "cities", "storms", "islands", "castles"]
-ENGINES: dict[str, tuple[Precision, Kernels]] = {"": ("fp32", "torch"), "fast_": ("fp32", "onednn"),
-                                                 "int8_": ("int8", "torch")}
+TOPICS = [
+    "rivers",
+    "mountains",
+    "robots",
+    "gardens",
+    "markets",
+    "oceans",
+    "libraries",
+    "trains",
+    "music",
+    "bridges",
+    "forests",
+    "deserts",
+    "cities",
+    "storms",
+    "islands",
+    "castles",
+]
+ENGINES: dict[str, tuple[Precision, Kernels]] = {
+    "": ("fp32", "torch"),
+    "fast_": ("fp32", "onednn"),
+    "int8_": ("int8", "torch"),
+}
 ENGINE_NAMES = {"": "transformers fp32 (generate)", "fast_": "fp32, our loop, oneDNN", "int8_": "int8, our loop"}
 
 
@@ -61,7 +80,7 @@ def _median_s(call: Callable[[], object], repeats: int) -> float:
 def gemm_gflops(size: int = 2048, repeats: int = 5) -> float:
     """This machine's sustained fp32 matrix-multiply rate, probed now (the fp32 arithmetic limit's yardstick)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size ** 3 / _median_s(lambda: torch.mm(a, b), repeats) / 1e9
+    return 2 * size**3 / _median_s(lambda: torch.mm(a, b), repeats) / 1e9
 
 
 def int8_gemm_gops(size: int = 2048, repeats: int = 5) -> float:
@@ -70,7 +89,7 @@ def int8_gemm_gops(size: int = 2048, repeats: int = 5) -> float:
     with torch.inference_mode():
         layer = quantize_linear_int8(nn.Sequential(nn.Linear(size, size, bias=False)))
         x = torch.randn(size, size)
-        return 2 * size ** 3 / _median_s(lambda: layer(x), repeats) / 1e9
+        return 2 * size**3 / _median_s(lambda: layer(x), repeats) / 1e9
 
 
 def flops_per_token(generator: TextGenerator) -> float:
@@ -83,13 +102,16 @@ class OfflineLimit:
 
     def __init__(self, model_dir: Path, batch_size: int, new_tokens: int, repeats: tuple[int, int]):
         location = locate(str(model_dir), "generator", "local", BENCH_MODELS)
-        self.models = {engine: TextGenerator.load(location, str(BENCH_MODELS), precision, kernels)
-                       for engine, (precision, kernels) in ENGINES.items()}
+        self.models = {
+            engine: TextGenerator.load(location, str(BENCH_MODELS), precision, kernels)
+            for engine, (precision, kernels) in ENGINES.items()
+        }
         self.generator = self.models[""]
         self.params = GenerationParams(max_new_tokens=new_tokens)
         self.engines: dict[str, Callable[[list[list[int]]], object]] = {
             engine: partial(self._our_loop, model) if engine else partial(model.generate, params=self.params)
-            for engine, model in self.models.items()}
+            for engine, model in self.models.items()
+        }
         self.sizes = dict(zip((1, batch_size), repeats, strict=True))
         self.brackets: list[dict[str, list[float]]] = []
         for engine in self.engines:
@@ -110,8 +132,13 @@ class OfflineLimit:
     def measure(self) -> None:
         """One bracket: every engine and size, `repeats` calls each."""
         first = len(self.brackets) * max(self.sizes.values())
-        self.brackets.append({f"{engine}batch_{size}": [self._run(engine, size, first + k) for k in range(repeat)]
-                              for engine in self.engines for size, repeat in self.sizes.items()})
+        self.brackets.append(
+            {
+                f"{engine}batch_{size}": [self._run(engine, size, first + k) for k in range(repeat)]
+                for engine in self.engines
+                for size, repeat in self.sizes.items()
+            }
+        )
 
     def _limits(self, brackets: list[dict[str, list[float]]]) -> dict:
         """Median latency and throughput of each engine and size over `brackets`."""
@@ -119,8 +146,12 @@ class OfflineLimit:
         for engine in self.engines:
             for size in self.sizes:
                 median = statistics.median(t for bracket in brackets for t in bracket[f"{engine}batch_{size}"])
-                limits[f"{engine}batch_{size}"] = {"batch_size": size, "latency_ms": median * 1000,
-                                                   "requests_per_s": size / median, "brackets": len(brackets)}
+                limits[f"{engine}batch_{size}"] = {
+                    "batch_size": size,
+                    "latency_ms": median * 1000,
+                    "requests_per_s": size / median,
+                    "brackets": len(brackets),
+                }
         return limits
 
     def latest(self) -> dict:
@@ -137,20 +168,33 @@ class OfflineLimit:
         limits, per_token = self.overall(), flops_per_token(self.generator)
         probes = {"fp32": gemm_gflops(), "int8": int8_gemm_gops()}
         prompts = [prompt(f"{SERVER_TAG}{batch_size}", i, 0) for i in range(batch_size)]
-        summary: dict = {"gemm_gflops": probes["fp32"], "int8_gemm_gops": probes["int8"],
-                         "gflop_per_token": per_token / 1e9, "compared": len(prompts)}
+        summary: dict = {
+            "gemm_gflops": probes["fp32"],
+            "int8_gemm_gops": probes["int8"],
+            "gflop_per_token": per_token / 1e9,
+            "compared": len(prompts),
+        }
         reference = limits[f"batch_{batch_size}"], limits["batch_1"]
         for engine, (precision, _) in ENGINES.items():
             full, lone = limits[f"{engine}batch_{batch_size}"], limits[f"{engine}batch_1"]
             tokens_per_s = full["requests_per_s"] * new_tokens
-            identical = (len(prompts) if not engine else greedy_agreement(
-                self.generator, self.models[engine], prompts, new_tokens=new_tokens, batch_size=batch_size).identical)
+            identical = (
+                len(prompts)
+                if not engine
+                else greedy_agreement(
+                    self.generator, self.models[engine], prompts, new_tokens=new_tokens, batch_size=batch_size
+                ).identical
+            )
             summary[engine or "transformers_"] = {
-                "name": ENGINE_NAMES[engine], "precision": precision, "tokens_per_s": tokens_per_s,
+                "name": ENGINE_NAMES[engine],
+                "precision": precision,
+                "tokens_per_s": tokens_per_s,
                 "lone_ms": lone["latency_ms"],
                 "share_of_gemm_limit": tokens_per_s * per_token / (probes[precision] * 1e9),
                 "vs_transformers_batch": full["requests_per_s"] / reference[0]["requests_per_s"],
-                "vs_transformers_lone": lone["latency_ms"] / reference[1]["latency_ms"], "identical": identical}
+                "vs_transformers_lone": lone["latency_ms"] / reference[1]["latency_ms"],
+                "identical": identical,
+            }
         return summary
 
 
@@ -173,8 +217,12 @@ class ClassifierLimit:
         reviews, reference = [review(i) for i in range(texts)], self.items_per_s("reference")
         summary: dict = {"reference_items_per_s": reference, "compared": texts}
         for precision in PRECISIONS:
-            agreement = label_agreement(self.models["reference"], self.models[precision], reviews,
-                                        batch_size=self.batch_size)
-            summary[precision] = {"items_per_s": (speed := self.items_per_s(precision)),
-                                  "vs_reference": speed / reference, "identical_labels": agreement.identical}
+            agreement = label_agreement(
+                self.models["reference"], self.models[precision], reviews, batch_size=self.batch_size
+            )
+            summary[precision] = {
+                "items_per_s": (speed := self.items_per_s(precision)),
+                "vs_reference": speed / reference,
+                "identical_labels": agreement.identical,
+            }
         return summary

@@ -40,9 +40,15 @@ class LoadResult:
         return statistics.quantiles(ordered, n=100, method="inclusive")[q - 1] * 1000
 
 
-async def run_load(base_url: str, concurrency: int, rounds: int, body_for: Callable[[int, int], dict] | None,
-                   path: str = "/generate", timeout_s: float = 600.0,
-                   label_of: Callable[[int, int], str] = lambda client, round_: "all") -> LoadResult:
+async def run_load(
+    base_url: str,
+    concurrency: int,
+    rounds: int,
+    body_for: Callable[[int, int], dict] | None,
+    path: str = "/generate",
+    timeout_s: float = 600.0,
+    label_of: Callable[[int, int], str] = lambda client, round_: "all",
+) -> LoadResult:
     """Each of `concurrency` clients sends `rounds` requests: POSTs of `body_for(client, round)`, or GETs;
     latencies are also kept per `label_of(client, round)`."""
     latencies: list[float] = []
@@ -70,8 +76,9 @@ async def run_load(base_url: str, concurrency: int, rounds: int, body_for: Calla
                 tokens += sum(item.get("usage", {}).get("completion_tokens", 0) for item in items)
 
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(base_url, connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+    async with aiohttp.ClientSession(
+        base_url, connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)
+    ) as session:
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(session, i) for i in range(concurrency)))
         wall = time.perf_counter() - started

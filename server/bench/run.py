@@ -60,34 +60,61 @@ from server.ml.offline import DISTILBERT_BASE, GPT2_124M, build_classifier, buil
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-dir", type=Path, help="generator to benchmark (default: a GPT-2-124M-architecture "
-                        "model with random weights, built under models_cache/bench/ on first use)")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        help="generator to benchmark (default: a GPT-2-124M-architecture "
+        "model with random weights, built under models_cache/bench/ on first use)",
+    )
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
-    parser.add_argument("--rounds", type=int, default=12,
-                        help="requests per client at each concurrency (default 12)")
+    parser.add_argument("--rounds", type=int, default=12, help="requests per client at each concurrency (default 12)")
     parser.add_argument("--baseline-rounds", type=int, default=2, help="the same for the naive baseline (default 2)")
     parser.add_argument("--new-tokens", type=int, default=16, help="max_new_tokens per request (default 16)")
-    parser.add_argument("--batch-size", type=int, default=get_settings().batch_max_size or CPU_BATCH_MAX_SIZE,
-                        help="offline batch size and the server's BATCH_MAX_SIZE (default: the setting, else 32)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=get_settings().batch_max_size or CPU_BATCH_MAX_SIZE,
+        help="offline batch size and the server's BATCH_MAX_SIZE (default: the setting, else 32)",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the naive baseline server")
-    parser.add_argument("--cache-requests", type=int, default=2000,
-                        help="requests for the cache-hit phase (default 2000)")
-    parser.add_argument("--redis-url", help="Redis for the cache-hit phase (default: a redis-server the bench "
-                        "starts when one is installed, else the in-memory cache)")
-    parser.add_argument("--background-items", type=int, default=128,
-                        help="items of the background local job in the batch-offload phase (default 128)")
-    parser.add_argument("--mixed-rounds", type=int, default=4,
-                        help="requests per client in the mixed-length phase (default 4)")
-    parser.add_argument("--long-tokens", type=int, default=128,
-                        help="max_new_tokens of the long requests (one in eight) in the mixed phase (default 128)")
-    parser.add_argument("--stream-rounds", type=int, default=12,
-                        help="streamed requests for the time-to-first-token phase (default 12)")
-    parser.add_argument("--predict-rounds", type=int, default=16,
-                        help="/predict requests per client in the sentiment phase, in each precision (default 16)")
+    parser.add_argument(
+        "--cache-requests", type=int, default=2000, help="requests for the cache-hit phase (default 2000)"
+    )
+    parser.add_argument(
+        "--redis-url",
+        help="Redis for the cache-hit phase (default: a redis-server the bench "
+        "starts when one is installed, else the in-memory cache)",
+    )
+    parser.add_argument(
+        "--background-items",
+        type=int,
+        default=128,
+        help="items of the background local job in the batch-offload phase (default 128)",
+    )
+    parser.add_argument(
+        "--mixed-rounds", type=int, default=4, help="requests per client in the mixed-length phase (default 4)"
+    )
+    parser.add_argument(
+        "--long-tokens",
+        type=int,
+        default=128,
+        help="max_new_tokens of the long requests (one in eight) in the mixed phase (default 128)",
+    )
+    parser.add_argument(
+        "--stream-rounds", type=int, default=12, help="streamed requests for the time-to-first-token phase (default 12)"
+    )
+    parser.add_argument(
+        "--predict-rounds",
+        type=int,
+        default=16,
+        help="/predict requests per client in the sentiment phase, in each precision (default 16)",
+    )
     parser.add_argument("--output", type=Path, help="JSON results (default: bench-results/bench-<time>.json)")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny model, few requests: checks the harness in well under a minute "
-                             "(numbers meaningless)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny model, few requests: checks the harness in well under a minute (numbers meaningless)",
+    )
     gpu.add_arguments(parser)
 
 
@@ -113,8 +140,9 @@ def free_port() -> int:
 def server_process(command: list[str], env: dict[str, str], port: int, log_path: Path):
     """Start a server, wait for /health, yield (base URL, process), and stop it afterwards."""
     with log_path.open("w") as log:
-        process = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                                   cwd=PROJECT_ROOT)
+        process = subprocess.Popen(
+            command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT
+        )
         try:
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
@@ -137,11 +165,16 @@ def server_process(command: list[str], env: dict[str, str], port: int, log_path:
 def server_factory(work: Path, env: dict[str, str]):
     """`serve(name, **overrides)`: a context manager starting `python -m server serve` with `env` and its own
     database and log under `work`, yielding (base URL, process)."""
+
     def serve(name: str, **overrides: str):
         port = free_port()
-        return server_process([sys.executable, "-m", "server", "serve", "--port", str(port)],
-                              {**env, "DATABASE_URL": f"sqlite+aiosqlite:///{work / f'{name}.db'}", **overrides},
-                              port, work / f"{name}-server.log")
+        return server_process(
+            [sys.executable, "-m", "server", "serve", "--port", str(port)],
+            {**env, "DATABASE_URL": f"sqlite+aiosqlite:///{work / f'{name}.db'}", **overrides},
+            port,
+            work / f"{name}-server.log",
+        )
+
     return serve
 
 
@@ -155,14 +188,23 @@ def batch_stats(base_url: str) -> tuple[float, float]:
     return values["sum"], values["count"]
 
 
-def drive(base_url: str, tag: str, levels: list[int], rounds: int, new_tokens: int, bar: tqdm,
-          offline: OfflineLimit | None = None, engine: str = "fast_") -> list[dict]:
+def drive(
+    base_url: str,
+    tag: str,
+    levels: list[int],
+    rounds: int,
+    new_tokens: int,
+    bar: tqdm,
+    offline: OfflineLimit | None = None,
+    engine: str = "fast_",
+) -> list[dict]:
     """Closed-loop load at each level; with `offline`, each level is bracketed by offline measurements, and the
     rows say which offline `engine` the server runs (its own limit)."""
     rows = []
     if offline:
         offline.measure()
     for concurrency in levels:
+
         def body(client: int, round_: int, c: int = concurrency) -> dict:
             return {"prompts": [prompt(f"{tag}{c}", client, round_)], "max_new_tokens": new_tokens}
 
@@ -172,9 +214,15 @@ def drive(base_url: str, tag: str, levels: list[int], rounds: int, new_tokens: i
         asyncio.run(run_load(base_url, 1, 2, warmup))
         before = batch_stats(base_url) if offline else None
         result: LoadResult = asyncio.run(run_load(base_url, concurrency, rounds, body))
-        row: dict[str, Any] = {"concurrency": concurrency, "requests": result.requests, "failures": result.failures,
-               "requests_per_s": result.requests_per_s, "p50_ms": result.percentile_ms(50),
-               "p95_ms": result.percentile_ms(95), "p99_ms": result.percentile_ms(99)}
+        row: dict[str, Any] = {
+            "concurrency": concurrency,
+            "requests": result.requests,
+            "failures": result.failures,
+            "requests_per_s": result.requests_per_s,
+            "p50_ms": result.percentile_ms(50),
+            "p95_ms": result.percentile_ms(95),
+            "p99_ms": result.percentile_ms(99),
+        }
         if offline and before is not None:
             after = batch_stats(base_url)
             row["tokens_per_s"] = result.tokens_per_s
@@ -194,8 +242,11 @@ def redis_for_bench(url: str | None, work: Path):
         yield url
         return
     port = free_port()
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                                "no", "--dir", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(work)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -217,25 +268,40 @@ def measure_cache_hits(base_url: str, requests: int, concurrency: int) -> dict:
     sequential = asyncio.run(run_load(base_url, 1, max(requests // 4, 10), lambda c, r: body))
     hits = asyncio.run(run_load(base_url, concurrency, max(requests // concurrency, 1), lambda c, r: body))
     trivial = asyncio.run(run_load(base_url, concurrency, max(requests // concurrency, 1), None, path="/"))
-    return {"hit_p50_ms": sequential.percentile_ms(50), "hit_p99_ms": sequential.percentile_ms(99),
-            "concurrency": concurrency, "hits_per_s": hits.requests_per_s,
-            "trivial_endpoint_per_s": trivial.requests_per_s,
-            "hits_vs_trivial_endpoint": hits.requests_per_s / trivial.requests_per_s,
-            "failures": sequential.failures + hits.failures + trivial.failures}
+    return {
+        "hit_p50_ms": sequential.percentile_ms(50),
+        "hit_p99_ms": sequential.percentile_ms(99),
+        "concurrency": concurrency,
+        "hits_per_s": hits.requests_per_s,
+        "trivial_endpoint_per_s": trivial.requests_per_s,
+        "hits_vs_trivial_endpoint": hits.requests_per_s / trivial.requests_per_s,
+        "failures": sequential.failures + hits.failures + trivial.failures,
+    }
 
 
 def measure_background(base_url: str, items: int, rounds: int, new_tokens: int) -> dict:
     """Interactive c=1 latency idle, then while a background local job of `items` items runs; the job's items/s."""
+
     def body(client: int, round_: int) -> dict:
         return {"prompts": [prompt("i", client, round_)], "max_new_tokens": new_tokens}
 
     idle = asyncio.run(run_load(base_url, 1, rounds, body))
-    requests = [{"custom_id": f"bg-{i}", "body": {"prompt": prompt("bg", i, 0), "max_tokens": new_tokens}}
-                for i in range(items)]
+    requests = [
+        {"custom_id": f"bg-{i}", "body": {"prompt": prompt("bg", i, 0), "max_tokens": new_tokens}} for i in range(items)
+    ]
     model = httpx.get(f"{base_url}/v1/models", timeout=60).json()["data"][0]["id"]
-    created = httpx.post(f"{base_url}/batch/jobs", timeout=60, json={
-        "name": "bench background", "provider": "local", "model": model, "kind": "generate", "schedule": "now",
-        "requests": requests})
+    created = httpx.post(
+        f"{base_url}/batch/jobs",
+        timeout=60,
+        json={
+            "name": "bench background",
+            "provider": "local",
+            "model": model,
+            "kind": "generate",
+            "schedule": "now",
+            "requests": requests,
+        },
+    )
     if created.status_code != 201:
         raise RuntimeError(f"the background job was refused: {created.status_code} {created.text}")
     job = created.json()
@@ -249,25 +315,46 @@ def measure_background(base_url: str, items: int, rounds: int, new_tokens: int) 
             raise RuntimeError(f"background job ended {state['status']}")
         time.sleep(0.1)
     elapsed = time.perf_counter() - started
-    return {"items": items, "background_items_per_s": items / elapsed, "interactive_rounds": rounds,
-            "idle_p50_ms": idle.percentile_ms(50), "busy_p50_ms": busy.percentile_ms(50),
-            "busy_p95_ms": busy.percentile_ms(95), "busy_vs_idle_p50": busy.percentile_ms(50) / idle.percentile_ms(50),
-            "job_outlived_interactive_load": still_running, "failures": idle.failures + busy.failures}
+    return {
+        "items": items,
+        "background_items_per_s": items / elapsed,
+        "interactive_rounds": rounds,
+        "idle_p50_ms": idle.percentile_ms(50),
+        "busy_p50_ms": busy.percentile_ms(50),
+        "busy_p95_ms": busy.percentile_ms(95),
+        "busy_vs_idle_p50": busy.percentile_ms(50) / idle.percentile_ms(50),
+        "job_outlived_interactive_load": still_running,
+        "failures": idle.failures + busy.failures,
+    }
 
 
-def measure_predict(base_url: str, classifier: ClassifierLimit, precision: str, concurrency: int,
-                    rounds: int) -> dict:
+def measure_predict(base_url: str, classifier: ClassifierLimit, precision: str, concurrency: int, rounds: int) -> dict:
     """/predict with `concurrency` clients, one distinct text per request, against the classifier called directly at
     the full batch in the same precision, just before and just after."""
-    asyncio.run(run_load(base_url, 2, 2, lambda client, round_: {"text": review(90_000 + 2 * client + round_)},
-                         path="/predict"))
+    asyncio.run(
+        run_load(base_url, 2, 2, lambda client, round_: {"text": review(90_000 + 2 * client + round_)}, path="/predict")
+    )
     before = classifier.items_per_s(precision)
-    result = asyncio.run(run_load(base_url, concurrency, rounds, path="/predict",
-                                  body_for=lambda client, round_: {"text": review(client * rounds + round_)}))
+    result = asyncio.run(
+        run_load(
+            base_url,
+            concurrency,
+            rounds,
+            path="/predict",
+            body_for=lambda client, round_: {"text": review(client * rounds + round_)},
+        )
+    )
     limit = statistics.median([before, classifier.items_per_s(precision)])
-    return {"precision": precision, "concurrency": concurrency, "requests": result.requests,
-            "failures": result.failures, "items_per_s": result.requests_per_s, "p50_ms": result.percentile_ms(50),
-            "offline_items_per_s": limit, "vs_offline": result.requests_per_s / limit}
+    return {
+        "precision": precision,
+        "concurrency": concurrency,
+        "requests": result.requests,
+        "failures": result.failures,
+        "items_per_s": result.requests_per_s,
+        "p50_ms": result.percentile_ms(50),
+        "offline_items_per_s": limit,
+        "vs_offline": result.requests_per_s / limit,
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -284,14 +371,25 @@ def run(args: argparse.Namespace) -> dict:
         generator_dir, classifier_dir = ensure_models(args)
         bar.set_postfix_str("offline limits")
         offline = OfflineLimit(generator_dir, args.batch_size, args.new_tokens, (3, 1) if args.quick else (4, 2))
-        classifier = ClassifierLimit(classifier_dir, args.batch_size,
-                                     kernels_for(settings.sentiment_fp32_kernels, CPU_FLOAT32))
+        classifier = ClassifierLimit(
+            classifier_dir, args.batch_size, kernels_for(settings.sentiment_fp32_kernels, CPU_FLOAT32)
+        )
         bar.update(1)
-        env = {"GENERATOR_MODEL": str(generator_dir), "SENTIMENT_MODEL": str(classifier_dir), "MODEL_SOURCE": "local",
-               "BATCH_MAX_SIZE": str(args.batch_size), "BATCH_QUEUE_LIMIT": str(max(1024, 4 * max(levels))),
-               "LOG_LEVEL": "warning", "INGRESS_RATE_LIMIT": "off", "API_KEYS": "", "GENERATOR_PRECISION": "fp32",
-               "SENTIMENT_PRECISION": "fp32", "GENERATOR_FP32_KERNELS": settings.generator_fp32_kernels,
-               "SENTIMENT_FP32_KERNELS": settings.sentiment_fp32_kernels, "DEVICE": "cpu"}
+        env = {
+            "GENERATOR_MODEL": str(generator_dir),
+            "SENTIMENT_MODEL": str(classifier_dir),
+            "MODEL_SOURCE": "local",
+            "BATCH_MAX_SIZE": str(args.batch_size),
+            "BATCH_QUEUE_LIMIT": str(max(1024, 4 * max(levels))),
+            "LOG_LEVEL": "warning",
+            "INGRESS_RATE_LIMIT": "off",
+            "API_KEYS": "",
+            "GENERATOR_PRECISION": "fp32",
+            "SENTIMENT_PRECISION": "fp32",
+            "GENERATOR_FP32_KERNELS": settings.generator_fp32_kernels,
+            "SENTIMENT_FP32_KERNELS": settings.sentiment_fp32_kernels,
+            "DEVICE": "cpu",
+        }
 
         serve = server_factory(work, env)
         bar.set_postfix_str("server")
@@ -304,8 +402,10 @@ def run(args: argparse.Namespace) -> dict:
             bar.update(1)
             bar.set_postfix_str("mixed lengths, streaming")
             mixed = measure_mixed(url, "c", max(levels), args.mixed_rounds, args.new_tokens, args.long_tokens)
-            streaming = {**measure_first_token(url, offline.models[engine], args.stream_rounds, args.new_tokens),
-                         "cancellation": measure_cancellation(url, 4, CANCELLED_TOKENS)}
+            streaming = {
+                **measure_first_token(url, offline.models[engine], args.stream_rounds, args.new_tokens),
+                "cancellation": measure_cancellation(url, 4, CANCELLED_TOKENS),
+            }
             bar.update(1)
         bar.set_postfix_str("int8 server")
         with serve("int8", GENERATOR_PRECISION="int8", SENTIMENT_PRECISION="int8") as (url, _):
@@ -313,30 +413,64 @@ def run(args: argparse.Namespace) -> dict:
             predict["int8"] = measure_predict(url, classifier, "int8", max(levels), args.predict_rounds)
         bar.set_postfix_str("static scheduler")
         with serve("static", GENERATOR_SCHEDULER="static") as (url, _):
-            mixed = compare_mixed(mixed, measure_mixed(url, "s", max(levels), args.mixed_rounds, args.new_tokens,
-                                                       args.long_tokens))
+            mixed = compare_mixed(
+                mixed, measure_mixed(url, "s", max(levels), args.mixed_rounds, args.new_tokens, args.long_tokens)
+            )
         bar.update(1)
         bar.set_postfix_str("cache hits")
-        with redis_for_bench(args.redis_url, work) as redis_url, \
-                serve("cache", **({"REDIS_URL": redis_url} if redis_url else {})) as (url, _):
-            cache = {"backend": "redis" if redis_url else "memory",
-                     **measure_cache_hits(url, args.cache_requests, max(levels))}
+        with (
+            redis_for_bench(args.redis_url, work) as redis_url,
+            serve("cache", **({"REDIS_URL": redis_url} if redis_url else {})) as (url, _),
+        ):
+            cache = {
+                "backend": "redis" if redis_url else "memory",
+                **measure_cache_hits(url, args.cache_requests, max(levels)),
+            }
         bar.update(1)
         baseline_rows = []
         if not args.no_baseline:
             bar.set_postfix_str("baseline")
             port = free_port()
-            command = [sys.executable, "-m", "uvicorn", "server.bench.baseline:app", "--port", str(port),
-                       "--log-level", "warning"]
-            with server_process(command, {"BENCH_MODEL": str(generator_dir)}, port,
-                                work / "baseline.log") as (url, _):
+            command = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "server.bench.baseline:app",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ]
+            with server_process(command, {"BENCH_MODEL": str(generator_dir)}, port, work / "baseline.log") as (url, _):
                 baseline_rows = drive(url, "b", levels, args.baseline_rounds, args.new_tokens, bar)
-    return summarize(args, generator_dir, offline, server_rows, baseline_rows, cache, background, mixed, streaming,
-                     predict, classifier.summary())
+    return summarize(
+        args,
+        generator_dir,
+        offline,
+        server_rows,
+        baseline_rows,
+        cache,
+        background,
+        mixed,
+        streaming,
+        predict,
+        classifier.summary(),
+    )
 
 
-def summarize(args, generator_dir: Path, offline: OfflineLimit, server_rows: list[dict], baseline_rows: list[dict],
-              cache: dict, background: dict, mixed: dict, streaming: dict, predict: dict, classifier: dict) -> dict:
+def summarize(
+    args,
+    generator_dir: Path,
+    offline: OfflineLimit,
+    server_rows: list[dict],
+    baseline_rows: list[dict],
+    cache: dict,
+    background: dict,
+    mixed: dict,
+    streaming: dict,
+    predict: dict,
+    classifier: dict,
+) -> dict:
     baseline_by_c = {row["concurrency"]: row for row in baseline_rows}
     full = f"batch_{args.batch_size}"
     for row in server_rows:
@@ -348,105 +482,150 @@ def summarize(args, generator_dir: Path, offline: OfflineLimit, server_rows: lis
         if row["concurrency"] in baseline_by_c:
             row["vs_baseline_throughput"] = row["requests_per_s"] / baseline_by_c[row["concurrency"]]["requests_per_s"]
     limits = offline.overall()
-    background["vs_offline_full_batch_throughput"] = (background["background_items_per_s"]
-                                                      / limits[f"{server_rows[0]['engine']}{full}"]["requests_per_s"])
+    background["vs_offline_full_batch_throughput"] = (
+        background["background_items_per_s"] / limits[f"{server_rows[0]['engine']}{full}"]["requests_per_s"]
+    )
     return {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
-        "model": str(generator_dir), "new_tokens": args.new_tokens, "long_tokens": args.long_tokens,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "model": str(generator_dir),
+        "new_tokens": args.new_tokens,
+        "long_tokens": args.long_tokens,
         "quick": args.quick,
-        "offline": offline.overall(), "server": server_rows, "baseline": baseline_rows, "cache": cache,
-        "background": background, "mixed": mixed, "streaming": streaming, "predict": predict,
+        "offline": offline.overall(),
+        "server": server_rows,
+        "baseline": baseline_rows,
+        "cache": cache,
+        "background": background,
+        "mixed": mixed,
+        "streaming": streaming,
+        "predict": predict,
         "classifier": classifier,
         "engines": offline.engine_summary(args.new_tokens, args.batch_size),
     }
 
 
 def table(results: dict) -> str:
-    lines = [f"model {results['model']}, {results['new_tokens']} new tokens, {results['machine']['cpus']} CPUs, "
-             f"torch {results['machine']['torch']}", ""]
+    lines = [
+        f"model {results['model']}, {results['new_tokens']} new tokens, {results['machine']['cpus']} CPUs, "
+        f"torch {results['machine']['torch']}",
+        "",
+    ]
     full = max(int(k.rsplit("_", 1)[1]) for k in results["offline"])
-    lines.append(f"| run | engine | concurrency | req/s | tokens/s | p50 ms | p95 ms | p99 ms | mean batch | vs "
-                 f"transformers batch {full} | p50 vs transformers batch 1 | vs own engine batch {full} | p50 vs own "
-                 "engine batch 1 | vs baseline |")
+    lines.append(
+        f"| run | engine | concurrency | req/s | tokens/s | p50 ms | p95 ms | p99 ms | mean batch | vs "
+        f"transformers batch {full} | p50 vs transformers batch 1 | vs own engine batch {full} | p50 vs own "
+        "engine batch 1 | vs baseline |"
+    )
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for engine in ENGINES:
         for size in (1, full):
             data = results["offline"][f"{engine}batch_{size}"]
-            lines.append(f"| offline batch {size} | {ENGINE_NAMES[engine]} | - | {data['requests_per_s']:.2f} | - | "
-                         f"{data['latency_ms']:.0f} | - | - | {size} | - | - | - | - | - |")
+            lines.append(
+                f"| offline batch {size} | {ENGINE_NAMES[engine]} | - | {data['requests_per_s']:.2f} | - | "
+                f"{data['latency_ms']:.0f} | - | - | {size} | - | - | - | - | - |"
+            )
     for name, rows in (("server", results["server"]), ("baseline", results["baseline"])):
         for row in rows:
+
             def fmt(key: str, spec: str = ".2f", suffix: str = "", row: dict = row) -> str:
                 return f"{row[key]:{spec}}{suffix}" if key in row else "-"
 
             engine = ENGINE_NAMES[row["engine"]] if "engine" in row else "transformers fp32 (naive server)"
-            lines.append(f"| {name} | {engine} | {row['concurrency']} | {row['requests_per_s']:.2f} | "
-                         f"{fmt('tokens_per_s', '.1f')} | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} | "
-                         f"{row['p99_ms']:.0f} | {fmt('mean_batch_size', '.1f')} | "
-                         f"{fmt('vs_offline_full_batch_throughput', '.2f', 'x')} | "
-                         f"{fmt('p50_vs_offline_batch_1_latency', '.2f', 'x')} | "
-                         f"{fmt('vs_own_full_batch_throughput', '.2f', 'x')} | "
-                         f"{fmt('p50_vs_own_batch_1_latency', '.2f', 'x')} | "
-                         f"{fmt('vs_baseline_throughput', '.2f', 'x')} |")
+            lines.append(
+                f"| {name} | {engine} | {row['concurrency']} | {row['requests_per_s']:.2f} | "
+                f"{fmt('tokens_per_s', '.1f')} | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} | "
+                f"{row['p99_ms']:.0f} | {fmt('mean_batch_size', '.1f')} | "
+                f"{fmt('vs_offline_full_batch_throughput', '.2f', 'x')} | "
+                f"{fmt('p50_vs_offline_batch_1_latency', '.2f', 'x')} | "
+                f"{fmt('vs_own_full_batch_throughput', '.2f', 'x')} | "
+                f"{fmt('p50_vs_own_batch_1_latency', '.2f', 'x')} | "
+                f"{fmt('vs_baseline_throughput', '.2f', 'x')} |"
+            )
     brackets = next(iter(results["offline"].values()))["brackets"]
     lines.append("")
-    lines.append(f"offline rows: median of {brackets} measurements taken between the server levels; each server "
-                 "row's ratios use the ones just before and after it (server[].offline in the JSON)")
+    lines.append(
+        f"offline rows: median of {brackets} measurements taken between the server levels; each server "
+        "row's ratios use the ones just before and after it (server[].offline in the JSON)"
+    )
     engines = results["engines"]
     lines.append("")
-    lines.append(f"| engine (offline, {results['new_tokens']} greedy tokens) | tokens/s at batch {full} | vs "
-                 f"transformers | share of the GEMM probe | lone request ms | vs transformers | greedy output "
-                 "identical to transformers |")
+    lines.append(
+        f"| engine (offline, {results['new_tokens']} greedy tokens) | tokens/s at batch {full} | vs "
+        f"transformers | share of the GEMM probe | lone request ms | vs transformers | greedy output "
+        "identical to transformers |"
+    )
     lines.append("|---|---:|---:|---:|---:|---:|---:|")
     for engine, (precision, _) in ENGINES.items():
         data = engines[engine or "transformers_"]
-        probe = (f"{engines['gemm_gflops']:.0f} GFLOPS fp32" if precision == "fp32"
-                 else f"{engines['int8_gemm_gops']:.0f} GOPS int8")
-        lines.append(f"| {data['name']} | {data['tokens_per_s']:.0f} | {data['vs_transformers_batch']:.2f}x | "
-                     f"{data['share_of_gemm_limit']:.0%} of {probe} | {data['lone_ms']:.0f} | "
-                     f"{data['vs_transformers_lone']:.2f}x | {data['identical']}/{engines['compared']} |")
+        probe = (
+            f"{engines['gemm_gflops']:.0f} GFLOPS fp32"
+            if precision == "fp32"
+            else f"{engines['int8_gemm_gops']:.0f} GOPS int8"
+        )
+        lines.append(
+            f"| {data['name']} | {data['tokens_per_s']:.0f} | {data['vs_transformers_batch']:.2f}x | "
+            f"{data['share_of_gemm_limit']:.0%} of {probe} | {data['lone_ms']:.0f} | "
+            f"{data['vs_transformers_lone']:.2f}x | {data['identical']}/{engines['compared']} |"
+        )
     lines.append("")
     for data in results["predict"].values():
-        lines.append(f"sentiment /predict {data['precision']} at concurrency {data['concurrency']}: "
-                     f"{data['items_per_s']:.1f} items/s, p50 {data['p50_ms']:.0f} ms, vs the same classifier called "
-                     f"directly at batch {full} {data['offline_items_per_s']:.1f} items/s: {data['vs_offline']:.2f}x")
+        lines.append(
+            f"sentiment /predict {data['precision']} at concurrency {data['concurrency']}: "
+            f"{data['items_per_s']:.1f} items/s, p50 {data['p50_ms']:.0f} ms, vs the same classifier called "
+            f"directly at batch {full} {data['offline_items_per_s']:.1f} items/s: {data['vs_offline']:.2f}x"
+        )
     classifier = results["classifier"]
-    lines.append(f"sentiment classifier offline at batch {full}: transformers fp32 "
-                 f"{classifier['reference_items_per_s']:.1f} items/s; served fp32 "
-                 f"{classifier['fp32']['items_per_s']:.1f} ({classifier['fp32']['vs_reference']:.2f}x, labels equal on "
-                 f"{classifier['fp32']['identical_labels']}/{classifier['compared']}); int8 "
-                 f"{classifier['int8']['items_per_s']:.1f} ({classifier['int8']['vs_reference']:.2f}x, labels equal on "
-                 f"{classifier['int8']['identical_labels']}/{classifier['compared']})")
+    lines.append(
+        f"sentiment classifier offline at batch {full}: transformers fp32 "
+        f"{classifier['reference_items_per_s']:.1f} items/s; served fp32 "
+        f"{classifier['fp32']['items_per_s']:.1f} ({classifier['fp32']['vs_reference']:.2f}x, labels equal on "
+        f"{classifier['fp32']['identical_labels']}/{classifier['compared']}); int8 "
+        f"{classifier['int8']['items_per_s']:.1f} ({classifier['int8']['vs_reference']:.2f}x, labels equal on "
+        f"{classifier['int8']['identical_labels']}/{classifier['compared']})"
+    )
     cache = results["cache"]
     failures = sum(row["failures"] for row in results["server"] + results["baseline"]) + cache["failures"]
     lines.append("")
-    lines.append(f"cache hits ({cache['backend']}): p50 {cache['hit_p50_ms']:.2f} ms, p99 {cache['hit_p99_ms']:.2f} ms "
-                 f"one at a time; {cache['hits_per_s']:.0f} hits/s at concurrency {cache['concurrency']} = "
-                 f"{cache['hits_vs_trivial_endpoint']:.2f}x a trivial endpoint (GET /, "
-                 f"{cache['trivial_endpoint_per_s']:.0f}/s) on the same server")
+    lines.append(
+        f"cache hits ({cache['backend']}): p50 {cache['hit_p50_ms']:.2f} ms, p99 {cache['hit_p99_ms']:.2f} ms "
+        f"one at a time; {cache['hits_per_s']:.0f} hits/s at concurrency {cache['concurrency']} = "
+        f"{cache['hits_vs_trivial_endpoint']:.2f}x a trivial endpoint (GET /, "
+        f"{cache['trivial_endpoint_per_s']:.0f}/s) on the same server"
+    )
     background = results["background"]
-    lines.append(f"background local job ({background['items']} items, BATCH_BACKGROUND_MAX_SIZE batches): interactive "
-                 f"c=1 p50 {background['busy_p50_ms']:.0f} ms while it runs vs {background['idle_p50_ms']:.0f} ms idle "
-                 f"({background['busy_vs_idle_p50']:.2f}x, p95 {background['busy_p95_ms']:.0f} ms); background "
-                 f"{background['background_items_per_s']:.2f} items/s = "
-                 f"{background['vs_offline_full_batch_throughput']:.2f}x the offline full-batch limit")
+    lines.append(
+        f"background local job ({background['items']} items, BATCH_BACKGROUND_MAX_SIZE batches): interactive "
+        f"c=1 p50 {background['busy_p50_ms']:.0f} ms while it runs vs {background['idle_p50_ms']:.0f} ms idle "
+        f"({background['busy_vs_idle_p50']:.2f}x, p95 {background['busy_p95_ms']:.0f} ms); background "
+        f"{background['background_items_per_s']:.2f} items/s = "
+        f"{background['vs_offline_full_batch_throughput']:.2f}x the offline full-batch limit"
+    )
     failures += background["failures"]
     mixed = results["mixed"]
     continuous, static = mixed["continuous"], mixed["static"]
-    lines.append(f"mixed lengths ({continuous['clients']} clients, one request in {LONG_EVERY} asks "
-                 f"{results['long_tokens']} tokens, the others {results['new_tokens']}): continuous "
-                 f"{continuous['requests_per_s']:.2f} req/s vs static {static['requests_per_s']:.2f} "
-                 f"({mixed['throughput_vs_static']:.2f}x); short requests p50 {continuous['short_p50_ms']:.0f} ms vs "
-                 f"{static['short_p50_ms']:.0f} ms ({mixed['short_p50_vs_static']:.2f}x)")
+    lines.append(
+        f"mixed lengths ({continuous['clients']} clients, one request in {LONG_EVERY} asks "
+        f"{results['long_tokens']} tokens, the others {results['new_tokens']}): continuous "
+        f"{continuous['requests_per_s']:.2f} req/s vs static {static['requests_per_s']:.2f} "
+        f"({mixed['throughput_vs_static']:.2f}x); short requests p50 {continuous['short_p50_ms']:.0f} ms vs "
+        f"{static['short_p50_ms']:.0f} ms ({mixed['short_p50_vs_static']:.2f}x)"
+    )
     failures += continuous["failures"] + static["failures"] + sum(p["failures"] for p in results["predict"].values())
     streaming = results["streaming"]
     cancelled = streaming["cancellation"]
-    lines.append(f"streaming c=1: first token p50 {streaming['ttft_p50_ms']:.0f} ms vs the prompt's prefill alone "
-                 f"{streaming['prefill_p50_ms']:.0f} ms ({streaming['ttft_vs_prefill']:.2f}x); {cancelled['requests']}"
-                 f" streams closed mid-generation: {cancelled['freed_within_one_step']:.0f} of "
-                 f"{cancelled['freed']:.0f} rows freed within one step (mean {cancelled['mean_steps']:.2f} steps)")
+    lines.append(
+        f"streaming c=1: first token p50 {streaming['ttft_p50_ms']:.0f} ms vs the prompt's prefill alone "
+        f"{streaming['prefill_p50_ms']:.0f} ms ({streaming['ttft_vs_prefill']:.2f}x); {cancelled['requests']}"
+        f" streams closed mid-generation: {cancelled['freed_within_one_step']:.0f} of "
+        f"{cancelled['freed']:.0f} rows freed within one step (mean {cancelled['mean_steps']:.2f} steps)"
+    )
     lines.append(f"failed requests: {failures}")
     return "\n".join(lines)
 
@@ -454,10 +633,19 @@ def table(results: dict) -> str:
 def run_gpu(args: argparse.Namespace) -> dict:
     """The GPU bench (server/bench/gpu.py) with this bench's models and server harness."""
     generator_dir, classifier_dir = ensure_models(args)
-    env = {"GENERATOR_MODEL": str(generator_dir), "SENTIMENT_MODEL": str(classifier_dir), "MODEL_SOURCE": "local",
-           "BATCH_QUEUE_LIMIT": "4096", "LOG_LEVEL": "warning", "INGRESS_RATE_LIMIT": "off", "API_KEYS": "",
-           "GENERATOR_PRECISION": "fp32", "SENTIMENT_PRECISION": "fp32", "GENERATOR_FP32_KERNELS": "auto",
-           "SENTIMENT_FP32_KERNELS": "auto"}
+    env = {
+        "GENERATOR_MODEL": str(generator_dir),
+        "SENTIMENT_MODEL": str(classifier_dir),
+        "MODEL_SOURCE": "local",
+        "BATCH_QUEUE_LIMIT": "4096",
+        "LOG_LEVEL": "warning",
+        "INGRESS_RATE_LIMIT": "off",
+        "API_KEYS": "",
+        "GENERATOR_PRECISION": "fp32",
+        "SENTIMENT_PRECISION": "fp32",
+        "GENERATOR_FP32_KERNELS": "auto",
+        "SENTIMENT_FP32_KERNELS": "auto",
+    }
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     return gpu.run(args, generator_dir, classifier_dir, server_factory(work, env))
 

@@ -21,12 +21,15 @@ CANCELLED_TOKENS = 256
 
 def mixed_body(tag: str, short: int, long: int):
     """One request in LONG_EVERY asks `long` new tokens, the others `short` (which one rotates with the round)."""
+
     def is_long(client: int, round_: int) -> bool:
         return (client + round_) % LONG_EVERY == 0
 
     def body(client: int, round_: int) -> dict:
-        return {"prompts": [f"Mixed {tag}-{client}-{round_}: tell a story about the sea"],
-                "max_new_tokens": long if is_long(client, round_) else short}
+        return {
+            "prompts": [f"Mixed {tag}-{client}-{round_}: tell a story about the sea"],
+            "max_new_tokens": long if is_long(client, round_) else short,
+        }
 
     return body, lambda client, round_: "long" if is_long(client, round_) else "short"
 
@@ -35,16 +38,25 @@ def measure_mixed(base_url: str, tag: str, clients: int, rounds: int, short: int
     body, label = mixed_body(tag, short, long)
     asyncio.run(run_load(base_url, 1, 1, lambda c, r: body(c + 1000, r)))
     result = asyncio.run(run_load(base_url, clients, rounds, body, label_of=label))
-    return {"clients": clients, "requests": result.requests, "failures": result.failures,
-            "requests_per_s": result.requests_per_s, "tokens_per_s": result.tokens_per_s,
-            "short_p50_ms": result.percentile_ms(50, "short"), "short_p95_ms": result.percentile_ms(95, "short"),
-            "long_p50_ms": result.percentile_ms(50, "long")}
+    return {
+        "clients": clients,
+        "requests": result.requests,
+        "failures": result.failures,
+        "requests_per_s": result.requests_per_s,
+        "tokens_per_s": result.tokens_per_s,
+        "short_p50_ms": result.percentile_ms(50, "short"),
+        "short_p95_ms": result.percentile_ms(95, "short"),
+        "long_p50_ms": result.percentile_ms(50, "long"),
+    }
 
 
 def compare_mixed(continuous: dict, static: dict) -> dict:
-    return {"continuous": continuous, "static": static,
-            "throughput_vs_static": continuous["requests_per_s"] / static["requests_per_s"],
-            "short_p50_vs_static": continuous["short_p50_ms"] / static["short_p50_ms"]}
+    return {
+        "continuous": continuous,
+        "static": static,
+        "throughput_vs_static": continuous["requests_per_s"] / static["requests_per_s"],
+        "short_p50_vs_static": continuous["short_p50_ms"] / static["short_p50_ms"],
+    }
 
 
 async def _first_token_s(base_url: str, prompts: list[str], new_tokens: int) -> list[float]:
@@ -83,8 +95,12 @@ def measure_first_token(base_url: str, generator: TextGenerator, rounds: int, ne
     ttft = asyncio.run(_first_token_s(base_url, prompts, new_tokens))
     after = prefill_s(generator, prompts, new_tokens)
     prefill = statistics.median(before + after)
-    return {"rounds": rounds, "ttft_p50_ms": statistics.median(ttft) * 1000, "prefill_p50_ms": prefill * 1000,
-            "ttft_vs_prefill": statistics.median(ttft) / prefill}
+    return {
+        "rounds": rounds,
+        "ttft_p50_ms": statistics.median(ttft) * 1000,
+        "prefill_p50_ms": prefill * 1000,
+        "ttft_vs_prefill": statistics.median(ttft) / prefill,
+    }
 
 
 def _abort_steps(base_url: str) -> dict[str, float]:
@@ -98,8 +114,11 @@ def _abort_steps(base_url: str) -> dict[str, float]:
 
 async def _cancel_mid_stream(base_url: str, index: int, chunks: int, new_tokens: int) -> None:
     async with aiohttp.ClientSession(base_url) as session:
-        body = {"prompts": [f"Story {index} that nobody finishes reading"], "max_new_tokens": new_tokens,
-                "stream": True}
+        body = {
+            "prompts": [f"Story {index} that nobody finishes reading"],
+            "max_new_tokens": new_tokens,
+            "stream": True,
+        }
         async with session.post("/generate", json=body, headers={"Cache-Control": "no-cache"}) as response:
             seen = 0
             async for line in response.content:
@@ -120,6 +139,9 @@ def measure_cancellation(base_url: str, requests: int, new_tokens: int) -> dict:
             break
         time.sleep(0.1)
     delta = {key: after.get(key, 0) - before.get(key, 0) for key in after}
-    return {"requests": requests, "freed": delta.get("batch_abort_steps_count", 0),
-            "freed_within_one_step": delta.get("batch_abort_steps_bucket1.0", 0),
-            "mean_steps": delta.get("batch_abort_steps_sum", 0) / max(1.0, delta.get("batch_abort_steps_count", 0))}
+    return {
+        "requests": requests,
+        "freed": delta.get("batch_abort_steps_count", 0),
+        "freed_within_one_step": delta.get("batch_abort_steps_bucket1.0", 0),
+        "mean_steps": delta.get("batch_abort_steps_sum", 0) / max(1.0, delta.get("batch_abort_steps_count", 0)),
+    }

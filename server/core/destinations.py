@@ -62,8 +62,15 @@ def internal(address: IPAddress) -> bool:
     """Whether an address is anything but a public unicast one."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    return (not address.is_global or address.is_multicast or address.is_reserved or address.is_unspecified
-            or address.is_loopback or address.is_link_local or address.is_private)
+    return (
+        not address.is_global
+        or address.is_multicast
+        or address.is_reserved
+        or address.is_unspecified
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_private
+    )
 
 
 @dataclass(frozen=True)
@@ -137,9 +144,12 @@ class DestinationPolicy:
             return
         for address in addresses:
             plain = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped else None
-            allowed = any(address in network or (plain is not None and plain in network)
-                          for network in self.allowed_networks)
+            allowed = any(
+                address in network or (plain is not None and plain in network) for network in self.allowed_networks
+            )
             if internal(address) and not allowed:
                 shown = host if str(address) == host.strip("[]") else f"{host} ({address})"
-                raise RefusedDestination(f"{shown} is an internal address (loopback, private, link-local, "
-                                         "multicast or reserved); list it in WEBHOOK_ALLOWED_HOSTS to allow it")
+                raise RefusedDestination(
+                    f"{shown} is an internal address (loopback, private, link-local, "
+                    "multicast or reserved); list it in WEBHOOK_ALLOWED_HOSTS to allow it"
+                )

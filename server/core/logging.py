@@ -21,8 +21,14 @@ from typing import Any, Literal
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 ACCESS_FIELDS = ("method", "route", "status", "duration_ms")
 TRACE = 5
-LEVELS = {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO,
-          "debug": logging.DEBUG, "trace": TRACE}
+LEVELS = {
+    "critical": logging.CRITICAL,
+    "error": logging.ERROR,
+    "warning": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+    "trace": TRACE,
+}
 CHATTY_LIBRARIES = ("alembic", "httpx", "httpcore", "filelock")
 
 LogFormat = Literal["text", "json"]
@@ -52,8 +58,11 @@ class JsonFormatter(logging.Formatter):
         moment = datetime.fromtimestamp(record.created, UTC)
         entry: dict[str, Any] = {
             "time": moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z",
-            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
-            "request_id": getattr(record, "request_id", None)}
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", None),
+        }
         entry.update({field: getattr(record, field) for field in ACCESS_FIELDS if hasattr(record, field)})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -73,8 +82,14 @@ def log_config(level: str, log_format: LogFormat) -> dict[str, Any]:
         "disable_existing_loggers": False,
         "filters": {"request_id": {"()": RequestIdFilter}},
         "formatters": {"default": {"()": formatter}},
-        "handlers": {"default": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
-                                 "formatter": "default", "filters": ["request_id"]}},
+        "handlers": {
+            "default": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr",
+                "formatter": "default",
+                "filters": ["request_id"],
+            }
+        },
         "root": {"level": root_level, "handlers": ["default"]},
         "loggers": {
             "uvicorn": {"level": root_level, "handlers": [], "propagate": True},

@@ -14,12 +14,17 @@ def storable(text: str) -> str:
     """Refuse what no backend stores faithfully: NUL (PostgreSQL text cannot hold it) and lone surrogates
     (JSON's `\\ud800` escapes decode to them; they are not Unicode and cannot be encoded as UTF-8)."""
     if (nul := text.find("\x00")) >= 0:
-        raise PydanticCustomError("string_nul", "String contains a NUL character (U+0000) at index {index}, which "
-                                                "cannot be stored", {"index": nul})
+        raise PydanticCustomError(
+            "string_nul",
+            "String contains a NUL character (U+0000) at index {index}, which cannot be stored",
+            {"index": nul},
+        )
     if surrogate := _SURROGATE.search(text):
-        raise PydanticCustomError("string_surrogate", "String is not valid Unicode: lone surrogate U+{code} at index "
-                                                      "{index}", {"code": f"{ord(surrogate[0]):04X}",
-                                                                  "index": surrogate.start()})
+        raise PydanticCustomError(
+            "string_surrogate",
+            "String is not valid Unicode: lone surrogate U+{code} at index {index}",
+            {"code": f"{ord(surrogate[0]):04X}", "index": surrogate.start()},
+        )
     return text
 
 

@@ -37,8 +37,14 @@ class RestartPolicy:
 
 
 class Supervisor:
-    def __init__(self, name: str, body: Callable[[], Awaitable[None]], *,
-                 on_failure: Callable[[BaseException], None] | None = None, policy: RestartPolicy = RestartPolicy()):
+    def __init__(
+        self,
+        name: str,
+        body: Callable[[], Awaitable[None]],
+        *,
+        on_failure: Callable[[BaseException], None] | None = None,
+        policy: RestartPolicy = RestartPolicy(),
+    ):
         self.name = name
         self.body = body
         self.on_failure = on_failure
@@ -105,9 +111,14 @@ class Supervisor:
         metrics.BACKGROUND_TASK_FAILURES.labels(self.name).inc()
         limit = self.policy.give_up_after
         giving_up = limit is not None and len(self._recent) >= limit
-        log.error("background task %s failed (%d in the last %g s)%s", self.name, len(self._recent),
-                  self.policy.window_s, "; giving up: the process needs a restart" if giving_up else "; restarting",
-                  exc_info=exc)
+        log.error(
+            "background task %s failed (%d in the last %g s)%s",
+            self.name,
+            len(self._recent),
+            self.policy.window_s,
+            "; giving up: the process needs a restart" if giving_up else "; restarting",
+            exc_info=exc,
+        )
         if giving_up:
             # Before `on_failure`, which may then also fail the work queued for a loop that will not come back.
             self.state = "failed"

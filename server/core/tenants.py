@@ -118,13 +118,15 @@ class KeyRing:
             where = f"{path}, keys entry {number}"
             unknown = set(entry) - {"tenant", "key", "role", "grants"}
             if unknown:
-                raise KeyFileError(f"{where}: unknown field {sorted(unknown)[0]!r} "
-                                   "(expected tenant, key, role, grants)")
+                raise KeyFileError(
+                    f"{where}: unknown field {sorted(unknown)[0]!r} (expected tenant, key, role, grants)"
+                )
             tenant, key, role = entry.get("tenant"), entry.get("key"), entry.get("role", "user")
             grants = entry.get("grants", [])
             if not isinstance(tenant, str) or not TENANT_NAME.match(tenant):
-                raise KeyFileError(f"{where}: `tenant` must be 1-64 characters of A-Z a-z 0-9 . _ - (first a letter "
-                                   "or digit)")
+                raise KeyFileError(
+                    f"{where}: `tenant` must be 1-64 characters of A-Z a-z 0-9 . _ - (first a letter or digit)"
+                )
             if not isinstance(key, str) or not key.strip():
                 raise KeyFileError(f"{where}: `key` must be the key, or sha256:<hex digest> of it")
             if role not in ("user", "admin"):
@@ -148,8 +150,10 @@ class KeyRing:
         if unknown_tenants:
             raise KeyFileError(f"{path}: [tenants.{sorted(unknown_tenants)[0]}] names a tenant that has no key")
         if document.keys() - {"keys", "tenants"}:
-            raise KeyFileError(f"{path}: unknown table {sorted(document.keys() - {'keys', 'tenants'})[0]!r} "
-                               "(expected [[keys]] and [tenants.<name>])")
+            raise KeyFileError(
+                f"{path}: unknown table {sorted(document.keys() - {'keys', 'tenants'})[0]!r} "
+                "(expected [[keys]] and [tenants.<name>])"
+            )
 
     @property
     def enabled(self) -> bool:

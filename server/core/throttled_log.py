@@ -20,8 +20,12 @@ class _KeyState:
 
 
 class ThrottledLog:
-    def __init__(self, logger: logging.Logger, interval_s: float = DEFAULT_INTERVAL_S,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval_s: float = DEFAULT_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.logger = logger
         self.interval_s = interval_s
         self.clock = clock

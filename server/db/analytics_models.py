@@ -11,12 +11,19 @@ from server.db.models import Base
 
 # Upper bounds (ms) of the rollups' latency histogram; a last bucket takes everything above 30 s. Percentiles read
 # from it are exact to one bucket: at most 5 ms off below 10 ms, then within 10-50% of the value.
-LATENCY_BOUNDS_MS = (5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000,
-                     30000)
+LATENCY_BOUNDS_MS = (5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000, 30000)
 HISTOGRAM_COLUMNS = tuple(f"h{index:02d}" for index in range(len(LATENCY_BOUNDS_MS) + 1))
 # Rollup columns summed when rows of one (tenant, minute, endpoint, model) meet.
-ADDITIVE_COLUMNS = ("requests", "items", "errors", "cached_items", "tokens_in", "tokens_out", "latency_sum_ms",
-                    *HISTOGRAM_COLUMNS)
+ADDITIVE_COLUMNS = (
+    "requests",
+    "items",
+    "errors",
+    "cached_items",
+    "tokens_in",
+    "tokens_out",
+    "latency_sum_ms",
+    *HISTOGRAM_COLUMNS,
+)
 
 
 class RequestRecord(Base):
@@ -40,13 +47,18 @@ class RequestRecord(Base):
 
 
 def _rollup_columns() -> list[Column]:
-    counters = [Column(name, Integer, nullable=False, default=0) for name in ADDITIVE_COLUMNS
-                if name != "latency_sum_ms"]
-    return [Column("tenant", String(64), primary_key=True), Column("minute", Integer, primary_key=True),
-            Column("endpoint", String(16), primary_key=True),
-            Column("model", String(255), primary_key=True), *counters,
-            Column("latency_sum_ms", Float, nullable=False, default=0.0),
-            Column("latency_max_ms", Float, nullable=False, default=0.0)]
+    counters = [
+        Column(name, Integer, nullable=False, default=0) for name in ADDITIVE_COLUMNS if name != "latency_sum_ms"
+    ]
+    return [
+        Column("tenant", String(64), primary_key=True),
+        Column("minute", Integer, primary_key=True),
+        Column("endpoint", String(16), primary_key=True),
+        Column("model", String(255), primary_key=True),
+        *counters,
+        Column("latency_sum_ms", Float, nullable=False, default=0.0),
+        Column("latency_max_ms", Float, nullable=False, default=0.0),
+    ]
 
 
 class MetricRollup(Base):

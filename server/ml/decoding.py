@@ -157,18 +157,26 @@ class Decoder:
         width = max(map(len, inputs))
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(row)) + row for row in inputs], dtype=torch.long, device=self.device)
-        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in inputs], dtype=torch.long,
-                            device=self.device)
+        mask = torch.tensor(
+            [[0] * (width - len(row)) + [1] * len(row) for row in inputs], dtype=torch.long, device=self.device
+        )
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         batch = DecodeBatch(sequences, DynamicCache(config=self.model.config), mask, mask.sum(dim=-1))
         scoring = [row for row, s in enumerate(sequences) if s.params.prompt_logprobs and s.prompt_logprobs is None]
         # Prompt log-probabilities come from the last hidden states of this same pass; the logits the rows pick
         # from stay those of the last position alone, as they are computed without them (a wider product would
         # change their last bits, and so possibly a neighbour's greedy token).
-        output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=batch.cache,
-                            use_cache=True, logits_to_keep=1, **({"output_hidden_states": True} if scoring else {}))
+        output = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=batch.cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **({"output_hidden_states": True} if scoring else {}),
+        )
         for row in scoring:
-            self._score_prompt(sequences[row], output.hidden_states[-1][row, width - len(inputs[row]):])
+            self._score_prompt(sequences[row], output.hidden_states[-1][row, width - len(inputs[row]) :])
         self._advance(batch, output.logits[:, -1, :])
         return batch
 
@@ -176,8 +184,13 @@ class Decoder:
         """Feed every row its last token and pick the next one."""
         ids = torch.tensor([[s.tokens[-1]] for s in batch.sequences], dtype=torch.long, device=self.device)
         mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=batch.positions.unsqueeze(1),
-                            cache=batch.cache, use_cache=True).logits
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=batch.positions.unsqueeze(1),
+            cache=batch.cache,
+            use_cache=True,
+        ).logits
         batch.mask = mask
         batch.positions = batch.positions + 1
         self._advance(batch, logits[:, -1, :])
@@ -187,8 +200,9 @@ class Decoder:
         row for which `abandoned(i)` (its index in `sequences`) turns true stops at the next step, unfinished."""
         batch = self.prefill(sequences)
         rows = list(range(len(sequences)))
-        while unfinished := [i for i, row in enumerate(batch.sequences)
-                             if not row.finish_reason and not abandoned(rows[i])]:
+        while unfinished := [
+            i for i, row in enumerate(batch.sequences) if not row.finish_reason and not abandoned(rows[i])
+        ]:
             batch.keep(unfinished)
             rows = [rows[i] for i in unfinished]
             self.step(batch)
@@ -198,10 +212,11 @@ class Decoder:
         prompt, top = sequence.prompt, sequence.params.logprobs or 0
         sequence.prompt_logprobs = [None]
         if len(prompt) > 1:
-            logits = self.model.get_output_embeddings()(hidden[:len(prompt) - 1]).float()
+            logits = self.model.get_output_embeddings()(hidden[: len(prompt) - 1]).float()
             logprobs = torch.log_softmax(logits, dim=-1)
-            sequence.prompt_logprobs += [TokenLogprob.at(logprobs[i], prompt[i + 1], top)
-                                         for i in range(len(prompt) - 1)]
+            sequence.prompt_logprobs += [
+                TokenLogprob.at(logprobs[i], prompt[i + 1], top) for i in range(len(prompt) - 1)
+            ]
 
     def _advance(self, batch: DecodeBatch, scores: torch.Tensor) -> None:
         """Pick every row's next token on the device (greedy rows by one argmax, the others each from its own
@@ -211,8 +226,13 @@ class Decoder:
         for row, sequence in enumerate(batch.sequences):
             params = sequence.params
             if params.shapes_logits and len(sequence.tokens) < params.max_new_tokens:
-                chosen = shaped(scores[row], params, [*sequence.prompt, *sequence.tokens], len(sequence.tokens),
-                                self.tokenizer.eos_token_id)
+                chosen = shaped(
+                    scores[row],
+                    params,
+                    [*sequence.prompt, *sequence.tokens],
+                    len(sequence.tokens),
+                    self.tokenizer.eos_token_id,
+                )
                 picks[row] = chosen.argmax() if sequence.sampler is None else sequence.sampler.draw(chosen)
             elif sequence.sampler is not None and len(sequence.tokens) < params.max_new_tokens:
                 picks[row] = sequence.sampler.draw(scores[row])
@@ -225,8 +245,9 @@ class Decoder:
                 continue
             token = tokens[row]
             if params.logprobs is not None:
-                sequence.logprobs.append(TokenLogprob.at(torch.log_softmax(scores[row], dim=-1), token,
-                                                         params.logprobs))
+                sequence.logprobs.append(
+                    TokenLogprob.at(torch.log_softmax(scores[row], dim=-1), token, params.logprobs)
+                )
             sequence.tokens.append(token)
             self.finish(sequence)
 
@@ -246,7 +267,7 @@ class Decoder:
 
     def answer(self, sequence: Sequence) -> tuple[list[int], str]:
         """The row's kept tokens and its text, cut before the first stop string."""
-        tokens = sequence.tokens[:sequence.kept]
+        tokens = sequence.tokens[: sequence.kept]
         text = self.text(tokens)
         cuts = [text.find(s) for s in sequence.params.stop if s in text]
-        return tokens, text[:min(cuts)] if cuts else text
+        return tokens, text[: min(cuts)] if cuts else text

@@ -69,11 +69,15 @@ def resolve_device(setting: str) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             build = "has no CUDA" if torch.version.cuda is None else "sees no GPU"
-            raise DeviceRefused(f"DEVICE={setting} but this torch ({torch.__version__}) {build}: install the CUDA "
-                                "build of torch (docs/gpu.md) or set DEVICE=cpu")
+            raise DeviceRefused(
+                f"DEVICE={setting} but this torch ({torch.__version__}) {build}: install the CUDA "
+                "build of torch (docs/gpu.md) or set DEVICE=cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceRefused(f"DEVICE={setting} but torch sees {torch.cuda.device_count()} GPU(s): "
-                                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+            raise DeviceRefused(
+                f"DEVICE={setting} but torch sees {torch.cuda.device_count()} GPU(s): "
+                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     return device
@@ -99,10 +103,22 @@ def resolve(role: str, device: str, dtype: str, precision: str, kernels: str) ->
 
 def placements(settings: Settings) -> tuple[Placement, Placement]:
     """The generator's and the classifier's placements under these settings on this machine (`DeviceRefused`)."""
-    return (resolve("GENERATOR", settings.device, settings.generator_dtype, settings.generator_precision,
-                    settings.generator_fp32_kernels),
-            resolve("SENTIMENT", settings.device, settings.sentiment_dtype, settings.sentiment_precision,
-                    settings.sentiment_fp32_kernels))
+    return (
+        resolve(
+            "GENERATOR",
+            settings.device,
+            settings.generator_dtype,
+            settings.generator_precision,
+            settings.generator_fp32_kernels,
+        ),
+        resolve(
+            "SENTIMENT",
+            settings.device,
+            settings.sentiment_dtype,
+            settings.sentiment_precision,
+            settings.sentiment_fp32_kernels,
+        ),
+    )
 
 
 def memory(device: torch.device) -> dict[str, object]:
@@ -110,12 +126,22 @@ def memory(device: torch.device) -> dict[str, object]:
     system does (`MemAvailable`)."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        return {"device": str(device), "name": torch.cuda.get_device_name(device), "memory_used_bytes": total - free,
-                "memory_free_bytes": free, "memory_total_bytes": total}
+        return {
+            "device": str(device),
+            "name": torch.cuda.get_device_name(device),
+            "memory_used_bytes": total - free,
+            "memory_free_bytes": free,
+            "memory_total_bytes": total,
+        }
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     free = _mem_available() or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    return {"device": "cpu", "name": "cpu", "memory_used_bytes": total - free, "memory_free_bytes": free,
-            "memory_total_bytes": total}
+    return {
+        "device": "cpu",
+        "name": "cpu",
+        "memory_used_bytes": total - free,
+        "memory_free_bytes": free,
+        "memory_total_bytes": total,
+    }
 
 
 def _mem_available() -> int | None:
@@ -132,6 +158,7 @@ def _mem_available() -> int | None:
 def row_bytes(config: object, dtype: torch.dtype) -> int:
     """The memory one full-length row of a causal LM holds: its keys and values at every layer for the whole context,
     and its float32 logits over the vocabulary."""
+
     def size(name: str, other: str = "") -> int:
         return int(getattr(config, name, None) or getattr(config, other))
 

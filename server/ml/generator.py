@@ -71,8 +71,13 @@ class AbandonedRows(StoppingCriteria):
 
 
 def _decoder_only(params: GenerationParams) -> bool:
-    return (params.shapes_logits or params.ignore_eos or params.logprobs is not None or params.prompt_logprobs
-            or params.max_new_tokens == 0)
+    return (
+        params.shapes_logits
+        or params.ignore_eos
+        or params.logprobs is not None
+        or params.prompt_logprobs
+        or params.max_new_tokens == 0
+    )
 
 
 class TextGenerator(PretrainedModel):
@@ -83,8 +88,17 @@ class TextGenerator(PretrainedModel):
     # torch's fused kernels (flash or memory-efficient on a GPU) rather than an eager softmax.
     attention = "sdpa"
 
-    def __init__(self, model, tokenizer, name: str, revision: str, standin: bool, precision: Precision = "fp32",
-                 kernels: Kernels = "torch", placement: Placement = CPU_FLOAT32):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        name: str,
+        revision: str,
+        standin: bool,
+        precision: Precision = "fp32",
+        kernels: Kernels = "torch",
+        placement: Placement = CPU_FLOAT32,
+    ):
         super().__init__(model, tokenizer, name, revision, standin, precision, kernels, placement)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
@@ -96,9 +110,13 @@ class TextGenerator(PretrainedModel):
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams,
-                 seeds: Sequence[int | None] | None = None,
-                 abandoned: Callable[[int], bool] = lambda row: False) -> list[Generation]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: GenerationParams,
+        seeds: Sequence[int | None] | None = None,
+        abandoned: Callable[[int], bool] = lambda row: False,
+    ) -> list[Generation]:
         """One static batch through HF's `generate`: every row runs until the longest is done (the static
         scheduler). `seeds[i]` fixes row i's sample (None: a fresh random seed). Rows for which `abandoned(i)`
         becomes true stop at the next step and come back as `finish_reason="aborted"`. Parameters HF's loop does
@@ -106,21 +124,31 @@ class TextGenerator(PretrainedModel):
         the continuous loop's decoder on this batch instead."""
         if _decoder_only(params):
             return self._complete(prompts, params, seeds or [None] * len(prompts), abandoned)
-        batch = self.tokenizer.pad({"input_ids": [list(p) for p in prompts]}, padding=True,
-                                   return_tensors="pt").to(self.device)
-        config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False,
-                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        batch = self.tokenizer.pad({"input_ids": [list(p) for p in prompts]}, padding=True, return_tensors="pt").to(
+            self.device
+        )
+        config = GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
         processors = LogitsProcessorList()
         if not params.greedy:
             processors.append(PerRowSampler(params, seeds or [None] * len(prompts)))
         aborts = AbandonedRows(abandoned, len(prompts))
         with torch.inference_mode():
-            output = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                         generation_config=config, logits_processor=processors,
-                                         stopping_criteria=StoppingCriteriaList([aborts]))
+            output = self.model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                generation_config=config,
+                logits_processor=processors,
+                stopping_criteria=StoppingCriteriaList([aborts]),
+            )
         results = []
-        for prompt, row, aborted in zip(prompts, output[:, batch["input_ids"].shape[1]:].tolist(),
-                                        aborts.stopped.tolist(), strict=True):
+        for prompt, row, aborted in zip(
+            prompts, output[:, batch["input_ids"].shape[1] :].tolist(), aborts.stopped.tolist(), strict=True
+        ):
             if aborted:
                 results.append(Generation([], "", "aborted"))
                 continue
@@ -133,8 +161,13 @@ class TextGenerator(PretrainedModel):
             results.append(self.result(sequence))
         return results
 
-    def _complete(self, prompts: Sequence[Sequence[int]], params: GenerationParams, seeds: Sequence[int | None],
-                  abandoned: Callable[[int], bool]) -> list[Generation]:
+    def _complete(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: GenerationParams,
+        seeds: Sequence[int | None],
+        abandoned: Callable[[int], bool],
+    ) -> list[Generation]:
         sequences = [DecodedSequence(tuple(prompt), params, seed) for prompt, seed in zip(prompts, seeds, strict=True)]
         with torch.inference_mode():
             self.decoder.complete(sequences, abandoned)
@@ -143,9 +176,13 @@ class TextGenerator(PretrainedModel):
     def result(self, sequence: DecodedSequence) -> Generation:
         tokens, text = self.decoder.answer(sequence)
         params = sequence.params
-        return Generation(tokens, text, sequence.finish_reason or "length",
-                          sequence.logprobs[:len(tokens)] if params.logprobs is not None else None,
-                          sequence.prompt_logprobs)
+        return Generation(
+            tokens,
+            text,
+            sequence.finish_reason or "length",
+            sequence.logprobs[: len(tokens)] if params.logprobs is not None else None,
+            sequence.prompt_logprobs,
+        )
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str | None:
         """The prompt for a chat, from the tokenizer's chat template; None when the model has none (GPT-2)."""

@@ -74,22 +74,29 @@ def locate(model_id: str, kind: Kind, source: str, cache_dir: Path) -> ModelLoca
     if source == "local":
         raise ModelUnavailable(
             f"{kind} model {model_id!r} is neither a directory nor in the cache {cache_dir} and MODEL_SOURCE=local "
-            "forbids downloads: run `python -m server models fetch` on a connected machine, or set MODEL_SOURCE=hub")
+            "forbids downloads: run `python -m server models fetch` on a connected machine, or set MODEL_SOURCE=hub"
+        )
     if hub_reachable():
         return ModelLocation(model_id, model_id, local_files_only=False)
     if source == "hub":
         raise ModelUnavailable(
             f"{kind} model {model_id!r} is not in the cache {cache_dir} and the hub ({hub_constants.ENDPOINT}) "
             "cannot be reached: connect this machine, copy the model into a local directory and point the "
-            "setting at it, or set MODEL_SOURCE=auto to serve offline stand-ins")
+            "setting at it, or set MODEL_SOURCE=auto to serve offline stand-ins"
+        )
     standin_dir = cache_dir / "offline" / kind
     if not offline.standin_marker_exists(standin_dir):
         build = offline.build_generator if kind == "generator" else offline.build_classifier
         build(standin_dir, stands_in_for=model_id)
     log.warning("!" * 78)
-    log.warning("%s model %r: the hub cannot be reached and it is not cached; serving an OFFLINE STAND-IN "
-                "with RANDOM WEIGHTS from %s. Its outputs are meaningless. Run `python -m server models fetch` "
-                "on a connected machine for the real model.", kind, model_id, standin_dir)
+    log.warning(
+        "%s model %r: the hub cannot be reached and it is not cached; serving an OFFLINE STAND-IN "
+        "with RANDOM WEIGHTS from %s. Its outputs are meaningless. Run `python -m server models fetch` "
+        "on a connected machine for the real model.",
+        kind,
+        model_id,
+        standin_dir,
+    )
     log.warning("!" * 78)
     return ModelLocation(str(standin_dir), f"offline-stand-in:{model_id}", local_files_only=True, standin=True)
 
@@ -113,8 +120,17 @@ class PretrainedModel:
     # The attention implementation `load` asks for (None: transformers' default for the architecture).
     attention: ClassVar[str | None] = None
 
-    def __init__(self, model, tokenizer, name: str, revision: str, standin: bool, precision: Precision = "fp32",
-                 kernels: Kernels = "torch", placement: Placement = CPU_FLOAT32):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        name: str,
+        revision: str,
+        standin: bool,
+        precision: Precision = "fp32",
+        kernels: Kernels = "torch",
+        placement: Placement = CPU_FLOAT32,
+    ):
         """`model` already computes in `precision` on `placement` (see `load`); `name` and `revision` are the
         checkpoint's."""
         self.model = model.eval()
@@ -142,16 +158,35 @@ class PretrainedModel:
         return f"{self.checkpoint_revision}{self.tag}"
 
     @classmethod
-    def load(cls, location: ModelLocation, cache_dir: str, precision: Precision = "fp32",
-             kernels: Kernels = "torch", placement: Placement = CPU_FLOAT32) -> Self:
+    def load(
+        cls,
+        location: ModelLocation,
+        cache_dir: str,
+        precision: Precision = "fp32",
+        kernels: Kernels = "torch",
+        placement: Placement = CPU_FLOAT32,
+    ) -> Self:
         """Load the model and tokenizer onto `placement`'s device in its dtype, then convert the model to
         `precision` and, in fp32, `kernels` (seconds, see `precision.py`; both CPU only, see `device.py`)."""
-        tokenizer = AutoTokenizer.from_pretrained(location.path, cache_dir=cache_dir,
-                                                  local_files_only=location.local_files_only)
+        tokenizer = AutoTokenizer.from_pretrained(
+            location.path, cache_dir=cache_dir, local_files_only=location.local_files_only
+        )
         model = cls.auto_class.from_pretrained(
-            location.path, cache_dir=cache_dir, local_files_only=location.local_files_only, dtype=placement.dtype,
-            attn_implementation=cls.attention).to(placement.device)
+            location.path,
+            cache_dir=cache_dir,
+            local_files_only=location.local_files_only,
+            dtype=placement.dtype,
+            attn_implementation=cls.attention,
+        ).to(placement.device)
         revision = weights_revision(model.config, location)
         kernels = usable_kernels(kernels)
-        return cls(apply_precision(model, precision, kernels), tokenizer, location.name, revision, location.standin,
-                   precision, kernels, placement)
+        return cls(
+            apply_precision(model, precision, kernels),
+            tokenizer,
+            location.name,
+            revision,
+            location.standin,
+            precision,
+            kernels,
+            placement,
+        )

@@ -31,8 +31,9 @@ def _train_bpe(vocab_size: int, special_tokens: list[str]) -> ByteLevelBPETokeni
     bpe = ByteLevelBPETokenizer()
     lines = CORPUS.read_text(encoding="utf-8").splitlines()
     # show_progress=False: its bars print blank lines into the server's log at the first start.
-    bpe.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=1, special_tokens=special_tokens,
-                            show_progress=False)
+    bpe.train_from_iterator(
+        lines, vocab_size=vocab_size, min_frequency=1, special_tokens=special_tokens, show_progress=False
+    )
     return bpe
 
 
@@ -44,8 +45,9 @@ def _mark(directory: Path, kind: str, source: str) -> None:
     (directory / STANDIN_MARKER).write_text(json.dumps({"kind": kind, "stands_in_for": source}, indent=2))
 
 
-def build_generator(directory: Path, *, architecture: dict[str, int] | None = None, stands_in_for: str = "gpt2",
-                    seed: int = 0) -> Path:
+def build_generator(
+    directory: Path, *, architecture: dict[str, int] | None = None, stands_in_for: str = "gpt2", seed: int = 0
+) -> Path:
     """Write a GPT-2 model with random weights and a locally trained byte-level BPE tokenizer.
 
     `architecture` overrides the tiny default; `GPT2_124M` gives GPT-2's own compute (the vocabulary is then
@@ -58,16 +60,22 @@ def build_generator(directory: Path, *, architecture: dict[str, int] | None = No
     vocab_size = 50257 if architecture else len(tokenizer)
     torch.manual_seed(seed)
     # transformers types **kwargs as any of the config's parameters; `shape` holds only its int sizes.
-    config = GPT2Config(vocab_size=vocab_size, n_positions=1024, bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, **shape)  # type: ignore[arg-type]
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=1024,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **shape,  # type: ignore[arg-type]
+    )
     GPT2LMHeadModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     _mark(directory, "generator", stands_in_for)
     return directory
 
 
-def build_classifier(directory: Path, *, architecture: dict[str, int] | None = None, stands_in_for: str = "distilbert",
-                     seed: int = 0) -> Path:
+def build_classifier(
+    directory: Path, *, architecture: dict[str, int] | None = None, stands_in_for: str = "distilbert", seed: int = 0
+) -> Path:
     """Write a DistilBERT sentiment classifier (labels NEGATIVE/POSITIVE) with random weights, tiny unless
     `architecture` (`DISTILBERT_BASE`: the compute of the default sentiment model, its 30522-row vocabulary too)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -75,17 +83,29 @@ def build_classifier(directory: Path, *, architecture: dict[str, int] | None = N
     bpe = _train_bpe(vocab_size=600, special_tokens=specials)
     backend = bpe._tokenizer
     backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
         special_tokens=[(t, backend.token_to_id(t)) for t in ("[CLS]", "[SEP]")],
     )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
-                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                        model_max_length=512)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
+    )
     torch.manual_seed(seed)
     # As for GPT2Config: the architecture holds only the config's int sizes.
-    config = DistilBertConfig(vocab_size=30522 if architecture else len(tokenizer), **(architecture or TINY_DISTILBERT),  # type: ignore[arg-type]
-                              max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-                              id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    config = DistilBertConfig(
+        vocab_size=30522 if architecture else len(tokenizer),
+        **(architecture or TINY_DISTILBERT),  # type: ignore[arg-type]
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1},
+    )
     DistilBertForSequenceClassification(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     _mark(directory, "classifier", stands_in_for)
@@ -94,5 +114,7 @@ def build_classifier(directory: Path, *, architecture: dict[str, int] | None = N
 
 def build_standins(root: Path, generator_for: str = "gpt2", classifier_for: str = "distilbert") -> tuple[Path, Path]:
     """Both stand-ins under `root` (normally `models_cache/offline/`)."""
-    return (build_generator(root / "generator", stands_in_for=generator_for),
-            build_classifier(root / "classifier", stands_in_for=classifier_for))
+    return (
+        build_generator(root / "generator", stands_in_for=generator_for),
+        build_classifier(root / "classifier", stands_in_for=classifier_for),
+    )

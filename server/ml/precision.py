@@ -37,8 +37,10 @@ def usable_kernels(kernels: Kernels) -> Kernels:
     """`kernels`, or `torch` (with a warning) where this torch build has no oneDNN: the default must not stop a
     server from starting, and `/` and `/health` then say which kernels run."""
     if kernels == "onednn" and not torch.backends.mkldnn.is_available():
-        log.warning("this torch build has no oneDNN: fp32 Linear layers run on torch's default GEMM instead "
-                    "(set GENERATOR_FP32_KERNELS / SENTIMENT_FP32_KERNELS=torch to silence this)")
+        log.warning(
+            "this torch build has no oneDNN: fp32 Linear layers run on torch's default GEMM instead "
+            "(set GENERATOR_FP32_KERNELS / SENTIMENT_FP32_KERNELS=torch to silence this)"
+        )
         return "torch"
     return kernels
 
@@ -101,8 +103,11 @@ class OneDnnLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(
-            linear.weight.detach().contiguous(), PACKED_FOR_ROWS), persistent=False)
+        self.register_buffer(
+            "packed_weight",
+            torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().contiguous(), PACKED_FOR_ROWS),
+            persistent=False,
+        )
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,6 +136,7 @@ def quantize_linear_int8(model: nn.Module) -> nn.Module:
     """Dynamic int8 quantization of every `nn.Linear`, in place: int8 weights per output channel, inputs per call."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel",
-                                category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel", category=UserWarning
+        )
         return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)

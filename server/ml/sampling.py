@@ -86,8 +86,9 @@ def penalize_repetition(scores: torch.Tensor, seen: list[int], penalty: float) -
     return scores.scatter(0, index, torch.where(picked < 0, picked * penalty, picked / penalty))
 
 
-def shaped(scores: torch.Tensor, params: "GenerationParams", seen: list[int], generated: int,
-           eos_token_id: int | None) -> torch.Tensor:
+def shaped(
+    scores: torch.Tensor, params: "GenerationParams", seen: list[int], generated: int, eos_token_id: int | None
+) -> torch.Tensor:
     """The row's logits after its penalty and its end-of-text rule (`min_tokens`), before temperature."""
     if params.repetition_penalty != 1.0 and seen:
         scores = penalize_repetition(scores, seen, params.repetition_penalty)

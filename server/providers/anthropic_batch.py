@@ -30,7 +30,11 @@ from server.providers.errors import guarded
 
 STATES: dict[str, BatchState] = {"in_progress": "in_progress", "canceling": "cancelling", "ended": "completed"}
 RESULT_STATUS: dict[str | None, ItemStatus] = {
-    "succeeded": "succeeded", "errored": "failed", "canceled": "cancelled", "expired": "expired"}
+    "succeeded": "succeeded",
+    "errored": "failed",
+    "canceled": "cancelled",
+    "expired": "expired",
+}
 
 
 class AnthropicBatch:
@@ -48,8 +52,12 @@ class AnthropicBatch:
         return cast(MessageCreateParamsNonStreaming, {**body, "model": model})
 
     def line(self, model: str, kind: Kind, request: NeutralRequest) -> bytes:
-        return json.dumps({"custom_id": request.custom_id, "params": self.params(model, request)},
-                          separators=(",", ":")).encode() + b","
+        return (
+            json.dumps(
+                {"custom_id": request.custom_id, "params": self.params(model, request)}, separators=(",", ":")
+            ).encode()
+            + b","
+        )
 
     def wire_ids(self, key: str, custom_ids: Sequence[str]) -> list[str]:
         return [f"{key}-{position}" for position in range(len(custom_ids))]
@@ -57,10 +65,18 @@ class AnthropicBatch:
     async def upload(self, model: str, kind: Kind, requests: Sequence[NeutralRequest], key: str) -> str | None:
         return None
 
-    async def create(self, model: str, kind: Kind, requests: Sequence[NeutralRequest], source: str | None,
-                     key: str) -> str:
-        batch = await guarded(self.name, "create", lambda: self.client.messages.batches.create(requests=[
-            {"custom_id": request.custom_id, "params": self.params(model, request)} for request in requests]))
+    async def create(
+        self, model: str, kind: Kind, requests: Sequence[NeutralRequest], source: str | None, key: str
+    ) -> str:
+        batch = await guarded(
+            self.name,
+            "create",
+            lambda: self.client.messages.batches.create(
+                requests=[
+                    {"custom_id": request.custom_id, "params": self.params(model, request)} for request in requests
+                ]
+            ),
+        )
         return batch.id
 
     async def find(self, key: str, *, since: datetime, count: int, known: Collection[str]) -> str | None:
@@ -93,13 +109,19 @@ class AnthropicBatch:
         batch = await guarded(self.name, "poll", lambda: self.client.messages.batches.retrieve(batch_id))
         counts = batch.request_counts
         total = counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
-        return BatchSnapshot(STATES.get(batch.processing_status, "in_progress"), total, counts.succeeded,
-                             counts.errored + counts.expired + counts.canceled)
+        return BatchSnapshot(
+            STATES.get(batch.processing_status, "in_progress"),
+            total,
+            counts.succeeded,
+            counts.errored + counts.expired + counts.canceled,
+        )
 
     async def results(self, batch_id: str) -> list[ItemResult]:
         async def download() -> list[ItemResult]:
-            return [result_of(entry.model_dump(mode="json"))
-                    async for entry in await self.client.messages.batches.results(batch_id)]
+            return [
+                result_of(entry.model_dump(mode="json"))
+                async for entry in await self.client.messages.batches.results(batch_id)
+            ]
 
         return await guarded(self.name, "results", download)
 
@@ -123,5 +145,11 @@ def result_of(entry: dict) -> ItemResult:
     message = result.get("message") or {}
     text = "".join(block.get("text", "") for block in message.get("content") or [] if block.get("type") == "text")
     usage = message.get("usage") or {}
-    return ItemResult(entry["custom_id"], "succeeded", {"text": text, "finish_reason": message.get("stop_reason")},
-                      entry, input_tokens=usage.get("input_tokens", 0), output_tokens=usage.get("output_tokens", 0))
+    return ItemResult(
+        entry["custom_id"],
+        "succeeded",
+        {"text": text, "finish_reason": message.get("stop_reason")},
+        entry,
+        input_tokens=usage.get("input_tokens", 0),
+        output_tokens=usage.get("output_tokens", 0),
+    )

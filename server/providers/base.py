@@ -14,8 +14,9 @@ from datetime import datetime
 from typing import Literal, Protocol
 
 Kind = Literal["chat", "embedding", "generate", "predict"]
-BatchState = Literal["validating", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling",
-                     "cancelled"]
+BatchState = Literal[
+    "validating", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled"
+]
 TERMINAL_STATES: frozenset[BatchState] = frozenset({"completed", "failed", "expired", "cancelled"})
 ItemStatus = Literal["succeeded", "failed", "expired", "cancelled"]
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -63,8 +64,15 @@ class ItemResult:
 class ProviderError(Exception):
     """A provider call failed. `status` is the HTTP status (None: no answer, e.g. a timeout)."""
 
-    def __init__(self, provider: str, operation: str, message: str, *, status: int | None = None,
-                 retry_after_s: float | None = None):
+    def __init__(
+        self,
+        provider: str,
+        operation: str,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+    ):
         super().__init__(f"{provider} {operation} failed: {message}")
         self.provider = provider
         self.operation = operation
@@ -95,8 +103,9 @@ class BatchProvider(Protocol):
         """Upload the requests where the API needs a file first; the file's id (None: they go inline in `create`).
         An upload creates no batch: repeating it costs nothing but storage."""
 
-    async def create(self, model: str, kind: Kind, requests: Sequence[NeutralRequest], source: str | None,
-                     key: str) -> str:
+    async def create(
+        self, model: str, kind: Kind, requests: Sequence[NeutralRequest], source: str | None, key: str
+    ) -> str:
         """Create a provider batch carrying `key`, over `source` (from `upload`) or `requests` inline; returns the
         provider's batch id. Never retried blind: the caller looks the key up first (`find`)."""
 

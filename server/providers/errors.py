@@ -30,19 +30,35 @@ def retry_after_s(headers: Mapping[str, str] | None) -> float | None:
 
 def translate(provider: str, operation: str, exc: Exception) -> ProviderError:
     if isinstance(exc, (openai.APIStatusError, anthropic.APIStatusError)):
-        return ProviderError(provider, operation, f"HTTP {exc.status_code}: {exc.message}", status=exc.status_code,
-                             retry_after_s=retry_after_s(exc.response.headers))
+        return ProviderError(
+            provider,
+            operation,
+            f"HTTP {exc.status_code}: {exc.message}",
+            status=exc.status_code,
+            retry_after_s=retry_after_s(exc.response.headers),
+        )
     if isinstance(exc, genai_errors.APIError):
         headers = getattr(getattr(exc, "response", None), "headers", None)
-        return ProviderError(provider, operation, f"HTTP {exc.code}: {exc.message}", status=exc.code,
-                             retry_after_s=retry_after_s(headers))
+        return ProviderError(
+            provider,
+            operation,
+            f"HTTP {exc.code}: {exc.message}",
+            status=exc.code,
+            retry_after_s=retry_after_s(headers),
+        )
     return ProviderError(provider, operation, f"{type(exc).__name__}: {exc}")
 
 
 # No answer, or none that can be read: the call may or may not have taken effect. google-genai lets its transport's
 # own errors through (aiohttp's when installed, else httpx's).
-ANSWERLESS = (openai.APIConnectionError, anthropic.APIConnectionError, httpx.TransportError, aiohttp.ClientError,
-              TimeoutError, OSError)
+ANSWERLESS = (
+    openai.APIConnectionError,
+    anthropic.APIConnectionError,
+    httpx.TransportError,
+    aiohttp.ClientError,
+    TimeoutError,
+    OSError,
+)
 
 
 async def guarded(provider: str, operation: str, call: Callable[[], Awaitable[T]]) -> T:

@@ -22,10 +22,19 @@ from server.providers.errors import guarded
 
 INLINE_LIMIT_BYTES = 19 * 1024 * 1024
 STATES: dict[str, BatchState] = {
-    "JOB_STATE_QUEUED": "validating", "JOB_STATE_PENDING": "validating", "JOB_STATE_UNSPECIFIED": "validating",
-    "JOB_STATE_RUNNING": "in_progress", "JOB_STATE_PAUSED": "in_progress", "JOB_STATE_UPDATING": "in_progress",
-    "JOB_STATE_SUCCEEDED": "completed", "JOB_STATE_PARTIALLY_SUCCEEDED": "completed", "JOB_STATE_FAILED": "failed",
-    "JOB_STATE_CANCELLING": "cancelling", "JOB_STATE_CANCELLED": "cancelled", "JOB_STATE_EXPIRED": "expired"}
+    "JOB_STATE_QUEUED": "validating",
+    "JOB_STATE_PENDING": "validating",
+    "JOB_STATE_UNSPECIFIED": "validating",
+    "JOB_STATE_RUNNING": "in_progress",
+    "JOB_STATE_PAUSED": "in_progress",
+    "JOB_STATE_UPDATING": "in_progress",
+    "JOB_STATE_SUCCEEDED": "completed",
+    "JOB_STATE_PARTIALLY_SUCCEEDED": "completed",
+    "JOB_STATE_FAILED": "failed",
+    "JOB_STATE_CANCELLING": "cancelling",
+    "JOB_STATE_CANCELLED": "cancelled",
+    "JOB_STATE_EXPIRED": "expired",
+}
 ROLES = {"user": "user", "assistant": "model", "model": "model"}
 
 
@@ -37,8 +46,11 @@ def request_of(body: dict) -> dict:
             system.append({"text": message["content"]})
         else:
             contents.append({"role": ROLES.get(message.get("role"), "user"), "parts": [{"text": message["content"]}]})
-    generation = {name: body[key] for key, name in (("max_tokens", "maxOutputTokens"), ("temperature", "temperature"),
-                                                    ("top_p", "topP")) if key in body}
+    generation = {
+        name: body[key]
+        for key, name in (("max_tokens", "maxOutputTokens"), ("temperature", "temperature"), ("top_p", "topP"))
+        if key in body
+    }
     request: dict = {"contents": contents}
     if generation:
         request["generationConfig"] = generation
@@ -50,9 +62,11 @@ def request_of(body: dict) -> dict:
 def inlined(custom_id: str, request: dict) -> types.InlinedRequest:
     generation = request.get("generationConfig", {})
     config = types.GenerateContentConfig(
-        max_output_tokens=generation.get("maxOutputTokens"), temperature=generation.get("temperature"),
+        max_output_tokens=generation.get("maxOutputTokens"),
+        temperature=generation.get("temperature"),
         top_p=generation.get("topP"),
-        system_instruction=request["systemInstruction"]["parts"][0]["text"] if "systemInstruction" in request else None)
+        system_instruction=request["systemInstruction"]["parts"][0]["text"] if "systemInstruction" in request else None,
+    )
     return types.InlinedRequest(contents=request["contents"], metadata={"key": custom_id}, config=config)
 
 
@@ -65,8 +79,10 @@ class GeminiBatch:
         self.limits = limits
 
     def line(self, model: str, kind: Kind, request: NeutralRequest) -> bytes:
-        return json.dumps({"key": request.custom_id, "request": request_of(request.body)},
-                          separators=(",", ":")).encode() + b"\n"
+        return (
+            json.dumps({"key": request.custom_id, "request": request_of(request.body)}, separators=(",", ":")).encode()
+            + b"\n"
+        )
 
     def wire_ids(self, key: str, custom_ids: Sequence[str]) -> list[str]:
         return list(custom_ids)
@@ -75,16 +91,27 @@ class GeminiBatch:
         lines = [self.line(model, kind, request) for request in requests]
         if sum(map(len, lines)) < INLINE_LIMIT_BYTES:
             return None
-        upload = await guarded(self.name, "upload", lambda: self.client.aio.files.upload(
-            file=io.BytesIO(b"".join(lines)),
-            config=types.UploadFileConfig(mime_type="application/jsonl", display_name=key)))
+        upload = await guarded(
+            self.name,
+            "upload",
+            lambda: self.client.aio.files.upload(
+                file=io.BytesIO(b"".join(lines)),
+                config=types.UploadFileConfig(mime_type="application/jsonl", display_name=key),
+            ),
+        )
         return upload.name
 
-    async def create(self, model: str, kind: Kind, requests: Sequence[NeutralRequest], source: str | None,
-                     key: str) -> str:
+    async def create(
+        self, model: str, kind: Kind, requests: Sequence[NeutralRequest], source: str | None, key: str
+    ) -> str:
         src = source or [inlined(r.custom_id, request_of(r.body)) for r in requests]
-        batch = await guarded(self.name, "create", lambda: self.client.aio.batches.create(
-            model=model, src=src, config=types.CreateBatchJobConfig(display_name=key)))
+        batch = await guarded(
+            self.name,
+            "create",
+            lambda: self.client.aio.batches.create(
+                model=model, src=src, config=types.CreateBatchJobConfig(display_name=key)
+            ),
+        )
         # The SDK types every field of its models optional; a created batch always has its name.
         return cast(str, batch.name)
 
@@ -118,8 +145,9 @@ class GeminiBatch:
         await guarded(self.name, "cancel", lambda: self.client.aio.batches.cancel(name=batch_id))
 
     async def ping(self) -> None:
-        await guarded(self.name, "ping", lambda: self.client.aio.batches.list(config=types.ListBatchJobsConfig(
-            page_size=1)))
+        await guarded(
+            self.name, "ping", lambda: self.client.aio.batches.list(config=types.ListBatchJobsConfig(page_size=1))
+        )
 
     async def cleanup(self, batch_id: str) -> None:
         batch = await guarded(self.name, "poll", lambda: self.client.aio.batches.get(name=batch_id))
@@ -132,10 +160,14 @@ def _success(custom_id: str, response: dict, raw: dict) -> ItemResult:
     candidate = (response.get("candidates") or [{}])[0]
     text = "".join(part.get("text", "") for part in (candidate.get("content") or {}).get("parts") or [])
     usage = response.get("usageMetadata") or response.get("usage_metadata") or {}
-    return ItemResult(custom_id, "succeeded",
-                      {"text": text, "finish_reason": candidate.get("finishReason") or candidate.get("finish_reason")},
-                      raw, input_tokens=usage.get("promptTokenCount") or usage.get("prompt_token_count") or 0,
-                      output_tokens=usage.get("candidatesTokenCount") or usage.get("candidates_token_count") or 0)
+    return ItemResult(
+        custom_id,
+        "succeeded",
+        {"text": text, "finish_reason": candidate.get("finishReason") or candidate.get("finish_reason")},
+        raw,
+        input_tokens=usage.get("promptTokenCount") or usage.get("prompt_token_count") or 0,
+        output_tokens=usage.get("candidatesTokenCount") or usage.get("candidates_token_count") or 0,
+    )
 
 
 def inline_result(entry: types.InlinedResponse) -> ItemResult:

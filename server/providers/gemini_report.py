@@ -34,14 +34,16 @@ class GeminiJson:
 
     async def generate(self, prompt: str, schema: type[M], *, temperature: float = 0.2) -> M:
         """Gemini's answer to `prompt` as an instance of `schema`."""
-        config = types.GenerateContentConfig(response_mime_type="application/json", response_schema=schema,
-                                             temperature=temperature)
+        config = types.GenerateContentConfig(
+            response_mime_type="application/json", response_schema=schema, temperature=temperature
+        )
 
         async def call() -> types.GenerateContentResponse:
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    return await self.client.aio.models.generate_content(model=self.model, contents=prompt,
-                                                                         config=config)
+                    return await self.client.aio.models.generate_content(
+                        model=self.model, contents=prompt, config=config
+                    )
             except httpx.HTTPError as exc:  # no connection: the SDK lets httpx's own errors through
                 raise ProviderError(PROVIDER, OPERATION, f"{type(exc).__name__}: {exc}") from exc
 
@@ -49,5 +51,9 @@ class GeminiJson:
         try:
             return schema.model_validate_json(response.text or "")
         except ValidationError as exc:
-            raise InvalidAnswer(PROVIDER, OPERATION, f"the answer does not fit the schema: "
-                                f"{exc.error_count()} errors, first: {exc.errors()[0]['msg']}", status=200) from exc
+            raise InvalidAnswer(
+                PROVIDER,
+                OPERATION,
+                f"the answer does not fit the schema: {exc.error_count()} errors, first: {exc.errors()[0]['msg']}",
+                status=200,
+            ) from exc

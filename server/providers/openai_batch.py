@@ -17,7 +17,9 @@ from server.providers.base import BatchLimits, BatchSnapshot, ItemResult, ItemSt
 from server.providers.errors import guarded
 
 ENDPOINTS: dict[str, Literal["/v1/chat/completions", "/v1/embeddings"]] = {
-    "chat": "/v1/chat/completions", "embedding": "/v1/embeddings"}
+    "chat": "/v1/chat/completions",
+    "embedding": "/v1/embeddings",
+}
 ERROR_STATUS: dict[str, ItemStatus] = {"batch_expired": "expired", "batch_cancelled": "cancelled"}
 KEY_FIELD = "idempotency_key"
 # A crashed submission is recovered within the poll interval; older batches need not be scanned.
@@ -33,23 +35,37 @@ class OpenAIBatch:
 
     def line(self, model: str, kind: Kind, request: NeutralRequest) -> bytes:
         body = {**request.body, "model": model}
-        return json.dumps({"custom_id": request.custom_id, "method": "POST", "url": ENDPOINTS[kind],
-                           "body": body}, separators=(",", ":")).encode() + b"\n"
+        return (
+            json.dumps(
+                {"custom_id": request.custom_id, "method": "POST", "url": ENDPOINTS[kind], "body": body},
+                separators=(",", ":"),
+            ).encode()
+            + b"\n"
+        )
 
     def wire_ids(self, key: str, custom_ids: Sequence[str]) -> list[str]:
         return list(custom_ids)
 
     async def upload(self, model: str, kind: Kind, requests: Sequence[NeutralRequest], key: str) -> str | None:
         content = b"".join(self.line(model, kind, request) for request in requests)
-        upload = await guarded(self.name, "upload", lambda: self.client.files.create(
-            file=(f"{key}.jsonl", content, "application/jsonl"), purpose="batch"))
+        upload = await guarded(
+            self.name,
+            "upload",
+            lambda: self.client.files.create(file=(f"{key}.jsonl", content, "application/jsonl"), purpose="batch"),
+        )
         return upload.id
 
-    async def create(self, model: str, kind: Kind, requests: Sequence[NeutralRequest], source: str | None,
-                     key: str) -> str:
+    async def create(
+        self, model: str, kind: Kind, requests: Sequence[NeutralRequest], source: str | None, key: str
+    ) -> str:
         assert source is not None, "an OpenAI batch reads the file `upload` returned"
-        batch = await guarded(self.name, "create", lambda: self.client.batches.create(
-            input_file_id=source, endpoint=ENDPOINTS[kind], completion_window="24h", metadata={KEY_FIELD: key}))
+        batch = await guarded(
+            self.name,
+            "create",
+            lambda: self.client.batches.create(
+                input_file_id=source, endpoint=ENDPOINTS[kind], completion_window="24h", metadata={KEY_FIELD: key}
+            ),
+        )
         return batch.id
 
     async def find(self, key: str, *, since: datetime, count: int, known: Collection[str]) -> str | None:
@@ -68,8 +84,13 @@ class OpenAIBatch:
         batch = await guarded(self.name, "poll", lambda: self.client.batches.retrieve(batch_id))
         counts = batch.request_counts
         errors = "; ".join(e.message or e.code or "" for e in (batch.errors.data if batch.errors else None) or [])
-        return BatchSnapshot(batch.status, counts.total if counts else None, counts.completed if counts else None,
-                             counts.failed if counts else None, errors or None)
+        return BatchSnapshot(
+            batch.status,
+            counts.total if counts else None,
+            counts.completed if counts else None,
+            counts.failed if counts else None,
+            errors or None,
+        )
 
     async def _lines(self, file_id: str | None) -> list[dict]:
         if not file_id:

@@ -112,8 +112,15 @@ class AdmissionGate:
     def _check(self, count: int) -> None:
         if count > self.limit:
             # Never admissible, however long the caller waits: not a retryable 503.
-            raise InputError([FieldError(("body",), f"{count} items: more than the {self.name} model's queue holds "
-                                                   f"(BATCH_QUEUE_LIMIT={self.limit}); split the request")])
+            raise InputError(
+                [
+                    FieldError(
+                        ("body",),
+                        f"{count} items: more than the {self.name} model's queue holds "
+                        f"(BATCH_QUEUE_LIMIT={self.limit}); split the request",
+                    )
+                ]
+            )
         if self.waiting() + self.reserved + count > self.limit:
             metrics.BATCH_REJECTED.labels(self.name).inc(count)
             raise Overloaded(self.name, self.retry_after_s())
@@ -175,8 +182,9 @@ class History:
     callers: int = 0
     arrived_since: int = 0
 
-    async def linger(self, wakeup: asyncio.Event, waiting: Callable[[], int], max_batch_size: int,
-                     max_wait_s: float) -> None:
+    async def linger(
+        self, wakeup: asyncio.Event, waiting: Callable[[], int], max_batch_size: int, max_wait_s: float
+    ) -> None:
         """Wait until the batch is full or as many arrived as the last batch answered, at the latest
         `max(max_wait_s, LINGER_FRACTION * the last batch's duration)` after it ended."""
         loop = asyncio.get_running_loop()
@@ -211,11 +219,21 @@ async def answers(name: str, callers: Sequence[Caller], timeout_s: float) -> lis
 
 
 class MicroBatcher(Generic[T, R]):
-    def __init__(self, name: str, compute: Callable[[list[T], Abandoned], Sequence[R | Aborted]], executor: Executor, *,
-                 max_batch_size: int, max_wait_s: float, queue_limit: int, background_max_size: int | None = None,
-                 group_of: Callable[[T], Hashable] = lambda item: None,
-                 dedup_key_of: Callable[[T], Hashable | None] = lambda item: None,
-                 restart: RestartPolicy = RestartPolicy(), stall_s: float = 30.0):
+    def __init__(
+        self,
+        name: str,
+        compute: Callable[[list[T], Abandoned], Sequence[R | Aborted]],
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        queue_limit: int,
+        background_max_size: int | None = None,
+        group_of: Callable[[T], Hashable] = lambda item: None,
+        dedup_key_of: Callable[[T], Hashable | None] = lambda item: None,
+        restart: RestartPolicy = RestartPolicy(),
+        stall_s: float = 30.0,
+    ):
         self.name = name
         self.compute = compute
         self.executor = executor
@@ -233,8 +251,7 @@ class MicroBatcher(Generic[T, R]):
         self._running: list[list[_Entry[T, R]]] = []
         self.stall_s = stall_s
         self._progress_at = time.monotonic()
-        self.supervisor = Supervisor(f"batcher-{name}", self._run_forever, on_failure=self._fail_owned,
-                                     policy=restart)
+        self.supervisor = Supervisor(f"batcher-{name}", self._run_forever, on_failure=self._fail_owned, policy=restart)
 
     def start(self) -> None:
         self.supervisor.start()
@@ -287,8 +304,10 @@ class MicroBatcher(Generic[T, R]):
         """
         self._prune()
         if self.supervisor.state == "failed":
-            raise ModelFailed(f"the {self.name} model's loop is down after repeated failures "
-                              f"({self.supervisor.last_error}); the process needs a restart")
+            raise ModelFailed(
+                f"the {self.name} model's loop is down after repeated failures "
+                f"({self.supervisor.last_error}); the process needs a restart"
+            )
         if not (self._queue or self._running):
             self._progressed()
         loop = asyncio.get_running_loop()
@@ -431,7 +450,8 @@ class MicroBatcher(Generic[T, R]):
         liveness = _Liveness(batch, self._progressed)
         try:
             outcomes: Sequence[R | Aborted | BaseException] = await loop.run_in_executor(
-                self.executor, self._call, items, liveness)
+                self.executor, self._call, items, liveness
+            )
         except Exception:
             log.warning("%s batch of %d failed; bisecting it", self.name, len(items))
             outcomes = await loop.run_in_executor(self.executor, self._bisect, items, liveness)
@@ -450,5 +470,6 @@ class MicroBatcher(Generic[T, R]):
         self._running = []
         self._running_background = False
         finished = loop.time()
-        self._history = History(done_at=finished, duration_s=finished - started,
-                                 callers=sum(len(entries) for entries in batch))
+        self._history = History(
+            done_at=finished, duration_s=finished - started, callers=sum(len(entries) for entries in batch)
+        )

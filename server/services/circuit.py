@@ -35,15 +35,24 @@ class CircuitOpen(Exception):
     """The call was skipped: the dependency failed recently and is not being tried until `retry_in_s`."""
 
     def __init__(self, dependency: str, retry_in_s: float, cause: str):
-        super().__init__(f"{dependency} skipped for {retry_in_s:.2f} s more after {cause}" if retry_in_s > 0
-                         else f"{dependency} skipped while a probe is in flight after {cause}")
+        super().__init__(
+            f"{dependency} skipped for {retry_in_s:.2f} s more after {cause}"
+            if retry_in_s > 0
+            else f"{dependency} skipped while a probe is in flight after {cause}"
+        )
         self.retry_in_s = retry_in_s
 
 
 class CircuitBreaker:
-    def __init__(self, dependency: str, *, failures: tuple[type[BaseException], ...],
-                 base_interval_s: float = 0.5, max_interval_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        dependency: str,
+        *,
+        failures: tuple[type[BaseException], ...],
+        base_interval_s: float = 0.5,
+        max_interval_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.dependency = dependency
         self.failures = failures
         self.base_interval_s = base_interval_s
@@ -72,7 +81,7 @@ class CircuitBreaker:
     @property
     def interval_s(self) -> float:
         """How long the circuit stays open after its latest failure."""
-        return min(self.base_interval_s * 2 ** self._failed_probes, self.max_interval_s)
+        return min(self.base_interval_s * 2**self._failed_probes, self.max_interval_s)
 
     @asynccontextmanager
     async def guard(self) -> AsyncIterator[None]:
@@ -126,8 +135,13 @@ class CircuitBreaker:
         self._cause = f"{type(exc).__name__}: {exc}"
         self._retry_at = now + self.interval_s
         self._publish()
-        self._warnings.warning(self.dependency, "%s failed (%s): skipping it for %.1f s, then one call probes it",
-                               self.dependency, self._cause, self.interval_s)
+        self._warnings.warning(
+            self.dependency,
+            "%s failed (%s): skipping it for %.1f s, then one call probes it",
+            self.dependency,
+            self._cause,
+            self.interval_s,
+        )
 
     def _succeeded(self) -> None:
         if not self._open:

@@ -127,9 +127,19 @@ class _Update:
 
 
 class ContinuousBatcher:
-    def __init__(self, name: str, generator: TextGenerator, executor: Executor, *, max_batch_size: int,
-                 max_wait_s: float, queue_limit: int, background_max_size: int | None = None,
-                 restart: RestartPolicy = RestartPolicy(), stall_s: float = 30.0):
+    def __init__(
+        self,
+        name: str,
+        generator: TextGenerator,
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        queue_limit: int,
+        background_max_size: int | None = None,
+        restart: RestartPolicy = RestartPolicy(),
+        stall_s: float = 30.0,
+    ):
         self.name = name
         self.generator = generator
         self.executor = executor
@@ -160,8 +170,7 @@ class ContinuousBatcher:
         self._alone: deque[_Row] = deque()
         self.stall_s = stall_s
         self._progress_at = time.monotonic()
-        self.supervisor = Supervisor(f"batcher-{name}", self._run_forever, on_failure=self._fail_owned,
-                                     policy=restart)
+        self.supervisor = Supervisor(f"batcher-{name}", self._run_forever, on_failure=self._fail_owned, policy=restart)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
@@ -224,13 +233,16 @@ class ContinuousBatcher:
         batches_ahead = self.queued / self.max_batch_size + 1
         return max(1.0, math.ceil(self._step_seconds * self._row_steps * batches_ahead))
 
-    async def submit(self, jobs: Sequence[Job], *, timeout_s: float, background: bool = False,
-                     on_tokens: TokenSink | None = None) -> list[Generation]:
+    async def submit(
+        self, jobs: Sequence[Job], *, timeout_s: float, background: bool = False, on_tokens: TokenSink | None = None
+    ) -> list[Generation]:
         """Generate for `jobs` (all or none enqueued) within `timeout_s`, else `DeadlineExceeded`; `on_tokens`
         receives each row's new token ids as they come (one call per row per step)."""
         self._refuse_if_down()
-        self.gate.take(sum(not job.deterministic for job in jobs)
-                       + len({job for job in jobs if job.deterministic and job not in self._shared}))
+        self.gate.take(
+            sum(not job.deterministic for job in jobs)
+            + len({job for job in jobs if job.deterministic and job not in self._shared})
+        )
         loop = asyncio.get_running_loop()
         callers = [_Caller(loop.create_future(), on_tokens, background) for _ in jobs]
         for job, caller in zip(jobs, callers, strict=True):
@@ -241,18 +253,27 @@ class ContinuousBatcher:
 
     def _refuse_if_down(self) -> None:
         if self.supervisor.state == "failed":
-            raise ModelFailed(f"the {self.name} model's loop is down after repeated failures "
-                              f"({self.supervisor.last_error}); the process needs a restart")
+            raise ModelFailed(
+                f"the {self.name} model's loop is down after repeated failures "
+                f"({self.supervisor.last_error}); the process needs a restart"
+            )
 
     def _subscribe(self, job: Job, caller: _Caller, now: float) -> None:
         row = self._shared.get(job) if job.deterministic else None
         if row is None:
             if not self._rows:
                 self._progress_at = now
-            row = _Row(job.prompt_ids, job.params, job.seed, job=job, callers=[caller], enqueued_at=now,
-                       enqueued_step=self.steps,
-                       # A background prefill under way counts as one this row waits behind.
-                       background_before=self._background_admissions - self._background_prefilling)
+            row = _Row(
+                job.prompt_ids,
+                job.params,
+                job.seed,
+                job=job,
+                callers=[caller],
+                enqueued_at=now,
+                enqueued_step=self.steps,
+                # A background prefill under way counts as one this row waits behind.
+                background_before=self._background_admissions - self._background_prefilling,
+            )
             self._rows.add(row)
             if job.deterministic:
                 self._shared[job] = row
@@ -295,8 +316,12 @@ class ContinuousBatcher:
             await asyncio.wrap_future(drained)
             finished = loop.time()
             # Rows waiting now arrived after the loop's last look, that is after the batch drained.
-            self._history = History(done_at=finished, duration_s=finished - started, callers=self._finished_callers,
-                                     arrived_since=len(self._waiting))
+            self._history = History(
+                done_at=finished,
+                duration_s=finished - started,
+                callers=self._finished_callers,
+                arrived_since=len(self._waiting),
+            )
 
     async def _linger(self) -> None:
         await self._history.linger(self._wakeup, lambda: len(self._waiting), self.max_batch_size, self.max_wait_s)
@@ -334,17 +359,29 @@ class ContinuousBatcher:
             if not live:
                 return []
             # Rows under bisection come back: their places stay theirs.
-            room = (self.max_batch_size - len(running) - len(self._cleared) - len(self._alone)
-                    - sum(len(group) for group in self._suspects))
+            room = (
+                self.max_batch_size
+                - len(running)
+                - len(self._cleared)
+                - len(self._alone)
+                - sum(len(group) for group in self._suspects)
+            )
             interactive = [row for row in live if not row.background]
             candidates = interactive
             if not interactive and all(row.background for row in running):
                 background_running = len(running) + (len(self._parked) if self._parked is not None else 0)
                 room = min(room, self.background_max_size - background_running)
                 candidates = live
-            due = (not running or len(candidates) >= JOIN_FRACTION * len(running)
-                   or self.steps - candidates[0].enqueued_step >= JOIN_AFTER_STEPS) if candidates else False
-            chosen = candidates[:max(room, 0)] if due else []
+            due = (
+                (
+                    not running
+                    or len(candidates) >= JOIN_FRACTION * len(running)
+                    or self.steps - candidates[0].enqueued_step >= JOIN_AFTER_STEPS
+                )
+                if candidates
+                else False
+            )
+            chosen = candidates[: max(room, 0)] if due else []
             for row in chosen:
                 self._waiting.remove(row)
         metrics.BATCH_QUEUE_DEPTH.labels(self.name).set(self.queued)
@@ -397,7 +434,7 @@ class ContinuousBatcher:
             if len(suspects) == 1:
                 self._fail_row(suspects[0], suspects[0].failure)
             elif suspects:
-                half, rest = suspects[:len(suspects) // 2], suspects[len(suspects) // 2:]
+                half, rest = suspects[: len(suspects) // 2], suspects[len(suspects) // 2 :]
                 if self._join(half):
                     self._suspects.appendleft(rest)
                 else:
@@ -445,8 +482,9 @@ class ContinuousBatcher:
         self._send([self._update(row) for row in done])
         suspects = [row for row in rows if not row.finish_reason]
         if suspects and isinstance(exc, torch.OutOfMemoryError):
-            log.warning("%s ran out of memory over %d rows (%s); they run again one at a time", self.name, len(rows),
-                        exc)
+            log.warning(
+                "%s ran out of memory over %d rows (%s); they run again one at a time", self.name, len(rows), exc
+            )
             self._alone.extend(suspects)
         elif suspects:
             log.warning("%s forward pass over %d rows failed (%s); bisecting them", self.name, len(rows), exc)
@@ -461,7 +499,7 @@ class ContinuousBatcher:
 
     def _update(self, row: _Row) -> _Update:
         limit = row.kept if row.finish_reason else len(row.tokens)
-        tokens, logprobs = row.tokens[row.sent:limit], row.logprobs[row.sent:limit]
+        tokens, logprobs = row.tokens[row.sent : limit], row.logprobs[row.sent : limit]
         row.sent = max(row.sent, limit)
         outcome = self.generator.result(row) if row.finish_reason else None
         return _Update(row, tokens, outcome, logprobs)

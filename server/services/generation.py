@@ -91,8 +91,9 @@ EXTENSIONS = ("top_k", "repetition_penalty", "min_tokens", "ignore_eos", "logpro
 
 def run_jobs(generator: TextGenerator, jobs: list[GenerationJob], abandoned: Abandoned) -> list[Generation | Aborted]:
     """The batcher's compute function: one `generate` call for jobs that share their params."""
-    outputs = generator.generate([job.prompt_ids for job in jobs], jobs[0].params, [job.seed for job in jobs],
-                                 abandoned)
+    outputs = generator.generate(
+        [job.prompt_ids for job in jobs], jobs[0].params, [job.seed for job in jobs], abandoned
+    )
     return [ABORTED if output.finish_reason == "aborted" else output for output in outputs]
 
 
@@ -108,18 +109,25 @@ def encode_generation(output: Generation) -> bytes:
 def decode_generation(data: bytes) -> Generation:
     fields = json.loads(data)
     logprobs, prompt_logprobs = fields.get("logprobs"), fields.get("prompt_logprobs")
-    return Generation(fields["tokens"], fields["text"], fields["finish"],
-                      None if logprobs is None else [TokenLogprob.decode(entry) for entry in logprobs],
-                      None if prompt_logprobs is None else [entry and TokenLogprob.decode(entry)
-                                                            for entry in prompt_logprobs])
+    return Generation(
+        fields["tokens"],
+        fields["text"],
+        fields["finish"],
+        None if logprobs is None else [TokenLogprob.decode(entry) for entry in logprobs],
+        None if prompt_logprobs is None else [entry and TokenLogprob.decode(entry) for entry in prompt_logprobs],
+    )
 
 
 def described(job: GenerationJob) -> dict:
     """The job's parameters as its cache key and its record hold them: the extensions only where they are set, so
     a job without them keeps the key it always had."""
     params = job.params
-    fields: dict[str, object] = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
-                                 "top_p": params.top_p, "seed": job.seed}
+    fields: dict[str, object] = {
+        "max_new_tokens": params.max_new_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "seed": job.seed,
+    }
     if params.stop:
         fields["stop"] = list(params.stop)
     defaults = GenerationParams(params.max_new_tokens)
@@ -130,9 +138,17 @@ def described(job: GenerationJob) -> dict:
 
 
 class GenerationService:
-    def __init__(self, generator: TextGenerator, batcher: MicroBatcher[GenerationJob, Generation] | ContinuousBatcher,
-                 cache: ResponseCache, recorder: RecordWriter, policy: PromptPolicy, *, max_prompt_chars: int,
-                 timeout_s: float):
+    def __init__(
+        self,
+        generator: TextGenerator,
+        batcher: MicroBatcher[GenerationJob, Generation] | ContinuousBatcher,
+        cache: ResponseCache,
+        recorder: RecordWriter,
+        policy: PromptPolicy,
+        *,
+        max_prompt_chars: int,
+        timeout_s: float,
+    ):
         self.generator = generator
         self.policy = policy
         self.batcher = batcher
@@ -145,8 +161,9 @@ class GenerationService:
     def text(self, prompt: Prompt) -> str:
         return prompt if isinstance(prompt, str) else self.generator.decoder.text(list(prompt))
 
-    def plan(self, prompts: Sequence[Prompt], options: GenerationOptions,
-             scope: str | None = None) -> list[GenerationJob]:
+    def plan(
+        self, prompts: Sequence[Prompt], options: GenerationOptions, scope: str | None = None
+    ) -> list[GenerationJob]:
         """Tokenise and check every prompt; all problems are reported at once, as a 422 would list them."""
         errors: list[FieldError] = []
         jobs: list[GenerationJob] = []
@@ -155,12 +172,17 @@ class GenerationService:
             loc = ("body", "prompts", index)
             if isinstance(prompt, tuple):
                 if outside := [token for token in prompt if token >= self.generator.vocab_size]:
-                    errors.append(FieldError(loc, f"token id {outside[0]} is not in the model's vocabulary of "
-                                                  f"{self.generator.vocab_size}"))
+                    errors.append(
+                        FieldError(
+                            loc,
+                            f"token id {outside[0]} is not in the model's vocabulary of {self.generator.vocab_size}",
+                        )
+                    )
                     continue
             elif len(prompt) > self.max_prompt_chars:
-                errors.append(FieldError(loc, f"prompt is {len(prompt)} characters; MAX_PROMPT_CHARS is "
-                                              f"{self.max_prompt_chars}"))
+                errors.append(
+                    FieldError(loc, f"prompt is {len(prompt)} characters; MAX_PROMPT_CHARS is {self.max_prompt_chars}")
+                )
                 continue
             ids = prompt if isinstance(prompt, tuple) else tuple(self.generator.encode(prompt))
             if not ids:
@@ -169,20 +191,38 @@ class GenerationService:
             if options.max_length is not None:
                 new_tokens = options.max_length - len(ids)
                 if new_tokens < 1:
-                    errors.append(FieldError(loc, f"max_length {options.max_length} leaves no room for new tokens "
-                                                  f"after this prompt's {len(ids)} tokens"))
+                    errors.append(
+                        FieldError(
+                            loc,
+                            f"max_length {options.max_length} leaves no room for new tokens "
+                            f"after this prompt's {len(ids)} tokens",
+                        )
+                    )
                     continue
             else:
                 new_tokens = DEFAULT_MAX_NEW_TOKENS if options.max_new_tokens is None else options.max_new_tokens
             if len(ids) + new_tokens > context:
-                errors.append(FieldError(loc, f"prompt ({len(ids)} tokens) + {new_tokens} new tokens exceeds the "
-                                              f"model's context of {context} tokens"))
+                errors.append(
+                    FieldError(
+                        loc,
+                        f"prompt ({len(ids)} tokens) + {new_tokens} new tokens exceeds the "
+                        f"model's context of {context} tokens",
+                    )
+                )
                 continue
             sampled = options.temperature > 0
-            params = GenerationParams(new_tokens, options.temperature, options.top_p if sampled else 1.0, options.stop,
-                                      max(options.top_k, 0) if sampled else 0, options.repetition_penalty,
-                                      options.min_tokens, options.ignore_eos, options.logprobs,
-                                      options.prompt_logprobs)
+            params = GenerationParams(
+                new_tokens,
+                options.temperature,
+                options.top_p if sampled else 1.0,
+                options.stop,
+                max(options.top_k, 0) if sampled else 0,
+                options.repetition_penalty,
+                options.min_tokens,
+                options.ignore_eos,
+                options.logprobs,
+                options.prompt_logprobs,
+            )
             jobs.append(GenerationJob(ids, params, options.seed if options.temperature else None, scope))
         if errors:
             raise InputError(errors)
@@ -191,21 +231,31 @@ class GenerationService:
     def key(self, job: GenerationJob) -> str | None:
         if not job.deterministic:
             return None
-        return cache_key("generate", self.generator.name, self.generator.revision, job.prompt_ids, described(job),
-                         job.scope)
+        return cache_key(
+            "generate", self.generator.name, self.generator.revision, job.prompt_ids, described(job), job.scope
+        )
 
-    async def open_stream(self, prompts: Sequence[Prompt], options: GenerationOptions, *, tenant: str,
-                          bypass_cache: bool = False) -> GenerationStream:
+    async def open_stream(
+        self, prompts: Sequence[Prompt], options: GenerationOptions, *, tenant: str, bypass_cache: bool = False
+    ) -> GenerationStream:
         """Start a streamed request; returns once it was admitted (else raises, as `generate` would)."""
         stream = GenerationStream(len(prompts), self.generator.decoder.text, options.stop)
-        task = asyncio.create_task(self.generate(prompts, options, tenant=tenant, bypass_cache=bypass_cache,
-                                                 stream=stream))
+        task = asyncio.create_task(
+            self.generate(prompts, options, tenant=tenant, bypass_cache=bypass_cache, stream=stream)
+        )
         await stream.started(task)
         return stream
 
-    async def generate(self, prompts: Sequence[Prompt], options: GenerationOptions, *, tenant: str,
-                       bypass_cache: bool = False, background: bool = False,
-                       stream: GenerationStream | None = None) -> list[GenerationResult]:
+    async def generate(
+        self,
+        prompts: Sequence[Prompt],
+        options: GenerationOptions,
+        *,
+        tenant: str,
+        bypass_cache: bool = False,
+        background: bool = False,
+        stream: GenerationStream | None = None,
+    ) -> list[GenerationResult]:
         """Continue each prompt for `tenant` (whose records and cached answers they are). `background` work (the
         batch offload's `local` provider) yields to interactive requests in the batcher, has a long deadline, and
         is stored with its batch item, not in the history. With a `stream`, tokens and finished prompts are also
@@ -219,14 +269,25 @@ class GenerationService:
             raise
         if not background:
             self._record(results, jobs, tenant, (time.perf_counter() - started) * 1000)
-            self.requests.answered(started, tenant, items=len(results), cached_items=sum(r.cached for r in results),
-                                   tokens_in=sum(r.prompt_tokens for r in results),
-                                   tokens_out=sum(r.completion_tokens for r in results))
+            self.requests.answered(
+                started,
+                tenant,
+                items=len(results),
+                cached_items=sum(r.cached for r in results),
+                tokens_in=sum(r.prompt_tokens for r in results),
+                tokens_out=sum(r.completion_tokens for r in results),
+            )
         return results
 
-    async def _compute(self, prompts: Sequence[Prompt], options: GenerationOptions, tenant: str, bypass_cache: bool,
-                       background: bool, stream: GenerationStream | None
-                       ) -> tuple[list[GenerationResult], list[GenerationJob]]:
+    async def _compute(
+        self,
+        prompts: Sequence[Prompt],
+        options: GenerationOptions,
+        tenant: str,
+        bypass_cache: bool,
+        background: bool,
+        stream: GenerationStream | None,
+    ) -> tuple[list[GenerationResult], list[GenerationJob]]:
         texts = [self.text(prompt) for prompt in prompts]
         self.policy.check("generate", texts)
         jobs = self.plan(prompts, options, self.cache.scope(tenant))
@@ -236,8 +297,11 @@ class GenerationService:
 
         async def compute(index: int) -> bytes:
             # The static batcher has no steps to report: its streams get each text whole, when it is done.
-            tokens = ({"on_tokens": partial(stream.tokens, index)}
-                      if stream is not None and isinstance(self.batcher, ContinuousBatcher) else {})
+            tokens = (
+                {"on_tokens": partial(stream.tokens, index)}
+                if stream is not None and isinstance(self.batcher, ContinuousBatcher)
+                else {}
+            )
             outputs = await self.batcher.submit([jobs[index]], background=background, timeout_s=timeout_s, **tokens)
             return encode_generation(outputs[0])
 
@@ -247,11 +311,20 @@ class GenerationService:
             """Each item's result, made once: the stream's final event and the records carry the same id."""
             out, prompt, job = decode_generation(data), texts[index], jobs[index]
             results[index] = GenerationResult(
-                id=uuid.uuid4().hex, prompt=prompt, generated_text=prompt + out.text, completion=out.text,
-                model_name=self.generator.name, created_at=created, finish_reason=out.finish_reason,
-                prompt_tokens=len(job.prompt_ids), completion_tokens=len(out.token_ids),
-                cached=outcome in SERVED_FROM_CACHE, logprobs=out.logprobs,
-                prompt_ids=job.prompt_ids, prompt_logprobs=out.prompt_logprobs)
+                id=uuid.uuid4().hex,
+                prompt=prompt,
+                generated_text=prompt + out.text,
+                completion=out.text,
+                model_name=self.generator.name,
+                created_at=created,
+                finish_reason=out.finish_reason,
+                prompt_tokens=len(job.prompt_ids),
+                completion_tokens=len(out.token_ids),
+                cached=outcome in SERVED_FROM_CACHE,
+                logprobs=out.logprobs,
+                prompt_ids=job.prompt_ids,
+                prompt_logprobs=out.prompt_logprobs,
+            )
             if stream is not None:
                 stream.done(index, out.token_ids, out.text, results[index], out.logprobs)
 
@@ -262,18 +335,39 @@ class GenerationService:
                     stream.admitted.set()
                 yield
 
-        await self.cache.resolve("generate", [self.key(job) for job in jobs], compute, bypass=bypass_cache, admit=admit,
-                                 on_item=answered, timeout_s=timeout_s, background=background)
+        await self.cache.resolve(
+            "generate",
+            [self.key(job) for job in jobs],
+            compute,
+            bypass=bypass_cache,
+            admit=admit,
+            on_item=answered,
+            timeout_s=timeout_s,
+            background=background,
+        )
         return [results[index] for index in range(len(jobs))], jobs
 
-    def _record(self, results: list[GenerationResult], jobs: list[GenerationJob], tenant: str,
-                latency_ms: float) -> None:
-        self.recorder.add(GenerationRecord, [
-            {"id": r.id, "tenant": tenant, "prompt": r.prompt, "generated_text": r.generated_text,
-             "completion": r.completion,
-             "model": r.model_name, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
-             "completion_tokens": r.completion_tokens, "latency_ms": latency_ms, "created_at": r.created_at,
-             "cached": r.cached,
-             "params": described(job)}
-            for r, job in zip(results, jobs, strict=True)
-        ])
+    def _record(
+        self, results: list[GenerationResult], jobs: list[GenerationJob], tenant: str, latency_ms: float
+    ) -> None:
+        self.recorder.add(
+            GenerationRecord,
+            [
+                {
+                    "id": r.id,
+                    "tenant": tenant,
+                    "prompt": r.prompt,
+                    "generated_text": r.generated_text,
+                    "completion": r.completion,
+                    "model": r.model_name,
+                    "finish_reason": r.finish_reason,
+                    "prompt_tokens": r.prompt_tokens,
+                    "completion_tokens": r.completion_tokens,
+                    "latency_ms": latency_ms,
+                    "created_at": r.created_at,
+                    "cached": r.cached,
+                    "params": described(job),
+                }
+                for r, job in zip(results, jobs, strict=True)
+            ],
+        )

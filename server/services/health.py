@@ -119,20 +119,26 @@ class Loop(Protocol):
 def loop_readiness(loops: dict[str, Loop], info: dict[str, dict]) -> CheckFn:
     """`down` when a model's loop gave up (cannot be restarted) or is stalled; `degraded` while one restarts.
     `info`: what to show of each model beside its loop's state."""
+
     async def check() -> Check:
-        detail = {name: {**info.get(name, {}), **loop.supervisor.status(), "stalled": loop.stalled,
-                         "queued": loop.queued} for name, loop in loops.items()}
+        detail = {
+            name: {**info.get(name, {}), **loop.supervisor.status(), "stalled": loop.stalled, "queued": loop.queued}
+            for name, loop in loops.items()
+        }
         down = any(d["state"] == "failed" or d["stalled"] for d in detail.values())
         degraded = any(d["state"] != "running" for d in detail.values())
         return Check("down" if down else "degraded" if degraded else "ok", 0.0, detail)
+
     return check
 
 
 def loop_liveness(loops: dict[str, Loop]) -> CheckFn:
     """`down` only when a model's loop cannot be restarted in this process."""
+
     async def check() -> Check:
         detail = {name: loop.supervisor.status() for name, loop in loops.items()}
         return Check("down" if any(d["state"] == "failed" for d in detail.values()) else "ok", 0.0, detail)
+
     return check
 
 
@@ -148,6 +154,7 @@ async def redis_check(redis: GuardedRedis) -> Check:
     """The ping passes through Redis's circuit breaker: while it is open the check answers `degraded` without
     touching the network, and once its interval is over the ping may be the probe that closes it.
     `detail.circuit` is the breaker's state after the ping (closed, open, half_open)."""
+
     async def ping() -> None:
         await redis.ping()
 
@@ -159,22 +166,35 @@ async def redis_check(redis: GuardedRedis) -> Check:
 def records_check(writer: RecordWriter) -> Check:
     """The record writer's state, without touching the database (see `RecordsStatus` for `degraded`)."""
     status = writer.status()
-    detail = {"pending": status.pending, "spilled": status.spilled, "rejected": status.rejected,
-              "failures_by_reason": status.failures_by_reason, "last_error": status.last_error,
-              "task": status.task}
+    detail = {
+        "pending": status.pending,
+        "spilled": status.spilled,
+        "rejected": status.rejected,
+        "failures_by_reason": status.failures_by_reason,
+        "last_error": status.last_error,
+        "task": status.task,
+    }
     return Check("degraded" if status.degraded else "ok", 0.0, detail)
 
 
-def server_health(loops: dict[str, Loop], info: dict[str, dict], engine: AsyncEngine, recorder: RecordWriter,
-                  redis: GuardedRedis | None) -> Health:
+def server_health(
+    loops: dict[str, Loop],
+    info: dict[str, dict],
+    engine: AsyncEngine,
+    recorder: RecordWriter,
+    redis: GuardedRedis | None,
+) -> Health:
     """The server's probes: readiness needs the models' loops, the database and no drain; liveness the loops."""
     health = Health()
 
     async def records() -> Check:
         return records_check(recorder)
 
-    health.ready |= {"models": loop_readiness(loops, info), "database": lambda: database_check(engine),
-                     "records": records}
+    health.ready |= {
+        "models": loop_readiness(loops, info),
+        "database": lambda: database_check(engine),
+        "records": records,
+    }
     if redis is not None:
         health.ready["redis"] = lambda: redis_check(redis)
     health.live["models"] = loop_liveness(loops)

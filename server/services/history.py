@@ -10,12 +10,20 @@ from server.db.models import GenerationRecord, PredictionRecord
 
 Kind = Literal["generations", "predictions"]
 TABLES: dict[Kind, type[GenerationRecord] | type[PredictionRecord]] = {
-    "generations": GenerationRecord, "predictions": PredictionRecord}
+    "generations": GenerationRecord,
+    "predictions": PredictionRecord,
+}
 
 
-async def list_records(sessions: async_sessionmaker[AsyncSession], kind: Kind, *, tenant: str | None, limit: int,
-                       cursor: int | None, offset: int | None
-                       ) -> tuple[list[GenerationRecord] | list[PredictionRecord], int | None]:
+async def list_records(
+    sessions: async_sessionmaker[AsyncSession],
+    kind: Kind,
+    *,
+    tenant: str | None,
+    limit: int,
+    cursor: int | None,
+    offset: int | None,
+) -> tuple[list[GenerationRecord] | list[PredictionRecord], int | None]:
     """A page of records and the cursor of the next page (None on the last page)."""
     table = TABLES[kind]
     query = select(table).order_by(table.pk.desc()).limit(limit + 1)
@@ -30,8 +38,9 @@ async def list_records(sessions: async_sessionmaker[AsyncSession], kind: Kind, *
     return rows, (rows[-1].pk if more else None)
 
 
-async def find_record(sessions: async_sessionmaker[AsyncSession], record_id: str,
-                      tenant: str | None) -> GenerationRecord | PredictionRecord | None:
+async def find_record(
+    sessions: async_sessionmaker[AsyncSession], record_id: str, tenant: str | None
+) -> GenerationRecord | PredictionRecord | None:
     """The generation or prediction with this id (ids are unique across both: random 128-bit hex), if it belongs to
     `tenant` (None: any): another tenant's record is not found, as one that does not exist."""
     async with sessions() as session:

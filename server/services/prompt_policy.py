@@ -29,8 +29,9 @@ def read_terms(setting: str) -> list[str]:
 
 class PromptPolicy:
     def __init__(self, terms: Iterable[str]):
-        patterns = sorted({r"\s+".join(map(re.escape, normalise(term).split())) for term in terms}, key=len,
-                          reverse=True)
+        patterns = sorted(
+            {r"\s+".join(map(re.escape, normalise(term).split())) for term in terms}, key=len, reverse=True
+        )
         self._pattern = re.compile(rf"(?<!\w)(?:{'|'.join(patterns)})(?!\w)") if patterns else None
 
     @classmethod

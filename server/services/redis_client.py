@@ -52,9 +52,14 @@ class GuardedRedis(Redis):
 def open_redis(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> GuardedRedis:
     """A client on its own pool and breaker; queues bursts for a connection (up to `timeout_s`) instead of
     failing them with "Too many connections"."""
-    pool = BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=timeout_s,
-                                           socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                           retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)))
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=timeout_s,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
+    )
     # redis-py types `from_pool` as returning `Redis`, though it builds an instance of the class it is called on.
     client = cast(GuardedRedis, GuardedRedis.from_pool(pool))
     client.circuit = CircuitBreaker("redis", failures=REDIS_FAILURES)
@@ -67,6 +72,9 @@ async def warn_if_unreachable(client: GuardedRedis) -> None:
     try:
         await client.ping()
     except REDIS_ERRORS as exc:
-        log.warning("REDIS_URL is set but Redis does not answer (%s: %s): starting without it; requests are "
-                    "computed without the shared cache and rate limits follow RATE_LIMIT_FAIL_MODE until it answers",
-                    type(exc).__name__, exc)
+        log.warning(
+            "REDIS_URL is set but Redis does not answer (%s: %s): starting without it; requests are "
+            "computed without the shared cache and rate limits follow RATE_LIMIT_FAIL_MODE until it answers",
+            type(exc).__name__,
+            exc,
+        )

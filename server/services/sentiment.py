@@ -29,8 +29,16 @@ class PredictionResult:
 
 
 class SentimentService:
-    def __init__(self, classifier: SentimentClassifier, batcher: MicroBatcher[str, Sentiment], cache: ResponseCache,
-                 recorder: RecordWriter, *, max_text_chars: int, timeout_s: float):
+    def __init__(
+        self,
+        classifier: SentimentClassifier,
+        batcher: MicroBatcher[str, Sentiment],
+        cache: ResponseCache,
+        recorder: RecordWriter,
+        *,
+        max_text_chars: int,
+        timeout_s: float,
+    ):
         self.classifier = classifier
         self.batcher = batcher
         self.cache = cache
@@ -45,14 +53,26 @@ class SentimentService:
     def check(self, texts: list[str], field: Literal["text", "texts"] = "texts") -> None:
         """Every problem with the texts at once, as a 422 would list them; `field` is the body field the texts
         came in (`text`: the one text, located without an index)."""
-        errors = [FieldError(("body", "text") if field == "text" else ("body", "texts", i),
-                             f"text is {len(t)} characters; MAX_PROMPT_CHARS is {self.max_text_chars}")
-                  for i, t in enumerate(texts) if len(t) > self.max_text_chars]
+        errors = [
+            FieldError(
+                ("body", "text") if field == "text" else ("body", "texts", i),
+                f"text is {len(t)} characters; MAX_PROMPT_CHARS is {self.max_text_chars}",
+            )
+            for i, t in enumerate(texts)
+            if len(t) > self.max_text_chars
+        ]
         if errors:
             raise InputError(errors)
 
-    async def predict(self, texts: list[str], *, tenant: str, bypass_cache: bool = False, background: bool = False,
-                      field: Literal["text", "texts"] = "texts") -> list[PredictionResult]:
+    async def predict(
+        self,
+        texts: list[str],
+        *,
+        tenant: str,
+        bypass_cache: bool = False,
+        background: bool = False,
+        field: Literal["text", "texts"] = "texts",
+    ) -> list[PredictionResult]:
         """Classify each text for `tenant`; `background` as for `GenerationService.generate`, `field` as for
         `check`."""
         started = time.perf_counter()
@@ -64,15 +84,29 @@ class SentimentService:
             raise
         if not background:
             latency_ms = (time.perf_counter() - started) * 1000
-            self.recorder.add(PredictionRecord, [
-                {"id": r.id, "tenant": tenant, "text": r.text, "label": r.label, "score": r.score,
-                 "model": r.model_name, "latency_ms": latency_ms, "created_at": r.created_at, "cached": r.cached}
-                for r in results])
+            self.recorder.add(
+                PredictionRecord,
+                [
+                    {
+                        "id": r.id,
+                        "tenant": tenant,
+                        "text": r.text,
+                        "label": r.label,
+                        "score": r.score,
+                        "model": r.model_name,
+                        "latency_ms": latency_ms,
+                        "created_at": r.created_at,
+                        "cached": r.cached,
+                    }
+                    for r in results
+                ],
+            )
             self.requests.answered(started, tenant, items=len(results), cached_items=sum(r.cached for r in results))
         return results
 
-    async def _compute(self, texts: list[str], tenant: str, bypass_cache: bool, background: bool,
-                       field: Literal["text", "texts"]) -> list[PredictionResult]:
+    async def _compute(
+        self, texts: list[str], tenant: str, bypass_cache: bool, background: bool, field: Literal["text", "texts"]
+    ) -> list[PredictionResult]:
         self.check(texts, field)
 
         timeout_s = BACKGROUND_TIMEOUT_S if background else self.timeout_s
@@ -81,13 +115,28 @@ class SentimentService:
             [output] = await self.batcher.submit([texts[index]], background=background, timeout_s=timeout_s)
             return json.dumps({"label": output.label, "score": output.score}).encode()
 
-        answers = await self.cache.resolve("predict", [self.key(t, self.cache.scope(tenant)) for t in texts], compute,
-                                          bypass=bypass_cache, admit=self.batcher.admission, timeout_s=timeout_s,
-                                          background=background)
+        answers = await self.cache.resolve(
+            "predict",
+            [self.key(t, self.cache.scope(tenant)) for t in texts],
+            compute,
+            bypass=bypass_cache,
+            admit=self.batcher.admission,
+            timeout_s=timeout_s,
+            background=background,
+        )
         created = datetime.now(UTC)
         results = []
         for text, (data, outcome) in zip(texts, answers, strict=True):
             out = Sentiment(**json.loads(data))
-            results.append(PredictionResult(uuid.uuid4().hex, text, out.label, out.score, self.classifier.name, created,
-                                            cached=outcome in SERVED_FROM_CACHE))
+            results.append(
+                PredictionResult(
+                    uuid.uuid4().hex,
+                    text,
+                    out.label,
+                    out.score,
+                    self.classifier.name,
+                    created,
+                    cached=outcome in SERVED_FROM_CACHE,
+                )
+            )
         return results

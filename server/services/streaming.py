@@ -50,30 +50,32 @@ class IncrementalText:
     def _settled(self, text: str) -> str:
         cuts = [text.find(stop) for stop in self.stops if stop in text]
         if cuts:
-            return text[:min(cuts)]
+            return text[: min(cuts)]
         text = text.rstrip("\ufffd")
         held = max((k for stop in self.stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
-        return text[:len(text) - held]
+        return text[: len(text) - held]
 
     def _release(self, text: str) -> tuple[str, list[int], list[TokenLogprob]] | None:
-        new_tokens = self.tokens[self.sent_tokens:]
-        fresh = text[len(self.sent):] if text.startswith(self.sent) else ""
+        new_tokens = self.tokens[self.sent_tokens :]
+        fresh = text[len(self.sent) :] if text.startswith(self.sent) else ""
         if not fresh and not new_tokens:
             return None
         self.sent += fresh
-        new_logprobs = self.logprobs[self.sent_tokens:]
+        new_logprobs = self.logprobs[self.sent_tokens :]
         self.sent_tokens = len(self.tokens)
         return fresh, new_tokens, new_logprobs
 
-    def push(self, token_ids: list[int], logprobs: list[TokenLogprob]
-             ) -> tuple[str, list[int], list[TokenLogprob]] | None:
+    def push(
+        self, token_ids: list[int], logprobs: list[TokenLogprob]
+    ) -> tuple[str, list[int], list[TokenLogprob]] | None:
         """New settled text, and the tokens (with their log-probabilities, if reported) not reported yet, if any."""
         self.tokens.extend(token_ids)
         self.logprobs.extend(logprobs)
         return self._release(self._settled(self.decode(self.tokens)))
 
-    def finish(self, token_ids: list[int], text: str, logprobs: list[TokenLogprob] | None
-               ) -> tuple[str, list[int], list[TokenLogprob]] | None:
+    def finish(
+        self, token_ids: list[int], text: str, logprobs: list[TokenLogprob] | None
+    ) -> tuple[str, list[int], list[TokenLogprob]] | None:
         """The rest of the final answer (its tokens and text) not sent yet."""
         if len(token_ids) >= len(self.tokens):
             self.tokens = list(token_ids)
@@ -95,8 +97,9 @@ class GenerationStream:
         if chunk := self.texts[index].push(token_ids, logprobs):
             self._queue.put_nowait(TextChunk(index, *chunk))
 
-    def done(self, index: int, token_ids: list[int], text: str, result: object,
-             logprobs: list[TokenLogprob] | None = None) -> None:
+    def done(
+        self, index: int, token_ids: list[int], text: str, result: object, logprobs: list[TokenLogprob] | None = None
+    ) -> None:
         if chunk := self.texts[index].finish(token_ids, text, logprobs):
             self._queue.put_nowait(TextChunk(index, *chunk))
         self._queue.put_nowait(ItemDone(index, result))
@@ -105,8 +108,7 @@ class GenerationStream:
         """Wait until the request was admitted (or raise why it was not): errors before this are plain HTTP
         errors, errors after it are events of the stream."""
         self._task = task
-        task.add_done_callback(lambda t: self._queue.put_nowait(
-            _End(None if t.cancelled() else t.exception())))
+        task.add_done_callback(lambda t: self._queue.put_nowait(_End(None if t.cancelled() else t.exception())))
         admitted = asyncio.ensure_future(self.admitted.wait())
         try:
             await asyncio.wait({admitted, task}, return_when=asyncio.FIRST_COMPLETED)

@@ -13,8 +13,9 @@ from server.services.continuous_batching import ContinuousBatcher
 
 
 class Gate:
-    def __init__(self, batcher: MicroBatcher | ContinuousBatcher,
-                 fail_if: Callable[[list], bool] = lambda items: False):
+    def __init__(
+        self, batcher: MicroBatcher | ContinuousBatcher, fail_if: Callable[[list], bool] = lambda items: False
+    ):
         self.open = threading.Event()
         self.entered = threading.Event()
         self.batches: list[list] = []

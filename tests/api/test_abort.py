@@ -64,5 +64,6 @@ async def test_a_long_batch_whose_callers_are_gone_stops_within_one_step(app_cli
     # One model call each for the static batcher; one per forward pass for the continuous loop.
     assert metric("model_batch_seconds_count", model="generator") - batches == (gate.steps if continuous else 2)
     if continuous:
-        assert metric("batch_abort_steps_bucket", model="generator", le="1.0") == \
-            metric("batch_abort_steps_count", model="generator")
+        assert metric("batch_abort_steps_bucket", model="generator", le="1.0") == metric(
+            "batch_abort_steps_count", model="generator"
+        )

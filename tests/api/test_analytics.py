@@ -19,11 +19,21 @@ ADMIN, USER = {"Authorization": "Bearer admin-key"}, {"Authorization": "Bearer u
 @pytest.fixture
 async def keyed(settings: Settings, database_url: str):
     """The app with an ordinary and an admin key, and blocked terms to fail a request on purpose."""
-    app = create_app(settings.model_copy(update={"database_url": database_url, "batch_worker": "off",
-                                                 "api_keys": "user-key", "admin_api_keys": "admin-key",
-                                                 "blocked_terms": "forbidden"}))
-    async with (app.router.lifespan_context(app),
-                httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client):
+    app = create_app(
+        settings.model_copy(
+            update={
+                "database_url": database_url,
+                "batch_worker": "off",
+                "api_keys": "user-key",
+                "admin_api_keys": "admin-key",
+                "blocked_terms": "forbidden",
+            }
+        )
+    )
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+    ):
         client.app = app
         yield client
 
@@ -44,7 +54,10 @@ async def test_answered_and_failed_requests_are_aggregated(keyed):
     assert count.json() == {"predictions": 3, "generations": 2, "total": 5}
     runtime = keyed.app.state.runtime
     assert (await keyed.get("/metrics/count", headers=USER, params={"model": runtime.classifier.name})).json() == {
-        "predictions": 3, "generations": 0, "total": 3}
+        "predictions": 3,
+        "generations": 0,
+        "total": 3,
+    }
 
     answer = (await keyed.post("/metrics/aggregated", headers=USER, json=window() | {"bucket": "day"})).json()
     total = answer["total"]
@@ -57,8 +70,11 @@ async def test_answered_and_failed_requests_are_aggregated(keyed):
     async with runtime.sessions() as session:
         failed = (await session.scalars(select(RequestRecord).where(RequestRecord.status >= 400))).all()
     assert [(r.endpoint, r.status, r.error, r.items) for r in failed] == [("generate", 400, "BlockedPrompt", 0)]
-    generate = (await keyed.post("/metrics/aggregated", headers=USER,
-                                 json=window() | {"bucket": "minute", "endpoint": "generate"})).json()
+    generate = (
+        await keyed.post(
+            "/metrics/aggregated", headers=USER, json=window() | {"bucket": "minute", "endpoint": "generate"}
+        )
+    ).json()
     assert (generate["total"]["requests"], generate["total"]["errors"]) == (2, 0)
 
 
@@ -73,8 +89,12 @@ async def test_requests_refused_before_their_service_are_recorded_once(keyed):
     async with keyed.app.state.runtime.sessions() as session:
         records = (await session.scalars(select(RequestRecord).order_by(RequestRecord.created_at))).all()
     assert [(r.endpoint, r.status, r.error) for r in records] == [
-        ("generate", 422, "InvalidRequest"), ("predict", 401, "Unauthorized"), ("predict", 413, "BodyTooLarge"),
-        ("generate", 400, "BlockedPrompt"), ("predict", 200, None)]
+        ("generate", 422, "InvalidRequest"),
+        ("predict", 401, "Unauthorized"),
+        ("predict", 413, "BodyTooLarge"),
+        ("generate", 400, "BlockedPrompt"),
+        ("predict", 200, None),
+    ]
     own = (await keyed.post("/metrics/aggregated", headers=USER, json=window() | {"bucket": "day"})).json()["total"]
     # 422, 413 and 400 are the client's mistakes: requests, not server errors.
     assert (own["requests"], own["errors"]) == (4, 0), "the request without a key is nobody's tenant's"
@@ -82,15 +102,29 @@ async def test_requests_refused_before_their_service_are_recorded_once(keyed):
     assert (every["requests"], every["errors"]) == (5, 0)
 
 
-@pytest.mark.parametrize("body", [{"start": "2026-11-24T10:00:00Z", "end": "2026-11-24T09:00:00Z"},
-                                  {"start": "2026-11-24T10:00:00", "end": "2026-11-24T11:00:00"},
-                                  {"start": "2026-11-24T10:00:00Z", "end": "2026-11-24T11:00:00Z", "bucket": "week"}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"start": "2026-11-24T10:00:00Z", "end": "2026-11-24T09:00:00Z"},
+        {"start": "2026-11-24T10:00:00", "end": "2026-11-24T11:00:00"},
+        {"start": "2026-11-24T10:00:00Z", "end": "2026-11-24T11:00:00Z", "bucket": "week"},
+    ],
+)
 async def test_nonsense_windows_are_refused(keyed, body):
     assert (await keyed.post("/metrics/aggregated", headers=USER, json=body)).status_code == 422
 
 
-@pytest.mark.parametrize("body", [{"p95_latency_ms": -1}, {"error_rate": 1.5}, {"min_cache_hit_ratio": -0.1},
-                                  {"max_queue_depth": -3}, {"p95_latency_ms": "fast"}, {"unknown": 1}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"p95_latency_ms": -1},
+        {"error_rate": 1.5},
+        {"min_cache_hit_ratio": -0.1},
+        {"max_queue_depth": -3},
+        {"p95_latency_ms": "fast"},
+        {"unknown": 1},
+    ],
+)
 async def test_nonsense_thresholds_are_refused(keyed, body):
     assert (await keyed.put("/metrics/thresholds", headers=ADMIN, json=body)).status_code == 422
 
@@ -107,8 +141,11 @@ async def test_thresholds_are_stored_and_audited_with_the_key_id(keyed):
 
 
 async def test_admin_operations_need_an_admin_key(keyed):
-    for method, path, body in (("PUT", "/metrics/thresholds", {}), ("DELETE", "/cache", None),
-                               ("POST", "/batch/scheduler", {"running": False})):
+    for method, path, body in (
+        ("PUT", "/metrics/thresholds", {}),
+        ("DELETE", "/cache", None),
+        ("POST", "/batch/scheduler", {"running": False}),
+    ):
         assert (await keyed.request(method, path, json=body)).status_code == 401
         assert (await keyed.request(method, path, headers=USER, json=body)).status_code == 403
         assert (await keyed.request(method, path, headers=ADMIN, json=body)).status_code == 200
@@ -125,8 +162,9 @@ async def test_cache_entries_are_counted_and_removed_by_endpoint_and_model(keyed
     assert (await keyed.get("/cache", headers=USER, params={"endpoint": "predict"})).json()["entries"] == 2
     removed = await keyed.delete("/cache", headers=ADMIN, params={"endpoint": "predict", "model": "another-model"})
     assert removed.json() == {"removed": 0}
-    removed = await keyed.delete("/cache", headers=ADMIN,
-                                 params={"endpoint": "predict", "model": runtime.classifier.name})
+    removed = await keyed.delete(
+        "/cache", headers=ADMIN, params={"endpoint": "predict", "model": runtime.classifier.name}
+    )
     assert removed.json() == {"removed": 2}
     assert (await keyed.get("/cache", headers=USER)).json()["entries"] == 1
     # The configured id (GENERATOR_MODEL, here "gpt2") names the served model, stand-in or not.
@@ -146,10 +184,20 @@ async def test_without_a_gemini_key_the_report_is_a_fallback_at_once(keyed):
 
 async def test_with_gemini_the_report_is_written_by_it(settings, database_url):
     with FakeGemini().serve() as fake:
-        app = create_app(settings.model_copy(update={"database_url": database_url, "batch_worker": "off",
-                                                     "gemini_api_key": "k", "gemini_base_url": fake.base_url}))
-        async with (app.router.lifespan_context(app),
-                    httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client):
+        app = create_app(
+            settings.model_copy(
+                update={
+                    "database_url": database_url,
+                    "batch_worker": "off",
+                    "gemini_api_key": "k",
+                    "gemini_base_url": fake.base_url,
+                }
+            )
+        )
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+        ):
             first = (await client.post("/analyze/performance", json={"focus": "latency"})).json()
             second = (await client.post("/analyze/performance", json={"focus": "latency"})).json()
             assert (await client.get("/cache", params={"endpoint": "analyze"})).json()["entries"] == 1

@@ -17,11 +17,16 @@ async def secured(settings: Settings, request: pytest.FixtureRequest):
             yield client
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic plain-secret"},
-                                     {"Authorization": "plain-secret"}])
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic plain-secret"}, {"Authorization": "plain-secret"}],
+)
 async def test_missing_or_wrong_keys_get_401_with_www_authenticate(secured, headers):
-    for method, path, body in (("POST", "/generate", {"prompts": ["x"], "max_new_tokens": 1}),
-                               ("POST", "/predict", {"text": "x"}), ("GET", "/history", None)):
+    for method, path, body in (
+        ("POST", "/generate", {"prompts": ["x"], "max_new_tokens": 1}),
+        ("POST", "/predict", {"text": "x"}),
+        ("GET", "/history", None),
+    ):
         response = await secured.request(method, path, json=body, headers=headers)
         assert response.status_code == 401, path
         assert response.headers["www-authenticate"] == "Bearer"
@@ -60,8 +65,10 @@ async def test_tries_without_a_valid_key_stay_401_and_do_not_use_up_the_quota(se
     for _ in range(5):
         refused = await secured.post("/predict", json={"text": "x"})
         assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
-    keyed = [await secured.post("/predict", json={"text": "x"}, headers={"Authorization": "Bearer plain-secret"})
-             for _ in range(3)]
+    keyed = [
+        await secured.post("/predict", json={"text": "x"}, headers={"Authorization": "Bearer plain-secret"})
+        for _ in range(3)
+    ]
     assert [response.status_code for response in keyed] == [200, 200, 429]
 
 

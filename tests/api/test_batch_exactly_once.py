@@ -40,12 +40,29 @@ async def test_a_create_with_an_unknown_outcome_is_never_repeated_blind(settings
         fake.settings.stall_s = 3.0
         # Longer than the lease and than a call may hold on: the create is left to a later tick.
         fake.settings.long_retry_after_s = 2.0
-        async with serving(settings, database_url, provider, fake, batch_provider_timeout_s=1.0,
-                           batch_lease_ttl_s=1.0, **{f"batch_{provider}_max_requests": PER_BATCH}) as client:
+        async with serving(
+            settings,
+            database_url,
+            provider,
+            fake,
+            batch_provider_timeout_s=1.0,
+            batch_lease_ttl_s=1.0,
+            **{f"batch_{provider}_max_requests": PER_BATCH},
+        ) as client:
             client.app.state.runtime.batch.worker.calls.max_backoff_s = 0.5
-            job = (await client.post("/batch/jobs", json={
-                "name": "once", "provider": provider, "model": model, "kind": "chat", "schedule": "now",
-                "requests": [chat(f"q{i}") for i in range(ITEMS)]})).json()
+            job = (
+                await client.post(
+                    "/batch/jobs",
+                    json={
+                        "name": "once",
+                        "provider": provider,
+                        "model": model,
+                        "kind": "chat",
+                        "schedule": "now",
+                        "requests": [chat(f"q{i}") for i in range(ITEMS)],
+                    },
+                )
+            ).json()
             done = await run_until_final(client, job["id"])
             assert done["status"] == "completed" and done["counts"]["succeeded"] == ITEMS
             responses = (await client.get(f"/batch/jobs/{job['id']}/responses")).json()["items"]
@@ -59,22 +76,35 @@ async def test_a_create_with_an_unknown_outcome_is_never_repeated_blind(settings
     assert fake.settings.create_faults == [] and fake.batches_created == ITEMS // PER_BATCH
 
 
-async def test_anthropic_waits_for_a_batch_it_cannot_identify_yet_instead_of_creating_another(settings,
-                                                                                           database_url):
+async def test_anthropic_waits_for_a_batch_it_cannot_identify_yet_instead_of_creating_another(settings, database_url):
     with FakeAnthropic().serve() as fake:
         fake.settings.create_faults = ["502_after"]
         fake.settings.polls_to_complete = 4
-        async with serving(settings, database_url, "anthropic", fake,
-                           batch_anthropic_max_requests=PER_BATCH) as client:
-            job = (await client.post("/batch/jobs", json={
-                "name": "wait", "provider": "anthropic", "model": FAKES["anthropic"][1], "kind": "chat",
-                "schedule": "now", "requests": [chat(f"q{i}") for i in range(ITEMS)]})).json()
+        async with serving(settings, database_url, "anthropic", fake, batch_anthropic_max_requests=PER_BATCH) as client:
+            job = (
+                await client.post(
+                    "/batch/jobs",
+                    json={
+                        "name": "wait",
+                        "provider": "anthropic",
+                        "model": FAKES["anthropic"][1],
+                        "kind": "chat",
+                        "schedule": "now",
+                        "requests": [chat(f"q{i}") for i in range(ITEMS)],
+                    },
+                )
+            ).json()
             await client.app.state.runtime.batch.run_once()
             # The first chunk's batch exists, unrecorded and without results yet: it is not created again.
             assert fake.batches_created == ITEMS // PER_BATCH
             async with client.app.state.runtime.sessions() as session:
-                notes = (await session.scalars(select(ProviderBatch.error).where(
-                    ProviderBatch.job_id == job["id"], ProviderBatch.status == "submitting"))).all()
+                notes = (
+                    await session.scalars(
+                        select(ProviderBatch.error).where(
+                            ProviderBatch.job_id == job["id"], ProviderBatch.status == "submitting"
+                        )
+                    )
+                ).all()
             assert len(notes) == 1 and notes[0].startswith("waiting to tell whether the provider holds it")
             done = await run_until_final(client, job["id"])
             assert done["status"] == "completed" and done["counts"]["succeeded"] == ITEMS

@@ -24,7 +24,8 @@ async def test_create_read_list_and_filter_jobs(client):
     listed = (await client.get("/batch/jobs")).json()
     assert [j["id"] for j in listed["items"]] == [other["id"], job["id"]] and listed["next_cursor"] is None
     assert [j["id"] for j in (await client.get("/batch/jobs", params={"job_type": "scoring"})).json()["items"]] == [
-        job["id"]]
+        job["id"]
+    ]
     assert (await client.get("/batch/jobs", params={"provider": "openai"})).json()["items"] == []
     first = (await client.get("/batch/jobs", params={"limit": 1})).json()
     second = (await client.get("/batch/jobs", params={"limit": 1, "cursor": first["next_cursor"]})).json()
@@ -34,15 +35,18 @@ async def test_create_read_list_and_filter_jobs(client):
     assert (await client.get("/batch/jobs/nope")).status_code == 404
 
 
-@pytest.mark.parametrize("body, where", [
-    ({**JOB, "provider": "anthropic"}, "provider"),
-    ({**JOB, "kind": "chat"}, "kind"),
-    ({**JOB, "priority": 11}, "priority"),
-    ({**JOB, "schedule": "later"}, "schedule"),
-    ({**JOB, "requests": [request("bad id!")]}, "custom_id"),
-    ({**JOB, "requests": [request("x"), request("x")]}, "custom_id"),
-    ({**JOB, "requests": [{"custom_id": "x", "body": {"text": "not a prompt"}}]}, "body"),
-])
+@pytest.mark.parametrize(
+    "body, where",
+    [
+        ({**JOB, "provider": "anthropic"}, "provider"),
+        ({**JOB, "kind": "chat"}, "kind"),
+        ({**JOB, "priority": 11}, "priority"),
+        ({**JOB, "schedule": "later"}, "schedule"),
+        ({**JOB, "requests": [request("bad id!")]}, "custom_id"),
+        ({**JOB, "requests": [request("x"), request("x")]}, "custom_id"),
+        ({**JOB, "requests": [{"custom_id": "x", "body": {"text": "not a prompt"}}]}, "body"),
+    ],
+)
 async def test_bad_jobs_are_422_naming_the_field(client, body, where):
     response = await client.post("/batch/jobs", json=body)
     assert response.status_code == 422, response.text
@@ -88,15 +92,19 @@ async def test_only_a_queued_job_changes_and_an_in_flight_job_is_not_deleted(cli
     assert (await client.get(url)).status_code == 404
 
 
-@pytest.mark.parametrize("body, where", [
-    ({**JOB, "name": "nul\u0000name"}, "name"),
-    ({**JOB, "priority": "5"}, "priority"),
-    ({**JOB, "metadata": {"ratio": float("nan")}}, "metadata"),
-    ({**JOB, "requests": [{"custom_id": "a", "body": {"prompt": "lone \ud800 surrogate"}}]}, "body"),
-    ({**JOB, "requests": [{"custom_id": "a", "body": {"prompt": "x", "temperature": float("inf")}}]}, "body"),
-])
+@pytest.mark.parametrize(
+    "body, where",
+    [
+        ({**JOB, "name": "nul\u0000name"}, "name"),
+        ({**JOB, "priority": "5"}, "priority"),
+        ({**JOB, "metadata": {"ratio": float("nan")}}, "metadata"),
+        ({**JOB, "requests": [{"custom_id": "a", "body": {"prompt": "lone \ud800 surrogate"}}]}, "body"),
+        ({**JOB, "requests": [{"custom_id": "a", "body": {"prompt": "x", "temperature": float("inf")}}]}, "body"),
+    ],
+)
 async def test_batch_bodies_are_strict_finite_and_storable(client, body, where):
-    response = await client.post("/batch/jobs", content=json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"})
+    response = await client.post(
+        "/batch/jobs", content=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
     assert response.status_code == 422, response.text
     assert any(where in map(str, error["loc"]) for error in response.json()["detail"])

@@ -27,8 +27,14 @@ def prompt(custom_id: str, text: str) -> dict:
 
 async def test_a_local_job_runs_to_completion_with_savings_against_the_reference_price(client):
     runtime = client.app.state.runtime
-    body = {"name": "local", "provider": "local", "model": "gpt2", "kind": "generate", "schedule": "now",
-            "requests": [prompt("a", "The cat"), prompt("b", "Once upon a time"), prompt("c", "The weather")]}
+    body = {
+        "name": "local",
+        "provider": "local",
+        "model": "gpt2",
+        "kind": "generate",
+        "schedule": "now",
+        "requests": [prompt("a", "The cat"), prompt("b", "Once upon a time"), prompt("c", "The weather")],
+    }
     job = (await client.post("/batch/jobs", json=body)).json()
     report = await runtime.batch.run_once()
     assert report.submitted_jobs == 1 and report.finished_jobs == [job["id"]]
@@ -40,8 +46,9 @@ async def test_a_local_job_runs_to_completion_with_savings_against_the_reference
     assert responses[0]["output"]["text"] == direct["completion"]
     usage = done["usage"]
     assert usage["output_tokens"] == 12 and usage["input_tokens"] == sum(r["usage"]["input_tokens"] for r in responses)
-    expected = PriceTable.load(local_reference="openai:gpt-4o-mini").cost("local", "gpt2", usage["input_tokens"],
-                                                                        usage["output_tokens"])
+    expected = PriceTable.load(local_reference="openai:gpt-4o-mini").cost(
+        "local", "gpt2", usage["input_tokens"], usage["output_tokens"]
+    )
     assert done["cost_usd"] == 0 and done["savings_usd"] == pytest.approx(expected.savings_usd)
     assert (await runtime.batch.run_once()).finished_jobs == []
     lines = (await client.get(f"/batch/jobs/{job['id']}/responses", params={"format": "jsonl"})).text.splitlines()
@@ -56,8 +63,12 @@ async def test_queued_items_wait_for_the_window_until_processed(client):
     more = (await client.post("/batch/queue/bulk", json={"items": [item, {**item, "job_type": "other"}]})).json()
     assert more[0]["job_id"] == first.json()["job_id"] != more[1]["job_id"]
     status = (await client.get("/batch/queue/status")).json()
-    assert status == {"waiting": 3, "by_job_type": {"nightly": 2, "other": 1}, "by_provider": {"local": 3},
-                      "by_priority": {"5": 3}}
+    assert status == {
+        "waiting": 3,
+        "by_job_type": {"nightly": 2, "other": 1},
+        "by_provider": {"local": 3},
+        "by_priority": {"5": 3},
+    }
     assert (await runtime.batch.run_once()).submitted_jobs == 0
     processed = (await client.post("/batch/process", json={"job_type": "nightly"})).json()
     assert processed["job_ids"] == [first.json()["job_id"]]
@@ -70,8 +81,11 @@ async def test_queued_items_wait_for_the_window_until_processed(client):
 
 async def test_prefer_respond_async_answers_202_and_the_item_runs_in_the_background(client):
     runtime = client.app.state.runtime
-    deferred = await client.post("/generate", json={"prompts": ["The cat", "A dog"], "max_new_tokens": 3},
-                                 headers={"Prefer": "respond-async, wait=0"})
+    deferred = await client.post(
+        "/generate",
+        json={"prompts": ["The cat", "A dog"], "max_new_tokens": 3},
+        headers={"Prefer": "respond-async, wait=0"},
+    )
     assert deferred.status_code == 202 and deferred.headers["preference-applied"] == "respond-async"
     items = deferred.json()
     assert deferred.headers["location"] == items[0]["url"] and len(items) == 2
@@ -91,8 +105,13 @@ async def test_prefer_respond_async_answers_202_and_the_item_runs_in_the_backgro
 
 async def test_cancel_keeps_finished_items_and_is_refused_once_final(client):
     runtime = client.app.state.runtime
-    body = {"name": "c", "provider": "local", "model": "gpt2", "kind": "generate",
-            "requests": [prompt("a", "one"), prompt("b", "two")]}
+    body = {
+        "name": "c",
+        "provider": "local",
+        "model": "gpt2",
+        "kind": "generate",
+        "requests": [prompt("a", "one"), prompt("b", "two")],
+    }
     job = (await client.post("/batch/jobs", json=body)).json()
     cancelled = (await client.post(f"/batch/jobs/{job['id']}/cancel")).json()
     assert cancelled["status"] == "cancelled" and cancelled["counts"]["failed"] == 2
@@ -117,8 +136,15 @@ async def test_submit_now_runs_a_window_job_at_the_next_tick(client):
 async def test_stats_savings_report_and_health_add_up(client):
     runtime = client.app.state.runtime
     for job_type in ("scoring", "summaries"):
-        body = {"name": job_type, "provider": "local", "model": "gpt2", "kind": "generate", "schedule": "now",
-                "job_type": job_type, "requests": [prompt("a", "one two"), prompt("b", "three")]}
+        body = {
+            "name": job_type,
+            "provider": "local",
+            "model": "gpt2",
+            "kind": "generate",
+            "schedule": "now",
+            "job_type": job_type,
+            "requests": [prompt("a", "one two"), prompt("b", "three")],
+        }
         await client.post("/batch/jobs", json=body)
     await runtime.batch.run_once()
     jobs = (await client.get("/batch/jobs")).json()["items"]
@@ -136,8 +162,12 @@ async def test_stats_savings_report_and_health_add_up(client):
     csv_text = (await client.get("/batch/report", params={"format": "csv"})).text
     assert csv_text.splitlines()[0].startswith("id,name,provider") and len(csv_text.splitlines()) == 3
     health = (await client.get("/batch/health")).json()
-    assert health["providers"] == {"local": "ok", "openai": "unconfigured", "anthropic": "unconfigured",
-                                   "gemini": "unconfigured"}
+    assert health["providers"] == {
+        "local": "ok",
+        "openai": "unconfigured",
+        "anthropic": "unconfigured",
+        "gemini": "unconfigured",
+    }
     assert health["last_run"]["finished_jobs"] and health["leader"]["owner"] == runtime.batch.worker.lease.owner
     assert (await client.get("/batch/alerts")).json() == []
 
@@ -146,8 +176,13 @@ async def test_alerts_start_once_and_the_savings_milestone_counts_levels(client,
     runtime = client.app.state.runtime
     alerts = runtime.batch.worker.alerts
     alerts.thresholds = type(alerts.thresholds)(max_queued_items=1, savings_step_usd=1e-9)
-    body = {"name": "x", "provider": "local", "model": "gpt2", "kind": "generate",
-            "requests": [prompt("a", "one"), prompt("b", "two")]}
+    body = {
+        "name": "x",
+        "provider": "local",
+        "model": "gpt2",
+        "kind": "generate",
+        "requests": [prompt("a", "one"), prompt("b", "two")],
+    }
     await client.post("/batch/jobs", json=body)
     started = await alerts.update()
     assert [a.type for a in started] == ["queue_backlog"]
@@ -196,8 +231,11 @@ async def delivered(runtime, job_id: str) -> None:
 
 
 def hooked_app(settings, **update):
-    return create_app(settings.model_copy(update={"batch_worker": "off", "webhook_allow_http": True,
-                                                 "webhook_allowed_hosts": "127.0.0.1", **update}))
+    return create_app(
+        settings.model_copy(
+            update={"batch_worker": "off", "webhook_allow_http": True, "webhook_allowed_hosts": "127.0.0.1", **update}
+        )
+    )
 
 
 async def test_a_finished_job_calls_its_webhook_signed_with_the_secret(settings, tmp_path):
@@ -206,8 +244,15 @@ async def test_a_finished_job_calls_its_webhook_signed_with_the_secret(settings,
         runtime = app.state.runtime
         runtime.batch.worker.webhooks.backoff_s = 0.01
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            body = {"name": "hooked", "provider": "local", "model": "gpt2", "kind": "generate", "schedule": "now",
-                    "webhook_url": f"http://127.0.0.1:{port}/hook", "requests": [prompt("a", "hi")]}
+            body = {
+                "name": "hooked",
+                "provider": "local",
+                "model": "gpt2",
+                "kind": "generate",
+                "schedule": "now",
+                "webhook_url": f"http://127.0.0.1:{port}/hook",
+                "requests": [prompt("a", "hi")],
+            }
             job = (await client.post("/batch/jobs", json=body)).json()
             await runtime.batch.run_once()
             await delivered(runtime, job["id"])
@@ -234,8 +279,15 @@ async def test_a_delivery_that_fails_unexpectedly_is_counted_and_made_again_at_t
         webhooks._state = state_write_with_a_bug
         before = metric("background_task_failures_total", task="webhook-sender")
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            body = {"name": "hooked", "provider": "local", "model": "gpt2", "kind": "generate", "schedule": "now",
-                    "webhook_url": f"http://127.0.0.1:{port}/hook", "requests": [prompt("a", "hi")]}
+            body = {
+                "name": "hooked",
+                "provider": "local",
+                "model": "gpt2",
+                "kind": "generate",
+                "schedule": "now",
+                "webhook_url": f"http://127.0.0.1:{port}/hook",
+                "requests": [prompt("a", "hi")],
+            }
             job = (await client.post("/batch/jobs", json=body)).json()
             await runtime.batch.run_once()
             for _ in range(200):
@@ -245,8 +297,10 @@ async def test_a_delivery_that_fails_unexpectedly_is_counted_and_made_again_at_t
             health = runtime.batch.health()
             assert health["status"] == "degraded" and health["tasks"]["webhook-sender"]["state"] == "restarting"
             assert metric("background_task_failures_total", task="webhook-sender") - before == 1
-            assert "a bug storing the delivery" in caplog.text and (await runtime.batch.jobs.get(job["id"])
-                                                                   ).webhook_state == "pending"
+            assert (
+                "a bug storing the delivery" in caplog.text
+                and (await runtime.batch.jobs.get(job["id"])).webhook_state == "pending"
+            )
             await runtime.batch.run_once()
             await delivered(runtime, job["id"])
             assert runtime.batch.health()["tasks"]["webhook-sender"]["state"] == "running"
@@ -262,8 +316,9 @@ def settings(request, settings):
 
 def hold_first_model_call(batcher) -> tuple[threading.Event, threading.Event]:
     """Hold the batcher's first model call (a static batch, or the continuous loop's first prefill)."""
-    owner, name = (batcher.generator.decoder, "prefill") if isinstance(batcher, ContinuousBatcher) else (
-        batcher, "compute")
+    owner, name = (
+        (batcher.generator.decoder, "prefill") if isinstance(batcher, ContinuousBatcher) else (batcher, "compute")
+    )
     original, entered, release = getattr(owner, name), threading.Event(), threading.Event()
 
     def held(*args):
@@ -287,18 +342,32 @@ async def test_interactive_requests_wait_behind_at_most_one_background_batch(cli
     background batches (continuous: background admissions) each interactive item waited behind never exceeds one."""
     runtime = client.app.state.runtime
     requests = [prompt(f"bg{i:03d}", f"background item {i}") for i in range(500)]
-    job = (await client.post("/batch/jobs", json={"name": "big", "provider": "local", "model": "gpt2",
-                                                  "kind": "generate", "schedule": "now", "requests": requests})).json()
+    job = (
+        await client.post(
+            "/batch/jobs",
+            json={
+                "name": "big",
+                "provider": "local",
+                "model": "gpt2",
+                "kind": "generate",
+                "schedule": "now",
+                "requests": requests,
+            },
+        )
+    ).json()
     waited = {key: metric(f"batch_background_batches_waited_{key}", model="generator") for key in ("count", "sum")}
     over_one = metric("batch_background_batches_waited_count", model="generator") - metric(
-        "batch_background_batches_waited_bucket", model="generator", le="1.0")
+        "batch_background_batches_waited_bucket", model="generator", le="1.0"
+    )
     background = metric("batch_background_items_total", model="generator")
     batcher = runtime.generation.batcher
     entered, release = hold_first_model_call(batcher)
     running = asyncio.create_task(runtime.batch.run_once())
     await asyncio.to_thread(entered.wait, 30)
-    first = [asyncio.create_task(client.post("/generate", json={"prompts": [f"first {i}"], "max_new_tokens": 4}))
-             for i in range(3)]
+    first = [
+        asyncio.create_task(client.post("/generate", json={"prompts": [f"first {i}"], "max_new_tokens": 4}))
+        for i in range(3)
+    ]
     for _ in range(500):
         if interactive_waiting(batcher) == 3:
             break
@@ -316,8 +385,11 @@ async def test_interactive_requests_wait_behind_at_most_one_background_batch(cli
     observed = metric("batch_background_batches_waited_count", model="generator") - waited["count"]
     assert answered >= 3 and observed == answered
     assert metric("batch_background_batches_waited_sum", model="generator") - waited["sum"] >= 3
-    assert metric("batch_background_batches_waited_count", model="generator") - metric(
-        "batch_background_batches_waited_bucket", model="generator", le="1.0") == over_one
+    assert (
+        metric("batch_background_batches_waited_count", model="generator")
+        - metric("batch_background_batches_waited_bucket", model="generator", le="1.0")
+        == over_one
+    )
     assert metric("batch_background_items_total", model="generator") - background == 500
     sizes = runtime.generation.batcher.background_max_size
     assert sizes == runtime.settings.batch_background_max_size
@@ -327,8 +399,14 @@ async def test_the_in_process_worker_finishes_a_job_without_waiting_for_its_poll
     app = create_app(settings.model_copy(update={"batch_worker": "in-process", "batch_poll_interval_s": 3600}))
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            body = {"name": "auto", "provider": "local", "model": "gpt2", "kind": "generate", "schedule": "now",
-                    "requests": [prompt("a", "one"), prompt("b", "two")]}
+            body = {
+                "name": "auto",
+                "provider": "local",
+                "model": "gpt2",
+                "kind": "generate",
+                "schedule": "now",
+                "requests": [prompt("a", "one"), prompt("b", "two")],
+            }
             job = (await client.post("/batch/jobs", json=body)).json()
             for _ in range(500):
                 if (await client.get(f"/batch/jobs/{job['id']}")).json()["status"] == "completed":
@@ -341,9 +419,19 @@ async def test_the_in_process_worker_finishes_a_job_without_waiting_for_its_poll
 
 async def test_a_cancel_racing_the_finishing_tick_is_booked_cancelled(client):
     runtime = client.app.state.runtime
-    job = (await client.post("/batch/jobs", json={"name": "race", "provider": "local", "model": "gpt2",
-                                                  "kind": "generate", "schedule": "now",
-                                                  "requests": [prompt("a", "The cat"), prompt("b", "A dog")]})).json()
+    job = (
+        await client.post(
+            "/batch/jobs",
+            json={
+                "name": "race",
+                "provider": "local",
+                "model": "gpt2",
+                "kind": "generate",
+                "schedule": "now",
+                "requests": [prompt("a", "The cat"), prompt("b", "A dog")],
+            },
+        )
+    ).json()
     await runtime.batch.worker.run_once()
     while await runtime.batch.runner.run_available():
         await runtime.batch.runner.wait_idle()
@@ -356,14 +444,23 @@ async def test_a_cancel_racing_the_finishing_tick_is_booked_cancelled(client):
     assert done["status"] == "cancelled" and done["counts"]["succeeded"] == 2
 
 
-
-@pytest.mark.parametrize("body, field", [({"prompt": "x", "max_tokens": -3}, "max_tokens"),
-                                         ({"prompt": "x", "temperature": -4}, "temperature"),
-                                         ({"prompt": "x", "top_p": -1}, "top_p"),
-                                         ({"prompt": "x", "unknown": 1}, "unknown")])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"prompt": "x", "max_tokens": -3}, "max_tokens"),
+        ({"prompt": "x", "temperature": -4}, "temperature"),
+        ({"prompt": "x", "top_p": -1}, "top_p"),
+        ({"prompt": "x", "unknown": 1}, "unknown"),
+    ],
+)
 async def test_local_bodies_follow_the_interactive_rules_at_acceptance(client, body, field):
-    job = {"name": "v", "provider": "local", "model": "gpt2", "kind": "generate",
-           "requests": [prompt("ok", "The cat"), {"custom_id": "bad", "body": body}]}
+    job = {
+        "name": "v",
+        "provider": "local",
+        "model": "gpt2",
+        "kind": "generate",
+        "requests": [prompt("ok", "The cat"), {"custom_id": "bad", "body": body}],
+    }
     refused = await client.post("/batch/jobs", json=job)
     assert refused.status_code == 422
     [error] = refused.json()["detail"]
@@ -374,8 +471,13 @@ async def test_local_bodies_follow_the_interactive_rules_at_acceptance(client, b
 
 
 async def test_a_local_generate_job_must_name_the_served_model(client):
-    job = {"name": "m", "provider": "local", "model": "llama-70b", "kind": "generate",
-           "requests": [prompt("a", "The cat")]}
+    job = {
+        "name": "m",
+        "provider": "local",
+        "model": "llama-70b",
+        "kind": "generate",
+        "requests": [prompt("a", "The cat")],
+    }
     refused = await client.post("/batch/jobs", json=job)
     assert refused.status_code == 422 and "llama-70b" in refused.json()["detail"][0]["msg"]
     served = (await client.get("/v1/models")).json()["data"][0]["id"]

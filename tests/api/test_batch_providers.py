@@ -14,21 +14,32 @@ from server.main import create_app
 from server.services.batch.pricing import PriceTable
 from tests.fakes import FakeAnthropic, FakeGemini, FakeOpenAI
 
-FAKES = {"openai": (FakeOpenAI, "gpt-4o-mini", "/v1"), "anthropic": (FakeAnthropic, "claude-haiku-4-5", ""),
-         "gemini": (FakeGemini, "gemini-2.5-flash-lite", "")}
+FAKES = {
+    "openai": (FakeOpenAI, "gpt-4o-mini", "/v1"),
+    "anthropic": (FakeAnthropic, "claude-haiku-4-5", ""),
+    "gemini": (FakeGemini, "gemini-2.5-flash-lite", ""),
+}
 MAX_TICKS = 30
 
 
 def chat(custom_id: str) -> dict:
-    return {"custom_id": custom_id, "body": {"messages": [{"role": "user", "content": f"Question {custom_id}"}],
-                                             "max_tokens": 20}}
+    return {
+        "custom_id": custom_id,
+        "body": {"messages": [{"role": "user", "content": f"Question {custom_id}"}], "max_tokens": 20},
+    }
 
 
 @asynccontextmanager
 async def serving(settings: Settings, database_url: str, provider: str, fake, **overrides):
-    update = {"database_url": database_url, "batch_worker": "off", "batch_poll_interval_s": 0.01,
-              f"{provider}_api_key": "test-key", f"{provider}_base_url": fake.base_url + FAKES[provider][2],
-              "egress_rate_limit": "", **overrides}
+    update = {
+        "database_url": database_url,
+        "batch_worker": "off",
+        "batch_poll_interval_s": 0.01,
+        f"{provider}_api_key": "test-key",
+        f"{provider}_base_url": fake.base_url + FAKES[provider][2],
+        "egress_rate_limit": "",
+        **overrides,
+    }
     app = create_app(settings.model_copy(update=update))
     async with app.router.lifespan_context(app):
         app.state.runtime.batch.worker.calls.backoff.multiplier = 0.01
@@ -53,8 +64,14 @@ async def test_a_job_runs_through_the_provider_batch_api(settings, database_url,
         fake.settings.polls_to_complete = 2
         fake.settings.out_of_order = True
         async with serving(settings, database_url, provider, fake) as client:
-            body = {"name": "e2e", "provider": provider, "model": model, "kind": "chat", "job_type": "scoring",
-                    "requests": [chat(f"q{i}") for i in range(5)]}
+            body = {
+                "name": "e2e",
+                "provider": provider,
+                "model": model,
+                "kind": "chat",
+                "job_type": "scoring",
+                "requests": [chat(f"q{i}") for i in range(5)],
+            }
             job = (await client.post("/batch/jobs", json=body)).json()
             assert (await client.post("/batch/process/all")).json()["job_ids"] == [job["id"]]
             done = await run_until_final(client, job["id"])
@@ -83,16 +100,21 @@ async def test_a_job_runs_through_the_provider_batch_api(settings, database_url,
 
 
 @pytest.mark.parametrize("provider", list(FAKES))
-async def test_failed_items_are_retried_and_expired_batches_keep_their_finished_items(settings, database_url,
-                                                                                       provider):
+async def test_failed_items_are_retried_and_expired_batches_keep_their_finished_items(settings, database_url, provider):
     fake_class, model, _ = FAKES[provider]
     with fake_class().serve() as fake:
         fake.settings.expired_batches = {1}
         fake.settings.done_fraction = 0.5
         fake.settings.fail_item = lambda key: key.endswith("q3")
         async with serving(settings, database_url, provider, fake, batch_max_attempts=2) as client:
-            body = {"name": "retry", "provider": provider, "model": model, "kind": "chat", "schedule": "now",
-                    "requests": [chat(f"q{i}") for i in range(4)]}
+            body = {
+                "name": "retry",
+                "provider": provider,
+                "model": model,
+                "kind": "chat",
+                "schedule": "now",
+                "requests": [chat(f"q{i}") for i in range(4)],
+            }
             job = (await client.post("/batch/jobs", json=body)).json()
             done = await run_until_final(client, job["id"])
             items = {i["custom_id"]: i for i in (await client.get(f"/batch/jobs/{job['id']}/requests")).json()["items"]}
@@ -107,12 +129,24 @@ async def test_failed_items_are_retried_and_expired_batches_keep_their_finished_
 
 async def test_a_job_is_split_by_count_and_bytes_and_every_custom_id_comes_back_once(settings, database_url):
     with FakeOpenAI().serve() as fake:
-        async with serving(settings, database_url, "openai", fake, batch_openai_max_requests=100,
-                           batch_openai_max_bytes=64 * 1024) as client:
-            requests = [{"custom_id": f"r{i:04d}", "body": {"messages": [
-                {"role": "user", "content": "x" * (50 + (i * 37) % 400)}]}} for i in range(1000)]
-            body = {"name": "split", "provider": "openai", "model": "gpt-4o-mini", "kind": "chat", "schedule": "now",
-                    "requests": requests}
+        async with serving(
+            settings, database_url, "openai", fake, batch_openai_max_requests=100, batch_openai_max_bytes=64 * 1024
+        ) as client:
+            requests = [
+                {
+                    "custom_id": f"r{i:04d}",
+                    "body": {"messages": [{"role": "user", "content": "x" * (50 + (i * 37) % 400)}]},
+                }
+                for i in range(1000)
+            ]
+            body = {
+                "name": "split",
+                "provider": "openai",
+                "model": "gpt-4o-mini",
+                "kind": "chat",
+                "schedule": "now",
+                "requests": requests,
+            }
             job = (await client.post("/batch/jobs", json=body)).json()
             done = await run_until_final(client, job["id"])
             assert done["counts"]["succeeded"] == 1000
@@ -129,9 +163,19 @@ async def test_a_429_on_create_backs_off_and_the_next_tick_submits_once(settings
         fake.settings.create_429s = 10
         fake.settings.retry_after_s = 0.01
         async with serving(settings, database_url, "anthropic", fake) as client:
-            job = (await client.post("/batch/jobs", json={"name": "busy", "provider": "anthropic",
-                                                          "model": "claude-haiku-4-5", "kind": "chat",
-                                                          "schedule": "now", "requests": [chat("a")]})).json()
+            job = (
+                await client.post(
+                    "/batch/jobs",
+                    json={
+                        "name": "busy",
+                        "provider": "anthropic",
+                        "model": "claude-haiku-4-5",
+                        "kind": "chat",
+                        "schedule": "now",
+                        "requests": [chat("a")],
+                    },
+                )
+            ).json()
             report = await client.app.state.runtime.batch.run_once()
             assert fake.batches_created == 0 and report.provider_batches_created == 1
             fake.settings.create_429s = 0
@@ -141,16 +185,26 @@ async def test_a_429_on_create_backs_off_and_the_next_tick_submits_once(settings
 
 
 @pytest.mark.parametrize("provider", list(FAKES))
-async def test_one_failing_provider_batch_stalls_nothing_and_its_items_go_into_a_later_batch(settings, database_url,
-                                                                                             provider):
+async def test_one_failing_provider_batch_stalls_nothing_and_its_items_go_into_a_later_batch(
+    settings, database_url, provider
+):
     fake_class, model, _ = FAKES[provider]
     with fake_class().serve() as fake:
         fake.settings.failed_batches = {1}
-        async with serving(settings, database_url, provider, fake,
-                           **{f"batch_{provider}_max_requests": 2}) as client:
-            job = (await client.post("/batch/jobs", json={"name": "f", "provider": provider, "model": model,
-                                                          "kind": "chat", "schedule": "now",
-                                                          "requests": [chat(f"q{i}") for i in range(4)]})).json()
+        async with serving(settings, database_url, provider, fake, **{f"batch_{provider}_max_requests": 2}) as client:
+            job = (
+                await client.post(
+                    "/batch/jobs",
+                    json={
+                        "name": "f",
+                        "provider": provider,
+                        "model": model,
+                        "kind": "chat",
+                        "schedule": "now",
+                        "requests": [chat(f"q{i}") for i in range(4)],
+                    },
+                )
+            ).json()
             done = await run_until_final(client, job["id"])
             assert done["status"] == "completed" and done["counts"]["succeeded"] == 4
             items = (await client.get(f"/batch/jobs/{job['id']}/requests")).json()["items"]
@@ -163,17 +217,28 @@ async def test_cancelling_stops_provider_batches_and_keeps_what_finished(setting
         fake.settings.polls_to_complete = 3
         fake.settings.done_fraction = 0.5
         async with serving(settings, database_url, "openai", fake) as client:
-            job = (await client.post("/batch/jobs", json={"name": "c", "provider": "openai", "model": "gpt-4o-mini",
-                                                          "kind": "chat", "schedule": "now",
-                                                          "requests": [chat(f"q{i}") for i in range(4)]})).json()
+            job = (
+                await client.post(
+                    "/batch/jobs",
+                    json={
+                        "name": "c",
+                        "provider": "openai",
+                        "model": "gpt-4o-mini",
+                        "kind": "chat",
+                        "schedule": "now",
+                        "requests": [chat(f"q{i}") for i in range(4)],
+                    },
+                )
+            ).json()
             await client.app.state.runtime.batch.run_once()
             cancelling = (await client.post(f"/batch/jobs/{job['id']}/cancel")).json()
             assert cancelling["status"] in ("submitted", "in_progress")
             done = await run_until_final(client, job["id"])
             assert done["status"] == "cancelled" and done["counts"]["succeeded"] == 2
             assert len(fake.calls("POST", r"/v1/batches/[^/]+/cancel")) == 1
-            assert done["cost_usd"] == pytest.approx(PriceTable.load().cost("openai", "gpt-4o-mini", 2 * 12,
-                                                                            2 * 7).cost_usd)
+            assert done["cost_usd"] == pytest.approx(
+                PriceTable.load().cost("openai", "gpt-4o-mini", 2 * 12, 2 * 7).cost_usd
+            )
 
 
 async def test_a_batch_the_provider_never_received_is_not_sent_after_its_job_was_cancelled(settings, database_url):
@@ -181,22 +246,37 @@ async def test_a_batch_the_provider_never_received_is_not_sent_after_its_job_was
         fake.settings.create_429s = 100
         fake.settings.retry_after_s = 0.01
         async with serving(settings, database_url, "openai", fake) as client:
-            job = (await client.post("/batch/jobs", json={"name": "c", "provider": "openai", "model": "gpt-4o-mini",
-                                                          "kind": "chat", "schedule": "now",
-                                                          "requests": [chat("a"), chat("b")]})).json()
+            job = (
+                await client.post(
+                    "/batch/jobs",
+                    json={
+                        "name": "c",
+                        "provider": "openai",
+                        "model": "gpt-4o-mini",
+                        "kind": "chat",
+                        "schedule": "now",
+                        "requests": [chat("a"), chat("b")],
+                    },
+                )
+            ).json()
             await client.app.state.runtime.batch.run_once()
             await client.post(f"/batch/jobs/{job['id']}/cancel")
             fake.settings.create_429s = 0
             done = await run_until_final(client, job["id"])
-            assert done["status"] == "cancelled" and done["counts"] == {"total": 2, "succeeded": 0, "failed": 2,
-                                                                        "pending": 0}
+            assert done["status"] == "cancelled" and done["counts"] == {
+                "total": 2,
+                "succeeded": 0,
+                "failed": 2,
+                "pending": 0,
+            }
         assert fake.batches_created == 0
 
 
 async def test_batch_health_probes_each_configured_provider(settings, database_url):
     with FakeAnthropic().serve() as fake:
-        async with serving(settings, database_url, "anthropic", fake,
-                           openai_api_key="key", openai_base_url="http://127.0.0.1:9/v1") as client:
+        async with serving(
+            settings, database_url, "anthropic", fake, openai_api_key="key", openai_base_url="http://127.0.0.1:9/v1"
+        ) as client:
             providers = (await client.get("/batch/health")).json()["providers"]
     assert providers["local"] == "ok" and providers["anthropic"] == "ok" and providers["gemini"] == "unconfigured"
     assert providers["openai"].startswith("unreachable: ")
@@ -206,14 +286,25 @@ async def test_batch_health_probes_each_configured_provider(settings, database_u
 async def test_an_item_the_provider_format_cannot_express_fails_alone_and_its_job_completes(settings, database_url):
     with FakeGemini().serve() as fake:
         async with serving(settings, database_url, "gemini", fake) as client:
-            job = (await client.post("/batch/jobs", json={"name": "m", "provider": "gemini",
-                                                          "model": "gemini-2.5-flash-lite", "kind": "chat",
-                                                          "requests": [chat("a"), chat("bad"), chat("b")]})).json()
+            job = (
+                await client.post(
+                    "/batch/jobs",
+                    json={
+                        "name": "m",
+                        "provider": "gemini",
+                        "model": "gemini-2.5-flash-lite",
+                        "kind": "chat",
+                        "requests": [chat("a"), chat("bad"), chat("b")],
+                    },
+                )
+            ).json()
             # Refused at acceptance now; a row stored before that check (or by a bug) must still fail alone.
             async with client.app.state.runtime.sessions() as session, session.begin():
-                await session.execute(update(BatchItem).where(BatchItem.job_id == job["id"],
-                                                              BatchItem.custom_id == "bad")
-                                      .values(body={"messages": ["hi"]}))
+                await session.execute(
+                    update(BatchItem)
+                    .where(BatchItem.job_id == job["id"], BatchItem.custom_id == "bad")
+                    .values(body={"messages": ["hi"]})
+                )
             await client.post(f"/batch/jobs/{job['id']}/submit")
             done = await run_until_final(client, job["id"])
             assert done["status"] == "partially_completed" and done["counts"]["succeeded"] == 2
@@ -222,20 +313,33 @@ async def test_an_item_the_provider_format_cannot_express_fails_alone_and_its_jo
         assert fake.batches_created == 1
 
 
-async def test_bodies_a_provider_cannot_run_are_refused_at_acceptance_naming_custom_id_and_field(settings,
-                                                                                              database_url):
+async def test_bodies_a_provider_cannot_run_are_refused_at_acceptance_naming_custom_id_and_field(
+    settings, database_url
+):
     with FakeGemini().serve() as fake:
         async with serving(settings, database_url, "gemini", fake) as client:
-            body = {"name": "v", "provider": "gemini", "model": "gemini-2.5-flash-lite", "kind": "chat",
-                    "requests": [chat("fine"), {"custom_id": "odd", "body": {"messages": ["hi"]}}]}
+            body = {
+                "name": "v",
+                "provider": "gemini",
+                "model": "gemini-2.5-flash-lite",
+                "kind": "chat",
+                "requests": [chat("fine"), {"custom_id": "odd", "body": {"messages": ["hi"]}}],
+            }
             refused = await client.post("/batch/jobs", json=body)
             assert refused.status_code == 422
             [error] = refused.json()["detail"]
             assert error["loc"] == ["body", "requests", 1, "messages", 0]
             assert error["msg"].startswith("request 'odd': messages.0:")
-            queued = await client.post("/batch/queue", json={"job_type": "t", "provider": "gemini",
-                                                             "model": "gemini-2.5-flash-lite", "kind": "chat",
-                                                             "data": {"messages": [], "max_tokens": 5}})
+            queued = await client.post(
+                "/batch/queue",
+                json={
+                    "job_type": "t",
+                    "provider": "gemini",
+                    "model": "gemini-2.5-flash-lite",
+                    "kind": "chat",
+                    "data": {"messages": [], "max_tokens": 5},
+                },
+            )
             assert queued.status_code == 422 and queued.json()["detail"][0]["loc"][:2] == ["body", "data"]
             assert (await client.get("/batch/queue/status")).json()["waiting"] == 0
         assert fake.batches_created == 0

@@ -29,16 +29,31 @@ async def wait_for(condition, what: str):
 
 
 async def test_a_database_error_in_the_local_runner_restarts_it_with_health_degraded_and_the_job_finishes(
-        settings, database_url):
-    app = create_app(settings.model_copy(update={"database_url": database_url, "batch_worker": "in-process",
-                                                 "batch_poll_interval_s": 0.1}))
-    async with (app.router.lifespan_context(app),
-                httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client):
+    settings, database_url
+):
+    app = create_app(
+        settings.model_copy(
+            update={"database_url": database_url, "batch_worker": "in-process", "batch_poll_interval_s": 0.1}
+        )
+    )
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+    ):
         runtime = app.state.runtime
         failures = metric("background_task_failures_total", task="batch-local-runner")
-        job = (await client.post("/batch/jobs", json={
-            "name": "survives", "provider": "local", "model": "gpt2", "kind": "generate",
-            "requests": [prompt(f"p{i}") for i in range(3)]})).json()
+        job = (
+            await client.post(
+                "/batch/jobs",
+                json={
+                    "name": "survives",
+                    "provider": "local",
+                    "model": "gpt2",
+                    "kind": "generate",
+                    "requests": [prompt(f"p{i}") for i in range(3)],
+                },
+            )
+        ).json()
         # A real database error, not a mock: the runner's query finds no table while it is renamed.
         async with runtime.engine.begin() as connection:
             await connection.execute(text("ALTER TABLE batch_items RENAME TO batch_items_away"))
@@ -72,18 +87,34 @@ async def test_a_database_error_in_the_local_runner_restarts_it_with_health_degr
 
 async def test_a_local_item_left_claimed_by_a_runner_that_failed_is_queued_again(client):
     runtime = client.app.state.runtime
-    job = (await client.post("/batch/jobs", json={"name": "stale", "provider": "local", "model": "gpt2",
-                                                  "kind": "generate", "requests": [prompt("a"), prompt("b")]})).json()
+    job = (
+        await client.post(
+            "/batch/jobs",
+            json={
+                "name": "stale",
+                "provider": "local",
+                "model": "gpt2",
+                "kind": "generate",
+                "requests": [prompt("a"), prompt("b")],
+            },
+        )
+    ).json()
     long_ago = datetime.now(UTC) - timedelta(seconds=runtime.settings.batch_local_requeue_s + 5)
     async with runtime.sessions() as session, session.begin():
-        await session.execute(update(BatchItem).where(BatchItem.job_id == job["id"])
-                              .values(status="submitted", attempts=1, updated_at=long_ago))
+        await session.execute(
+            update(BatchItem)
+            .where(BatchItem.job_id == job["id"])
+            .values(status="submitted", attempts=1, updated_at=long_ago)
+        )
     await client.post(f"/batch/jobs/{job['id']}/submit")
     await runtime.batch.worker.run_once()
     runner = runtime.batch.runner
     # One item is still being computed here (not stale, whatever its age); the other was abandoned.
-    [computing] = [item["id"] for item in (await client.get(f"/batch/jobs/{job['id']}/requests")).json()["items"]
-                   if item["custom_id"] == "a"]
+    [computing] = [
+        item["id"]
+        for item in (await client.get(f"/batch/jobs/{job['id']}/requests")).json()["items"]
+        if item["custom_id"] == "a"
+    ]
     runner._claimed.add(computing)
     assert await runner.requeue_stale() == 1
     runner._claimed.discard(computing)

@@ -11,8 +11,10 @@ from server.main import create_app
 from tests.support.metrics import metric
 from tests.support.servers import free_port
 
-HEAD = (b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n"
-        b"Connection: close\r\n\r\n")
+HEAD = (
+    b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n"
+    b"Connection: close\r\n\r\n"
+)
 
 
 @pytest.fixture

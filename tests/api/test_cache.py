@@ -98,8 +98,12 @@ async def test_redis_outage_serves_every_request_reports_degraded_and_recovers(s
             await client.post("/generate", json=body)
 
             async def burst(n: int) -> list[httpx.Response]:
-                return await asyncio.gather(*(client.post("/generate", json={"prompts": [f"Outage {i % 5}"],
-                                                                             "max_new_tokens": 3}) for i in range(n)))
+                return await asyncio.gather(
+                    *(
+                        client.post("/generate", json={"prompts": [f"Outage {i % 5}"], "max_new_tokens": 3})
+                        for i in range(n)
+                    )
+                )
 
             redis_server.stop()
             during = await burst(30)

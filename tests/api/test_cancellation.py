@@ -28,8 +28,10 @@ async def test_a_request_whose_client_disconnected_is_dropped_before_its_batch(s
             dropped_before = metric("batch_dropped_items_total", model="generator", reason="cancelled")
             body = json.dumps({"prompts": ["nobody will read this"], "max_new_tokens": 2}).encode()
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                         b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            writer.write(
+                b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(body), body)
+            )
             await writer.drain()
             await asyncio.sleep(0.2)
             writer.close()

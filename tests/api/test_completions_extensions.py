@@ -17,8 +17,9 @@ CONTEXT, CONTINUATION = "The stock market rose sharply on Tuesday", " after the 
 
 
 def events(body: str) -> list[dict | str]:
-    payloads = [dict(line.split(": ", 1) for line in block.splitlines())["data"]
-                for block in body.strip().split("\n\n")]
+    payloads = [
+        dict(line.split(": ", 1) for line in block.splitlines())["data"] for block in body.strip().split("\n\n")
+    ]
     return [p if p == "[DONE]" else json.loads(p) for p in payloads]
 
 
@@ -29,8 +30,16 @@ async def complete(client: httpx.AsyncClient, **body) -> httpx.Response:
 
 async def test_vllm_bench_serve_request_is_answered_and_streamed(app_client):
     # vllm/benchmarks/lib/endpoint_request_func.py, async_request_openai_completions, as `vllm bench serve` sends it.
-    payload = {"prompt": "Benchmarks send this", "temperature": 0.0, "repetition_penalty": 1.0, "max_tokens": 16,
-               "logprobs": None, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    payload = {
+        "prompt": "Benchmarks send this",
+        "temperature": 0.0,
+        "repetition_penalty": 1.0,
+        "max_tokens": 16,
+        "logprobs": None,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
     response = await complete(app_client, **payload)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/event-stream")
@@ -57,8 +66,15 @@ def expected_logprobs(reference: AutoModelForCausalLM, ids: list[int]) -> torch.
 async def test_lm_eval_loglikelihood_request_gets_the_models_own_logprobs(settings, reference, scheduler, max_tokens):
     async with serving(settings.model_copy(update={"generator_scheduler": scheduler})) as client:
         # lm_eval/models/openai_completions.py, LocalCompletionsAPI._create_payload(generate=False).
-        response = await complete(client, prompt=CONTEXT + CONTINUATION, temperature=0, max_tokens=max_tokens,
-                                  logprobs=1, seed=1234, echo=True)
+        response = await complete(
+            client,
+            prompt=CONTEXT + CONTINUATION,
+            temperature=0,
+            max_tokens=max_tokens,
+            logprobs=1,
+            seed=1234,
+            echo=True,
+        )
         generator = client.app.state.runtime.generator
     assert response.status_code == 200, response.text
     [choice] = response.json()["choices"]
@@ -68,8 +84,9 @@ async def test_lm_eval_loglikelihood_request_gets_the_models_own_logprobs(settin
     assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
     assert logprobs["text_offset"] == [sum(map(len, logprobs["tokens"][:i])) for i in range(len(ids) + max_tokens)]
     expected = expected_logprobs(reference, ids)
-    assert logprobs["token_logprobs"][1:len(ids)] == pytest.approx(
-        [float(expected[i - 1, ids[i]]) for i in range(1, len(ids))], abs=1e-4)
+    assert logprobs["token_logprobs"][1 : len(ids)] == pytest.approx(
+        [float(expected[i - 1, ids[i]]) for i in range(1, len(ids))], abs=1e-4
+    )
     for position in range(1, len(ids) + max_tokens):
         top, token = logprobs["top_logprobs"][position], logprobs["tokens"][position]
         best = float(expected[position - 1].max())
@@ -81,8 +98,9 @@ async def test_lm_eval_loglikelihood_request_gets_the_models_own_logprobs(settin
     context_length = len(generator.encode(CONTEXT))
     end = len(ids)
     continuation = sum(logprobs["token_logprobs"][context_length:end])
-    assert continuation == pytest.approx(sum(float(expected[i - 1, ids[i]]) for i in range(context_length, end)),
-                                         abs=1e-3)
+    assert continuation == pytest.approx(
+        sum(float(expected[i - 1, ids[i]]) for i in range(context_length, end)), abs=1e-3
+    )
 
 
 async def test_token_id_prompts_as_lm_eval_sends_them_by_default(app_client):
@@ -94,8 +112,10 @@ async def test_token_id_prompts_as_lm_eval_sends_them_by_default(app_client):
     by_text = await complete(app_client, prompt=CONTEXT + CONTINUATION, **body)
     assert by_ids.status_code == 200, by_ids.text
     first, second = by_ids.json()["choices"]
-    assert first["logprobs"] == by_text.json()["choices"][0]["logprobs"] and first["text"] == by_text.json()[
-        "choices"][0]["text"]
+    assert (
+        first["logprobs"] == by_text.json()["choices"][0]["logprobs"]
+        and first["text"] == by_text.json()["choices"][0]["text"]
+    )
     assert len(second["logprobs"]["tokens"]) == 5 and by_ids.json()["usage"]["prompt_tokens"] == len(ids) + 4
     single = await complete(app_client, prompt=ids[:4], **body)
     assert single.json()["choices"][0]["logprobs"] == second["logprobs"]
@@ -114,8 +134,9 @@ async def test_streamed_logprobs_add_up_to_the_plain_answers(app_client):
                 joined[name] += values
     assert joined == plain and len(plain["tokens"]) == 10
     # Two alternatives plus the chosen token, fewer where their texts coincide (parts of one character).
-    assert all(token in top and len(top) <= 3
-               for token, top in zip(plain["tokens"], plain["top_logprobs"], strict=True))
+    assert all(
+        token in top and len(top) <= 3 for token, top in zip(plain["tokens"], plain["top_logprobs"], strict=True)
+    )
 
 
 async def test_cached_answers_with_and_without_logprobs_are_kept_apart(app_client):
@@ -133,25 +154,37 @@ async def test_cached_answers_with_and_without_logprobs_are_kept_apart(app_clien
 async def test_extensions_reach_the_decoder_per_row(app_client):
     generator = app_client.app.state.runtime.generator
     greedy = (await complete(app_client, prompt="Once upon a time", temperature=0, max_tokens=10)).json()
-    top_one = (await complete(app_client, prompt="Once upon a time", temperature=1.0, top_k=1, seed=5,
-                              max_tokens=10)).json()
+    top_one = (
+        await complete(app_client, prompt="Once upon a time", temperature=1.0, top_k=1, seed=5, max_tokens=10)
+    ).json()
     assert top_one["choices"][0]["text"] == greedy["choices"][0]["text"]
 
-    penalized = (await complete(app_client, prompt="Once upon a time", temperature=0, max_tokens=10,
-                                repetition_penalty=2.0)).json()["choices"][0]["text"]
+    penalized = (
+        await complete(app_client, prompt="Once upon a time", temperature=0, max_tokens=10, repetition_penalty=2.0)
+    ).json()["choices"][0]["text"]
     expected = Sequence(tuple(generator.encode("Once upon a time")), GenerationParams(10, repetition_penalty=2.0))
     with torch.inference_mode():
         generator.decoder.complete([expected])
     assert penalized == generator.result(expected).text != greedy["choices"][0]["text"]
 
-    bounded = await complete(app_client, prompt="Once upon a time", temperature=0, max_tokens=6, min_tokens=6,
-                             ignore_eos=True)
+    bounded = await complete(
+        app_client, prompt="Once upon a time", temperature=0, max_tokens=6, min_tokens=6, ignore_eos=True
+    )
     assert bounded.status_code == 200 and bounded.json()["usage"]["completion_tokens"] == 6
     await app_client.app.state.runtime.recorder.flush()
-    [record] = [item for item in (await app_client.get("/history", params={"limit": 10})).json()["items"]
-                if item["params"].get("min_tokens")]
-    assert record["params"] == {"max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "seed": None,
-                                     "min_tokens": 6, "ignore_eos": True}
+    [record] = [
+        item
+        for item in (await app_client.get("/history", params={"limit": 10})).json()["items"]
+        if item["params"].get("min_tokens")
+    ]
+    assert record["params"] == {
+        "max_new_tokens": 6,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "seed": None,
+        "min_tokens": 6,
+        "ignore_eos": True,
+    }
 
 
 async def test_a_plain_row_decoded_beside_extended_rows_keeps_its_tokens(app_client):
@@ -160,25 +193,28 @@ async def test_a_plain_row_decoded_beside_extended_rows_keeps_its_tokens(app_cli
     plain, *_ = await asyncio.gather(
         complete(app_client, prompt=prompt, temperature=0, max_tokens=12),
         complete(app_client, prompt=prompt + " too", temperature=1.0, top_k=3, seed=1, max_tokens=12),
-        complete(app_client, prompt="Another one", temperature=0, repetition_penalty=1.5, min_tokens=4,
-                 max_tokens=12),
-        complete(app_client, prompt="Scored", temperature=0, max_tokens=12, logprobs=5, echo=True))
+        complete(app_client, prompt="Another one", temperature=0, repetition_penalty=1.5, min_tokens=4, max_tokens=12),
+        complete(app_client, prompt="Scored", temperature=0, max_tokens=12, logprobs=5, echo=True),
+    )
     alone = Sequence(tuple(generator.encode(prompt)), GenerationParams(12))
     with torch.inference_mode():
         generator.decoder.complete([alone])
     assert plain.json()["choices"][0]["text"] == generator.result(alone).text
 
 
-@pytest.mark.parametrize("body", [
-    {"max_tokens": 4, "min_tokens": 5},
-    {"stream": True, "echo": True, "logprobs": 1},
-    {"logprobs": 21},
-    {"top_k": -2},
-    {"repetition_penalty": 0},
-    {"best_of": 2},
-    {"prompt": [1, "x"]},
-    {"prompt": [-1]},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"max_tokens": 4, "min_tokens": 5},
+        {"stream": True, "echo": True, "logprobs": 1},
+        {"logprobs": 21},
+        {"top_k": -2},
+        {"repetition_penalty": 0},
+        {"best_of": 2},
+        {"prompt": [1, "x"]},
+        {"prompt": [-1]},
+    ],
+)
 async def test_what_cannot_be_honoured_is_refused(app_client, body):
     response = await complete(app_client, **{"prompt": "x", **body})
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
@@ -188,13 +224,22 @@ async def test_the_openai_sdk_reads_logprobs(live_app):
     base_url, app = live_app
     async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0) as sdk:
         model = app.state.runtime.generator.name
-        completion = await sdk.completions.create(model=model, prompt="Read by the SDK", max_tokens=4, temperature=0,
-                                                  logprobs=2, echo=True)
-        chunks = [chunk async for chunk in await sdk.completions.create(
-            model=model, prompt="Read by the SDK", max_tokens=4, temperature=0, logprobs=2, stream=True)]
+        completion = await sdk.completions.create(
+            model=model, prompt="Read by the SDK", max_tokens=4, temperature=0, logprobs=2, echo=True
+        )
+        chunks = [
+            chunk
+            async for chunk in await sdk.completions.create(
+                model=model, prompt="Read by the SDK", max_tokens=4, temperature=0, logprobs=2, stream=True
+            )
+        ]
     logprobs = completion.choices[0].logprobs
     prompt_tokens = completion.usage.prompt_tokens
     assert len(logprobs.tokens) == prompt_tokens + 4 and logprobs.token_logprobs[0] is None
-    streamed = [value for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
-                for value in chunk.choices[0].logprobs.token_logprobs]
+    streamed = [
+        value
+        for chunk in chunks
+        if chunk.choices and chunk.choices[0].logprobs
+        for value in chunk.choices[0].logprobs.token_logprobs
+    ]
     assert streamed == logprobs.token_logprobs[prompt_tokens:]

@@ -20,9 +20,12 @@ KEY = {"Authorization": "Bearer s3cret"}
 @asynccontextmanager
 async def serving(settings: Settings, root_path: str = "", **changes) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings.model_copy(update={"batch_worker": "off", **changes}))
-    async with (app.router.lifespan_context(app),
-                httpx.AsyncClient(transport=httpx.ASGITransport(app=app, root_path=root_path),
-                                  base_url="http://test") as client):
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, root_path=root_path), base_url="http://test"
+        ) as client,
+    ):
         yield client
 
 
@@ -75,13 +78,17 @@ async def test_the_page_has_no_inline_script_or_handler_and_each_asset_is_served
         page = Page((await client.get("/dashboard")).text)
         assert page.inline_scripts == [] and page.handlers == []
         assert {url.split("?")[0] for url in page.urls} == {
-            "/static/dashboard/favicon.svg", "/static/dashboard/dashboard.css", "/static/dashboard/dashboard.js",
-            "/static/vendor/uplot/uPlot.min.css", "/static/vendor/uplot/uPlot.iife.min.js"}
+            "/static/dashboard/favicon.svg",
+            "/static/dashboard/dashboard.css",
+            "/static/dashboard/dashboard.js",
+            "/static/vendor/uplot/uPlot.min.css",
+            "/static/vendor/uplot/uPlot.iife.min.js",
+        }
         for url in page.urls:
             asset = await client.get(url)
             path = url.split("?")[0]
             assert asset.status_code == 200, url
-            assert CONTENT_TYPES[path[path.rfind("."):]] in asset.headers["content-type"], url
+            assert CONTENT_TYPES[path[path.rfind(".") :]] in asset.headers["content-type"], url
         chart_library = await client.get("/static/vendor/uplot/uPlot.iife.min.js")
         licence = await client.get("/static/vendor/uplot/LICENSE")
     assert len(chart_library.content) > 40_000
@@ -133,7 +140,10 @@ async def test_the_aggregated_figures_carry_this_process_queues_batches_and_limi
     assert predict["allowed"] - policy(before, "ingress", "predict")["allowed"] == 1
     assert predict["denied"] - policy(before, "ingress", "predict")["denied"] == 1
     assert [(p["name"], p["count"], p["period_s"]) for p in after["egress"]] == [
-        ("gemini", 10, 60), ("openai", 60, 60), ("anthropic", 50, 60)]
+        ("gemini", 10, 60),
+        ("openai", 60, 60),
+        ("anthropic", 50, 60),
+    ]
     classifier = after["models"]["classifier"]
     assert classifier["items"] - before["models"]["classifier"]["items"] == 1
     assert classifier["mean_batch_size"] == classifier["items"] / classifier["batches"]

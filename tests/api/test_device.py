@@ -18,7 +18,9 @@ async def test_root_and_health_report_the_cpu_and_its_memory(app_client):
     health = (await app_client.get("/health")).json()["checks"]
     for models in (root["models"], health["models"]["detail"]):
         assert {role: (m["device"], m["dtype"]) for role, m in models.items()} == {
-            "generator": ("cpu", "float32"), "sentiment": ("cpu", "float32")}
+            "generator": ("cpu", "float32"),
+            "sentiment": ("cpu", "float32"),
+        }
     for devices in (root["devices"], health["devices"]["detail"]):
         assert list(devices) == ["cpu"]
         cpu = devices["cpu"]
@@ -37,8 +39,14 @@ async def test_a_gpu_setting_on_a_machine_without_one_stops_the_start(settings):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
 def test_serve_refuses_a_gpu_it_lacks_in_one_line_before_listening(tmp_path):
     env = {**os.environ, "DEVICE": "cuda", "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"}
-    done = subprocess.run([sys.executable, "-m", "server", "serve", "--port", "1"], cwd=PROJECT_ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--port", "1"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("DEVICE=cuda but this torch") and line.endswith("or set DEVICE=cpu")

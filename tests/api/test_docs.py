@@ -17,9 +17,11 @@ CONTENT_TYPES = {".js": "javascript", ".css": "text/css", ".png": "image/png", "
 async def guarded(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """The app with API keys on and a tight rate limit: the docs must work for a browser without a key."""
     app = create_app(settings.model_copy(update={"api_keys": "s3cret", "ingress_rate_limit": "2/minute"}))
-    async with (app.router.lifespan_context(app),
-                httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client):
-            yield client
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+    ):
+        yield client
 
 
 def referenced_urls(html: str) -> list[str]:
@@ -39,7 +41,7 @@ async def test_docs_pages_reference_only_this_servers_assets_and_each_answers(gu
     for url in urls:
         asset = await guarded.get(url)
         assert asset.status_code == 200, url
-        suffix = url[url.rfind("."):]
+        suffix = url[url.rfind(".") :]
         assert CONTENT_TYPES[suffix] in asset.headers["content-type"], (url, asset.headers["content-type"])
 
 
@@ -56,8 +58,12 @@ async def test_the_vendored_bundles_are_the_real_packages(guarded):
 
 async def test_static_files_need_no_key_and_are_not_rate_limited(guarded):
     for _ in range(5):
-        for path in ("/docs", "/redoc", "/static/vendor/swagger-ui-dist/swagger-ui.css",
-                     "/static/vendor/redoc/LICENSE"):
+        for path in (
+            "/docs",
+            "/redoc",
+            "/static/vendor/swagger-ui-dist/swagger-ui.css",
+            "/static/vendor/redoc/LICENSE",
+        ):
             response = await guarded.get(path)
             assert response.status_code == 200 and "ratelimit" not in response.headers, path
     assert (await guarded.get("/history")).status_code == 401

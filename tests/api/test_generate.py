@@ -18,8 +18,17 @@ async def test_returns_one_object_per_prompt_with_the_contract_fields(app_client
     items = response.json()
     assert [item["prompt"] for item in items] == ["Once upon a time", "The weather today"]
     for item in items:
-        assert set(item) == {"id", "prompt", "generated_text", "completion", "model_name", "created_at",
-                             "finish_reason", "usage", "cached"}
+        assert set(item) == {
+            "id",
+            "prompt",
+            "generated_text",
+            "completion",
+            "model_name",
+            "created_at",
+            "finish_reason",
+            "usage",
+            "cached",
+        }
         assert item["generated_text"] == item["prompt"] + item["completion"]
         assert item["model_name"].startswith("offline-stand-in:")
         assert item["usage"]["completion_tokens"] == 6 and item["finish_reason"] == "length"
@@ -40,20 +49,23 @@ async def test_greedy_output_matches_the_model_called_directly(app_client):
     assert item["completion"] == direct.text
 
 
-@pytest.mark.parametrize("body, where", [
-    ({"prompts": []}, "prompts"),
-    ({"prompts": ["x"] * 33}, "prompts"),
-    ({"prompts": [""]}, "prompts"),
-    ({"prompts": "just a string"}, "prompts"),
-    ({"prompts": [42]}, "prompts"),
-    ({"prompts": ["x"], "max_new_tokens": 0}, "max_new_tokens"),
-    ({"prompts": ["x"], "max_new_tokens": 257}, "max_new_tokens"),
-    ({"prompts": ["x"], "max_new_tokens": "many"}, "max_new_tokens"),
-    ({"prompts": ["x"], "temperature": -1}, "temperature"),
-    ({"prompts": ["x"], "top_p": 0}, "top_p"),
-    ({"prompts": ["x"], "max_new_tokens": 5, "max_length": 9}, "body"),
-    ({"prompts": ["x"], "unknown": 1}, "unknown"),
-])
+@pytest.mark.parametrize(
+    "body, where",
+    [
+        ({"prompts": []}, "prompts"),
+        ({"prompts": ["x"] * 33}, "prompts"),
+        ({"prompts": [""]}, "prompts"),
+        ({"prompts": "just a string"}, "prompts"),
+        ({"prompts": [42]}, "prompts"),
+        ({"prompts": ["x"], "max_new_tokens": 0}, "max_new_tokens"),
+        ({"prompts": ["x"], "max_new_tokens": 257}, "max_new_tokens"),
+        ({"prompts": ["x"], "max_new_tokens": "many"}, "max_new_tokens"),
+        ({"prompts": ["x"], "temperature": -1}, "temperature"),
+        ({"prompts": ["x"], "top_p": 0}, "top_p"),
+        ({"prompts": ["x"], "max_new_tokens": 5, "max_length": 9}, "body"),
+        ({"prompts": ["x"], "unknown": 1}, "unknown"),
+    ],
+)
 async def test_bad_input_is_a_422_naming_the_field(app_client, body, where):
     response = await app_client.post("/generate", json=body)
     assert response.status_code == 422
@@ -107,8 +119,11 @@ class TestStaticBatcher:
 
     async def test_concurrent_requests_with_three_parameter_sets_are_batched_but_never_mixed(self, app_client):
         runtime = app_client.app.state.runtime
-        param_sets = [{"max_new_tokens": 6}, {"max_new_tokens": 9},
-                      {"max_new_tokens": 6, "temperature": 0.9, "top_p": 0.95, "seed": 11}]
+        param_sets = [
+            {"max_new_tokens": 6},
+            {"max_new_tokens": 9},
+            {"max_new_tokens": 6, "temperature": 0.9, "top_p": 0.95, "seed": 11},
+        ]
         prompts = [f"Request number {i} says" for i in range(100)]
         batches_before = metric("model_batches_total", model="generator", param_sets="1")
         items_before = metric("model_batch_size_sum", model="generator")
@@ -123,8 +138,9 @@ class TestStaticBatcher:
         assert all(r.status_code == 200 for r in responses)
         for i, response in enumerate(responses):
             options = param_sets[i % 3]
-            params = GenerationParams(options["max_new_tokens"], options.get("temperature", 0.0),
-                                      options.get("top_p", 1.0))
+            params = GenerationParams(
+                options["max_new_tokens"], options.get("temperature", 0.0), options.get("top_p", 1.0)
+            )
             prompt = runtime.generator.encode(prompts[i])
             expected = runtime.generator.generate([prompt], params, [options.get("seed")])[0]
             assert response.json()[0]["completion"] == expected.text, f"request {i} got another parameter set's output"
@@ -133,8 +149,11 @@ class TestStaticBatcher:
         assert computed == 101 and batches < 101 / 2
         assert all(len({(job.params, job.seed) for job in batch}) == 1 for batch in gate.batches)
         text = (await app_client.get("/metrics")).text
-        mixed = [line for line in text.splitlines()
-                 if line.startswith("model_batches_total") and 'param_sets="1"' not in line]
+        mixed = [
+            line
+            for line in text.splitlines()
+            if line.startswith("model_batches_total") and 'param_sets="1"' not in line
+        ]
         assert mixed == []
 
     async def test_identical_prompts_in_a_batch_are_computed_once(self, app_client):
@@ -143,8 +162,10 @@ class TestStaticBatcher:
         first = asyncio.create_task(generate(app_client, ["warm up"], max_new_tokens=2))
         await gate.wait_entered()
         same = [asyncio.create_task(generate(app_client, ["Same prompt"], max_new_tokens=4)) for _ in range(5)]
-        sampled = [asyncio.create_task(generate(app_client, ["Same prompt"], max_new_tokens=4, temperature=1.0))
-                   for _ in range(2)]
+        sampled = [
+            asyncio.create_task(generate(app_client, ["Same prompt"], max_new_tokens=4, temperature=1.0))
+            for _ in range(2)
+        ]
         await asyncio.sleep(0.2)
         gate.open.set()
         bodies = [(await t).json()[0] for t in same]
@@ -163,5 +184,3 @@ class TestStaticBatcher:
         gate.open.set()
         await asyncio.gather(first, many, one)
         assert [len(batch) for batch in gate.batches] == [1, 4]
-
-

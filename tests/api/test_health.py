@@ -20,8 +20,7 @@ async def generate(client: httpx.AsyncClient, prompt: str, tokens: int = 4) -> h
     return await client.post("/generate", json={"prompts": [prompt], "max_new_tokens": tokens})
 
 
-async def test_an_error_injected_once_fails_its_rows_with_500_and_later_requests_are_answered(
-        settings, monkeypatch):
+async def test_an_error_injected_once_fails_its_rows_with_500_and_later_requests_are_answered(settings, monkeypatch):
     async with serving(settings) as client:
         batcher = client.app.state.runtime.generation.batcher
         gate = Gate(batcher)
@@ -124,8 +123,9 @@ async def test_the_first_health_against_a_hung_database_is_bounded_at_the_check_
 
     server = PostgresServer().start()
     try:
-        async with serving(settings.model_copy(update={"database_url": server.url(),
-                                                        "database_timeout_s": 10})) as client:
+        async with serving(
+            settings.model_copy(update={"database_url": server.url(), "database_timeout_s": 10})
+        ) as client:
             with hung(server):
                 started = time.monotonic()
                 ready = await client.get("/health")

@@ -1,6 +1,3 @@
-
-
-
 async def test_history_is_newest_first_and_pages_by_cursor_and_offset(client):
     for i in range(5):
         await client.post("/generate", json={"prompts": [f"prompt {i}"], "max_new_tokens": 2})
@@ -37,6 +34,12 @@ async def test_history_items_use_the_field_names_of_the_answers(client):
 
 
 async def test_bad_paging_parameters_are_422(client):
-    for params in ({"limit": 0}, {"limit": 1000}, {"cursor": "abc"}, {"offset": -1}, {"cursor": 5, "offset": 0},
-                   {"kind": "everything"}):
+    for params in (
+        {"limit": 0},
+        {"limit": 1000},
+        {"cursor": "abc"},
+        {"offset": -1},
+        {"cursor": 5, "offset": 0},
+        {"kind": "everything"},
+    ):
         assert (await client.get("/history", params=params)).status_code == 422

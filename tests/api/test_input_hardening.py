@@ -31,33 +31,44 @@ def the_error(response: httpx.Response) -> dict:
     return error
 
 
-@pytest.mark.parametrize("path, body, loc", [
-    ("/generate", '{"prompts": ["a"], "temperature": NaN}', ["body", "temperature"]),
-    ("/generate", '{"prompts": ["a"], "temperature": Infinity}', ["body", "temperature"]),
-    ("/generate", '{"prompts": ["a"], "temperature": -Infinity}', ["body", "temperature"]),
-    ("/generate", '{"prompts": ["a"], "top_p": NaN}', ["body", "top_p"]),
-    ("/generate", '{"prompts": ["a"], "max_length": NaN}', ["body", "max_length"]),
-    ("/generate", '{"prompts": ["a"], "max_new_tokens": Infinity}', ["body", "max_new_tokens"]),
-    ("/generate", '{"prompts": ["a"], "seed": -Infinity}', ["body", "seed"]),
-    ("/generate", '{"prompts": [NaN]}', ["body", "prompts", 0]),
-    ("/predict", '{"text": NaN}', ["body", "text"]),
-])
+@pytest.mark.parametrize(
+    "path, body, loc",
+    [
+        ("/generate", '{"prompts": ["a"], "temperature": NaN}', ["body", "temperature"]),
+        ("/generate", '{"prompts": ["a"], "temperature": Infinity}', ["body", "temperature"]),
+        ("/generate", '{"prompts": ["a"], "temperature": -Infinity}', ["body", "temperature"]),
+        ("/generate", '{"prompts": ["a"], "top_p": NaN}', ["body", "top_p"]),
+        ("/generate", '{"prompts": ["a"], "max_length": NaN}', ["body", "max_length"]),
+        ("/generate", '{"prompts": ["a"], "max_new_tokens": Infinity}', ["body", "max_new_tokens"]),
+        ("/generate", '{"prompts": ["a"], "seed": -Infinity}', ["body", "seed"]),
+        ("/generate", '{"prompts": [NaN]}', ["body", "prompts", 0]),
+        ("/predict", '{"text": NaN}', ["body", "text"]),
+    ],
+)
 async def test_non_finite_numbers_are_a_422_naming_the_field(app_client, path, body, loc):
     error = the_error(await post(app_client, path, body.encode()))
     assert error["loc"] == loc
     assert error["input"] in ("NaN", "Infinity", "-Infinity")
 
 
-@pytest.mark.parametrize("path, body, loc, what", [
-    ("/generate", r'{"prompts": ["\ud800abc"]}', ["body", "prompts", 0], "lone surrogate U+D800"),
-    ("/generate", r'{"prompts": ["fine", "x\udfff"]}', ["body", "prompts", 1], "lone surrogate U+DFFF"),
-    ("/predict", r'{"text": "\ud800"}', ["body", "text"], "lone surrogate U+D800"),
-    ("/predict", r'{"texts": ["a", "b", "c\udc00"]}', ["body", "texts", 2], "lone surrogate U+DC00"),
-    ("/generate", r'{"prompts": ["a\u0000b"], "max_new_tokens": 2}', ["body", "prompts", 0], "NUL character (U+0000)"),
-    ("/predict", r'{"text": "\u0000"}', ["body", "text"], "NUL character (U+0000)"),
-    # Python's json decodes UTF-8-encoded surrogates (CESU-8) too, to the same lone surrogates.
-    ("/predict", b'{"text": "\xed\xa0\x80"}', ["body", "text"], "lone surrogate U+D800"),
-])
+@pytest.mark.parametrize(
+    "path, body, loc, what",
+    [
+        ("/generate", r'{"prompts": ["\ud800abc"]}', ["body", "prompts", 0], "lone surrogate U+D800"),
+        ("/generate", r'{"prompts": ["fine", "x\udfff"]}', ["body", "prompts", 1], "lone surrogate U+DFFF"),
+        ("/predict", r'{"text": "\ud800"}', ["body", "text"], "lone surrogate U+D800"),
+        ("/predict", r'{"texts": ["a", "b", "c\udc00"]}', ["body", "texts", 2], "lone surrogate U+DC00"),
+        (
+            "/generate",
+            r'{"prompts": ["a\u0000b"], "max_new_tokens": 2}',
+            ["body", "prompts", 0],
+            "NUL character (U+0000)",
+        ),
+        ("/predict", r'{"text": "\u0000"}', ["body", "text"], "NUL character (U+0000)"),
+        # Python's json decodes UTF-8-encoded surrogates (CESU-8) too, to the same lone surrogates.
+        ("/predict", b'{"text": "\xed\xa0\x80"}', ["body", "text"], "lone surrogate U+D800"),
+    ],
+)
 async def test_strings_with_nul_or_lone_surrogates_are_a_422_naming_the_field(app_client, path, body, loc, what):
     error = the_error(await post(app_client, path, body if isinstance(body, bytes) else body.encode()))
     assert error["loc"] == loc and what in error["msg"]
@@ -97,8 +108,7 @@ class Chunks:
 
 async def test_a_declared_content_length_over_the_limit_is_refused_without_reading_the_body(app_client):
     body = Chunks(640)
-    response = await app_client.post("/generate", content=body,
-                                     headers={**JSON, "content-length": str(640 * CHUNK)})
+    response = await app_client.post("/generate", content=body, headers={**JSON, "content-length": str(640 * CHUNK)})
     assert response.status_code == 413 and "detail" in response.json()
     assert body.read == 0
 
@@ -121,8 +131,10 @@ async def test_body_limits_answer_after_the_rate_limiter_with_its_headers(settin
     from server.main import create_app
 
     app = create_app(settings.model_copy(update={"ingress_rate_limit": "100/minute"}))
-    async with (app.router.lifespan_context(app),
-                httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client):
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+    ):
         response = await client.post("/predict", content=Chunks(20), headers=JSON)
     assert response.status_code == 413 and "ratelimit" in response.headers
 
@@ -133,13 +145,17 @@ async def test_predict_locates_a_too_long_text_at_its_field(app_client):
     assert the_error(response)["loc"] == ["body", "texts", 1]
 
 
-@pytest.mark.parametrize("body, reason", [
-    (b'{"prompts": ["caf\xe9"]}', "not valid UTF-8 JSON"),
-    (b'{"prompts": ["\xc3\x28"]}', "not valid UTF-8 JSON"),
-    (b"[" * 10_000 + b"]" * 10_000, "nested too deeply"),
-    (b'{"prompts": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "nested too deeply"),
-    (b'{"prompts": ["a"], "seed": ' + b"9" * 5000 + b"}", "integer string conversion"),
-], ids=["latin-1", "bad continuation byte", "10000 levels", "10000 levels in a field", "5000 digits"])
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (b'{"prompts": ["caf\xe9"]}', "not valid UTF-8 JSON"),
+        (b'{"prompts": ["\xc3\x28"]}', "not valid UTF-8 JSON"),
+        (b"[" * 10_000 + b"]" * 10_000, "nested too deeply"),
+        (b'{"prompts": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "nested too deeply"),
+        (b'{"prompts": ["a"], "seed": ' + b"9" * 5000 + b"}", "integer string conversion"),
+    ],
+    ids=["latin-1", "bad continuation byte", "10000 levels", "10000 levels in a field", "5000 digits"],
+)
 async def test_bodies_the_json_parser_refuses_are_a_422(app_client, body, reason):
     error = the_error(await post(app_client, "/generate", body))
     assert error["type"] == "json_invalid" and reason in error["msg"]
@@ -150,29 +166,34 @@ async def test_a_non_json_body_of_random_bytes_is_a_422(app_client):
     assert the_error(response)["loc"] == ["body"]
 
 
-@pytest.mark.parametrize("fields, loc", [
-    ({"max_new_tokens": "20"}, "max_new_tokens"),
-    ({"seed": True}, "seed"),
-    ({"temperature": "0.5"}, "temperature"),
-    ({"max_length": 20.0}, "max_length"),
-    ({"top_p": True}, "top_p"),
-])
+@pytest.mark.parametrize(
+    "fields, loc",
+    [
+        ({"max_new_tokens": "20"}, "max_new_tokens"),
+        ({"seed": True}, "seed"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"max_length": 20.0}, "max_length"),
+        ({"top_p": True}, "top_p"),
+    ],
+)
 async def test_numbers_and_booleans_are_strict(app_client, fields, loc):
     response = await app_client.post("/generate", json={"prompts": ["a"], **fields})
     assert the_error(response)["loc"] == ["body", loc]
 
 
 async def test_an_int_is_still_a_float(app_client):
-    response = await app_client.post("/generate", json={"prompts": ["a"], "temperature": 1, "top_p": 1, "seed": 3,
-                                                        "max_new_tokens": 2})
+    response = await app_client.post(
+        "/generate", json={"prompts": ["a"], "temperature": 1, "top_p": 1, "seed": 3, "max_new_tokens": 2}
+    )
     assert response.status_code == 200
 
 
 @pytest.mark.parametrize("temperature", [1.4e-45, 1e-308, 5e-324])
 async def test_a_tiny_temperature_samples_instead_of_failing(app_client, temperature):
     # Found by test_fuzz: scores / temperature overflowed (or divided by a temperature that is 0 in float32) to NaN.
-    response = await app_client.post("/generate", json={"prompts": ["a"], "temperature": temperature, "seed": 1,
-                                                        "max_new_tokens": 2})
+    response = await app_client.post(
+        "/generate", json={"prompts": ["a"], "temperature": temperature, "seed": 1, "max_new_tokens": 2}
+    )
     assert response.status_code == 200
 
 
@@ -187,12 +208,15 @@ async def test_an_unexpected_exception_is_a_json_500(app_client):
     assert response.status_code == 500 and response.json() == {"detail": "internal server error"}
 
 
-@pytest.mark.parametrize("path, method, statuses", [
-    ("/generate", "post", {400, 401, 408, 413, 422, 429, 500, 503, 504}),
-    ("/predict", "post", {401, 408, 413, 422, 429, 500, 503, 504}),
-    ("/history", "get", {401, 422, 429, 500, 503}),
-    ("/history/{record_id}", "get", {401, 404, 422, 429, 500, 503}),
-])
+@pytest.mark.parametrize(
+    "path, method, statuses",
+    [
+        ("/generate", "post", {400, 401, 408, 413, 422, 429, 500, 503, 504}),
+        ("/predict", "post", {401, 408, 413, 422, 429, 500, 503, 504}),
+        ("/history", "get", {401, 422, 429, 500, 503}),
+        ("/history/{record_id}", "get", {401, 404, 422, 429, 500, 503}),
+    ],
+)
 async def test_openapi_declares_every_error_status_with_its_schema(app_client, path, method, statuses):
     spec = (await app_client.get("/openapi.json")).json()
     responses = spec["paths"][path][method]["responses"]
@@ -206,10 +230,22 @@ async def test_openapi_declares_every_error_status_with_its_schema(app_client, p
         assert responses["429"]["content"]["application/json"]["schema"]["$ref"].endswith("/RateLimitedOut")
 
 
-@pytest.mark.parametrize("value", [
-    math.nan, -math.inf, 10**400, "\ud800" * 500, "x" * 10_000, b"\xff" * 10_000, list(range(10_000)),
-    {"k\udc00" * 50: [[[[["deep"]]]]]}, [[[[[[[[[[[]]]]]]]]]]], {"prompts": ["Once upon a time"], "top_p": math.nan},
-], ids=["nan", "-inf", "big int", "surrogates", "long str", "bytes", "long list", "odd key", "deep", "body"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        math.nan,
+        -math.inf,
+        10**400,
+        "\ud800" * 500,
+        "x" * 10_000,
+        b"\xff" * 10_000,
+        list(range(10_000)),
+        {"k\udc00" * 50: [[[[["deep"]]]]]},
+        [[[[[[[[[[[]]]]]]]]]]],
+        {"prompts": ["Once upon a time"], "top_p": math.nan},
+    ],
+    ids=["nan", "-inf", "big int", "surrogates", "long str", "bytes", "long list", "odd key", "deep", "body"],
+)
 def test_an_excerpt_is_short_and_always_encodes(value):
     shown = excerpt(value)
     text = json.dumps(shown, allow_nan=False, ensure_ascii=False)

@@ -17,8 +17,14 @@ MAX_POLLS = 600
 
 @pytest.fixture
 def settings(settings, tmp_path):
-    return settings.model_copy(update={"api_keys": "sk-test,sk-other", "files_dir": tmp_path / "files",
-                                       "batch_poll_interval_s": 0.2, "ingress_rate_limit_generate": "off"})
+    return settings.model_copy(
+        update={
+            "api_keys": "sk-test,sk-other",
+            "files_dir": tmp_path / "files",
+            "batch_poll_interval_s": 0.2,
+            "ingress_rate_limit_generate": "off",
+        }
+    )
 
 
 @pytest.fixture
@@ -37,8 +43,12 @@ async def other(live_app):
 
 
 def completion_line(custom_id: str, prompt: str, model: str = "gpt2", max_tokens: int = 5, **extra) -> dict:
-    return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions",
-            "body": {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}}
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra},
+    }
 
 
 def jsonl(lines: list[dict | str]) -> bytes:
@@ -71,8 +81,9 @@ async def test_a_completions_batch_runs_locally_and_its_output_matches_v1_comple
     [served] = (await sdk.models.list()).data
     prompts = {f"req-{i}": f"Prompt number {i} says" for i in range(6)}
     file_id = await upload(sdk, [completion_line(cid, prompt, served.id) for cid, prompt in prompts.items()])
-    batch = await sdk.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="24h",
-                                     metadata={"team": "search"})
+    batch = await sdk.batches.create(
+        input_file_id=file_id, endpoint="/v1/completions", completion_window="24h", metadata={"team": "search"}
+    )
     assert batch.id.startswith("batch_") and batch.status in ("validating", "in_progress")
     assert batch.metadata == {"team": "search"} and batch.request_counts.total == 6
     done = await until(sdk, batch.id, "completed")
@@ -83,8 +94,9 @@ async def test_a_completions_batch_runs_locally_and_its_output_matches_v1_comple
     for line in results:
         assert line["error"] is None and line["response"]["status_code"] == 200
         body = line["response"]["body"]
-        direct = await sdk.completions.create(model=served.id, prompt=prompts[line["custom_id"]], max_tokens=5,
-                                              temperature=0)
+        direct = await sdk.completions.create(
+            model=served.id, prompt=prompts[line["custom_id"]], max_tokens=5, temperature=0
+        )
         assert body["object"] == "text_completion" and body["model"] == direct.model
         assert body["choices"][0]["text"] == direct.choices[0].text
         assert body["choices"][0]["finish_reason"] == direct.choices[0].finish_reason
@@ -119,30 +131,45 @@ async def test_cancel_keeps_the_finished_requests_in_the_output_file(sdk):
 
 
 async def test_an_invalid_file_fails_the_batch_with_the_lines_named_and_nothing_runs(sdk):
-    lines = [completion_line("a", "fine"), "not json", completion_line("a", "again"),
-             {**completion_line("b", "x"), "url": "/v1/chat/completions"}, completion_line("c", "x", model="other-llm"),
-             completion_line("d", "x", stop=["."])]
-    batch = await sdk.batches.create(input_file_id=await upload(sdk, lines), endpoint="/v1/completions",
-                                     completion_window="24h")
+    lines = [
+        completion_line("a", "fine"),
+        "not json",
+        completion_line("a", "again"),
+        {**completion_line("b", "x"), "url": "/v1/chat/completions"},
+        completion_line("c", "x", model="other-llm"),
+        completion_line("d", "x", stop=["."]),
+    ]
+    batch = await sdk.batches.create(
+        input_file_id=await upload(sdk, lines), endpoint="/v1/completions", completion_window="24h"
+    )
     assert batch.status == "failed" and batch.failed_at is not None and batch.output_file_id is None
     errors = {(error.line, error.code) for error in batch.errors.data}
-    assert errors == {(2, "invalid_json_line"), (3, "duplicate_custom_id"), (4, "mismatched_endpoint"),
-                      (5, "mismatched_model"), (6, "invalid_request")}
+    assert errors == {
+        (2, "invalid_json_line"),
+        (3, "duplicate_custom_id"),
+        (4, "mismatched_endpoint"),
+        (5, "mismatched_model"),
+        (6, "invalid_request"),
+    }
     assert batch.request_counts.total == 0
-    unknown = await sdk.batches.create(input_file_id=await upload(sdk, [completion_line("a", "x", model="nobody")]),
-                                       endpoint="/v1/completions", completion_window="24h")
+    unknown = await sdk.batches.create(
+        input_file_id=await upload(sdk, [completion_line("a", "x", model="nobody")]),
+        endpoint="/v1/completions",
+        completion_window="24h",
+    )
     assert [(e.line, e.code) for e in unknown.errors.data] == [(1, "model_not_found")]
     with pytest.raises(openai.BadRequestError):
-        await sdk.batches.create(input_file_id="file-missing", endpoint="/v1/completions",
-                                 completion_window="48h")  # type: ignore[arg-type]
+        await sdk.batches.create(input_file_id="file-missing", endpoint="/v1/completions", completion_window="48h")  # type: ignore[arg-type]
     with pytest.raises(openai.NotFoundError):
         await sdk.batches.create(input_file_id="file-missing", endpoint="/v1/completions", completion_window="24h")
 
 
 async def test_batches_and_files_list_page_by_page_and_delete(sdk):
     file_id = await upload(sdk, ["not json"])
-    created = [await sdk.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="24h")
-               for _ in range(3)]
+    created = [
+        await sdk.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="24h")
+        for _ in range(3)
+    ]
     first = await sdk.batches.list(limit=2)
     assert [b.id for b in first.data] == [created[2].id, created[1].id] and first.has_more
     second = await sdk.batches.list(limit=2, after=first.data[-1].id)
@@ -160,11 +187,14 @@ async def test_batches_and_files_list_page_by_page_and_delete(sdk):
 async def test_another_tenants_files_and_batches_are_not_found(sdk, other):
     file_id = await upload(sdk, ["not json"])
     batch = await sdk.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="24h")
-    for call in (lambda: other.files.retrieve(file_id), lambda: other.files.content(file_id),
-                 lambda: other.files.delete(file_id), lambda: other.batches.retrieve(batch.id),
-                 lambda: other.batches.cancel(batch.id),
-                 lambda: other.batches.create(input_file_id=file_id, endpoint="/v1/completions",
-                                              completion_window="24h")):
+    for call in (
+        lambda: other.files.retrieve(file_id),
+        lambda: other.files.content(file_id),
+        lambda: other.files.delete(file_id),
+        lambda: other.batches.retrieve(batch.id),
+        lambda: other.batches.cancel(batch.id),
+        lambda: other.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="24h"),
+    ):
         with pytest.raises(openai.NotFoundError):
             await call()
     assert (await other.batches.list()).data == [] and (await other.files.list()).data == []
@@ -176,15 +206,18 @@ async def test_uploads_are_bounded_by_max_batch_file_bytes_not_max_request_bytes
         headers = {"Authorization": "Bearer sk-test"}
 
         async def post(size: int) -> httpx.Response:
-            return await client.post("/v1/files", headers=headers, data={"purpose": "batch"},
-                                     files={"file": ("in.jsonl", b"x" * size)})
+            return await client.post(
+                "/v1/files", headers=headers, data={"purpose": "batch"}, files={"file": ("in.jsonl", b"x" * size)}
+            )
 
         assert (await post(1500)).json()["bytes"] == 1500
         refused = await post(5000)
         assert refused.status_code == 413 and "MAX_BATCH_FILE_BYTES" in refused.json()["error"]["message"]
-        wrong = await client.post("/v1/files", headers=headers, data={"purpose": "fine-tune"},
-                                  files={"file": ("in.jsonl", b"x")})
+        wrong = await client.post(
+            "/v1/files", headers=headers, data={"purpose": "fine-tune"}, files={"file": ("in.jsonl", b"x")}
+        )
         assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "purpose"
-        assert (await client.post("/v1/completions", headers=headers, json={"model": "x", "prompt": "y" * 600})
-                ).status_code == 413
+        assert (
+            await client.post("/v1/completions", headers=headers, json={"model": "x", "prompt": "y" * 600})
+        ).status_code == 413
     assert len(list(settings.files_dir.iterdir())) == 1

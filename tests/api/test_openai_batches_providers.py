@@ -18,9 +18,12 @@ MAX_TICKS = 30
 
 
 def chat_line(custom_id: str, model: str) -> dict:
-    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
-            "body": {"model": model, "messages": [{"role": "user", "content": f"Question {custom_id}"}],
-                     "max_tokens": 20}}
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": model, "messages": [{"role": "user", "content": f"Question {custom_id}"}], "max_tokens": 20},
+    }
 
 
 @pytest.mark.parametrize("provider", list(FAKES))
@@ -28,20 +31,31 @@ async def test_a_chat_batch_routed_to_a_provider_returns_its_answers(settings, d
     fake_class, model, suffix = FAKES[provider]
     with fake_class().serve() as fake:
         fake.settings.polls_to_complete = 2
-        app = create_app(settings.model_copy(update={
-            "database_url": database_url, "batch_worker": "off", "batch_poll_interval_s": 0.01,
-            f"{provider}_api_key": "test-key", f"{provider}_base_url": fake.base_url + suffix,
-            "egress_rate_limit": "", "files_dir": tmp_path / "files"}))
+        app = create_app(
+            settings.model_copy(
+                update={
+                    "database_url": database_url,
+                    "batch_worker": "off",
+                    "batch_poll_interval_s": 0.01,
+                    f"{provider}_api_key": "test-key",
+                    f"{provider}_base_url": fake.base_url + suffix,
+                    "egress_rate_limit": "",
+                    "files_dir": tmp_path / "files",
+                }
+            )
+        )
         async with app.router.lifespan_context(app):
             runtime = app.state.runtime
             runtime.batch.worker.calls.backoff.multiplier = 0.01
             transport = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-            async with openai.AsyncOpenAI(base_url="http://test/v1", api_key="unused", http_client=transport,
-                                          max_retries=0) as sdk:
+            async with openai.AsyncOpenAI(
+                base_url="http://test/v1", api_key="unused", http_client=transport, max_retries=0
+            ) as sdk:
                 lines = "".join(json.dumps(chat_line(f"q{i}", model)) + "\n" for i in range(4)).encode()
                 source = await sdk.files.create(file=("chat.jsonl", io.BytesIO(lines)), purpose="batch")
-                batch = await sdk.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
-                                                 completion_window="24h")
+                batch = await sdk.batches.create(
+                    input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
+                )
                 assert batch.model == model
                 for _ in range(MAX_TICKS):
                     await runtime.batch.run_once()
@@ -65,20 +79,40 @@ async def test_a_chat_batch_routed_to_a_provider_returns_its_answers(settings, d
 
 async def test_an_embeddings_batch_goes_to_openai_and_returns_its_vectors(settings, tmp_path):
     with FakeOpenAI().serve() as fake:
-        app = create_app(settings.model_copy(update={
-            "batch_worker": "off", "batch_poll_interval_s": 0.01, "openai_api_key": "test-key",
-            "openai_base_url": fake.base_url + "/v1", "egress_rate_limit": "", "files_dir": tmp_path / "files"}))
+        app = create_app(
+            settings.model_copy(
+                update={
+                    "batch_worker": "off",
+                    "batch_poll_interval_s": 0.01,
+                    "openai_api_key": "test-key",
+                    "openai_base_url": fake.base_url + "/v1",
+                    "egress_rate_limit": "",
+                    "files_dir": tmp_path / "files",
+                }
+            )
+        )
         async with app.router.lifespan_context(app):
             runtime = app.state.runtime
             transport = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-            async with openai.AsyncOpenAI(base_url="http://test/v1", api_key="unused", http_client=transport,
-                                          max_retries=0) as sdk:
-                lines = "".join(json.dumps({"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
-                                            "body": {"model": "text-embedding-3-small", "input": f"text {i}"}}) + "\n"
-                                for i in range(3)).encode()
+            async with openai.AsyncOpenAI(
+                base_url="http://test/v1", api_key="unused", http_client=transport, max_retries=0
+            ) as sdk:
+                lines = "".join(
+                    json.dumps(
+                        {
+                            "custom_id": f"e{i}",
+                            "method": "POST",
+                            "url": "/v1/embeddings",
+                            "body": {"model": "text-embedding-3-small", "input": f"text {i}"},
+                        }
+                    )
+                    + "\n"
+                    for i in range(3)
+                ).encode()
                 source = await sdk.files.create(file=("emb.jsonl", io.BytesIO(lines)), purpose="batch")
-                batch = await sdk.batches.create(input_file_id=source.id, endpoint="/v1/embeddings",
-                                                 completion_window="24h")
+                batch = await sdk.batches.create(
+                    input_file_id=source.id, endpoint="/v1/embeddings", completion_window="24h"
+                )
                 for _ in range(MAX_TICKS):
                     await runtime.batch.run_once()
                     batch = await sdk.batches.retrieve(batch.id)
@@ -93,16 +127,26 @@ async def test_an_embeddings_batch_goes_to_openai_and_returns_its_vectors(settin
 
 async def test_a_key_not_granted_the_provider_cannot_create_its_batch(settings, tmp_path):
     with FakeOpenAI().serve() as fake:
-        app = create_app(settings.model_copy(update={
-            "api_keys": "sk-user", "batch_worker": "off", "openai_api_key": "test-key",
-            "openai_base_url": fake.base_url + "/v1", "files_dir": tmp_path / "files"}))
+        app = create_app(
+            settings.model_copy(
+                update={
+                    "api_keys": "sk-user",
+                    "batch_worker": "off",
+                    "openai_api_key": "test-key",
+                    "openai_base_url": fake.base_url + "/v1",
+                    "files_dir": tmp_path / "files",
+                }
+            )
+        )
         async with app.router.lifespan_context(app):
             transport = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-            async with openai.AsyncOpenAI(base_url="http://test/v1", api_key="sk-user", http_client=transport,
-                                          max_retries=0) as sdk:
+            async with openai.AsyncOpenAI(
+                base_url="http://test/v1", api_key="sk-user", http_client=transport, max_retries=0
+            ) as sdk:
                 lines = (json.dumps(chat_line("q0", "gpt-4o-mini")) + "\n").encode()
                 source = await sdk.files.create(file=("chat.jsonl", io.BytesIO(lines)), purpose="batch")
                 with pytest.raises(openai.PermissionDeniedError, match="not granted provider 'openai'"):
-                    await sdk.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
-                                             completion_window="24h")
+                    await sdk.batches.create(
+                        input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
+                    )
                 assert (await sdk.batches.list()).data == []

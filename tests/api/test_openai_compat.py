@@ -5,8 +5,10 @@ import httpx
 import openai
 import pytest
 
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant:{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 @pytest.fixture
@@ -39,8 +41,9 @@ async def test_models_lists_the_served_generator(sdk):
 
 async def test_completions_answer_in_openai_shape_like_generate(sdk):
     model = await model_id(sdk)
-    completion = await sdk.completions.create(model=model, prompt=["Once upon a time", "The weather"],
-                                              max_tokens=7, temperature=0)
+    completion = await sdk.completions.create(
+        model=model, prompt=["Once upon a time", "The weather"], max_tokens=7, temperature=0
+    )
     assert completion.object == "text_completion" and completion.model == model
     for index, prompt in enumerate(["Once upon a time", "The weather"]):
         expected = await reference(sdk, prompt, 7)
@@ -52,8 +55,14 @@ async def test_completions_answer_in_openai_shape_like_generate(sdk):
 
 async def test_streamed_completions_add_up_and_end_with_usage(sdk):
     model = await model_id(sdk)
-    stream = await sdk.completions.create(model=model, prompt="Streaming with the SDK", max_tokens=9, temperature=0,
-                                          stream=True, stream_options={"include_usage": True})
+    stream = await sdk.completions.create(
+        model=model,
+        prompt="Streaming with the SDK",
+        max_tokens=9,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = [chunk async for chunk in stream]
     texts = [c.choices[0].text for c in chunks if c.choices]
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
@@ -65,11 +74,12 @@ async def test_streamed_completions_add_up_and_end_with_usage(sdk):
 async def test_stop_and_echo(sdk):
     model = await model_id(sdk)
     full = (await reference(sdk, "Echo this", 12))["completion"]
-    stop = full[len(full) // 2:][:2]
-    completion = await sdk.completions.create(model=model, prompt="Echo this", max_tokens=12, temperature=0,
-                                              stop=[stop], echo=True)
+    stop = full[len(full) // 2 :][:2]
+    completion = await sdk.completions.create(
+        model=model, prompt="Echo this", max_tokens=12, temperature=0, stop=[stop], echo=True
+    )
     [choice] = completion.choices
-    assert choice.finish_reason == "stop" and choice.text == "Echo this" + full[:full.find(stop)]
+    assert choice.finish_reason == "stop" and choice.text == "Echo this" + full[: full.find(stop)]
 
 
 async def test_errors_come_in_openai_shape(sdk):
@@ -102,12 +112,14 @@ async def test_chat_needs_a_chat_template(sdk):
         await sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
     assert "no chat template" in refused.value.message
     sdk.app.state.runtime.generator.tokenizer.chat_template = CHAT_TEMPLATE
-    chat = await sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
-                                             max_tokens=5, temperature=0)
+    chat = await sdk.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0
+    )
     expected = await reference(sdk, "user: hi\nassistant:", 5)
     assert chat.choices[0].message.content == expected["completion"] and chat.usage.completion_tokens == 5
-    stream = await sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
-                                               max_tokens=5, temperature=0, stream=True)
+    stream = await sdk.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0, stream=True
+    )
     deltas = [chunk.choices[0].delta async for chunk in stream]
     assert deltas[0].role == "assistant" and "".join(d.content or "" for d in deltas) == expected["completion"]
 

@@ -24,7 +24,8 @@ async def test_fp32_on_onednn_is_the_default_and_keeps_its_names(app_client):
     root = (await app_client.get("/")).json()["models"]
     assert {role: (m["precision"], m["kernels"], m["name"]) for role, m in root.items()} == {
         "generator": ("fp32", "onednn", "offline-stand-in:gpt2"),
-        "sentiment": ("fp32", "onednn", "offline-stand-in:distilbert")}
+        "sentiment": ("fp32", "onednn", "offline-stand-in:distilbert"),
+    }
 
 
 async def test_torch_kernels_are_a_setting_away(settings):

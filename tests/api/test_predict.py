@@ -26,8 +26,7 @@ async def test_concurrent_texts_share_batches_and_duplicates_are_computed_once(a
     gate = Gate(runtime.sentiment.batcher)
     first = asyncio.create_task(app_client.post("/predict", json={"text": "warm up"}))
     await gate.wait_entered()
-    requests = [asyncio.create_task(app_client.post("/predict", json={"texts": [f"text {i % 5}"]}))
-                for i in range(20)]
+    requests = [asyncio.create_task(app_client.post("/predict", json={"texts": [f"text {i % 5}"]})) for i in range(20)]
     await asyncio.sleep(0.2)
     gate.open.set()
     assert [r.status_code for r in await asyncio.gather(*requests)] == [200] * 20
@@ -36,6 +35,13 @@ async def test_concurrent_texts_share_batches_and_duplicates_are_computed_once(a
 
 
 async def test_bad_input_is_422(app_client):
-    for body in ({}, {"text": "a", "texts": ["b"]}, {"text": ""}, {"texts": []}, {"texts": ["x"] * 65},
-                 {"text": 3}, {"text": "y" * 5000}):
+    for body in (
+        {},
+        {"text": "a", "texts": ["b"]},
+        {"text": ""},
+        {"texts": []},
+        {"texts": ["x"] * 65},
+        {"text": 3},
+        {"text": "y" * 5000},
+    ):
         assert (await app_client.post("/predict", json=body)).status_code == 422, body

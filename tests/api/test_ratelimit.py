@@ -15,8 +15,9 @@ async def open_client(settings: Settings, **overrides):
     app = create_app(settings.model_copy(update=overrides))
     context = app.router.lifespan_context(app)
     await context.__aenter__()
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("203.0.113.7", 5000)),
-                               base_url="http://test")
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, client=("203.0.113.7", 5000)), base_url="http://test"
+    )
     return client, context
 
 
@@ -36,8 +37,9 @@ async def predict(client: httpx.AsyncClient, **kwargs) -> httpx.Response:
 async def test_the_sixth_quick_request_gets_429_with_retry_after_and_ratelimit_headers(limited):
     responses = [await predict(limited) for _ in range(6)]
     assert [r.status_code for r in responses] == [200] * 5 + [429]
-    assert [r.headers["ratelimit"] for r in responses[:5]] == [f'"default";r={n};t={12 * (5 - n)}'
-                                                                for n in range(4, -1, -1)]
+    assert [r.headers["ratelimit"] for r in responses[:5]] == [
+        f'"default";r={n};t={12 * (5 - n)}' for n in range(4, -1, -1)
+    ]
     refused = responses[5]
     assert refused.headers["ratelimit-policy"] == '"default";q=5;w=60'
     assert refused.headers["ratelimit"] == '"default";r=0;t=60'
@@ -57,8 +59,9 @@ async def test_open_endpoints_are_never_limited(limited):
             assert response.status_code == 200 and "ratelimit" not in response.headers
 
 
-@pytest.mark.parametrize("limited", [{"ingress_rate_limit": "100/minute", "ingress_rate_limit_generate": "1/minute"}],
-                         indirect=True)
+@pytest.mark.parametrize(
+    "limited", [{"ingress_rate_limit": "100/minute", "ingress_rate_limit_generate": "1/minute"}], indirect=True
+)
 async def test_route_policies_add_to_the_client_budget_all_or_nothing(limited):
     body = {"prompts": ["hi"], "max_new_tokens": 1}
     assert (await limited.post("/generate", json=body)).status_code == 200
@@ -85,8 +88,9 @@ async def test_each_api_key_has_its_own_budget(limited):
 
 async def test_redis_failure_fails_open_or_closed(settings, redis_server):
     for mode, expected in (("open", 200), ("closed", 503)):
-        client, context = await open_client(settings, ingress_rate_limit="5/minute", redis_url=redis_server.url,
-                                            rate_limit_fail_mode=mode)
+        client, context = await open_client(
+            settings, ingress_rate_limit="5/minute", redis_url=redis_server.url, rate_limit_fail_mode=mode
+        )
         assert (await predict(client)).status_code == 200
         redis_server.stop()
         errors = metric("rate_limit_errors_total", layer="ingress")
@@ -105,8 +109,11 @@ async def test_x_forwarded_for_counts_only_from_trusted_proxies(settings, truste
     """Over real HTTP: uvicorn resolves the client from X-Forwarded-For only for peers in FORWARDED_ALLOW_IPS."""
     app = create_app(settings.model_copy(update={"ingress_rate_limit": "1/minute"}))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           proxy_headers=True, forwarded_allow_ips=trusted))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", proxy_headers=True, forwarded_allow_ips=trusted
+        )
+    )
     serving = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.02)

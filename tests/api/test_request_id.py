@@ -56,12 +56,13 @@ async def test_lines_written_inside_a_request_carry_its_id_and_others_none(app_c
     assert [r.route for r in collected if r.request_id == "inside-1" and r.name == "server.access"] == ["/history"]
 
 
-
 async def test_routes_answered_outside_fastapis_routes_are_labelled_by_their_template(settings, collected):
     # /openapi.json is a plain Starlette route, and a 429 is answered before routing: neither is `unmatched`.
     app = create_app(settings.model_copy(update={"ingress_rate_limit": "1/minute"}))
-    async with (app.router.lifespan_context(app),
-                httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client):
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+    ):
         await client.get("/openapi.json", headers={"X-Request-ID": "spec"})
         await client.get("/history/abc", headers={"X-Request-ID": "first"})
         limited = await client.get("/history/abc", headers={"X-Request-ID": "limited"})
@@ -69,21 +70,30 @@ async def test_routes_answered_outside_fastapis_routes_are_labelled_by_their_tem
     assert limited.status_code == 429
     routes = {r.request_id: r.route for r in collected if r.name == "server.access"}
     assert (routes["spec"], routes["limited"], routes["nowhere"]) == (
-        "/openapi.json", "/history/{record_id}", "unmatched")
+        "/openapi.json",
+        "/history/{record_id}",
+        "unmatched",
+    )
+
 
 async def test_refusals_by_the_outer_middlewares_carry_an_id_too(settings):
     app = create_app(settings.model_copy(update={"api_keys": "k", "ingress_rate_limit": "1/minute"}))
-    async with (app.router.lifespan_context(app),
-                httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client):
-            statuses = [await client.get("/history", headers={"X-Request-ID": "r0"})]
-            statuses += [(await client.get("/history", headers={"X-Request-ID": f"r{n}", "Authorization": "Bearer k"}))
-                         for n in (1, 2)]
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+    ):
+        statuses = [await client.get("/history", headers={"X-Request-ID": "r0"})]
+        statuses += [
+            (await client.get("/history", headers={"X-Request-ID": f"r{n}", "Authorization": "Bearer k"}))
+            for n in (1, 2)
+        ]
     assert [(r.status_code, r.headers["x-request-id"]) for r in statuses] == [(401, "r0"), (200, "r1"), (429, "r2")]
 
 
 async def test_an_unexpected_error_answers_json_500_with_the_request_id(settings):
     app = create_app(settings)
     async with app.router.lifespan_context(app):
+
         async def broken(*args, **kwargs):
             raise RuntimeError("a bug")
 

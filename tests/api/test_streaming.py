@@ -117,8 +117,12 @@ async def test_a_client_that_disconnects_stops_its_rows_and_the_request_is_recor
     assert metric("batch_aborted_items_total", model="generator", reason="cancelled") - gone == 1
     await runtime.recorder.flush()
     now = datetime.now(UTC)
-    window = {"start": (now - timedelta(hours=1)).isoformat(), "end": (now + timedelta(minutes=2)).isoformat(),
-              "bucket": "day", "endpoint": "generate"}
+    window = {
+        "start": (now - timedelta(hours=1)).isoformat(),
+        "end": (now + timedelta(minutes=2)).isoformat(),
+        "bucket": "day",
+        "endpoint": "generate",
+    }
     async with httpx.AsyncClient(base_url=base_url) as client:
         total = (await client.post("/metrics/aggregated", json=window)).json()["total"]
     # A client that leaves is recorded (499), and it is the client's doing, not a server error.

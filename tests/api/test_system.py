@@ -30,8 +30,14 @@ async def test_metrics_are_prometheus_text_with_model_and_http_series(app_client
     await app_client.post("/generate", json={"prompts": ["hi"], "max_new_tokens": 2})
     response = await app_client.get("/metrics")
     assert response.headers["content-type"].startswith("text/plain")
-    for series in ("model_batches_total", "model_items_total", "model_batch_size_bucket",
-                   "batch_queue_wait_seconds_bucket", "http_requests_total", "http_request_duration_seconds_bucket"):
+    for series in (
+        "model_batches_total",
+        "model_items_total",
+        "model_batch_size_bucket",
+        "batch_queue_wait_seconds_bucket",
+        "http_requests_total",
+        "http_request_duration_seconds_bucket",
+    ):
         assert series in response.text
     assert 'http_requests_total{method="POST",route="/generate",status="200"}' in response.text
 

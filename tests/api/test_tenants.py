@@ -62,14 +62,24 @@ class World:
 def tenant_settings(settings: Settings, tmp_path: Path, **changes) -> Settings:
     keys = tmp_path / "keys.toml"
     keys.write_text(KEYS)
-    return settings.model_copy(update={"api_keys_file": keys, "batch_worker": "off", "openai_api_key": "sk-test",
-                                       "openai_base_url": "http://127.0.0.1:9/v1", **changes})
+    return settings.model_copy(
+        update={
+            "api_keys_file": keys,
+            "batch_worker": "off",
+            "openai_api_key": "sk-test",
+            "openai_base_url": "http://127.0.0.1:9/v1",
+            **changes,
+        }
+    )
 
 
 def window() -> dict:
     now = datetime.now(UTC)
-    return {"start": (now - timedelta(hours=1)).isoformat(), "end": (now + timedelta(minutes=1)).isoformat(),
-            "bucket": "day"}
+    return {
+        "start": (now - timedelta(hours=1)).isoformat(),
+        "end": (now + timedelta(minutes=1)).isoformat(),
+        "bucket": "day",
+    }
 
 
 async def seed(world: World) -> None:
@@ -79,8 +89,12 @@ async def seed(world: World) -> None:
     assert generated.status_code == 200, generated.text
     world.generation_id = generated.json()[0]["id"]
     world.prediction_id = (await call("POST", "/predict", A, json={"text": "alpha's secret text"})).json()["id"]
-    completion = await call("POST", "/v1/completions", A, json={"model": world.model, "prompt": "alpha completes",
-                                                                "max_tokens": 2, "temperature": 0})
+    completion = await call(
+        "POST",
+        "/v1/completions",
+        A,
+        json={"model": world.model, "prompt": "alpha completes", "max_tokens": 2, "temperature": 0},
+    )
     assert completion.status_code == 200, completion.text
     requests = [{"custom_id": "one", "body": {"prompt": "alpha batch", "max_tokens": 2}}]
     job = {"name": "alpha's job", "provider": "local", "model": "gpt2", "kind": "generate", "requests": requests}
@@ -88,22 +102,46 @@ async def seed(world: World) -> None:
     world.finished_job = (await call("POST", "/batch/jobs", A, json=job | {"schedule": "now"})).json()["id"]
     await world.client.app.state.runtime.batch.run_once()
     assert (await world.job(world.finished_job))["status"] == "completed"
-    paid = {"name": "alpha pays", "provider": "openai", "model": "gpt-4o-mini", "kind": "chat",
-            "requests": [{"custom_id": "c", "body": {"messages": [{"role": "user", "content": "hi"}]}}]}
+    paid = {
+        "name": "alpha pays",
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "kind": "chat",
+        "requests": [{"custom_id": "c", "body": {"messages": [{"role": "user", "content": "hi"}]}}],
+    }
     answer = await call("POST", "/batch/jobs", A, json=paid)
     assert answer.status_code == 201, answer.text
     world.paid_job = answer.json()["id"]
-    queued = await call("POST", "/batch/queue", A, json={"job_type": "nightly", "provider": "local", "model": "sst2",
-                                                         "kind": "predict", "data": {"text": "alpha queued"}})
+    queued = await call(
+        "POST",
+        "/batch/queue",
+        A,
+        json={
+            "job_type": "nightly",
+            "provider": "local",
+            "model": "sst2",
+            "kind": "predict",
+            "data": {"text": "alpha queued"},
+        },
+    )
     world.item_id = queued.json()["item_id"]
-    line = {"custom_id": "v1", "method": "POST", "url": "/v1/completions",
-            "body": {"model": world.model, "prompt": "alpha's file", "max_tokens": 2}}
-    uploaded = await call("POST", "/v1/files", A, data={"purpose": "batch"},
-                          files={"file": ("alpha.jsonl", json.dumps(line).encode())})
+    line = {
+        "custom_id": "v1",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": world.model, "prompt": "alpha's file", "max_tokens": 2},
+    }
+    uploaded = await call(
+        "POST", "/v1/files", A, data={"purpose": "batch"}, files={"file": ("alpha.jsonl", json.dumps(line).encode())}
+    )
     assert uploaded.status_code == 200, uploaded.text
     world.file_id = uploaded.json()["id"]
-    v1_batch = await call("POST", "/v1/batches", A, json={"input_file_id": world.file_id,
-                                                          "endpoint": "/v1/completions", "completion_window": "24h"})
+    v1_batch = await call(
+        "POST",
+        "/v1/batches",
+        A,
+        json={"input_file_id": world.file_id, "endpoint": "/v1/completions", "completion_window": "24h"},
+    )
     assert v1_batch.status_code == 200, v1_batch.text
     world.v1_batch = v1_batch.json()["id"]
     assert await world.client.app.state.runtime.recorder.flush()
@@ -133,12 +171,18 @@ async def history_record(w: World) -> None:
 
 
 async def create_job(w: World) -> None:
-    paid = {"name": "beta pays", "provider": "openai", "model": "gpt-4o-mini", "kind": "chat",
-            "requests": [{"custom_id": "c", "body": {"messages": [{"role": "user", "content": "hi"}]}}]}
+    paid = {
+        "name": "beta pays",
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "kind": "chat",
+        "requests": [{"custom_id": "c", "body": {"messages": [{"role": "user", "content": "hi"}]}}],
+    }
     refused = await w.call("POST", "/batch/jobs", B, json=paid)
     assert refused.status_code == 403 and "not granted provider 'openai'" in refused.json()["detail"]
-    own = await w.call("POST", "/batch/jobs", B, json={"name": "beta's", "provider": "local", "model": "gpt2",
-                                                        "kind": "predict"})
+    own = await w.call(
+        "POST", "/batch/jobs", B, json={"name": "beta's", "provider": "local", "model": "gpt2", "kind": "predict"}
+    )
     assert own.status_code == 201 and own.json()["tenant"] == "beta"
     w.seen["beta_job"] = own.json()["id"]
     assert own.json()["id"] not in {job["id"] for job in (await w.call("GET", "/batch/jobs", A)).json()["items"]}
@@ -212,8 +256,12 @@ async def queue(w: World) -> None:
     mine = (await w.call("POST", "/batch/queue", A, json=item)).json()
     theirs = (await w.call("POST", "/batch/queue", B, json=item)).json()
     assert theirs["job_id"] != mine["job_id"], "B's item must not join A's open job"
-    paid = item | {"provider": "openai", "model": "gpt-4o-mini", "kind": "chat",
-                   "data": {"messages": [{"role": "user", "content": "hi"}]}}
+    paid = item | {
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "kind": "chat",
+        "data": {"messages": [{"role": "user", "content": "hi"}]},
+    }
     assert (await w.call("POST", "/batch/queue", B, json=paid)).status_code == 403
 
 
@@ -342,8 +390,11 @@ async def list_files(w: World) -> None:
 
 
 async def file_by_id(w: World) -> None:
-    for method, path in (("GET", f"/v1/files/{w.file_id}"), ("GET", f"/v1/files/{w.file_id}/content"),
-                         ("DELETE", f"/v1/files/{w.file_id}")):
+    for method, path in (
+        ("GET", f"/v1/files/{w.file_id}"),
+        ("GET", f"/v1/files/{w.file_id}/content"),
+        ("DELETE", f"/v1/files/{w.file_id}"),
+    ):
         assert (await w.call(method, path, B)).status_code == 404, path
     assert (await w.call("GET", f"/v1/files/{w.file_id}/content", A)).status_code == 200
 
@@ -455,10 +506,12 @@ async def test_the_cache_is_shared_across_tenants_only_when_the_scope_is_global(
 async def test_a_request_joining_the_same_computation_stays_within_its_tenant(settings, tmp_path):
     async with serving(tenant_settings(settings, tmp_path)) as client:
         generation = client.app.state.runtime.generation
-        options_a = generation.plan(["same prompt"], GenerationOptions(max_new_tokens=2),
-                                    generation.cache.scope("alpha"))
-        options_b = generation.plan(["same prompt"], GenerationOptions(max_new_tokens=2),
-                                    generation.cache.scope("beta"))
+        options_a = generation.plan(
+            ["same prompt"], GenerationOptions(max_new_tokens=2), generation.cache.scope("alpha")
+        )
+        options_b = generation.plan(
+            ["same prompt"], GenerationOptions(max_new_tokens=2), generation.cache.scope("beta")
+        )
         assert options_a != options_b, "equal jobs of two tenants must not merge in the batcher"
         assert generation.key(options_a[0]) != generation.key(options_b[0])
 
@@ -487,7 +540,7 @@ async def test_every_integer_query_parameter_is_bounded(world):
 
 
 async def test_csv_cells_that_a_spreadsheet_would_evaluate_are_escaped(world):
-    for name in ("=HYPERLINK(\"http://evil\")", "+1", "-1", "@SUM(A1)", "\tx", "\rx"):
+    for name in ('=HYPERLINK("http://evil")', "+1", "-1", "@SUM(A1)", "\tx", "\rx"):
         body = {"name": name, "provider": "local", "model": "gpt2", "kind": "generate"}
         assert (await world.call("POST", "/batch/jobs", B, json=body)).status_code == 201
     text = (await world.call("GET", "/batch/report", B, params={"format": "csv"})).text

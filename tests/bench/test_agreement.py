@@ -24,8 +24,11 @@ def test_greedy_agreement_counts_the_prompts_whose_continuations_are_identical(s
     reference = load(TextGenerator, standins[0])
     other = load(TextGenerator, build_generator(tmp_path / "other", seed=1))
     params = GenerationParams(max_new_tokens=6)
-    alone = [reference.generate([reference.encode(p)], params)[0].token_ids
-             == other.generate([reference.encode(p)], params)[0].token_ids for p in PROMPTS]
+    alone = [
+        reference.generate([reference.encode(p)], params)[0].token_ids
+        == other.generate([reference.encode(p)], params)[0].token_ids
+        for p in PROMPTS
+    ]
     agreement = greedy_agreement(reference, other, PROMPTS, new_tokens=6, batch_size=2)
     assert agreement == Agreement(sum(alone), len(PROMPTS)) and agreement.identical < len(PROMPTS)
     assert agreement.share == sum(alone) / len(PROMPTS)

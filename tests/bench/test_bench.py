@@ -8,22 +8,36 @@ from server.core.config import PROJECT_ROOT
 def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
     """The harness end to end with the tiny model: offline limits, real server, baseline, ratios, JSON, table."""
     output = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, "-m", "server", "bench", "--quick", "--output", str(output)],
-                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "server", "bench", "--quick", "--output", str(output)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(output.read_text())
     assert set(results["offline"]) == {f"{engine}batch_{size}" for engine in ("", "fast_", "int8_") for size in (1, 32)}
     # Brackets around each level: fp32 server 1, 4; int8 server 1, 4.
     assert results["offline"]["batch_32"]["brackets"] == 6
     assert [(row["engine"], row["concurrency"]) for row in results["server"]] == [
-        ("fast_", 1), ("fast_", 4), ("int8_", 1), ("int8_", 4)]
+        ("fast_", 1),
+        ("fast_", 4),
+        ("int8_", 1),
+        ("int8_", 4),
+    ]
     assert [row["concurrency"] for row in results["baseline"]] == [1, 4]
     for row in results["server"]:
         assert row["failures"] == 0 and row["requests"] == row["concurrency"] * 2
         assert row["mean_batch_size"] >= 1 and row["tokens_per_s"] > 0
         assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
-        for ratio in ("vs_offline_full_batch_throughput", "p50_vs_offline_batch_1_latency",
-                      "vs_own_full_batch_throughput", "p50_vs_own_batch_1_latency", "vs_baseline_throughput"):
+        for ratio in (
+            "vs_offline_full_batch_throughput",
+            "p50_vs_offline_batch_1_latency",
+            "vs_own_full_batch_throughput",
+            "p50_vs_own_batch_1_latency",
+            "vs_baseline_throughput",
+        ):
             assert row[ratio] > 0
         reference = row["offline"]["batch_32"]["requests_per_s"]
         assert row["vs_offline_full_batch_throughput"] == row["requests_per_s"] / reference

@@ -49,15 +49,30 @@ def start_server(directory: Path, standins: tuple[Path, Path], **settings: str) 
     generator, classifier = standins
     port = free_port()
     inherited = {name: value for name, value in os.environ.items() if name.lower() not in Settings.model_fields}
-    env = {**inherited, "PYTHONPATH": str(PROJECT_ROOT), "GENERATOR_MODEL": str(generator),
-           "SENTIMENT_MODEL": str(classifier), "MODEL_SOURCE": "local", "MODELS_CACHE_DIR": str(directory / "cache"),
-           "DATABASE_URL": f"sqlite+aiosqlite:///{directory / 'server.db'}", "TORCH_NUM_THREADS": "1",
-           "RECORD_FLUSH_INTERVAL_MS": "20", "RECORD_SPILL_DIR": str(directory / "spill"),
-           "BATCH_POLL_INTERVAL_S": "0.2", "LOG_LEVEL": "warning", **settings}
+    env = {
+        **inherited,
+        "PYTHONPATH": str(PROJECT_ROOT),
+        "GENERATOR_MODEL": str(generator),
+        "SENTIMENT_MODEL": str(classifier),
+        "MODEL_SOURCE": "local",
+        "MODELS_CACHE_DIR": str(directory / "cache"),
+        "DATABASE_URL": f"sqlite+aiosqlite:///{directory / 'server.db'}",
+        "TORCH_NUM_THREADS": "1",
+        "RECORD_FLUSH_INTERVAL_MS": "20",
+        "RECORD_SPILL_DIR": str(directory / "spill"),
+        "BATCH_POLL_INTERVAL_S": "0.2",
+        "LOG_LEVEL": "warning",
+        **settings,
+    }
     log = directory / "server.log"
     with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "uvicorn", "server.main:app", "--host", "127.0.0.1",
-                                    "--port", str(port)], cwd=directory, env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "server.main:app", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=directory,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     server = Server(f"http://127.0.0.1:{port}", log)
     try:
         _wait_until_serving(process, server)

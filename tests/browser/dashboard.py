@@ -41,37 +41,53 @@ def expected_figures(client: httpx.Client, aggregated_body: dict) -> dict[str, t
     models = live["models"].items() if live is not None else []
     batches, items = sum(m["batches"] for _, m in models), sum(m["items"] for _, m in models)
     figures = {
-        "serving.rps": (total["throughput_rps"], "rate"), "serving.requests": (total["requests"], "int"),
-        "serving.p50": (total["latency_ms"]["p50"], "ms"), "serving.p95": (total["latency_ms"]["p95"], "ms"),
-        "serving.errors": (total["errors"], "int"), "serving.error_rate": (total["error_rate"], "ratio"),
-        "serving.cache_hit_ratio": (total["cache_hit_ratio"], "ratio"), "serving.items": (total["items"], "int"),
-        "cache.backend": (cache["backend"], "text"), "cache.entries": (cache["entries"], "int"),
+        "serving.rps": (total["throughput_rps"], "rate"),
+        "serving.requests": (total["requests"], "int"),
+        "serving.p50": (total["latency_ms"]["p50"], "ms"),
+        "serving.p95": (total["latency_ms"]["p95"], "ms"),
+        "serving.errors": (total["errors"], "int"),
+        "serving.error_rate": (total["error_rate"], "ratio"),
+        "serving.cache_hit_ratio": (total["cache_hit_ratio"], "ratio"),
+        "serving.items": (total["items"], "int"),
+        "cache.backend": (cache["backend"], "text"),
+        "cache.entries": (cache["entries"], "int"),
         "cache.hit_ratio": (cache["hit_ratio"], "ratio"),
         **{f"count.{name}": (count[name], "int") for name in ("generations", "predictions", "total")},
         "batch.queued": (queue["waiting"], "int"),
-        "batch.processed": (sum(stats["items"]["by_status"].get(s, 0) for s in ("succeeded", "failed", "expired")),
-                            "int"),
+        "batch.processed": (
+            sum(stats["items"]["by_status"].get(s, 0) for s in ("succeeded", "failed", "expired")),
+            "int",
+        ),
         "batch.active": (sum(stats["jobs"]["by_status"].get(s, 0) for s in ("submitted", "in_progress")), "int"),
-        "batch.success_rate": (stats["success_rate"], "ratio"), "batch.jobs": (stats["jobs"]["total"], "int"),
+        "batch.success_rate": (stats["success_rate"], "ratio"),
+        "batch.jobs": (stats["jobs"]["total"], "int"),
         "batch.savings": (savings["total"]["savings_usd"], "usd"),
     }
     if live is not None:
-        figures |= {"serving.queue_depth": (sum(m["queue_depth"] for _, m in models), "int"),
-                    "serving.mean_batch_size": (items / batches if batches else None, "decimal")}
+        figures |= {
+            "serving.queue_depth": (sum(m["queue_depth"] for _, m in models), "int"),
+            "serving.mean_batch_size": (items / batches if batches else None, "decimal"),
+        }
     for name, model in models:
-        figures |= {f"process.{name}.queue_depth": (model["queue_depth"], "int"),
-                    f"process.{name}.batches": (model["batches"], "int"),
-                    f"process.{name}.mean_batch_size": (model["mean_batch_size"], "decimal")}
+        figures |= {
+            f"process.{name}.queue_depth": (model["queue_depth"], "int"),
+            f"process.{name}.batches": (model["batches"], "int"),
+            f"process.{name}.mean_batch_size": (model["mean_batch_size"], "decimal"),
+        }
     for layer in ("ingress", "egress") if live is not None else ():
         for policy in live[layer]:
-            figures |= {f"limits.{layer}.{policy['name']}.allowed": (policy["allowed"], "int"),
-                        f"limits.{layer}.{policy['name']}.denied": (policy["denied"], "int")}
+            figures |= {
+                f"limits.{layer}.{policy['name']}.allowed": (policy["allowed"], "int"),
+                f"limits.{layer}.{policy['name']}.denied": (policy["denied"], "int"),
+            }
     for group, key in (("provider", "by_provider"), ("job_type", "by_job_type")):
         for name, money in savings[key].items():
-            figures |= {f"savings.{group}.{name}": (money["savings_usd"], "usd"),
-                        f"savings.{group}.{name}.jobs": (money["jobs"], "int"),
-                        f"savings.{group}.{name}.cost": (money["cost_usd"], "usd"),
-                        f"savings.{group}.{name}.realtime": (money["realtime_cost_usd"], "usd")}
+            figures |= {
+                f"savings.{group}.{name}": (money["savings_usd"], "usd"),
+                f"savings.{group}.{name}.jobs": (money["jobs"], "int"),
+                f"savings.{group}.{name}.cost": (money["cost_usd"], "usd"),
+                f"savings.{group}.{name}.realtime": (money["realtime_cost_usd"], "usd"),
+            }
     for breakdown in ("by_job_type", "by_provider", "by_priority"):
         figures |= {f"queue.{breakdown}.{name}": (n, "int") for name, n in queue[breakdown].items()}
     return figures
@@ -119,13 +135,17 @@ def wait_for_json_figures(page: Page, client: httpx.Client, required: set[str]) 
         if snapshot["request"] is not None:
             expected = expected_figures(client, json.loads(snapshot["request"]))
             shown = snapshot["figures"]
-            mismatches = [(name, shown.get(name), value) for name, (value, _) in expected.items()
-                          if name not in shown or not _same(shown[name]["value"], value)]
+            mismatches = [
+                (name, shown.get(name), value)
+                for name, (value, _) in expected.items()
+                if name not in shown or not _same(shown[name]["value"], value)
+            ]
             if not mismatches and required <= expected.keys():
                 break
         if time.monotonic() > deadline:
-            raise AssertionError(f"the page does not show the JSON's figures within {WAIT_S} s: {mismatches}, "
-                                 f"required {required}")
+            raise AssertionError(
+                f"the page does not show the JSON's figures within {WAIT_S} s: {mismatches}, required {required}"
+            )
         time.sleep(0.25)
     for name, (value, kind) in expected.items():
         check_text(name, shown[name]["text"], value, kind)

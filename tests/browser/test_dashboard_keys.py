@@ -17,8 +17,9 @@ USER_KEY = "s3cret-tenant-key"
 @pytest.fixture(scope="module")
 def server(serve) -> Server:
     """An operator's admin key, and an ordinary key of one tenant (so that a key is required)."""
-    return serve(API_KEYS=USER_KEY, ADMIN_API_KEYS=KEY, INGRESS_RATE_LIMIT="off", EGRESS_RATE_LIMIT="",
-                 BATCH_WORKER="off")
+    return serve(
+        API_KEYS=USER_KEY, ADMIN_API_KEYS=KEY, INGRESS_RATE_LIMIT="off", EGRESS_RATE_LIMIT="", BATCH_WORKER="off"
+    )
 
 
 def enter_key(watched: Watched, key: str) -> None:
@@ -55,8 +56,9 @@ def test_a_wrong_key_is_refused_with_a_clear_message(server, watched):
     page.goto(f"{server.url}/dashboard")
     enter_key(watched, "not-the-key")
     page.wait_for_selector("#auth-error:has-text('refused')")
-    assert page.inner_text("#auth-error") == ("The server refused this key (401 Unauthorized). Check it and enter it "
-                                              "again.")
+    assert page.inner_text("#auth-error") == (
+        "The server refused this key (401 Unauthorized). Check it and enter it again."
+    )
     assert page.is_visible("#auth") and stored_key(watched) is None
     # One read tried the key: one refusal, not one per figure.
     assert watched.http_errors == [(401, "GET", f"{server.url}/metrics/thresholds")]
@@ -71,8 +73,9 @@ def test_sections_whose_feature_is_off_say_so(server, watched):
     enter_key(watched, KEY)
     page.wait_for_selector("#refresh-state[data-state='live']")
     with server.client(KEY) as client:
-        live = client.post("/metrics/aggregated", json={"start": "2026-01-01T00:00:00Z", "end": "2026-01-02T00:00:00Z"}
-                           ).json()["live"]
+        live = client.post(
+            "/metrics/aggregated", json={"start": "2026-01-01T00:00:00Z", "end": "2026-01-02T00:00:00Z"}
+        ).json()["live"]
         scheduler = client.get("/batch/scheduler").json()
     assert live["ingress"] == [] and live["egress"] == [] and scheduler["mode"] == "off"
     for note in ("#ingress-off", "#egress-off", "#batch-worker-off"):

@@ -31,19 +31,48 @@ def traffic(server: Server) -> dict:
     """Generations (one a cache hit), predictions (the third refused by the limit), a local batch job run to the
     end and an item left queued; returns once the records are written."""
     with server.client() as client:
-        hits = [client.post("/generate", json={"prompts": [prompt], "max_new_tokens": 3}).raise_for_status()
-                .headers["x-cache"] for prompt in ("alpha", "beta", "alpha")]
+        hits = [
+            client.post("/generate", json={"prompts": [prompt], "max_new_tokens": 3})
+            .raise_for_status()
+            .headers["x-cache"]
+            for prompt in ("alpha", "beta", "alpha")
+        ]
         assert hits == ["MISS", "MISS", "HIT"]
         assert [client.post("/predict", json={"text": "fine"}).status_code for _ in range(3)] == [200, 200, 429]
-        job = client.post("/batch/jobs", json={
-            "name": "nightly summaries", "provider": "local", "model": "gpt2", "kind": "generate",
-            "job_type": "summaries", "schedule": "now",
-            "requests": [{"custom_id": f"doc-{n}", "body": {"prompt": f"Document {n}:", "max_tokens": 3}}
-                         for n in range(3)]}).raise_for_status().json()
-        wait_until(lambda: client.get(f"/batch/jobs/{job['id']}").json()["status"] == "completed",
-                   "the local batch job completes", timeout_s=90)
-        client.post("/batch/queue", json={"job_type": "scoring", "provider": "local", "model": "sst2",
-                                          "kind": "predict", "data": {"text": "great"}}).raise_for_status()
+        job = (
+            client.post(
+                "/batch/jobs",
+                json={
+                    "name": "nightly summaries",
+                    "provider": "local",
+                    "model": "gpt2",
+                    "kind": "generate",
+                    "job_type": "summaries",
+                    "schedule": "now",
+                    "requests": [
+                        {"custom_id": f"doc-{n}", "body": {"prompt": f"Document {n}:", "max_tokens": 3}}
+                        for n in range(3)
+                    ],
+                },
+            )
+            .raise_for_status()
+            .json()
+        )
+        wait_until(
+            lambda: client.get(f"/batch/jobs/{job['id']}").json()["status"] == "completed",
+            "the local batch job completes",
+            timeout_s=90,
+        )
+        client.post(
+            "/batch/queue",
+            json={
+                "job_type": "scoring",
+                "provider": "local",
+                "model": "sst2",
+                "kind": "predict",
+                "data": {"text": "great"},
+            },
+        ).raise_for_status()
         wait_until(lambda: client.get("/metrics/count").json()["total"] == 5, "the request records are written")
     return {"job": job["id"]}
 
@@ -66,14 +95,27 @@ def strict_cache_ratio(server):
 def test_the_page_shows_the_json_figures_without_an_error(server, traffic, strict_cache_ratio, watched, artifacts):
     open_dashboard(watched, server)
     with server.client() as client:
-        figures = wait_for_json_figures(watched.page, client, required={
-            "serving.requests", "serving.p95", "serving.cache_hit_ratio", "serving.mean_batch_size",
-            "limits.ingress.predict.denied", "limits.egress.gemini.allowed", "batch.processed", "batch.savings",
-            "savings.provider.local", "savings.job_type.summaries", "queue.by_job_type.scoring"})
+        figures = wait_for_json_figures(
+            watched.page,
+            client,
+            required={
+                "serving.requests",
+                "serving.p95",
+                "serving.cache_hit_ratio",
+                "serving.mean_batch_size",
+                "limits.ingress.predict.denied",
+                "limits.egress.gemini.allowed",
+                "batch.processed",
+                "batch.savings",
+                "savings.provider.local",
+                "savings.job_type.summaries",
+                "queue.by_job_type.scoring",
+            },
+        )
         alerts = client.get("/batch/alerts").json()
-        breaches = client.post("/metrics/aggregated",
-                               json=json.loads(watched.page.locator("#serving").get_attribute("data-request"))
-                               ).json()["breaches"]
+        breaches = client.post(
+            "/metrics/aggregated", json=json.loads(watched.page.locator("#serving").get_attribute("data-request"))
+        ).json()["breaches"]
         jobs = client.get("/batch/jobs?limit=10").json()["items"]
     # What the traffic did, as the page shows it: 6 requests, no server error (the 429 is the client's, counted by
     # the limits), 2 of 5 items from the cache (the repeated generation and the repeated prediction).
@@ -96,8 +138,12 @@ def test_the_page_shows_the_json_figures_without_an_error(server, traffic, stric
 def test_the_day_window_shows_its_own_figures(server, traffic, watched):
     open_dashboard(watched, server)
     watched.page.click("[data-window='day']")
-    wait_until(lambda: json.loads(watched.page.locator("#serving").get_attribute("data-request") or "{}")
-               .get("bucket") == "hour", "the page asks for the last day by hour")
+    wait_until(
+        lambda: (
+            json.loads(watched.page.locator("#serving").get_attribute("data-request") or "{}").get("bucket") == "hour"
+        ),
+        "the page asks for the last day by hour",
+    )
     with server.client() as client:
         figures = wait_for_json_figures(watched.page, client, required={"serving.requests"})
     assert figures["serving.requests"][0] == 6
@@ -121,8 +167,10 @@ def test_a_threshold_edit_round_trips(server, watched):
     page = watched.page
     with server.client() as client:
         before = client.get("/metrics/thresholds").json()
-        wait_until(lambda: page.input_value("#t-p95_latency_ms") == f"{before['p95_latency_ms']:g}",
-                   "the form shows the stored thresholds")
+        wait_until(
+            lambda: page.input_value("#t-p95_latency_ms") == f"{before['p95_latency_ms']:g}",
+            "the form shows the stored thresholds",
+        )
         page.fill("#t-p95_latency_ms", "750")
         page.fill("#t-min_cache_hit_ratio", "0.25")
         page.fill("#t-error_rate", "")
@@ -205,8 +253,9 @@ def test_the_page_refreshes_itself(server, traffic, watched):
         client.post("/generate", json={"prompts": ["gamma"], "max_new_tokens": 3}).raise_for_status()
         wait_until(lambda: client.get("/metrics/count").json()["total"] == answered + 1, "the request is recorded")
     # No click: the next poll shows it.
-    page.wait_for_selector(f"[data-figure='serving.requests'][data-value='{shown + 1}']",
-                           timeout=(REFRESH_S + 10) * 1000)
+    page.wait_for_selector(
+        f"[data-figure='serving.requests'][data-value='{shown + 1}']", timeout=(REFRESH_S + 10) * 1000
+    )
     watched.assert_clean()
 
 

@@ -70,14 +70,24 @@ def test_libraries_are_quiet_at_info_and_heard_at_debug():
 def test_a_real_server_writes_only_json_lines_with_request_ids_and_no_library_noise(standins, tmp_path: Path):
     generator, classifier = standins
     port, log_path = free_port(), tmp_path / "server.log"
-    env = {"GENERATOR_MODEL": str(generator), "SENTIMENT_MODEL": str(classifier), "MODEL_SOURCE": "local",
-           "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}", "RECORD_SPILL_DIR": str(tmp_path / "spill"),
-           "TORCH_NUM_THREADS": "1", "LOG_FORMAT": "json", "LOG_LEVEL": "info"}
+    env = {
+        "GENERATOR_MODEL": str(generator),
+        "SENTIMENT_MODEL": str(classifier),
+        "MODEL_SOURCE": "local",
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}",
+        "RECORD_SPILL_DIR": str(tmp_path / "spill"),
+        "TORCH_NUM_THREADS": "1",
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "info",
+    }
     command = [sys.executable, "-m", "server", "serve", "--port", str(port)]
     with server_process(command, env, port, log_path) as (url, _):
         kept = httpx.post(f"{url}/predict", json={"text": "fine"}, headers={"X-Request-ID": "client-id.42_a-b"})
-        replaced = httpx.post(f"{url}/generate", json={"prompts": ["hi"], "max_new_tokens": 2},
-                              headers={"X-Request-ID": "no spaces allowed"})
+        replaced = httpx.post(
+            f"{url}/generate",
+            json={"prompts": ["hi"], "max_new_tokens": 2},
+            headers={"X-Request-ID": "no spaces allowed"},
+        )
         generated = httpx.get(f"{url}/history")
     assert kept.headers["x-request-id"] == "client-id.42_a-b"
     assert replaced.headers["x-request-id"] != "no spaces allowed"
@@ -101,9 +111,15 @@ def test_a_real_server_writes_only_json_lines_with_request_ids_and_no_library_no
 
 def test_a_first_start_that_builds_the_offline_stand_ins_writes_no_blank_lines(tmp_path: Path):
     port, log_path = free_port(), tmp_path / "server.log"
-    env = {"MODELS_CACHE_DIR": str(tmp_path / "cache"), "MODEL_SOURCE": "auto", "HF_ENDPOINT": "http://127.0.0.1:9",
-           "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}", "RECORD_SPILL_DIR": str(tmp_path / "spill"),
-           "TORCH_NUM_THREADS": "1", "LOG_LEVEL": "info"}
+    env = {
+        "MODELS_CACHE_DIR": str(tmp_path / "cache"),
+        "MODEL_SOURCE": "auto",
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}",
+        "RECORD_SPILL_DIR": str(tmp_path / "spill"),
+        "TORCH_NUM_THREADS": "1",
+        "LOG_LEVEL": "info",
+    }
     with server_process([sys.executable, "-m", "server", "serve", "--port", str(port)], env, port, log_path):
         pass
     lines = log_path.read_text().splitlines()

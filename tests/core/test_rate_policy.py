@@ -18,6 +18,8 @@ def test_bad_policies_are_rejected_with_an_example(text):
 
 def test_provider_lists_parse_and_skip_off():
     assert parse_policies("gemini=10/minute, openai=off,anthropic=2/second") == {
-        "gemini": RatePolicy("gemini", 10, 60, 10), "anthropic": RatePolicy("anthropic", 2, 1, 2)}
+        "gemini": RatePolicy("gemini", 10, 60, 10),
+        "anthropic": RatePolicy("anthropic", 2, 1, 2),
+    }
     with pytest.raises(ValueError, match="name=policy"):
         parse_policies("10/minute")

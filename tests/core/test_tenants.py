@@ -30,7 +30,9 @@ def test_each_plain_key_is_its_own_tenant_without_grants_and_admin_keys_are_admi
 
 
 def test_the_file_gives_tenants_several_keys_roles_grants_and_egress(tmp_path):
-    path = keys_file(tmp_path, f"""
+    path = keys_file(
+        tmp_path,
+        f"""
 [[keys]]
 tenant = "acme"
 key = "acme-old"
@@ -38,7 +40,7 @@ grants = ["openai"]
 
 [[keys]]
 tenant = "acme"
-key = "{sha('acme-new')}"
+key = "{sha("acme-new")}"
 grants = ["openai", "gemini"]
 
 [[keys]]
@@ -48,7 +50,8 @@ role = "admin"
 
 [tenants.acme]
 egress_rate_limit = "openai=5/minute"
-""")
+""",
+    )
     ring = KeyRing.from_settings("", "", path)
     old, new, ops = (ring.identify(key) for key in ("acme-old", "acme-new", "ops-key"))
     assert old.tenant == new.tenant == "acme", "rotation: two keys, one tenant"
@@ -59,18 +62,21 @@ egress_rate_limit = "openai=5/minute"
     assert ring.tenants() == ["acme", "ops"]
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ('[[keys]]\ntenant = "a"\n', "`key` must be"),
-    ('[[keys]]\ntenant = "a b"\nkey = "k"\n', "`tenant` must be"),
-    ('[[keys]]\ntenant = "a"\nkey = "k"\nrole = "owner"\n', "`role` must be"),
-    ('[[keys]]\ntenant = "a"\nkey = "k"\ngrants = ["local"]\n', "`grants` must list"),
-    ('[[keys]]\ntenant = "a"\nkey = "k"\nsecret = 1\n', "unknown field 'secret'"),
-    ('[[keys]]\ntenant = "a"\nkey = "sha256:abc"\n', "64 hex digits"),
-    ('[[keys]]\ntenant = "a"\nkey = "k"\n[[keys]]\ntenant = "b"\nkey = "k"\n', "configured twice"),
-    ('[[keys]]\ntenant = "a"\nkey = "k"\n[tenants.z]\negress_rate_limit = "openai=1/minute"\n', "has no key"),
-    ('[[keys]]\ntenant = "a"\nkey = "k"\n[tenants.a]\negress_rate_limit = "openai=often"\n', "egress_rate_limit"),
-    ("not toml at all [", "cannot read"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[[keys]]\ntenant = "a"\n', "`key` must be"),
+        ('[[keys]]\ntenant = "a b"\nkey = "k"\n', "`tenant` must be"),
+        ('[[keys]]\ntenant = "a"\nkey = "k"\nrole = "owner"\n', "`role` must be"),
+        ('[[keys]]\ntenant = "a"\nkey = "k"\ngrants = ["local"]\n', "`grants` must list"),
+        ('[[keys]]\ntenant = "a"\nkey = "k"\nsecret = 1\n', "unknown field 'secret'"),
+        ('[[keys]]\ntenant = "a"\nkey = "sha256:abc"\n', "64 hex digits"),
+        ('[[keys]]\ntenant = "a"\nkey = "k"\n[[keys]]\ntenant = "b"\nkey = "k"\n', "configured twice"),
+        ('[[keys]]\ntenant = "a"\nkey = "k"\n[tenants.z]\negress_rate_limit = "openai=1/minute"\n', "has no key"),
+        ('[[keys]]\ntenant = "a"\nkey = "k"\n[tenants.a]\negress_rate_limit = "openai=often"\n', "egress_rate_limit"),
+        ("not toml at all [", "cannot read"),
+    ],
+)
 def test_a_broken_keys_file_is_refused_with_the_entry_and_the_reason(tmp_path, text, message):
     with pytest.raises(KeyFileError, match=message.replace("[", r"\[")):
         KeyRing.from_settings("", "", keys_file(tmp_path, text))

@@ -24,8 +24,9 @@ _BATCH_FAILURE = {"type": "api_error", "message": "Internal server error."}
 
 
 def _error(status: int, error_type: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"type": "error", "error": {"type": error_type, "message": message}},
-                        status_code=status, headers=headers)
+    return JSONResponse(
+        {"type": "error", "error": {"type": error_type, "message": message}}, status_code=status, headers=headers
+    )
 
 
 def _message_text(messages: list[dict[str, Any]]) -> str:
@@ -73,15 +74,23 @@ class FakeAnthropic(FakeServer):
     def _body(self, batch: _Batch) -> dict[str, Any]:
         lifecycle = batch.lifecycle
         ended = lifecycle.outcome is not None
-        counts = {"processing": 0 if ended else len(lifecycle.keys), "succeeded": 0, "errored": 0, "canceled": 0,
-                  "expired": 0}
+        counts = {
+            "processing": 0 if ended else len(lifecycle.keys),
+            "succeeded": 0,
+            "errored": 0,
+            "canceled": 0,
+            "expired": 0,
+        }
         for result in batch.results:
             counts[result["result"]["type"]] += 1
         return {
-            "id": batch.id, "type": "message_batch",
+            "id": batch.id,
+            "type": "message_batch",
             "processing_status": "ended" if ended else "canceling" if lifecycle.cancel_requested else "in_progress",
-            "request_counts": counts, "created_at": rfc3339(batch.created_at),
-            "expires_at": rfc3339(batch.created_at + 24 * 3600), "archived_at": None,
+            "request_counts": counts,
+            "created_at": rfc3339(batch.created_at),
+            "expires_at": rfc3339(batch.created_at + 24 * 3600),
+            "archived_at": None,
             "cancel_initiated_at": rfc3339(batch.cancel_initiated_at) if batch.cancel_initiated_at else None,
             "ended_at": rfc3339(batch.ended_at) if batch.ended_at else None,
             "results_url": f"{self.base_url}/v1/messages/batches/{batch.id}/results" if ended else None,
@@ -96,14 +105,21 @@ class FakeAnthropic(FakeServer):
         with self.lock:
             fault = self.settings.take_create_fault()
             if retry_after := self.settings.refusal(fault):
-                return _error(429, "rate_limit_error", "Number of requests has exceeded your rate limit.",
-                              {"retry-after": retry_after})
+                return _error(
+                    429,
+                    "rate_limit_error",
+                    "Number of requests has exceeded your rate limit.",
+                    {"retry-after": retry_after},
+                )
             params: dict[str, dict[str, Any]] = {}
             for index, item in enumerate(requests):
                 custom_id = item.get("custom_id", "")
                 if not CUSTOM_ID.fullmatch(custom_id):
-                    return _error(400, "invalid_request_error", f"requests.{index}.custom_id: String should match "
-                                  "pattern '^[a-zA-Z0-9_-]{1,64}$'")
+                    return _error(
+                        400,
+                        "invalid_request_error",
+                        f"requests.{index}.custom_id: String should match pattern '^[a-zA-Z0-9_-]{{1,64}}$'",
+                    )
                 if custom_id in params:
                     return _error(400, "invalid_request_error", f"Duplicate custom_id {custom_id}.")
                 missing = {"model", "max_tokens", "messages"} - set(item.get("params", {}))
@@ -136,12 +152,20 @@ class FakeAnthropic(FakeServer):
             batch.results = [_errored(key, _BATCH_FAILURE) for key in lifecycle.keys]
             return
         undone = "canceled" if lifecycle.outcome == "cancelled" else "expired"
-        failing = {key for key in lifecycle.done_keys
-                   if settings.fail_item(key) or settings.fail_item(_message_text(batch.params[key]["messages"]))}
+        failing = {
+            key
+            for key in lifecycle.done_keys
+            if settings.fail_item(key) or settings.fail_item(_message_text(batch.params[key]["messages"]))
+        }
         batch.results = settings.ordered(
-            [_errored(key, {"type": "invalid_request_error", "message": f"The fake was told to fail {key}."})
-             if key in failing else self._succeeded(key, batch.params[key]) for key in lifecycle.done_keys]
-            + [{"custom_id": key, "result": {"type": undone}} for key in lifecycle.undone_keys])
+            [
+                _errored(key, {"type": "invalid_request_error", "message": f"The fake was told to fail {key}."})
+                if key in failing
+                else self._succeeded(key, batch.params[key])
+                for key in lifecycle.done_keys
+            ]
+            + [{"custom_id": key, "result": {"type": undone}} for key in lifecycle.undone_keys]
+        )
 
     def _succeeded(self, custom_id: str, params: dict[str, Any]) -> dict[str, Any]:
         message = _message_body(self._new_id("msg_"), f"answer to {custom_id}", params, self.settings, "batch")
@@ -173,8 +197,14 @@ class FakeAnthropic(FakeServer):
                 end = start + limit
                 has_more = end < len(ids)
             page = newest_first[start:end]
-            return JSONResponse({"data": [self._body(batch) for batch in page], "has_more": has_more,
-                                 "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None})
+            return JSONResponse(
+                {
+                    "data": [self._body(batch) for batch in page],
+                    "has_more": has_more,
+                    "first_id": page[0].id if page else None,
+                    "last_id": page[-1].id if page else None,
+                }
+            )
 
     async def _cancel_batch(self, request: Request) -> Response:
         with self.lock:
@@ -192,8 +222,11 @@ class FakeAnthropic(FakeServer):
             if isinstance(batch, Response):
                 return batch
             if batch.lifecycle.outcome is None:
-                return _error(400, "invalid_request_error",
-                              f"Batch {batch.id} cannot be deleted while it is processing; cancel it first.")
+                return _error(
+                    400,
+                    "invalid_request_error",
+                    f"Batch {batch.id} cannot be deleted while it is processing; cancel it first.",
+                )
             del self._batches[batch.id]
             return JSONResponse({"id": batch.id, "type": "message_batch_deleted"})
 
@@ -209,9 +242,22 @@ def _errored(custom_id: str, error: dict[str, str]) -> dict[str, Any]:
     return {"custom_id": custom_id, "result": {"type": "errored", "error": {"type": "error", "error": error}}}
 
 
-def _message_body(message_id: str, text: str, params: dict[str, Any], settings: BatchBehaviour,
-                  service_tier: str) -> dict[str, Any]:
-    return {"id": message_id, "type": "message", "role": "assistant", "model": params.get("model", "unknown"),
-            "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
-            "usage": {"input_tokens": settings.input_tokens, "output_tokens": settings.output_tokens,
-                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "service_tier": service_tier}}
+def _message_body(
+    message_id: str, text: str, params: dict[str, Any], settings: BatchBehaviour, service_tier: str
+) -> dict[str, Any]:
+    return {
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": params.get("model", "unknown"),
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": settings.input_tokens,
+            "output_tokens": settings.output_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "service_tier": service_tier,
+        },
+    }

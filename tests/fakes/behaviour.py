@@ -121,7 +121,7 @@ class Lifecycle:
 
     @property
     def undone_keys(self) -> list[str]:
-        return self.keys[self.finished:]
+        return self.keys[self.finished :]
 
     def succeeded(self, behaviour: BatchBehaviour) -> list[str]:
         return [key for key in self.done_keys if not behaviour.fail_item(key)]

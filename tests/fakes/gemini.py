@@ -23,8 +23,12 @@ from starlette.routing import Route
 from tests.fakes.behaviour import BatchBehaviour, Lifecycle
 from tests.fakes.serving import FakeServer, json_lines, rfc3339
 
-_STATES = {"completed": "BATCH_STATE_SUCCEEDED", "failed": "BATCH_STATE_FAILED", "expired": "BATCH_STATE_EXPIRED",
-           "cancelled": "BATCH_STATE_CANCELLED"}
+_STATES = {
+    "completed": "BATCH_STATE_SUCCEEDED",
+    "failed": "BATCH_STATE_FAILED",
+    "expired": "BATCH_STATE_EXPIRED",
+    "cancelled": "BATCH_STATE_CANCELLED",
+}
 _TYPE_PREFIX = "type.googleapis.com/google.ai.generativelanguage.v1main."
 
 
@@ -55,16 +59,25 @@ class GeminiSettings(BatchBehaviour):
         return None
 
 
-def _error(code: int, status: str, message: str, headers: dict[str, str] | None = None,
-           details: list[dict[str, Any]] | None = None) -> JSONResponse:
+def _error(
+    code: int,
+    status: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    details: list[dict[str, Any]] | None = None,
+) -> JSONResponse:
     error = {"code": code, "message": message, "status": status} | ({"details": details} if details else {})
     return JSONResponse({"error": error}, status_code=code, headers=headers)
 
 
 def _rate_limited(retry_after: str) -> JSONResponse:
-    return _error(429, "RESOURCE_EXHAUSTED", "Resource has been exhausted (e.g. check quota).",
-                  {"retry-after": retry_after},
-                  [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry_after}s"}])
+    return _error(
+        429,
+        "RESOURCE_EXHAUSTED",
+        "Resource has been exhausted (e.g. check quota).",
+        {"retry-after": retry_after},
+        [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry_after}s"}],
+    )
 
 
 def schema_instance(schema: dict[str, Any], root: dict[str, Any] | None = None) -> Any:
@@ -113,11 +126,14 @@ def _prompt(request: dict[str, Any]) -> str:
 
 def _generate_response(text: str, model: str, settings: BatchBehaviour, response_id: str) -> dict[str, Any]:
     return {
-        "candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP",
-                        "index": 0}],
-        "usageMetadata": {"promptTokenCount": settings.input_tokens, "candidatesTokenCount": settings.output_tokens,
-                          "totalTokenCount": settings.input_tokens + settings.output_tokens},
-        "modelVersion": model, "responseId": response_id,
+        "candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP", "index": 0}],
+        "usageMetadata": {
+            "promptTokenCount": settings.input_tokens,
+            "candidatesTokenCount": settings.output_tokens,
+            "totalTokenCount": settings.input_tokens + settings.output_tokens,
+        },
+        "modelVersion": model,
+        "responseId": response_id,
     }
 
 
@@ -132,11 +148,18 @@ class _File:
 
     def body(self, base_url: str) -> dict[str, Any]:
         digest = base64.b64encode(hashlib.sha256(self.content).hexdigest().encode()).decode()
-        body = {"name": self.name, "mimeType": self.mime_type, "sizeBytes": str(len(self.content)),
-                "createTime": rfc3339(self.created), "updateTime": rfc3339(self.created),
-                "expirationTime": rfc3339(self.created + 48 * 3600), "sha256Hash": digest,
-                "uri": f"{base_url}/v1beta/{self.name}", "state": "ACTIVE",
-                "source": "GENERATED" if self.generated else "UPLOADED"}
+        body = {
+            "name": self.name,
+            "mimeType": self.mime_type,
+            "sizeBytes": str(len(self.content)),
+            "createTime": rfc3339(self.created),
+            "updateTime": rfc3339(self.created),
+            "expirationTime": rfc3339(self.created + 48 * 3600),
+            "sha256Hash": digest,
+            "uri": f"{base_url}/v1beta/{self.name}",
+            "state": "ACTIVE",
+            "source": "GENERATED" if self.generated else "UPLOADED",
+        }
         if self.display_name:
             body["displayName"] = self.display_name
         if self.generated:
@@ -233,11 +256,18 @@ class FakeGemini(FakeServer):
         total = len(lifecycle.keys)
         done = sum(batch.counts.values())
         metadata = {
-            "@type": f"{_TYPE_PREFIX}GenerateContentBatch", "name": batch.name, "model": f"models/{batch.model}",
-            "createTime": rfc3339(batch.created), "updateTime": rfc3339(batch.updated), "state": state,
-            "batchStats": {"requestCount": str(total), "successfulRequestCount": str(batch.counts["successful"]),
-                           "failedRequestCount": str(batch.counts["failed"]),
-                           "pendingRequestCount": str(0 if lifecycle.outcome else total - done)},
+            "@type": f"{_TYPE_PREFIX}GenerateContentBatch",
+            "name": batch.name,
+            "model": f"models/{batch.model}",
+            "createTime": rfc3339(batch.created),
+            "updateTime": rfc3339(batch.updated),
+            "state": state,
+            "batchStats": {
+                "requestCount": str(total),
+                "successfulRequestCount": str(batch.counts["successful"]),
+                "failedRequestCount": str(batch.counts["failed"]),
+                "pendingRequestCount": str(0 if lifecycle.outcome else total - done),
+            },
         }
         if batch.display_name:
             metadata["displayName"] = batch.display_name
@@ -272,16 +302,23 @@ class FakeGemini(FakeServer):
                 metadata: dict[str, dict[str, Any]] = {}
             else:
                 inline = source.get("requests", {}).get("requests", [])
-                keyed = [(str((item.get("metadata") or {}).get("key", index)), item)
-                         for index, item in enumerate(inline)]
+                keyed = [
+                    (str((item.get("metadata") or {}).get("key", index)), item) for index, item in enumerate(inline)
+                ]
                 requests = {key: item.get("request", {}) for key, item in keyed}
                 metadata = {key: item.get("metadata") for key, item in keyed}
             if not requests:
                 return _error(400, "INVALID_ARGUMENT", "The batch has no requests.")
             self.batches_created += 1
-            batch = _Batch(f"batches/{self._new_id()}", request.path_params["model"].removeprefix("models/"),
-                           spec.get("displayName"), requests, metadata, source.get("fileName"),
-                           Lifecycle(self.batches_created, list(requests)))
+            batch = _Batch(
+                f"batches/{self._new_id()}",
+                request.path_params["model"].removeprefix("models/"),
+                spec.get("displayName"),
+                requests,
+                metadata,
+                source.get("fileName"),
+                Lifecycle(self.batches_created, list(requests)),
+            )
             self._batches[batch.name] = batch
             answer = JSONResponse(self._operation(batch))
         return await self.answer_created(fault, answer)
@@ -308,18 +345,31 @@ class FakeGemini(FakeServer):
         if lifecycle.outcome != "completed":
             return
         failing = set(lifecycle.errored(settings))
-        results = settings.ordered([
-            (key, {"error": {"code": 3, "message": f"The fake was told to fail request {key}."}} if key in failing
-             else {"response": _generate_response(f"answer to {key}", batch.model, settings, self._new_id())})
-            for key in lifecycle.done_keys])
+        results = settings.ordered(
+            [
+                (
+                    key,
+                    {"error": {"code": 3, "message": f"The fake was told to fail request {key}."}}
+                    if key in failing
+                    else {"response": _generate_response(f"answer to {key}", batch.model, settings, self._new_id())},
+                )
+                for key in lifecycle.done_keys
+            ]
+        )
         batch.counts.update(successful=len(results) - len(failing), failed=len(failing))
         if batch.input_file is None:
-            inlined = [({"metadata": batch.metadata[key]} if batch.metadata.get(key) else {}) | outcome
-                       for key, outcome in results]
+            inlined = [
+                ({"metadata": batch.metadata[key]} if batch.metadata.get(key) else {}) | outcome
+                for key, outcome in results
+            ]
             batch.output = {"inlinedResponses": {"inlinedResponses": inlined}}
             return
-        output = _File(f"files/batch-{batch.name.removeprefix('batches/')}", "application/jsonl",
-                       json_lines({"key": key} | outcome for key, outcome in results), generated=True)
+        output = _File(
+            f"files/batch-{batch.name.removeprefix('batches/')}",
+            "application/jsonl",
+            json_lines({"key": key} | outcome for key, outcome in results),
+            generated=True,
+        )
         self._files[output.name] = output
         batch.output = {"responsesFile": output.name}
 
@@ -328,7 +378,7 @@ class FakeGemini(FakeServer):
         start = int(request.query_params.get("pageToken") or 0)
         with self.lock:
             newest_first = list(reversed(self._batches.values()))
-            page = newest_first[start:start + size]
+            page = newest_first[start : start + size]
             body: dict[str, Any] = {"operations": [self._operation(batch) for batch in page]}
             if start + size < len(newest_first):
                 body["nextPageToken"] = str(start + size)
@@ -362,22 +412,33 @@ class FakeGemini(FakeServer):
                 session = self._new_id()
                 self._uploads[session] = _Upload(json.loads(body or b"{}").get("file", {}))
                 url = f"{self.base_url}/upload/v1beta/files?upload_id={session}&upload_protocol=resumable"
-                return Response(headers={"x-goog-upload-url": url, "x-goog-upload-status": "active",
-                                         "x-goog-upload-chunk-granularity": "8388608"})
+                return Response(
+                    headers={
+                        "x-goog-upload-url": url,
+                        "x-goog-upload-status": "active",
+                        "x-goog-upload-chunk-granularity": "8388608",
+                    }
+                )
             upload = self._uploads.get(request.query_params.get("upload_id", ""))
             if upload is None or "upload" not in command:
-                return _error(400, "INVALID_ARGUMENT", "Unknown upload session or command.",
-                              {"x-goog-upload-status": "final"})
+                return _error(
+                    400, "INVALID_ARGUMENT", "Unknown upload session or command.", {"x-goog-upload-status": "final"}
+                )
             if int(request.headers.get("x-goog-upload-offset", -1)) != len(upload.content):
-                return _error(400, "INVALID_ARGUMENT", "Upload offset does not match the bytes received.",
-                              {"x-goog-upload-status": "final"})
+                return _error(
+                    400,
+                    "INVALID_ARGUMENT",
+                    "Upload offset does not match the bytes received.",
+                    {"x-goog-upload-status": "final"},
+                )
             upload.content += body
             if "finalize" not in command:
                 return Response(headers={"x-goog-upload-status": "active"})
             del self._uploads[request.query_params["upload_id"]]
             name = upload.file.get("name") or f"files/{self._new_id()}"
             mime_type = _proto_field(upload.file, "mimeType") or request.headers.get(
-                "x-goog-upload-header-content-type", "application/octet-stream")
+                "x-goog-upload-header-content-type", "application/octet-stream"
+            )
             stored = _File(name, mime_type, bytes(upload.content), _proto_field(upload.file, "displayName"))
             self._files[stored.name] = stored
             return JSONResponse({"file": stored.body(self.base_url)}, headers={"x-goog-upload-status": "final"})

@@ -35,8 +35,15 @@ def embedding_for(text: str) -> list[float]:
     return [struct.unpack("<f", struct.pack("<f", byte / 128 - 1))[0] for byte in digest[:EMBEDDING_DIMENSIONS]]
 
 
-def _error(status: int, message: str, *, error_type: str = "invalid_request_error", code: str | None = None,
-           param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(
+    status: int,
+    message: str,
+    *,
+    error_type: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -57,9 +64,17 @@ class _File:
     created_at: int = field(default_factory=unix_now)
 
     def body(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "file", "bytes": len(self.content), "created_at": self.created_at,
-                "filename": self.filename, "purpose": self.purpose, "status": "processed", "expires_at": None,
-                "status_details": None}
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": len(self.content),
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": "processed",
+            "expires_at": None,
+            "status_details": None,
+        }
 
 
 @dataclass
@@ -91,14 +106,25 @@ class _Batch:
 
     def body(self) -> dict[str, Any]:
         return {
-            "id": self.id, "object": "batch", "endpoint": self.endpoint, "input_file_id": self.input_file_id,
-            "completion_window": self.completion_window, "status": self.status,
-            "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
+            "id": self.id,
+            "object": "batch",
+            "endpoint": self.endpoint,
+            "input_file_id": self.input_file_id,
+            "completion_window": self.completion_window,
+            "status": self.status,
+            "output_file_id": self.output_file_id,
+            "error_file_id": self.error_file_id,
             "errors": {"object": "list", "data": self.errors} if self.errors else None,
-            "created_at": self.created_at, "expires_at": self.created_at + 24 * 3600,
-            **{f"{name}_at": self.times.get(name) for name in (
-                "in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")},
-            "request_counts": self.counts, "metadata": self.metadata, "model": self._model(), "usage": self.usage,
+            "created_at": self.created_at,
+            "expires_at": self.created_at + 24 * 3600,
+            **{
+                f"{name}_at": self.times.get(name)
+                for name in ("in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")
+            },
+            "request_counts": self.counts,
+            "metadata": self.metadata,
+            "model": self._model(),
+            "usage": self.usage,
         }
 
     def _model(self) -> str | None:
@@ -169,8 +195,9 @@ class FakeOpenAI(FakeServer):
         await self.hold("results")
         with self.lock:
             found = self._file(request.path_params["file_id"])
-            return found if isinstance(found, Response) else Response(found.content,
-                                                                      media_type="application/octet-stream")
+            return (
+                found if isinstance(found, Response) else Response(found.content, media_type="application/octet-stream")
+            )
 
     async def _delete_file(self, request: Request) -> Response:
         with self.lock:
@@ -185,8 +212,13 @@ class FakeOpenAI(FakeServer):
         with self.lock:
             fault = self.settings.take_create_fault()
             if retry_after := self.settings.refusal(fault):
-                return _error(429, "Rate limit reached for batch creation. Please try again later.",
-                              error_type="requests", code="rate_limit_exceeded", headers={"retry-after": retry_after})
+                return _error(
+                    429,
+                    "Rate limit reached for batch creation. Please try again later.",
+                    error_type="requests",
+                    code="rate_limit_exceeded",
+                    headers={"retry-after": retry_after},
+                )
             endpoint = body.get("endpoint")
             if endpoint not in ENDPOINTS:
                 return _error(400, f"The fake supports the endpoints {ENDPOINTS}, not {endpoint!r}.", param="endpoint")
@@ -199,8 +231,16 @@ class FakeOpenAI(FakeServer):
                 return input_file
             lines, problems = _parse_input(input_file.content, endpoint)
             self.batches_created += 1
-            batch = _Batch(self._new_id("batch_"), endpoint, input_file.id, "24h", body.get("metadata"), lines,
-                           Lifecycle(self.batches_created, list(lines), invalid=bool(problems)), problems)
+            batch = _Batch(
+                self._new_id("batch_"),
+                endpoint,
+                input_file.id,
+                "24h",
+                body.get("metadata"),
+                lines,
+                Lifecycle(self.batches_created, list(lines), invalid=bool(problems)),
+                problems,
+            )
             batch.counts["total"] = len(lines)
             self._batches[batch.id] = batch
             answer = batch.body()
@@ -226,18 +266,32 @@ class FakeOpenAI(FakeServer):
         lifecycle, settings = batch.lifecycle, self.settings
         batch.times[lifecycle.outcome] = now
         if lifecycle.outcome == "failed":
-            batch.errors = batch.validation_errors or [{
-                "code": "token_limit_exceeded", "line": None, "param": None,
-                "message": "Enqueued token limit reached for this model in your organization. Try again later."}]
+            batch.errors = batch.validation_errors or [
+                {
+                    "code": "token_limit_exceeded",
+                    "line": None,
+                    "param": None,
+                    "message": "Enqueued token limit reached for this model in your organization. Try again later.",
+                }
+            ]
             return
         batch.times["finalizing"] = now
-        outputs = [_output_line(key, batch.lines[key], batch.endpoint, settings, self._new_id)
-                   for key in lifecycle.succeeded(settings)]
+        outputs = [
+            _output_line(key, batch.lines[key], batch.endpoint, settings, self._new_id)
+            for key in lifecycle.succeeded(settings)
+        ]
         failures = [_failure_line(key, self._new_id) for key in lifecycle.errored(settings)]
         if lifecycle.outcome in _UNFINISHED_REASONS:
             code, message = _UNFINISHED_REASONS[lifecycle.outcome]
-            failures += [{"id": self._new_id("batch_req_"), "custom_id": key, "response": None,
-                          "error": {"code": code, "message": message}} for key in lifecycle.undone_keys]
+            failures += [
+                {
+                    "id": self._new_id("batch_req_"),
+                    "custom_id": key,
+                    "response": None,
+                    "error": {"code": code, "message": message},
+                }
+                for key in lifecycle.undone_keys
+            ]
         batch.output_file_id = self._store_output(batch, "output", settings.ordered(outputs))
         batch.error_file_id = self._store_output(batch, "error", settings.ordered(failures))
         batch.counts.update(completed=len(outputs), failed=len(failures))
@@ -245,9 +299,13 @@ class FakeOpenAI(FakeServer):
             usages = [line["response"]["body"]["usage"] for line in outputs]
             prompt = sum(usage["prompt_tokens"] for usage in usages)
             completion = sum(usage.get("completion_tokens", 0) for usage in usages)
-            batch.usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
-                           "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
-                           "total_tokens": prompt + completion}
+            batch.usage = {
+                "input_tokens": prompt,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": completion,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": prompt + completion,
+            }
 
     def _store_output(self, batch: _Batch, kind: str, lines: list[dict[str, Any]]) -> str | None:
         if not lines:
@@ -265,10 +323,16 @@ class FakeOpenAI(FakeServer):
             after = request.query_params.get("after")
             ids = [batch.id for batch in newest_first]
             start = ids.index(after) + 1 if after in ids else 0
-            page = newest_first[start:start + limit]
-            return JSONResponse({"object": "list", "data": [batch.body() for batch in page],
-                                 "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None,
-                                 "has_more": start + limit < len(newest_first)})
+            page = newest_first[start : start + limit]
+            return JSONResponse(
+                {
+                    "object": "list",
+                    "data": [batch.body() for batch in page],
+                    "first_id": page[0].id if page else None,
+                    "last_id": page[-1].id if page else None,
+                    "has_more": start + limit < len(newest_first),
+                }
+            )
 
     async def _cancel_batch(self, request: Request) -> Response:
         with self.lock:
@@ -283,16 +347,20 @@ class FakeOpenAI(FakeServer):
 
     async def _chat_completion(self, request: Request) -> Response:
         body = json.loads(await request.body())
-        return JSONResponse(_chat_body(f"answer to {_message_text(body.get('messages', []))}", body,
-                                       self.settings, self._new_id("chatcmpl-")))
+        return JSONResponse(
+            _chat_body(
+                f"answer to {_message_text(body.get('messages', []))}", body, self.settings, self._new_id("chatcmpl-")
+            )
+        )
 
     async def _embeddings(self, request: Request) -> Response:
         body = json.loads(await request.body())
         encoded = _embeddings_body(body, self.settings)
         if body.get("encoding_format") == "base64":
             for item in encoded["data"]:
-                item["embedding"] = base64.b64encode(struct.pack(f"<{len(item['embedding'])}f",
-                                                                 *item["embedding"])).decode()
+                item["embedding"] = base64.b64encode(
+                    struct.pack(f"<{len(item['embedding'])}f", *item["embedding"])
+                ).decode()
         return JSONResponse(encoded)
 
 
@@ -326,32 +394,59 @@ def _parse_input(content: bytes, endpoint: str) -> tuple[dict[str, dict[str, Any
     return lines, problems
 
 
-def _output_line(custom_id: str, line: dict[str, Any], endpoint: str, settings: BatchBehaviour,
-                 new_id: Callable[[str], str]) -> dict[str, Any]:
+def _output_line(
+    custom_id: str, line: dict[str, Any], endpoint: str, settings: BatchBehaviour, new_id: Callable[[str], str]
+) -> dict[str, Any]:
     request_body = line.get("body", {})
     if endpoint == "/v1/embeddings":
         response_body = _embeddings_body(request_body, settings)
     else:
         response_body = _chat_body(f"answer to {custom_id}", request_body, settings, new_id("chatcmpl-"))
-    return {"id": new_id("batch_req_"), "custom_id": custom_id, "error": None,
-            "response": {"status_code": 200, "request_id": new_id("req_"), "body": response_body}}
+    return {
+        "id": new_id("batch_req_"),
+        "custom_id": custom_id,
+        "error": None,
+        "response": {"status_code": 200, "request_id": new_id("req_"), "body": response_body},
+    }
 
 
 def _failure_line(custom_id: str, new_id: Callable[[str], str]) -> dict[str, Any]:
-    body = {"error": {"message": f"The fake was told to fail request {custom_id}.", "type": "invalid_request_error",
-                      "param": None, "code": None}}
-    return {"id": new_id("batch_req_"), "custom_id": custom_id, "error": None,
-            "response": {"status_code": 400, "request_id": new_id("req_"), "body": body}}
+    body = {
+        "error": {
+            "message": f"The fake was told to fail request {custom_id}.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    return {
+        "id": new_id("batch_req_"),
+        "custom_id": custom_id,
+        "error": None,
+        "response": {"status_code": 400, "request_id": new_id("req_"), "body": body},
+    }
 
 
 def _chat_body(text: str, request_body: dict[str, Any], settings: BatchBehaviour, completion_id: str) -> dict[str, Any]:
     return {
-        "id": completion_id, "object": "chat.completion", "created": unix_now(),
-        "model": request_body.get("model", "unknown"), "system_fingerprint": None,
-        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                     "message": {"role": "assistant", "content": text, "refusal": None}}],
-        "usage": {"prompt_tokens": settings.input_tokens, "completion_tokens": settings.output_tokens,
-                  "total_tokens": settings.input_tokens + settings.output_tokens},
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": unix_now(),
+        "model": request_body.get("model", "unknown"),
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "logprobs": None,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+            }
+        ],
+        "usage": {
+            "prompt_tokens": settings.input_tokens,
+            "completion_tokens": settings.output_tokens,
+            "total_tokens": settings.input_tokens + settings.output_tokens,
+        },
     }
 
 
@@ -359,7 +454,12 @@ def _embeddings_body(request_body: dict[str, Any], settings: BatchBehaviour) -> 
     inputs = request_body.get("input", "")
     texts = [inputs] if isinstance(inputs, str) else [str(text) for text in inputs]
     tokens = settings.input_tokens * len(texts)
-    return {"object": "list", "model": request_body.get("model", "unknown"),
-            "data": [{"object": "embedding", "index": index, "embedding": embedding_for(text)}
-                     for index, text in enumerate(texts)],
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return {
+        "object": "list",
+        "model": request_body.get("model", "unknown"),
+        "data": [
+            {"object": "embedding", "index": index, "embedding": embedding_for(text)}
+            for index, text in enumerate(texts)
+        ],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }

@@ -61,8 +61,13 @@ class FakeServer:
 
         async def logged(request: Request) -> Response:
             body = await request.body()
-            entry = LoggedRequest(request.method, request.url.path, dict(request.query_params),
-                                  {name.lower(): value for name, value in request.headers.items()}, body)
+            entry = LoggedRequest(
+                request.method,
+                request.url.path,
+                dict(request.query_params),
+                {name.lower(): value for name, value in request.headers.items()},
+                body,
+            )
             with self.lock:
                 self._log.append(entry)
             return await endpoint(request)
@@ -99,12 +104,14 @@ class FakeServer:
         the client cannot tell whether the batch exists."""
         await self.hold("create")
         if fault == "502_after":
-            return Response("<html><body><h1>502 Bad Gateway</h1></body></html>", status_code=502,
-                            media_type="text/html")
+            return Response(
+                "<html><body><h1>502 Bad Gateway</h1></body></html>", status_code=502, media_type="text/html"
+            )
         if fault == "reset_after":
             # Fewer bytes than Content-Length declares: the server closes the connection mid-answer.
-            return Response(answer.body[:10], media_type="application/json",
-                            headers={"content-length": str(len(answer.body))})
+            return Response(
+                answer.body[:10], media_type="application/json", headers={"content-length": str(len(answer.body))}
+            )
         if fault == "stall_after":
             await self.pause(self.settings.stall_s)
         return answer
@@ -115,8 +122,14 @@ class FakeServer:
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
         self._closing.clear()
-        config = uvicorn.Config(Starlette(routes=self.routes()), host="127.0.0.1", port=port, log_level="warning",
-                                lifespan="off", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            Starlette(routes=self.routes()),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+        )
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, name=f"{type(self).__name__}:{port}", daemon=True)
         thread.start()

@@ -31,15 +31,23 @@ def gemini_client(fake: FakeGemini, **options) -> genai.Client:
 
 
 def chat_lines(keys: list[str], model: str = "gpt-4o-mini", url: str = "/v1/chat/completions") -> bytes:
-    return b"".join(json.dumps({"custom_id": key, "method": "POST", "url": url, "body": {
-        "model": model, "messages": [{"role": "user", "content": f"question {key}"}]}}).encode() + b"\n"
-        for key in keys)
+    return b"".join(
+        json.dumps(
+            {
+                "custom_id": key,
+                "method": "POST",
+                "url": url,
+                "body": {"model": model, "messages": [{"role": "user", "content": f"question {key}"}]},
+            }
+        ).encode()
+        + b"\n"
+        for key in keys
+    )
 
 
 def openai_batch(client: openai.OpenAI, keys: list[str]) -> str:
     uploaded = client.files.create(file=("requests.jsonl", chat_lines(keys)), purpose="batch")
-    return client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                 completion_window="24h").id
+    return client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h").id
 
 
 def jsonl(content: bytes) -> list[dict]:
@@ -54,8 +62,12 @@ def test_openai_batch_lifecycle(fake_openai: FakeOpenAI):
     assert (uploaded.purpose, uploaded.bytes) == ("batch", len(content))
     assert client.files.content(uploaded.id).read() == content
 
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                  completion_window="24h", metadata={"idempotency_key": "chunk-1"})
+    batch = client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"idempotency_key": "chunk-1"},
+    )
     assert (batch.status, batch.metadata) == ("validating", {"idempotency_key": "chunk-1"})
     assert client.batches.retrieve(batch.id).status == "in_progress"
     done = client.batches.retrieve(batch.id)
@@ -65,7 +77,8 @@ def test_openai_batch_lifecycle(fake_openai: FakeOpenAI):
 
     lines = jsonl(client.files.content(done.output_file_id).read())
     assert {line["custom_id"]: line["response"]["body"]["choices"][0]["message"]["content"] for line in lines} == {
-        key: f"answer to {key}" for key in ("r0", "r1", "r2")}
+        key: f"answer to {key}" for key in ("r0", "r1", "r2")
+    }
     assert all(line["response"]["body"]["usage"]["prompt_tokens"] == 30 for line in lines)
 
     for file_id in (uploaded.id, done.output_file_id):
@@ -91,7 +104,9 @@ def test_openai_failed_items_out_of_order_and_expiry(fake_openai: FakeOpenAI):
     assert {line["custom_id"] for line in jsonl(client.files.content(expired.output_file_id).read())} == {"e0", "e1"}
     errors = jsonl(client.files.content(expired.error_file_id).read())
     assert {(line["custom_id"], line["error"]["code"], line["response"]) for line in errors} == {
-        ("e2", "batch_expired", None), ("e3", "batch_expired", None)}
+        ("e2", "batch_expired", None),
+        ("e3", "batch_expired", None),
+    }
 
 
 def test_openai_fails_one_batch_while_others_succeed(fake_openai: FakeOpenAI):
@@ -154,16 +169,22 @@ def test_openai_list_pages_and_cancel_keeps_finished_items(fake_openai: FakeOpen
     cancelled = client.batches.retrieve(ids[0])
     assert (cancelled.status, cancelled.request_counts.completed) == ("cancelled", 2)
     errors = jsonl(client.files.content(cancelled.error_file_id).read())
-    assert {(line["custom_id"], line["error"]["code"]) for line in errors} == {("c2", "batch_cancelled"),
-                                                                                 ("c3", "batch_cancelled")}
+    assert {(line["custom_id"], line["error"]["code"]) for line in errors} == {
+        ("c2", "batch_cancelled"),
+        ("c3", "batch_cancelled"),
+    }
     with pytest.raises(openai.BadRequestError):
         client.batches.cancel(ids[0])
 
 
 def test_openai_embeddings_batch_and_real_time_calls(fake_openai: FakeOpenAI):
     client = openai_client(fake_openai)
-    line = {"custom_id": "v0", "method": "POST", "url": "/v1/embeddings",
-            "body": {"model": "text-embedding-3-small", "input": "some text"}}
+    line = {
+        "custom_id": "v0",
+        "method": "POST",
+        "url": "/v1/embeddings",
+        "body": {"model": "text-embedding-3-small", "input": "some text"},
+    }
     uploaded = client.files.create(file=("requests.jsonl", json.dumps(line).encode()), purpose="batch")
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
     [output] = jsonl(client.files.content(client.batches.retrieve(batch.id).output_file_id).read())
@@ -171,15 +192,26 @@ def test_openai_embeddings_batch_and_real_time_calls(fake_openai: FakeOpenAI):
 
     chat = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}])
     assert (chat.choices[0].message.content, chat.usage.prompt_tokens, chat.usage.completion_tokens) == (
-        "answer to hello", 12, 7)
+        "answer to hello",
+        12,
+        7,
+    )
     # The SDK asks for base64 unless told otherwise and decodes it itself.
     assert client.embeddings.create(model="text-embedding-3-small", input=["x"]).data[0].embedding == embedding_for("x")
 
 
 def message_requests(keys: list[str]) -> list[dict]:
-    return [{"custom_id": key, "params": {"model": "claude-haiku-4-5", "max_tokens": 64,
-                                          "messages": [{"role": "user", "content": f"question {key}"}]}}
-            for key in keys]
+    return [
+        {
+            "custom_id": key,
+            "params": {
+                "model": "claude-haiku-4-5",
+                "max_tokens": 64,
+                "messages": [{"role": "user", "content": f"question {key}"}],
+            },
+        }
+        for key in keys
+    ]
 
 
 def test_anthropic_batch_lifecycle(fake_anthropic: FakeAnthropic):
@@ -194,9 +226,11 @@ def test_anthropic_batch_lifecycle(fake_anthropic: FakeAnthropic):
 
     results = {result.custom_id: result.result for result in client.messages.batches.results(batch.id)}
     assert {key: result.message.content[0].text for key, result in results.items()} == {
-        key: f"answer to {key}" for key in ("a0", "a1", "a2")}
+        key: f"answer to {key}" for key in ("a0", "a1", "a2")
+    }
     assert {(result.message.usage.input_tokens, result.message.usage.output_tokens) for result in results.values()} == {
-        (12, 7)}
+        (12, 7)
+    }
     assert len(fake_anthropic.calls("GET", rf"/v1/messages/batches/{batch.id}/results")) == 1
     assert [item.id for item in client.messages.batches.list(limit=10)] == [batch.id]
     assert client.messages.batches.delete(batch.id).type == "message_batch_deleted"
@@ -212,7 +246,11 @@ def test_anthropic_errored_and_expired_items_out_of_order(fake_anthropic: FakeAn
     assert (counts.succeeded, counts.errored, counts.expired) == (1, 1, 2)
     results = list(client.messages.batches.results(batch.id))
     assert [(result.custom_id, result.result.type) for result in results] == [
-        ("a3", "expired"), ("a2", "expired"), ("a1", "errored"), ("a0", "succeeded")]
+        ("a3", "expired"),
+        ("a2", "expired"),
+        ("a1", "errored"),
+        ("a0", "succeeded"),
+    ]
     assert results[2].result.error.error.type == "invalid_request_error"
 
 
@@ -247,8 +285,9 @@ def test_anthropic_sdk_retries_429_and_validates_custom_ids(fake_anthropic: Fake
     with pytest.raises(anthropic.BadRequestError):
         client.messages.batches.create(requests=message_requests(["not valid!"]))
 
-    message = client.messages.create(model="claude-haiku-4-5", max_tokens=64,
-                                     messages=[{"role": "user", "content": "hello"}])
+    message = client.messages.create(
+        model="claude-haiku-4-5", max_tokens=64, messages=[{"role": "user", "content": "hello"}]
+    )
     assert (message.content[0].text, message.usage.input_tokens) == ("answer to hello", 12)
 
 
@@ -259,8 +298,9 @@ def gemini_request(key: str) -> dict:
 def test_gemini_inline_batch_lifecycle(fake_gemini: FakeGemini):
     fake_gemini.settings.polls_to_complete = 2
     client = gemini_client(fake_gemini)
-    job = client.batches.create(model="gemini-2.5-flash", src=[gemini_request(key) for key in ("g0", "g1")],
-                                config={"display_name": "chunk-1"})
+    job = client.batches.create(
+        model="gemini-2.5-flash", src=[gemini_request(key) for key in ("g0", "g1")], config={"display_name": "chunk-1"}
+    )
     assert (job.state, job.display_name, job.name.startswith("batches/")) == ("JOB_STATE_PENDING", "chunk-1", True)
     assert client.batches.get(name=job.name).state == "JOB_STATE_RUNNING"
     done = client.batches.get(name=job.name)
@@ -268,23 +308,33 @@ def test_gemini_inline_batch_lifecycle(fake_gemini: FakeGemini):
     answers = {item.metadata["key"]: item.response for item in done.dest.inlined_responses}
     assert {key: response.text for key, response in answers.items()} == {"g0": "answer to g0", "g1": "answer to g1"}
     assert answers["g0"].usage_metadata.prompt_token_count == 12
-    assert fake_gemini.calls("POST", "/v1beta/models/gemini-2.5-flash:batchGenerateContent")[0].headers[
-        "x-goog-api-key"] == "test-key"
+    assert (
+        fake_gemini.calls("POST", "/v1beta/models/gemini-2.5-flash:batchGenerateContent")[0].headers["x-goog-api-key"]
+        == "test-key"
+    )
 
 
 def test_gemini_file_batch_with_resumable_upload_and_download(fake_gemini: FakeGemini):
     settings = fake_gemini.settings
     settings.fail_item, settings.out_of_order = (lambda key: key == "k1"), True
     client = gemini_client(fake_gemini)
-    lines = b"".join(json.dumps({"key": key, "request": {"contents": [{"parts": [{"text": key}]}]}}).encode() + b"\n"
-                     for key in ("k0", "k1", "k2"))
-    uploaded = client.files.upload(file=io.BytesIO(lines),
-                                   config={"mime_type": "application/jsonl", "display_name": "requests"})
-    assert (uploaded.size_bytes, uploaded.mime_type, uploaded.display_name) == (len(lines), "application/jsonl",
-                                                                               "requests")
+    lines = b"".join(
+        json.dumps({"key": key, "request": {"contents": [{"parts": [{"text": key}]}]}}).encode() + b"\n"
+        for key in ("k0", "k1", "k2")
+    )
+    uploaded = client.files.upload(
+        file=io.BytesIO(lines), config={"mime_type": "application/jsonl", "display_name": "requests"}
+    )
+    assert (uploaded.size_bytes, uploaded.mime_type, uploaded.display_name) == (
+        len(lines),
+        "application/jsonl",
+        "requests",
+    )
     start, finish = fake_gemini.calls("POST", "/upload/v1beta/files")
-    assert (start.headers["x-goog-upload-command"], finish.headers["x-goog-upload-command"]) == ("start",
-                                                                                                 "upload, finalize")
+    assert (start.headers["x-goog-upload-command"], finish.headers["x-goog-upload-command"]) == (
+        "start",
+        "upload, finalize",
+    )
     assert finish.body == lines
 
     job = client.batches.create(model="gemini-2.5-flash", src=uploaded.name)
@@ -329,8 +379,10 @@ def test_gemini_create_429_has_no_sdk_retry_unless_configured(fake_gemini: FakeG
     fake_gemini.settings.create_429s = 1
     retrying = gemini_client(fake_gemini, retry_options=FAST_RETRY)
     retrying.batches.create(model="gemini-2.5-flash", src=[gemini_request("x")])
-    assert (len(fake_gemini.calls("POST", r"/v1beta/models/[^/]+:batchGenerateContent")),
-            fake_gemini.batches_created) == (3, 1)
+    assert (
+        len(fake_gemini.calls("POST", r"/v1beta/models/[^/]+:batchGenerateContent")),
+        fake_gemini.batches_created,
+    ) == (3, 1)
 
 
 class Report(BaseModel):
@@ -343,8 +395,9 @@ STRUCTURED = types.GenerateContentConfig(response_mime_type="application/json", 
 
 
 def generate(client: genai.Client) -> types.GenerateContentResponse:
-    return client.models.generate_content(model="gemini-2.5-flash-lite", contents="how are we doing?",
-                                          config=STRUCTURED)
+    return client.models.generate_content(
+        model="gemini-2.5-flash-lite", contents="how are we doing?", config=STRUCTURED
+    )
 
 
 def test_gemini_generate_content_structured_output(fake_gemini: FakeGemini):

@@ -5,8 +5,11 @@ import pytest
 from server.ml.generator import TextGenerator
 from server.ml.loader import locate
 
-SHORT, MIDDLE, LONG = "The cat", "Once upon a time there was a small village", (
-    "The stock market rose sharply on Tuesday after the central bank held interest rates steady and")
+SHORT, MIDDLE, LONG = (
+    "The cat",
+    "Once upon a time there was a small village",
+    ("The stock market rose sharply on Tuesday after the central bank held interest rates steady and"),
+)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,13 @@ from server.ml.loader import locate
 from tests.support.app import serving
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-PROMPTS = ["The cat", "Once upon a time there was a small village", "The stock market rose sharply on Tuesday after",
-           "In the beginning", "A quiet harbour at dawn, where the fishermen"]
+PROMPTS = [
+    "The cat",
+    "Once upon a time there was a small village",
+    "The stock market rose sharply on Tuesday after",
+    "In the beginning",
+    "A quiet harbour at dawn, where the fishermen",
+]
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16", "float16"])
@@ -70,7 +75,7 @@ def test_auto_picks_the_gpu_and_bfloat16_where_it_computes_it():
 
 async def test_the_server_answers_from_the_gpu_and_names_it(settings):
     async with serving(settings.model_copy(update={"device": "cuda"})) as client:
-        generated = (await client.post("/generate", json={"prompts": ["Once upon a time"], "max_new_tokens": 4}))
+        generated = await client.post("/generate", json={"prompts": ["Once upon a time"], "max_new_tokens": 4})
         root = (await client.get("/")).json()
         health = (await client.get("/health")).json()
     dtype = resolve("GENERATOR", "cuda", "auto", "fp32", "auto").dtype_name

@@ -7,8 +7,9 @@ from tests.ml.conftest import LONG, MIDDLE, SHORT
 PROMPTS = (LONG, MIDDLE, SHORT, "A", "In the beginning the universe was created")
 
 
-def decode(generator: TextGenerator, sequences: list[Sequence], joining: dict[int, list[Sequence]] | None = None
-           ) -> dict[int, Generation]:
+def decode(
+    generator: TextGenerator, sequences: list[Sequence], joining: dict[int, list[Sequence]] | None = None
+) -> dict[int, Generation]:
     """Decode `sequences`, letting `joining[step]` join before that step; finished rows leave at once."""
     pending = {0: sequences, **(joining or {})}
     rows = [s for step in sorted(pending) for s in pending[step]]
@@ -41,11 +42,17 @@ def test_rows_joining_and_leaving_mid_flight_keep_their_tokens(generator: TextGe
     prompts = [generator.encode(p) for p in PROMPTS]
     lengths = (20, 3, 9, 14, 6)
     reference = [generator.generate([p], GenerationParams(n))[0] for p, n in zip(prompts, lengths, strict=True)]
-    first = [Sequence(tuple(prompts[0]), GenerationParams(lengths[0])),
-             Sequence(tuple(prompts[1]), GenerationParams(lengths[1]))]
-    joining = {2: [Sequence(tuple(prompts[2]), GenerationParams(lengths[2]))],
-               5: [Sequence(tuple(prompts[3]), GenerationParams(lengths[3])),
-                   Sequence(tuple(prompts[4]), GenerationParams(lengths[4]))]}
+    first = [
+        Sequence(tuple(prompts[0]), GenerationParams(lengths[0])),
+        Sequence(tuple(prompts[1]), GenerationParams(lengths[1])),
+    ]
+    joining = {
+        2: [Sequence(tuple(prompts[2]), GenerationParams(lengths[2]))],
+        5: [
+            Sequence(tuple(prompts[3]), GenerationParams(lengths[3])),
+            Sequence(tuple(prompts[4]), GenerationParams(lengths[4])),
+        ],
+    }
     out = decode(generator, first, joining)
     assert [out[i] for i in range(5)] == reference
 
@@ -53,8 +60,9 @@ def test_rows_joining_and_leaving_mid_flight_keep_their_tokens(generator: TextGe
 def test_leaving_rows_free_cache_columns(generator: TextGenerator):
     long, short = generator.encode(LONG), generator.encode(SHORT)
     with torch.inference_mode():
-        batch = generator.decoder.prefill([Sequence(tuple(long), GenerationParams(4)),
-                                           Sequence(tuple(short), GenerationParams(4))])
+        batch = generator.decoder.prefill(
+            [Sequence(tuple(long), GenerationParams(4)), Sequence(tuple(short), GenerationParams(4))]
+        )
     assert batch.mask.shape[1] == len(long)
     batch.keep([1])
     assert batch.mask.shape[1] == len(short) and batch.cache.layers[0].keys.shape[2] == len(short)
@@ -65,8 +73,11 @@ def test_seeded_sampling_matches_the_static_path_in_any_batch(generator: TextGen
     prompts = [generator.encode(p) for p in PROMPTS[:3]]
     static = generator.generate(prompts, params, seeds=[7, 8, 9])
     alone = decode(generator, [Sequence(tuple(prompts[1]), params, seed=8)])[0]
-    joined = decode(generator, [Sequence(tuple(prompts[0]), params, seed=7)],
-                    {3: [Sequence(tuple(prompts[1]), params, seed=8), Sequence(tuple(prompts[2]), params, seed=9)]})
+    joined = decode(
+        generator,
+        [Sequence(tuple(prompts[0]), params, seed=7)],
+        {3: [Sequence(tuple(prompts[1]), params, seed=8), Sequence(tuple(prompts[2]), params, seed=9)]},
+    )
     assert alone == static[1] == joined[1]
     assert [joined[0], joined[2]] == [static[0], static[2]]
 
@@ -82,13 +93,13 @@ def test_rows_with_different_parameters_share_steps(generator: TextGenerator):
 def test_stop_strings_end_the_row_and_cut_the_text(generator: TextGenerator):
     prompt = tuple(generator.encode(MIDDLE))
     full = generator.generate([prompt], GenerationParams(16))[0]
-    stop = full.text[len(full.text) // 2:][:3]
+    stop = full.text[len(full.text) // 2 :][:3]
     params = GenerationParams(16, stop=(stop,))
     static = generator.generate([prompt], params)[0]
     continuous = decode(generator, [Sequence(prompt, params)])[0]
     assert static == continuous
-    assert continuous.finish_reason == "stop" and continuous.text == full.text[:full.text.find(stop)]
-    assert len(continuous.token_ids) < 16 and full.token_ids[:len(continuous.token_ids)] == continuous.token_ids
+    assert continuous.finish_reason == "stop" and continuous.text == full.text[: full.text.find(stop)]
+    assert len(continuous.token_ids) < 16 and full.token_ids[: len(continuous.token_ids)] == continuous.token_ids
 
 
 def test_a_resumed_row_continues_as_if_never_interrupted(generator: TextGenerator):

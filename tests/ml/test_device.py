@@ -53,10 +53,13 @@ def test_an_unknown_device_is_refused():
         resolve_device("gpu")
 
 
-@pytest.mark.parametrize(("dtype", "precision", "kernels", "refusal"), [
-    ("bfloat16", "fp32", "auto", "GENERATOR_DTYPE=bfloat16 is refused on the CPU"),
-    ("float16", "fp32", "torch", "GENERATOR_DTYPE=float16 is refused on the CPU"),
-])
+@pytest.mark.parametrize(
+    ("dtype", "precision", "kernels", "refusal"),
+    [
+        ("bfloat16", "fp32", "auto", "GENERATOR_DTYPE=bfloat16 is refused on the CPU"),
+        ("float16", "fp32", "torch", "GENERATOR_DTYPE=float16 is refused on the CPU"),
+    ],
+)
 def test_half_precision_is_refused_on_the_cpu(dtype, precision, kernels, refusal):
     with pytest.raises(DeviceRefused, match=refusal):
         resolve("GENERATOR", "cpu", dtype, precision, kernels)

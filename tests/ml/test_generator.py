@@ -39,7 +39,7 @@ def test_length_limit_and_eos_are_reported(generator: TextGenerator, standins: t
     stopping.tokenizer.eos_token = stopping.tokenizer.convert_ids_to_tokens(third)
     stopped = stopping.generate([generator.encode(SHORT)], GenerationParams(max_new_tokens=5))[0]
     assert stopped.finish_reason == "stop"
-    assert stopped.token_ids == out.token_ids[:out.token_ids.index(third)]
+    assert stopped.token_ids == out.token_ids[: out.token_ids.index(third)]
 
 
 def test_abandoned_rows_stop_at_the_next_step_and_the_others_are_unchanged(generator: TextGenerator):

@@ -107,7 +107,7 @@ def test_the_onednn_fp32_classifier_gives_transformers_labels_and_scores(standin
     assert fast.kernels == "onednn" and fast.name == reference.name and fast.revision == reference.revision
     assert not any(type(m) is nn.Linear for m in fast.model.modules())
     texts = [*PROMPTS, LONG, MIDDLE, SHORT]
-    for batch in ([[t] for t in texts] + [texts]):
+    for batch in [[t] for t in texts] + [texts]:
         expected, got = reference.classify(batch), fast.classify(batch)
         assert [s.label for s in got] == [s.label for s in expected]
         assert [s.score for s in got] == pytest.approx([s.score for s in expected], abs=1e-5)

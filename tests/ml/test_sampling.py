@@ -47,7 +47,9 @@ def test_logprobs_are_log_softmax_of_the_models_logits_for_prompt_and_generated_
         assert [p for _, p in entry.top] == pytest.approx(best.values.tolist(), abs=1e-4)
     # Scoring a row leaves its tokens, and its batch-mate's, as they are without it.
     assert decode(generator, row(generator, MIDDLE, max_new_tokens=5), row(generator, LONG, max_new_tokens=5)) == [
-        scored.tokens, plain.tokens]
+        scored.tokens,
+        plain.tokens,
+    ]
 
 
 def test_no_new_tokens_scores_the_prompt_alone(generator):
@@ -60,8 +62,11 @@ def test_no_new_tokens_scores_the_prompt_alone(generator):
 def test_top_k_one_is_greedy_and_leaves_its_neighbours_alone(generator):
     [greedy] = decode(generator, row(generator, MIDDLE, max_new_tokens=10))
     [seeded_alone] = decode(generator, row(generator, SHORT, 3, max_new_tokens=10, temperature=1.0))
-    top_one, seeded = decode(generator, row(generator, MIDDLE, 11, max_new_tokens=10, temperature=1.5, top_k=1),
-                             row(generator, SHORT, 3, max_new_tokens=10, temperature=1.0))
+    top_one, seeded = decode(
+        generator,
+        row(generator, MIDDLE, 11, max_new_tokens=10, temperature=1.5, top_k=1),
+        row(generator, SHORT, 3, max_new_tokens=10, temperature=1.0),
+    )
     assert top_one == greedy and seeded == seeded_alone
     [wide] = decode(generator, row(generator, MIDDLE, 11, max_new_tokens=10, temperature=1.5, top_k=50))
     assert wide != greedy
@@ -73,13 +78,22 @@ def test_repetition_penalty_is_transformers_processor_and_its_greedy_output(gene
     expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([seen]), scores.unsqueeze(0))[0]
     assert torch.equal(penalize_repetition(scores, seen, 1.3), expected)
 
-    penalized, plain = decode(generator, row(generator, MIDDLE, max_new_tokens=12, repetition_penalty=1.3),
-                              row(generator, LONG, max_new_tokens=12))
+    penalized, plain = decode(
+        generator,
+        row(generator, MIDDLE, max_new_tokens=12, repetition_penalty=1.3),
+        row(generator, LONG, max_new_tokens=12),
+    )
     prompt = torch.tensor([generator.encode(MIDDLE)])
     with torch.inference_mode():
-        hf = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
-                                repetition_penalty=1.3, pad_token_id=reference.config.eos_token_id)
-    assert penalized == hf[0, prompt.shape[1]:].tolist()
+        hf = reference.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=12,
+            do_sample=False,
+            repetition_penalty=1.3,
+            pad_token_id=reference.config.eos_token_id,
+        )
+    assert penalized == hf[0, prompt.shape[1] :].tolist()
     assert penalized != decode(generator, row(generator, MIDDLE, max_new_tokens=12))[0]
     assert plain == decode(generator, row(generator, LONG, max_new_tokens=12))[0]
 
@@ -99,8 +113,9 @@ def eos_first(generator: TextGenerator) -> TextGenerator:
 
 
 def test_end_of_text_ends_a_row_unless_it_is_ignored_or_before_min_tokens(eos_first):
-    stops, ignores, waits = (row(eos_first, MIDDLE, **params) for params in (
-        {}, {"ignore_eos": True}, {"min_tokens": 3}))
+    stops, ignores, waits = (
+        row(eos_first, MIDDLE, **params) for params in ({}, {"ignore_eos": True}, {"min_tokens": 3})
+    )
     decode(eos_first, stops, ignores, waits)
     eos = eos_first.tokenizer.eos_token_id
     assert (stops.finish_reason, eos_first.result(stops).token_ids) == ("stop", [])

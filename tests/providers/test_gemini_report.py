@@ -16,8 +16,12 @@ def client(fake, timeout_s: float = 10.0) -> GeminiJson:
 
 
 async def test_the_answer_is_validated_against_the_schema_sent(fake_gemini):
-    answer = {"summary": "fine", "severity": "warning", "recommendations": ["add a replica"],
-              "findings": [{"title": "p95", "detail": "p95 is 1.2 s", "severity": "warning"}]}
+    answer = {
+        "summary": "fine",
+        "severity": "warning",
+        "recommendations": ["add a replica"],
+        "findings": [{"title": "p95", "detail": "p95 is 1.2 s", "severity": "warning"}],
+    }
     fake_gemini.settings.generate_answer = json.dumps(answer)
     report = await client(fake_gemini).generate("how are we doing?", ReportBody)
     assert report == ReportBody.model_validate(answer)

@@ -262,13 +262,15 @@ class Stepper:
 async def test_an_item_whose_callers_are_gone_is_aborted_mid_computation(reason):
     stepper = Stepper()
     executor = ThreadPoolExecutor(1)
-    batcher = MicroBatcher("stepper", stepper, executor, max_batch_size=4, max_wait_s=0.001, queue_limit=10,
-                           dedup_key_of=lambda item: item)
+    batcher = MicroBatcher(
+        "stepper", stepper, executor, max_batch_size=4, max_wait_s=0.001, queue_limit=10, dedup_key_of=lambda item: item
+    )
     batcher.start()
     before = metric("batch_aborted_items_total", model="stepper", reason=reason)
     try:
-        callers = [asyncio.create_task(batcher.submit([1], timeout_s=0.2 if reason == "deadline" else 10))
-                   for _ in range(2)]
+        callers = [
+            asyncio.create_task(batcher.submit([1], timeout_s=0.2 if reason == "deadline" else 10)) for _ in range(2)
+        ]
         await asyncio.to_thread(stepper.started.wait, 5)
         if reason == "cancelled":
             callers[0].cancel()

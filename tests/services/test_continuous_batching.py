@@ -59,6 +59,7 @@ class Passes:
 @pytest.fixture
 async def generator(standins) -> TextGenerator:
     from server.ml.loader import locate
+
     location = locate(str(standins[0]), "generator", "local", standins[0].parent)
     return TextGenerator.load(location, str(standins[0].parent))
 
@@ -119,8 +120,11 @@ async def test_the_loop_gives_its_thread_back_after_every_step(make, generator):
 
 async def test_rows_with_different_sampling_parameters_share_decoding_steps(make, generator):
     batcher, passes = make()
-    jobs = [job(generator, "Same start", 6), job(generator, "Same start", 6, temperature=0.8, seed=4),
-            job(generator, "Other", 6, temperature=1.5, top_p=0.5, seed=9)]
+    jobs = [
+        job(generator, "Same start", 6),
+        job(generator, "Same start", 6, temperature=0.8, seed=4),
+        job(generator, "Other", 6, temperature=1.5, top_p=0.5, seed=9),
+    ]
     outs = await asyncio.gather(*(batcher.submit([j], timeout_s=30) for j in jobs))
     for j, [out] in zip(jobs, outs, strict=True):
         assert out == generator.generate([j.prompt_ids], j.params, [j.seed])[0]
@@ -131,8 +135,9 @@ async def test_rows_with_different_sampling_parameters_share_decoding_steps(make
 async def test_tokens_stream_after_each_step_and_add_up_to_the_answer(make, generator):
     batcher, passes = make()
     chunks: list[list[int]] = []
-    request = asyncio.create_task(batcher.submit([job(generator, "Streaming", 7)], timeout_s=30,
-                                                 on_tokens=lambda ids, _: chunks.append(ids)))
+    request = asyncio.create_task(
+        batcher.submit([job(generator, "Streaming", 7)], timeout_s=30, on_tokens=lambda ids, _: chunks.append(ids))
+    )
     await passes.hold_before(1)
     for _ in range(500):
         if chunks:
@@ -161,8 +166,10 @@ async def test_equal_deterministic_jobs_share_one_row_and_a_late_joiner_gets_the
 
 async def test_interactive_rows_join_first_and_background_rows_are_capped(make, generator):
     batcher, passes = make(max_batch_size=8, background_max_size=2)
-    background = [asyncio.create_task(batcher.submit([job(generator, f"background {i}", 30)], timeout_s=60,
-                                                     background=True)) for i in range(5)]
+    background = [
+        asyncio.create_task(batcher.submit([job(generator, f"background {i}", 30)], timeout_s=60, background=True))
+        for i in range(5)
+    ]
     await passes.hold_before(2)
     interactive = asyncio.create_task(batcher.submit([job(generator, "interactive", 3)], timeout_s=30))
     await asyncio.sleep(0.05)
@@ -178,8 +185,8 @@ async def test_interactive_rows_join_first_and_background_rows_are_capped(make, 
     mine = tuple(generator.encode("interactive"))
     joined = next(i for i, (_, prompts) in enumerate(passes.log) if mine in prompts)
     left = next(i for i in range(joined, len(passes.log)) if mine not in passes.log[i][1])
-    assert not any(kind == "prefill" for kind, _ in passes.log[joined + 1:left]), "background joined meanwhile"
-    assert all(prompts == [mine] for _, prompts in passes.log[joined + 1:left]), "background rows shared its steps"
+    assert not any(kind == "prefill" for kind, _ in passes.log[joined + 1 : left]), "background joined meanwhile"
+    assert all(prompts == [mine] for _, prompts in passes.log[joined + 1 : left]), "background rows shared its steps"
 
 
 async def test_a_cancelled_caller_frees_its_row_within_one_step(make, generator):
@@ -223,9 +230,11 @@ async def test_a_row_that_breaks_a_step_fails_alone_and_the_others_finish(make, 
 
     generator.decoder.step = failing
     good = [job(generator, f"good {i}", 6) for i in range(3)]
-    results = await asyncio.gather(*(batcher.submit([j], timeout_s=30) for j in good),
-                                   batcher.submit([Job(poison, GenerationParams(6))], timeout_s=30),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(batcher.submit([j], timeout_s=30) for j in good),
+        batcher.submit([Job(poison, GenerationParams(6))], timeout_s=30),
+        return_exceptions=True,
+    )
     assert isinstance(results[3], ModelFailed)
     for j, [out] in zip(good, results[:3], strict=True):
         assert out == generator.generate([j.prompt_ids], j.params)[0]
@@ -272,16 +281,17 @@ async def until(condition, timeout_s: float = 20.0) -> None:
 
 @pytest.mark.parametrize("surgery", ["extend", "keep"])
 async def test_an_error_outside_the_forward_pass_fails_the_rows_the_loop_owned_and_the_loop_restarts(
-        make, generator, monkeypatch, surgery):
+    make, generator, monkeypatch, surgery
+):
     batcher, passes = make(restart=FAST_RESTART)
     before = metric("background_task_failures_total", task="batcher-generator")
     # Rows of different lengths (a short one leaves: `keep`), then more rows joining the running batch (`extend`).
-    first = [asyncio.create_task(batcher.submit([job(generator, f"first {i}", 3 + 6 * i)], timeout_s=30))
-             for i in range(3)]
+    first = [
+        asyncio.create_task(batcher.submit([job(generator, f"first {i}", 3 + 6 * i)], timeout_s=30)) for i in range(3)
+    ]
     await passes.hold_before(2)
     FailOnce(monkeypatch, surgery)
-    joining = [asyncio.create_task(batcher.submit([job(generator, f"joining {i}", 5)], timeout_s=30))
-               for i in range(3)]
+    joining = [asyncio.create_task(batcher.submit([job(generator, f"joining {i}", 5)], timeout_s=30)) for i in range(3)]
     await asyncio.sleep(0.05)
     passes.let_go()
     outcomes = await asyncio.gather(*first, *joining, return_exceptions=True)
@@ -346,13 +356,15 @@ async def test_a_guilty_row_among_32_is_found_by_bisection_while_the_others_go_o
             assert out == generator.generate([j.prompt_ids], j.params), i
     assert await asyncio.wrap_future(newcomer[0]) == generator.generate([newcomer_job.prompt_ids], newcomer_job.params)
     first_failure = next(i for i, (_, _, failing) in enumerate(log) if failing)
-    after = log[first_failure + 1:]
+    after = log[first_failure + 1 :]
     bisection = [prompts for kind, prompts, _ in after if kind == "prefill" and newcomer_job.prompt_ids not in prompts]
     assert len(bisection) <= 5 + 1, "log2(32) + 1 extra passes"
-    resumed = [prompts for kind, prompts, failing in after
-               if kind == "prefill" and prompts in bisection and not failing]
+    resumed = [
+        prompts for kind, prompts, failing in after if kind == "prefill" and prompts in bisection and not failing
+    ]
     assert sorted(p for prompts in resumed for p in prompts) == sorted(
-        j.prompt_ids for j in jobs if j.prompt_ids != guilty), "every innocent row resumed once"
+        j.prompt_ids for j in jobs if j.prompt_ids != guilty
+    ), "every innocent row resumed once"
     # Meanwhile the newcomer was admitted and the rows cleared first kept decoding.
     last_bisection = max(i for i, (kind, prompts, _) in enumerate(after) if kind == "prefill" and prompts in bisection)
     joined = next(i for i, (kind, prompts, _) in enumerate(after) if newcomer_job.prompt_ids in prompts)
@@ -374,4 +386,3 @@ async def test_a_job_joining_a_waiting_row_takes_no_queue_room(make, generator):
     passes.let_go()
     outputs = await asyncio.gather(running, *waiting, other)
     assert outputs[1] == outputs[2] == outputs[3]
-

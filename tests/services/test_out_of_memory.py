@@ -64,8 +64,9 @@ async def test_a_row_too_large_for_memory_alone_fails_and_the_loop_serves_on(set
 
     generator.decoder.step = step_within_memory
     small = Job(tuple(generator.encode("small")), 4)
-    results = await asyncio.gather(batcher.submit([Job(huge, 4)], timeout_s=60), batcher.submit([small], timeout_s=60),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        batcher.submit([Job(huge, 4)], timeout_s=60), batcher.submit([small], timeout_s=60), return_exceptions=True
+    )
     assert isinstance(results[0], ModelFailed) and "out of memory" in str(results[0])
     [after] = await batcher.submit([Job(tuple(generator.encode("after")), 3)], timeout_s=60)
     assert results[1] == [generator.generate([small.prompt_ids], small.params)[0]] and after.token_ids

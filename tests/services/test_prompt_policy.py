@@ -5,10 +5,17 @@ from server.services.prompt_policy import PromptPolicy, read_terms
 from tests.support.metrics import metric
 
 
-@pytest.mark.parametrize("prompt", [
-    "Tell me about Forbidden things", "FORBIDDEN", "ｆｏｒｂｉｄｄｅｎ fruit", "a (forbidden) word",
-    "two  words\tapart here", "The ﬁnal one",
-])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "Tell me about Forbidden things",
+        "FORBIDDEN",
+        "ｆｏｒｂｉｄｄｅｎ fruit",
+        "a (forbidden) word",
+        "two  words\tapart here",
+        "The ﬁnal one",
+    ],
+)
 def test_a_term_matches_case_insensitively_on_word_boundaries_after_nfkc(prompt):
     policy = PromptPolicy(["forbidden", "two words", "final"])
     with pytest.raises(BlockedPrompt) as blocked:
@@ -38,14 +45,16 @@ async def test_a_blocked_prompt_is_a_400_before_any_model_work(app_client):
     runtime.generation.policy = PromptPolicy(["secret plan"])
     computed = metric("model_items_total", model="generator")
     rejected = metric("policy_rejections_total", endpoint="generate")
-    response = await app_client.post("/generate", json={"prompts": ["hello", "The SECRET   plan is"],
-                                                        "max_new_tokens": 2})
+    response = await app_client.post(
+        "/generate", json={"prompts": ["hello", "The SECRET   plan is"], "max_new_tokens": 2}
+    )
     assert response.status_code == 400
     assert response.json() == {"detail": "prompt 1 contains blocked content", "index": 1}
     assert metric("model_items_total", model="generator") == computed
     assert metric("policy_rejections_total", endpoint="generate") == rejected + 1
-    assert (await app_client.post("/generate", json={"prompts": ["a secretive planner"], "max_new_tokens": 2})
-            ).status_code == 200
+    assert (
+        await app_client.post("/generate", json={"prompts": ["a secretive planner"], "max_new_tokens": 2})
+    ).status_code == 200
 
 
 def test_the_setting_names_a_missing_file(tmp_path):

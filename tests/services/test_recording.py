@@ -25,14 +25,31 @@ from server.services.records.store import Record
 
 
 def prediction(i: int, text: str | None = None) -> dict:
-    return {"id": f"p{i}", "text": text or f"text {i}", "label": "POSITIVE", "score": 0.9, "model": "m",
-            "latency_ms": 1.0, "created_at": datetime.now(UTC)}
+    return {
+        "id": f"p{i}",
+        "text": text or f"text {i}",
+        "label": "POSITIVE",
+        "score": 0.9,
+        "model": "m",
+        "latency_ms": 1.0,
+        "created_at": datetime.now(UTC),
+    }
 
 
 def generation(i: int, prompt: str = "p") -> dict:
-    return {"id": f"g{i}", "prompt": prompt, "generated_text": f"{prompt} q", "completion": " q", "model": "m",
-            "params": {"max_new_tokens": 1}, "finish_reason": "length", "prompt_tokens": 1, "completion_tokens": 1,
-            "latency_ms": 1.0, "created_at": datetime.now(UTC)}
+    return {
+        "id": f"g{i}",
+        "prompt": prompt,
+        "generated_text": f"{prompt} q",
+        "completion": " q",
+        "model": "m",
+        "params": {"max_new_tokens": 1},
+        "finish_reason": "length",
+        "prompt_tokens": 1,
+        "completion_tokens": 1,
+        "latency_ms": 1.0,
+        "created_at": datetime.now(UTC),
+    }
 
 
 @pytest.fixture
@@ -44,8 +61,14 @@ async def engine(database_url: str):
 
 def writer(engine, database_url: str, tmp_path: Path, interval_s: float = 60.0, **options) -> RecordWriter:
     options = {"max_items": 1000, "shutdown_timeout_s": 10.0, **options}
-    return RecordWriter(session_factory(engine), database_url=database_url, flush_interval_s=interval_s,
-                        spill_dir=tmp_path / "spill", timeout_s=5.0, **options)
+    return RecordWriter(
+        session_factory(engine),
+        database_url=database_url,
+        flush_interval_s=interval_s,
+        spill_dir=tmp_path / "spill",
+        timeout_s=5.0,
+        **options,
+    )
 
 
 async def count(engine, table) -> int:
@@ -74,8 +97,11 @@ def failures(reason: str) -> float:
 async def test_rows_are_written_with_one_statement_per_table(engine, database_url, tmp_path):
     await asyncio.to_thread(migrate.upgrade, database_url)
     inserts = []
-    event.listen(engine.sync_engine, "before_cursor_execute",
-                 lambda conn, cursor, statement, *rest: inserts.append(statement) if "INSERT" in statement else None)
+    event.listen(
+        engine.sync_engine,
+        "before_cursor_execute",
+        lambda conn, cursor, statement, *rest: inserts.append(statement) if "INSERT" in statement else None,
+    )
     records = writer(engine, database_url, tmp_path)
     records.add(PredictionRecord, [prediction(i) for i in range(40)])
     records.add(GenerationRecord, [generation(i) for i in range(30)])
@@ -122,7 +148,8 @@ async def test_writing_a_row_twice_stores_it_once(engine, database_url, tmp_path
 
 
 async def test_rows_that_cannot_be_written_at_shutdown_are_spilled_to_a_file_naming_the_database(
-        engine, database_url, tmp_path, caplog):
+    engine, database_url, tmp_path, caplog
+):
     records = writer(engine, database_url, tmp_path, interval_s=0.01)
     records.start()
     records.add(PredictionRecord, [prediction(i) for i in range(4)])
@@ -152,8 +179,9 @@ async def test_a_row_the_database_rejects_is_set_aside_and_the_others_land(engin
     rejected = spilled(tmp_path, "rejected")
     expected_rejected = {f"p{i}" for i in with_nul if i < 70} | {f"g{i - 70}" for i in with_nul if i >= 70}
     assert {line["row"]["id"] for line in rejected} == (expected_rejected if postgres else set())
-    assert stored | {line["row"]["id"] for line in rejected} == {f"p{i}" for i in range(70)} | {f"g{i}" for i in
-                                                                                                 range(30)}
+    assert stored | {line["row"]["id"] for line in rejected} == {f"p{i}" for i in range(70)} | {
+        f"g{i}" for i in range(30)
+    }
     assert len(stored) == (97 if postgres else 100) and records.pending == 0
     assert failures("rejected") - before == records.rejected == (3 if postgres else 0)
     if postgres:
@@ -198,7 +226,8 @@ async def test_failure_warnings_are_throttled(engine, database_url, tmp_path, ca
 
 
 async def test_rows_past_the_buffer_bound_are_spilled_and_written_once_the_database_is_back(
-        engine, database_url, tmp_path):
+    engine, database_url, tmp_path
+):
     records = writer(engine, database_url, tmp_path, interval_s=0.02, buffer_max=5)
     for i in range(3):
         records.add(PredictionRecord, [prediction(i * 4 + j) for j in range(4)])
@@ -227,8 +256,14 @@ async def spill_while_down(engine, database_url, tmp_path, rows: list[dict]) -> 
 
 
 async def replay(engine, database_url, tmp_path, **options):
-    return await replay_spill(session_factory(engine), tmp_path / "spill", database_identity(database_url),
-                              timeout_s=5.0, chunk_size=3, **options)
+    return await replay_spill(
+        session_factory(engine),
+        tmp_path / "spill",
+        database_identity(database_url),
+        timeout_s=5.0,
+        chunk_size=3,
+        **options,
+    )
 
 
 async def test_replay_writes_each_row_once_and_removes_its_file(engine, database_url, tmp_path):
@@ -252,8 +287,12 @@ async def test_replay_writes_each_row_once_and_removes_its_file(engine, database
 
 async def test_replay_leaves_the_files_of_another_database_alone(engine, database_url, tmp_path):
     await asyncio.to_thread(migrate.upgrade, database_url)
-    other = write_spill(tmp_path / "spill", "postgresql+asyncpg://app:***@elsewhere/db", "records",
-                        [(Record(PredictionRecord.__table__, prediction(1)), None)])
+    other = write_spill(
+        tmp_path / "spill",
+        "postgresql+asyncpg://app:***@elsewhere/db",
+        "records",
+        [(Record(PredictionRecord.__table__, prediction(1)), None)],
+    )
     [report] = await replay(engine, database_url, tmp_path)
     assert report.other_database == "postgresql+asyncpg://app:***@elsewhere/db" and "left alone" in str(report)
     assert other.exists() and await count(engine, PredictionRecord) == 0
@@ -267,8 +306,7 @@ async def test_replay_keeps_the_file_when_the_database_fails(engine, database_ur
     assert spill_file.exists()
 
 
-async def test_concurrent_replays_claim_each_file_once_and_a_dead_claim_is_taken_over(engine, database_url,
-                                                                                     tmp_path):
+async def test_concurrent_replays_claim_each_file_once_and_a_dead_claim_is_taken_over(engine, database_url, tmp_path):
     for n in range(3):
         await spill_while_down(engine, database_url, tmp_path, [prediction(n * 10 + i) for i in range(4)])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -276,8 +314,9 @@ async def test_concurrent_replays_claim_each_file_once_and_a_dead_claim_is_taken
     files = sorted((tmp_path / "spill").glob("records-*.jsonl"))
     files[0].rename(files[0].with_name(f"{files[0].name}.claimed-{dead.pid}"))
     await asyncio.to_thread(migrate.upgrade, database_url)
-    reports = [r for rs in await asyncio.gather(*(replay(engine, database_url, tmp_path) for _ in range(3)))
-               for r in rs]
+    reports = [
+        r for rs in await asyncio.gather(*(replay(engine, database_url, tmp_path) for _ in range(3))) for r in rs
+    ]
     assert sorted(r.path.name for r in reports) == [path.name for path in files]
     assert sum(r.inserted for r in reports) == 12 and sum(r.present for r in reports) == 0
     assert await count(engine, PredictionRecord) == 12
@@ -286,8 +325,12 @@ async def test_concurrent_replays_claim_each_file_once_and_a_dead_claim_is_taken
 
 async def test_rejected_rows_are_replayed_only_on_request(engine, database_url, tmp_path):
     await asyncio.to_thread(migrate.upgrade, database_url)
-    write_spill(tmp_path / "spill", database_identity(database_url), "rejected",
-                [(Record(PredictionRecord.__table__, prediction(1)), "a reason since fixed")])
+    write_spill(
+        tmp_path / "spill",
+        database_identity(database_url),
+        "rejected",
+        [(Record(PredictionRecord.__table__, prediction(1)), "a reason since fixed")],
+    )
     assert await replay(engine, database_url, tmp_path) == []
     [report] = await replay(engine, database_url, tmp_path, kinds=("records", "rejected"))
     assert report.inserted == 1 and await count(engine, PredictionRecord) == 1
@@ -297,13 +340,27 @@ async def test_rejected_rows_are_replayed_only_on_request(engine, database_url, 
 def test_the_replay_command_writes_the_spilled_rows_and_prints_each_file(tmp_path):
     database_url = f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}"
     migrate.upgrade(database_url)
-    path = write_spill(tmp_path / "spill", database_identity(database_url), "records",
-                       [(Record(PredictionRecord.__table__, prediction(i)), None) for i in range(3)])
-    write_spill(tmp_path / "spill", "sqlite+aiosqlite:////elsewhere.db", "records",
-                [(Record(PredictionRecord.__table__, prediction(9)), None)])
+    path = write_spill(
+        tmp_path / "spill",
+        database_identity(database_url),
+        "records",
+        [(Record(PredictionRecord.__table__, prediction(i)), None) for i in range(3)],
+    )
+    write_spill(
+        tmp_path / "spill",
+        "sqlite+aiosqlite:////elsewhere.db",
+        "records",
+        [(Record(PredictionRecord.__table__, prediction(9)), None)],
+    )
     env = {**os.environ, "DATABASE_URL": database_url, "RECORD_SPILL_DIR": str(tmp_path / "spill")}
-    result = subprocess.run([sys.executable, "-m", "server", "db", "replay-spill"], cwd=PROJECT_ROOT, timeout=120,
-                            capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "db", "replay-spill"],
+        cwd=PROJECT_ROOT,
+        timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert f"{path}: 3 replayed, 0 already present" in result.stdout
     assert "left alone, it belongs to sqlite+aiosqlite:////elsewhere.db" in result.stdout
@@ -311,8 +368,9 @@ def test_the_replay_command_writes_the_spilled_rows_and_prints_each_file(tmp_pat
     assert not path.exists()
 
 
-async def test_records_health_is_degraded_while_writes_fail_or_the_backlog_does_not_shrink(engine, database_url,
-                                                                                         tmp_path):
+async def test_records_health_is_degraded_while_writes_fail_or_the_backlog_does_not_shrink(
+    engine, database_url, tmp_path
+):
     records = writer(engine, database_url, tmp_path, max_items=5)
     records.add(PredictionRecord, [prediction(1)])
     assert records_check(records).status == "ok"
@@ -337,8 +395,9 @@ async def test_records_health_is_degraded_while_writes_fail_or_the_backlog_does_
     assert check.status == "ok" and check.detail["pending"] == 0 and check.detail["last_error"]
 
 
-async def test_an_unexpected_error_in_the_background_task_restarts_it_and_health_says_so(engine, database_url,
-                                                                                        tmp_path, caplog):
+async def test_an_unexpected_error_in_the_background_task_restarts_it_and_health_says_so(
+    engine, database_url, tmp_path, caplog
+):
     await asyncio.to_thread(migrate.upgrade, database_url)
     records = writer(engine, database_url, tmp_path, interval_s=0.02)
     flush, broken = records.flush, asyncio.Event()

@@ -57,8 +57,17 @@ class PostgresServer:
     def start(self) -> "PostgresServer":
         if not self.data.exists():
             self._run(_pg_bin("initdb"), "-D", str(self.data), "-U", "test", "--auth=trust", "-E", "UTF8")
-        self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-w", "-l", str(self.directory / "log"), "-o",
-                  f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        self._run(
+            _pg_bin("pg_ctl"),
+            "-D",
+            str(self.data),
+            "-w",
+            "-l",
+            str(self.directory / "log"),
+            "-o",
+            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        )
         return self
 
     def stop(self) -> None:
@@ -86,8 +95,22 @@ class RedisServer:
         if binary is None:
             raise FileNotFoundError("redis-server not found: install it (apt-get install -y redis-server)")
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for_port(self.port)
         return self
 
@@ -117,11 +140,16 @@ class HAProxyServer:
         binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
         if not Path(binary).exists():
             raise FileNotFoundError("haproxy not found: install it (apt-get install -y haproxy)")
-        env = {**os.environ, "HAPROXY_BIND": f"127.0.0.1:{self.port}", "HAPROXY_STATS_SOCKET": str(self.socket),
-               **{f"APP{i}": backend for i, backend in enumerate(self.backends, 1)}}
+        env = {
+            **os.environ,
+            "HAPROXY_BIND": f"127.0.0.1:{self.port}",
+            "HAPROXY_STATS_SOCKET": str(self.socket),
+            **{f"APP{i}": backend for i, backend in enumerate(self.backends, 1)},
+        }
         log = (self.directory / "haproxy.log").open("w")
-        self.process = subprocess.Popen([binary, "-db", "-f", str(self.CONFIG)], env=env, stdout=log,
-                                        stderr=subprocess.STDOUT, cwd=self.directory)
+        self.process = subprocess.Popen(
+            [binary, "-db", "-f", str(self.CONFIG)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.directory
+        )
         wait_for_port(self.port)
         return self
 

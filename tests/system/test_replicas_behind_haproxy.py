@@ -38,9 +38,13 @@ class Replica:
 
     def start(self) -> None:
         with self.log.open("a") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(self.port)],
-                                            env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT,
-                                            cwd=PROJECT_ROOT)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "server", "serve", "--port", str(self.port)],
+                env={**os.environ, **self.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=PROJECT_ROOT,
+            )
 
     def wait_ready(self, timeout_s: float = 180) -> None:
         deadline = time.monotonic() + timeout_s
@@ -87,10 +91,17 @@ def cluster(standins, postgres: PostgresServer, tmp_path_factory: pytest.TempPat
     asyncio.run(_create_database(postgres, "replicas"))
     redis = RedisServer(directory / "redis").start()
     generator, classifier = standins
-    env = {"GENERATOR_MODEL": str(generator), "SENTIMENT_MODEL": str(classifier), "MODEL_SOURCE": "local",
-           "DATABASE_URL": postgres.url("replicas"), "REDIS_URL": redis.url, "TORCH_NUM_THREADS": "1",
-           "LOG_LEVEL": "warning", "INGRESS_RATE_LIMIT": "off",
-           "INGRESS_RATE_LIMIT_PREDICT": f"{PREDICT_BURST}/hour;burst={PREDICT_BURST}"}
+    env = {
+        "GENERATOR_MODEL": str(generator),
+        "SENTIMENT_MODEL": str(classifier),
+        "MODEL_SOURCE": "local",
+        "DATABASE_URL": postgres.url("replicas"),
+        "REDIS_URL": redis.url,
+        "TORCH_NUM_THREADS": "1",
+        "LOG_LEVEL": "warning",
+        "INGRESS_RATE_LIMIT": "off",
+        "INGRESS_RATE_LIMIT_PREDICT": f"{PREDICT_BURST}/hour;burst={PREDICT_BURST}",
+    }
     replicas = [Replica(f"app{i}", env, directory) for i in (1, 2, 3)]
     haproxy = HAProxyServer([f"127.0.0.1:{replica.port}" for replica in replicas])
     try:
@@ -123,8 +134,9 @@ class Load:
             while self.running:
                 started = time.monotonic()
                 try:
-                    response = await client.post("/generate", json={"prompts": [f"load {index} {sent}"],
-                                                                    "max_new_tokens": 4})
+                    response = await client.post(
+                        "/generate", json={"prompts": [f"load {index} {sent}"], "max_new_tokens": 4}
+                    )
                     outcome = str(response.status_code)
                 except httpx.HTTPError as exc:
                     outcome = type(exc).__name__
@@ -162,8 +174,9 @@ async def test_the_per_client_rate_limit_is_exact_across_the_replicas(cluster):
     """One client's requests spread over the three replicas (directly and through HAProxy) share one budget."""
     urls = [replica.url for replica in cluster.replicas] + [cluster.haproxy.url]
     async with httpx.AsyncClient(timeout=60) as client:
-        responses = await asyncio.gather(*(client.post(f"{urls[i % 4]}/predict", json={"text": f"limit {i}"})
-                                           for i in range(2 * PREDICT_BURST)))
+        responses = await asyncio.gather(
+            *(client.post(f"{urls[i % 4]}/predict", json={"text": f"limit {i}"}) for i in range(2 * PREDICT_BURST))
+        )
     codes = [response.status_code for response in responses]
     assert codes.count(200) == PREDICT_BURST and codes.count(429) == PREDICT_BURST, codes
 
@@ -171,6 +184,7 @@ async def test_the_per_client_rate_limit_is_exact_across_the_replicas(cluster):
 async def test_a_rolling_restart_fails_no_request(cluster):
     """Each replica in turn gets SIGTERM under load: it drains (readiness 503 for DRAIN_S while it still serves),
     HAProxy takes it out, it comes back; no request fails."""
+
     async def roll(load: Load) -> None:
         for index, replica in enumerate(cluster.replicas, 1):
             await asyncio.to_thread(replica.stop, signal.SIGTERM)

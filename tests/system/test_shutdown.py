@@ -17,10 +17,10 @@ SHUTDOWN_TIMEOUT_S = 2.0
 EXIT_MARGIN_S = 20
 
 
-def test_sigterm_under_load_drains_readiness_503_at_once_and_every_request_meanwhile_is_answered(
-        standins, tmp_path):
-    process, port = start_server(standins, tmp_path, DRAIN_S=str(DRAIN_S),
-                                 SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S), INGRESS_RATE_LIMIT="off")
+def test_sigterm_under_load_drains_readiness_503_at_once_and_every_request_meanwhile_is_answered(standins, tmp_path):
+    process, port = start_server(
+        standins, tmp_path, DRAIN_S=str(DRAIN_S), SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S), INGRESS_RATE_LIMIT="off"
+    )
     base = f"http://127.0.0.1:{port}"
     sent: list[tuple[float, int | str]] = []
     stop = threading.Event()
@@ -32,8 +32,9 @@ def test_sigterm_under_load_drains_readiness_503_at_once_and_every_request_meanw
                     return
                 at = time.monotonic()
                 try:
-                    status: int | str = client.post("/generate", json={"prompts": [f"client {worker} asks {i}"],
-                                                                        "max_new_tokens": 3}).status_code
+                    status: int | str = client.post(
+                        "/generate", json={"prompts": [f"client {worker} asks {i}"], "max_new_tokens": 3}
+                    ).status_code
                 except httpx.HTTPError as exc:
                     status = type(exc).__name__
                 sent.append((at, status))
@@ -61,13 +62,21 @@ def test_sigterm_under_load_drains_readiness_503_at_once_and_every_request_meanw
 
 def test_bare_uvicorn_exits_within_the_bound_and_a_body_never_finished_gets_a_json_503(standins, tmp_path):
     # The body deadlines far away: the bound under test is the shutdown's, not the body reader's.
-    process, port = start_server(standins, tmp_path, ("-m", "uvicorn", "server.main:app"), DRAIN_S="1",
-                                 SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S), BODY_TIMEOUT_S="600",
-                                 BODY_DEADLINE_S="600")
+    process, port = start_server(
+        standins,
+        tmp_path,
+        ("-m", "uvicorn", "server.main:app"),
+        DRAIN_S="1",
+        SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S),
+        BODY_TIMEOUT_S="600",
+        BODY_DEADLINE_S="600",
+    )
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
-            client.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                           b"Content-Length: 100000\r\nExpect: 100-continue\r\n\r\n")
+            client.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100000\r\nExpect: 100-continue\r\n\r\n"
+            )
             # uvicorn answers 100 Continue when the app first asks for the body: the request is in the app now.
             assert client.recv(100).startswith(b"HTTP/1.1 100 Continue")
             client.sendall(b'{"text": "never finish')

@@ -7,8 +7,9 @@ from pydantic import BaseModel, Field
 from server.core.request_types import REQUEST_CONFIG
 
 Endpoint = Literal["/v1/completions", "/v1/chat/completions", "/v1/embeddings"]
-BatchStatus = Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
-                      "cancelled"]
+BatchStatus = Literal[
+    "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
+]
 
 
 class FileObject(BaseModel):

@@ -23,13 +23,20 @@ def job_id(batch_id: str) -> str:
 
 def batch_out(view: BatchView) -> Batch:
     row, counts = view.batch, view.counts
-    return Batch(id=f"{ID_PREFIX}{row.id}", endpoint=row.endpoint, model=view.job.model or None,
-                 errors=BatchErrors(data=[BatchError(**error) for error in row.errors]) if row.errors else None,
-                 input_file_id=row.input_file_id, completion_window=row.completion_window,
-                 status=view.status,
-                 output_file_id=row.output_file_id, error_file_id=row.error_file_id,
-                 request_counts=RequestCounts(total=counts.total, completed=counts.succeeded, failed=counts.failed),
-                 metadata=row.batch_metadata, **batch_times(view))
+    return Batch(
+        id=f"{ID_PREFIX}{row.id}",
+        endpoint=row.endpoint,
+        model=view.job.model or None,
+        errors=BatchErrors(data=[BatchError(**error) for error in row.errors]) if row.errors else None,
+        input_file_id=row.input_file_id,
+        completion_window=row.completion_window,
+        status=view.status,
+        output_file_id=row.output_file_id,
+        error_file_id=row.error_file_id,
+        request_counts=RequestCounts(total=counts.total, completed=counts.succeeded, failed=counts.failed),
+        metadata=row.batch_metadata,
+        **batch_times(view),
+    )
 
 
 @router.post("/batches", response_model=Batch)
@@ -40,14 +47,18 @@ async def create_batch(body: BatchCreate, batches: OpenAIBatchesDep, principal: 
 
 
 @router.get("/batches", response_model=BatchList)
-async def list_batches(batches: OpenAIBatchesDep, principal: PrincipalDep,
-                       limit: Annotated[int, Query(ge=1, le=100)] = 20,
-                       after: Annotated[str | None, Query(max_length=64)] = None) -> BatchList:
+async def list_batches(
+    batches: OpenAIBatchesDep,
+    principal: PrincipalDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+) -> BatchList:
     """The tenant's batches, newest first; `after` a batch id for the next page."""
     views, more = await batches.page(principal.scope(), limit=limit, after=job_id(after) if after else None)
     data = [batch_out(view) for view in views]
-    return BatchList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
-                     has_more=more)
+    return BatchList(
+        data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None, has_more=more
+    )
 
 
 @router.get("/batches/{batch_id}", response_model=Batch)

@@ -10,10 +10,16 @@ import json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PREFIX = "/v1/"
-_KINDS = {401: ("invalid_request_error", "invalid_api_key"), 403: ("invalid_request_error", "insufficient_permissions"),
-          404: ("invalid_request_error", "not_found"), 408: ("invalid_request_error", "timeout"),
-          413: ("invalid_request_error", "request_too_large"), 429: ("requests", "rate_limit_exceeded"),
-          503: ("server_error", "overloaded"), 504: ("server_error", "timeout")}
+_KINDS = {
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", "insufficient_permissions"),
+    404: ("invalid_request_error", "not_found"),
+    408: ("invalid_request_error", "timeout"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("requests", "rate_limit_exceeded"),
+    503: ("server_error", "overloaded"),
+    504: ("server_error", "timeout"),
+}
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
@@ -26,8 +32,10 @@ def _translate(status: int, body: dict) -> tuple[int, dict]:
         return status, body
     detail = body.get("detail", "error")
     if isinstance(detail, list):
+
         def where(error: dict) -> str:
             return ".".join(str(part) for part in error.get("loc", ())[1:]) or "body"
+
         message = "; ".join(f"{where(e)}: {e.get('msg', '')}" for e in detail if isinstance(e, dict))
         param = where(detail[0]) if detail and isinstance(detail[0], dict) else None
         return 400, error_body(400, message or "invalid request", param)
@@ -62,8 +70,9 @@ class OpenAIErrorMiddleware:
                     status, translated = start["status"], error_body(start["status"], body.decode(errors="replace"))
                 payload = json.dumps(translated).encode()
                 headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
-                await send({**start, "status": status, "headers": [*headers, (b"content-length",
-                                                                               str(len(payload)).encode())]})
+                await send(
+                    {**start, "status": status, "headers": [*headers, (b"content-length", str(len(payload)).encode())]}
+                )
                 await send({"type": "http.response.body", "body": payload})
                 return
             await send(message)

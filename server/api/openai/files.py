@@ -19,9 +19,14 @@ FileId = Annotated[str, Path(max_length=64)]
 
 
 def file_object(row: StoredFile) -> FileObject:
-    return FileObject(id=row.id, bytes=row.bytes, created_at=int(utc(row.created_at).timestamp()),
-                      expires_at=int(utc(row.expires_at).timestamp()), filename=row.filename,
-                      purpose=row.purpose)
+    return FileObject(
+        id=row.id,
+        bytes=row.bytes,
+        created_at=int(utc(row.created_at).timestamp()),
+        expires_at=int(utc(row.expires_at).timestamp()),
+        filename=row.filename,
+        purpose=row.purpose,
+    )
 
 
 async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
@@ -30,8 +35,12 @@ async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
 
 
 @router.post("/files", response_model=FileObject)
-async def upload_file(file: Annotated[UploadFile, File()], purpose: Annotated[Literal["batch"], Form()],
-                      batches: OpenAIBatchesDep, principal: PrincipalDep) -> FileObject:
+async def upload_file(
+    file: Annotated[UploadFile, File()],
+    purpose: Annotated[Literal["batch"], Form()],
+    batches: OpenAIBatchesDep,
+    principal: PrincipalDep,
+) -> FileObject:
     """A batch input file (JSON lines, one request each) of the caller's tenant."""
     try:
         row = await batches.files.create(principal.tenant, file.filename or "upload.jsonl", purpose, _chunks(file))
@@ -41,14 +50,21 @@ async def upload_file(file: Annotated[UploadFile, File()], purpose: Annotated[Li
 
 
 @router.get("/files", response_model=FileList)
-async def list_files(batches: OpenAIBatchesDep, principal: PrincipalDep,
-                     purpose: Literal["batch", "batch_output"] | None = None,
-                     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
-                     after: Annotated[str | None, Query(max_length=64)] = None) -> FileList:
+async def list_files(
+    batches: OpenAIBatchesDep,
+    principal: PrincipalDep,
+    purpose: Literal["batch", "batch_output"] | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+) -> FileList:
     """The tenant's files, newest first."""
     rows, more = await batches.files.page(principal.scope(), purpose=purpose, limit=limit, after=after)
-    return FileList(data=[file_object(row) for row in rows], first_id=rows[0].id if rows else None,
-                    last_id=rows[-1].id if rows else None, has_more=more)
+    return FileList(
+        data=[file_object(row) for row in rows],
+        first_id=rows[0].id if rows else None,
+        last_id=rows[-1].id if rows else None,
+        has_more=more,
+    )
 
 
 @router.get("/files/{file_id}", response_model=FileObject)

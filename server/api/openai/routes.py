@@ -39,21 +39,34 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=JSONBodyRoute)
 STARTED = int(time.time())
 # JSON has no -inf; vLLM reports an impossible token's log-probability as this.
 MIN_LOGPROB = -9999.0
-STREAM_DOC: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {
-    "description": 'With `"stream": true`: OpenAI\'s chunks as `data:` lines, then `data: [DONE]`'}}}}
+STREAM_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {
+            "text/event-stream": {
+                "description": 'With `"stream": true`: OpenAI\'s chunks as `data:` lines, then `data: [DONE]`'
+            }
+        }
+    }
+}
 
 
 def _options(body: Sampling) -> GenerationOptions:
-    return GenerationOptions(max_new_tokens=body.new_tokens,
-                             temperature=1.0 if body.temperature is None else body.temperature,
-                             top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=body.stops,
-                             top_k=body.top_k or 0,
-                             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-                             min_tokens=body.min_tokens or 0, ignore_eos=bool(body.ignore_eos))
+    return GenerationOptions(
+        max_new_tokens=body.new_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        stop=body.stops,
+        top_k=body.top_k or 0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        min_tokens=body.min_tokens or 0,
+        ignore_eos=bool(body.ignore_eos),
+    )
 
 
-def _logprobs(token_ids: Sequence[int], entries: Sequence[TokenLogprob | None], offset: int,
-              decode: Callable[[list[int]], str]) -> CompletionLogprobs:
+def _logprobs(
+    token_ids: Sequence[int], entries: Sequence[TokenLogprob | None], offset: int, decode: Callable[[list[int]], str]
+) -> CompletionLogprobs:
     """OpenAI's `logprobs` object for these tokens, whose text starts at `offset` in the choice's text."""
     out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
     for token, entry in zip(token_ids, entries, strict=True):
@@ -83,14 +96,30 @@ def _usage(results: Iterable[GenerationResult]) -> Usage:
 def _unknown_model(body: Sampling, service: GenerationService, request: Request) -> JSONResponse | None:
     if request.app.state.runtime.model_name(body.model) == service.generator.name:
         return None
-    return JSONResponse(error_body(404, f"The model `{body.model}` does not exist (this server serves "
-                                        f"`{service.generator.name}`).", "model", "model_not_found"), 404)
+    return JSONResponse(
+        error_body(
+            404,
+            f"The model `{body.model}` does not exist (this server serves `{service.generator.name}`).",
+            "model",
+            "model_not_found",
+        ),
+        404,
+    )
 
 
-async def _answer(request: Request, response: Response, service: GenerationService, bypass: bool, tenant: str,
-                  body: Sampling, prompts: list[Prompt], chunk: Callable[[int, str | None, str | None], dict],
-                  whole: Callable[[list[GenerationResult]], object], options: GenerationOptions | None = None,
-                  scored: Callable[[TextChunk], dict] | None = None):
+async def _answer(
+    request: Request,
+    response: Response,
+    service: GenerationService,
+    bypass: bool,
+    tenant: str,
+    body: Sampling,
+    prompts: list[Prompt],
+    chunk: Callable[[int, str | None, str | None], dict],
+    whole: Callable[[list[GenerationResult]], object],
+    options: GenerationOptions | None = None,
+    scored: Callable[[TextChunk], dict] | None = None,
+):
     """Run the prompts; a stream of `chunk(index, text, finish_reason)` dicts (with `scored(text_chunk)` as the
     choice's `logprobs`, when given), or `whole(results)`."""
     options = options or _options(body)
@@ -114,8 +143,7 @@ async def _answer(request: Request, response: Response, service: GenerationServi
             return [chunk(-1, None, None) | {"usage": _usage(finished).model_dump()}] if body.include_usage else []
 
         return event_stream(stream, render, lambda status, detail: error_body(status, detail), closing)
-    results = await unless_disconnected(request, service.generate(prompts, options, tenant=tenant,
-                                                                  bypass_cache=bypass))
+    results = await unless_disconnected(request, service.generate(prompts, options, tenant=tenant, bypass_cache=bypass))
     response.headers["X-Cache"] = x_cache([r.cached for r in results])
     return whole(results)
 
@@ -126,20 +154,32 @@ async def models(runtime: RuntimeDep) -> ModelList:
     return ModelList(data=[ModelCard(id=runtime.generator.name, created=STARTED, owned_by="inference-server")])
 
 
-@router.post("/completions", response_model=Completion,
-             responses={**STREAM_DOC, **error_responses(*MODEL_ROUTE_ERRORS)})
-async def completions(body: CompletionRequest, request: Request, response: Response, service: GenerationDep,
-                      bypass: CacheBypassDep, principal: PrincipalDep) -> Completion | Response:
+@router.post(
+    "/completions", response_model=Completion, responses={**STREAM_DOC, **error_responses(*MODEL_ROUTE_ERRORS)}
+)
+async def completions(
+    body: CompletionRequest,
+    request: Request,
+    response: Response,
+    service: GenerationDep,
+    bypass: CacheBypassDep,
+    principal: PrincipalDep,
+) -> Completion | Response:
     """OpenAI's legacy completions: one choice per prompt (`index` = the prompt's position)."""
     if refusal := _unknown_model(body, service, request):
         return refusal
-    meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": service.generator.name}
+    meta = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": service.generator.name,
+    }
     prompts = body.prompts
     echoed: set[int] = set()
     decode = service.generator.decoder.text
-    options = replace(_options(body), logprobs=body.logprobs,
-                      prompt_logprobs=bool(body.echo) and body.logprobs is not None)
+    options = replace(
+        _options(body), logprobs=body.logprobs, prompt_logprobs=bool(body.echo) and body.logprobs is not None
+    )
     offsets = [0] * len(prompts)
 
     def chunk(index: int, text: str | None, finish: str | None) -> dict:
@@ -167,32 +207,69 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
         return _logprobs(ids, entries, 0, decode)
 
     def whole(results: list[GenerationResult]) -> Completion:
-        choices = [CompletionChoice(text=(r.prompt if body.echo else "") + r.completion, index=i,
-                                    logprobs=logprobs_of(r), finish_reason=r.finish_reason)
-                   for i, r in enumerate(results)]
-        return Completion(id=meta["id"], created=meta["created"], model=meta["model"], choices=choices,
-                          usage=_usage(results))
+        choices = [
+            CompletionChoice(
+                text=(r.prompt if body.echo else "") + r.completion,
+                index=i,
+                logprobs=logprobs_of(r),
+                finish_reason=r.finish_reason,
+            )
+            for i, r in enumerate(results)
+        ]
+        return Completion(
+            id=meta["id"], created=meta["created"], model=meta["model"], choices=choices, usage=_usage(results)
+        )
 
-    return await _answer(request, response, service, bypass, principal.tenant, body, prompts, chunk, whole, options,
-                         scored if body.logprobs is not None else None)
+    return await _answer(
+        request,
+        response,
+        service,
+        bypass,
+        principal.tenant,
+        body,
+        prompts,
+        chunk,
+        whole,
+        options,
+        scored if body.logprobs is not None else None,
+    )
 
 
-@router.post("/chat/completions", response_model=ChatCompletion,
-             responses={**STREAM_DOC, **error_responses(400, *MODEL_ROUTE_ERRORS)})
-async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response,
-                           service: GenerationDep, bypass: CacheBypassDep,
-                           principal: PrincipalDep) -> ChatCompletion | Response:
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    responses={**STREAM_DOC, **error_responses(400, *MODEL_ROUTE_ERRORS)},
+)
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    response: Response,
+    service: GenerationDep,
+    bypass: CacheBypassDep,
+    principal: PrincipalDep,
+) -> ChatCompletion | Response:
     """Chat, for a model whose tokenizer has a chat template. GPT-2 has none: 400, as vLLM answers, rather than a
     guessed prompt format."""
     if refusal := _unknown_model(body, service, request):
         return refusal
     prompt = service.generator.chat_prompt([m.model_dump() for m in body.messages])
     if prompt is None:
-        return JSONResponse(error_body(400, f"The model `{service.generator.name}` has no chat template, so this "
-                                            "server cannot form a chat prompt for it; use /v1/completions instead.",
-                                       "messages", "chat_template_missing"), 400)
-    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": service.generator.name}
+        return JSONResponse(
+            error_body(
+                400,
+                f"The model `{service.generator.name}` has no chat template, so this "
+                "server cannot form a chat prompt for it; use /v1/completions instead.",
+                "messages",
+                "chat_template_missing",
+            ),
+            400,
+        )
+    meta = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": service.generator.name,
+    }
     started: set[int] = set()
 
     def chunk(index: int, text: str | None, finish: str | None) -> dict:
@@ -206,8 +283,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, respon
 
     def whole(results: list[GenerationResult]) -> ChatCompletion:
         [r] = results
-        return ChatCompletion(id=meta["id"], created=meta["created"], model=meta["model"], usage=_usage(results),
-                              choices=[ChatChoice(index=0, message=AssistantMessage(content=r.completion),
-                                                  finish_reason=r.finish_reason)])
+        return ChatCompletion(
+            id=meta["id"],
+            created=meta["created"],
+            model=meta["model"],
+            usage=_usage(results),
+            choices=[
+                ChatChoice(index=0, message=AssistantMessage(content=r.completion), finish_reason=r.finish_reason)
+            ],
+        )
 
     return await _answer(request, response, service, bypass, principal.tenant, body, [prompt], chunk, whole)

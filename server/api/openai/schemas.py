@@ -35,12 +35,15 @@ class Sampling(BaseModel):
     frequency_penalty: Zero | None = None
     logit_bias: Annotated[dict, Field(max_length=0)] | None = None
     # The extensions of vLLM, TGI and llama.cpp that serving benchmarks and evaluation harnesses send.
-    top_k: int | None = Field(None, ge=-1, le=1_000_000, description="Sample from the k most likely tokens "
-                                                                      "(0 or -1: all)")
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="transformers' repetition "
-                                                                                 "penalty (1: none)")
-    min_tokens: int | None = Field(None, ge=0, le=256, description="End-of-text is not generated before this many "
-                                                                   "tokens")
+    top_k: int | None = Field(
+        None, ge=-1, le=1_000_000, description="Sample from the k most likely tokens (0 or -1: all)"
+    )
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, le=10.0, description="transformers' repetition penalty (1: none)"
+    )
+    min_tokens: int | None = Field(
+        None, ge=0, le=256, description="End-of-text is not generated before this many tokens"
+    )
     ignore_eos: bool | None = Field(None, description="Keep generating after end-of-text, up to max_tokens")
 
     @model_validator(mode="after")
@@ -66,16 +69,22 @@ class CompletionRequest(Sampling):
     """OpenAI's `POST /v1/completions`: one choice per prompt (`n` = 1); no `suffix` or `best_of` > 1. `max_tokens`
     may be 0 (with `echo` and `logprobs`: score the prompt alone, as evaluation harnesses do)."""
 
-    model_config = REQUEST_CONFIG | ConfigDict(json_schema_extra={
-        "examples": [{"model": "gpt2", "prompt": "Once upon a time", "max_tokens": 20}]})
+    model_config = REQUEST_CONFIG | ConfigDict(
+        json_schema_extra={"examples": [{"model": "gpt2", "prompt": "Once upon a time", "max_tokens": 20}]}
+    )
 
-    prompt: (Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=32)] | TokenIds
-             | Annotated[list[TokenIds], Field(min_length=1, max_length=32)])
+    prompt: (
+        Prompt
+        | Annotated[list[Prompt], Field(min_length=1, max_length=32)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=32)]
+    )
     echo: bool | None = False
     max_tokens: int | None = Field(None, ge=0, le=256, description="New tokens (default 16)")
     best_of: Literal[1] | None = None
-    logprobs: int | None = Field(None, ge=0, le=20, description="Report each token's log-probability and this "
-                                                                "many most likely alternatives")
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="Report each token's log-probability and this many most likely alternatives"
+    )
     suffix: None = None
 
     @model_validator(mode="after")

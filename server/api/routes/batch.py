@@ -76,15 +76,30 @@ def decode_cursor(cursor: str, size: int) -> list[str]:
 
 
 def job_out(job: BatchJob, counts: Counts) -> JobOut:
-    return JobOut(id=job.id, name=job.name, description=job.description, provider=job.provider, model=job.model,
-                  kind=job.kind, job_type=job.job_type, priority=job.priority, schedule=job.schedule,
-                  tenant=job.tenant, webhook_url=public_form(job.webhook_url), metadata=job.job_metadata,
-                  status=job.status,
-                  counts=CountsOut(**counts.__dict__),
-                  usage=UsageOut(input_tokens=job.input_tokens, output_tokens=job.output_tokens),
-                  cost_usd=job.cost_usd, realtime_cost_usd=job.realtime_cost_usd, savings_usd=job.savings_usd,
-                  created_at=job.created_at, updated_at=job.updated_at, submitted_at=job.submitted_at,
-                  completed_at=job.completed_at)
+    return JobOut(
+        id=job.id,
+        name=job.name,
+        description=job.description,
+        provider=job.provider,
+        model=job.model,
+        kind=job.kind,
+        job_type=job.job_type,
+        priority=job.priority,
+        schedule=job.schedule,
+        tenant=job.tenant,
+        webhook_url=public_form(job.webhook_url),
+        metadata=job.job_metadata,
+        status=job.status,
+        counts=CountsOut(**counts.__dict__),
+        usage=UsageOut(input_tokens=job.input_tokens, output_tokens=job.output_tokens),
+        cost_usd=job.cost_usd,
+        realtime_cost_usd=job.realtime_cost_usd,
+        savings_usd=job.savings_usd,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        submitted_at=job.submitted_at,
+        completed_at=job.completed_at,
+    )
 
 
 def usage_of(item: BatchItem) -> UsageOut | None:
@@ -94,14 +109,32 @@ def usage_of(item: BatchItem) -> UsageOut | None:
 
 
 def item_out(item: BatchItem) -> ItemOut:
-    return ItemOut(id=item.id, job_id=item.job_id, custom_id=item.custom_id, status=item.status,
-                   attempts=item.attempts, body=item.body, output=item.output, error=item.error, usage=usage_of(item),
-                   created_at=item.created_at, updated_at=item.updated_at, completed_at=item.completed_at)
+    return ItemOut(
+        id=item.id,
+        job_id=item.job_id,
+        custom_id=item.custom_id,
+        status=item.status,
+        attempts=item.attempts,
+        body=item.body,
+        output=item.output,
+        error=item.error,
+        usage=usage_of(item),
+        created_at=item.created_at,
+        updated_at=item.updated_at,
+        completed_at=item.completed_at,
+    )
 
 
 def response_out(item: BatchItem) -> ResponseOut:
-    return ResponseOut(custom_id=item.custom_id, status=item.status, output=item.output, raw=item.raw,
-                       usage=usage_of(item), error=item.error, completed_at=item.completed_at)
+    return ResponseOut(
+        custom_id=item.custom_id,
+        status=item.status,
+        output=item.output,
+        raw=item.raw,
+        usage=usage_of(item),
+        error=item.error,
+        completed_at=item.completed_at,
+    )
 
 
 async def one_job(runtime: RuntimeDep, job_id: str, tenant: str | None) -> JobOut:
@@ -113,28 +146,46 @@ async def one_job(runtime: RuntimeDep, job_id: str, tenant: str | None) -> JobOu
 async def create_job(body: JobCreate, runtime: RuntimeDep, response: Response, principal: PrincipalDep) -> JobOut:
     """A new job (status `queued`) of the caller's tenant, optionally with its requests. It runs at the next window,
     or at the next worker tick with `schedule: now`. A paid provider needs a key granted it (else 403)."""
-    spec = JobSpec(name=body.name, description=body.description, provider=body.provider, model=body.model,
-                   kind=body.kind, job_type=body.job_type, priority=body.priority, schedule=body.schedule,
-                   webhook_url=body.webhook_url, metadata=body.metadata)
+    spec = JobSpec(
+        name=body.name,
+        description=body.description,
+        provider=body.provider,
+        model=body.model,
+        kind=body.kind,
+        job_type=body.job_type,
+        priority=body.priority,
+        schedule=body.schedule,
+        webhook_url=body.webhook_url,
+        metadata=body.metadata,
+    )
     job = await runtime.batch.create_job(principal, spec, [NewItem(r.custom_id, r.body) for r in body.requests])
     response.headers["Location"] = f"/batch/jobs/{job.id}"
     return job_out(job, Counts(total=len(body.requests), pending=len(body.requests)))
 
 
 @router.get("/jobs", response_model=JobPage)
-async def list_jobs(runtime: RuntimeDep, scope: ScopeDep, status: JobStatus | None = None,
-                    provider: Provider | None = None, job_type: Annotated[str | None, Query(max_length=100)] = None,
-                    limit: Annotated[int, Query(ge=1, le=200)] = 20, cursor: Cursor = None) -> JobPage:
+async def list_jobs(
+    runtime: RuntimeDep,
+    scope: ScopeDep,
+    status: JobStatus | None = None,
+    provider: Provider | None = None,
+    job_type: Annotated[str | None, Query(max_length=100)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+    cursor: Cursor = None,
+) -> JobPage:
     """The tenant's jobs, newest first, filtered by status, provider and job_type."""
     after = None
     if cursor is not None:
         at, job_id = decode_cursor(cursor, 2)
         after = (datetime.fromisoformat(at), job_id)
-    jobs, last = await runtime.batch.jobs.list_jobs(tenant=scope, status=status, provider=provider,
-                                                    job_type=job_type, limit=limit, cursor=after)
+    jobs, last = await runtime.batch.jobs.list_jobs(
+        tenant=scope, status=status, provider=provider, job_type=job_type, limit=limit, cursor=after
+    )
     counts = await runtime.batch.jobs.counts([job.id for job in jobs])
-    return JobPage(items=[job_out(job, counts[job.id]) for job in jobs],
-                   next_cursor=encode_cursor(last.created_at.isoformat(), last.id) if last else None)
+    return JobPage(
+        items=[job_out(job, counts[job.id]) for job in jobs],
+        next_cursor=encode_cursor(last.created_at.isoformat(), last.id) if last else None,
+    )
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
@@ -170,19 +221,31 @@ def _next(rows: list[BatchItem], limit: int) -> str | None:
 
 
 @router.get("/jobs/{job_id}/requests", response_model=ItemPage)
-async def list_requests(job_id: JobId, runtime: RuntimeDep, scope: ScopeDep, status: ItemStatus | None = None,
-                        limit: PAGE = 100, cursor: Cursor = None) -> ItemPage:
+async def list_requests(
+    job_id: JobId,
+    runtime: RuntimeDep,
+    scope: ScopeDep,
+    status: ItemStatus | None = None,
+    limit: PAGE = 100,
+    cursor: Cursor = None,
+) -> ItemPage:
     """A job's requests in custom_id order, with their status."""
     after = decode_cursor(cursor, 1)[0] if cursor else None
     rows = await runtime.batch.jobs.items(job_id, tenant=scope, status=status, limit=limit, after=after)
     return ItemPage(items=[item_out(row) for row in rows], next_cursor=_next(rows, limit))
 
 
-@router.get("/jobs/{job_id}/responses", response_model=ResponsePage,
-            responses={200: {"content": {"application/x-ndjson": {}}}})
-async def list_responses(job_id: JobId, runtime: RuntimeDep, scope: ScopeDep,
-                         format: Literal["json", "jsonl"] = "json", limit: PAGE = 100,
-                         cursor: Cursor = None) -> ResponsePage | StreamingResponse:
+@router.get(
+    "/jobs/{job_id}/responses", response_model=ResponsePage, responses={200: {"content": {"application/x-ndjson": {}}}}
+)
+async def list_responses(
+    job_id: JobId,
+    runtime: RuntimeDep,
+    scope: ScopeDep,
+    format: Literal["json", "jsonl"] = "json",
+    limit: PAGE = 100,
+    cursor: Cursor = None,
+) -> ResponsePage | StreamingResponse:
     """Finished requests' responses in custom_id order: paginated JSON, or `?format=jsonl` streamed whole."""
     after = decode_cursor(cursor, 1)[0] if cursor else None
     if format == "json":
@@ -225,8 +288,11 @@ async def cancel_job(job_id: JobId, runtime: RuntimeDep, scope: ScopeDep) -> Job
 async def process(body: ProcessIn, runtime: RuntimeDep, scope: ScopeDep) -> ProcessOut:
     """Run the window now for the tenant's queued jobs that match (highest priority first, at most `max_jobs`);
     an admin's reach every tenant's (or `tenant`'s)."""
-    return ProcessOut(job_ids=await runtime.batch.process(tenant=scope, provider=body.provider,
-                                                          job_type=body.job_type, max_jobs=body.max_jobs))
+    return ProcessOut(
+        job_ids=await runtime.batch.process(
+            tenant=scope, provider=body.provider, job_type=body.job_type, max_jobs=body.max_jobs
+        )
+    )
 
 
 @router.post("/process/all", response_model=ProcessOut)
@@ -242,8 +308,15 @@ async def _enqueue(runtime: RuntimeDep, principal: PrincipalDep, entries: list[Q
         groups.setdefault((entry.provider, entry.model, entry.kind, entry.job_type, entry.priority), []).append(index)
     answers: dict[int, QueuedOut] = {}
     for (provider, model, kind, job_type, priority), indices in groups.items():
-        queued = await runtime.batch.enqueue(principal, provider=provider, model=model, kind=kind, job_type=job_type,
-                                             priority=priority, items=[entries[i].data for i in indices])
+        queued = await runtime.batch.enqueue(
+            principal,
+            provider=provider,
+            model=model,
+            kind=kind,
+            job_type=job_type,
+            priority=priority,
+            items=[entries[i].data for i in indices],
+        )
         answers.update({i: QueuedOut(item_id=q.item_id, job_id=q.job_id) for i, q in zip(indices, queued, strict=True)})
     return [answers[i] for i in range(len(entries))]
 
@@ -267,16 +340,24 @@ async def queue_bulk(body: QueueBulkIn, runtime: RuntimeDep, principal: Principa
 async def queue_status(runtime: RuntimeDep, scope: ScopeDep) -> QueueStatusOut:
     """The tenant's items waiting to be submitted, by job type, provider and priority."""
     breakdown = await runtime.batch.queue_status(scope)
-    return QueueStatusOut(waiting=sum(breakdown["provider"].values()), by_job_type=breakdown["job_type"],
-                          by_provider=breakdown["provider"], by_priority=breakdown["priority"])
+    return QueueStatusOut(
+        waiting=sum(breakdown["provider"].values()),
+        by_job_type=breakdown["job_type"],
+        by_provider=breakdown["provider"],
+        by_priority=breakdown["priority"],
+    )
 
 
 def _scheduler(runtime: RuntimeDep) -> SchedulerOut:
     settings = runtime.settings
-    return SchedulerOut(running=runtime.batch.running, mode=settings.batch_worker, schedule=settings.batch_schedule,
-                        timezone=settings.batch_timezone,
-                        next_window=runtime.batch.worker.window.next_after(datetime.now(UTC)),
-                        poll_interval_s=settings.batch_poll_interval_s)
+    return SchedulerOut(
+        running=runtime.batch.running,
+        mode=settings.batch_worker,
+        schedule=settings.batch_schedule,
+        timezone=settings.batch_timezone,
+        next_window=runtime.batch.worker.window.next_after(datetime.now(UTC)),
+        poll_interval_s=settings.batch_poll_interval_s,
+    )
 
 
 @router.get("/scheduler", response_model=SchedulerOut)
@@ -289,8 +370,9 @@ async def scheduler(runtime: RuntimeDep) -> SchedulerOut:
 async def set_scheduler(body: SchedulerIn, runtime: RuntimeDep, admin: AdminDep) -> SchedulerOut:
     """Start or stop the batch worker in this process (its lease passes to another process when stopped). With
     ADMIN_API_KEYS set, an admin key only (403 for an ordinary key); the log names the key's id."""
-    log.info("batch scheduler %s by %s", "started" if body.running else "stopped",
-             admin.key_id or "an anonymous caller")
+    log.info(
+        "batch scheduler %s by %s", "started" if body.running else "stopped", admin.key_id or "an anonymous caller"
+    )
     if body.running:
         runtime.batch.start()
     else:
@@ -306,8 +388,9 @@ async def stats(runtime: RuntimeDep, scope: ScopeDep) -> dict:
 
 
 @router.get("/savings")
-async def savings(runtime: RuntimeDep, scope: ScopeDep,
-                  days: Annotated[int | None, Query(ge=1, le=3660)] = None) -> dict:
+async def savings(
+    runtime: RuntimeDep, scope: ScopeDep, days: Annotated[int | None, Query(ge=1, le=3660)] = None
+) -> dict:
     """Cost at the batch price, the same usage at the real-time price, and the difference: in total, by provider, by
     job type and by day (UTC), over finished jobs (of the last `days` days if given)."""
     return await runtime.batch.reports.savings(scope, days=days)
@@ -318,14 +401,24 @@ async def alerts(runtime: RuntimeDep, admin: AdminDep) -> list[AlertOut]:
     """Alerts active now: failure rate, batches in flight too long, queue backlog, savings milestones. They are
     figures over every tenant's jobs: admin keys only."""
     states = await runtime.batch.worker.alerts.states()
-    return [AlertOut(type=a.type, severity=a.severity, message=a.message,
-                     since=states[a.type].since if a.type in states and states[a.type].active else None)
-            for a in await runtime.batch.worker.alerts.evaluate()]
+    return [
+        AlertOut(
+            type=a.type,
+            severity=a.severity,
+            message=a.message,
+            since=states[a.type].since if a.type in states and states[a.type].active else None,
+        )
+        for a in await runtime.batch.worker.alerts.evaluate()
+    ]
 
 
 @router.get("/report", responses={200: {"content": {"text/csv": {}}}})
-async def report(runtime: RuntimeDep, scope: ScopeDep, days: Annotated[int, Query(ge=1, le=3660)] = 30,
-                 format: Literal["json", "csv"] = "json") -> Response:
+async def report(
+    runtime: RuntimeDep,
+    scope: ScopeDep,
+    days: Annotated[int, Query(ge=1, le=3660)] = 30,
+    format: Literal["json", "csv"] = "json",
+) -> Response:
     """One row per job of the tenant created in the last `days` days: status, items, tokens, cost, real-time cost,
     savings. In CSV, a cell that a spreadsheet would read as a formula is escaped (a leading `'`)."""
     rows = await runtime.batch.reports.report(scope, days=days)
@@ -335,8 +428,11 @@ async def report(runtime: RuntimeDep, scope: ScopeDep, days: Annotated[int, Quer
     writer = csv.DictWriter(out, fieldnames=REPORT_COLUMNS)
     writer.writeheader()
     writer.writerows({column: inert(value) for column, value in row.items()} for row in rows)
-    return Response(out.getvalue(), media_type="text/csv",
-                    headers={"Content-Disposition": f'attachment; filename="batch-report-{days}d.csv"'})
+    return Response(
+        out.getvalue(),
+        media_type="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="batch-report-{days}d.csv"'},
+    )
 
 
 @router.get("/health", response_model=BatchHealthOut)
@@ -349,7 +445,11 @@ async def batch_health(runtime: RuntimeDep, admin: AdminDep) -> BatchHealthOut:
     providers = await runtime.batch.reachability()
     health = runtime.batch.health()
     return BatchHealthOut(
-        status=health["status"], tasks=health["tasks"], scheduler=_scheduler(runtime),
+        status=health["status"],
+        tasks=health["tasks"],
+        scheduler=_scheduler(runtime),
         leader={"owner": holder.owner, "expires_at": holder.expires_at} if holder else None,
-        last_run_at=worker.last_run_at, last_run=asdict(worker.last_report) if worker.last_report else None,
-        providers=providers)
+        last_run_at=worker.last_run_at,
+        last_run=asdict(worker.last_report) if worker.last_report else None,
+        providers=providers,
+    )

@@ -17,12 +17,15 @@ router = APIRouter(include_in_schema=False)
 async def swagger_ui(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "")
     # validatorUrl: Swagger UI would otherwise fetch a validity badge from validator.swagger.io.
-    return get_swagger_ui_html(openapi_url=root + request.app.openapi_url, title=f"{request.app.title} - Swagger UI",
-                               swagger_js_url=f"{root}{SWAGGER_UI}/swagger-ui-bundle.js",
-                               swagger_css_url=f"{root}{SWAGGER_UI}/swagger-ui.css",
-                               swagger_favicon_url=f"{root}{SWAGGER_UI}/favicon-32x32.png",
-                               oauth2_redirect_url=root + OAUTH2_REDIRECT,
-                               swagger_ui_parameters={"validatorUrl": None})
+    return get_swagger_ui_html(
+        openapi_url=root + request.app.openapi_url,
+        title=f"{request.app.title} - Swagger UI",
+        swagger_js_url=f"{root}{SWAGGER_UI}/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}{SWAGGER_UI}/swagger-ui.css",
+        swagger_favicon_url=f"{root}{SWAGGER_UI}/favicon-32x32.png",
+        oauth2_redirect_url=root + OAUTH2_REDIRECT,
+        swagger_ui_parameters={"validatorUrl": None},
+    )
 
 
 @router.get(OAUTH2_REDIRECT)
@@ -33,6 +36,10 @@ async def swagger_ui_oauth2_redirect() -> HTMLResponse:
 @router.get("/redoc")
 async def redoc(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "")
-    return get_redoc_html(openapi_url=root + request.app.openapi_url, title=f"{request.app.title} - ReDoc",
-                          redoc_js_url=f"{root}{REDOC}/redoc.standalone.js",
-                          redoc_favicon_url=f"{root}{SWAGGER_UI}/favicon-32x32.png", with_google_fonts=False)
+    return get_redoc_html(
+        openapi_url=root + request.app.openapi_url,
+        title=f"{request.app.title} - ReDoc",
+        redoc_js_url=f"{root}{REDOC}/redoc.standalone.js",
+        redoc_favicon_url=f"{root}{SWAGGER_UI}/favicon-32x32.png",
+        with_google_fonts=False,
+    )

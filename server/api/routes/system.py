@@ -30,18 +30,26 @@ def _cache(runtime: RuntimeDep) -> dict:
 
 @router.get("/", response_model=AppInfo)
 async def info(runtime: RuntimeDep) -> AppInfo:
-    return AppInfo(name=runtime.settings.app_name, version=__version__, models=_models(runtime), cache=_cache(runtime),
-                   devices=_devices(runtime))
+    return AppInfo(
+        name=runtime.settings.app_name,
+        version=__version__,
+        models=_models(runtime),
+        cache=_cache(runtime),
+        devices=_devices(runtime),
+    )
 
 
 def _answer(report: Report, runtime: RuntimeDep, credentials: HTTPAuthorizationCredentials | None) -> JSONResponse:
     """The report; where keys are configured, its details (driver errors, counts, addresses) only for a caller with
     a valid key: probes need no key, and an anonymous one learns each check's state, nothing more."""
     shown = not runtime.keys.entries or runtime.keys.identify(credentials.credentials if credentials else None)
-    body = HealthOut(status=report.status,
-                     checks={name: CheckOut(status=check.status, latency_ms=check.latency_ms,
-                                            detail=check.detail if shown else {})
-                             for name, check in report.checks.items()})
+    body = HealthOut(
+        status=report.status,
+        checks={
+            name: CheckOut(status=check.status, latency_ms=check.latency_ms, detail=check.detail if shown else {})
+            for name, check in report.checks.items()
+        },
+    )
     return JSONResponse(body.model_dump(mode="json"), status_code=report.http_status)
 
 

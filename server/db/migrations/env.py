@@ -37,8 +37,12 @@ def _announce(ctx: MigrationContext, step: MigrationInfo, heads: Collection[Any]
 
 
 def _run(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=Base.metadata,
-                      render_as_batch=connection.dialect.name == "sqlite", on_version_apply=_announce)
+    context.configure(
+        connection=connection,
+        target_metadata=Base.metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+        on_version_apply=_announce,
+    )
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
             # The transaction-scoped variant, taken first in the one transaction Alembic runs every PostgreSQL

@@ -60,13 +60,22 @@ class Stats:
     def summary(self) -> dict:
         seconds = (self.end - self.start).total_seconds()
         return {
-            "start": self.start, "end": self.end, "requests": self.requests, "items": self.items,
-            "errors": self.errors, "error_rate": self.errors / self.requests if self.requests else 0.0,
+            "start": self.start,
+            "end": self.end,
+            "requests": self.requests,
+            "items": self.items,
+            "errors": self.errors,
+            "error_rate": self.errors / self.requests if self.requests else 0.0,
             "cache_hit_ratio": self.cached_items / self.items if self.items else 0.0,
-            "latency_ms": {"p50": self.percentile(0.5), "p95": self.percentile(0.95), "p99": self.percentile(0.99),
-                           "mean": self.latency_sum_ms / self.requests if self.requests else None,
-                           "max": self.latency_max_ms if self.requests else None},
-            "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
+            "latency_ms": {
+                "p50": self.percentile(0.5),
+                "p95": self.percentile(0.95),
+                "p99": self.percentile(0.99),
+                "mean": self.latency_sum_ms / self.requests if self.requests else None,
+                "max": self.latency_max_ms if self.requests else None,
+            },
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
             "throughput_rps": self.requests / seconds if seconds > 0 else 0.0,
             "items_per_s": self.items / seconds if seconds > 0 else 0.0,
         }
@@ -97,17 +106,28 @@ def _filters(statement, endpoint: str | None, model: str | None, tenant: str | N
     return statement
 
 
-async def aggregate(sessions: async_sessionmaker[AsyncSession], start: datetime, end: datetime, bucket: BucketSize,
-                    *, endpoint: str | None = None, model: str | None = None, tenant: str | None = None
-                    ) -> Aggregate:
+async def aggregate(
+    sessions: async_sessionmaker[AsyncSession],
+    start: datetime,
+    end: datetime,
+    bucket: BucketSize,
+    *,
+    endpoint: str | None = None,
+    model: str | None = None,
+    tenant: str | None = None,
+) -> Aggregate:
     """Stats per bucket (those with requests, in order) and over the window `[start, end)`, of one tenant's
     requests (None: every tenant's)."""
     first, last = _minute(start), _minute(end, up=True)
     width = MINUTES[bucket]
     index = (TABLE.c.minute // width).label("bucket")
     sums = [func.sum(TABLE.c[name]) for name in (*COUNTERS, "latency_sum_ms", *HISTOGRAM_COLUMNS)]
-    statement = _filters(select(index, func.max(TABLE.c.latency_max_ms), *sums)
-                         .where(TABLE.c.minute >= first, TABLE.c.minute < last), endpoint, model, tenant)
+    statement = _filters(
+        select(index, func.max(TABLE.c.latency_max_ms), *sums).where(TABLE.c.minute >= first, TABLE.c.minute < last),
+        endpoint,
+        model,
+        tenant,
+    )
     async with sessions() as session:
         rows = (await session.execute(statement.group_by(index).order_by(index))).all()
     total = Stats(_moment(first), _moment(last))
@@ -116,9 +136,13 @@ async def aggregate(sessions: async_sessionmaker[AsyncSession], start: datetime,
     for row in rows:
         values = [value or 0 for value in row[2:]]
         begin = max(first, row[0] * width)
-        stats = Stats(_moment(begin), _moment(min(last, row[0] * width + width)),
-                      latency_sum_ms=float(values[counters]), latency_max_ms=float(row[1] or 0.0),
-                      histogram=[int(v) for v in values[counters + 1:]])
+        stats = Stats(
+            _moment(begin),
+            _moment(min(last, row[0] * width + width)),
+            latency_sum_ms=float(values[counters]),
+            latency_max_ms=float(row[1] or 0.0),
+            histogram=[int(v) for v in values[counters + 1 :]],
+        )
         for name, value in zip(COUNTERS, values[:counters], strict=True):
             setattr(stats, name, int(value))
         buckets.append(stats)
@@ -126,9 +150,14 @@ async def aggregate(sessions: async_sessionmaker[AsyncSession], start: datetime,
     return Aggregate(buckets, total)
 
 
-async def count_items(sessions: async_sessionmaker[AsyncSession], *, since: datetime | None = None,
-                      until: datetime | None = None, model: str | None = None, tenant: str | None = None
-                      ) -> dict[str, int]:
+async def count_items(
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    model: str | None = None,
+    tenant: str | None = None,
+) -> dict[str, int]:
     """Items answered (failed requests answer none), by endpoint, at one-minute resolution, for one tenant (None:
     every tenant)."""
     statement = select(TABLE.c.endpoint, func.sum(TABLE.c["items"]))  # `.c.items` is the collection's method

@@ -15,23 +15,38 @@ from server.services.limits.ingress import IngressLimits
 
 def _decisions(layer: str) -> dict[tuple[str, str], int]:
     """(policy, decision) -> rate-limit decisions of `layer` (`ingress`, `egress`) taken by this process."""
-    return {(sample.labels["policy"], sample.labels["decision"]): int(sample.value)
-            for metric in metrics.RATE_LIMIT_DECISIONS.collect() for sample in metric.samples
-            if sample.name.endswith("_total") and sample.labels["layer"] == layer}
+    return {
+        (sample.labels["policy"], sample.labels["decision"]): int(sample.value)
+        for metric in metrics.RATE_LIMIT_DECISIONS.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.labels["layer"] == layer
+    }
 
 
 def _uses(policies: list[RatePolicy], layer: str) -> list[dict]:
     counted = _decisions(layer)
-    return [{"name": policy.name, "count": policy.count, "period_s": policy.period_s, "burst": policy.burst,
-             "allowed": counted.get((policy.name, "allow"), 0), "denied": counted.get((policy.name, "deny"), 0)}
-            for policy in policies]
+    return [
+        {
+            "name": policy.name,
+            "count": policy.count,
+            "period_s": policy.period_s,
+            "burst": policy.burst,
+            "allowed": counted.get((policy.name, "allow"), 0),
+            "denied": counted.get((policy.name, "deny"), 0),
+        }
+        for policy in policies
+    ]
 
 
 def _model(model: str, queue_depth: float) -> dict:
     batches = REGISTRY.get_sample_value("model_batch_size_count", {"model": model}) or 0.0
     items = REGISTRY.get_sample_value("model_batch_size_sum", {"model": model}) or 0.0
-    return {"queue_depth": int(queue_depth), "batches": int(batches), "items": int(items),
-            "mean_batch_size": items / batches if batches else None}
+    return {
+        "queue_depth": int(queue_depth),
+        "batches": int(batches),
+        "items": int(items),
+        "mean_batch_size": items / batches if batches else None,
+    }
 
 
 def live_figures(queue_depths: dict[str, float], ingress: IngressLimits, egress: EgressGuard) -> dict:
@@ -41,5 +56,8 @@ def live_figures(queue_depths: dict[str, float], ingress: IngressLimits, egress:
     applied counts as denied under both (as in `rate_limit_decisions_total`). A layer without policies is an empty
     list: that limit is off."""
     ingress_policies = [policy for policy in (ingress.default, *ingress.groups.values()) if policy is not None]
-    return {"models": {model: _model(model, depth) for model, depth in queue_depths.items()},
-            "ingress": _uses(ingress_policies, "ingress"), "egress": _uses(list(egress.policies.values()), "egress")}
+    return {
+        "models": {model: _model(model, depth) for model, depth in queue_depths.items()},
+        "ingress": _uses(ingress_policies, "ingress"),
+        "egress": _uses(list(egress.policies.values()), "egress"),
+    }

@@ -67,24 +67,26 @@ class ReportFailed(Exception):
 
 RECOMMENDATIONS = {
     "p95_latency_ms": "Latency is high: check batch_queue_wait_seconds and model_batch_seconds; add replicas or "
-                      "lower BATCH_MAX_SIZE if batches are slow, raise CACHE_TTL_S if repeats are common.",
+    "lower BATCH_MAX_SIZE if batches are slow, raise CACHE_TTL_S if repeats are common.",
     "p99_latency_ms": "Tail latency is high: look for long generations (max_new_tokens) sharing batches, and for "
-                      "cache stampedes (cache_requests_total{result=\"error\"}).",
+    'cache stampedes (cache_requests_total{result="error"}).',
     "error_rate": "Requests are failing: group the failures by status in the request records; 503s mean the "
-                  "queue is full (raise BATCH_QUEUE_LIMIT or add replicas), 504s mean REQUEST_TIMEOUT_S is too short "
-                  "for the load, 500s point at the model.",
+    "queue is full (raise BATCH_QUEUE_LIMIT or add replicas), 504s mean REQUEST_TIMEOUT_S is too short "
+    "for the load, 500s point at the model.",
     "min_cache_hit_ratio": "Few answers come from the cache: check that clients send deterministic requests "
-                           "(greedy or seeded) and that CACHE_TTL_S and CACHE_MAX_ITEMS are large enough.",
+    "(greedy or seeded) and that CACHE_TTL_S and CACHE_MAX_ITEMS are large enough.",
     "max_queue_depth": "The model queue is deep: add replicas or lower the ingress rate limit before requests "
-                       "start failing with 503.",
+    "start failing with 503.",
 }
 
 
 def _severity(found: list[Breach]) -> Severity:
     if not found:
         return "ok"
-    critical = any(b.threshold == "error_rate" or (b.limit and b.value > 2 * b.limit and not
-                                                   b.threshold.startswith("min_")) for b in found)
+    critical = any(
+        b.threshold == "error_rate" or (b.limit and b.value > 2 * b.limit and not b.threshold.startswith("min_"))
+        for b in found
+    )
     return "critical" if critical else "warning"
 
 
@@ -92,28 +94,45 @@ def rule_based(stats: Stats, found: list[Breach]) -> ReportBody:
     """Every breach is a finding with its recommendation; no breach, one finding saying so."""
     summary = stats.summary()
     p95 = summary["latency_ms"]["p95"]
-    overview = (f"{stats.requests} requests ({stats.items} items) between {stats.start:%Y-%m-%d %H:%M} and "
-                f"{stats.end:%Y-%m-%d %H:%M} UTC; error rate {summary['error_rate']:.1%}, cache hit ratio "
-                f"{summary['cache_hit_ratio']:.1%}, p95 latency {'n/a' if p95 is None else f'{p95:g} ms'}.")
+    overview = (
+        f"{stats.requests} requests ({stats.items} items) between {stats.start:%Y-%m-%d %H:%M} and "
+        f"{stats.end:%Y-%m-%d %H:%M} UTC; error rate {summary['error_rate']:.1%}, cache hit ratio "
+        f"{summary['cache_hit_ratio']:.1%}, p95 latency {'n/a' if p95 is None else f'{p95:g} ms'}."
+    )
     severity = _severity(found)
     if not found:
-        return ReportBody(summary=f"{overview} Every threshold is met.", severity="ok",
-                          findings=[Finding(title="Within thresholds", detail=overview, severity="ok")],
-                          recommendations=[])
-    findings = [Finding(title=f"{b.threshold} breached", detail=b.describe(),
-                        severity="critical" if _severity([b]) == "critical" else "warning") for b in found]
-    return ReportBody(summary=f"{overview} {len(found)} threshold(s) breached.", severity=severity, findings=findings,
-                      recommendations=[RECOMMENDATIONS[b.threshold] for b in found])
+        return ReportBody(
+            summary=f"{overview} Every threshold is met.",
+            severity="ok",
+            findings=[Finding(title="Within thresholds", detail=overview, severity="ok")],
+            recommendations=[],
+        )
+    findings = [
+        Finding(
+            title=f"{b.threshold} breached",
+            detail=b.describe(),
+            severity="critical" if _severity([b]) == "critical" else "warning",
+        )
+        for b in found
+    ]
+    return ReportBody(
+        summary=f"{overview} {len(found)} threshold(s) breached.",
+        severity=severity,
+        findings=findings,
+        recommendations=[RECOMMENDATIONS[b.threshold] for b in found],
+    )
 
 
 def _prompt(window: dict, found: list[Breach], focus: str | None) -> str:
-    return ("You are the site reliability engineer of a model inference server (GPT-2 /generate and sentiment "
-            "/predict, micro-batched, cached). Write a performance report for the window below: a summary, "
-            "findings with numbers from the data, and concrete recommendations. Thresholds breached are listed; "
-            "severity is ok only if none is.\n"
-            + (f"Focus on: {focus}\n" if focus else "")
-            + f"Data (JSON): {json.dumps(window, default=str, sort_keys=True)}\n"
-            + f"Breaches: {json.dumps([b.describe() for b in found])}")
+    return (
+        "You are the site reliability engineer of a model inference server (GPT-2 /generate and sentiment "
+        "/predict, micro-batched, cached). Write a performance report for the window below: a summary, "
+        "findings with numbers from the data, and concrete recommendations. Thresholds breached are listed; "
+        "severity is ok only if none is.\n"
+        + (f"Focus on: {focus}\n" if focus else "")
+        + f"Data (JSON): {json.dumps(window, default=str, sort_keys=True)}\n"
+        + f"Breaches: {json.dumps([b.describe() for b in found])}"
+    )
 
 
 @dataclass
@@ -128,8 +147,15 @@ class PerformanceReports:
     attempts: int = 4
     backoff_s: float = 1.0
 
-    async def analyze(self, start: datetime, end: datetime, focus: str | None = None, *, tenant: str | None = None,
-                      caller: str = DEFAULT_TENANT) -> dict:
+    async def analyze(
+        self,
+        start: datetime,
+        end: datetime,
+        focus: str | None = None,
+        *,
+        tenant: str | None = None,
+        caller: str = DEFAULT_TENANT,
+    ) -> dict:
         """The report on `tenant`'s requests (None: every tenant's) in `[start, end)` (one-minute resolution):
         always an answer, from Gemini or the rules. Gemini's calls count against `caller`'s egress quota, and its
         report is cached in `caller`'s cache scope."""
@@ -137,16 +163,29 @@ class PerformanceReports:
         limits = await threshold_store.load(self.sessions)
         found = breaches(limits, window.total, self.queue_depths())
         measured = window.total.summary()
-        data = {"total": measured, "hours": [bucket.summary() for bucket in window.buckets[-48:]],
-                "thresholds": limits.model_dump()}
-        answer = {"model": self.model, "metrics": measured, "thresholds": limits.model_dump(),
-                  "breaches": [b.as_dict() for b in found]}
+        data = {
+            "total": measured,
+            "hours": [bucket.summary() for bucket in window.buckets[-48:]],
+            "thresholds": limits.model_dump(),
+        }
+        answer = {
+            "model": self.model,
+            "metrics": measured,
+            "thresholds": limits.model_dump(),
+            "breaches": [b.as_dict() for b in found],
+        }
         if self.gemini is None:
             return self._fallback(answer, window.total, found, "no_key")
         measured_and_breached = {"data": data, "breaches": [b.describe() for b in found]}
         digest = hashlib.sha256(json.dumps(measured_and_breached, default=str, sort_keys=True).encode()).hexdigest()
-        key = cache_key("analyze", self.model, REPORT_VERSION, digest, {"focus": focus or "", "tenant": tenant},
-                        self.cache.scope(caller))
+        key = cache_key(
+            "analyze",
+            self.model,
+            REPORT_VERSION,
+            digest,
+            {"focus": focus or "", "tenant": tenant},
+            self.cache.scope(caller),
+        )
 
         async def write(_: int) -> bytes:
             body = await self._ask(_prompt(data, found, focus), caller)
@@ -158,13 +197,24 @@ class PerformanceReports:
             return self._fallback(answer, window.total, found, exc.reason)
         stored = json.loads(value)
         metrics.ANALYZE_REPORTS.labels("gemini", "none").inc()
-        return answer | stored["report"] | {"source": "gemini", "reason": None, "generated_at": stored["generated_at"],
-                                            "cached": outcome in SERVED_FROM_CACHE}
+        return (
+            answer
+            | stored["report"]
+            | {
+                "source": "gemini",
+                "reason": None,
+                "generated_at": stored["generated_at"],
+                "cached": outcome in SERVED_FROM_CACHE,
+            }
+        )
 
     def _fallback(self, answer: dict, stats: Stats, found: list[Breach], reason: str) -> dict:
         metrics.ANALYZE_REPORTS.labels("fallback", reason).inc()
-        return answer | rule_based(stats, found).model_dump() | {
-            "source": "fallback", "reason": reason, "generated_at": datetime.now(UTC).isoformat(), "cached": False}
+        return (
+            answer
+            | rule_based(stats, found).model_dump()
+            | {"source": "fallback", "reason": reason, "generated_at": datetime.now(UTC).isoformat(), "cached": False}
+        )
 
     def _backoff(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -178,16 +228,18 @@ class PerformanceReports:
 
     async def _ask(self, prompt: str, tenant: str) -> ReportBody:
         """Gemini's report, under the quota and the retry policy; `ReportFailed` with the reason otherwise."""
-        retrying = AsyncRetrying(stop=self._give_up, wait=self._backoff, reraise=True,
-                                 retry=retry_if_exception(_transient))
+        retrying = AsyncRetrying(
+            stop=self._give_up, wait=self._backoff, reraise=True, retry=retry_if_exception(_transient)
+        )
         try:
             return await retrying(self._attempt, prompt, tenant)
         except EgressLimited as exc:
             metrics.GEMINI_CALLS.labels("quota").inc()
             raise ReportFailed("quota") from exc
         except ProviderError as exc:
-            raise ReportFailed(_outcome(exc) if isinstance(exc, InvalidAnswer) or exc.status is None
-                               else "unavailable") from exc
+            raise ReportFailed(
+                _outcome(exc) if isinstance(exc, InvalidAnswer) or exc.status is None else "unavailable"
+            ) from exc
         except Exception as exc:  # an SDK surprise still gets the report its fallback, and a traceback in the log
             log.exception("the Gemini report call failed unexpectedly")
             metrics.GEMINI_CALLS.labels("error").inc()
@@ -205,9 +257,13 @@ class PerformanceReports:
         metrics.GEMINI_CALLS.labels("ok").inc()
         return body
 
+
 def _transient(exc: BaseException) -> bool:
-    return (isinstance(exc, ProviderError) and not isinstance(exc, InvalidAnswer)
-            and (exc.status is None or exc.status in TRANSIENT_STATUS))
+    return (
+        isinstance(exc, ProviderError)
+        and not isinstance(exc, InvalidAnswer)
+        and (exc.status is None or exc.status in TRANSIENT_STATUS)
+    )
 
 
 def _outcome(exc: ProviderError) -> str:

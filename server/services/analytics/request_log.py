@@ -18,7 +18,12 @@ from server.services.records import RecordWriter
 Endpoint = Literal["generate", "predict"]
 # The HTTP status `server/api/errors.py` answers for each service error; anything else is a 500.
 STATUS_OF_ERROR: tuple[tuple[type[BaseException], int], ...] = (
-    (InputError, 422), (BlockedPrompt, 400), (Overloaded, 503), (DeadlineExceeded, 504), (ModelFailed, 500))
+    (InputError, 422),
+    (BlockedPrompt, 400),
+    (Overloaded, 503),
+    (DeadlineExceeded, 504),
+    (ModelFailed, 500),
+)
 CLIENT_CLOSED = 499  # nginx's code for a client that left before the answer (the request was cancelled)
 REFUSALS = {401: "Unauthorized", 408: "BodyTimeout", 413: "BodyTooLarge", 422: "InvalidRequest", 429: "RateLimited"}
 
@@ -46,8 +51,9 @@ class RequestLog:
     endpoint: Endpoint
     model: str
 
-    def answered(self, started: float, tenant: str, *, items: int, cached_items: int, tokens_in: int = 0,
-                 tokens_out: int = 0) -> None:
+    def answered(
+        self, started: float, tenant: str, *, items: int, cached_items: int, tokens_in: int = 0, tokens_out: int = 0
+    ) -> None:
         self._add(started, tenant, 200, None, items, cached_items, tokens_in, tokens_out)
 
     def failed(self, started: float, exc: BaseException, tenant: str) -> None:
@@ -58,12 +64,35 @@ class RequestLog:
         """A request answered `status` before it reached the service."""
         self._add(started, tenant, status, REFUSALS.get(status, f"HTTP{status}"), 0, 0, 0, 0)
 
-    def _add(self, started: float, tenant: str, status: int, error: str | None, items: int, cached_items: int,
-             tokens_in: int, tokens_out: int) -> None:
+    def _add(
+        self,
+        started: float,
+        tenant: str,
+        status: int,
+        error: str | None,
+        items: int,
+        cached_items: int,
+        tokens_in: int,
+        tokens_out: int,
+    ) -> None:
         if (mark := REQUEST_MARK.get()) is not None:
             mark.recorded = True
-        self.recorder.add(RequestRecord, [{
-            "id": uuid.uuid4().hex, "tenant": tenant, "endpoint": self.endpoint, "model": self.model,
-            "status": status, "error": error,
-            "items": items, "cached_items": cached_items, "tokens_in": tokens_in, "tokens_out": tokens_out,
-            "latency_ms": (time.perf_counter() - started) * 1000, "created_at": datetime.now(UTC)}])
+        self.recorder.add(
+            RequestRecord,
+            [
+                {
+                    "id": uuid.uuid4().hex,
+                    "tenant": tenant,
+                    "endpoint": self.endpoint,
+                    "model": self.model,
+                    "status": status,
+                    "error": error,
+                    "items": items,
+                    "cached_items": cached_items,
+                    "tokens_in": tokens_in,
+                    "tokens_out": tokens_out,
+                    "latency_ms": (time.perf_counter() - started) * 1000,
+                    "created_at": datetime.now(UTC),
+                }
+            ],
+        )

@@ -26,8 +26,10 @@ from server.db.analytics_models import (
 
 TABLE = MetricRollup.__table__
 REQUESTS = RequestRecord.__table__
-INSERTS: dict[str, Callable[[Table], postgresql.Insert | sqlite.Insert]] = {"postgresql": postgresql_insert,
-                                                                            "sqlite": sqlite_insert}
+INSERTS: dict[str, Callable[[Table], postgresql.Insert | sqlite.Insert]] = {
+    "postgresql": postgresql_insert,
+    "sqlite": sqlite_insert,
+}
 KEY = ("tenant", "minute", "endpoint", "model")
 
 
@@ -45,12 +47,17 @@ def rollup_rows(records: Iterable[dict]) -> list[dict]:
     rows: dict[tuple, dict] = {}
     for record in records:
         # Rows spilled before tenants existed have none: the column's default, as in the table.
-        key = (record.get("tenant", DEFAULT_TENANT), epoch_minute(record["created_at"]), record["endpoint"],
-               record["model"])
+        key = (
+            record.get("tenant", DEFAULT_TENANT),
+            epoch_minute(record["created_at"]),
+            record["endpoint"],
+            record["model"],
+        )
         row = rows.get(key)
         if row is None:
-            row = rows[key] = (dict(zip(KEY, key, strict=True)) | dict.fromkeys(ADDITIVE_COLUMNS, 0)
-                               | {"latency_max_ms": 0.0})
+            row = rows[key] = (
+                dict(zip(KEY, key, strict=True)) | dict.fromkeys(ADDITIVE_COLUMNS, 0) | {"latency_max_ms": 0.0}
+            )
         latency = float(record["latency_ms"])
         row["requests"] += 1
         # Server errors only: a client's mistakes (400, 404, 422, 429, 499) say nothing about the server's health,
@@ -72,6 +79,7 @@ async def add_to_rollups(session: AsyncSession, records: list[dict]) -> None:
     statement = INSERTS[session.get_bind().dialect.name](TABLE)
     new = statement.excluded
     updates = {name: TABLE.c[name] + new[name] for name in ADDITIVE_COLUMNS}
-    updates["latency_max_ms"] = case((new.latency_max_ms > TABLE.c.latency_max_ms, new.latency_max_ms),
-                                     else_=TABLE.c.latency_max_ms)
+    updates["latency_max_ms"] = case(
+        (new.latency_max_ms > TABLE.c.latency_max_ms, new.latency_max_ms), else_=TABLE.c.latency_max_ms
+    )
     await session.execute(statement.on_conflict_do_update(index_elements=list(KEY), set_=updates), rows)

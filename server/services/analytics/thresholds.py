@@ -21,8 +21,9 @@ class Thresholds(BaseModel):
     p95_latency_ms: float | None = Field(1000.0, gt=0, description="highest acceptable p95 latency")
     p99_latency_ms: float | None = Field(None, gt=0, description="highest acceptable p99 latency")
     error_rate: float | None = Field(0.05, ge=0, le=1, description="highest acceptable share of failed requests")
-    min_cache_hit_ratio: float | None = Field(None, ge=0, le=1, description="lowest acceptable share of items "
-                                              "answered from the cache")
+    min_cache_hit_ratio: float | None = Field(
+        None, ge=0, le=1, description="lowest acceptable share of items answered from the cache"
+    )
     max_queue_depth: int | None = Field(100, ge=0, description="most items acceptable in a model's queue now")
     min_requests: int = Field(1, ge=1, description="windows with fewer requests breach no rate threshold")
 
@@ -46,14 +47,20 @@ def breaches(thresholds: Thresholds, stats: Stats, queue_depths: dict[str, float
     found = []
     summary = stats.summary()
     if stats.requests >= thresholds.min_requests:
-        measured = {"p95_latency_ms": summary["latency_ms"]["p95"], "p99_latency_ms": summary["latency_ms"]["p99"],
-                    "error_rate": summary["error_rate"]}
+        measured = {
+            "p95_latency_ms": summary["latency_ms"]["p95"],
+            "p99_latency_ms": summary["latency_ms"]["p99"],
+            "error_rate": summary["error_rate"],
+        }
         for name, value in measured.items():
             limit = getattr(thresholds, name)
             if limit is not None and value is not None and value > limit:
                 found.append(Breach(name, limit, value))
-        if (thresholds.min_cache_hit_ratio is not None and stats.items
-                and summary["cache_hit_ratio"] < thresholds.min_cache_hit_ratio):
+        if (
+            thresholds.min_cache_hit_ratio is not None
+            and stats.items
+            and summary["cache_hit_ratio"] < thresholds.min_cache_hit_ratio
+        ):
             found.append(Breach("min_cache_hit_ratio", thresholds.min_cache_hit_ratio, summary["cache_hit_ratio"]))
     deepest = max(queue_depths.values(), default=0.0)
     if thresholds.max_queue_depth is not None and deepest > thresholds.max_queue_depth:
@@ -68,8 +75,9 @@ async def load(sessions: async_sessionmaker[AsyncSession]) -> Thresholds:
     return Thresholds.model_validate(stored) if stored else Thresholds()
 
 
-async def store(sessions: async_sessionmaker[AsyncSession], thresholds: Thresholds, key_id: str | None,
-                tenant: str) -> dict[str, list]:
+async def store(
+    sessions: async_sessionmaker[AsyncSession], thresholds: Thresholds, key_id: str | None, tenant: str
+) -> dict[str, list]:
     """Replace the thresholds; the audit row (same transaction) names the key id, its tenant and each change as
     [old, new]."""
     now = datetime.now(UTC)
@@ -77,8 +85,9 @@ async def store(sessions: async_sessionmaker[AsyncSession], thresholds: Threshol
         row = await session.get(ThresholdSetting, ROW, with_for_update=True)
         old = Thresholds.model_validate(row.values) if row else Thresholds()
         new_values = thresholds.model_dump()
-        changes = {name: [value, new_values[name]] for name, value in old.model_dump().items()
-                   if value != new_values[name]}
+        changes = {
+            name: [value, new_values[name]] for name, value in old.model_dump().items() if value != new_values[name]
+        }
         if row is None:
             session.add(ThresholdSetting(name=ROW, values=new_values, updated_at=now, updated_by=key_id))
         else:
@@ -91,5 +100,7 @@ async def audit_trail(sessions: async_sessionmaker[AsyncSession], limit: int = 2
     """The latest changes, newest first."""
     async with sessions() as session:
         rows = (await session.scalars(select(ThresholdAudit).order_by(ThresholdAudit.pk.desc()).limit(limit))).all()
-    return [{"tenant": row.tenant, "key_id": row.key_id, "changes": row.changes, "changed_at": row.changed_at}
-            for row in rows]
+    return [
+        {"tenant": row.tenant, "key_id": row.key_id, "changes": row.changes, "changed_at": row.changed_at}
+        for row in rows
+    ]

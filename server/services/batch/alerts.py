@@ -42,8 +42,14 @@ class Alert:
 
 
 class BatchAlerts:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], thresholds: Thresholds, *,
-                 webhooks: Webhooks | None = None, webhook_url: str | None = None):
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        thresholds: Thresholds,
+        *,
+        webhooks: Webhooks | None = None,
+        webhook_url: str | None = None,
+    ):
         self.sessions = sessions
         self.thresholds = thresholds
         self.webhooks = webhooks
@@ -54,33 +60,70 @@ class BatchAlerts:
         now = datetime.now(UTC)
         old = now - timedelta(hours=limits.max_age_h)
         async with self.sessions() as session:
-            finished = dict((await session.execute(
-                select(BatchJob.status, func.count()).where(BatchJob.completed_at >= now - timedelta(hours=24))
-                .group_by(BatchJob.status))).all())
-            stuck = await session.scalar(select(func.count()).select_from(ProviderBatch).where(
-                ProviderBatch.status.not_in(("fetched", "completed", "failed", "expired", "cancelled")),
-                ProviderBatch.created_at < old))
-            stuck_local = await session.scalar(select(func.count()).select_from(BatchJob).where(
-                BatchJob.provider == "local", BatchJob.status == "in_progress", BatchJob.submitted_at < old))
-            queued = await session.scalar(select(func.count()).select_from(BatchItem)
-                                          .where(BatchItem.status == "queued"))
+            finished = dict(
+                (
+                    await session.execute(
+                        select(BatchJob.status, func.count())
+                        .where(BatchJob.completed_at >= now - timedelta(hours=24))
+                        .group_by(BatchJob.status)
+                    )
+                ).all()
+            )
+            stuck = await session.scalar(
+                select(func.count())
+                .select_from(ProviderBatch)
+                .where(
+                    ProviderBatch.status.not_in(("fetched", "completed", "failed", "expired", "cancelled")),
+                    ProviderBatch.created_at < old,
+                )
+            )
+            stuck_local = await session.scalar(
+                select(func.count())
+                .select_from(BatchJob)
+                .where(BatchJob.provider == "local", BatchJob.status == "in_progress", BatchJob.submitted_at < old)
+            )
+            queued = await session.scalar(
+                select(func.count()).select_from(BatchItem).where(BatchItem.status == "queued")
+            )
             saved = await session.scalar(select(func.coalesce(func.sum(BatchJob.savings_usd), 0.0)))
         alerts = []
         total = sum(finished.values())
         if total and finished.get("failed", 0) / total > limits.failure_rate:
-            alerts.append(Alert("failure_rate", "warning", f"{finished['failed']} of {total} batch jobs finished in "
-                                f"the last 24 h failed (threshold {limits.failure_rate:.0%})"))
+            alerts.append(
+                Alert(
+                    "failure_rate",
+                    "warning",
+                    f"{finished['failed']} of {total} batch jobs finished in "
+                    f"the last 24 h failed (threshold {limits.failure_rate:.0%})",
+                )
+            )
         if stuck or stuck_local:
-            alerts.append(Alert("long_running", "warning", f"{(stuck or 0) + (stuck_local or 0)} batch(es) in flight "
-                                f"for over {limits.max_age_h:g} h"))
+            alerts.append(
+                Alert(
+                    "long_running",
+                    "warning",
+                    f"{(stuck or 0) + (stuck_local or 0)} batch(es) in flight for over {limits.max_age_h:g} h",
+                )
+            )
         if (queued or 0) > limits.max_queued_items:
-            alerts.append(Alert("queue_backlog", "info", f"{queued} batch items are waiting to be submitted "
-                                f"(threshold {limits.max_queued_items})"))
+            alerts.append(
+                Alert(
+                    "queue_backlog",
+                    "info",
+                    f"{queued} batch items are waiting to be submitted (threshold {limits.max_queued_items})",
+                )
+            )
         saved_usd = float(saved or 0)
         level = int(saved_usd // limits.savings_step_usd)
         if level >= 1:
-            alerts.append(Alert("savings_milestone", "info", f"batch offload has saved ${saved_usd:,.2f} "
-                                f"(past ${level * limits.savings_step_usd:,.0f})", level))
+            alerts.append(
+                Alert(
+                    "savings_milestone",
+                    "info",
+                    f"batch offload has saved ${saved_usd:,.2f} (past ${level * limits.savings_step_usd:,.0f})",
+                    level,
+                )
+            )
         return alerts
 
     async def update(self) -> list[Alert]:
@@ -99,8 +142,16 @@ class BatchAlerts:
                     continue
                 fresh = state is None or not state.active or alert.level > state.level
                 if state is None:
-                    session.add(BatchAlert(type=kind, active=True, severity=alert.severity, message=alert.message,
-                                           since=now, level=alert.level))
+                    session.add(
+                        BatchAlert(
+                            type=kind,
+                            active=True,
+                            severity=alert.severity,
+                            message=alert.message,
+                            since=now,
+                            level=alert.level,
+                        )
+                    )
                 else:
                     state.since = now if not state.active else state.since
                     state.active, state.severity, state.message = True, alert.severity, alert.message
@@ -108,11 +159,20 @@ class BatchAlerts:
                 if fresh:
                     started.append(alert)
         for alert in started:
-            log.log(logging.WARNING if alert.severity == "warning" else logging.INFO, "batch alert %s: %s",
-                    alert.type, alert.message)
+            log.log(
+                logging.WARNING if alert.severity == "warning" else logging.INFO,
+                "batch alert %s: %s",
+                alert.type,
+                alert.message,
+            )
             if self.webhooks is not None and self.webhook_url:
-                payload = {"event": "batch.alert", "type": alert.type, "severity": alert.severity,
-                           "message": alert.message, "at": now.isoformat()}
+                payload = {
+                    "event": "batch.alert",
+                    "type": alert.type,
+                    "severity": alert.severity,
+                    "message": alert.message,
+                    "at": now.isoformat(),
+                }
                 self.webhooks.post_later(self.webhook_url, payload)
         return started
 

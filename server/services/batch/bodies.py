@@ -67,8 +67,13 @@ class Embedding(BaseModel):
 
 
 SCHEMAS: dict[tuple[str, str], type[BaseModel]] = {
-    ("local", "generate"): LocalGenerate, ("local", "predict"): LocalPredict, ("openai", "chat"): Chat,
-    ("openai", "embedding"): Embedding, ("anthropic", "chat"): Chat, ("gemini", "chat"): GeminiChat}
+    ("local", "generate"): LocalGenerate,
+    ("local", "predict"): LocalPredict,
+    ("openai", "chat"): Chat,
+    ("openai", "embedding"): Embedding,
+    ("anthropic", "chat"): Chat,
+    ("gemini", "chat"): GeminiChat,
+}
 
 
 def check_model(provider: str, kind: str, model: str, accepted: frozenset[str], loc: tuple[str | int, ...]) -> None:
@@ -77,12 +82,16 @@ def check_model(provider: str, kind: str, model: str, accepted: frozenset[str], 
     if provider != "local" or kind != "generate":
         return
     if model not in accepted:
-        raise InputError([FieldError(loc, f"model {model!r} is not served here: use {' or '.join(sorted(accepted))}"
-                                          " (GET /v1/models)")])
+        raise InputError(
+            [
+                FieldError(
+                    loc, f"model {model!r} is not served here: use {' or '.join(sorted(accepted))} (GET /v1/models)"
+                )
+            ]
+        )
 
 
-def check_bodies(provider: str, kind: str, bodies: Sequence[tuple[str, dict]],
-                 loc: tuple[str | int, ...]) -> None:
+def check_bodies(provider: str, kind: str, bodies: Sequence[tuple[str, dict]], loc: tuple[str | int, ...]) -> None:
     """422 listing each body (`custom_id`, body) that `provider`'s `kind` cannot run, by position under `loc`."""
     schema = SCHEMAS.get((provider, kind))
     if schema is None:
@@ -94,7 +103,8 @@ def check_bodies(provider: str, kind: str, bodies: Sequence[tuple[str, dict]],
         except ValidationError as exc:
             for error in exc.errors():
                 field = ".".join(str(part) for part in error["loc"]) or "body"
-                errors.append(FieldError((*loc, index, *error["loc"]),
-                                         f"request {custom_id!r}: {field}: {error['msg']}"))
+                errors.append(
+                    FieldError((*loc, index, *error["loc"]), f"request {custom_id!r}: {field}: {error['msg']}")
+                )
     if errors:
         raise InputError(errors)

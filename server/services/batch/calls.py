@@ -42,8 +42,15 @@ class CreateDeferred(Exception):
 
 
 class ProviderCalls:
-    def __init__(self, egress: EgressGuard, *, attempts: int = 4, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
-                 quota_wait_s: float = 60.0):
+    def __init__(
+        self,
+        egress: EgressGuard,
+        *,
+        attempts: int = 4,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        quota_wait_s: float = 60.0,
+    ):
         self.egress = egress
         self.attempts = attempts
         self.backoff = wait_random_exponential(multiplier=backoff_s, max=max_backoff_s)
@@ -55,12 +62,23 @@ class ProviderCalls:
         floor = exc.retry_after_s if isinstance(exc, ProviderError) and exc.retry_after_s else 0.0
         return max(floor, self.backoff(state))
 
-    async def call(self, provider: str, operation: str, run: Callable[[], Awaitable[T]], *,
-                   tenant: str | None = None, attempts: int | None = None) -> T:
+    async def call(
+        self,
+        provider: str,
+        operation: str,
+        run: Callable[[], Awaitable[T]],
+        *,
+        tenant: str | None = None,
+        attempts: int | None = None,
+    ) -> T:
         """`run()` under the quotas (global, and `tenant`'s own) and the retry policy; raises the last
         `ProviderError` (or `EgressLimited`)."""
-        retrying = AsyncRetrying(stop=stop_after_attempt(attempts or self.attempts), wait=self._wait,
-                                 retry=retry_if_exception(_retryable), reraise=True)
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(attempts or self.attempts),
+            wait=self._wait,
+            retry=retry_if_exception(_retryable),
+            reraise=True,
+        )
         try:
             async for attempt in retrying:
                 with attempt:
@@ -76,9 +94,15 @@ class ProviderCalls:
         metrics.BATCH_PROVIDER_CALLS.labels(provider, operation, "ok").inc()
         return result
 
-    async def create(self, provider: str, run: Callable[[], Awaitable[str]],
-                     find: Callable[[], Awaitable[str | None]], *, tenant: str | None = None,
-                     before_attempt: Callable[[], Awaitable[None]] | None = None) -> str:
+    async def create(
+        self,
+        provider: str,
+        run: Callable[[], Awaitable[str]],
+        find: Callable[[], Awaitable[str | None]],
+        *,
+        tenant: str | None = None,
+        before_attempt: Callable[[], Awaitable[None]] | None = None,
+    ) -> str:
         """The provider's batch id: created by `run()`, or found by `find()` after a failed attempt.
 
         Raises the last `ProviderError` (no attempt left, or one a retry cannot help), `CreateDeferred`, or what
@@ -94,8 +118,10 @@ class ProviderCalls:
             except ProviderError as exc:
                 if not exc.retryable or attempt == self.attempts:
                     raise
-                delay = max(exc.retry_after_s or 0.0,
-                            random.uniform(0, min(self.backoff.max, self.backoff.multiplier * 2 ** attempt)))
+                delay = max(
+                    exc.retry_after_s or 0.0,
+                    random.uniform(0, min(self.backoff.max, self.backoff.multiplier * 2**attempt)),
+                )
                 if delay > self.max_backoff_s:
                     raise CreateDeferred(exc, delay) from exc
             await asyncio.sleep(delay)

@@ -30,14 +30,16 @@ from server.services.sentiment import SentimentService
 
 
 def provider_limits(settings: Settings) -> dict[str, BatchLimits]:
-    return {name: BatchLimits(getattr(settings, f"batch_{name}_max_requests"),
-                              getattr(settings, f"batch_{name}_max_bytes"))
-            for name in ("openai", "anthropic", "gemini")}
+    return {
+        name: BatchLimits(getattr(settings, f"batch_{name}_max_requests"), getattr(settings, f"batch_{name}_max_bytes"))
+        for name in ("openai", "anthropic", "gemini")
+    }
 
 
 class Adapter(Protocol):
-    def __call__(self, api_key: str, base_url: str | None, limits: BatchLimits, timeout_s: float = ...
-                 ) -> BatchProvider: ...
+    def __call__(
+        self, api_key: str, base_url: str | None, limits: BatchLimits, timeout_s: float = ...
+    ) -> BatchProvider: ...
 
 
 ADAPTERS: dict[str, Adapter] = {"openai": OpenAIBatch, "anthropic": AnthropicBatch, "gemini": GeminiBatch}
@@ -46,36 +48,79 @@ ADAPTERS: dict[str, Adapter] = {"openai": OpenAIBatch, "anthropic": AnthropicBat
 def build_adapters(settings: Settings) -> dict[str, BatchProvider]:
     """An adapter for each external provider whose API key is set (base URL from `<PROVIDER>_BASE_URL`)."""
     limits = provider_limits(settings)
-    return {name: adapter(key, getattr(settings, f"{name}_base_url"), limits[name],
-                          timeout_s=settings.batch_provider_timeout_s)
-            for name, adapter in ADAPTERS.items() if (key := getattr(settings, f"{name}_api_key"))}
+    return {
+        name: adapter(
+            key, getattr(settings, f"{name}_base_url"), limits[name], timeout_s=settings.batch_provider_timeout_s
+        )
+        for name, adapter in ADAPTERS.items()
+        if (key := getattr(settings, f"{name}_api_key"))
+    }
 
 
-def build_batch_offload(settings: Settings, sessions: async_sessionmaker[AsyncSession], egress: EgressGuard,
-                        generation: GenerationService, sentiment: SentimentService) -> BatchOffload:
+def build_batch_offload(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    egress: EgressGuard,
+    generation: GenerationService,
+    sentiment: SentimentService,
+) -> BatchOffload:
     adapters = build_adapters(settings)
     prices = PriceTable.load(settings.batch_prices_file, settings.batch_local_reference_price)
     lease = Lease(sessions, ttl_s=settings.batch_lease_ttl_s)
     destinations = DestinationPolicy.from_settings(settings.webhook_allow_http, settings.webhook_allowed_hosts)
     webhooks = Webhooks(sessions, secret=settings.batch_webhook_secret, destinations=destinations)
-    thresholds = Thresholds(failure_rate=settings.batch_alert_failure_rate, max_age_h=settings.batch_alert_max_age_h,
-                            max_queued_items=settings.batch_alert_queued_items,
-                            savings_step_usd=settings.batch_alert_savings_step_usd)
+    thresholds = Thresholds(
+        failure_rate=settings.batch_alert_failure_rate,
+        max_age_h=settings.batch_alert_max_age_h,
+        max_queued_items=settings.batch_alert_queued_items,
+        savings_step_usd=settings.batch_alert_savings_step_usd,
+    )
     alerts = BatchAlerts(sessions, thresholds, webhooks=webhooks, webhook_url=settings.alert_webhook_url)
-    worker = BatchWorker(sessions, adapters, provider_limits(settings),
-                         ProviderCalls(egress, max_backoff_s=settings.batch_provider_max_backoff_s), prices, lease,
-                         Window(settings.batch_schedule, settings.batch_timezone), alerts, webhooks,
-                         poll_interval_s=settings.batch_poll_interval_s, max_attempts=settings.batch_max_attempts)
-    runner = LocalRunner(sessions, generation, sentiment, concurrency=2 * settings.batch_background_max_size,
-                         max_attempts=settings.batch_max_attempts, holds_lease=lambda: lease.token is not None,
-                         item_done=worker.wake, requeue_s=settings.batch_local_requeue_s)
-    return BatchOffload(sessions, JobStore(sessions), ProviderRegistry(frozenset({"local", *adapters})), prices, worker,
-                        runner, generation, sentiment, destinations, generator_model=settings.generator_model,
-                        in_process=settings.batch_worker == "in-process")
+    worker = BatchWorker(
+        sessions,
+        adapters,
+        provider_limits(settings),
+        ProviderCalls(egress, max_backoff_s=settings.batch_provider_max_backoff_s),
+        prices,
+        lease,
+        Window(settings.batch_schedule, settings.batch_timezone),
+        alerts,
+        webhooks,
+        poll_interval_s=settings.batch_poll_interval_s,
+        max_attempts=settings.batch_max_attempts,
+    )
+    runner = LocalRunner(
+        sessions,
+        generation,
+        sentiment,
+        concurrency=2 * settings.batch_background_max_size,
+        max_attempts=settings.batch_max_attempts,
+        holds_lease=lambda: lease.token is not None,
+        item_done=worker.wake,
+        requeue_s=settings.batch_local_requeue_s,
+    )
+    return BatchOffload(
+        sessions,
+        JobStore(sessions),
+        ProviderRegistry(frozenset({"local", *adapters})),
+        prices,
+        worker,
+        runner,
+        generation,
+        sentiment,
+        destinations,
+        generator_model=settings.generator_model,
+        in_process=settings.batch_worker == "in-process",
+    )
 
 
-def build_openai_batches(settings: Settings, sessions: async_sessionmaker[AsyncSession],
-                         offload: BatchOffload) -> OpenAIBatches:
-    files = FileStore(sessions, settings.files_dir, max_bytes=settings.max_batch_file_bytes,
-                      retention=timedelta(days=settings.files_retention_days))
+def build_openai_batches(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession], offload: BatchOffload
+) -> OpenAIBatches:
+    files = FileStore(
+        sessions,
+        settings.files_dir,
+        max_bytes=settings.max_batch_file_bytes,
+        retention=timedelta(days=settings.files_retention_days),
+    )
     return OpenAIBatches(sessions, offload, files, ModelRoutes.parse(settings.batch_model_routes))

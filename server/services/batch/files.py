@@ -30,8 +30,9 @@ class FileTooLarge(ValueError):
 
 
 class FileStore:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], directory: Path, *, max_bytes: int,
-                 retention: timedelta):
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], directory: Path, *, max_bytes: int, retention: timedelta
+    ):
         self.sessions = sessions
         self.directory = directory
         self.max_bytes = max_bytes
@@ -59,8 +60,15 @@ class FileStore:
             await asyncio.to_thread(partial.unlink, missing_ok=True)
             raise
         at = now()
-        row = StoredFile(id=file_id, tenant=tenant, filename=filename[:255], purpose=purpose, bytes=size,
-                         created_at=at, expires_at=at + self.retention)
+        row = StoredFile(
+            id=file_id,
+            tenant=tenant,
+            filename=filename[:255],
+            purpose=purpose,
+            bytes=size,
+            created_at=at,
+            expires_at=at + self.retention,
+        )
         async with self.sessions() as session, session.begin():
             session.add(row)
         return row
@@ -73,8 +81,9 @@ class FileStore:
             raise JobNotFound(f"no file {file_id!r}")
         return row
 
-    async def page(self, tenant: str | None, *, purpose: str | None = None, limit: int = 100,
-                   after: str | None = None) -> tuple[list[StoredFile], bool]:
+    async def page(
+        self, tenant: str | None, *, purpose: str | None = None, limit: int = 100, after: str | None = None
+    ) -> tuple[list[StoredFile], bool]:
         """Newest first, after the file `after`; and whether more follow."""
         await self.purge_expired()
         query = select(StoredFile).order_by(StoredFile.created_at.desc(), StoredFile.id.desc()).limit(limit + 1)
@@ -84,8 +93,10 @@ class FileStore:
             query = query.where(StoredFile.purpose == purpose)
         if after is not None:
             cursor = await self.get(after, tenant)
-            query = query.where((StoredFile.created_at < cursor.created_at)
-                                | ((StoredFile.created_at == cursor.created_at) & (StoredFile.id < cursor.id)))
+            query = query.where(
+                (StoredFile.created_at < cursor.created_at)
+                | ((StoredFile.created_at == cursor.created_at) & (StoredFile.id < cursor.id))
+            )
         async with self.sessions() as session:
             rows = list((await session.scalars(query)).all())
         return rows[:limit], len(rows) > limit

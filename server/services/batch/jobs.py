@@ -27,8 +27,16 @@ from server.db.session import affected
 from server.services.errors import FieldError, InputError
 
 Row = TypeVar("Row", BatchJob, BatchItem)
-JOB_STATUSES = ("queued", "submitted", "in_progress", "completed", "partially_completed", "failed", "cancelled",
-                "expired")
+JOB_STATUSES = (
+    "queued",
+    "submitted",
+    "in_progress",
+    "completed",
+    "partially_completed",
+    "failed",
+    "cancelled",
+    "expired",
+)
 FINAL_STATUSES = frozenset({"completed", "partially_completed", "failed", "cancelled", "expired"})
 IN_FLIGHT_STATUSES = frozenset({"submitted", "in_progress"})
 ITEM_FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "expired"})
@@ -114,17 +122,35 @@ class JobStore:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]):
         self.sessions = sessions
 
-    async def create(self, spec: JobSpec, items: Sequence[NewItem] = (), *, owner: str | None = None,
-                     accepting: bool = False) -> BatchJob:
+    async def create(
+        self, spec: JobSpec, items: Sequence[NewItem] = (), *, owner: str | None = None, accepting: bool = False
+    ) -> BatchJob:
         check_items(spec.kind, items)
         at = now()
-        job = BatchJob(id=new_id(), tenant=spec.tenant, name=spec.name, description=spec.description,
-                       provider=spec.provider,
-                       model=spec.model, kind=spec.kind, job_type=spec.job_type, priority=spec.priority,
-                       schedule=spec.schedule, webhook_url=spec.webhook_url, job_metadata=spec.metadata,
-                       status="queued", accepting=accepting, input_tokens=0, output_tokens=0, cost_booked=False,
-                       cancel_requested=False,
-                       webhook_state="none", owner=owner, created_at=at, updated_at=at)
+        job = BatchJob(
+            id=new_id(),
+            tenant=spec.tenant,
+            name=spec.name,
+            description=spec.description,
+            provider=spec.provider,
+            model=spec.model,
+            kind=spec.kind,
+            job_type=spec.job_type,
+            priority=spec.priority,
+            schedule=spec.schedule,
+            webhook_url=spec.webhook_url,
+            job_metadata=spec.metadata,
+            status="queued",
+            accepting=accepting,
+            input_tokens=0,
+            output_tokens=0,
+            cost_booked=False,
+            cancel_requested=False,
+            webhook_state="none",
+            owner=owner,
+            created_at=at,
+            updated_at=at,
+        )
         async with self.sessions() as session, session.begin():
             session.add(job)
             await session.flush()
@@ -133,9 +159,21 @@ class JobStore:
 
     @staticmethod
     def _rows(job: BatchJob, items: Iterable[NewItem], at: datetime) -> list[BatchItem]:
-        return [BatchItem(id=new_id(), job_id=job.id, tenant=job.tenant, custom_id=item.custom_id, body=item.body,
-                          body_digest=digest(item.body), status="queued", attempts=0, created_at=at, updated_at=at)
-                for item in items]
+        return [
+            BatchItem(
+                id=new_id(),
+                job_id=job.id,
+                tenant=job.tenant,
+                custom_id=item.custom_id,
+                body=item.body,
+                body_digest=digest(item.body),
+                status="queued",
+                attempts=0,
+                created_at=at,
+                updated_at=at,
+            )
+            for item in items
+        ]
 
     async def _one(self, table: type[Row], key: str, what: str, tenant: str | None) -> Row:
         async with self.sessions() as session:
@@ -151,24 +189,43 @@ class JobStore:
     async def counts(self, job_ids: Sequence[str]) -> dict[str, Counts]:
         if not job_ids:
             return {}
-        query = (select(BatchItem.job_id, BatchItem.status, func.count()).where(BatchItem.job_id.in_(job_ids))
-                 .group_by(BatchItem.job_id, BatchItem.status))
+        query = (
+            select(BatchItem.job_id, BatchItem.status, func.count())
+            .where(BatchItem.job_id.in_(job_ids))
+            .group_by(BatchItem.job_id, BatchItem.status)
+        )
         totals: dict[str, dict[str, int]] = {job_id: {} for job_id in job_ids}
         async with self.sessions() as session:
             for job_id, status, count in await session.execute(query):
                 totals[job_id][status] = count
-        return {job_id: Counts(total=sum(by.values()), succeeded=by.get("succeeded", 0),
-                               failed=sum(by.get(s, 0) for s in ("failed", "cancelled", "expired")),
-                               pending=by.get("queued", 0) + by.get("submitted", 0))
-                for job_id, by in totals.items()}
+        return {
+            job_id: Counts(
+                total=sum(by.values()),
+                succeeded=by.get("succeeded", 0),
+                failed=sum(by.get(s, 0) for s in ("failed", "cancelled", "expired")),
+                pending=by.get("queued", 0) + by.get("submitted", 0),
+            )
+            for job_id, by in totals.items()
+        }
 
-    async def list_jobs(self, *, tenant: str | None, status: str | None = None, provider: str | None = None,
-                        job_type: str | None = None, limit: int = 20, cursor: tuple[datetime, str] | None = None
-                        ) -> tuple[list[BatchJob], BatchJob | None]:
+    async def list_jobs(
+        self,
+        *,
+        tenant: str | None,
+        status: str | None = None,
+        provider: str | None = None,
+        job_type: str | None = None,
+        limit: int = 20,
+        cursor: tuple[datetime, str] | None = None,
+    ) -> tuple[list[BatchJob], BatchJob | None]:
         """Newest first; the last job of a full page is the cursor of the next (None on the last page)."""
         query = select(BatchJob).order_by(BatchJob.created_at.desc(), BatchJob.id.desc()).limit(limit + 1)
-        for column, value in ((BatchJob.tenant, tenant), (BatchJob.status, status), (BatchJob.provider, provider),
-                              (BatchJob.job_type, job_type)):
+        for column, value in (
+            (BatchJob.tenant, tenant),
+            (BatchJob.status, status),
+            (BatchJob.provider, provider),
+            (BatchJob.job_type, job_type),
+        ):
             if value is not None:
                 query = query.where(column == value)
         if cursor is not None:
@@ -180,16 +237,22 @@ class JobStore:
 
     async def transition(self, job_id: str, expected: Iterable[str], to: str, **values) -> bool:
         """Move the job to `to` only if its status is one of `expected`; True when this call moved it."""
-        statement = (update(BatchJob).where(BatchJob.id == job_id, BatchJob.status.in_(list(expected)))
-                     .values(status=to, updated_at=now(), **values))
+        statement = (
+            update(BatchJob)
+            .where(BatchJob.id == job_id, BatchJob.status.in_(list(expected)))
+            .values(status=to, updated_at=now(), **values)
+        )
         async with self.sessions() as session, session.begin():
             return affected(await session.execute(statement)) == 1
 
     async def update(self, job_id: str, changes: dict, tenant: str | None = None) -> BatchJob:
         """Change name, description, priority or schedule; only while the job is queued."""
         await self.get(job_id, tenant)
-        statement = (update(BatchJob).where(BatchJob.id == job_id, BatchJob.status == "queued")
-                     .values(updated_at=now(), **changes))
+        statement = (
+            update(BatchJob)
+            .where(BatchJob.id == job_id, BatchJob.status == "queued")
+            .values(updated_at=now(), **changes)
+        )
         async with self.sessions() as session, session.begin():
             moved = affected(await session.execute(statement)) == 1
         job = await self.get(job_id)
@@ -229,22 +292,42 @@ class JobStore:
                 raise JobNotFound(f"no batch job {job_id!r}")
             if job.status != "queued":
                 raise JobConflict(f"batch job {job_id} is {job.status}: requests can only be added while it is queued")
-            existing = {row.custom_id: row for row in (await session.scalars(
-                select(BatchItem).where(BatchItem.job_id == job_id,
-                                        BatchItem.custom_id.in_([item.custom_id for item in items])))).all()}
-            clashes = [item.custom_id for item in items
-                       if item.custom_id in existing and existing[item.custom_id].body_digest != digest(item.body)]
+            existing = {
+                row.custom_id: row
+                for row in (
+                    await session.scalars(
+                        select(BatchItem).where(
+                            BatchItem.job_id == job_id, BatchItem.custom_id.in_([item.custom_id for item in items])
+                        )
+                    )
+                ).all()
+            }
+            clashes = [
+                item.custom_id
+                for item in items
+                if item.custom_id in existing and existing[item.custom_id].body_digest != digest(item.body)
+            ]
             if clashes:
-                raise JobConflict(f"custom_id {clashes[0]!r} already exists in job {job_id} with another body"
-                                  + (f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""))
+                raise JobConflict(
+                    f"custom_id {clashes[0]!r} already exists in job {job_id} with another body"
+                    + (f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else "")
+                )
             rows = self._rows(job, [item for item in items if item.custom_id not in existing], at)
             session.add_all(rows)
             job.updated_at = at
         ids = {row.custom_id: row.id for row in rows} | {cid: row.id for cid, row in existing.items()}
         return AddResult(len(rows), len(items) - len(rows), [ids[item.custom_id] for item in items])
 
-    async def items(self, job_id: str, *, tenant: str | None = None, status: str | None = None,
-                    final_only: bool = False, limit: int = 100, after: str | None = None) -> list[BatchItem]:
+    async def items(
+        self,
+        job_id: str,
+        *,
+        tenant: str | None = None,
+        status: str | None = None,
+        final_only: bool = False,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[BatchItem]:
         """A job's items in custom_id order, after the custom_id `after` (keyset pagination)."""
         await self.get(job_id, tenant)
         query = select(BatchItem).where(BatchItem.job_id == job_id).order_by(BatchItem.custom_id).limit(limit)

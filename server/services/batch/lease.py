@@ -42,8 +42,14 @@ def owner_name() -> str:
 
 
 class Lease:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], *, ttl_s: float, name: str = "batch-worker",
-                 owner: str | None = None):
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        *,
+        ttl_s: float,
+        name: str = "batch-worker",
+        owner: str | None = None,
+    ):
         self.sessions = sessions
         self.ttl = timedelta(seconds=ttl_s)
         self.name = name
@@ -58,8 +64,10 @@ class Lease:
         now = datetime.now(UTC)
         async with self.sessions() as session, session.begin():
             taken = await session.execute(
-                update(WorkerLease).where(WorkerLease.name == self.name, WorkerLease.expires_at < now)
-                .values(owner=self.owner, token=WorkerLease.token + 1, expires_at=now + self.ttl))
+                update(WorkerLease)
+                .where(WorkerLease.name == self.name, WorkerLease.expires_at < now)
+                .values(owner=self.owner, token=WorkerLease.token + 1, expires_at=now + self.ttl)
+            )
             if affected(taken) == 1:
                 self.token = await session.scalar(select(WorkerLease.token).where(WorkerLease.name == self.name))
                 self._renewed_at = time.monotonic()
@@ -82,9 +90,10 @@ class Lease:
         now = datetime.now(UTC)
         async with self.sessions() as session, session.begin():
             kept = await session.execute(
-                update(WorkerLease).where(WorkerLease.name == self.name, WorkerLease.owner == self.owner,
-                                          WorkerLease.token == self.token)
-                .values(expires_at=now + self.ttl))
+                update(WorkerLease)
+                .where(WorkerLease.name == self.name, WorkerLease.owner == self.owner, WorkerLease.token == self.token)
+                .values(expires_at=now + self.ttl)
+            )
         if affected(kept) != 1:
             self.token = None
         else:
@@ -101,8 +110,11 @@ class Lease:
 
     def fence(self) -> ColumnElement[bool]:
         """A condition true only while this process holds the lease with its token (for a write's WHERE)."""
-        return exists().where(WorkerLease.name == self.name, WorkerLease.owner == self.owner,
-                              WorkerLease.token == (self.token if self.token is not None else -1))
+        return exists().where(
+            WorkerLease.name == self.name,
+            WorkerLease.owner == self.owner,
+            WorkerLease.token == (self.token if self.token is not None else -1),
+        )
 
     @asynccontextmanager
     async def kept(self) -> AsyncIterator[None]:
@@ -128,14 +140,18 @@ class Lease:
             return
         async with self.sessions() as session, session.begin():
             await session.execute(
-                update(WorkerLease).where(WorkerLease.name == self.name, WorkerLease.owner == self.owner,
-                                          WorkerLease.token == self.token)
-                .values(expires_at=datetime.fromtimestamp(0, UTC)))
+                update(WorkerLease)
+                .where(WorkerLease.name == self.name, WorkerLease.owner == self.owner, WorkerLease.token == self.token)
+                .values(expires_at=datetime.fromtimestamp(0, UTC))
+            )
         self.token = None
 
     async def holder(self) -> WorkerLease | None:
         """The current holder (for /batch/health), None when free."""
         async with self.sessions() as session:
             row = await session.get(WorkerLease, self.name)
-        return row if row is not None and row.expires_at.replace(tzinfo=row.expires_at.tzinfo or UTC) >= datetime.now(
-            UTC) else None
+        return (
+            row
+            if row is not None and row.expires_at.replace(tzinfo=row.expires_at.tzinfo or UTC) >= datetime.now(UTC)
+            else None
+        )

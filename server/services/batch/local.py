@@ -33,16 +33,29 @@ RETRYABLE = (Overloaded, DeadlineExceeded, ModelFailed)
 
 
 def generation_options(body: dict) -> GenerationOptions:
-    return GenerationOptions(max_new_tokens=body.get("max_tokens", body.get("max_new_tokens")),
-                             max_length=body.get("max_length"), temperature=float(body.get("temperature", 0.0)),
-                             top_p=float(body.get("top_p", 1.0)),
-                             seed=body.get("seed"))
+    return GenerationOptions(
+        max_new_tokens=body.get("max_tokens", body.get("max_new_tokens")),
+        max_length=body.get("max_length"),
+        temperature=float(body.get("temperature", 0.0)),
+        top_p=float(body.get("top_p", 1.0)),
+        seed=body.get("seed"),
+    )
 
 
 class LocalRunner:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], generation: GenerationService,
-                 sentiment: SentimentService, *, concurrency: int, max_attempts: int, holds_lease: Callable[[], bool],
-                 item_done: Callable[[], None], requeue_s: float, idle_poll_s: float = 1.0):
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        generation: GenerationService,
+        sentiment: SentimentService,
+        *,
+        concurrency: int,
+        max_attempts: int,
+        holds_lease: Callable[[], bool],
+        item_done: Callable[[], None],
+        requeue_s: float,
+        idle_poll_s: float = 1.0,
+    ):
         self.sessions = sessions
         self.generation = generation
         self.sentiment = sentiment
@@ -84,8 +97,10 @@ class LocalRunner:
         local_jobs = select(BatchJob.id).where(BatchJob.provider == "local")
         async with self.sessions() as session, session.begin():
             moved = await session.execute(
-                update(BatchItem).where(BatchItem.job_id.in_(local_jobs), BatchItem.status == "submitted")
-                .values(status="queued", attempts=BatchItem.attempts - 1, updated_at=datetime.now(UTC)))
+                update(BatchItem)
+                .where(BatchItem.job_id.in_(local_jobs), BatchItem.status == "submitted")
+                .values(status="queued", attempts=BatchItem.attempts - 1, updated_at=datetime.now(UTC))
+            )
         return affected(moved)
 
     async def requeue_stale(self) -> int:
@@ -94,10 +109,15 @@ class LocalRunner:
         now = datetime.now(UTC)
         async with self.sessions() as session, session.begin():
             moved = await session.execute(
-                update(BatchItem).where(BatchItem.job_id.in_(local_jobs), BatchItem.status == "submitted",
-                                        BatchItem.updated_at < now - timedelta(seconds=self.requeue_s),
-                                        BatchItem.id.not_in(list(self._claimed)))
-                .values(status="queued", updated_at=now))
+                update(BatchItem)
+                .where(
+                    BatchItem.job_id.in_(local_jobs),
+                    BatchItem.status == "submitted",
+                    BatchItem.updated_at < now - timedelta(seconds=self.requeue_s),
+                    BatchItem.id.not_in(list(self._claimed)),
+                )
+                .values(status="queued", updated_at=now)
+            )
         count = affected(moved)
         if count:
             log.warning("%d local batch items left claimed for over %g s were queued again", count, self.requeue_s)
@@ -108,11 +128,18 @@ class LocalRunner:
         room = self.concurrency - len(self._running)
         if room <= 0:
             return 0
-        query = (select(BatchItem, BatchJob.kind, BatchJob.id)
-                 .join(BatchJob, BatchJob.id == BatchItem.job_id)
-                 .where(BatchJob.provider == "local", BatchJob.status.in_(IN_FLIGHT_STATUSES),
-                        BatchJob.cancel_requested.is_(False), BatchItem.status == "queued")
-                 .order_by(BatchJob.priority.desc(), BatchJob.created_at, BatchItem.custom_id).limit(room))
+        query = (
+            select(BatchItem, BatchJob.kind, BatchJob.id)
+            .join(BatchJob, BatchJob.id == BatchItem.job_id)
+            .where(
+                BatchJob.provider == "local",
+                BatchJob.status.in_(IN_FLIGHT_STATUSES),
+                BatchJob.cancel_requested.is_(False),
+                BatchItem.status == "queued",
+            )
+            .order_by(BatchJob.priority.desc(), BatchJob.created_at, BatchItem.custom_id)
+            .limit(room)
+        )
         async with self.sessions() as session:
             rows = (await session.execute(query)).all()
         started = 0
@@ -124,6 +151,7 @@ class LocalRunner:
                 task = asyncio.create_task(self._run(item, kind))
                 self._running.add(task)
                 task.add_done_callback(self._finished)
+
                 def unclaim(_: asyncio.Task, item_id: str = item.id) -> None:
                     self._claimed.discard(item_id)
 
@@ -143,21 +171,30 @@ class LocalRunner:
     async def _claim(self, item_id: str) -> bool:
         async with self.sessions() as session, session.begin():
             claimed = await session.execute(
-                update(BatchItem).where(BatchItem.id == item_id, BatchItem.status == "queued")
-                .values(status="submitted", attempts=BatchItem.attempts + 1, updated_at=datetime.now(UTC)))
+                update(BatchItem)
+                .where(BatchItem.id == item_id, BatchItem.status == "queued")
+                .values(status="submitted", attempts=BatchItem.attempts + 1, updated_at=datetime.now(UTC))
+            )
         return affected(claimed) == 1
 
     async def _start_job(self, job_id: str) -> None:
         async with self.sessions() as session, session.begin():
-            await session.execute(update(BatchJob).where(BatchJob.id == job_id, BatchJob.status == "submitted")
-                                  .values(status="in_progress", updated_at=datetime.now(UTC)))
+            await session.execute(
+                update(BatchJob)
+                .where(BatchJob.id == job_id, BatchJob.status == "submitted")
+                .values(status="in_progress", updated_at=datetime.now(UTC))
+            )
 
     async def _compute(self, body: dict, kind: str, tenant: str) -> tuple[dict, int, int]:
         if kind == "generate":
-            [result] = await self.generation.generate([body["prompt"]], generation_options(body), tenant=tenant,
-                                                      background=True)
-            return ({"text": result.completion, "finish_reason": result.finish_reason},
-                    result.prompt_tokens, result.completion_tokens)
+            [result] = await self.generation.generate(
+                [body["prompt"]], generation_options(body), tenant=tenant, background=True
+            )
+            return (
+                {"text": result.completion, "finish_reason": result.finish_reason},
+                result.prompt_tokens,
+                result.completion_tokens,
+            )
         [prediction] = await self.sentiment.predict([body["text"]], tenant=tenant, background=True)
         return {"label": prediction.label, "score": prediction.score}, 0, 0
 
@@ -165,8 +202,13 @@ class LocalRunner:
         values: dict
         try:
             output, input_tokens, output_tokens = await self._compute(item.body, kind, item.tenant)
-            values = {"status": "succeeded", "output": output, "error": None, "input_tokens": input_tokens,
-                      "output_tokens": output_tokens}
+            values = {
+                "status": "succeeded",
+                "output": output,
+                "error": None,
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+            }
         except asyncio.CancelledError:
             raise
         except (InputError, KeyError, TypeError, ValueError) as exc:
@@ -182,9 +224,14 @@ class LocalRunner:
             values["completed_at"] = now
         try:
             async with self.sessions() as session, session.begin():
-                await session.execute(update(BatchItem).where(BatchItem.id == item.id,
-                                                              BatchItem.status == "submitted")
-                                      .values(updated_at=now, **values))
+                await session.execute(
+                    update(BatchItem)
+                    .where(BatchItem.id == item.id, BatchItem.status == "submitted")
+                    .values(updated_at=now, **values)
+                )
         except Exception:
-            log.exception("storing the result of local batch item %s failed; it is queued again after %g s",
-                          item.id, self.requeue_s)
+            log.exception(
+                "storing the result of local batch item %s failed; it is queued again after %g s",
+                item.id,
+                self.requeue_s,
+            )

@@ -51,10 +51,21 @@ class QueuedItem:
 
 
 class BatchOffload:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], jobs: JobStore, registry: ProviderRegistry,
-                 prices: PriceTable, worker: BatchWorker, runner: LocalRunner, generation: GenerationService,
-                 sentiment: SentimentService, destinations: DestinationPolicy, *, generator_model: str,
-                 in_process: bool):
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        jobs: JobStore,
+        registry: ProviderRegistry,
+        prices: PriceTable,
+        worker: BatchWorker,
+        runner: LocalRunner,
+        generation: GenerationService,
+        sentiment: SentimentService,
+        destinations: DestinationPolicy,
+        *,
+        generator_model: str,
+        in_process: bool,
+    ):
         self.sessions = sessions
         self.destinations = destinations
         self.jobs = jobs
@@ -70,8 +81,10 @@ class BatchOffload:
         self.sentiment = sentiment
         self.reports = BatchReports(sessions)
         self.in_process = in_process
-        self.supervisors = [Supervisor("batch-worker", self.worker.run_forever),
-                            Supervisor("batch-local-runner", self.runner.run_forever)]
+        self.supervisors = [
+            Supervisor("batch-worker", self.worker.run_forever),
+            Supervisor("batch-local-runner", self.runner.run_forever),
+        ]
 
     @property
     def running(self) -> bool:
@@ -87,8 +100,9 @@ class BatchOffload:
         error."""
         tasks = {supervisor.name: supervisor.status() for supervisor in self.supervisors}
         webhooks = tasks["webhook-sender"] = self.worker.webhooks.status()
-        down = ((self.in_process and not all(supervisor.healthy for supervisor in self.supervisors))
-                or webhooks["state"] != "running")
+        down = (self.in_process and not all(supervisor.healthy for supervisor in self.supervisors)) or webhooks[
+            "state"
+        ] != "running"
         return {"status": "degraded" if down else "ok", "tasks": tasks}
 
     async def stop(self) -> None:
@@ -99,8 +113,11 @@ class BatchOffload:
             await self.worker.lease.release()
         except Exception as exc:
             # A database that is down or hung must not hold up the shutdown: the lease expires by itself.
-            log.warning("releasing the batch worker lease failed (%s: %s); it expires after BATCH_LEASE_TTL_S",
-                        type(exc).__name__, exc)
+            log.warning(
+                "releasing the batch worker lease failed (%s: %s); it expires after BATCH_LEASE_TTL_S",
+                type(exc).__name__,
+                exc,
+            )
 
     def wake(self) -> None:
         self.worker.wake()
@@ -120,8 +137,10 @@ class BatchOffload:
     def authorise(self, principal: Principal, provider: str) -> None:
         """403 unless the key may create work for `provider` (our own models need no grant)."""
         if not principal.may_spend(provider):
-            raise NotGranted(f"this API key is not granted provider {provider!r}: jobs for a paid provider need a key "
-                             f"whose grants list it (API_KEYS_FILE)")
+            raise NotGranted(
+                f"this API key is not granted provider {provider!r}: jobs for a paid provider need a key "
+                f"whose grants list it (API_KEYS_FILE)"
+            )
 
     async def check_webhook(self, url: str | None, loc: tuple[str | int, ...] = ("body", "webhook_url")) -> None:
         """422 for a webhook URL the server would refuse to call (see `server/core/destinations.py`)."""
@@ -132,8 +151,15 @@ class BatchOffload:
         except RefusedDestination as exc:
             raise InputError([FieldError(loc, f"webhook_url refused: {exc}")]) from None
 
-    def check_work(self, provider: str, kind: str, model: str, items: list[tuple[str, dict]],
-                   loc: tuple[str | int, ...], model_loc: tuple[str | int, ...] = ("body", "model")) -> None:
+    def check_work(
+        self,
+        provider: str,
+        kind: str,
+        model: str,
+        items: list[tuple[str, dict]],
+        loc: tuple[str | int, ...],
+        model_loc: tuple[str | int, ...] = ("body", "model"),
+    ) -> None:
         """422 for a model or a request body that `provider`'s `kind` cannot run (see `bodies.py`)."""
         check_model(provider, kind, model, self.generator_names, model_loc)
         check_bodies(provider, kind, items, loc)
@@ -141,8 +167,9 @@ class BatchOffload:
     async def create_job(self, principal: Principal, spec: JobSpec, items: list[NewItem]) -> BatchJob:
         self.authorise(principal, spec.provider)
         self.registry.check(spec.provider, spec.kind)
-        self.check_work(spec.provider, spec.kind, spec.model, [(item.custom_id, item.body) for item in items],
-                        ("body", "requests"))
+        self.check_work(
+            spec.provider, spec.kind, spec.model, [(item.custom_id, item.body) for item in items], ("body", "requests")
+        )
         await self.check_webhook(spec.webhook_url)
         job = await self.jobs.create(replace(spec, tenant=principal.tenant), items, owner=principal.key_id)
         if spec.schedule == "now":
@@ -152,8 +179,9 @@ class BatchOffload:
     async def add_requests(self, job_id: str, items: list[NewItem], tenant: str | None) -> AddResult:
         """Add requests to a job of `tenant`, each checked as at the job's creation."""
         job = await self.jobs.get(job_id, tenant)
-        self.check_work(job.provider, job.kind, job.model, [(item.custom_id, item.body) for item in items],
-                        ("body", "requests"))
+        self.check_work(
+            job.provider, job.kind, job.model, [(item.custom_id, item.body) for item in items], ("body", "requests")
+        )
         return await self.jobs.add_items(job_id, items, tenant)
 
     async def submit_now(self, job_id: str, tenant: str | None) -> BatchJob:
@@ -165,12 +193,21 @@ class BatchOffload:
         self.wake()
         return await self.jobs.get(job_id)
 
-    async def process(self, *, tenant: str | None, provider: str | None = None, job_type: str | None = None,
-                      max_jobs: int | None = None) -> list[str]:
+    async def process(
+        self,
+        *,
+        tenant: str | None,
+        provider: str | None = None,
+        job_type: str | None = None,
+        max_jobs: int | None = None,
+    ) -> list[str]:
         """Run the window now for the queued jobs of `tenant` (None: every tenant's) that match: they are submitted
         at the next worker tick."""
-        query = (select(BatchJob.id).where(BatchJob.status == "queued", BatchJob.cancel_requested.is_(False))
-                 .order_by(BatchJob.priority.desc(), BatchJob.created_at))
+        query = (
+            select(BatchJob.id)
+            .where(BatchJob.status == "queued", BatchJob.cancel_requested.is_(False))
+            .order_by(BatchJob.priority.desc(), BatchJob.created_at)
+        )
         if tenant is not None:
             query = query.where(BatchJob.tenant == tenant)
         if provider is not None:
@@ -182,8 +219,11 @@ class BatchOffload:
         async with self.sessions() as session, session.begin():
             ids = list((await session.scalars(query)).all())
             if ids:
-                await session.execute(update(BatchJob).where(BatchJob.id.in_(ids), BatchJob.status == "queued")
-                                      .values(schedule="now", accepting=False, updated_at=now()))
+                await session.execute(
+                    update(BatchJob)
+                    .where(BatchJob.id.in_(ids), BatchJob.status == "queued")
+                    .values(schedule="now", accepting=False, updated_at=now())
+                )
         self.wake()
         return ids
 
@@ -194,25 +234,46 @@ class BatchOffload:
         stamp = now()
         async with self.sessions() as session, session.begin():
             marked = await session.execute(
-                update(BatchJob).where(BatchJob.id == job_id, BatchJob.status.not_in(FINAL_STATUSES))
-                .values(cancel_requested=True, accepting=False, updated_at=stamp))
+                update(BatchJob)
+                .where(BatchJob.id == job_id, BatchJob.status.not_in(FINAL_STATUSES))
+                .values(cancel_requested=True, accepting=False, updated_at=stamp)
+            )
             if affected(marked) != 1:
                 raise JobConflict(f"batch job {job_id} is {job.status}: it has already finished")
             await session.execute(
-                update(BatchItem).where(BatchItem.job_id == job_id, BatchItem.status == "queued")
-                .values(status="cancelled", error="cancelled before it was submitted", updated_at=stamp,
-                        completed_at=stamp))
-            live = await session.scalar(select(func.count()).select_from(ProviderBatch).where(
-                ProviderBatch.job_id == job_id, ProviderBatch.status != "fetched"))
-            running = await session.scalar(select(func.count()).select_from(BatchItem).where(
-                BatchItem.job_id == job_id, BatchItem.status == "submitted"))
+                update(BatchItem)
+                .where(BatchItem.job_id == job_id, BatchItem.status == "queued")
+                .values(
+                    status="cancelled", error="cancelled before it was submitted", updated_at=stamp, completed_at=stamp
+                )
+            )
+            live = await session.scalar(
+                select(func.count())
+                .select_from(ProviderBatch)
+                .where(ProviderBatch.job_id == job_id, ProviderBatch.status != "fetched")
+            )
+            running = await session.scalar(
+                select(func.count())
+                .select_from(BatchItem)
+                .where(BatchItem.job_id == job_id, BatchItem.status == "submitted")
+            )
         if not live and not running:
             await finish_job(self.sessions, self.prices, await self.jobs.get(job_id))
         self.wake()
         return await self.jobs.get(job_id)
 
-    async def enqueue(self, principal: Principal, *, provider: str, model: str, kind: str, job_type: str,
-                      priority: int, items: list[dict], schedule: str = "window") -> list[QueuedItem]:
+    async def enqueue(
+        self,
+        principal: Principal,
+        *,
+        provider: str,
+        model: str,
+        kind: str,
+        job_type: str,
+        priority: int,
+        items: list[dict],
+        schedule: str = "window",
+    ) -> list[QueuedItem]:
         """Add single items to the caller's tenant's open job of their provider, model, kind, job type and priority
         (one is opened when there is none); the job closes when its window runs."""
         self.authorise(principal, provider)
@@ -233,43 +294,85 @@ class BatchOffload:
             self.wake()
         return [QueuedItem(item_id, job.id) for item_id in result.item_ids]
 
-    async def _open_job(self, principal: Principal, provider: str, model: str, kind: str, job_type: str,
-                        priority: int, schedule: str) -> BatchJob:
+    async def _open_job(
+        self, principal: Principal, provider: str, model: str, kind: str, job_type: str, priority: int, schedule: str
+    ) -> BatchJob:
         async with self.sessions() as session:
-            job = await session.scalar(select(BatchJob).where(
-                BatchJob.accepting.is_(True), BatchJob.status == "queued", BatchJob.tenant == principal.tenant,
-                BatchJob.provider == provider,
-                BatchJob.model == model, BatchJob.kind == kind, BatchJob.job_type == job_type,
-                BatchJob.priority == priority, BatchJob.schedule == schedule).order_by(BatchJob.created_at))
+            job = await session.scalar(
+                select(BatchJob)
+                .where(
+                    BatchJob.accepting.is_(True),
+                    BatchJob.status == "queued",
+                    BatchJob.tenant == principal.tenant,
+                    BatchJob.provider == provider,
+                    BatchJob.model == model,
+                    BatchJob.kind == kind,
+                    BatchJob.job_type == job_type,
+                    BatchJob.priority == priority,
+                    BatchJob.schedule == schedule,
+                )
+                .order_by(BatchJob.created_at)
+            )
         if job is not None:
             return job
-        spec = JobSpec(name=f"queue: {job_type}", provider=provider, tenant=principal.tenant, model=model, kind=kind,
-                       job_type=job_type, priority=priority, schedule=schedule,
-                       description="single items from POST /batch/queue")
+        spec = JobSpec(
+            name=f"queue: {job_type}",
+            provider=provider,
+            tenant=principal.tenant,
+            model=model,
+            kind=kind,
+            job_type=job_type,
+            priority=priority,
+            schedule=schedule,
+            description="single items from POST /batch/queue",
+        )
         return await self.jobs.create(spec, accepting=True, owner=principal.key_id)
 
-    async def defer_generation(self, principal: Principal, prompts: list[str],
-                               options: GenerationOptions) -> list[QueuedItem]:
+    async def defer_generation(
+        self, principal: Principal, prompts: list[str], options: GenerationOptions
+    ) -> list[QueuedItem]:
         """Validate prompts as /generate does, then queue them for the local models (`Prefer: respond-async`)."""
         self.generation.policy.check("generate", prompts)
         self.generation.plan(prompts, options)
-        fields = {"max_tokens": options.max_new_tokens, "max_length": options.max_length,
-                  "temperature": options.temperature, "top_p": options.top_p, "seed": options.seed}
+        fields = {
+            "max_tokens": options.max_new_tokens,
+            "max_length": options.max_length,
+            "temperature": options.temperature,
+            "top_p": options.top_p,
+            "seed": options.seed,
+        }
         bodies = [{"prompt": prompt, **{k: v for k, v in fields.items() if v is not None}} for prompt in prompts]
-        return await self.enqueue(principal, provider="local", model=self.generation.generator.name, kind="generate",
-                                  job_type=DEFERRED_JOB_TYPE, priority=DEFERRED_PRIORITY, items=bodies, schedule="now")
+        return await self.enqueue(
+            principal,
+            provider="local",
+            model=self.generation.generator.name,
+            kind="generate",
+            job_type=DEFERRED_JOB_TYPE,
+            priority=DEFERRED_PRIORITY,
+            items=bodies,
+            schedule="now",
+        )
 
-    async def defer_prediction(self, principal: Principal, texts: list[str],
-                               field: Literal["text", "texts"]) -> list[QueuedItem]:
+    async def defer_prediction(
+        self, principal: Principal, texts: list[str], field: Literal["text", "texts"]
+    ) -> list[QueuedItem]:
         """Validate texts as /predict does, then queue them for the local models (`Prefer: respond-async`)."""
         self.sentiment.check(texts, field)
-        return await self.enqueue(principal, provider="local", model=self.sentiment.classifier.name, kind="predict",
-                                  job_type=DEFERRED_JOB_TYPE, priority=DEFERRED_PRIORITY,
-                                  items=[{"text": text} for text in texts], schedule="now")
+        return await self.enqueue(
+            principal,
+            provider="local",
+            model=self.sentiment.classifier.name,
+            kind="predict",
+            job_type=DEFERRED_JOB_TYPE,
+            priority=DEFERRED_PRIORITY,
+            items=[{"text": text} for text in texts],
+            schedule="now",
+        )
 
     async def reachability(self, timeout_s: float = PING_TIMEOUT_S) -> dict[str, str]:
         """Per provider: `ok`, `unconfigured` (no API key) or `unreachable: <why>` (one cheap call each, at once,
         under the egress quota like any other call: a probe answered `quota` spent nothing)."""
+
         async def probe(name: str) -> str:
             try:
                 async with asyncio.timeout(timeout_s):
@@ -287,9 +390,12 @@ class BatchOffload:
 
     async def queue_status(self, tenant: str | None) -> dict[str, dict[str, int]]:
         """Items of `tenant` (None: every tenant) waiting to be submitted, by job type, provider and priority."""
-        query = (select(BatchJob.job_type, BatchJob.provider, BatchJob.priority, func.count())
-                 .join(BatchItem, BatchItem.job_id == BatchJob.id).where(BatchItem.status == "queued")
-                 .group_by(BatchJob.job_type, BatchJob.provider, BatchJob.priority))
+        query = (
+            select(BatchJob.job_type, BatchJob.provider, BatchJob.priority, func.count())
+            .join(BatchItem, BatchItem.job_id == BatchJob.id)
+            .where(BatchItem.status == "queued")
+            .group_by(BatchJob.job_type, BatchJob.provider, BatchJob.priority)
+        )
         if tenant is not None:
             query = query.where(BatchJob.tenant == tenant)
         breakdown: dict[str, dict[str, int]] = {"job_type": {}, "provider": {}, "priority": {}}

@@ -68,8 +68,10 @@ class ModelRoutes:
         for entry in filter(None, (part.strip() for part in setting.split(","))):
             pattern, _, provider = entry.partition("=")
             if not pattern.strip() or provider.strip() not in KINDS or provider.strip() == "local":
-                raise ValueError(f"BATCH_MODEL_ROUTES entry {entry!r}: expected pattern=provider with provider one "
-                                 f"of openai, anthropic, gemini")
+                raise ValueError(
+                    f"BATCH_MODEL_ROUTES entry {entry!r}: expected pattern=provider with provider one "
+                    f"of openai, anthropic, gemini"
+                )
             entries.append((pattern.strip(), provider.strip()))
         return cls(tuple(entries))
 
@@ -113,8 +115,9 @@ def parse_line(raw: bytes) -> dict | None:
     return request if isinstance(request, dict) else None
 
 
-def check_file(path: Path, endpoint: str, local_names: frozenset[str], routes: ModelRoutes,
-               registry: ProviderRegistry) -> Plan:
+def check_file(
+    path: Path, endpoint: str, local_names: frozenset[str], routes: ModelRoutes, registry: ProviderRegistry
+) -> Plan:
     """Check an input file line by line (blocking: run it in a thread); only the custom_ids seen are kept."""
     kind = ENDPOINT_KINDS[endpoint]
     plan = Plan(errors=[])
@@ -137,8 +140,13 @@ def check_file(path: Path, endpoint: str, local_names: frozenset[str], routes: M
         if request.get("method") != "POST":
             fail(number, "invalid_method", "method must be POST.", "method")
         if request.get("url") != endpoint:
-            fail(number, "mismatched_endpoint", f"url {request.get('url')!r} differs from the batch's endpoint "
-                                                f"{endpoint!r}; a batch runs one endpoint.", "url")
+            fail(
+                number,
+                "mismatched_endpoint",
+                f"url {request.get('url')!r} differs from the batch's endpoint "
+                f"{endpoint!r}; a batch runs one endpoint.",
+                "url",
+            )
         if not isinstance(custom_id, str) or not CUSTOM_ID.match(custom_id):
             fail(number, "invalid_custom_id", "custom_id must be 1-64 characters of A-Z a-z 0-9 _ -.", "custom_id")
         elif custom_id in seen:
@@ -152,8 +160,13 @@ def check_file(path: Path, endpoint: str, local_names: frozenset[str], routes: M
             model = body["model"]
             plan.route = routes.route(model, local_names)
             if plan.route is None:
-                fail(number, "model_not_found", f"The model {model!r} is neither served here (GET /v1/models) nor "
-                                                "routed to a provider by BATCH_MODEL_ROUTES.", "body.model")
+                fail(
+                    number,
+                    "model_not_found",
+                    f"The model {model!r} is neither served here (GET /v1/models) nor "
+                    "routed to a provider by BATCH_MODEL_ROUTES.",
+                    "body.model",
+                )
                 return plan
             try:
                 registry.check(plan.route.provider, kind)
@@ -161,16 +174,24 @@ def check_file(path: Path, endpoint: str, local_names: frozenset[str], routes: M
                 fail(number, "unsupported_endpoint", f"{endpoint} cannot run model {model!r}: {exc}", "url")
                 return plan
         elif body["model"] != model:
-            fail(number, "mismatched_model", f"model {body['model']!r} differs from the first line's {model!r}; a "
-                                             "batch runs one model.", "body.model")
+            fail(
+                number,
+                "mismatched_model",
+                f"model {body['model']!r} differs from the first line's {model!r}; a batch runs one model.",
+                "body.model",
+            )
             continue
         if plan.route is not None:
             try:
                 check_bodies(plan.route.provider, kind, [(str(custom_id), item_body(kind, body))], ())
             except InputError as exc:
                 for error in exc.errors:
-                    fail(number, "invalid_request", error.msg,
-                         ".".join(["body", *map(str, error.loc[1:])]) if len(error.loc) > 1 else "body")
+                    fail(
+                        number,
+                        "invalid_request",
+                        error.msg,
+                        ".".join(["body", *map(str, error.loc[1:])]) if len(error.loc) > 1 else "body",
+                    )
     if plan.lines == 0:
         fail(None, "empty_file", "The input file has no requests.")
     return plan
@@ -206,27 +227,42 @@ def _stamp(moment: datetime | None) -> int | None:
 
 
 class OpenAIBatches:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], offload: BatchOffload, files: FileStore,
-                 routes: ModelRoutes):
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], offload: BatchOffload, files: FileStore, routes: ModelRoutes
+    ):
         self.sessions = sessions
         self.offload = offload
         self.files = files
         self.routes = routes
 
-    async def create(self, principal: Principal, input_file_id: str, endpoint: str,
-                     metadata: dict[str, str] | None) -> BatchView:
+    async def create(
+        self, principal: Principal, input_file_id: str, endpoint: str, metadata: dict[str, str] | None
+    ) -> BatchView:
         source = await self.files.get(input_file_id, principal.tenant)
         if source.purpose != "batch":
-            raise InputError([FieldError(("body", "input_file_id"), f"file {input_file_id} has purpose "
-                                                                    f"{source.purpose!r}, not 'batch'")])
+            raise InputError(
+                [
+                    FieldError(
+                        ("body", "input_file_id"), f"file {input_file_id} has purpose {source.purpose!r}, not 'batch'"
+                    )
+                ]
+            )
         kind = ENDPOINT_KINDS[endpoint]
         path = self.files.path(source.id)
-        plan = await asyncio.to_thread(check_file, path, endpoint, self.offload.generator_names, self.routes,
-                                       self.offload.registry)
+        plan = await asyncio.to_thread(
+            check_file, path, endpoint, self.offload.generator_names, self.routes, self.offload.registry
+        )
         route = plan.route or Route("local", "")
-        spec = JobSpec(name=f"/v1/batches {source.filename}"[:200], provider=route.provider, model=route.model,
-                       kind=kind, job_type=JOB_TYPE, description=f"input file {source.id}, endpoint {endpoint}",
-                       metadata=metadata or {}, tenant=principal.tenant)
+        spec = JobSpec(
+            name=f"/v1/batches {source.filename}"[:200],
+            provider=route.provider,
+            model=route.model,
+            kind=kind,
+            job_type=JOB_TYPE,
+            description=f"input file {source.id}, endpoint {endpoint}",
+            metadata=metadata or {},
+            tenant=principal.tenant,
+        )
         if plan.errors:
             job = await self.offload.jobs.create(spec, owner=principal.key_id)
             await self.offload.jobs.transition(job.id, ["queued"], "failed", completed_at=now())
@@ -234,16 +270,25 @@ class OpenAIBatches:
             job = await self.offload.create_job(principal, spec, [])
             try:
                 async for chunk in aiter_lines(path, INSERT_CHUNK):
-                    items = [NewItem(request["custom_id"], item_body(kind, request["body"]))
-                             for request in filter(None, (parse_line(raw) for _, raw in chunk if raw.strip()))]
+                    items = [
+                        NewItem(request["custom_id"], item_body(kind, request["body"]))
+                        for request in filter(None, (parse_line(raw) for _, raw in chunk if raw.strip()))
+                    ]
                     await self.offload.jobs.add_items(job.id, items)
             except BaseException:
                 # A job left with part of its file would run that part at the next window.
                 await self.offload.jobs.delete(job.id)
                 raise
-        row = OpenAIBatch(id=job.id, tenant=principal.tenant, input_file_id=source.id, endpoint=endpoint,
-                          completion_window=COMPLETION_WINDOW, batch_metadata=metadata, errors=plan.errors or None,
-                          created_at=job.created_at)
+        row = OpenAIBatch(
+            id=job.id,
+            tenant=principal.tenant,
+            input_file_id=source.id,
+            endpoint=endpoint,
+            completion_window=COMPLETION_WINDOW,
+            batch_metadata=metadata,
+            errors=plan.errors or None,
+            created_at=job.created_at,
+        )
         async with self.sessions() as session, session.begin():
             session.add(row)
         if not plan.errors:
@@ -267,14 +312,15 @@ class OpenAIBatches:
 
     async def page(self, tenant: str | None, *, limit: int, after: str | None) -> tuple[list[BatchView], bool]:
         """Newest first, after the batch `after`; and whether more follow."""
-        query = (select(OpenAIBatch.id).order_by(OpenAIBatch.created_at.desc(), OpenAIBatch.id.desc())
-                 .limit(limit + 1))
+        query = select(OpenAIBatch.id).order_by(OpenAIBatch.created_at.desc(), OpenAIBatch.id.desc()).limit(limit + 1)
         if tenant is not None:
             query = query.where(OpenAIBatch.tenant == tenant)
         if after is not None:
             cursor = await self._row(after, tenant)
-            query = query.where((OpenAIBatch.created_at < cursor.created_at)
-                                | ((OpenAIBatch.created_at == cursor.created_at) & (OpenAIBatch.id < cursor.id)))
+            query = query.where(
+                (OpenAIBatch.created_at < cursor.created_at)
+                | ((OpenAIBatch.created_at == cursor.created_at) & (OpenAIBatch.id < cursor.id))
+            )
         async with self.sessions() as session:
             ids = list((await session.scalars(query)).all())
         views = []
@@ -290,9 +336,11 @@ class OpenAIBatches:
         await self._row(batch_id, tenant)
         await self.offload.cancel(batch_id, tenant)
         async with self.sessions() as session, session.begin():
-            await session.execute(update(OpenAIBatch).where(OpenAIBatch.id == batch_id,
-                                                            OpenAIBatch.cancelling_at.is_(None))
-                                  .values(cancelling_at=now()))
+            await session.execute(
+                update(OpenAIBatch)
+                .where(OpenAIBatch.id == batch_id, OpenAIBatch.cancelling_at.is_(None))
+                .values(cancelling_at=now())
+            )
         return await self.get(batch_id, tenant)
 
     async def finalize(self, row: OpenAIBatch, job: BatchJob) -> OpenAIBatch:
@@ -300,22 +348,30 @@ class OpenAIBatches:
         started = now()
         async with self.sessions() as session, session.begin():
             claimed = await session.execute(
-                update(OpenAIBatch).where(OpenAIBatch.id == row.id, OpenAIBatch.finalized_at.is_(None),
-                                          or_(OpenAIBatch.finalizing_at.is_(None),
-                                              OpenAIBatch.finalizing_at < started - FINALIZE_STALE))
-                .values(finalizing_at=started))
+                update(OpenAIBatch)
+                .where(
+                    OpenAIBatch.id == row.id,
+                    OpenAIBatch.finalized_at.is_(None),
+                    or_(OpenAIBatch.finalizing_at.is_(None), OpenAIBatch.finalizing_at < started - FINALIZE_STALE),
+                )
+                .values(finalizing_at=started)
+            )
         if cast(CursorResult, claimed).rowcount != 1:
             return await self._row(row.id, None)
         output = await self._write(row, job, "output", True)
         errors = await self._write(row, job, "error", False)
         async with self.sessions() as session, session.begin():
-            await session.execute(update(OpenAIBatch).where(OpenAIBatch.id == row.id).values(
-                output_file_id=output, error_file_id=errors, finalized_at=now()))
+            await session.execute(
+                update(OpenAIBatch)
+                .where(OpenAIBatch.id == row.id)
+                .values(output_file_id=output, error_file_id=errors, finalized_at=now())
+            )
         return await self._row(row.id, None)
 
     async def _write(self, row: OpenAIBatch, job: BatchJob, name: str, succeeded: bool) -> str | None:
-        stored: StoredFile = await self.files.create(row.tenant, f"{ID_PREFIX}{row.id}_{name}.jsonl",
-                                                     "batch_output", self._lines(job, succeeded))
+        stored: StoredFile = await self.files.create(
+            row.tenant, f"{ID_PREFIX}{row.id}_{name}.jsonl", "batch_output", self._lines(job, succeeded)
+        )
         if stored.bytes == 0:
             await self.files.delete(stored.id, None)
             return None
@@ -326,8 +382,11 @@ class OpenAIBatches:
         after = None
         while items := await self.offload.jobs.items(job.id, final_only=True, limit=INSERT_CHUNK, after=after):
             after = items[-1].custom_id
-            lines = [json.dumps(result_line(job, item, self.offload.generation.generator.name))
-                     for item in items if (item.status == "succeeded") == succeeded]
+            lines = [
+                json.dumps(result_line(job, item, self.offload.generation.generator.name))
+                for item in items
+                if (item.status == "succeeded") == succeeded
+            ]
             if lines:
                 yield ("\n".join(lines) + "\n").encode()
 
@@ -340,10 +399,12 @@ def result_line(job: BatchJob, item: BatchItem, served_model: str) -> dict:
         # OpenAI's own line, under our ids.
         return line | {"response": raw.get("response"), "error": raw.get("error")}
     if item.status != "succeeded":
-        return line | {"error": {"code": ITEM_ERROR_CODES.get(item.status, "request_failed"),
-                                 "message": item.error or item.status}}
-    return line | {"response": {"status_code": 200, "request_id": item.id,
-                                "body": response_body(job, item, served_model)}}
+        return line | {
+            "error": {"code": ITEM_ERROR_CODES.get(item.status, "request_failed"), "message": item.error or item.status}
+        }
+    return line | {
+        "response": {"status_code": 200, "request_id": item.id, "body": response_body(job, item, served_model)}
+    }
 
 
 def response_body(job: BatchJob, item: BatchItem, served_model: str) -> dict:
@@ -351,16 +412,43 @@ def response_body(job: BatchJob, item: BatchItem, served_model: str) -> dict:
     built from a provider's answer."""
     output = item.output or {}
     prompt_tokens, completion_tokens = item.input_tokens or 0, item.output_tokens or 0
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-             "total_tokens": prompt_tokens + completion_tokens}
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
     created = _stamp(item.completed_at) or int(time.time())
     if job.kind == "generate":
-        return {"id": f"cmpl-{item.id}", "object": "text_completion", "created": created, "model": served_model,
-                "choices": [{"text": output.get("text", ""), "index": 0, "logprobs": None,
-                             "finish_reason": output.get("finish_reason")}], "usage": usage}
-    return {"id": f"chatcmpl-{item.id}", "object": "chat.completion", "created": created, "model": job.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": output.get("text")},
-                         "logprobs": None, "finish_reason": output.get("finish_reason") or "stop"}], "usage": usage}
+        return {
+            "id": f"cmpl-{item.id}",
+            "object": "text_completion",
+            "created": created,
+            "model": served_model,
+            "choices": [
+                {
+                    "text": output.get("text", ""),
+                    "index": 0,
+                    "logprobs": None,
+                    "finish_reason": output.get("finish_reason"),
+                }
+            ],
+            "usage": usage,
+        }
+    return {
+        "id": f"chatcmpl-{item.id}",
+        "object": "chat.completion",
+        "created": created,
+        "model": job.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": output.get("text")},
+                "logprobs": None,
+                "finish_reason": output.get("finish_reason") or "stop",
+            }
+        ],
+        "usage": usage,
+    }
 
 
 def batch_times(view: BatchView) -> dict[str, int | None]:
@@ -368,9 +456,14 @@ def batch_times(view: BatchView) -> dict[str, int | None]:
     batch, job, status = view.batch, view.job, view.status
     done = _stamp(batch.finalized_at)
     created = _stamp(batch.created_at) or 0
-    return {"created_at": created, "in_progress_at": _stamp(job.submitted_at),
-            "expires_at": created + 24 * 3600, "finalizing_at": _stamp(batch.finalizing_at),
-            "completed_at": done if status == "completed" else None,
-            "failed_at": created if status == "failed" else None,
-            "expired_at": done if status == "expired" else None, "cancelling_at": _stamp(batch.cancelling_at),
-            "cancelled_at": done if status == "cancelled" else None}
+    return {
+        "created_at": created,
+        "in_progress_at": _stamp(job.submitted_at),
+        "expires_at": created + 24 * 3600,
+        "finalizing_at": _stamp(batch.finalizing_at),
+        "completed_at": done if status == "completed" else None,
+        "failed_at": created if status == "failed" else None,
+        "expired_at": done if status == "expired" else None,
+        "cancelling_at": _stamp(batch.cancelling_at),
+        "cancelled_at": done if status == "cancelled" else None,
+    }

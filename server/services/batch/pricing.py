@@ -56,8 +56,10 @@ def _read(path: Path) -> dict[str, dict[str, ModelPrices]]:
             try:
                 prices = ModelPrices(Price(*map(float, entry["realtime"])), Price(*map(float, entry["batch"])))
             except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"{path}: {provider}/{model}: expected {{\"realtime\": [in, out], \"batch\": "
-                                 f"[in, out]}} in USD per 1M tokens ({exc})") from None
+                raise ValueError(
+                    f'{path}: {provider}/{model}: expected {{"realtime": [in, out], "batch": '
+                    f"[in, out]}} in USD per 1M tokens ({exc})"
+                ) from None
             table.setdefault(provider, {})[model] = prices
     return table
 
@@ -86,8 +88,11 @@ class PriceTable:
     def _unknown(self, provider: str, model: str) -> None:
         if (provider, model) not in self._warned:
             self._warned.add((provider, model))
-            log.warning("no price for %s model %r: its cost is recorded as unknown (add it to BATCH_PRICES_FILE)",
-                        provider, model)
+            log.warning(
+                "no price for %s model %r: its cost is recorded as unknown (add it to BATCH_PRICES_FILE)",
+                provider,
+                model,
+            )
 
     def cost(self, provider: str, model: str, input_tokens: int, output_tokens: int) -> Cost:
         if provider == "local":

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 from server.services.errors import FieldError, InputError
 
-KINDS = {"local": ("generate", "predict"), "openai": ("chat", "embedding"), "anthropic": ("chat",),
-         "gemini": ("chat",)}
+KINDS = {"local": ("generate", "predict"), "openai": ("chat", "embedding"), "anthropic": ("chat",), "gemini": ("chat",)}
 
 
 @dataclass(frozen=True)
@@ -18,8 +17,20 @@ class ProviderRegistry:
 
     def check(self, provider: str, kind: str) -> None:
         if provider not in self.configured:
-            raise InputError([FieldError(("body", "provider"), f"provider {provider!r} is not configured on this "
-                                                               f"server: set {provider.upper()}_API_KEY")])
+            raise InputError(
+                [
+                    FieldError(
+                        ("body", "provider"),
+                        f"provider {provider!r} is not configured on this server: set {provider.upper()}_API_KEY",
+                    )
+                ]
+            )
         if kind not in KINDS[provider]:
-            raise InputError([FieldError(("body", "kind"), f"provider {provider!r} takes kinds "
-                                                           f"{', '.join(KINDS[provider])}, not {kind!r}")])
+            raise InputError(
+                [
+                    FieldError(
+                        ("body", "kind"),
+                        f"provider {provider!r} takes kinds {', '.join(KINDS[provider])}, not {kind!r}",
+                    )
+                ]
+            )

@@ -38,17 +38,34 @@ def signature(secret: str, body: bytes) -> str:
 
 
 def job_summary(job: BatchJob) -> dict:
-    return {"event": "batch.job.finished", "job_id": job.id, "name": job.name, "provider": job.provider,
-            "model": job.model, "job_type": job.job_type, "status": job.status,
-            "usage": {"input_tokens": job.input_tokens, "output_tokens": job.output_tokens},
-            "cost_usd": job.cost_usd, "realtime_cost_usd": job.realtime_cost_usd, "savings_usd": job.savings_usd,
-            "completed_at": job.completed_at.isoformat() if job.completed_at else None,
-            "metadata": job.job_metadata}
+    return {
+        "event": "batch.job.finished",
+        "job_id": job.id,
+        "name": job.name,
+        "provider": job.provider,
+        "model": job.model,
+        "job_type": job.job_type,
+        "status": job.status,
+        "usage": {"input_tokens": job.input_tokens, "output_tokens": job.output_tokens},
+        "cost_usd": job.cost_usd,
+        "realtime_cost_usd": job.realtime_cost_usd,
+        "savings_usd": job.savings_usd,
+        "completed_at": job.completed_at.isoformat() if job.completed_at else None,
+        "metadata": job.job_metadata,
+    }
 
 
 class Webhooks:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], *, secret: str | None,
-                 destinations: DestinationPolicy, attempts: int = 6, backoff_s: float = 2.0, timeout_s: float = 10.0):
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        *,
+        secret: str | None,
+        destinations: DestinationPolicy,
+        attempts: int = 6,
+        backoff_s: float = 2.0,
+        timeout_s: float = 10.0,
+    ):
         self.sessions = sessions
         self.secret = secret
         self.destinations = destinations
@@ -75,8 +92,9 @@ class Webhooks:
                         return True
                     problem = f"HTTP {answer.status_code}"
                     if answer.is_redirect:
-                        log.warning("webhook to %s answered a redirect (%s), which is never followed",
-                                    public_form(url), problem)
+                        log.warning(
+                            "webhook to %s answered a redirect (%s), which is never followed", public_form(url), problem
+                        )
                         return False
                 except RefusedDestination as exc:
                     log.warning("webhook to %s refused: %s", public_form(url), exc)
@@ -84,18 +102,20 @@ class Webhooks:
                 except httpx.HTTPError as exc:
                     problem = type(exc).__name__
                 if attempt + 1 < self.attempts:
-                    await asyncio.sleep(self.backoff_s * 2 ** attempt)
+                    await asyncio.sleep(self.backoff_s * 2**attempt)
         log.warning("webhook to %s failed after %d attempts (%s)", public_form(url), self.attempts, problem)
         return False
 
-    async def _send(self, client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]
-                    ) -> httpx.Response:
+    async def _send(self, client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
         """One POST to the address the policy checked, with the URL's own host as Host header and TLS name."""
         target = await self.destinations.resolve(url)
         original = httpx.URL(url)
-        return await client.post(original.copy_with(host=target.address), content=body,
-                                 headers={**headers, "host": original.netloc.decode("ascii")},
-                                 extensions={"sni_hostname": target.host})
+        return await client.post(
+            original.copy_with(host=target.address),
+            content=body,
+            headers={**headers, "host": original.netloc.decode("ascii")},
+            extensions={"sni_hostname": target.host},
+        )
 
     def _spawn(self, key: str, work: Coroutine, *, resumable: bool) -> None:
         """Run `work` in the background; `resumable`: a job's delivery, which `resume` makes again if it fails."""
@@ -111,15 +131,21 @@ class Webhooks:
         self.failures += 1
         self.last_error = f"{type(exc).__name__}: {exc}"
         metrics.BACKGROUND_TASK_FAILURES.labels("webhook-sender").inc()
-        log.error("background task webhook-sender failed%s", "; the delivery is made again at the worker's next tick"
-                  if resumable else "", exc_info=exc)
+        log.error(
+            "background task webhook-sender failed%s",
+            "; the delivery is made again at the worker's next tick" if resumable else "",
+            exc_info=exc,
+        )
         if resumable:
             self._crashed.add(key)
 
     def status(self) -> dict:
         """As a supervised loop's (`Supervisor.status`): `restarting` while a failed delivery waits to be resumed."""
-        return {"state": "restarting" if self._crashed else "running", "failures": self.failures,
-                "last_error": self.last_error}
+        return {
+            "state": "restarting" if self._crashed else "running",
+            "failures": self.failures,
+            "last_error": self.last_error,
+        }
 
     def post_later(self, url: str, payload: dict) -> None:
         """`post` in the background."""
@@ -136,8 +162,9 @@ class Webhooks:
 
     async def _state(self, job_id: str, state: str) -> None:
         async with self.sessions() as session, session.begin():
-            await session.execute(update(BatchJob).where(BatchJob.id == job_id)
-                                  .values(webhook_state=state, updated_at=datetime.now(UTC)))
+            await session.execute(
+                update(BatchJob).where(BatchJob.id == job_id).values(webhook_state=state, updated_at=datetime.now(UTC))
+            )
 
     async def resume(self) -> None:
         """Deliver again what is pending and not under way here: left by a previous process, or by a failed task."""

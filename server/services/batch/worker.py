@@ -97,10 +97,21 @@ def submitted_id(batch: ProviderBatch) -> str:
 
 
 class BatchWorker:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], providers: dict[str, BatchProvider],
-                 limits: dict[str, BatchLimits], calls: ProviderCalls, prices: PriceTable, lease: Lease,
-                 window: Window, alerts: BatchAlerts, webhooks: Webhooks, *, poll_interval_s: float,
-                 max_attempts: int):
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        providers: dict[str, BatchProvider],
+        limits: dict[str, BatchLimits],
+        calls: ProviderCalls,
+        prices: PriceTable,
+        lease: Lease,
+        window: Window,
+        alerts: BatchAlerts,
+        webhooks: Webhooks,
+        *,
+        poll_interval_s: float,
+        max_attempts: int,
+    ):
         self.sessions = sessions
         self.providers = providers
         self.limits = limits
@@ -153,9 +164,13 @@ class BatchWorker:
 
     async def _start_due_jobs(self, now: datetime) -> int:
         async with self.sessions() as session:
-            queued = (await session.scalars(
-                select(BatchJob).where(BatchJob.status == "queued", BatchJob.cancel_requested.is_(False))
-                .order_by(BatchJob.priority.desc(), BatchJob.created_at))).all()
+            queued = (
+                await session.scalars(
+                    select(BatchJob)
+                    .where(BatchJob.status == "queued", BatchJob.cancel_requested.is_(False))
+                    .order_by(BatchJob.priority.desc(), BatchJob.created_at)
+                )
+            ).all()
         started = 0
         for job in queued:
             if job.schedule == "now" or self.window.due(aware(job.created_at), now):
@@ -163,18 +178,31 @@ class BatchWorker:
         return started
 
     async def _move(self, job_id: str, expected: list[str], to: str, **values) -> bool:
-        statement = (update(BatchJob).where(BatchJob.id == job_id, BatchJob.status.in_(expected))
-                     .values(status=to, updated_at=utcnow(), **values))
+        statement = (
+            update(BatchJob)
+            .where(BatchJob.id == job_id, BatchJob.status.in_(expected))
+            .values(status=to, updated_at=utcnow(), **values)
+        )
         async with self.sessions() as session, session.begin():
             return affected(await session.execute(statement)) == 1
 
     async def _jobs_with_queued_items(self) -> list[BatchJob]:
         waiting = select(BatchItem.job_id).where(BatchItem.status == "queued").distinct()
         async with self.sessions() as session:
-            return list((await session.scalars(
-                select(BatchJob).where(BatchJob.status.in_(IN_FLIGHT_STATUSES), BatchJob.provider != "local",
-                                       BatchJob.cancel_requested.is_(False), BatchJob.id.in_(waiting))
-                .order_by(BatchJob.priority.desc(), BatchJob.created_at))).all())
+            return list(
+                (
+                    await session.scalars(
+                        select(BatchJob)
+                        .where(
+                            BatchJob.status.in_(IN_FLIGHT_STATUSES),
+                            BatchJob.provider != "local",
+                            BatchJob.cancel_requested.is_(False),
+                            BatchJob.id.in_(waiting),
+                        )
+                        .order_by(BatchJob.priority.desc(), BatchJob.created_at)
+                    )
+                ).all()
+            )
 
     async def _submit_queued(self, report: TickReport) -> None:
         for job in await self._jobs_with_queued_items():
@@ -187,8 +215,11 @@ class BatchWorker:
                 log.warning("submitting batch job %s failed: %s", job.id, exc)
 
     async def _claim(self, job: BatchJob) -> list[BatchItem]:
-        query = (select(BatchItem).where(BatchItem.job_id == job.id, BatchItem.status == "queued")
-                 .order_by(BatchItem.custom_id))
+        query = (
+            select(BatchItem)
+            .where(BatchItem.job_id == job.id, BatchItem.status == "queued")
+            .order_by(BatchItem.custom_id)
+        )
         async with self.sessions() as session:
             if session.get_bind().dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True)
@@ -200,14 +231,23 @@ class BatchWorker:
         limits = self.limits[job.provider]
         plan = split(sizes, limits)
         if plan.oversized:
-            await self._fail_items([items[i] for i in plan.oversized], f"the request is larger than "
-                                   f"{job.provider}'s batch limit of {limits.max_bytes} bytes")
+            await self._fail_items(
+                [items[i] for i in plan.oversized],
+                f"the request is larger than {job.provider}'s batch limit of {limits.max_bytes} bytes",
+            )
         created = 0
         for chunk in plan.chunks:
-            batch = ProviderBatch(id=new_id(), job_id=job.id, tenant=job.tenant, provider=job.provider,
-                                  status="submitting",
-                                  item_count=len(chunk), byte_size=sum(sizes[i] for i in chunk), polls=0,
-                                  created_at=utcnow())
+            batch = ProviderBatch(
+                id=new_id(),
+                job_id=job.id,
+                tenant=job.tenant,
+                provider=job.provider,
+                status="submitting",
+                item_count=len(chunk),
+                byte_size=sum(sizes[i] for i in chunk),
+                polls=0,
+                created_at=utcnow(),
+            )
             batch.idempotency_key = f"isrv-{batch.id}"
             chunk_items = [items[i] for i in chunk]
             if not await self._record_chunk(batch, chunk_items):
@@ -216,8 +256,9 @@ class BatchWorker:
             await self._send(batch, job, chunk_items)
         return created
 
-    async def _sized(self, job: BatchJob, provider: BatchProvider,
-                     items: list[BatchItem]) -> tuple[list[BatchItem], list[int]]:
+    async def _sized(
+        self, job: BatchJob, provider: BatchProvider, items: list[BatchItem]
+    ) -> tuple[list[BatchItem], list[int]]:
         """The items the provider's format can express, with their encoded sizes; each other one fails alone, with
         its reason, so that one malformed item never holds up its job."""
         kept, sizes = [], []
@@ -225,8 +266,9 @@ class BatchWorker:
             try:
                 sizes.append(len(provider.line(job.model, kind_of(job), NeutralRequest(item.custom_id, item.body))))
             except Exception as exc:
-                await self._fail_items([item], f"the request cannot be sent to {job.provider}: "
-                                       f"{type(exc).__name__}: {exc}")
+                await self._fail_items(
+                    [item], f"the request cannot be sent to {job.provider}: {type(exc).__name__}: {exc}"
+                )
                 continue
             kept.append(item)
         return kept, sizes
@@ -236,8 +278,10 @@ class BatchWorker:
         async with self.sessions() as session, session.begin():
             session.add(batch)
             claimed = await session.execute(
-                update(BatchItem).where(BatchItem.id.in_([item.id for item in items]), BatchItem.status == "queued")
-                .values(status="submitted", chunk_id=batch.id, attempts=BatchItem.attempts + 1, updated_at=utcnow()))
+                update(BatchItem)
+                .where(BatchItem.id.in_([item.id for item in items]), BatchItem.status == "queued")
+                .values(status="submitted", chunk_id=batch.id, attempts=BatchItem.attempts + 1, updated_at=utcnow())
+            )
             if affected(claimed) != len(items):
                 await session.rollback()
                 return False
@@ -256,26 +300,36 @@ class BatchWorker:
         self._sending.add(batch.id)
         try:
             async with self.lease.kept():
-                source = await self.calls.call(job.provider, "upload", lambda: provider.upload(
-                    job.model, kind_of(job), requests, key), tenant=job.tenant)
+                source = await self.calls.call(
+                    job.provider,
+                    "upload",
+                    lambda: provider.upload(job.model, kind_of(job), requests, key),
+                    tenant=job.tenant,
+                )
                 provider_id = await self.calls.create(
-                    job.provider, lambda: provider.create(job.model, kind_of(job), requests, source, key),
-                    lambda: provider.find(key, since=since, count=len(requests), known=known), tenant=job.tenant,
-                    before_attempt=self.lease.ensure)
+                    job.provider,
+                    lambda: provider.create(job.model, kind_of(job), requests, source, key),
+                    lambda: provider.find(key, since=since, count=len(requests), known=known),
+                    tenant=job.tenant,
+                    before_attempt=self.lease.ensure,
+                )
         except LeaseLost:
             raise
         except LookupPending as exc:
             await self._note(batch.id, f"waiting to tell whether the provider holds it: {exc}")
             return
         except CreateDeferred as exc:
-            await self._note(batch.id, f"create deferred: {exc}",
-                             next_poll_at=utcnow() + timedelta(seconds=exc.wait_s))
+            await self._note(batch.id, f"create deferred: {exc}", next_poll_at=utcnow() + timedelta(seconds=exc.wait_s))
             log.warning("creating a %s batch for job %s: %s", job.provider, job.id, exc)
             return
         except Exception as exc:
             await self._note(batch.id, f"create failed ({exc}); looked up by its key and retried at a later tick")
-            log.warning("creating a %s batch for job %s failed: %s; looked up by its key and retried at a later "
-                        "tick", job.provider, job.id, exc)
+            log.warning(
+                "creating a %s batch for job %s failed: %s; looked up by its key and retried at a later tick",
+                job.provider,
+                job.id,
+                exc,
+            )
             return
         finally:
             self._sending.discard(batch.id)
@@ -285,23 +339,33 @@ class BatchWorker:
         now = utcnow()
         async with self.sessions() as session, session.begin():
             recorded = await session.execute(
-                update(ProviderBatch).where(ProviderBatch.id == batch_id, ProviderBatch.status == "submitting",
-                                            self.lease.fence())
-                .values(provider_batch_id=provider_id, status="validating", submitted_at=now, error=None,
-                        next_poll_at=now + self.poll_interval))
+                update(ProviderBatch)
+                .where(ProviderBatch.id == batch_id, ProviderBatch.status == "submitting", self.lease.fence())
+                .values(
+                    provider_batch_id=provider_id,
+                    status="validating",
+                    submitted_at=now,
+                    error=None,
+                    next_poll_at=now + self.poll_interval,
+                )
+            )
         if affected(recorded) != 1:
             # Another holder took over meanwhile: it finds this batch by its key and adopts it.
             raise LeaseLost(f"provider batch {provider_id} created after the lease was lost; left to its new holder")
 
     async def _note(self, batch_id: str, error: str, **values) -> None:
         async with self.sessions() as session, session.begin():
-            await session.execute(update(ProviderBatch).where(ProviderBatch.id == batch_id)
-                                  .values(error=error[:2000], **values))
+            await session.execute(
+                update(ProviderBatch).where(ProviderBatch.id == batch_id).values(error=error[:2000], **values)
+            )
 
     async def _batches(self, *conditions) -> list[ProviderBatch]:
         async with self.sessions() as session:
-            return list((await session.scalars(select(ProviderBatch).where(*conditions)
-                                               .order_by(ProviderBatch.created_at))).all())
+            return list(
+                (
+                    await session.scalars(select(ProviderBatch).where(*conditions).order_by(ProviderBatch.created_at))
+                ).all()
+            )
 
     async def _job(self, job_id: str) -> BatchJob:
         async with self.sessions() as session:
@@ -309,8 +373,10 @@ class BatchWorker:
 
     async def _recover(self, report: TickReport) -> None:
         now = utcnow()
-        for batch in await self._batches(ProviderBatch.status == "submitting",
-                                         (ProviderBatch.next_poll_at.is_(None)) | (ProviderBatch.next_poll_at <= now)):
+        for batch in await self._batches(
+            ProviderBatch.status == "submitting",
+            (ProviderBatch.next_poll_at.is_(None)) | (ProviderBatch.next_poll_at <= now),
+        ):
             if batch.id in self._sending:
                 continue
             await self.lease.ensure()
@@ -319,9 +385,12 @@ class BatchWorker:
             known = await self._known_ids(batch.provider)
             since = aware(batch.created_at) - RECOVERY_SKEW
             try:
-                found = await self.calls.call(batch.provider, "find", partial(
-                    provider.find, batch.idempotency_key, since=since, count=batch.item_count, known=known),
-                    tenant=batch.tenant)
+                found = await self.calls.call(
+                    batch.provider,
+                    "find",
+                    partial(provider.find, batch.idempotency_key, since=since, count=batch.item_count, known=known),
+                    tenant=batch.tenant,
+                )
             except LookupPending as exc:
                 await self._note(batch.id, f"waiting to tell whether the provider holds it: {exc}")
                 continue
@@ -336,39 +405,53 @@ class BatchWorker:
                 await self._drop_unsent(batch)
                 continue
             async with self.sessions() as session:
-                items = (await session.scalars(select(BatchItem).where(BatchItem.chunk_id == batch.id)
-                                               .order_by(BatchItem.custom_id))).all()
+                items = (
+                    await session.scalars(
+                        select(BatchItem).where(BatchItem.chunk_id == batch.id).order_by(BatchItem.custom_id)
+                    )
+                ).all()
             await self._send(batch, job, list(items))
 
     async def _drop_unsent(self, batch: ProviderBatch) -> None:
         """A batch the provider never received, of a job cancelled meanwhile: its items are cancelled, not sent."""
         now = utcnow()
         async with self.sessions() as session, session.begin():
-            await session.execute(update(BatchItem).where(BatchItem.chunk_id == batch.id,
-                                                          BatchItem.status == "submitted")
-                                  .values(status="cancelled", error="cancelled before it was submitted",
-                                          updated_at=now, completed_at=now))
-            await session.execute(update(ProviderBatch).where(ProviderBatch.id == batch.id,
-                                                              ProviderBatch.status == "submitting")
-                                  .values(status="fetched", ended_at=now, error="cancelled before it was submitted"))
+            await session.execute(
+                update(BatchItem)
+                .where(BatchItem.chunk_id == batch.id, BatchItem.status == "submitted")
+                .values(status="cancelled", error="cancelled before it was submitted", updated_at=now, completed_at=now)
+            )
+            await session.execute(
+                update(ProviderBatch)
+                .where(ProviderBatch.id == batch.id, ProviderBatch.status == "submitting")
+                .values(status="fetched", ended_at=now, error="cancelled before it was submitted")
+            )
 
     async def _known_ids(self, provider: str) -> set[str]:
         async with self.sessions() as session:
-            ids = (await session.scalars(select(ProviderBatch.provider_batch_id).where(
-                ProviderBatch.provider == provider, ProviderBatch.provider_batch_id.is_not(None)))).all()
+            ids = (
+                await session.scalars(
+                    select(ProviderBatch.provider_batch_id).where(
+                        ProviderBatch.provider == provider, ProviderBatch.provider_batch_id.is_not(None)
+                    )
+                )
+            ).all()
             return set(cast(Sequence[str], ids))
 
     async def _poll(self, report: TickReport) -> None:
         now = utcnow()
-        due = await self._batches(ProviderBatch.status.in_(LIVE_BATCH_STATES),
-                                  (ProviderBatch.next_poll_at.is_(None)) | (ProviderBatch.next_poll_at <= now))
+        due = await self._batches(
+            ProviderBatch.status.in_(LIVE_BATCH_STATES),
+            (ProviderBatch.next_poll_at.is_(None)) | (ProviderBatch.next_poll_at <= now),
+        )
         for batch in due:
             provider = self.providers[batch.provider]
             await self.lease.ensure()
             started = time.perf_counter()
             try:
-                snapshot = await self.calls.call(batch.provider, "poll",
-                                                 partial(provider.poll, submitted_id(batch)), tenant=batch.tenant)
+                snapshot = await self.calls.call(
+                    batch.provider, "poll", partial(provider.poll, submitted_id(batch)), tenant=batch.tenant
+                )
             except Exception as exc:
                 backoff = min(POLL_BACKOFF_MAX_S, self.poll_interval.total_seconds() * 2 ** min(batch.polls, 10))
                 await self._note(batch.id, f"poll failed: {exc}", next_poll_at=now + timedelta(seconds=backoff))
@@ -377,13 +460,20 @@ class BatchWorker:
             finally:
                 metrics.BATCH_POLL_SECONDS.labels(batch.provider).observe(time.perf_counter() - started)
             report.polled += 1
-            values = {"status": snapshot.state, "polls": batch.polls + 1, "next_poll_at": now + self.poll_interval,
-                      "error": snapshot.error}
+            values = {
+                "status": snapshot.state,
+                "polls": batch.polls + 1,
+                "next_poll_at": now + self.poll_interval,
+                "error": snapshot.error,
+            }
             if snapshot.state in TERMINAL_STATES:
                 values["ended_at"] = now
             async with self.sessions() as session, session.begin():
-                await session.execute(update(ProviderBatch).values(**values).where(
-                    ProviderBatch.id == batch.id, ProviderBatch.status == batch.status, self.lease.fence()))
+                await session.execute(
+                    update(ProviderBatch)
+                    .values(**values)
+                    .where(ProviderBatch.id == batch.id, ProviderBatch.status == batch.status, self.lease.fence())
+                )
             if snapshot.state != "validating":
                 await self._move(batch.job_id, ["submitted"], "in_progress")
 
@@ -393,9 +483,9 @@ class BatchWorker:
             await self.lease.ensure()
             try:
                 async with self.lease.kept():
-                    results = await self.calls.call(batch.provider, "results",
-                                                    partial(provider.results, submitted_id(batch)),
-                                                    tenant=batch.tenant)
+                    results = await self.calls.call(
+                        batch.provider, "results", partial(provider.results, submitted_id(batch)), tenant=batch.tenant
+                    )
             except Exception as exc:
                 await self._note(batch.id, f"downloading results failed: {exc}")
                 report.errors.append(f"provider batch {batch.id}: {exc}")
@@ -403,11 +493,13 @@ class BatchWorker:
             await self._store_results(batch, results)
             report.fetched += 1
             try:
-                await self.calls.call(batch.provider, "cleanup", partial(provider.cleanup, submitted_id(batch)),
-                                      tenant=batch.tenant)
+                await self.calls.call(
+                    batch.provider, "cleanup", partial(provider.cleanup, submitted_id(batch)), tenant=batch.tenant
+                )
             except Exception as exc:
-                log.warning("deleting the files of %s batch %s failed: %s", batch.provider, batch.provider_batch_id,
-                            exc)
+                log.warning(
+                    "deleting the files of %s batch %s failed: %s", batch.provider, batch.provider_batch_id, exc
+                )
 
     async def _store_results(self, batch: ProviderBatch, results: list[ItemResult]) -> None:
         """Store a terminal batch's results on its items (matched on custom_id, through the provider's wire ids),
@@ -416,16 +508,23 @@ class BatchWorker:
         now = utcnow()
         async with self.sessions() as session, session.begin():
             job = await session.get_one(BatchJob, batch.job_id)
-            chunk = (await session.scalars(select(BatchItem).where(BatchItem.chunk_id == batch.id)
-                                           .order_by(BatchItem.custom_id))).all()
+            chunk = (
+                await session.scalars(
+                    select(BatchItem).where(BatchItem.chunk_id == batch.id).order_by(BatchItem.custom_id)
+                )
+            ).all()
             wire = self.providers[batch.provider].wire_ids(batch.idempotency_key, [item.custom_id for item in chunk])
             wire_of = dict(zip((item.id for item in chunk), wire, strict=True))
             for item in chunk:
                 if item.status != "submitted":
                     continue
                 result = by_id.get(wire_of[item.id]) or ItemResult(
-                    item.custom_id, "failed", None, None,
-                    error=f"no result from the provider (its batch {batch.status})")
+                    item.custom_id,
+                    "failed",
+                    None,
+                    None,
+                    error=f"no result from the provider (its batch {batch.status})",
+                )
                 item.updated_at = now
                 item.input_tokens, item.output_tokens = result.input_tokens, result.output_tokens
                 item.raw = result.raw
@@ -436,9 +535,11 @@ class BatchWorker:
                 else:
                     final = "cancelled" if job.cancel_requested and result.status != "succeeded" else result.status
                     item.status, item.error, item.completed_at = final, result.error, now
-            fetched = await session.execute(update(ProviderBatch).where(
-                ProviderBatch.id == batch.id, ProviderBatch.status == batch.status, self.lease.fence())
-                .values(status="fetched", ended_at=batch.ended_at or now))
+            fetched = await session.execute(
+                update(ProviderBatch)
+                .where(ProviderBatch.id == batch.id, ProviderBatch.status == batch.status, self.lease.fence())
+                .values(status="fetched", ended_at=batch.ended_at or now)
+            )
             if affected(fetched) != 1:
                 await session.rollback()
                 raise LeaseLost(f"the results of provider batch {batch.id} were not stored: the lease was lost")
@@ -446,36 +547,48 @@ class BatchWorker:
     async def _fail_items(self, items: list[BatchItem], reason: str) -> None:
         now = utcnow()
         async with self.sessions() as session, session.begin():
-            await session.execute(update(BatchItem).where(BatchItem.id.in_([item.id for item in items]))
-                                  .values(status="failed", error=reason, updated_at=now, completed_at=now))
+            await session.execute(
+                update(BatchItem)
+                .where(BatchItem.id.in_([item.id for item in items]))
+                .values(status="failed", error=reason, updated_at=now, completed_at=now)
+            )
 
     async def _request_cancels(self, report: TickReport) -> None:
         """Cancel the live provider batches of jobs whose cancellation was asked for."""
         cancelling = select(BatchJob.id).where(BatchJob.cancel_requested.is_(True))
-        for batch in await self._batches(ProviderBatch.job_id.in_(cancelling),
-                                         ProviderBatch.status.in_(("validating", "in_progress", "finalizing"))):
+        for batch in await self._batches(
+            ProviderBatch.job_id.in_(cancelling), ProviderBatch.status.in_(("validating", "in_progress", "finalizing"))
+        ):
             provider = self.providers[batch.provider]
             await self.lease.ensure()
             try:
-                await self.calls.call(batch.provider, "cancel", partial(provider.cancel, submitted_id(batch)),
-                                      tenant=batch.tenant)
+                await self.calls.call(
+                    batch.provider, "cancel", partial(provider.cancel, submitted_id(batch)), tenant=batch.tenant
+                )
             except Exception as exc:
                 report.errors.append(f"cancelling provider batch {batch.id}: {exc}")
                 continue
             async with self.sessions() as session, session.begin():
-                await session.execute(update(ProviderBatch).where(ProviderBatch.id == batch.id,
-                                                                  ProviderBatch.status == batch.status,
-                                                                  self.lease.fence())
-                                      .values(status="cancelling", next_poll_at=utcnow()))
+                await session.execute(
+                    update(ProviderBatch)
+                    .where(ProviderBatch.id == batch.id, ProviderBatch.status == batch.status, self.lease.fence())
+                    .values(status="cancelling", next_poll_at=utcnow())
+                )
 
     async def finish_jobs(self) -> list[str]:
         """Book every job whose items are all final: status, usage and cost in one compare-and-set."""
         open_items = select(BatchItem.job_id).where(BatchItem.status.in_(("queued", "submitted"))).distinct()
         live = select(ProviderBatch.job_id).where(ProviderBatch.status.not_in(("fetched",))).distinct()
         async with self.sessions() as session:
-            done = (await session.scalars(select(BatchJob).where(BatchJob.status.in_(IN_FLIGHT_STATUSES),
-                                                                 BatchJob.id.not_in(open_items),
-                                                                 BatchJob.id.not_in(live)))).all()
+            done = (
+                await session.scalars(
+                    select(BatchJob).where(
+                        BatchJob.status.in_(IN_FLIGHT_STATUSES),
+                        BatchJob.id.not_in(open_items),
+                        BatchJob.id.not_in(live),
+                    )
+                )
+            ).all()
         finished = []
         for job in done:
             if await finish_job(self.sessions, self.prices, job):
@@ -485,20 +598,28 @@ class BatchWorker:
 
     async def _update_queue_gauge(self) -> None:
         async with self.sessions() as session:
-            waiting = await session.scalar(select(func.count()).select_from(BatchItem)
-                                           .where(BatchItem.status == "queued"))
+            waiting = await session.scalar(
+                select(func.count()).select_from(BatchItem).where(BatchItem.status == "queued")
+            )
         metrics.BATCH_QUEUE_ITEMS.set(waiting or 0)
 
 
 async def finish_job(sessions: async_sessionmaker[AsyncSession], prices: PriceTable, job: BatchJob) -> bool:
     """Give a job whose items are all final its status, usage and cost; True for the one caller that did it."""
     async with sessions() as session:
-        rows = (await session.execute(
-            # A coalesced sum is never NULL, though SQLAlchemy types it as nullable as its first argument.
-            select(BatchItem.status, func.count(),
-                   type_coerce(func.coalesce(func.sum(BatchItem.input_tokens), 0), Integer),
-                   type_coerce(func.coalesce(func.sum(BatchItem.output_tokens), 0), Integer))
-            .where(BatchItem.job_id == job.id).group_by(BatchItem.status))).all()
+        rows = (
+            await session.execute(
+                # A coalesced sum is never NULL, though SQLAlchemy types it as nullable as its first argument.
+                select(
+                    BatchItem.status,
+                    func.count(),
+                    type_coerce(func.coalesce(func.sum(BatchItem.input_tokens), 0), Integer),
+                    type_coerce(func.coalesce(func.sum(BatchItem.output_tokens), 0), Integer),
+                )
+                .where(BatchItem.job_id == job.id)
+                .group_by(BatchItem.status)
+            )
+        ).all()
     by_status = {status: count for status, count, _, _ in rows}
     input_tokens = sum(int(tokens) for _, _, tokens, _ in rows)
     output_tokens = sum(int(tokens) for _, _, _, tokens in rows)
@@ -516,13 +637,22 @@ async def finish_job(sessions: async_sessionmaker[AsyncSession], prices: PriceTa
     async with sessions() as session, session.begin():
         # A cancel that lands between the read above and this write is decided here, by the row itself.
         booked = await session.execute(
-            update(BatchJob).where(BatchJob.id == job.id, BatchJob.status.not_in(FINAL_STATUSES),
-                                   BatchJob.cost_booked.is_(False))
-            .values(status=case((BatchJob.cancel_requested.is_(True), "cancelled"), else_=status),
-                    input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost.cost_usd,
-                    realtime_cost_usd=cost.realtime_cost_usd, savings_usd=cost.savings_usd, cost_booked=True,
-                    completed_at=now, updated_at=now, accepting=False,
-                    webhook_state="pending" if job.webhook_url else "none"))
+            update(BatchJob)
+            .where(BatchJob.id == job.id, BatchJob.status.not_in(FINAL_STATUSES), BatchJob.cost_booked.is_(False))
+            .values(
+                status=case((BatchJob.cancel_requested.is_(True), "cancelled"), else_=status),
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                cost_usd=cost.cost_usd,
+                realtime_cost_usd=cost.realtime_cost_usd,
+                savings_usd=cost.savings_usd,
+                cost_booked=True,
+                completed_at=now,
+                updated_at=now,
+                accepting=False,
+                webhook_state="pending" if job.webhook_url else "none",
+            )
+        )
         if affected(booked) != 1:
             return False
         status = (await session.execute(select(BatchJob.status).where(BatchJob.id == job.id))).scalar_one()
@@ -531,7 +661,14 @@ async def finish_job(sessions: async_sessionmaker[AsyncSession], prices: PriceTa
         metrics.BATCH_ITEMS.labels(job.provider, item_status).inc(count)
     if cost.savings_usd:
         metrics.BATCH_SAVINGS.labels(job.provider).inc(cost.savings_usd)
-    log.info("batch job %s (%s) %s: %d/%d succeeded, cost %s, saved %s", job.id, job.name, status, succeeded, total,
-             "unknown" if cost.cost_usd is None else f"${cost.cost_usd:.4f}",
-             "unknown" if cost.savings_usd is None else f"${cost.savings_usd:.4f}")
+    log.info(
+        "batch job %s (%s) %s: %d/%d succeeded, cost %s, saved %s",
+        job.id,
+        job.name,
+        status,
+        succeeded,
+        total,
+        "unknown" if cost.cost_usd is None else f"${cost.cost_usd:.4f}",
+        "unknown" if cost.savings_usd is None else f"${cost.savings_usd:.4f}",
+    )
     return True

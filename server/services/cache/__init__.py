@@ -8,8 +8,9 @@ from server.services.redis_client import GuardedRedis
 __all__ = ["SERVED_FROM_CACHE", "MemoryStore", "Outcome", "RedisStore", "ResponseCache", "open_store"]
 
 
-def open_store(redis: GuardedRedis | None, *, ttl_s: float, max_items: int,
-               lock_ttl_s: float) -> MemoryStore | RedisStore:
+def open_store(
+    redis: GuardedRedis | None, *, ttl_s: float, max_items: int, lock_ttl_s: float
+) -> MemoryStore | RedisStore:
     """Redis when one is configured (shared by replicas), else the in-process LRU."""
     if redis is not None:
         return RedisStore(redis, ttl_s=ttl_s, lock_ttl_s=lock_ttl_s)

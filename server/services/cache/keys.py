@@ -24,10 +24,22 @@ def normalise_text(text: str) -> str:
 SHARED = "shared"
 
 
-def cache_key(endpoint: str, model: str, revision: str, model_input: str | Sequence[int],
-              params: Mapping[str, object], scope: str | None = None) -> str:
-    payload = {"endpoint": endpoint, "model": model, "revision": revision, "scope": scope,
-               "input": model_input if isinstance(model_input, str) else list(model_input), "params": dict(params)}
+def cache_key(
+    endpoint: str,
+    model: str,
+    revision: str,
+    model_input: str | Sequence[int],
+    params: Mapping[str, object],
+    scope: str | None = None,
+) -> str:
+    payload = {
+        "endpoint": endpoint,
+        "model": model,
+        "revision": revision,
+        "scope": scope,
+        "input": model_input if isinstance(model_input, str) else list(model_input),
+        "params": dict(params),
+    }
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return f"cache:{endpoint}:{model_tag(model)}:{scope_tag(scope)}:{hashlib.sha256(canonical.encode()).hexdigest()}"
 

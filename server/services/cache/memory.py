@@ -39,8 +39,9 @@ class MemoryStore:
     async def count(self, pattern: str) -> int:
         """Live entries whose key matches the glob `pattern`."""
         now = self.clock()
-        return sum(1 for key, (expires, _) in self._entries.items()
-                   if expires > now and fnmatch.fnmatchcase(key, pattern))
+        return sum(
+            1 for key, (expires, _) in self._entries.items() if expires > now and fnmatch.fnmatchcase(key, pattern)
+        )
 
     async def delete_matching(self, pattern: str) -> int:
         """Remove the live entries whose key matches `pattern`; how many were removed (expired ones go too)."""

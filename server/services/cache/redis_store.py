@@ -148,8 +148,11 @@ class LockWaiters:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("the stampede lock's pub/sub connection failed (%s: %s); waiters re-check their keys",
-                        type(exc).__name__, exc)
+            log.warning(
+                "the stampede lock's pub/sub connection failed (%s: %s); waiters re-check their keys",
+                type(exc).__name__,
+                exc,
+            )
         finally:
             self._lost(pubsub)
             try:
@@ -222,8 +225,9 @@ class RedisStore:
         self._unreleased.pop(key, None)
         try:
             if lock.value is not None:
-                await self._store_and_release(keys=[key, lock_key(key)],
-                                              args=[lock.value, self.ttl_ms, lock.token, done_channel(key)])
+                await self._store_and_release(
+                    keys=[key, lock_key(key)], args=[lock.value, self.ttl_ms, lock.token, done_channel(key)]
+                )
             else:
                 await self._release(keys=[lock_key(key)], args=[lock.token, done_channel(key)])
         except REDIS_ERRORS:
@@ -268,7 +272,6 @@ class RedisStore:
             except TimeoutError:
                 pass
             return cast(bytes | None, await self.client.get(key))
-
 
     async def count(self, pattern: str) -> int:
         """Keys matching the glob `pattern`, by SCAN (never KEYS: it would block Redis on a large keyspace)."""

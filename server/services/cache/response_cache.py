@@ -64,14 +64,27 @@ class ResponseCache:
 
     def _store_failed(self, operation: str, exc: BaseException) -> None:
         metrics.CACHE_STORE_ERRORS.labels(self.backend, operation).inc()
-        self._warnings.warning(self.backend, "cache store (%s) failed on %s: %s: %s; computing without it",
-                               self.backend, operation, type(exc).__name__, exc)
+        self._warnings.warning(
+            self.backend,
+            "cache store (%s) failed on %s: %s: %s; computing without it",
+            self.backend,
+            operation,
+            type(exc).__name__,
+            exc,
+        )
 
-    async def resolve(self, endpoint: str, keys: list[str | None], compute: Callable[[int], Awaitable[bytes]],
-                      *, bypass: bool = False, timeout_s: float | None = None, background: bool = False,
-                      admit: Callable[[int], AbstractContextManager[object]] = lambda count: nullcontext(),
-                      on_item: Callable[[int, bytes, Outcome], None] = lambda index, value, outcome: None
-                      ) -> list[tuple[bytes, Outcome]]:
+    async def resolve(
+        self,
+        endpoint: str,
+        keys: list[str | None],
+        compute: Callable[[int], Awaitable[bytes]],
+        *,
+        bypass: bool = False,
+        timeout_s: float | None = None,
+        background: bool = False,
+        admit: Callable[[int], AbstractContextManager[object]] = lambda count: nullcontext(),
+        on_item: Callable[[int, bytes, Outcome], None] = lambda index, value, outcome: None,
+    ) -> list[tuple[bytes, Outcome]]:
         """Value and outcome for each item; `keys[i]` None means item i is not cacheable.
 
         `admit(n)` is entered, with the number of computations the items the store did not answer start, before
@@ -142,8 +155,9 @@ class ResponseCache:
         """Remove the cached answers of `endpoint` and `model` (None: any) that `tenant` may see; how many."""
         return await self.store.delete_matching(self._pattern(endpoint, model, tenant))
 
-    def _plan(self, keys: list[str | None], found: dict[int, bytes], bypass: bool,
-              background: bool) -> tuple[int, dict[str, int]]:
+    def _plan(
+        self, keys: list[str | None], found: dict[int, bytes], bypass: bool, background: bool
+    ) -> tuple[int, dict[str, int]]:
         """How many batcher items the items the store did not answer will submit, and the keys this request leads
         (no computation in flight), each with its first item. A joiner submits nothing, unless it promotes a
         background computation (its submit then merges with that one in the batcher); an uncacheable item, one."""
@@ -167,8 +181,14 @@ class ResponseCache:
         flight.task.add_done_callback(lambda _: self._flights.pop(key, None))
         return flight
 
-    async def _join(self, key: str, compute: Callable[[], Awaitable[bytes]], timeout_s: float | None,
-                    background: bool, led: _Flight | None = None) -> tuple[bytes, Outcome]:
+    async def _join(
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[bytes]],
+        timeout_s: float | None,
+        background: bool,
+        led: _Flight | None = None,
+    ) -> tuple[bytes, Outcome]:
         """This caller's answer from `led` (the flight it started), else from the key's flight in progress, else
         from a flight it starts now."""
         flight = led or self._flights.get(key)
@@ -190,8 +210,9 @@ class ResponseCache:
         except TimeoutError as exc:
             if isinstance(exc, DeadlineExceeded):
                 raise
-            raise DeadlineExceeded(f"the answer, computed for another request, did not come within {timeout_s:g} s "
-                                   "(REQUEST_TIMEOUT_S)") from None
+            raise DeadlineExceeded(
+                f"the answer, computed for another request, did not come within {timeout_s:g} s (REQUEST_TIMEOUT_S)"
+            ) from None
         finally:
             flight.waiters -= 1
             if flight.waiters == 0 and not flight.task.done():
@@ -240,8 +261,9 @@ class ResponseCache:
         except REDIS_ERRORS as exc:
             self._store_failed("release", exc)
 
-    async def _lead(self, store: RedisStore, key: str, token: str,
-                    compute: Callable[[], Awaitable[bytes]]) -> tuple[bytes, Outcome]:
+    async def _lead(
+        self, store: RedisStore, key: str, token: str, compute: Callable[[], Awaitable[bytes]]
+    ) -> tuple[bytes, Outcome]:
         """Holding the lock: double-check, compute, then store + release + publish in one script."""
         try:
             [value] = await store.get_many([key])

@@ -21,15 +21,22 @@ class LimiterUnavailable(RuntimeError):
     """The limiter's store failed and RATE_LIMIT_FAIL_MODE=closed."""
 
 
-async def decide(limiter: MemoryLimiter | RedisLimiter, checks: Sequence[tuple[RatePolicy, str]], *, layer: str,
-                 fail_open: bool) -> Decision | None:
+async def decide(
+    limiter: MemoryLimiter | RedisLimiter, checks: Sequence[tuple[RatePolicy, str]], *, layer: str, fail_open: bool
+) -> Decision | None:
     """The decision, or None when the store failed and the mode is open."""
     try:
         decision = await limiter.check(checks)
     except Exception as exc:
         metrics.RATE_LIMIT_ERRORS.labels(layer).inc()
-        _warnings.warning(layer, "%s rate limiter failed (%s: %s); failing %s", layer, type(exc).__name__, exc,
-                          "open" if fail_open else "closed")
+        _warnings.warning(
+            layer,
+            "%s rate limiter failed (%s: %s); failing %s",
+            layer,
+            type(exc).__name__,
+            exc,
+            "open" if fail_open else "closed",
+        )
         if fail_open:
             return None
         raise LimiterUnavailable(f"{layer} rate limiter unavailable") from exc

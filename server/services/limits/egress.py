@@ -21,15 +21,25 @@ class EgressLimited(RuntimeError):
 
 
 class EgressGuard:
-    def __init__(self, limiter: MemoryLimiter | RedisLimiter, policies: dict[str, RatePolicy], *,
-                 fail_open: bool, tenant_policies: dict[str, dict[str, RatePolicy]] | None = None):
+    def __init__(
+        self,
+        limiter: MemoryLimiter | RedisLimiter,
+        policies: dict[str, RatePolicy],
+        *,
+        fail_open: bool,
+        tenant_policies: dict[str, dict[str, RatePolicy]] | None = None,
+    ):
         self.limiter = limiter
         self.policies = policies
         self.fail_open = fail_open
         # Named `<tenant>/<provider>`, so that decisions and the RateLimit figures tell the two layers apart.
-        self.tenant_policies = {tenant: {provider: RatePolicy(f"{tenant}/{provider}", p.count, p.period_s, p.burst)
-                                         for provider, p in policies_of_tenant.items()}
-                                for tenant, policies_of_tenant in (tenant_policies or {}).items()}
+        self.tenant_policies = {
+            tenant: {
+                provider: RatePolicy(f"{tenant}/{provider}", p.count, p.period_s, p.burst)
+                for provider, p in policies_of_tenant.items()
+            }
+            for tenant, policies_of_tenant in (tenant_policies or {}).items()
+        }
 
     async def check(self, provider: str, tenant: str | None = None) -> Decision | None:
         """Take one call from every quota of `provider` (global, and the tenant's own); None when none applies."""

@@ -58,8 +58,9 @@ class FileReport:
         return f"{self.path}: {self.inserted} replayed, {self.present} already present{rejected}"
 
 
-async def _replay_file(sessions: async_sessionmaker[AsyncSession], path: Path, database: str, *, timeout_s: float,
-                       chunk_size: int) -> FileReport | None:
+async def _replay_file(
+    sessions: async_sessionmaker[AsyncSession], path: Path, database: str, *, timeout_s: float, chunk_size: int
+) -> FileReport | None:
     """None when another process claimed the file first."""
     report = FileReport(unclaimed_name(path))
     try:
@@ -92,14 +93,20 @@ async def _replay_file(sessions: async_sessionmaker[AsyncSession], path: Path, d
     for table, count in write.written.items():
         metrics.RECORDS_WRITTEN.labels(table).inc(count)
     if write.rejected:
-        report.rejected_to = await asyncio.to_thread(write_spill, claimed.parent, database, "rejected",
-                                                     write.rejected)
+        report.rejected_to = await asyncio.to_thread(write_spill, claimed.parent, database, "rejected", write.rejected)
     await asyncio.to_thread(claimed.unlink)
     return report
 
 
-async def replay_spill(sessions: async_sessionmaker[AsyncSession], spill_dir: Path, database: str, *,
-                       timeout_s: float, chunk_size: int, kinds: Sequence[Kind] = ("records",)) -> list[FileReport]:
+async def replay_spill(
+    sessions: async_sessionmaker[AsyncSession],
+    spill_dir: Path,
+    database: str,
+    *,
+    timeout_s: float,
+    chunk_size: int,
+    kinds: Sequence[Kind] = ("records",),
+) -> list[FileReport]:
     """Replay the spill files of `database` (as `database_identity` names it), oldest first."""
     reports = []
     for path in await asyncio.to_thread(spill_files, spill_dir, kinds):
@@ -128,9 +135,14 @@ async def replay_now(settings: Settings, *, kinds: Sequence[Kind] = ("records",)
     """Replay on demand (`python -m server db replay-spill`), on an engine of its own."""
     engine = create_engine(settings.database_url, timeout_s=settings.database_timeout_s)
     try:
-        return await replay_spill(session_factory(engine), settings.record_spill_dir,
-                                  database_identity(settings.database_url), timeout_s=settings.database_timeout_s,
-                                  chunk_size=settings.record_flush_max_items, kinds=kinds)
+        return await replay_spill(
+            session_factory(engine),
+            settings.record_spill_dir,
+            database_identity(settings.database_url),
+            timeout_s=settings.database_timeout_s,
+            chunk_size=settings.record_flush_max_items,
+            kinds=kinds,
+        )
     finally:
         await engine.dispose()
 
@@ -138,8 +150,13 @@ async def replay_now(settings: Settings, *, kinds: Sequence[Kind] = ("records",)
 async def replay_at_start(sessions: async_sessionmaker[AsyncSession], settings: Settings) -> None:
     """Replay this database's spill files before serving, and say what is left; never fails the start."""
     database = database_identity(settings.database_url)
-    reports = await replay_spill(sessions, settings.record_spill_dir, database, timeout_s=settings.database_timeout_s,
-                                 chunk_size=settings.record_flush_max_items)
+    reports = await replay_spill(
+        sessions,
+        settings.record_spill_dir,
+        database,
+        timeout_s=settings.database_timeout_s,
+        chunk_size=settings.record_flush_max_items,
+    )
     for report in reports:
         if report.failed or report.unreadable:
             log.warning("spill file %s", report)
@@ -150,6 +167,10 @@ async def replay_at_start(sessions: async_sessionmaker[AsyncSession], settings: 
         log.info("%d spill files in %s belong to other databases: left alone", others, settings.record_spill_dir)
     files, rows = await asyncio.to_thread(_rejected_rows, settings.record_spill_dir, database)
     if rows:
-        log.warning("%d records the database rejected are kept in %d files in %s; "
-                    "`python -m server db replay-spill --rejected` retries them", rows, files,
-                    settings.record_spill_dir)
+        log.warning(
+            "%d records the database rejected are kept in %d files in %s; "
+            "`python -m server db replay-spill --rejected` retries them",
+            rows,
+            files,
+            settings.record_spill_dir,
+        )

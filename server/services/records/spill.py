@@ -124,8 +124,11 @@ def spill_files(directory: Path, kinds: Sequence[Kind]) -> list[Path]:
     found = []
     for path in directory.iterdir():
         name, _, claimer = path.name.partition(CLAIM)
-        if (name.endswith(".jsonl") and name.split("-", 1)[0] in kinds
-                and (not claimer or (claimer.isdigit() and not _alive(int(claimer))))):
+        if (
+            name.endswith(".jsonl")
+            and name.split("-", 1)[0] in kinds
+            and (not claimer or (claimer.isdigit() and not _alive(int(claimer))))
+        ):
             found.append(path)
     return sorted(found, key=lambda path: unclaimed_name(path).name)
 

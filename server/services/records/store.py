@@ -45,8 +45,11 @@ def classify(exc: BaseException) -> Reason:
     if isinstance(exc, DataError | IntegrityError) or state[:2] in REJECTED_SQLSTATES:
         return "rejected"
     if isinstance(exc, DBAPIError):
-        unavailable = (isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated
-                       or state[:2] in UNAVAILABLE_SQLSTATES)
+        unavailable = (
+            isinstance(exc, OperationalError | InterfaceError)
+            or exc.connection_invalidated
+            or state[:2] in UNAVAILABLE_SQLSTATES
+        )
         return "unavailable" if unavailable else "error"
     if isinstance(exc, StatementError | ValueError | TypeError):
         return "rejected"
@@ -69,8 +72,9 @@ def _statement(dialect: str, table: Table):
     return insert(table).on_conflict_do_nothing(index_elements=["id"]).returning(table.c.id)
 
 
-async def insert_records(sessions: async_sessionmaker[AsyncSession], records: Sequence[Record],
-                         timeout_s: float) -> int:
+async def insert_records(
+    sessions: async_sessionmaker[AsyncSession], records: Sequence[Record], timeout_s: float
+) -> int:
     """Insert `records` in one transaction (one statement per table); returns how many were new."""
     by_table: dict[Table, list[dict]] = {}
     for record in records:
@@ -92,8 +96,9 @@ class BatchWrite:
 
     def __init__(self, records: Iterable[Record], chunk_size: int):
         records = list(records)
-        self.chunks: deque[list[Record]] = deque(records[i:i + chunk_size]
-                                                 for i in range(0, len(records), chunk_size))
+        self.chunks: deque[list[Record]] = deque(
+            records[i : i + chunk_size] for i in range(0, len(records), chunk_size)
+        )
         self.inserted = 0
         self.present = 0
         self.written: Counter[str] = Counter()  # rows now stored (new or already present), by table

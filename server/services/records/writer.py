@@ -60,6 +60,7 @@ class Failure:
 class RecordsStatus:
     """What `/health` reports. `degraded`: the last write failed, or the backlog is not shrinking (more than
     `max_items` rows pending now and already more than that right after the last flush)."""
+
     pending: int
     spilled: int
     rejected: int
@@ -71,9 +72,18 @@ class RecordsStatus:
 
 
 class RecordWriter:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], *, database_url: str, flush_interval_s: float,
-                 max_items: int, spill_dir: Path, timeout_s: float = 5.0, shutdown_timeout_s: float = 10.0,
-                 buffer_max: int = 100_000):
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        *,
+        database_url: str,
+        flush_interval_s: float,
+        max_items: int,
+        spill_dir: Path,
+        timeout_s: float = 5.0,
+        shutdown_timeout_s: float = 10.0,
+        buffer_max: int = 100_000,
+    ):
         self.sessions = sessions
         self.database = database_identity(database_url)
         self.flush_interval_s = flush_interval_s
@@ -102,10 +112,16 @@ class RecordWriter:
 
     @classmethod
     def from_settings(cls, sessions: async_sessionmaker[AsyncSession], settings: Settings) -> "RecordWriter":
-        return cls(sessions, database_url=settings.database_url,
-                   flush_interval_s=settings.record_flush_interval_ms / 1000, max_items=settings.record_flush_max_items,
-                   spill_dir=settings.record_spill_dir, timeout_s=settings.database_timeout_s,
-                   shutdown_timeout_s=settings.shutdown_timeout_s, buffer_max=settings.record_buffer_max)
+        return cls(
+            sessions,
+            database_url=settings.database_url,
+            flush_interval_s=settings.record_flush_interval_ms / 1000,
+            max_items=settings.record_flush_max_items,
+            spill_dir=settings.record_spill_dir,
+            timeout_s=settings.database_timeout_s,
+            shutdown_timeout_s=settings.shutdown_timeout_s,
+            buffer_max=settings.record_buffer_max,
+        )
 
     def start(self) -> None:
         self.supervisor.start()
@@ -130,9 +146,15 @@ class RecordWriter:
         backlog = len(self._pending) > self.max_items and self._pending_after_flush > self.max_items
         # A task that is not running (restarting or given up) writes nothing: rows only pile up.
         down = self.supervisor.state in ("restarting", "failed")
-        return RecordsStatus(len(self._pending), self.spilled, self.rejected, dict(self.failures),
-                             self.last_failure.error if self.last_failure else None,
-                             self._failing or backlog or down, self.supervisor.status())
+        return RecordsStatus(
+            len(self._pending),
+            self.spilled,
+            self.rejected,
+            dict(self.failures),
+            self.last_failure.error if self.last_failure else None,
+            self._failing or backlog or down,
+            self.supervisor.status(),
+        )
 
     async def flush(self) -> bool:
         """Write every row buffered now; False when the database failed, the unwritten rows staying buffered.
@@ -181,8 +203,12 @@ class RecordWriter:
         self.last_failure = failure
         self.failures[failure.reason] += 1
         metrics.RECORD_WRITE_FAILURES.labels(failure.reason).inc()
-        self._warnings.warning("failure", "writing records failed (%s); %d records stay buffered and are retried "
-                               "with backoff", failure.explain(self.timeout_s), kept)
+        self._warnings.warning(
+            "failure",
+            "writing records failed (%s); %d records stay buffered and are retried with backoff",
+            failure.explain(self.timeout_s),
+            kept,
+        )
 
     async def _drain_spills(self) -> list[Path]:
         """Write overflow and rejected rows to spill files; rows leave memory only once their file exists."""
@@ -195,10 +221,15 @@ class RecordWriter:
                 try:
                     path = await asyncio.to_thread(write_spill, self.spill_dir, self.database, kind, entries)
                 except OSError as exc:
-                    self._warnings.warning("spill", "could not write %d records to a spill file in %s (%s); they "
-                                           "stay in memory", len(entries), self.spill_dir, exc)
+                    self._warnings.warning(
+                        "spill",
+                        "could not write %d records to a spill file in %s (%s); they stay in memory",
+                        len(entries),
+                        self.spill_dir,
+                        exc,
+                    )
                     break
-                del queue[:len(entries)]
+                del queue[: len(entries)]
                 self._spilled(kind, entries, path)
                 paths.append(path)
         return paths
@@ -206,8 +237,13 @@ class RecordWriter:
     def _spilled(self, kind: Kind, entries: list[Entry], path: Path) -> None:
         if kind == "rejected":
             metrics.RECORDS_SPILLED.labels("rejected").inc(len(entries))
-            self._warnings.warning("rejected", "the database rejected %d records (first: %s); they are kept with "
-                                   "the reasons in %s", len(entries), entries[0][1], path)
+            self._warnings.warning(
+                "rejected",
+                "the database rejected %d records (first: %s); they are kept with the reasons in %s",
+                len(entries),
+                entries[0][1],
+                path,
+            )
             return
         self.spilled += len(entries)
         if self._stopping.is_set():
@@ -215,13 +251,19 @@ class RecordWriter:
             return
         self._spilled_to_replay = True
         metrics.RECORDS_SPILLED.labels("overflow").inc(len(entries))
-        self._warnings.warning("overflow", "%d records already wait in memory (RECORD_BUFFER_MAX): %d more were "
-                               "written to %s", self.buffer_max, len(entries), path)
+        self._warnings.warning(
+            "overflow",
+            "%d records already wait in memory (RECORD_BUFFER_MAX): %d more were written to %s",
+            self.buffer_max,
+            len(entries),
+            path,
+        )
 
     async def _replay_spilled(self) -> None:
         self._spilled_to_replay = False
-        reports = await replay_spill(self.sessions, self.spill_dir, self.database, timeout_s=self.timeout_s,
-                                     chunk_size=self.max_items)
+        reports = await replay_spill(
+            self.sessions, self.spill_dir, self.database, timeout_s=self.timeout_s, chunk_size=self.max_items
+        )
         for report in reports:
             if report.other_database is None:
                 log.info("spill file %s", report)
@@ -232,7 +274,7 @@ class RecordWriter:
         failures = 0
         while True:
             if failures:
-                await _wait(self._stopping, min(MAX_BACKOFF_S, self.flush_interval_s * 2 ** failures))
+                await _wait(self._stopping, min(MAX_BACKOFF_S, self.flush_interval_s * 2**failures))
             else:
                 await _wait(self._wakeup, self.flush_interval_s)
             if self._stopping.is_set():
@@ -257,7 +299,7 @@ class RecordWriter:
                     if await self.flush():
                         break
                     if attempt + 1 < CLOSE_ATTEMPTS:
-                        await asyncio.sleep(self.flush_interval_s * 2 ** attempt)
+                        await asyncio.sleep(self.flush_interval_s * 2**attempt)
                 if self._spiller:
                     await self._spiller
         except TimeoutError:
@@ -276,12 +318,20 @@ class RecordWriter:
         if lost:
             log.error("%d records are LOST: no spill file could be written in %s", lost, self.spill_dir)
         elif unwritten:
-            log.error("%d records could not be written before shutdown (%s): written to %s, %s", unwritten,
-                      self._shutdown_cause(timed_out), ", ".join(map(str, paths)), REPLAY_HINT)
+            log.error(
+                "%d records could not be written before shutdown (%s): written to %s, %s",
+                unwritten,
+                self._shutdown_cause(timed_out),
+                ", ".join(map(str, paths)),
+                REPLAY_HINT,
+            )
         if self.rejected:
-            log.warning("the database rejected %d records during this run: they are in rejected-*.jsonl files in "
-                        "%s (`python -m server db replay-spill --rejected` retries them)", self.rejected,
-                        self.spill_dir)
+            log.warning(
+                "the database rejected %d records during this run: they are in rejected-*.jsonl files in "
+                "%s (`python -m server db replay-spill --rejected` retries them)",
+                self.rejected,
+                self.spill_dir,
+            )
 
     def _shutdown_cause(self, timed_out: bool) -> str:
         failure = self.last_failure.explain(self.timeout_s) if self._failing and self.last_failure else None

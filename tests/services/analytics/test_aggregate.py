@@ -17,13 +17,30 @@ from server.services.records.store import BatchWrite, Record
 BASE = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
 
 
-def request(minute: int, latency_ms: float, *, status: int = 200, endpoint: str = "generate", model: str = "gpt2",
-            items: int = 1, cached: int = 0, record_id: str | None = None) -> dict:
-    return {"id": record_id or uuid.uuid4().hex, "endpoint": endpoint, "model": model, "status": status,
-            "error": None if status < 400 else "DeadlineExceeded", "items": 0 if status >= 400 else items,
-            "cached_items": 0 if status >= 400 else cached, "tokens_in": 0 if status >= 400 else 3 * items,
-            "tokens_out": 0 if status >= 400 else 5 * items, "latency_ms": latency_ms,
-            "created_at": BASE + timedelta(minutes=minute, seconds=30)}
+def request(
+    minute: int,
+    latency_ms: float,
+    *,
+    status: int = 200,
+    endpoint: str = "generate",
+    model: str = "gpt2",
+    items: int = 1,
+    cached: int = 0,
+    record_id: str | None = None,
+) -> dict:
+    return {
+        "id": record_id or uuid.uuid4().hex,
+        "endpoint": endpoint,
+        "model": model,
+        "status": status,
+        "error": None if status < 400 else "DeadlineExceeded",
+        "items": 0 if status >= 400 else items,
+        "cached_items": 0 if status >= 400 else cached,
+        "tokens_in": 0 if status >= 400 else 3 * items,
+        "tokens_out": 0 if status >= 400 else 5 * items,
+        "latency_ms": latency_ms,
+        "created_at": BASE + timedelta(minutes=minute, seconds=30),
+    }
 
 
 @pytest.fixture
@@ -35,15 +52,22 @@ async def sessions(database_url: str):
 
 
 def writer(sessions, database_url: str, tmp_path: Path) -> RecordWriter:
-    return RecordWriter(sessions, database_url=database_url, flush_interval_s=60, max_items=1000,
-                        spill_dir=tmp_path / "spill", timeout_s=5.0)
+    return RecordWriter(
+        sessions,
+        database_url=database_url,
+        flush_interval_s=60,
+        max_items=1000,
+        spill_dir=tmp_path / "spill",
+        timeout_s=5.0,
+    )
 
 
 async def test_counts_rates_and_percentiles(sessions, database_url, tmp_path):
     records = writer(sessions, database_url, tmp_path)
     # Hour 10: 100 requests, latencies 1..100 ms, 10 of them failed (504), 2 items each, one cached per request.
-    first_hour = [request(i % 60, float(i), status=504 if i % 10 == 0 else 200, items=2, cached=1)
-                  for i in range(1, 101)]
+    first_hour = [
+        request(i % 60, float(i), status=504 if i % 10 == 0 else 200, items=2, cached=1) for i in range(1, 101)
+    ]
     # Hour 11: 4 predictions of 2 s.
     second_hour = [request(60 + i, 2000.0, endpoint="predict", model="sst2") for i in range(4)]
     records.add(RequestRecord, first_hour[:50])
@@ -80,8 +104,9 @@ async def test_a_record_written_twice_is_rolled_up_once(sessions, database_url, 
     rows = [request(0, 10.0, record_id=f"r{i}") for i in range(3)]
     first = BatchWrite([Record(RequestRecord.__table__, row) for row in rows], chunk_size=10)
     await first.run(sessions, 5.0)
-    replay = BatchWrite([Record(RequestRecord.__table__, row) for row in rows + [request(0, 10.0, record_id="r3")]],
-                        chunk_size=10)
+    replay = BatchWrite(
+        [Record(RequestRecord.__table__, row) for row in rows + [request(0, 10.0, record_id="r3")]], chunk_size=10
+    )
     await replay.run(sessions, 5.0)
     assert (replay.inserted, replay.present) == (1, 3)
     assert (await aggregate(sessions, BASE, BASE + timedelta(minutes=1), "minute")).total.requests == 4

@@ -18,8 +18,9 @@ def unique(prefix: str) -> str:
 async def test_each_configured_policy_counts_the_decisions_taken_under_it():
     limiter = MemoryLimiter()
     default, group = unique("default"), unique("predict")
-    ingress = IngressLimits(limiter, parse_policy(default, "10/minute"), {group: parse_policy(group, "2/minute")},
-                            fail_open=True)
+    ingress = IngressLimits(
+        limiter, parse_policy(default, "10/minute"), {group: parse_policy(group, "2/minute")}, fail_open=True
+    )
     provider = unique("gemini")
     egress = EgressGuard(limiter, {provider: parse_policy(provider, "1/hour;burst=1")}, fail_open=True)
     for _ in range(3):
@@ -33,7 +34,8 @@ async def test_each_configured_policy_counts_the_decisions_taken_under_it():
     assert live["ingress"] == [
         # The third request to the group was refused while both policies applied: denied under both.
         {"name": default, "count": 10, "period_s": 60, "burst": 10, "allowed": 3, "denied": 1},
-        {"name": group, "count": 2, "period_s": 60, "burst": 2, "allowed": 2, "denied": 1}]
+        {"name": group, "count": 2, "period_s": 60, "burst": 2, "allowed": 2, "denied": 1},
+    ]
     assert live["egress"] == [{"name": provider, "count": 1, "period_s": 3600, "burst": 1, "allowed": 1, "denied": 1}]
 
 
@@ -49,8 +51,13 @@ def test_each_model_has_its_queue_and_its_mean_batch_size():
         metrics.MODEL_BATCH_SIZE.labels(busy).observe(size)
     limiter = MemoryLimiter()
 
-    live = live_figures({busy: 5.0, idle: 0.0}, IngressLimits(limiter, None, {}, fail_open=True),
-                        EgressGuard(limiter, {}, fail_open=True))
+    live = live_figures(
+        {busy: 5.0, idle: 0.0},
+        IngressLimits(limiter, None, {}, fail_open=True),
+        EgressGuard(limiter, {}, fail_open=True),
+    )
 
-    assert live["models"] == {busy: {"queue_depth": 5, "batches": 3, "items": 9, "mean_batch_size": 3.0},
-                              idle: {"queue_depth": 0, "batches": 0, "items": 0, "mean_batch_size": None}}
+    assert live["models"] == {
+        busy: {"queue_depth": 5, "batches": 3, "items": 9, "mean_batch_size": 3.0},
+        idle: {"queue_depth": 0, "batches": 0, "items": 0, "mean_batch_size": None},
+    }

@@ -31,8 +31,7 @@ async def sessions(tmp_path: Path):
     await asyncio.to_thread(migrate.upgrade, url)
     engine = create_engine(url, timeout_s=5)
     sessions = session_factory(engine)
-    writer = RecordWriter(sessions, database_url=url, flush_interval_s=60, max_items=1000,
-                          spill_dir=tmp_path / "spill")
+    writer = RecordWriter(sessions, database_url=url, flush_interval_s=60, max_items=1000, spill_dir=tmp_path / "spill")
     # 20 requests of 3 s, 5 of them failed: p95 and the error rate breach the default thresholds.
     writer.add(RequestRecord, [request(i, 3000.0, status=500 if i < 5 else 200) for i in range(20)])
     assert await writer.flush()
@@ -40,13 +39,22 @@ async def sessions(tmp_path: Path):
     await engine.dispose()
 
 
-def reports(sessions, fake=None, *, quota: str = "gemini=100/minute", timeout_s: float = 10.0,
-            max_wait_s: float = 2.0) -> PerformanceReports:
+def reports(
+    sessions, fake=None, *, quota: str = "gemini=100/minute", timeout_s: float = 10.0, max_wait_s: float = 2.0
+) -> PerformanceReports:
     gemini = GeminiJson("key", "gemini-2.5-flash-lite", timeout_s=timeout_s, base_url=fake.base_url) if fake else None
     cache = ResponseCache(MemoryStore(max_items=100, ttl_s=300), lock_ttl_s=30)
     egress = EgressGuard(MemoryLimiter(), parse_policies(quota), fail_open=True)
-    return PerformanceReports(sessions, cache, egress, gemini, "gemini-2.5-flash-lite", lambda: {"generator": 0.0},
-                              max_wait_s=max_wait_s, backoff_s=0.001)
+    return PerformanceReports(
+        sessions,
+        cache,
+        egress,
+        gemini,
+        "gemini-2.5-flash-lite",
+        lambda: {"generator": 0.0},
+        max_wait_s=max_wait_s,
+        backoff_s=0.001,
+    )
 
 
 async def test_without_a_key_every_breach_is_a_finding_with_a_recommendation(sessions):

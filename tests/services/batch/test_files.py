@@ -39,8 +39,10 @@ async def test_a_file_is_stored_in_chunks_and_read_back_by_its_tenant_only(store
         await store.get(row.id, "other")
     with pytest.raises(JobNotFound):
         await store.content(row.id, "other")
-    assert [lines async for lines in aiter_lines(store.path(row.id), batch=1)] == [[(1, b'{"a": 1}\n')],
-                                                                                    [(2, b'{"b": 2}\n')]]
+    assert [lines async for lines in aiter_lines(store.path(row.id), batch=1)] == [
+        [(1, b'{"a": 1}\n')],
+        [(2, b'{"b": 2}\n')],
+    ]
 
 
 async def test_past_the_size_limit_nothing_is_kept(store):
@@ -68,8 +70,9 @@ async def test_files_past_their_retention_are_gone(store):
     kept = await store.create("acme", "new.jsonl", "batch", chunks(b"x\n"))
     old = await store.create("acme", "old.jsonl", "batch", chunks(b"x\n"))
     async with store.sessions() as session, session.begin():
-        await session.execute(update(StoredFile).where(StoredFile.id == old.id)
-                              .values(expires_at=now() - timedelta(seconds=1)))
+        await session.execute(
+            update(StoredFile).where(StoredFile.id == old.id).values(expires_at=now() - timedelta(seconds=1))
+        )
     with pytest.raises(JobNotFound):
         await store.get(old.id, "acme")
     assert await store.purge_expired() == 1

@@ -31,8 +31,16 @@ def test_an_unknown_model_costs_none_and_warns_once(caplog):
 
 def test_a_prices_file_overrides_and_extends(tmp_path):
     override = tmp_path / "prices.json"
-    override.write_text(json.dumps({"openai": {"gpt-4o-mini": {"realtime": [1, 2], "batch": [0.5, 1]},
-                                               "house-model": {"realtime": [4, 4], "batch": [2, 2]}}}))
+    override.write_text(
+        json.dumps(
+            {
+                "openai": {
+                    "gpt-4o-mini": {"realtime": [1, 2], "batch": [0.5, 1]},
+                    "house-model": {"realtime": [4, 4], "batch": [2, 2]},
+                }
+            }
+        )
+    )
     prices = PriceTable.load(override)
     assert prices.cost("openai", "gpt-4o-mini", 1_000_000, 0).cost_usd == pytest.approx(0.5)
     assert prices.cost("openai", "house-model", 0, 1_000_000).realtime_cost_usd == pytest.approx(4)

@@ -40,12 +40,15 @@ async def listener(host: str = "127.0.0.1", redirect_to: str | None = None) -> A
 
 
 def webhooks(sessions=None, **policy) -> Webhooks:
-    return Webhooks(sessions, secret=None, destinations=DestinationPolicy.from_settings(**policy), attempts=2,
-                    backoff_s=0.01)
+    return Webhooks(
+        sessions, secret=None, destinations=DestinationPolicy.from_settings(**policy), attempts=2, backoff_s=0.01
+    )
 
 
-@pytest.mark.parametrize("template", ["http://127.0.0.1:{port}/internal-admin", "http://localhost:{port}/hook",
-                                      "http://[::ffff:127.0.0.1]:{port}/hook"])
+@pytest.mark.parametrize(
+    "template",
+    ["http://127.0.0.1:{port}/internal-admin", "http://localhost:{port}/hook", "http://[::ffff:127.0.0.1]:{port}/hook"],
+)
 async def test_a_loopback_destination_is_refused_and_nothing_reaches_it(template, caplog):
     async with listener() as (port, heard):
         url = template.format(port=port) + "?token=SECRET"
@@ -55,8 +58,9 @@ async def test_a_loopback_destination_is_refused_and_nothing_reaches_it(template
     assert "refused" in caplog.text and "SECRET" not in caplog.text and "internal-admin" not in caplog.text
 
 
-@pytest.mark.parametrize("url", ["http://10.0.0.1/hook", "http://169.254.169.254/latest/meta-data/",
-                                 "http://[::1]:9/hook"])
+@pytest.mark.parametrize(
+    "url", ["http://10.0.0.1/hook", "http://169.254.169.254/latest/meta-data/", "http://[::1]:9/hook"]
+)
 async def test_private_metadata_and_ipv6_loopback_destinations_are_refused_before_connecting(url):
     started = asyncio.get_running_loop().time()
     assert not await webhooks(allow_http=True, allowed_hosts="").post(url, {"event": "x"})
@@ -80,9 +84,20 @@ async def test_a_redirect_to_loopback_is_not_followed(caplog):
     assert "never followed" in caplog.text
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:9/x", "http://10.0.0.1/", "http://169.254.169.254/",
-                                 "http://[::1]/", "http://[::ffff:127.0.0.1]/", "http://localhost/hook",
-                                 "ftp://hooks.example.com/", "https://no-such-host.invalid/hook", "not a url"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/x",
+        "http://10.0.0.1/",
+        "http://169.254.169.254/",
+        "http://[::1]/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://localhost/hook",
+        "ftp://hooks.example.com/",
+        "https://no-such-host.invalid/hook",
+        "not a url",
+    ],
+)
 async def test_a_job_with_a_refused_webhook_is_a_422_at_creation(settings, url):
     app = create_app(settings.model_copy(update={"batch_worker": "off", "webhook_allow_http": True}))
     async with app.router.lifespan_context(app):
@@ -94,12 +109,20 @@ async def test_a_job_with_a_refused_webhook_is_a_422_at_creation(settings, url):
 
 
 async def test_answers_show_a_webhook_without_its_path_or_query(settings):
-    app = create_app(settings.model_copy(update={"batch_worker": "off", "webhook_allow_http": True,
-                                                 "webhook_allowed_hosts": "127.0.0.1"}))
+    app = create_app(
+        settings.model_copy(
+            update={"batch_worker": "off", "webhook_allow_http": True, "webhook_allowed_hosts": "127.0.0.1"}
+        )
+    )
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            body = {"name": "hooked", "provider": "local", "model": "gpt2", "kind": "generate",
-                    "webhook_url": "http://127.0.0.1:9/services/T0/B0/SECRET?token=1"}
+            body = {
+                "name": "hooked",
+                "provider": "local",
+                "model": "gpt2",
+                "kind": "generate",
+                "webhook_url": "http://127.0.0.1:9/services/T0/B0/SECRET?token=1",
+            }
             created = (await client.post("/batch/jobs", json=body)).json()
             listed = (await client.get("/batch/jobs")).json()["items"][0]
     assert created["webhook_url"] == listed["webhook_url"] == "http://127.0.0.1:9"

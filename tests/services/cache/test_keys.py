@@ -22,5 +22,6 @@ def test_text_inputs_are_unicode_normalised_by_the_caller_contract():
     composed, decomposed = "caf\u00e9", "cafe\u0301"
     assert composed != decomposed
     assert cache_key("predict", "m", "r", normalise_text(composed), {}) == cache_key(
-        "predict", "m", "r", normalise_text(decomposed), {})
+        "predict", "m", "r", normalise_text(decomposed), {}
+    )
     assert normalise_text("Hello ") != normalise_text("hello")

@@ -162,8 +162,10 @@ async def test_redis_down_computes_counts_skips_redis_then_recovers(redis_server
     assert compute.calls == 2
     assert metric("cache_store_errors_total", backend="redis", operation="get") > errors
     redis_server.start()
-    failures, skipped = metric("circuit_failures_total", dependency="redis"), metric("circuit_skipped_total",
-                                                                                      dependency="redis")
+    failures, skipped = (
+        metric("circuit_failures_total", dependency="redis"),
+        metric("circuit_skipped_total", dependency="redis"),
+    )
     assert await cache.resolve("t", ["after"], compute) == [(b"value-0", "error")], "skipped: Redis is not tried yet"
     assert metric("circuit_skipped_total", dependency="redis") == skipped + 2, "the lookup and the lock"
     assert metric("circuit_failures_total", dependency="redis") == failures

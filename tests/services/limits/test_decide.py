@@ -14,8 +14,9 @@ from tests.support.metrics import metric
 POLICY = RatePolicy("p", 10, 1, 10)
 
 
-async def test_a_down_store_is_counted_every_time_and_logged_once_per_interval_per_layer(redis_server, caplog,
-                                                                                          monkeypatch):
+async def test_a_down_store_is_counted_every_time_and_logged_once_per_interval_per_layer(
+    redis_server, caplog, monkeypatch
+):
     clock = Clock()
     monkeypatch.setattr(decide_module, "_warnings", ThrottledLog(decide_module.log, clock=clock))
     client = open_redis(redis_server.url)

@@ -43,15 +43,18 @@ def upgrade() -> None:
         sa.Column("cancel_requested", sa.Boolean(), nullable=False),
         sa.Column("webhook_state", sa.String(16), nullable=False),
         sa.Column("owner", sa.String(64), nullable=True),
-        _timestamp("created_at"), _timestamp("updated_at"), _timestamp("submitted_at", True),
+        _timestamp("created_at"),
+        _timestamp("updated_at"),
+        _timestamp("submitted_at", True),
         _timestamp("completed_at", True),
     )
     op.create_index("ix_batch_jobs_created_at", "batch_jobs", ["created_at"])
     op.create_table(
         "batch_items",
         sa.Column("id", sa.String(32), primary_key=True),
-        sa.Column("job_id", sa.String(32), sa.ForeignKey("batch_jobs.id", ondelete="CASCADE"), nullable=False,
-                  index=True),
+        sa.Column(
+            "job_id", sa.String(32), sa.ForeignKey("batch_jobs.id", ondelete="CASCADE"), nullable=False, index=True
+        ),
         sa.Column("custom_id", sa.String(64), nullable=False),
         sa.Column("body", sa.JSON(), nullable=False),
         sa.Column("body_digest", sa.String(64), nullable=False),
@@ -63,14 +66,17 @@ def upgrade() -> None:
         sa.Column("input_tokens", sa.Integer(), nullable=True),
         sa.Column("output_tokens", sa.Integer(), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
-        _timestamp("created_at"), _timestamp("updated_at"), _timestamp("completed_at", True),
+        _timestamp("created_at"),
+        _timestamp("updated_at"),
+        _timestamp("completed_at", True),
         sa.UniqueConstraint("job_id", "custom_id"),
     )
     op.create_table(
         "provider_batches",
         sa.Column("id", sa.String(32), primary_key=True),
-        sa.Column("job_id", sa.String(32), sa.ForeignKey("batch_jobs.id", ondelete="CASCADE"), nullable=False,
-                  index=True),
+        sa.Column(
+            "job_id", sa.String(32), sa.ForeignKey("batch_jobs.id", ondelete="CASCADE"), nullable=False, index=True
+        ),
         sa.Column("provider", sa.String(16), nullable=False),
         sa.Column("idempotency_key", sa.String(64), nullable=False, unique=True),
         sa.Column("provider_batch_id", sa.String(200), nullable=True),
@@ -79,7 +85,9 @@ def upgrade() -> None:
         sa.Column("byte_size", sa.BigInteger(), nullable=False),
         sa.Column("polls", sa.Integer(), nullable=False),
         sa.Column("error", sa.Text(), nullable=True),
-        _timestamp("created_at"), _timestamp("submitted_at", True), _timestamp("ended_at", True),
+        _timestamp("created_at"),
+        _timestamp("submitted_at", True),
+        _timestamp("ended_at", True),
         _timestamp("next_poll_at", True),
     )
     op.create_table(

@@ -16,8 +16,15 @@ depends_on = None
 # Frozen here, as in 0004: a migration must not change when the models do.
 HISTOGRAM_COLUMNS = tuple(f"h{index:02d}" for index in range(20))
 COUNTERS = ("requests", "items", "errors", "cached_items", "tokens_in", "tokens_out", *HISTOGRAM_COLUMNS)
-TABLES = ("generations", "predictions", "requests", "batch_jobs", "batch_items", "provider_batches",
-          "analytics_threshold_audit")
+TABLES = (
+    "generations",
+    "predictions",
+    "requests",
+    "batch_jobs",
+    "batch_items",
+    "provider_batches",
+    "analytics_threshold_audit",
+)
 
 
 def _tenant() -> sa.Column:
@@ -41,8 +48,9 @@ def upgrade() -> None:
         sa.Column("latency_max_ms", sa.Float(), nullable=False),
     )
     columns = ", ".join(("minute", "endpoint", "model", *COUNTERS, "latency_sum_ms", "latency_max_ms"))
-    op.execute(f"INSERT INTO metric_rollups_by_tenant (tenant, {columns}) SELECT 'default', {columns} "
-               "FROM metric_rollups")
+    op.execute(
+        f"INSERT INTO metric_rollups_by_tenant (tenant, {columns}) SELECT 'default', {columns} FROM metric_rollups"
+    )
     op.drop_table("metric_rollups")
     op.rename_table("metric_rollups_by_tenant", "metric_rollups")
 
@@ -58,9 +66,11 @@ def downgrade() -> None:
         sa.Column("latency_max_ms", sa.Float(), nullable=False),
     )
     sums = ", ".join(f"SUM({name})" for name in (*COUNTERS, "latency_sum_ms"))
-    op.execute(f"INSERT INTO metric_rollups_merged (minute, endpoint, model, {', '.join(COUNTERS)}, latency_sum_ms, "
-               f"latency_max_ms) SELECT minute, endpoint, model, {sums}, MAX(latency_max_ms) FROM metric_rollups "
-               "GROUP BY minute, endpoint, model")
+    op.execute(
+        f"INSERT INTO metric_rollups_merged (minute, endpoint, model, {', '.join(COUNTERS)}, latency_sum_ms, "
+        f"latency_max_ms) SELECT minute, endpoint, model, {sums}, MAX(latency_max_ms) FROM metric_rollups "
+        "GROUP BY minute, endpoint, model"
+    )
     op.drop_table("metric_rollups")
     op.rename_table("metric_rollups_merged", "metric_rollups")
     for table in TABLES:

@@ -26,7 +26,9 @@ def upgrade() -> None:
         sa.Column("filename", sa.String(255), nullable=False),
         sa.Column("purpose", sa.String(32), nullable=False),
         sa.Column("bytes", sa.BigInteger, nullable=False),
-        _at("created_at", False), _at("expires_at", False))
+        _at("created_at", False),
+        _at("expires_at", False),
+    )
     for column in ("tenant", "created_at", "expires_at"):
         op.create_index(f"ix_files_{column}", "files", [column])
     op.create_table(
@@ -40,7 +42,11 @@ def upgrade() -> None:
         sa.Column("errors", sa.JSON, nullable=True),
         sa.Column("output_file_id", sa.String(40), nullable=True),
         sa.Column("error_file_id", sa.String(40), nullable=True),
-        _at("created_at", False), _at("cancelling_at"), _at("finalizing_at"), _at("finalized_at"))
+        _at("created_at", False),
+        _at("cancelling_at"),
+        _at("finalizing_at"),
+        _at("finalized_at"),
+    )
     for column in ("tenant", "created_at"):
         op.create_index(f"ix_openai_batches_{column}", "openai_batches", [column])
 
