@@ -109,7 +109,7 @@ def worker(args: argparse.Namespace) -> None:
     import asyncio
     import signal
 
-    from server.services.runtime import open_runtime
+    from server.runtime import open_runtime
 
     async def run() -> None:
         async with open_runtime(get_settings().model_copy(update={"batch_worker": "in-process"})):
@@ -127,7 +127,7 @@ def batch_run_once(args: argparse.Namespace) -> None:
     import json
     from dataclasses import asdict
 
-    from server.services.runtime import open_runtime
+    from server.runtime import open_runtime
 
     async def run() -> dict:
         async with open_runtime(get_settings().model_copy(update={"batch_worker": "off"})) as runtime:

@@ -7,19 +7,24 @@ from fastapi import Depends, FastAPI
 
 from server import __version__
 from server.api import errors
+from server.api.analytics import dashboard
+from server.api.analytics import routes as analytics
 from server.api.body_guard import BodyGuardMiddleware
 from server.api.deps import authenticate
 from server.api.drain import Drain, DrainMiddleware
 from server.api.middleware import ObservedRequestMiddleware, route_templates
+from server.api.offload import routes as offload
 from server.api.openai import batches as openai_batches
 from server.api.openai import files as openai_files
 from server.api.openai import routes as openai_routes
 from server.api.openai.errors import OpenAIErrorMiddleware
 from server.api.ratelimit import IngressRateLimitMiddleware
-from server.api.routes import analytics, batch, dashboard, docs, generate, history, predict, static, system
+from server.api.serving import generate, history, predict
+from server.api.system import docs, static
+from server.api.system import routes as system
 from server.core.config import Settings, get_settings
 from server.core.logging import configure as configure_logging
-from server.services.runtime import open_runtime
+from server.runtime import open_runtime
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -63,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     keyed = [
         module.router
-        for module in (generate, predict, history, batch, analytics, openai_routes, openai_files, openai_batches)
+        for module in (generate, predict, history, offload, analytics, openai_routes, openai_files, openai_batches)
     ]
     for router in keyed:
         app.include_router(router, dependencies=[Depends(authenticate)])

@@ -11,10 +11,10 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.core.tenants import UNAUTHORIZED, Principal
-from server.services.batch.openai_batches import OpenAIBatches
-from server.services.generation import GenerationService
-from server.services.runtime import Runtime
-from server.services.sentiment import SentimentService
+from server.runtime import Runtime
+from server.services.offload.openai_batches import OpenAIBatches
+from server.services.serving.generation import GenerationService
+from server.services.serving.sentiment import SentimentService
 
 
 async def get_runtime(request: Request) -> Runtime:

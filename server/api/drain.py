@@ -21,7 +21,7 @@ import uvicorn
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.services.health import Health
+from server.services.infra.health import Health
 
 log = logging.getLogger(__name__)
 Handler = Callable[[int, FrameType | None], None]

@@ -10,8 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from server.core.logging import REQUEST_ID
-from server.services.batch.jobs import JobConflict, JobNotFound
 from server.services.errors import BlockedPrompt, DeadlineExceeded, InputError, ModelFailed, NotGranted, Overloaded
+from server.services.offload.jobs import JobConflict, JobNotFound
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from fastapi.sse import EventSourceResponse, format_sse_event
 
 from server.services.analytics.request_log import status_of
-from server.services.streaming import GenerationStream, StreamEvent
+from server.services.serving.streaming import GenerationStream, StreamEvent
 
 log = logging.getLogger(__name__)
 Render = Callable[[StreamEvent], Iterable[dict]]

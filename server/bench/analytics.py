@@ -22,7 +22,7 @@ import httpx
 from fastapi import FastAPI
 from sqlalchemy import func, select
 
-from server.api.routes import analytics
+from server.api.analytics import routes as analytics
 from server.core.tenants import KeyRing
 from server.db import migrate
 from server.db.analytics_models import MetricRollup, RequestRecord

@@ -387,7 +387,7 @@ class Settings(BaseSettings):
         ),
     )
     batch_prices_file: Path | None = Field(
-        None, description=("JSON overriding or extending the shipped prices (server/services/batch/prices.json)")
+        None, description=("JSON overriding or extending the shipped prices (server/services/offload/prices.json)")
     )
     batch_local_reference_price: str = Field(
         "openai:gpt-4o-mini",

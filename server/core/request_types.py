@@ -1,5 +1,5 @@
 """The string and body rules every request follows, wherever it is accepted: the interactive API and the batch
-offload's item bodies (services/batch/bodies.py) validate with the same types."""
+offload's item bodies (services/offload/bodies.py) validate with the same types."""
 
 import re
 from typing import Annotated

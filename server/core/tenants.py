@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from server.core import provider_names
 from server.core.rate_policy import RatePolicy, parse_policies
 
 Role = Literal["user", "admin"]
-PAID_PROVIDERS = frozenset({"openai", "anthropic", "gemini"})
+PAID_PROVIDERS = frozenset(provider_names.PAID_PROVIDERS)
 # Rows written before tenants existed, and every row of an open server (no API keys), belong to this tenant.
 DEFAULT_TENANT = "default"
 ADMIN_TENANT = "admin"

@@ -3,7 +3,7 @@
 Continuous batching drives `decoder` (server/ml/decoding.py) instead; both pick tokens and finish rows alike.
 
 Batching a decoder-only model is only correct with left padding, pad = eos, and an explicit attention
-mask (generate derives position ids from it); see ../../shared/reference/batching.md. Sampling draws
+mask (generate derives position ids from it). Sampling draws
 each row from its own seeded `torch.Generator`, so a row's tokens do not depend on its batch-mates.
 A row nobody waits for any more stops at the next decoding step (`abandoned`), and when every row has
 stopped the call returns: abandoned work never holds the model for the rest of its tokens.

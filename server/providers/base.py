@@ -4,7 +4,7 @@ An adapter turns provider-neutral requests into its provider's batch format, sub
 file where the API needs one), polls, downloads results (matched on custom_id, never on order), maps the
 provider's status vocabulary onto `BatchState`, reads usage, and deletes the provider's files after the
 download. It calls its official SDK with the SDK's own retries off: retries and the egress quota are the
-caller's (`server/services/batch/calls.py`), so that every attempt passes the quota. SDK errors come out as
+caller's (`server/services/offload/calls.py`), so that every attempt passes the quota. SDK errors come out as
 `ProviderError`, which says whether a retry can help and after how long.
 """
 

@@ -8,8 +8,8 @@ import asyncio
 import threading
 from collections.abc import Callable
 
-from server.services.batching import MicroBatcher
-from server.services.continuous_batching import ContinuousBatcher
+from server.services.scheduling.continuous import ContinuousBatcher
+from server.services.scheduling.static import MicroBatcher
 
 
 class Gate:

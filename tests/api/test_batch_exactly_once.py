@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from server.db.batch_models import ProviderBatch
-from server.services.batch.pricing import PriceTable
+from server.services.offload.pricing import PriceTable
 from tests.api.test_batch_providers import FAKES, chat, serving
 from tests.fakes import FakeAnthropic
 

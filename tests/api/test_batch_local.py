@@ -15,9 +15,9 @@ from sqlalchemy import update
 
 from server.db.batch_models import BatchJob
 from server.main import create_app
-from server.services.batch.pricing import PriceTable
-from server.services.batch.worker import finish_job
-from server.services.continuous_batching import ContinuousBatcher
+from server.services.offload.pricing import PriceTable
+from server.services.offload.worker import finish_job
+from server.services.scheduling.continuous import ContinuousBatcher
 from tests.support.metrics import metric
 
 

@@ -11,7 +11,7 @@ from sqlalchemy import update
 from server.core.config import Settings
 from server.db.batch_models import BatchItem
 from server.main import create_app
-from server.services.batch.pricing import PriceTable
+from server.services.offload.pricing import PriceTable
 from tests.fakes import FakeAnthropic, FakeGemini, FakeOpenAI
 
 FAKES = {

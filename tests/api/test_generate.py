@@ -111,7 +111,7 @@ async def test_generations_are_recorded_in_batches_behind_the_response(app_clien
 
 class TestStaticBatcher:
     """GENERATOR_SCHEDULER=static: the micro-batcher's guarantees, seen through its model calls (a `Gate`).
-    tests/services/test_continuous_batching.py checks the same guarantees for the continuous scheduler."""
+    tests/services/scheduling/test_continuous.py checks the same guarantees for the continuous scheduler."""
 
     @pytest.fixture
     def settings(self, settings):

@@ -9,8 +9,8 @@ import pytest
 from server.core.supervisor import RestartPolicy
 from server.ml.decoding import DecodeBatch
 from server.services import health as health_module
-from server.services.continuous_batching import ContinuousBatcher
-from server.services.health import Check
+from server.services.infra.health import Check
+from server.services.scheduling.continuous import ContinuousBatcher
 from tests.api.gates import Gate
 from tests.support.app import serving
 from tests.support.metrics import metric

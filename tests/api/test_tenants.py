@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from server.core.config import Settings
-from server.services.generation import GenerationOptions
+from server.services.serving.generation import GenerationOptions
 from tests.support.app import serving
 
 A, B, ADMIN = ({"Authorization": f"Bearer {key}"} for key in ("alpha-key", "beta-key", "ops-key"))

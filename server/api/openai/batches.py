@@ -1,5 +1,5 @@
 """`/v1/batches`: OpenAI's Batch API over the batch offload. A batch here is a batch job (`/batch/jobs`, the
-dashboard, savings and alerts see it too); see `server/services/batch/openai_batches.py`."""
+dashboard, savings and alerts see it too); see `server/services/offload/openai_batches.py`."""
 
 from typing import Annotated
 
@@ -8,8 +8,8 @@ from fastapi import APIRouter, Path, Query
 from server.api.deps import OpenAIBatchesDep, PrincipalDep
 from server.api.json_body import JSONBodyRoute
 from server.api.openai.batch_schemas import Batch, BatchCreate, BatchError, BatchErrors, BatchList, RequestCounts
-from server.services.batch.jobs import JobNotFound
-from server.services.batch.openai_batches import ID_PREFIX, BatchView, batch_times
+from server.services.offload.jobs import JobNotFound
+from server.services.offload.openai_batches import ID_PREFIX, BatchView, batch_times
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=JSONBodyRoute)
 BatchId = Annotated[str, Path(max_length=64)]

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from server.api.deps import OpenAIBatchesDep, PrincipalDep
 from server.api.openai.batch_schemas import FileDeleted, FileList, FileObject
 from server.db.batch_models import StoredFile
-from server.services.batch.files import CHUNK, FileTooLarge, utc
+from server.services.offload.files import CHUNK, FileTooLarge, utc
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 FileId = Annotated[str, Path(max_length=64)]

@@ -32,8 +32,8 @@ from server.api.openai.schemas import (
 from server.api.responses import MODEL_ROUTE_ERRORS, error_responses
 from server.api.sse import event_stream
 from server.ml.sampling import TokenLogprob
-from server.services.generation import GenerationOptions, GenerationResult, GenerationService, Prompt
-from server.services.streaming import ItemDone, StreamEvent, TextChunk
+from server.services.serving.generation import GenerationOptions, GenerationResult, GenerationService, Prompt
+from server.services.serving.streaming import ItemDone, StreamEvent, TextChunk
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=JSONBodyRoute)
 STARTED = int(time.time())

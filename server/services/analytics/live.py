@@ -1,16 +1,19 @@
-"""This process's serving figures now, as JSON: the queues, batch sizes and rate-limit decisions that `/metrics`
-(Prometheus text) holds, for `POST /metrics/aggregated` and the dashboard.
+"""This process's serving figures now, as JSON: the queues and batch sizes its schedulers report and the
+rate-limit decisions it took (what `/metrics` holds as Prometheus text), for `POST /metrics/aggregated` and the
+dashboard.
 
 Counts run from this process's start and cover only this process: the database's rollups answer for every replica,
 these are what the rollups do not hold (queues, batching, which policy refused a request, egress calls).
 """
 
-from prometheus_client import REGISTRY
+from collections.abc import Mapping
+from typing import Any
 
 from server.core import metrics
 from server.core.rate_policy import RatePolicy
 from server.services.limits.egress import EgressGuard
 from server.services.limits.ingress import IngressLimits
+from server.services.scheduling.interface import Batcher
 
 
 def _decisions(layer: str) -> dict[tuple[str, str], int]:
@@ -38,18 +41,17 @@ def _uses(policies: list[RatePolicy], layer: str) -> list[dict]:
     ]
 
 
-def _model(model: str, queue_depth: float) -> dict:
-    batches = REGISTRY.get_sample_value("model_batch_size_count", {"model": model}) or 0.0
-    items = REGISTRY.get_sample_value("model_batch_size_sum", {"model": model}) or 0.0
+def _model(batcher: Batcher[Any, Any]) -> dict:
+    batches, items = batcher.sizes.batches, batcher.sizes.items
     return {
-        "queue_depth": int(queue_depth),
-        "batches": int(batches),
-        "items": int(items),
+        "queue_depth": batcher.queued,
+        "batches": batches,
+        "items": items,
         "mean_batch_size": items / batches if batches else None,
     }
 
 
-def live_figures(queue_depths: dict[str, float], ingress: IngressLimits, egress: EgressGuard) -> dict:
+def live_figures(batchers: Mapping[str, Batcher[Any, Any]], ingress: IngressLimits, egress: EgressGuard) -> dict:
     """Per model: items waiting now, batches run and items computed, and their mean batch size (None before the
     first batch). Per configured policy (ingress: per client, `INGRESS_RATE_LIMIT*`; egress: per provider,
     `EGRESS_RATE_LIMIT`): its quota and the decisions taken under it. A request refused while two ingress policies
@@ -57,7 +59,7 @@ def live_figures(queue_depths: dict[str, float], ingress: IngressLimits, egress:
     list: that limit is off."""
     ingress_policies = [policy for policy in (ingress.default, *ingress.groups.values()) if policy is not None]
     return {
-        "models": {model: _model(model, depth) for model, depth in queue_depths.items()},
+        "models": {model: _model(batcher) for model, batcher in batchers.items()},
         "ingress": _uses(ingress_policies, "ingress"),
         "egress": _uses(list(egress.policies.values()), "egress"),
     }

@@ -19,14 +19,14 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-from server.core import metrics
+from server.core import clock, metrics
 from server.core.tenants import DEFAULT_TENANT
 from server.providers.base import ProviderError
 from server.providers.gemini_report import GeminiJson, InvalidAnswer
@@ -189,7 +189,7 @@ class PerformanceReports:
 
         async def write(_: int) -> bytes:
             body = await self._ask(_prompt(data, found, focus), caller)
-            return json.dumps({"report": body.model_dump(), "generated_at": datetime.now(UTC).isoformat()}).encode()
+            return json.dumps({"report": body.model_dump(), "generated_at": clock.now().isoformat()}).encode()
 
         try:
             [(value, outcome)] = await self.cache.resolve("analyze", [key], write)
@@ -213,7 +213,7 @@ class PerformanceReports:
         return (
             answer
             | rule_based(stats, found).model_dump()
-            | {"source": "fallback", "reason": reason, "generated_at": datetime.now(UTC).isoformat(), "cached": False}
+            | {"source": "fallback", "reason": reason, "generated_at": clock.now().isoformat(), "cached": False}
         )
 
     def _backoff(self, state: RetryCallState) -> float:

@@ -8,9 +8,9 @@ import time
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Literal
 
+from server.core import clock
 from server.db.analytics_models import RequestRecord
 from server.services.errors import BlockedPrompt, DeadlineExceeded, InputError, ModelFailed, Overloaded
 from server.services.records import RecordWriter
@@ -92,7 +92,7 @@ class RequestLog:
                     "tokens_in": tokens_in,
                     "tokens_out": tokens_out,
                     "latency_ms": (time.perf_counter() - started) * 1000,
-                    "created_at": datetime.now(UTC),
+                    "created_at": clock.now(),
                 }
             ],
         )

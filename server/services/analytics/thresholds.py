@@ -1,12 +1,12 @@
 """Alert thresholds: what "doing badly" means, stored in the database (shared by replicas), every change audited."""
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from server.core import clock
 from server.db.analytics_models import ThresholdAudit, ThresholdSetting
 from server.services.analytics.aggregate import Stats
 
@@ -80,7 +80,7 @@ async def store(
 ) -> dict[str, list]:
     """Replace the thresholds; the audit row (same transaction) names the key id, its tenant and each change as
     [old, new]."""
-    now = datetime.now(UTC)
+    now = clock.now()
     async with sessions() as session, session.begin():
         row = await session.get(ThresholdSetting, ROW, with_for_update=True)
         old = Thresholds.model_validate(row.values) if row else Thresholds()

@@ -3,7 +3,7 @@
 from server.services.cache.memory import MemoryStore
 from server.services.cache.redis_store import RedisStore
 from server.services.cache.response_cache import SERVED_FROM_CACHE, Outcome, ResponseCache
-from server.services.redis_client import GuardedRedis
+from server.services.infra.redis_client import GuardedRedis
 
 __all__ = ["SERVED_FROM_CACHE", "MemoryStore", "Outcome", "RedisStore", "ResponseCache", "open_store"]
 

@@ -1,6 +1,6 @@
 """Redis cache store (redis.asyncio + hiredis) with the cross-process stampede lock.
 
-Lock protocol (../../../../shared/reference/caching-and-limits.md): the leader takes `lock:{key}` with
+Lock protocol (docs/design-decisions.md): the leader takes `lock:{key}` with
 SET NX PX and a random token, computes, then one Lua script stores the value, deletes the lock only if
 it still holds the token, and publishes on `done:{key}`. Waiters subscribe before re-reading the key
 (no lost wake-up), then sleep on the subscription (no polling) until the publish or the lock's expiry.
@@ -28,7 +28,7 @@ from typing import ClassVar, cast
 from redis.asyncio.client import PubSub
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from server.services.redis_client import REDIS_ERRORS, GuardedRedis
+from server.services.infra.redis_client import REDIS_ERRORS, GuardedRedis
 
 log = logging.getLogger(__name__)
 

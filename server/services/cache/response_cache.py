@@ -34,7 +34,7 @@ from server.services.cache.keys import key_pattern, scope_tag
 from server.services.cache.memory import MemoryStore
 from server.services.cache.redis_store import RedisStore
 from server.services.errors import DeadlineExceeded
-from server.services.redis_client import REDIS_ERRORS
+from server.services.infra.redis_client import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 Outcome = Literal["hit", "miss", "coalesced", "bypass", "error"]

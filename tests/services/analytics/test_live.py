@@ -1,14 +1,17 @@
-"""This process's live figures: per model from the batcher's metrics, per configured policy from the limiter's
+"""This process's live figures: per model from its scheduler, per configured policy from the limiter's
 decisions. Policy and model names are unique per test: the Prometheus registry is shared by the whole test process."""
 
 import uuid
+from types import SimpleNamespace
 
-from server.core import metrics
+from prometheus_client import REGISTRY
+
 from server.core.rate_policy import parse_policy
 from server.services.analytics.live import live_figures
 from server.services.limits.egress import EgressGuard
 from server.services.limits.gcra import MemoryLimiter
 from server.services.limits.ingress import IngressLimits
+from server.services.scheduling.interface import BatchSizes
 
 
 def unique(prefix: str) -> str:
@@ -46,13 +49,15 @@ def test_limits_that_are_off_are_empty_lists():
 
 
 def test_each_model_has_its_queue_and_its_mean_batch_size():
+    """The figures come from the schedulers themselves; the sizes they record are observed as the metric too."""
     busy, idle = unique("generator"), unique("classifier")
+    sizes = BatchSizes(busy)
     for size in (4, 2, 3):
-        metrics.MODEL_BATCH_SIZE.labels(busy).observe(size)
+        sizes.record(size)
     limiter = MemoryLimiter()
 
     live = live_figures(
-        {busy: 5.0, idle: 0.0},
+        {busy: SimpleNamespace(queued=5, sizes=sizes), idle: SimpleNamespace(queued=0, sizes=BatchSizes(idle))},
         IngressLimits(limiter, None, {}, fail_open=True),
         EgressGuard(limiter, {}, fail_open=True),
     )
@@ -61,3 +66,4 @@ def test_each_model_has_its_queue_and_its_mean_batch_size():
         busy: {"queue_depth": 5, "batches": 3, "items": 9, "mean_batch_size": 3.0},
         idle: {"queue_depth": 0, "batches": 0, "items": 0, "mean_batch_size": None},
     }
+    assert REGISTRY.get_sample_value("model_batch_size_sum", {"model": busy}) == 9

@@ -6,7 +6,7 @@ import pytest
 
 from server.services.cache import MemoryStore, RedisStore, ResponseCache
 from server.services.cache.keys import cache_key
-from server.services.redis_client import open_redis
+from server.services.infra.redis_client import open_redis
 
 ENTRIES = {("generate", "gpt2"): 700, ("generate", "gpt2-large"): 5, ("predict", "sst2"): 600}
 

@@ -7,9 +7,9 @@ import pytest
 
 from server.services.cache import MemoryStore, RedisStore, ResponseCache
 from server.services.cache.redis_store import lock_key
-from server.services.circuit import CircuitBreaker
 from server.services.errors import DeadlineExceeded
-from server.services.redis_client import REDIS_FAILURES, open_redis
+from server.services.infra.circuit import CircuitBreaker
+from server.services.infra.redis_client import REDIS_FAILURES, open_redis
 from tests.support.clock import Clock
 from tests.support.metrics import metric
 

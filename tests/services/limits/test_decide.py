@@ -4,10 +4,10 @@ import pytest
 
 from server.core.rate_policy import RatePolicy
 from server.core.throttled_log import ThrottledLog
+from server.services.infra.redis_client import open_redis
 from server.services.limits import decide as decide_module
 from server.services.limits.decide import LimiterUnavailable, decide
 from server.services.limits.gcra import RedisLimiter
-from server.services.redis_client import open_redis
 from tests.support.clock import Clock
 from tests.support.metrics import metric
 

@@ -1,9 +1,9 @@
 import pytest
 
 from server.core.rate_policy import RatePolicy
+from server.services.infra.redis_client import open_redis
 from server.services.limits.egress import EgressGuard, EgressLimited
 from server.services.limits.gcra import MemoryLimiter, RedisLimiter
-from server.services.redis_client import open_redis
 from tests.support.metrics import metric
 
 

@@ -3,8 +3,8 @@ import asyncio
 import pytest
 
 from server.core.rate_policy import RatePolicy
+from server.services.infra.redis_client import open_redis
 from server.services.limits.gcra import MemoryLimiter, RedisLimiter
-from server.services.redis_client import open_redis
 from tests.support.clock import Clock
 
 

@@ -1,0 +1,1 @@
+"""`/generate`, `/predict` and `/history`: the routes and their bodies (`schemas`)."""

@@ -1,0 +1,49 @@
+"""The bodies of `/` and the health probes."""
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class CheckOut(BaseModel):
+    status: Literal["ok", "degraded", "down"]
+    latency_ms: float
+    detail: dict = {}
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "degraded", "down"]
+    checks: dict[str, CheckOut]
+
+
+class ModelInfo(BaseModel):
+    name: str = Field(
+        description="The `model_name` of answers: the model id, with `:int8` when served in int8 and "
+        "`:<device>:<dtype>` unless on the CPU in float32 (e.g. `gpt2:cuda:bfloat16`)"
+    )
+    revision: str = Field(description="The weights served (checkpoint revision, with the same suffixes as `name`)")
+    precision: Literal["fp32", "int8"] = Field(description="GENERATOR_PRECISION or SENTIMENT_PRECISION")
+    kernels: Literal["onednn", "torch"] = Field(
+        description="Who computes the fp32 Linear layers: oneDNN or torch's "
+        "default GEMM (GENERATOR_FP32_KERNELS, SENTIMENT_FP32_KERNELS)"
+    )
+    device: str = Field(description="Where the model runs: cpu, or cuda:N (DEVICE)")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(description="GENERATOR_DTYPE or SENTIMENT_DTYPE, resolved")
+    offline_stand_in: bool
+
+
+class DeviceInfo(BaseModel):
+    device: str
+    name: str = Field(description="The GPU's name, or cpu")
+    memory_used_bytes: int = Field(description="In use on the device now, by every process (the CPU: the system's)")
+    memory_free_bytes: int
+    memory_total_bytes: int
+
+
+class AppInfo(BaseModel):
+    name: str
+    version: str
+    models: dict[str, ModelInfo]
+    devices: dict[str, DeviceInfo] = Field(description="Each device a model runs on, and its memory now")
+    cache: dict
+    docs: str = "/docs"

@@ -1,0 +1,58 @@
+import asyncio
+
+import pytest
+from sqlalchemy import update
+
+from server.db import migrate
+from server.db.batch_models import WorkerLease
+from server.db.session import create_engine, session_factory
+from server.services.offload.lease import Lease, LeaseLost
+
+
+@pytest.fixture
+async def sessions(database_url: str):
+    await asyncio.to_thread(migrate.upgrade, database_url)
+    engine = create_engine(database_url)
+    yield session_factory(engine)
+    await engine.dispose()
+
+
+async def test_one_holder_at_a_time_and_a_takeover_fences_the_old_holder(sessions):
+    first, second = Lease(sessions, ttl_s=0.3, owner="first"), Lease(sessions, ttl_s=0.3, owner="second")
+    assert await first.acquire() and first.token == 1
+    assert not await second.acquire()
+    assert await first.acquire() and first.token == 1
+    await asyncio.sleep(0.4)
+    assert await second.acquire() and second.token == 2
+    assert (await second.holder()).owner == "second"
+    assert not await first.renew() and first.token is None
+    assert not await first.acquire()
+    await second.release()
+    assert await second.holder() is None
+    assert await first.acquire() and first.token == 3
+
+
+async def test_contenders_starting_together_elect_exactly_one(sessions):
+    leases = [Lease(sessions, ttl_s=30, owner=f"worker-{i}") for i in range(6)]
+    won = await asyncio.gather(*(lease.acquire() for lease in leases), return_exceptions=True)
+    assert [w for w in won if w is True] == [True]
+    assert all(w is False for w in won if w is not True)
+
+
+async def test_a_lease_kept_during_long_work_is_not_taken_over_and_a_lost_one_stops_its_holder(sessions):
+    first, second = Lease(sessions, ttl_s=0.3, owner="first"), Lease(sessions, ttl_s=0.3, owner="second")
+    assert await first.acquire()
+    async with first.kept():
+        for _ in range(5):
+            await asyncio.sleep(0.2)
+            assert not await second.acquire()
+    await first.ensure()
+    await asyncio.sleep(0.4)
+    assert await second.acquire()
+    # The old holder does not know yet: its fenced writes change nothing, and its next check stops it.
+    async with sessions() as session, session.begin():
+        fenced = await session.execute(update(WorkerLease).where(first.fence()).values(owner="stale"))
+        allowed = await session.execute(update(WorkerLease).where(second.fence()).values(owner="second"))
+    assert fenced.rowcount == 0 and allowed.rowcount == 1
+    with pytest.raises(LeaseLost):
+        await first.ensure()
