@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 25 (docs/gpu.md), sized for <= 8 minutes on one H200 whose image has torch with CUDA.
+# The GPU check (docs/gpu.md), sized for <= 8 minutes on one H200 whose image has torch with CUDA.
 #
 # 1. the `cuda`-marked tests (tests/ml/test_cuda.py);
 # 2. a short bench (`python -m server bench --device cuda`): GPT-2-124M architecture with random weights in bfloat16;

@@ -11,5 +11,5 @@ transformers_logging.disable_progress_bar()
 
 
 def configure_threads(num_threads: int) -> None:
-    """Intra-op threads of every model call; call it on the thread that runs them (services/runtime.torch_thread)."""
+    """Intra-op threads of every model call; call it on the thread that runs them (server/runtime.py: torch_thread)."""
     torch.set_num_threads(num_threads)

@@ -8,7 +8,7 @@ import pytest
 
 from server.core.supervisor import RestartPolicy
 from server.ml.decoding import DecodeBatch
-from server.services import health as health_module
+from server.services.infra import health as health_module
 from server.services.infra.health import Check
 from server.services.scheduling.continuous import ContinuousBatcher
 from tests.api.gates import Gate
@@ -119,7 +119,7 @@ async def test_liveness_is_never_rate_limited(settings):
 @pytest.mark.postgres
 async def test_the_first_health_against_a_hung_database_is_bounded_at_the_check_limit(settings):
     from tests.support.servers import PostgresServer
-    from tests.test_faults_database import hung
+    from tests.system.test_faults_database import hung
 
     server = PostgresServer().start()
     try:
