@@ -77,6 +77,7 @@ def build_batch_offload(
         savings_step_usd=settings.batch_alert_savings_step_usd,
     )
     alerts = BatchAlerts(sessions, thresholds, webhooks=webhooks, webhook_url=settings.alert_webhook_url)
+    jobs = JobStore(sessions)
     worker = BatchWorker(
         sessions,
         adapters,
@@ -87,11 +88,13 @@ def build_batch_offload(
         Window(settings.batch_schedule, settings.batch_timezone),
         alerts,
         webhooks,
+        jobs,
         poll_interval_s=settings.batch_poll_interval_s,
         max_attempts=settings.batch_max_attempts,
     )
     runner = LocalRunner(
         sessions,
+        jobs,
         generation,
         sentiment,
         concurrency=2 * settings.batch_background_max_size,
@@ -102,7 +105,7 @@ def build_batch_offload(
     )
     return BatchOffload(
         sessions,
-        JobStore(sessions),
+        jobs,
         ProviderRegistry(frozenset({"local", *adapters})),
         prices,
         worker,

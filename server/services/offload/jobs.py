@@ -2,7 +2,13 @@
 
 Job status: queued -> submitted -> in_progress -> completed | partially_completed | failed | cancelled |
 expired. Every change of status is a compare-and-set (`UPDATE ... WHERE status IN (:expected)`), so two
-processes can never both move one job; the caller learns whether it won.
+processes can never both move one job; the caller learns whether it won. A job moves through
+`JobStore.transition`, except its last move, `finish_job` (worker.py), which books its cost in the same statement.
+
+Item status: queued -> submitted (claimed, for a provider batch or the local runner) -> succeeded | failed |
+cancelled | expired, or back to queued for another attempt. Items move through `move_items`, the one statement
+that changes their status (run in the caller's transaction, beside what changes with it), and what an attempt's
+outcome makes of an item is `after_attempt`'s decision, for the providers' results and the local runner's alike.
 
 A job, its items and its provider batches belong to a tenant. Every read takes the caller's `tenant` (None: every
 tenant, for an admin): another tenant's job or item is not found, exactly as one that does not exist.
@@ -15,9 +21,9 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import ColumnElement, Update, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -44,6 +50,29 @@ ITEM_FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "expired"})
 CUSTOM_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # What each kind of request must carry in its body (the provider-neutral shape).
 BODY_FIELD = {"chat": "messages", "embedding": "input", "generate": "prompt", "predict": "text"}
+
+
+def move_items(*where: ColumnElement[bool], to: str, **values: Any) -> Update:
+    """The UPDATE that moves the items matching `where` to `to`, stamped now, and completed now when `to` is final.
+    `where` names the status the items must still be in, so that the move is a compare-and-set: count the rows it
+    affected to learn how many this call moved."""
+    stamp = clock.now()
+    if to in ITEM_FINAL_STATUSES:
+        values.setdefault("completed_at", stamp)
+    return update(BatchItem).where(*where).values(status=to, updated_at=stamp, **values)
+
+
+def after_attempt(outcome: str, *, attempts: int, max_attempts: int, retryable: bool, cancel_requested: bool) -> str:
+    """The status an attempt's `outcome` (an item result status) leaves an item in, after `attempts` attempts:
+    success stands; a cancelled job's item is cancelled; a failure that another attempt may cure is queued again
+    while attempts remain; anything else is final as it came."""
+    if outcome == "succeeded":
+        return "succeeded"
+    if cancel_requested:
+        return "cancelled"
+    if retryable and attempts < max_attempts:
+        return "queued"
+    return outcome
 
 
 class JobNotFound(LookupError):

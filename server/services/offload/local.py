@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.core import clock
@@ -25,7 +25,7 @@ from server.core.aio import wait_event
 from server.db.batch_models import BatchItem, BatchJob
 from server.db.session import affected
 from server.services.errors import DeadlineExceeded, InputError, ModelFailed, Overloaded
-from server.services.offload.jobs import IN_FLIGHT_STATUSES
+from server.services.offload.jobs import IN_FLIGHT_STATUSES, JobStore, after_attempt, move_items
 from server.services.serving.generation import GenerationOptions, GenerationService
 from server.services.serving.sentiment import SentimentService
 
@@ -47,6 +47,7 @@ class LocalRunner:
     def __init__(
         self,
         sessions: async_sessionmaker[AsyncSession],
+        jobs: JobStore,
         generation: GenerationService,
         sentiment: SentimentService,
         *,
@@ -58,6 +59,7 @@ class LocalRunner:
         idle_poll_s: float = 1.0,
     ):
         self.sessions = sessions
+        self.jobs = jobs
         self.generation = generation
         self.sentiment = sentiment
         self.concurrency = concurrency
@@ -98,9 +100,12 @@ class LocalRunner:
         local_jobs = select(BatchJob.id).where(BatchJob.provider == "local")
         async with self.sessions() as session, session.begin():
             moved = await session.execute(
-                update(BatchItem)
-                .where(BatchItem.job_id.in_(local_jobs), BatchItem.status == "submitted")
-                .values(status="queued", attempts=BatchItem.attempts - 1, updated_at=clock.now())
+                move_items(
+                    BatchItem.job_id.in_(local_jobs),
+                    BatchItem.status == "submitted",
+                    to="queued",
+                    attempts=BatchItem.attempts - 1,
+                )
             )
         return affected(moved)
 
@@ -110,14 +115,13 @@ class LocalRunner:
         now = clock.now()
         async with self.sessions() as session, session.begin():
             moved = await session.execute(
-                update(BatchItem)
-                .where(
+                move_items(
                     BatchItem.job_id.in_(local_jobs),
                     BatchItem.status == "submitted",
                     BatchItem.updated_at < now - timedelta(seconds=self.requeue_s),
                     BatchItem.id.not_in(list(self._claimed)),
+                    to="queued",
                 )
-                .values(status="queued", updated_at=now)
             )
         count = affected(moved)
         if count:
@@ -148,7 +152,7 @@ class LocalRunner:
             if await self._claim(item.id):
                 self._claimed.add(item.id)
                 started += 1
-                await self._start_job(job_id)
+                await self.jobs.transition(job_id, ["submitted"], "in_progress")
                 task = asyncio.create_task(self._run(item, kind))
                 self._running.add(task)
                 task.add_done_callback(self._finished)
@@ -172,19 +176,14 @@ class LocalRunner:
     async def _claim(self, item_id: str) -> bool:
         async with self.sessions() as session, session.begin():
             claimed = await session.execute(
-                update(BatchItem)
-                .where(BatchItem.id == item_id, BatchItem.status == "queued")
-                .values(status="submitted", attempts=BatchItem.attempts + 1, updated_at=clock.now())
+                move_items(
+                    BatchItem.id == item_id,
+                    BatchItem.status == "queued",
+                    to="submitted",
+                    attempts=BatchItem.attempts + 1,
+                )
             )
         return affected(claimed) == 1
-
-    async def _start_job(self, job_id: str) -> None:
-        async with self.sessions() as session, session.begin():
-            await session.execute(
-                update(BatchJob)
-                .where(BatchJob.id == job_id, BatchJob.status == "submitted")
-                .values(status="in_progress", updated_at=clock.now())
-            )
 
     async def _compute(self, body: dict, kind: str, tenant: str) -> tuple[dict, int, int]:
         if kind == "generate":
@@ -201,34 +200,32 @@ class LocalRunner:
 
     async def _run(self, item: BatchItem, kind: str) -> None:
         values: dict
+        retryable = False
         try:
             output, input_tokens, output_tokens = await self._compute(item.body, kind, item.tenant)
-            values = {
-                "status": "succeeded",
-                "output": output,
-                "error": None,
-                "input_tokens": input_tokens,
-                "output_tokens": output_tokens,
-            }
+            outcome = "succeeded"
+            values = {"output": output, "error": None, "input_tokens": input_tokens, "output_tokens": output_tokens}
         except asyncio.CancelledError:
             raise
         except (InputError, KeyError, TypeError, ValueError) as exc:
-            values = {"status": "failed", "error": f"invalid request: {exc}"}
+            outcome, values = "failed", {"error": f"invalid request: {exc}"}
         except RETRYABLE as exc:
-            final = item.attempts + 1 >= self.max_attempts
-            values = {"status": "failed" if final else "queued", "error": str(exc)}
+            outcome, values, retryable = "failed", {"error": str(exc)}, True
         except Exception as exc:
             log.exception("local batch item %s failed", item.id)
-            values = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-        now = clock.now()
-        if values["status"] != "queued":
-            values["completed_at"] = now
+            outcome, values = "failed", {"error": f"{type(exc).__name__}: {exc}"}
+        # `item` was read before its claim counted this attempt.
+        status = after_attempt(
+            outcome,
+            attempts=item.attempts + 1,
+            max_attempts=self.max_attempts,
+            retryable=retryable,
+            cancel_requested=False,
+        )
         try:
             async with self.sessions() as session, session.begin():
                 await session.execute(
-                    update(BatchItem)
-                    .where(BatchItem.id == item.id, BatchItem.status == "submitted")
-                    .values(updated_at=now, **values)
+                    move_items(BatchItem.id == item.id, BatchItem.status == "submitted", to=status, **values)
                 )
         except Exception:
             log.exception(

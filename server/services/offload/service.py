@@ -32,7 +32,16 @@ from server.services.errors import FieldError, InputError, NotGranted
 from server.services.limits.egress import EgressLimited
 from server.services.offload.alerts import Alert
 from server.services.offload.bodies import check_bodies, check_model
-from server.services.offload.jobs import FINAL_STATUSES, AddResult, JobConflict, JobSpec, JobStore, NewItem, new_id
+from server.services.offload.jobs import (
+    FINAL_STATUSES,
+    AddResult,
+    JobConflict,
+    JobSpec,
+    JobStore,
+    NewItem,
+    move_items,
+    new_id,
+)
 from server.services.offload.local import LocalRunner
 from server.services.offload.pricing import PriceTable
 from server.services.offload.registry import ProviderRegistry
@@ -270,10 +279,11 @@ class BatchOffload:
             if affected(marked) != 1:
                 raise JobConflict(f"batch job {job_id} is {job.status}: it has already finished")
             await session.execute(
-                update(BatchItem)
-                .where(BatchItem.job_id == job_id, BatchItem.status == "queued")
-                .values(
-                    status="cancelled", error="cancelled before it was submitted", updated_at=stamp, completed_at=stamp
+                move_items(
+                    BatchItem.job_id == job_id,
+                    BatchItem.status == "queued",
+                    to="cancelled",
+                    error="cancelled before it was submitted",
                 )
             )
             live = await session.scalar(

@@ -46,7 +46,7 @@ from server.providers.base import (
 )
 from server.services.offload.alerts import BatchAlerts
 from server.services.offload.calls import CreateDeferred, ProviderCalls
-from server.services.offload.jobs import FINAL_STATUSES, IN_FLIGHT_STATUSES, new_id
+from server.services.offload.jobs import FINAL_STATUSES, IN_FLIGHT_STATUSES, JobStore, after_attempt, move_items, new_id
 from server.services.offload.lease import Lease, LeaseLost
 from server.services.offload.pricing import PriceTable
 from server.services.offload.splitting import split
@@ -104,6 +104,7 @@ class BatchWorker:
         window: Window,
         alerts: BatchAlerts,
         webhooks: Webhooks,
+        jobs: JobStore,
         *,
         poll_interval_s: float,
         max_attempts: int,
@@ -119,6 +120,7 @@ class BatchWorker:
         self.max_attempts = max_attempts
         self.alerts = alerts
         self.webhooks = webhooks
+        self.jobs = jobs
         self._sending: set[str] = set()
         self._wakeup = asyncio.Event()
         self.last_run_at: datetime | None = None
@@ -170,17 +172,10 @@ class BatchWorker:
         started = 0
         for job in queued:
             if job.schedule == "now" or self.window.due(aware(job.created_at), now):
-                started += await self._move(job.id, ["queued"], "submitted", submitted_at=now, accepting=False)
+                started += await self.jobs.transition(
+                    job.id, ["queued"], "submitted", submitted_at=now, accepting=False
+                )
         return started
-
-    async def _move(self, job_id: str, expected: list[str], to: str, **values) -> bool:
-        statement = (
-            update(BatchJob)
-            .where(BatchJob.id == job_id, BatchJob.status.in_(expected))
-            .values(status=to, updated_at=clock.now(), **values)
-        )
-        async with self.sessions() as session, session.begin():
-            return affected(await session.execute(statement)) == 1
 
     async def _jobs_with_queued_items(self) -> list[BatchJob]:
         waiting = select(BatchItem.job_id).where(BatchItem.status == "queued").distinct()
@@ -274,9 +269,13 @@ class BatchWorker:
         async with self.sessions() as session, session.begin():
             session.add(batch)
             claimed = await session.execute(
-                update(BatchItem)
-                .where(BatchItem.id.in_([item.id for item in items]), BatchItem.status == "queued")
-                .values(status="submitted", chunk_id=batch.id, attempts=BatchItem.attempts + 1, updated_at=clock.now())
+                move_items(
+                    BatchItem.id.in_([item.id for item in items]),
+                    BatchItem.status == "queued",
+                    to="submitted",
+                    chunk_id=batch.id,
+                    attempts=BatchItem.attempts + 1,
+                )
             )
             if affected(claimed) != len(items):
                 await session.rollback()
@@ -415,9 +414,12 @@ class BatchWorker:
         now = clock.now()
         async with self.sessions() as session, session.begin():
             await session.execute(
-                update(BatchItem)
-                .where(BatchItem.chunk_id == batch.id, BatchItem.status == "submitted")
-                .values(status="cancelled", error="cancelled before it was submitted", updated_at=now, completed_at=now)
+                move_items(
+                    BatchItem.chunk_id == batch.id,
+                    BatchItem.status == "submitted",
+                    to="cancelled",
+                    error="cancelled before it was submitted",
+                )
             )
             await session.execute(
                 update(ProviderBatch)
@@ -473,7 +475,7 @@ class BatchWorker:
                     .where(ProviderBatch.id == batch.id, ProviderBatch.status == batch.status, self.lease.fence())
                 )
             if snapshot.state != "validating":
-                await self._move(batch.job_id, ["submitted"], "in_progress")
+                await self.jobs.transition(batch.job_id, ["submitted"], "in_progress")
 
     async def _fetch(self, report: TickReport) -> None:
         for batch in await self._batches(ProviderBatch.status.in_(TERMINAL_STATES)):
@@ -526,13 +528,20 @@ class BatchWorker:
                 item.updated_at = now
                 item.input_tokens, item.output_tokens = result.input_tokens, result.output_tokens
                 item.raw = result.raw
-                if result.status == "succeeded":
-                    item.status, item.output, item.error, item.completed_at = "succeeded", result.output, None, now
-                elif result.status != "cancelled" and item.attempts < self.max_attempts and not job.cancel_requested:
-                    item.status, item.chunk_id, item.error = "queued", None, result.error
+                item.status = after_attempt(
+                    result.status,
+                    attempts=item.attempts,
+                    max_attempts=self.max_attempts,
+                    retryable=result.status != "cancelled",
+                    cancel_requested=job.cancel_requested,
+                )
+                item.error = None if item.status == "succeeded" else result.error
+                if item.status == "succeeded":
+                    item.output = result.output
+                if item.status == "queued":
+                    item.chunk_id = None
                 else:
-                    final = "cancelled" if job.cancel_requested and result.status != "succeeded" else result.status
-                    item.status, item.error, item.completed_at = final, result.error, now
+                    item.completed_at = now
             fetched = await session.execute(
                 update(ProviderBatch)
                 .where(ProviderBatch.id == batch.id, ProviderBatch.status == batch.status, self.lease.fence())
@@ -543,13 +552,8 @@ class BatchWorker:
                 raise LeaseLost(f"the results of provider batch {batch.id} were not stored: the lease was lost")
 
     async def _fail_items(self, items: list[BatchItem], reason: str) -> None:
-        now = clock.now()
         async with self.sessions() as session, session.begin():
-            await session.execute(
-                update(BatchItem)
-                .where(BatchItem.id.in_([item.id for item in items]))
-                .values(status="failed", error=reason, updated_at=now, completed_at=now)
-            )
+            await session.execute(move_items(BatchItem.id.in_([item.id for item in items]), to="failed", error=reason))
 
     async def _request_cancels(self, report: TickReport) -> None:
         """Cancel the live provider batches of jobs whose cancellation was asked for."""

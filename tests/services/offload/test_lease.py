@@ -3,18 +3,8 @@ import asyncio
 import pytest
 from sqlalchemy import update
 
-from server.db import migrate
 from server.db.batch_models import WorkerLease
-from server.db.session import create_engine, session_factory
 from server.services.offload.lease import Lease, LeaseLost
-
-
-@pytest.fixture
-async def sessions(database_url: str):
-    await asyncio.to_thread(migrate.upgrade, database_url)
-    engine = create_engine(database_url)
-    yield session_factory(engine)
-    await engine.dispose()
 
 
 async def test_one_holder_at_a_time_and_a_takeover_fences_the_old_holder(sessions):
