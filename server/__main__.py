@@ -137,9 +137,14 @@ def batch_run_once(args: argparse.Namespace) -> None:
 
 
 def bench(args: argparse.Namespace) -> None:
+    from server.bench.against import Unusable
     from server.bench.run import main
 
-    main(args)
+    try:
+        main(args)
+    except Unusable as exc:
+        print(f"bench --against: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def bench_analytics(args: argparse.Namespace) -> None:

@@ -71,9 +71,10 @@ async def run_load(
             if response.status != 200:
                 failures += 1
                 continue
-            items = json.loads(payload)
-            if isinstance(items, list):
-                tokens += sum(item.get("usage", {}).get("completion_tokens", 0) for item in items)
+            answer = json.loads(payload)
+            # /generate answers a list of items, /v1/completions one object: both carry `usage`.
+            for item in answer if isinstance(answer, list) else [answer]:
+                tokens += item.get("usage", {}).get("completion_tokens", 0)
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(

@@ -33,7 +33,7 @@ import httpx
 import torch
 from tqdm import tqdm
 
-from server.bench import gpu
+from server.bench import against, gpu
 from server.bench.limits import (
     BENCH_MODELS,
     ENGINE_NAMES,
@@ -57,6 +57,12 @@ from server.bench.scheduling import (
 from server.core.config import PROJECT_ROOT, get_settings
 from server.ml.device import CPU_BATCH_MAX_SIZE, CPU_FLOAT32, kernels_for
 from server.ml.offline import DISTILBERT_BASE, GPT2_124M, build_classifier, build_generator, standin_marker_exists
+
+# The extensions that decide which kernels are fast here: AVX2/FMA (fp32), AVX-512 and its VNNI (int8) and BF16 forms,
+# AMX (bf16 and int8 matrix units).
+ISA_FLAGS = frozenset(
+    {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"}
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +114,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=16,
         help="/predict requests per client in the sentiment phase, in each precision (default 16)",
+    )
+    parser.add_argument(
+        "--against",
+        help="comma-separated base URLs of other OpenAI-compatible servers (vLLM, llama.cpp, TGI, another build of "
+        "ours): instead of the phases above, compare them with ours through /v1/completions, interleaved "
+        "(lone request, the largest --concurrency, the mixed workload)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved repeats of each workload with --against (default 3)"
     )
     parser.add_argument("--output", type=Path, help="JSON results (default: bench-results/bench-<time>.json)")
     parser.add_argument(
@@ -357,11 +372,96 @@ def measure_predict(base_url: str, classifier: ClassifierLimit, precision: str, 
     }
 
 
+def machine() -> dict:
+    """The CPU (model and the ISA extensions the kernels care about), as /proc/cpuinfo names them, and torch's."""
+    info = {"model": platform.processor() or platform.machine(), "flags": []}
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    info["model"] = fields.get("model name", info["model"])
+    info["flags"] = sorted(set(fields.get("flags", "").split()) & ISA_FLAGS)
+    return {
+        "cpu": info["model"],
+        "isa": info["flags"],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def describe(machine: dict) -> str:
+    return (
+        f"CPU {machine['cpu']} ({', '.join(machine['isa']) or 'no AVX'}; torch kernels "
+        f"{machine['torch_cpu_capability']}), {machine['cpus']} CPUs, torch {machine['torch']}"
+    )
+
+
+def quicken(args: argparse.Namespace) -> None:
+    """--quick: a tiny model and few requests, to check the harness (numbers meaningless)."""
+    args.concurrency, args.rounds, args.baseline_rounds, args.new_tokens = "1,4", 2, 1, 4
+    args.cache_requests, args.background_items = 100, 16
+    args.mixed_rounds, args.long_tokens, args.stream_rounds, args.predict_rounds = 2, 12, 3, 2
+    args.repeats = min(args.repeats, 2)
+
+
+def server_env(generator_dir: Path, classifier_dir: Path, **overrides: str) -> dict[str, str]:
+    """What every server the bench starts runs with: the bench's models, fp32, no keys, no ingress limit."""
+    return {
+        "GENERATOR_MODEL": str(generator_dir),
+        "SENTIMENT_MODEL": str(classifier_dir),
+        "MODEL_SOURCE": "local",
+        "LOG_LEVEL": "warning",
+        "INGRESS_RATE_LIMIT": "off",
+        "API_KEYS": "",
+        "GENERATOR_PRECISION": "fp32",
+        "SENTIMENT_PRECISION": "fp32",
+        **overrides,
+    }
+
+
+def run_against(args: argparse.Namespace) -> dict:
+    """Our server, started here as for the other phases, beside the servers of --against (server/bench/against.py)."""
+    if args.quick:
+        quicken(args)
+    concurrency = max(int(c) for c in args.concurrency.split(","))
+    generator_dir, classifier_dir = ensure_models(args)
+    settings = get_settings()
+    env = server_env(
+        generator_dir,
+        classifier_dir,
+        BATCH_MAX_SIZE=str(args.batch_size),
+        BATCH_QUEUE_LIMIT=str(max(1024, 4 * concurrency)),
+        GENERATOR_FP32_KERNELS=settings.generator_fp32_kernels,
+        SENTIMENT_FP32_KERNELS=settings.sentiment_fp32_kernels,
+        DEVICE="cpu",
+    )
+    plan = against.workloads(concurrency, args.rounds, args.mixed_rounds, args.long_tokens)
+    # The others first: one that cannot serve stops the run before ours is even started.
+    others = [
+        asyncio.run(against.discover(address, address))
+        for address in (against.base_url(url) for url in args.against.split(",") if url.strip())
+    ]
+    with server_factory(Path(tempfile.mkdtemp(prefix="bench-against-")), env)("ours") as (url, _):
+        targets = [asyncio.run(against.discover(against.OURS, url)), *others]
+        with tqdm(total=args.repeats * len(plan) * len(targets), desc="against", file=sys.stderr) as bar:
+            compared = against.compare(targets, plan, args.repeats, args.new_tokens, bar)
+    return {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "model": str(generator_dir),
+        "quick": args.quick,
+        "against": compared,
+    }
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.quick:
-        args.concurrency, args.rounds, args.baseline_rounds, args.new_tokens = "1,4", 2, 1, 4
-        args.cache_requests, args.background_items = 100, 16
-        args.mixed_rounds, args.long_tokens, args.stream_rounds, args.predict_rounds = 2, 12, 3, 2
+        quicken(args)
     levels = [int(c) for c in args.concurrency.split(",")]
     int8_levels = sorted({1, max(levels)})
     work = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -375,21 +475,15 @@ def run(args: argparse.Namespace) -> dict:
             classifier_dir, args.batch_size, kernels_for(settings.sentiment_fp32_kernels, CPU_FLOAT32)
         )
         bar.update(1)
-        env = {
-            "GENERATOR_MODEL": str(generator_dir),
-            "SENTIMENT_MODEL": str(classifier_dir),
-            "MODEL_SOURCE": "local",
-            "BATCH_MAX_SIZE": str(args.batch_size),
-            "BATCH_QUEUE_LIMIT": str(max(1024, 4 * max(levels))),
-            "LOG_LEVEL": "warning",
-            "INGRESS_RATE_LIMIT": "off",
-            "API_KEYS": "",
-            "GENERATOR_PRECISION": "fp32",
-            "SENTIMENT_PRECISION": "fp32",
-            "GENERATOR_FP32_KERNELS": settings.generator_fp32_kernels,
-            "SENTIMENT_FP32_KERNELS": settings.sentiment_fp32_kernels,
-            "DEVICE": "cpu",
-        }
+        env = server_env(
+            generator_dir,
+            classifier_dir,
+            BATCH_MAX_SIZE=str(args.batch_size),
+            BATCH_QUEUE_LIMIT=str(max(1024, 4 * max(levels))),
+            GENERATOR_FP32_KERNELS=settings.generator_fp32_kernels,
+            SENTIMENT_FP32_KERNELS=settings.sentiment_fp32_kernels,
+            DEVICE="cpu",
+        )
 
         serve = server_factory(work, env)
         bar.set_postfix_str("server")
@@ -487,13 +581,7 @@ def summarize(
     )
     return {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-        },
+        "machine": machine(),
         "model": str(generator_dir),
         "new_tokens": args.new_tokens,
         "long_tokens": args.long_tokens,
@@ -513,8 +601,7 @@ def summarize(
 
 def table(results: dict) -> str:
     lines = [
-        f"model {results['model']}, {results['new_tokens']} new tokens, {results['machine']['cpus']} CPUs, "
-        f"torch {results['machine']['torch']}",
+        f"model {results['model']}, {results['new_tokens']} new tokens; {describe(results['machine'])}",
         "",
     ]
     full = max(int(k.rsplit("_", 1)[1]) for k in results["offline"])
@@ -633,29 +720,28 @@ def table(results: dict) -> str:
 def run_gpu(args: argparse.Namespace) -> dict:
     """The GPU bench (server/bench/gpu.py) with this bench's models and server harness."""
     generator_dir, classifier_dir = ensure_models(args)
-    env = {
-        "GENERATOR_MODEL": str(generator_dir),
-        "SENTIMENT_MODEL": str(classifier_dir),
-        "MODEL_SOURCE": "local",
-        "BATCH_QUEUE_LIMIT": "4096",
-        "LOG_LEVEL": "warning",
-        "INGRESS_RATE_LIMIT": "off",
-        "API_KEYS": "",
-        "GENERATOR_PRECISION": "fp32",
-        "SENTIMENT_PRECISION": "fp32",
-        "GENERATOR_FP32_KERNELS": "auto",
-        "SENTIMENT_FP32_KERNELS": "auto",
-    }
+    env = server_env(
+        generator_dir,
+        classifier_dir,
+        BATCH_QUEUE_LIMIT="4096",
+        GENERATOR_FP32_KERNELS="auto",
+        SENTIMENT_FP32_KERNELS="auto",
+    )
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     return gpu.run(args, generator_dir, classifier_dir, server_factory(work, env))
 
 
 def main(args: argparse.Namespace) -> dict:
     on_gpu = args.device != "cpu"
-    results = run_gpu(args) if on_gpu else run(args)
+    results = run_gpu(args) if on_gpu else run_against(args) if args.against else run(args)
     output = args.output or PROJECT_ROOT / "bench-results" / f"bench-{time.strftime('%Y%m%dT%H%M%S')}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2))
-    print(gpu.table(results) if on_gpu else table(results))
+    if on_gpu:
+        print(gpu.table(results))
+    elif args.against:
+        print(f"model {results['model']}; {describe(results['machine'])}\n\n{against.table(results['against'])}")
+    else:
+        print(table(results))
     print(f"\nresults: {output}")
     return results

@@ -1,13 +1,19 @@
-"""Real PostgreSQL, Redis and HAProxy servers for tests, on free ports in temporary directories."""
+"""Real PostgreSQL, Redis and HAProxy servers for tests, on free ports in temporary directories, and our own server
+as a process."""
 
 import os
 import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+import httpx
+
+from server.core.config import PROJECT_ROOT
 
 
 def free_port() -> int:
@@ -176,3 +182,37 @@ class HAProxyServer:
             data = b"".join(iter(lambda: sock.recv(65536), b""))
         rows = [line.split(",") for line in data.decode().splitlines() if line and not line.startswith("#")]
         return {row[1]: row[17].split(" ")[0] for row in rows if row[0] == "app" and row[1].startswith("app")}
+
+
+def start_server(
+    standins, tmp_path: Path, command: tuple[str, ...] = ("-m", "server", "serve"), **settings: str
+) -> tuple[subprocess.Popen, int]:
+    """A server process (`python <command> --port N`) answering /health; its output in tmp_path/server.log."""
+    generator, classifier = standins
+    port = free_port()
+    env = {
+        **os.environ,
+        "GENERATOR_MODEL": str(generator),
+        "SENTIMENT_MODEL": str(classifier),
+        "MODEL_SOURCE": "local",
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'server.db'}",
+        "RECORD_SPILL_DIR": str(tmp_path / "spill"),
+        "TORCH_NUM_THREADS": "1",
+        **settings,
+    }
+    process = subprocess.Popen(
+        [sys.executable, *command, "--port", str(port)],
+        env=env,
+        cwd=PROJECT_ROOT,
+        stdout=(tmp_path / "server.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return process, port
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError((tmp_path / "server.log").read_text())

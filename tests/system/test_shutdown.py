@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from tests.system.test_startup import start_server
+from tests.support.servers import start_server
 
 DRAIN_S = 3.0
 SHUTDOWN_TIMEOUT_S = 2.0

@@ -17,7 +17,7 @@ from sqlalchemy import text
 from server.core.config import PROJECT_ROOT
 from server.db.migrate import alembic_config
 from server.db.session import create_engine
-from tests.support.servers import free_port
+from tests.support.servers import free_port, start_server
 
 BAD_SETTINGS = {"INGRESS_RATE_LIMIT": "5/min", "PORT": "abc", "MODEL_SOURCE": "foo", "EGRESS_RATE_LIMIT": "garbage"}
 
@@ -125,40 +125,6 @@ def test_servers_started_together_on_a_fresh_database_all_come_up(standins, data
         assert [p.poll() for p in processes] == [None] * 4, logs
         assert not waiting, logs
     assert asyncio.run(current_revision(database_url)) == head_revision(database_url)
-
-
-def start_server(
-    standins, tmp_path: Path, command: tuple[str, ...] = ("-m", "server", "serve"), **settings: str
-) -> tuple[subprocess.Popen, int]:
-    """A server process (`python <command> --port N`) answering /health; its output in tmp_path/server.log."""
-    generator, classifier = standins
-    port = free_port()
-    env = {
-        **os.environ,
-        "GENERATOR_MODEL": str(generator),
-        "SENTIMENT_MODEL": str(classifier),
-        "MODEL_SOURCE": "local",
-        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'server.db'}",
-        "RECORD_SPILL_DIR": str(tmp_path / "spill"),
-        "TORCH_NUM_THREADS": "1",
-        **settings,
-    }
-    process = subprocess.Popen(
-        [sys.executable, *command, "--port", str(port)],
-        env=env,
-        cwd=PROJECT_ROOT,
-        stdout=(tmp_path / "server.log").open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return process, port
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise AssertionError((tmp_path / "server.log").read_text())
 
 
 def test_past_max_connections_a_new_request_is_refused_at_once(standins, tmp_path):

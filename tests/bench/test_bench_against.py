@@ -1,0 +1,58 @@
+import json
+import subprocess
+import sys
+
+from server.core.config import PROJECT_ROOT
+from tests.support.servers import free_port, start_server
+
+
+def test_against_drives_another_server_through_the_same_workloads_interleaved(standins, tmp_path):
+    """`bench --against` with a second instance of our own server: both get every workload, the same number of
+    requests, `ignore_eos` (ours takes it), and figures against ours."""
+    other, port = start_server(standins, tmp_path, INGRESS_RATE_LIMIT="off", API_KEYS="")
+    url = f"http://127.0.0.1:{port}/v1"
+    output = tmp_path / "against.json"
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "server", "bench", "--quick", "--against", url, "--output", str(output)],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        other.terminate()
+        other.wait(30)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(output.read_text())
+    compared = results["against"]
+    base = url.removesuffix("/v1")
+    assert [server["name"] for server in compared["servers"]] == ["ours", base]
+    assert all(server["ignore_eos"] for server in compared["servers"])
+    assert [workload["name"] for workload in compared["workloads"]] == ["lone", "c=4", "mixed c=4"]
+    repeats = compared["repeats"]
+    for name in ("ours", base):
+        for workload in compared["workloads"]:
+            row = compared["results"][name][workload["name"]]
+            assert row["failures"] == 0
+            assert row["requests"] == repeats * workload["concurrency"] * workload["rounds"]
+            assert len(row["repeats"]) == repeats and row["requests_per_s"] > 0 and row["tokens_per_s"] > 0
+    ours, theirs = compared["results"]["ours"], compared["results"][base]
+    assert all(ours[workload]["vs_ours"] == 1 for workload in ours)
+    assert theirs["lone"]["vs_ours"] == theirs["lone"]["p50_ms"] / ours["lone"]["p50_ms"]
+    assert theirs["c=4"]["vs_ours"] == theirs["c=4"]["requests_per_s"] / ours["c=4"]["requests_per_s"]
+    assert results["machine"]["cpu"] and "torch_cpu_capability" in results["machine"]
+    assert f"| {base} |" in run.stdout and "| ours |" in run.stdout and "CPU " in run.stdout
+
+
+def test_a_server_that_cannot_be_driven_stops_the_run_with_one_line():
+    url = f"http://127.0.0.1:{free_port()}"
+    run = subprocess.run(
+        [sys.executable, "-m", "server", "bench", "--quick", "--against", url],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith(f"bench --against: {url}: ClientConnectorError")
