@@ -23,6 +23,7 @@ from server.ml.generator import Generation, TextGenerator
 from server.ml.loader import locate
 from server.providers.gemini_report import GeminiJson
 from server.services.analytics.report import PerformanceReports
+from server.services.analytics.service import Analytics
 from server.services.cache import ResponseCache, open_store
 from server.services.infra.health import Check, Health, server_health
 from server.services.infra.redis_client import GuardedRedis, open_redis, warn_if_unreachable
@@ -62,6 +63,7 @@ class Runtime:
     batch: BatchOffload
     openai_batches: OpenAIBatches
     reports: PerformanceReports
+    analytics: Analytics
     health: Health
     batchers: Mapping[str, Batcher[Any, Any]]
     """The schedulers by model (`generator`, `classifier`), as the metrics label them."""
@@ -281,6 +283,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         timeout_s=settings.request_timeout_s,
     )
     offload = build_batch_offload(settings, sessions, egress, generation, sentiment)
+    reports = open_reports(settings, redis, sessions, egress, batchers)
     runtime = Runtime(
         settings,
         redis,
@@ -297,7 +300,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         sentiment,
         offload,
         build_openai_batches(settings, sessions, offload),
-        open_reports(settings, redis, sessions, egress, batchers),
+        reports,
+        Analytics(sessions, reports, batchers, ingress, egress),
         server_health(
             {"generator": generate_batcher, "sentiment": predict_batcher},
             describe_models(generator, classifier),

@@ -13,6 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from server.core.tenants import UNAUTHORIZED, Principal
 from server.runtime import Runtime
 from server.services.offload.openai_batches import OpenAIBatches
+from server.services.offload.service import BatchOffload
 from server.services.serving.generation import GenerationService
 from server.services.serving.sentiment import SentimentService
 
@@ -32,11 +33,16 @@ async def get_sentiment(runtime: RuntimeDep) -> SentimentService:
     return runtime.sentiment
 
 
+async def get_offload(runtime: RuntimeDep) -> BatchOffload:
+    return runtime.batch
+
+
 async def get_openai_batches(runtime: RuntimeDep) -> OpenAIBatches:
     return runtime.openai_batches
 
 
 GenerationDep = Annotated[GenerationService, Depends(get_generation)]
+OffloadDep = Annotated[BatchOffload, Depends(get_offload)]
 OpenAIBatchesDep = Annotated[OpenAIBatches, Depends(get_openai_batches)]
 SentimentDep = Annotated[SentimentService, Depends(get_sentiment)]
 

@@ -17,6 +17,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
+from typing import cast
 
 import httpx
 from fastapi import FastAPI
@@ -27,6 +28,8 @@ from server.core.tenants import KeyRing
 from server.db import migrate
 from server.db.analytics_models import MetricRollup, RequestRecord
 from server.db.session import create_engine, session_factory
+from server.services.analytics.report import PerformanceReports
+from server.services.analytics.service import Analytics
 from server.services.limits.egress import EgressGuard
 from server.services.limits.gcra import MemoryLimiter
 from server.services.limits.ingress import IngressLimits
@@ -99,13 +102,12 @@ async def run(args: argparse.Namespace) -> dict:
             app = FastAPI()
             app.include_router(analytics.router)
             limiter = MemoryLimiter()
+            # Only the reports' queue depths are read (none: no model runs here).
+            reports = cast(PerformanceReports, SimpleNamespace(queue_depths=dict))
+            ingress, egress = IngressLimits(limiter, None, {}, fail_open=True), EgressGuard(limiter, {}, fail_open=True)
             # No keys (one open tenant, which sees every row) and no limits: the live figures list none.
             app.state.runtime = SimpleNamespace(
-                sessions=sessions,
-                keys=KeyRing(),
-                reports=SimpleNamespace(queue_depths=dict),
-                ingress=IngressLimits(limiter, None, {}, fail_open=True),
-                egress=EgressGuard(limiter, {}, fail_open=True),
+                keys=KeyRing(), analytics=Analytics(sessions, reports, {}, ingress, egress)
             )
             body = {"start": start.isoformat(), "end": end.isoformat(), "bucket": "hour"}
             timings = []

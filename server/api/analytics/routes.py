@@ -1,7 +1,6 @@
 """Serving analytics over every replica (from the database), the performance report, cache administration."""
 
 import logging
-from datetime import timedelta
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
@@ -21,14 +20,9 @@ from server.api.deps import AdminDep, PrincipalDep, RuntimeDep, ScopeDep
 from server.api.json_body import JSONBodyRoute
 from server.api.responses import LIMITED_ROUTE_ERRORS, error_responses
 from server.api.schemas import ErrorOut
-from server.core import clock
 from server.runtime import Runtime
-from server.services.analytics import thresholds as threshold_store
-from server.services.analytics.aggregate import aggregate, count_items, default_window
-from server.services.analytics.live import live_figures
-from server.services.analytics.thresholds import Thresholds, breaches
+from server.services.analytics.thresholds import Thresholds
 from server.services.cache import ResponseCache
-from server.services.errors import FieldError, InputError
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["analytics"], route_class=JSONBodyRoute)
@@ -36,7 +30,6 @@ ADMIN_ERRORS = {
     403: {"model": ErrorOut, "description": "ADMIN_API_KEYS is set and the key is not one of them"},
     **error_responses(*LIMITED_ROUTE_ERRORS),
 }
-REPORT_SPAN = timedelta(hours=1)
 
 
 @router.get("/metrics/count", response_model=CountOut, responses=error_responses(*LIMITED_ROUTE_ERRORS))
@@ -48,10 +41,8 @@ async def count(
     model: Annotated[str | None, Query(max_length=255)] = None,
 ) -> CountOut:
     """Items answered (predictions, generations) for the tenant by every replica, at one-minute resolution."""
-    if since is not None and until is not None and since > until:
-        raise InputError([FieldError(("query", "until"), "until is before since: the window would be empty")])
-    counted = await count_items(
-        runtime.sessions, since=since, until=until, model=model and runtime.model_name(model), tenant=scope
+    counted = await runtime.analytics.count(
+        since=since, until=until, model=model and runtime.model_name(model), tenant=scope
     )
     predictions, generations = counted.get("predict", 0), counted.get("generate", 0)
     return CountOut(predictions=predictions, generations=generations, total=predictions + generations)
@@ -65,30 +56,28 @@ async def aggregated(
     tokens and throughput per bucket and over the window, plus the thresholds the window breaches; and, for admin
     keys, whatever the window, this process's queues, batch sizes and rate-limit decisions over every tenant
     (`live`, null for other keys)."""
-    result = await aggregate(
-        runtime.sessions, body.start, body.end, body.bucket, endpoint=body.endpoint, model=body.model, tenant=scope
+    result, found = await runtime.analytics.aggregated(
+        body.start, body.end, body.bucket, endpoint=body.endpoint, model=body.model, tenant=scope
     )
-    depths = runtime.reports.queue_depths()
-    found = breaches(await threshold_store.load(runtime.sessions), result.total, depths)
     return AggregatedOut(
         buckets=[bucket.summary() for bucket in result.buckets],
         total=result.total.summary(),
         breaches=[b.as_dict() for b in found],
-        live=live_figures(runtime.batchers, runtime.ingress, runtime.egress) if principal.admin else None,
+        live=runtime.analytics.live() if principal.admin else None,
     )
 
 
 @router.get("/metrics/thresholds", response_model=ThresholdsOut, responses=error_responses(*LIMITED_ROUTE_ERRORS))
 async def get_thresholds(runtime: RuntimeDep) -> ThresholdsOut:
     """The thresholds that define "doing badly" (shared by every replica)."""
-    return ThresholdsOut(**(await threshold_store.load(runtime.sessions)).model_dump())
+    return ThresholdsOut(**(await runtime.analytics.thresholds()).model_dump())
 
 
 @router.put("/metrics/thresholds", response_model=ThresholdsOut, responses=ADMIN_ERRORS)
 async def put_thresholds(body: Thresholds, runtime: RuntimeDep, admin: AdminDep) -> ThresholdsOut:
     """Replace the thresholds (fields left out take their defaults; null turns one off). Audited: the key's id,
     the changes and the time are stored."""
-    changes = await threshold_store.store(runtime.sessions, body, admin.key_id, admin.tenant)
+    changes = await runtime.analytics.set_thresholds(body, admin.key_id, admin.tenant)
     log.info("thresholds changed by %s: %s", admin.key_id or "an anonymous caller", changes)
     return ThresholdsOut(**body.model_dump(), updated=sorted(changes))
 
@@ -101,9 +90,9 @@ async def analyze(
     when Gemini fails or its quota is used up, a rule-based one (`source: fallback` with the reason). Cached for
     GEMINI_CACHE_TTL_S (per tenant)."""
     body = body or AnalyzeIn()
-    end = body.end or default_window(clock.now())[1]
-    start = body.start or end - REPORT_SPAN
-    return ReportOut(**await runtime.reports.analyze(start, end, body.focus, tenant=scope, caller=principal.tenant))
+    return ReportOut(
+        **await runtime.analytics.analyze(body.start, body.end, body.focus, tenant=scope, caller=principal.tenant)
+    )
 
 
 def _caches(runtime: Runtime) -> list[ResponseCache]:

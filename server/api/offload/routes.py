@@ -6,14 +6,13 @@ import io
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response
 from fastapi.responses import StreamingResponse
 
-from server.api.deps import AdminDep, PrincipalDep, RuntimeDep, ScopeDep
+from server.api.deps import AdminDep, OffloadDep, PrincipalDep, ScopeDep
 from server.api.json_body import JSONBodyRoute
 from server.api.offload.schemas import (
     AddedOut,
@@ -138,13 +137,13 @@ def response_out(item: BatchItem) -> ResponseOut:
     )
 
 
-async def one_job(runtime: RuntimeDep, job_id: str, tenant: str | None) -> JobOut:
-    job = await runtime.batch.jobs.get(job_id, tenant)
-    return job_out(job, (await runtime.batch.jobs.counts([job.id]))[job.id])
+async def one_job(offload: OffloadDep, job_id: str, tenant: str | None) -> JobOut:
+    job = await offload.jobs.get(job_id, tenant)
+    return job_out(job, (await offload.jobs.counts([job.id]))[job.id])
 
 
 @router.post("/jobs", status_code=201, response_model=JobOut)
-async def create_job(body: JobCreate, runtime: RuntimeDep, response: Response, principal: PrincipalDep) -> JobOut:
+async def create_job(body: JobCreate, offload: OffloadDep, response: Response, principal: PrincipalDep) -> JobOut:
     """A new job (status `queued`) of the caller's tenant, optionally with its requests. It runs at the next window,
     or at the next worker tick with `schedule: now`. A paid provider needs a key granted it (else 403)."""
     spec = JobSpec(
@@ -159,14 +158,14 @@ async def create_job(body: JobCreate, runtime: RuntimeDep, response: Response, p
         webhook_url=body.webhook_url,
         metadata=body.metadata,
     )
-    job = await runtime.batch.create_job(principal, spec, [NewItem(r.custom_id, r.body) for r in body.requests])
+    job = await offload.create_job(principal, spec, [NewItem(r.custom_id, r.body) for r in body.requests])
     response.headers["Location"] = f"/batch/jobs/{job.id}"
     return job_out(job, Counts(total=len(body.requests), pending=len(body.requests)))
 
 
 @router.get("/jobs", response_model=JobPage)
 async def list_jobs(
-    runtime: RuntimeDep,
+    offload: OffloadDep,
     scope: ScopeDep,
     status: JobStatus | None = None,
     provider: Provider | None = None,
@@ -179,10 +178,10 @@ async def list_jobs(
     if cursor is not None:
         at, job_id = decode_cursor(cursor, 2)
         after = (datetime.fromisoformat(at), job_id)
-    jobs, last = await runtime.batch.jobs.list_jobs(
+    jobs, last = await offload.jobs.list_jobs(
         tenant=scope, status=status, provider=provider, job_type=job_type, limit=limit, cursor=after
     )
-    counts = await runtime.batch.jobs.counts([job.id for job in jobs])
+    counts = await offload.jobs.counts([job.id for job in jobs])
     return JobPage(
         items=[job_out(job, counts[job.id]) for job in jobs],
         next_cursor=encode_cursor(last.created_at.isoformat(), last.id) if last else None,
@@ -190,30 +189,30 @@ async def list_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
-async def get_job(job_id: JobId, runtime: RuntimeDep, scope: ScopeDep) -> JobOut:
+async def get_job(job_id: JobId, offload: OffloadDep, scope: ScopeDep) -> JobOut:
     """One job of the tenant (another tenant's answers 404)."""
-    return await one_job(runtime, job_id, scope)
+    return await one_job(offload, job_id, scope)
 
 
 @router.patch("/jobs/{job_id}", response_model=JobOut)
-async def change_job(job_id: JobId, body: JobPatch, runtime: RuntimeDep, scope: ScopeDep) -> JobOut:
+async def change_job(job_id: JobId, body: JobPatch, offload: OffloadDep, scope: ScopeDep) -> JobOut:
     """Change name, description, priority or schedule; only while the job is queued (else 409)."""
-    await runtime.batch.jobs.update(job_id, body.model_dump(exclude_unset=True), scope)
-    return await one_job(runtime, job_id, scope)
+    await offload.jobs.update(job_id, body.model_dump(exclude_unset=True), scope)
+    return await one_job(offload, job_id, scope)
 
 
 @router.delete("/jobs/{job_id}", status_code=204)
-async def delete_job(job_id: JobId, runtime: RuntimeDep, scope: ScopeDep) -> Response:
+async def delete_job(job_id: JobId, offload: OffloadDep, scope: ScopeDep) -> Response:
     """Remove a job with its requests and responses; 409 while it is in flight (cancel it first)."""
-    await runtime.batch.jobs.delete(job_id, scope)
+    await offload.jobs.delete(job_id, scope)
     return Response(status_code=204)
 
 
 @router.post("/jobs/{job_id}/requests", response_model=AddedOut)
-async def add_requests(job_id: JobId, body: RequestsIn, runtime: RuntimeDep, scope: ScopeDep) -> AddedOut:
+async def add_requests(job_id: JobId, body: RequestsIn, offload: OffloadDep, scope: ScopeDep) -> AddedOut:
     """Add requests to a queued job. Idempotent on custom_id: the same body again is a no-op; another body under
     an existing custom_id is a 409 (and nothing is added)."""
-    result = await runtime.batch.add_requests(job_id, [NewItem(r.custom_id, r.body) for r in body.requests], scope)
+    result = await offload.add_requests(job_id, [NewItem(r.custom_id, r.body) for r in body.requests], scope)
     return AddedOut(added=result.added, unchanged=result.unchanged)
 
 
@@ -224,7 +223,7 @@ def _next(rows: list[BatchItem], limit: int) -> str | None:
 @router.get("/jobs/{job_id}/requests", response_model=ItemPage)
 async def list_requests(
     job_id: JobId,
-    runtime: RuntimeDep,
+    offload: OffloadDep,
     scope: ScopeDep,
     status: ItemStatus | None = None,
     limit: PAGE = 100,
@@ -232,7 +231,7 @@ async def list_requests(
 ) -> ItemPage:
     """A job's requests in custom_id order, with their status."""
     after = decode_cursor(cursor, 1)[0] if cursor else None
-    rows = await runtime.batch.jobs.items(job_id, tenant=scope, status=status, limit=limit, after=after)
+    rows = await offload.jobs.items(job_id, tenant=scope, status=status, limit=limit, after=after)
     return ItemPage(items=[item_out(row) for row in rows], next_cursor=_next(rows, limit))
 
 
@@ -241,7 +240,7 @@ async def list_requests(
 )
 async def list_responses(
     job_id: JobId,
-    runtime: RuntimeDep,
+    offload: OffloadDep,
     scope: ScopeDep,
     format: Literal["json", "jsonl"] = "json",
     limit: PAGE = 100,
@@ -250,13 +249,13 @@ async def list_responses(
     """Finished requests' responses in custom_id order: paginated JSON, or `?format=jsonl` streamed whole."""
     after = decode_cursor(cursor, 1)[0] if cursor else None
     if format == "json":
-        rows = await runtime.batch.jobs.items(job_id, tenant=scope, final_only=True, limit=limit, after=after)
+        rows = await offload.jobs.items(job_id, tenant=scope, final_only=True, limit=limit, after=after)
         return ResponsePage(items=[response_out(row) for row in rows], next_cursor=_next(rows, limit))
-    await runtime.batch.jobs.get(job_id, scope)
+    await offload.jobs.get(job_id, scope)
 
     async def lines() -> AsyncIterator[bytes]:
         position = after
-        while rows := await runtime.batch.jobs.items(job_id, final_only=True, limit=1000, after=position):
+        while rows := await offload.jobs.items(job_id, final_only=True, limit=1000, after=position):
             for row in rows:
                 yield response_out(row).model_dump_json().encode() + b"\n"
             position = rows[-1].custom_id
@@ -265,45 +264,45 @@ async def list_responses(
 
 
 @router.get("/items/{item_id}", response_model=ItemOut)
-async def get_item(item_id: JobId, runtime: RuntimeDep, scope: ScopeDep) -> ItemOut:
+async def get_item(item_id: JobId, offload: OffloadDep, scope: ScopeDep) -> ItemOut:
     """One request (e.g. from POST /batch/queue or a `Prefer: respond-async` request): its status and, once done,
     its output."""
-    return item_out(await runtime.batch.jobs.item(item_id, scope))
+    return item_out(await offload.jobs.item(item_id, scope))
 
 
 @router.post("/jobs/{job_id}/submit", response_model=JobOut)
-async def submit_job(job_id: JobId, runtime: RuntimeDep, scope: ScopeDep) -> JobOut:
+async def submit_job(job_id: JobId, offload: OffloadDep, scope: ScopeDep) -> JobOut:
     """Run a queued job now, ignoring its window (409 unless queued)."""
-    await runtime.batch.submit_now(job_id, scope)
-    return await one_job(runtime, job_id, scope)
+    await offload.submit_now(job_id, scope)
+    return await one_job(offload, job_id, scope)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut)
-async def cancel_job(job_id: JobId, runtime: RuntimeDep, scope: ScopeDep) -> JobOut:
+async def cancel_job(job_id: JobId, offload: OffloadDep, scope: ScopeDep) -> JobOut:
     """Cancel a job and its provider batches; finished items are kept (409 once the job has finished)."""
-    await runtime.batch.cancel(job_id, scope)
-    return await one_job(runtime, job_id, scope)
+    await offload.cancel(job_id, scope)
+    return await one_job(offload, job_id, scope)
 
 
 @router.post("/process", response_model=ProcessOut)
-async def process(body: ProcessIn, runtime: RuntimeDep, scope: ScopeDep) -> ProcessOut:
+async def process(body: ProcessIn, offload: OffloadDep, scope: ScopeDep) -> ProcessOut:
     """Run the window now for the tenant's queued jobs that match (highest priority first, at most `max_jobs`);
     an admin's reach every tenant's (or `tenant`'s)."""
     return ProcessOut(
-        job_ids=await runtime.batch.process(
+        job_ids=await offload.process(
             tenant=scope, provider=body.provider, job_type=body.job_type, max_jobs=body.max_jobs
         )
     )
 
 
 @router.post("/process/all", response_model=ProcessOut)
-async def process_all(runtime: RuntimeDep, scope: ScopeDep) -> ProcessOut:
+async def process_all(offload: OffloadDep, scope: ScopeDep) -> ProcessOut:
     """Run the window now for every queued job of the tenant; an admin's run every tenant's queue (or `tenant`'s)."""
-    return ProcessOut(job_ids=await runtime.batch.process(tenant=scope))
+    return ProcessOut(job_ids=await offload.process(tenant=scope))
 
 
-async def _enqueue(runtime: RuntimeDep, principal: PrincipalDep, entries: list[QueueIn]) -> list[QueuedOut]:
-    queued = await runtime.batch.enqueue_entries(
+async def _enqueue(offload: OffloadDep, principal: PrincipalDep, entries: list[QueueIn]) -> list[QueuedOut]:
+    queued = await offload.enqueue_entries(
         principal,
         [QueueEntry(e.provider, e.model, e.kind, e.job_type, e.priority, e.data) for e in entries],
     )
@@ -311,24 +310,24 @@ async def _enqueue(runtime: RuntimeDep, principal: PrincipalDep, entries: list[Q
 
 
 @router.post("/queue", status_code=202, response_model=QueuedOut)
-async def queue(body: QueueIn, runtime: RuntimeDep, response: Response, principal: PrincipalDep) -> QueuedOut:
+async def queue(body: QueueIn, offload: OffloadDep, response: Response, principal: PrincipalDep) -> QueuedOut:
     """Queue one item for the next window: it joins the open job of its provider, model, kind, job type and
     priority. Follow it at `Location`."""
-    [queued] = await _enqueue(runtime, principal, [body])
+    [queued] = await _enqueue(offload, principal, [body])
     response.headers["Location"] = f"/batch/items/{queued.item_id}"
     return queued
 
 
 @router.post("/queue/bulk", status_code=202, response_model=list[QueuedOut])
-async def queue_bulk(body: QueueBulkIn, runtime: RuntimeDep, principal: PrincipalDep) -> list[QueuedOut]:
+async def queue_bulk(body: QueueBulkIn, offload: OffloadDep, principal: PrincipalDep) -> list[QueuedOut]:
     """Queue several items (each as with POST /batch/queue), answered in order."""
-    return await _enqueue(runtime, principal, body.items)
+    return await _enqueue(offload, principal, body.items)
 
 
 @router.get("/queue/status", response_model=QueueStatusOut)
-async def queue_status(runtime: RuntimeDep, scope: ScopeDep) -> QueueStatusOut:
+async def queue_status(offload: OffloadDep, scope: ScopeDep) -> QueueStatusOut:
     """The tenant's items waiting to be submitted, by job type, provider and priority."""
-    breakdown = await runtime.batch.queue_status(scope)
+    breakdown = await offload.queue_status(scope)
     return QueueStatusOut(
         waiting=sum(breakdown["provider"].values()),
         by_job_type=breakdown["job_type"],
@@ -337,74 +336,62 @@ async def queue_status(runtime: RuntimeDep, scope: ScopeDep) -> QueueStatusOut:
     )
 
 
-def _scheduler(runtime: RuntimeDep) -> SchedulerOut:
-    settings = runtime.settings
-    return SchedulerOut(
-        running=runtime.batch.running,
-        mode=settings.batch_worker,
-        schedule=settings.batch_schedule,
-        timezone=settings.batch_timezone,
-        next_window=runtime.batch.next_window(),
-        poll_interval_s=settings.batch_poll_interval_s,
-    )
-
-
 @router.get("/scheduler", response_model=SchedulerOut)
-async def scheduler(runtime: RuntimeDep) -> SchedulerOut:
+async def scheduler(offload: OffloadDep) -> SchedulerOut:
     """Whether this process runs the batch worker, and when the next window is."""
-    return _scheduler(runtime)
+    return SchedulerOut(**offload.scheduler())
 
 
 @router.post("/scheduler", response_model=SchedulerOut)
-async def set_scheduler(body: SchedulerIn, runtime: RuntimeDep, admin: AdminDep) -> SchedulerOut:
+async def set_scheduler(body: SchedulerIn, offload: OffloadDep, admin: AdminDep) -> SchedulerOut:
     """Start or stop the batch worker in this process (its lease passes to another process when stopped). With
     ADMIN_API_KEYS set, an admin key only (403 for an ordinary key); the log names the key's id."""
     log.info(
         "batch scheduler %s by %s", "started" if body.running else "stopped", admin.key_id or "an anonymous caller"
     )
     if body.running:
-        runtime.batch.start()
+        offload.start()
     else:
-        await runtime.batch.stop()
-    return _scheduler(runtime)
+        await offload.stop()
+    return SchedulerOut(**offload.scheduler())
 
 
 @router.get("/stats")
-async def stats(runtime: RuntimeDep, scope: ScopeDep) -> dict:
+async def stats(offload: OffloadDep, scope: ScopeDep) -> dict:
     """The tenant's jobs by status and provider, items by status, tokens, provider batches by status, item success
     rate."""
-    return await runtime.batch.reports.stats(scope)
+    return await offload.reports.stats(scope)
 
 
 @router.get("/savings")
 async def savings(
-    runtime: RuntimeDep, scope: ScopeDep, days: Annotated[int | None, Query(ge=1, le=3660)] = None
+    offload: OffloadDep, scope: ScopeDep, days: Annotated[int | None, Query(ge=1, le=3660)] = None
 ) -> dict:
     """Cost at the batch price, the same usage at the real-time price, and the difference: in total, by provider, by
     job type and by day (UTC), over finished jobs (of the last `days` days if given)."""
-    return await runtime.batch.reports.savings(scope, days=days)
+    return await offload.reports.savings(scope, days=days)
 
 
 @router.get("/alerts", response_model=list[AlertOut])
-async def alerts(runtime: RuntimeDep, admin: AdminDep) -> list[AlertOut]:
+async def alerts(offload: OffloadDep, admin: AdminDep) -> list[AlertOut]:
     """Alerts active now: failure rate, batches in flight too long, queue backlog, savings milestones. They are
     figures over every tenant's jobs: admin keys only."""
     return [
         AlertOut(type=alert.type, severity=alert.severity, message=alert.message, since=since)
-        for alert, since in await runtime.batch.active_alerts()
+        for alert, since in await offload.active_alerts()
     ]
 
 
 @router.get("/report", responses={200: {"content": {"text/csv": {}}}})
 async def report(
-    runtime: RuntimeDep,
+    offload: OffloadDep,
     scope: ScopeDep,
     days: Annotated[int, Query(ge=1, le=3660)] = 30,
     format: Literal["json", "csv"] = "json",
 ) -> Response:
     """One row per job of the tenant created in the last `days` days: status, items, tokens, cost, real-time cost,
     savings. In CSV, a cell that a spreadsheet would read as a formula is escaped (a leading `'`)."""
-    rows = await runtime.batch.reports.report(scope, days=days)
+    rows = await offload.reports.report(scope, days=days)
     if format == "json":
         return Response(json.dumps({"days": days, "jobs": rows}), media_type="application/json")
     out = io.StringIO()
@@ -419,20 +406,8 @@ async def report(
 
 
 @router.get("/health", response_model=BatchHealthOut)
-async def batch_health(runtime: RuntimeDep, admin: AdminDep) -> BatchHealthOut:
+async def batch_health(offload: OffloadDep, admin: AdminDep) -> BatchHealthOut:
     """The batch scheduler: whether it runs here, who leads, the last and next runs, and each provider's state
     (`ok`, `unconfigured`, or `unreachable: <why>` from one cheap call, which takes its share of the egress quota);
     `degraded` while one of this process's batch loops is down or restarting. Admin keys only."""
-    holder = await runtime.batch.worker.lease.holder()
-    worker = runtime.batch.worker
-    providers = await runtime.batch.reachability()
-    health = runtime.batch.health()
-    return BatchHealthOut(
-        status=health["status"],
-        tasks=health["tasks"],
-        scheduler=_scheduler(runtime),
-        leader={"owner": holder.owner, "expires_at": holder.expires_at} if holder else None,
-        last_run_at=worker.last_run_at,
-        last_run=asdict(worker.last_report) if worker.last_report else None,
-        providers=providers,
-    )
+    return BatchHealthOut(**await offload.status())

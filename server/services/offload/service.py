@@ -13,7 +13,7 @@ Work is created by a `Principal` (its tenant owns the job; a paid provider needs
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import Literal
 
@@ -148,9 +148,32 @@ class BatchOffload:
         self.worker.wake()
         self.runner.wake()
 
-    def next_window(self) -> datetime:
-        """When jobs scheduled for the window run next (BATCH_SCHEDULE in BATCH_TIMEZONE)."""
-        return self.worker.window.next_after(clock.now())
+    def scheduler(self) -> dict:
+        """Whether this process runs the worker loop (BATCH_WORKER), and when jobs scheduled for the window run next
+        (BATCH_SCHEDULE in BATCH_TIMEZONE)."""
+        window = self.worker.window
+        return {
+            "running": self.running,
+            "mode": "in-process" if self.in_process else "off",
+            "schedule": window.cron,
+            "timezone": str(window.zone),
+            "next_window": window.next_after(clock.now()),
+            "poll_interval_s": self.worker.poll_interval.total_seconds(),
+        }
+
+    async def status(self) -> dict:
+        """`health()`, with the scheduler, the lease holder, the worker's last run, and each provider's state from
+        one cheap call (which takes its share of the egress quota)."""
+        holder = await self.worker.lease.holder()
+        report = self.worker.last_report
+        return {
+            **self.health(),
+            "scheduler": self.scheduler(),
+            "leader": {"owner": holder.owner, "expires_at": holder.expires_at} if holder else None,
+            "last_run_at": self.worker.last_run_at,
+            "last_run": asdict(report) if report else None,
+            "providers": await self.reachability(),
+        }
 
     async def active_alerts(self) -> list[tuple[Alert, datetime | None]]:
         """Alerts active now over every tenant's jobs, each with the moment it became active (None until a worker
