@@ -6,12 +6,13 @@ configured id GENERATOR_MODEL, e.g. `gpt2`). Provider bodies are checked for wha
 to OpenAI and Anthropic as given (their APIs judge them), while Gemini's adapter reads only the fields below.
 """
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
-from server.core.request_types import REQUEST_CONFIG, Prompt, Text
+from server.core.request_types import REQUEST_CONFIG, Prompt, Text, storable
 from server.services.errors import FieldError, InputError
 
 PROVIDER_CONFIG = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
@@ -36,7 +37,18 @@ class LocalPredict(BaseModel):
 class Message(BaseModel):
     model_config = PROVIDER_CONFIG
     role: Literal["system", "user", "assistant"]
-    content: Text | list[dict]
+    content: Any
+
+    @field_validator("content")
+    @classmethod
+    def _text_or_parts(cls, content: Any) -> str | list[dict]:
+        # Not a `Text | list[dict]` union: pydantic would report one error per member, each located under the
+        # member's type label, for a content that is neither.
+        if isinstance(content, str):
+            return storable(content)
+        if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+            return content
+        raise PydanticCustomError("content_type", "Input should be a string or a list of content parts (objects)")
 
 
 class Chat(BaseModel):
@@ -63,14 +75,27 @@ class GeminiChat(BaseModel):
 
 class Embedding(BaseModel):
     model_config = PROVIDER_CONFIG
-    input: Prompt | list[Prompt] = Field(min_length=1)
+    input: Prompt
 
 
-SCHEMAS: dict[tuple[str, str], type[BaseModel]] = {
+class Embeddings(BaseModel):
+    """`input` as a list: a model of its own rather than a `Prompt | list[Prompt]` union, whose errors pydantic
+    locates under each member's type label (`function-after[...]`, with an address) instead of the item's index."""
+
+    model_config = PROVIDER_CONFIG
+    input: list[Prompt] = Field(min_length=1)
+
+
+def _embedding(body: dict) -> type[BaseModel]:
+    return Embeddings if isinstance(body.get("input"), list) else Embedding
+
+
+Schema = type[BaseModel] | Callable[[dict], type[BaseModel]]
+SCHEMAS: dict[tuple[str, str], Schema] = {
     ("local", "generate"): LocalGenerate,
     ("local", "predict"): LocalPredict,
     ("openai", "chat"): Chat,
-    ("openai", "embedding"): Embedding,
+    ("openai", "embedding"): _embedding,
     ("anthropic", "chat"): Chat,
     ("gemini", "chat"): GeminiChat,
 }
@@ -98,8 +123,9 @@ def check_bodies(provider: str, kind: str, bodies: Sequence[tuple[str, dict]], l
         return
     errors = []
     for index, (custom_id, body) in enumerate(bodies):
+        model = schema if isinstance(schema, type) else schema(body)
         try:
-            schema.model_validate(body)
+            model.model_validate(body)
         except ValidationError as exc:
             for error in exc.errors():
                 field = ".".join(str(part) for part in error["loc"]) or "body"

@@ -24,12 +24,13 @@ class ProviderRegistry:
                     )
                 ]
             )
-        if kind not in KINDS[provider]:
+        kinds = KINDS.get(provider, ())
+        if kind not in kinds:
             raise InputError(
                 [
                     FieldError(
                         ("body", "kind"),
-                        f"provider {provider!r} takes kinds {', '.join(KINDS[provider])}, not {kind!r}",
+                        f"provider {provider!r} takes kinds {', '.join(kinds) or '(none)'}, not {kind!r}",
                     )
                 ]
             )

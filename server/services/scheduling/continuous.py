@@ -236,18 +236,18 @@ class ContinuousBatcher:
         return max(1.0, math.ceil(self._step_seconds * self._row_steps * batches_ahead))
 
     async def submit(
-        self, jobs: Sequence[Job], *, timeout_s: float, background: bool = False, on_tokens: TokenSink | None = None
+        self, items: Sequence[Job], *, timeout_s: float, background: bool = False, on_tokens: TokenSink | None = None
     ) -> list[Generation]:
-        """Generate for `jobs` (all or none enqueued) within `timeout_s`, else `DeadlineExceeded`; `on_tokens`
+        """Generate for `items` (all or none enqueued) within `timeout_s`, else `DeadlineExceeded`; `on_tokens`
         receives each row's new token ids as they come (one call per row per step)."""
         self._refuse_if_down()
         self.gate.take(
-            sum(not job.deterministic for job in jobs)
-            + len({job for job in jobs if job.deterministic and job not in self._shared})
+            sum(not job.deterministic for job in items)
+            + len({job for job in items if job.deterministic and job not in self._shared})
         )
         loop = asyncio.get_running_loop()
-        callers = [_Caller(loop.create_future(), on_tokens, background) for _ in jobs]
-        for job, caller in zip(jobs, callers, strict=True):
+        callers = [_Caller(loop.create_future(), on_tokens, background) for _ in items]
+        for job, caller in zip(items, callers, strict=True):
             self._subscribe(job, caller, time.monotonic())
         metrics.BATCH_QUEUE_DEPTH.labels(self.name).set(self.queued)
         self._wakeup.set()

@@ -134,12 +134,22 @@ def test_an_embedding_needs_a_non_empty_input(body):
     assert errors and all(e.loc[: len(LOC) + 2] == (*LOC, 0, "input") for e in errors)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="union errors carry pydantic's member tags (with a function's address) in loc and msg"
-)
 def test_a_refused_embedding_input_is_located_by_its_position_in_the_list():
     [error] = refused("openai", "embedding", {"input": ["one", ""]})
     assert error.loc == (*LOC, 0, "input", 1)
+
+
+@pytest.mark.parametrize("content", [5, None, ["text"], {"type": "text"}])
+def test_a_message_content_neither_text_nor_parts_is_one_error_at_the_content(content):
+    [error] = refused("openai", "chat", {"messages": [{"role": "user", "content": content}]})
+    assert error.loc == (*LOC, 0, "messages", 0, "content")
+    assert error.msg == "request 'r0': messages.0.content: Input should be a string or a list of content parts (objects)"
+
+
+def test_message_text_follows_the_storable_string_rules():
+    [error] = refused("anthropic", "chat", {"messages": [{"role": "user", "content": "a\x00b"}]})
+    assert error.loc == (*LOC, 0, "messages", 0, "content")
+    assert "NUL" in error.msg
 
 
 def test_kinds_without_a_schema_are_left_to_the_registry():

@@ -49,3 +49,9 @@ def test_only_the_configured_providers_are_usable():
     registry.check("gemini", "chat")
     registry.check(LOCAL, "predict")
     assert refusal(registry, "openai", "chat").loc == ("body", "provider")
+
+
+def test_a_configured_name_with_no_kinds_is_refused_not_a_crash():
+    error = refusal(ProviderRegistry(frozenset({"mistral"})), "mistral", "chat")
+    assert error.loc == ("body", "kind")
+    assert error.msg == "provider 'mistral' takes kinds (none), not 'chat'"

@@ -57,3 +57,30 @@ def test_an_invalid_cron_expression_is_refused_naming_it(cron):
     with pytest.raises(ValueError, match="not a cron expression") as caught:
         Window(cron)
     assert repr(cron) in str(caught.value)
+
+
+NEW_YORK_AUTUMN_CHANGE = datetime(2026, 11, 1, 5, tzinfo=UTC)  # 01:00 summer time, an hour before clocks go back
+
+
+def test_a_fixed_hour_fires_once_in_the_hour_the_autumn_change_repeats():
+    window = Window("30 1 * * *", "America/New_York")
+    first = window.next_after(NEW_YORK_AUTUMN_CHANGE)
+    # In UTC: an ambiguous local time never compares equal across zones (PEP 495).
+    assert first.astimezone(UTC) == datetime(2026, 11, 1, 5, 30, tzinfo=UTC)
+    # The repeated 01:30 (winter time, 06:30 UTC) is not a second firing: the next one is the following night.
+    assert window.next_after(first).astimezone(UTC) == datetime(2026, 11, 2, 6, 30, tzinfo=UTC)
+    assert not window.due(first, datetime(2026, 11, 1, 6, 45, tzinfo=UTC))
+
+
+def test_an_every_hour_schedule_keeps_firing_through_the_repeated_hour():
+    window = Window("*/30 * * * *", "America/New_York")
+    firings, moment = [], NEW_YORK_AUTUMN_CHANGE
+    for _ in range(4):
+        moment = window.next_after(moment)
+        firings.append(moment)
+    assert [f.astimezone(UTC).hour * 60 + f.minute for f in firings] == [5 * 60 + 30, 6 * 60, 6 * 60 + 30, 7 * 60]
+
+
+def test_a_firing_in_the_hour_skipped_in_spring_runs_when_the_clocks_reach_it():
+    window = Window("30 2 * * *", "America/New_York")
+    assert window.next_after(datetime(2026, 3, 7, 12, tzinfo=UTC)) == datetime(2026, 3, 8, 7, tzinfo=UTC)
