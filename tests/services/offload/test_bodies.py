@@ -143,7 +143,9 @@ def test_a_refused_embedding_input_is_located_by_its_position_in_the_list():
 def test_a_message_content_neither_text_nor_parts_is_one_error_at_the_content(content):
     [error] = refused("openai", "chat", {"messages": [{"role": "user", "content": content}]})
     assert error.loc == (*LOC, 0, "messages", 0, "content")
-    assert error.msg == "request 'r0': messages.0.content: Input should be a string or a list of content parts (objects)"
+    assert error.msg == (
+        "request 'r0': messages.0.content: Input should be a string or a list of content parts (objects)"
+    )
 
 
 def test_message_text_follows_the_storable_string_rules():
