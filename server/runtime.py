@@ -239,14 +239,14 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     )
     batching: _BatcherOptions = {
         "executor": executor,
-        "max_batch_size": settings.batch_max_size
+        "max_batch_size": settings.scheduler_max_size
         or default_batch_max_size(generator.placement, generator.model.config),
-        "max_wait_s": settings.batch_max_wait_ms / 1000,
-        "queue_limit": settings.batch_queue_limit,
+        "max_wait_s": settings.scheduler_max_wait_ms / 1000,
+        "queue_limit": settings.scheduler_queue_limit,
         "background_max_size": settings.batch_background_max_size,
-        "stall_s": settings.batch_stall_s,
+        "stall_s": settings.scheduler_stall_s,
         "restart": RestartPolicy(
-            window_s=settings.batch_loop_failure_window_s, give_up_after=settings.batch_loop_max_failures
+            window_s=settings.scheduler_loop_failure_window_s, give_up_after=settings.scheduler_loop_max_failures
         ),
     }
     generate_batcher: Batcher[GenerationJob, Generation] = (

@@ -40,7 +40,7 @@ ERRORS: dict[int, tuple[type[BaseModel], str, dict[str, Any]]] = {
     503: (
         ErrorOut,
         (
-            "The model's queue cannot take all of the request's items (BATCH_QUEUE_LIMIT), or the rate "
+            "The model's queue cannot take all of the request's items (SCHEDULER_QUEUE_LIMIT), or the rate "
             "limiter's Redis is down with RATE_LIMIT_FAIL_MODE=closed"
         ),
         _RETRY_AFTER,

@@ -160,7 +160,7 @@ def run(args: argparse.Namespace, generator_dir: Path, classifier_dir: Path, ser
         "DEVICE": args.device,
         "GENERATOR_DTYPE": args.dtype,
         "SENTIMENT_DTYPE": args.dtype,
-        "BATCH_MAX_SIZE": str(max(levels + [args.gpu_batch])),
+        "SCHEDULER_MAX_SIZE": str(max(levels + [args.gpu_batch])),
     }
     with serve("gpu", **env) as (url, _):
         for tokens in token_counts:

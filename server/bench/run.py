@@ -1,7 +1,7 @@
 """Orchestrates the benchmark phases; see docs/performance.md.
 
 Phases: the real server (`python -m server serve`, as users start it) at each concurrency, each level
-bracketed by offline limits (the model called directly in this process, batch 1 and batch BATCH_MAX_SIZE,
+bracketed by offline limits (the model called directly in this process, batch 1 and batch SCHEDULER_MAX_SIZE,
 while the server idles) -> interactive latency while a background (batch offload, `local`) job runs, against
 the same server idle -> a mixed-length workload, time to first token, cancelled streams -> the mixed workload
 on a server with GENERATOR_SCHEDULER=static -> the cache-hit path -> the naive baseline server at each
@@ -79,8 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size",
         type=int,
-        default=get_settings().batch_max_size or CPU_BATCH_MAX_SIZE,
-        help="offline batch size and the server's BATCH_MAX_SIZE (default: the setting, else 32)",
+        default=get_settings().scheduler_max_size or CPU_BATCH_MAX_SIZE,
+        help="offline batch size and the server's SCHEDULER_MAX_SIZE (default: the setting, else 32)",
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the naive baseline server")
     parser.add_argument(
@@ -434,8 +434,8 @@ def run_against(args: argparse.Namespace) -> dict:
     env = server_env(
         generator_dir,
         classifier_dir,
-        BATCH_MAX_SIZE=str(args.batch_size),
-        BATCH_QUEUE_LIMIT=str(max(1024, 4 * concurrency)),
+        SCHEDULER_MAX_SIZE=str(args.batch_size),
+        SCHEDULER_QUEUE_LIMIT=str(max(1024, 4 * concurrency)),
         GENERATOR_FP32_KERNELS=settings.generator_fp32_kernels,
         SENTIMENT_FP32_KERNELS=settings.sentiment_fp32_kernels,
         DEVICE="cpu",
@@ -478,8 +478,8 @@ def run(args: argparse.Namespace) -> dict:
         env = server_env(
             generator_dir,
             classifier_dir,
-            BATCH_MAX_SIZE=str(args.batch_size),
-            BATCH_QUEUE_LIMIT=str(max(1024, 4 * max(levels))),
+            SCHEDULER_MAX_SIZE=str(args.batch_size),
+            SCHEDULER_QUEUE_LIMIT=str(max(1024, 4 * max(levels))),
             GENERATOR_FP32_KERNELS=settings.generator_fp32_kernels,
             SENTIMENT_FP32_KERNELS=settings.sentiment_fp32_kernels,
             DEVICE="cpu",
@@ -723,7 +723,7 @@ def run_gpu(args: argparse.Namespace) -> dict:
     env = server_env(
         generator_dir,
         classifier_dir,
-        BATCH_QUEUE_LIMIT="4096",
+        SCHEDULER_QUEUE_LIMIT="4096",
         GENERATOR_FP32_KERNELS="auto",
         SENTIMENT_FP32_KERNELS="auto",
     )

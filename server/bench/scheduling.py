@@ -1,6 +1,6 @@
 """Benchmark phases for continuous batching and streaming (docs/performance.md): a mixed-length workload
 against the static scheduler, time to first token against the prefill alone, and how fast a cancelled
-stream frees its row (read from the decoding loop's own `batch_abort_steps` histogram)."""
+stream frees its row (read from the decoding loop's own `scheduler_abort_steps` histogram)."""
 
 import asyncio
 import statistics
@@ -106,7 +106,7 @@ def measure_first_token(base_url: str, generator: TextGenerator, rounds: int, ne
 def _abort_steps(base_url: str) -> dict[str, float]:
     values = {}
     for line in httpx.get(f"{base_url}/metrics", timeout=60).text.splitlines():
-        if line.startswith("batch_abort_steps") and 'model="generator"' in line:
+        if line.startswith("scheduler_abort_steps") and 'model="generator"' in line:
             name = line.split("{")[0] + (line.split('le="')[1].split('"')[0] if 'le="' in line else "")
             values[name] = float(line.rsplit(" ", 1)[1])
     return values
@@ -135,13 +135,13 @@ def measure_cancellation(base_url: str, requests: int, new_tokens: int) -> dict:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         after = _abort_steps(base_url)
-        if after.get("batch_abort_steps_count", 0) - before.get("batch_abort_steps_count", 0) >= requests:
+        if after.get("scheduler_abort_steps_count", 0) - before.get("scheduler_abort_steps_count", 0) >= requests:
             break
         time.sleep(0.1)
     delta = {key: after.get(key, 0) - before.get(key, 0) for key in after}
     return {
         "requests": requests,
-        "freed": delta.get("batch_abort_steps_count", 0),
-        "freed_within_one_step": delta.get("batch_abort_steps_bucket1.0", 0),
-        "mean_steps": delta.get("batch_abort_steps_sum", 0) / max(1.0, delta.get("batch_abort_steps_count", 0)),
+        "freed": delta.get("scheduler_abort_steps_count", 0),
+        "freed_within_one_step": delta.get("scheduler_abort_steps_bucket1.0", 0),
+        "mean_steps": delta.get("scheduler_abort_steps_sum", 0) / max(1.0, delta.get("scheduler_abort_steps_count", 0)),
     }

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -44,6 +44,18 @@ def settings_conflict(role: str, device: str, dtype: str, precision: str, kernel
             f"set {role}_DTYPE=auto or float32, or DEVICE=cuda"
         )
     return None
+
+
+def renamed(name: str, *former: str) -> AliasChoices:
+    """A setting read under its name, else under the names it had before (which keep working; the name wins when
+    both are set)."""
+    return AliasChoices(name, *former)
+
+
+def former_names(name: str) -> tuple[str, ...]:
+    """The names a setting had before `renamed`, lower case."""
+    alias = Settings.model_fields[name].validation_alias
+    return tuple(str(choice) for choice in alias.choices[1:]) if isinstance(alias, AliasChoices) else ()
 
 
 class Settings(BaseSettings):
@@ -162,8 +174,9 @@ class Settings(BaseSettings):
             " static: the micro-batcher, one generate call per batch (kept for comparison)"
         ),
     )
-    batch_max_size: int | None = Field(
+    scheduler_max_size: int | None = Field(
         None,
+        validation_alias=renamed("scheduler_max_size", "batch_max_size"),
         ge=1,
         le=1024,
         description=(
@@ -171,9 +184,17 @@ class Settings(BaseSettings):
             "on a GPU as many full-context rows as half its free memory holds, at most 256"
         ),
     )
-    batch_max_wait_ms: float = Field(5.0, ge=0, description="Floor of the post-batch linger, in milliseconds")
-    batch_queue_limit: int = Field(
-        1024, ge=1, description=("Items waiting per model before a request is refused (503 + Retry-After)")
+    scheduler_max_wait_ms: float = Field(
+        5.0,
+        validation_alias=renamed("scheduler_max_wait_ms", "batch_max_wait_ms"),
+        ge=0,
+        description="Floor of the post-batch linger, in milliseconds",
+    )
+    scheduler_queue_limit: int = Field(
+        1024,
+        validation_alias=renamed("scheduler_queue_limit", "batch_queue_limit"),
+        ge=1,
+        description=("Items waiting per model before a request is refused (503 + Retry-After)"),
     )
     request_timeout_s: float = Field(
         60.0,
@@ -190,17 +211,24 @@ class Settings(BaseSettings):
     body_deadline_s: float = Field(
         60.0, gt=0, description=("Longest time to receive a whole request body, however it trickles in; then 408")
     )
-    batch_loop_max_failures: int = Field(
+    scheduler_loop_max_failures: int = Field(
         5,
+        validation_alias=renamed("scheduler_loop_max_failures", "batch_loop_max_failures"),
         ge=1,
         description=(
-            "A model loop that fails this many times within BATCH_LOOP_FAILURE_WINDOW_S is not restarted: /health and "
-            "/health/live answer 503"
+            "A model loop that fails this many times within SCHEDULER_LOOP_FAILURE_WINDOW_S is not restarted: "
+            "/health and /health/live answer 503"
         ),
     )
-    batch_loop_failure_window_s: float = Field(60.0, gt=0, description="Window of BATCH_LOOP_MAX_FAILURES")
-    batch_stall_s: float = Field(
+    scheduler_loop_failure_window_s: float = Field(
+        60.0,
+        validation_alias=renamed("scheduler_loop_failure_window_s", "batch_loop_failure_window_s"),
+        gt=0,
+        description="Window of SCHEDULER_LOOP_MAX_FAILURES",
+    )
+    scheduler_stall_s: float = Field(
         30.0,
+        validation_alias=renamed("scheduler_stall_s", "batch_stall_s"),
         gt=0,
         description=("A model with work waiting and no forward pass for this long is stalled: /health answers 503"),
     )
@@ -620,6 +648,15 @@ def _redacted(value: object) -> str:
     return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", repr(value))
 
 
+def _as_given(name: str) -> str:
+    """The variable the value came from: a former name when only it is in the environment."""
+    if name.upper() not in os.environ:
+        for former in former_names(name):
+            if former.upper() in os.environ:
+                return former.upper()
+    return name.upper()
+
+
 def settings_errors(error: ValidationError) -> list[str]:
     """One line per invalid setting: the variable, the value given, and what it accepts."""
     lines: dict[str, str] = {}
@@ -633,7 +670,7 @@ def settings_errors(error: ValidationError) -> list[str]:
             lines[name] = f"invalid settings: {problem['ctx']['error'] if own_rule else problem['msg']}"
             continue
         expected = str(problem["ctx"]["error"]) if own_rule else _accepted_forms(field)
-        lines[name] = f"invalid setting {name.upper()}={_redacted(problem['input'])}: {expected}"
+        lines[name] = f"invalid setting {_as_given(name)}={_redacted(problem['input'])}: {expected}"
     return list(lines.values())
 
 

@@ -10,7 +10,7 @@ from typing import Literal, get_args, get_origin
 
 from pydantic.fields import FieldInfo
 
-from server.core.config import PROJECT_ROOT, Settings
+from server.core.config import PROJECT_ROOT, Settings, former_names
 
 # Each section starts at its first setting, in the declaration order of `Settings`.
 SECTIONS: tuple[tuple[str, str], ...] = (
@@ -63,6 +63,11 @@ def _accepts(field: FieldInfo) -> str:
     return ""
 
 
+def _description(name: str, field: FieldInfo) -> str:
+    former = ", ".join(f"{old.upper()}" for old in former_names(name))
+    return (field.description or "") + (f" (formerly {former}, still read)" if former else "")
+
+
 def _sections() -> list[tuple[str, list[tuple[str, FieldInfo]]]]:
     starts = {first: title for title, first in SECTIONS}
     unknown = set(starts) - set(Settings.model_fields)
@@ -84,7 +89,7 @@ def render_page() -> str:
             default = _default(field)
             shown = f"`{default}`" if default not in (None, "") else ("empty" if default == "" else "unset")
             accepts = _accepts(field)
-            meaning = (field.description or "").replace("|", "\\|")
+            meaning = _description(name, field).replace("|", "\\|")
             parts.append(f"| `{name.upper()}` | {shown} | {meaning}{f' ({accepts})' if accepts else ''} |\n")
     return "".join(parts)
 
@@ -97,7 +102,7 @@ def render_env_example() -> str:
     for title, fields in _sections():
         lines += ["", f"# --- {title} ---"]
         for name, field in fields:
-            lines += textwrap.wrap(field.description or "", 116, initial_indent="# ", subsequent_indent="# ")
+            lines += textwrap.wrap(_description(name, field), 116, initial_indent="# ", subsequent_indent="# ")
             default = _default(field)
             lines.append(f"{name.upper()}={default}" if default is not None else f"# {name.upper()}=")
     return "\n".join(lines) + "\n"

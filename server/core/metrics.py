@@ -14,28 +14,28 @@ MODEL_ITEMS = Counter("model_items", "Items actually computed by a model (after 
 MODEL_BATCH_SIZE = Histogram("model_batch_size", "Items computed per model call", ["model"], buckets=BATCH_SIZE_BUCKETS)
 MODEL_BATCH_SECONDS = Histogram("model_batch_seconds", "Wall time of one model call", ["model"])
 MODEL_ITEM_FAILURES = Counter("model_item_failures", "Items whose computation raised", ["model"])
-BATCH_QUEUE_WAIT = Histogram(
-    "batch_queue_wait_seconds",
+SCHEDULER_QUEUE_WAIT = Histogram(
+    "scheduler_queue_wait_seconds",
     "Time an item waited in the batcher's queue before its batch started",
     ["model"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-BATCH_QUEUE_DEPTH = Gauge("batch_queue_depth", "Items waiting for a batch", ["model"])
-BATCH_DROPPED = Counter("batch_dropped_items", "Items dropped before computation", ["model", "reason"])
-BATCH_REJECTED = Counter("batch_rejected_items", "Items refused because the queue was full", ["model"])
-BATCH_ABORTED = Counter(
-    "batch_aborted_items",
+SCHEDULER_QUEUE_DEPTH = Gauge("scheduler_queue_depth", "Items waiting for a batch", ["model"])
+SCHEDULER_DROPPED = Counter("scheduler_dropped_items", "Items dropped before computation", ["model", "reason"])
+SCHEDULER_REJECTED = Counter("scheduler_rejected_items", "Items refused because the queue was full", ["model"])
+SCHEDULER_ABORTED = Counter(
+    "scheduler_aborted_items",
     "Items stopped mid-computation because every caller was gone (reason: deadline, cancelled)",
     ["model", "reason"],
 )
-BATCH_BACKGROUND_WAITED = Histogram(
-    "batch_background_batches_waited",
+SCHEDULER_BACKGROUND_WAITED = Histogram(
+    "scheduler_background_batches_waited",
     "Background batches an interactive item waited behind (by design at most 1)",
     ["model"],
     buckets=(0, 1, 2, 4, 8),
 )
-BATCH_BACKGROUND_ITEMS = Counter(
-    "batch_background_items", "Items computed in background batches (batch offload, local provider)", ["model"]
+SCHEDULER_BACKGROUND_ITEMS = Counter(
+    "scheduler_background_items", "Items computed in background batches (batch offload, local provider)", ["model"]
 )
 GENERATOR_FORWARDS = Counter(
     "generator_forward_passes",
@@ -43,8 +43,8 @@ GENERATOR_FORWARDS = Counter(
     ["model", "kind"],
 )
 GENERATOR_RUNNING = Gauge("generator_running_rows", "Rows in the continuous decoding loop's running batch", ["model"])
-BATCH_ABORT_STEPS = Histogram(
-    "batch_abort_steps",
+SCHEDULER_ABORT_STEPS = Histogram(
+    "scheduler_abort_steps",
     "Decoding steps between a row losing its last caller and leaving the running batch",
     ["model"],
     buckets=(0, 1, 2, 4, 8, 16),

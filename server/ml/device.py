@@ -168,8 +168,8 @@ def row_bytes(config: object, dtype: torch.dtype) -> int:
 
 
 def default_batch_max_size(placement: Placement, config: object) -> int:
-    """`BATCH_MAX_SIZE` when unset: 32 on the CPU (measured there, docs/performance.md); on a GPU as many full-length
-    rows as half its free memory holds, at most 256."""
+    """`SCHEDULER_MAX_SIZE` when unset: 32 on the CPU (measured there, docs/performance.md); on a GPU as many
+    full-length rows as half its free memory holds, at most 256."""
     if placement.device.type != "cuda":
         return CPU_BATCH_MAX_SIZE
     free, _ = torch.cuda.mem_get_info(placement.device)

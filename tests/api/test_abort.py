@@ -36,7 +36,7 @@ async def test_a_long_batch_whose_callers_are_gone_stops_within_one_step(app_cli
     runtime = app_client.app.state.runtime
     continuous = runtime.settings.generator_scheduler == "continuous"
     gate = StepGate(runtime.generator.model)
-    aborted = metric("batch_aborted_items_total", model="generator", reason=reason)
+    aborted = metric("scheduler_aborted_items_total", model="generator", reason=reason)
     batches = metric("model_batch_seconds_count", model="generator")
     try:
         if reason == "deadline":
@@ -60,10 +60,10 @@ async def test_a_long_batch_whose_callers_are_gone_stops_within_one_step(app_cli
     assert answered.status_code == 200
     # The long batch ran BLOCK_AT_STEP passes (prefill + 4 steps), not 256; the short request ran 2.
     assert gate.steps == BLOCK_AT_STEP + 2
-    assert metric("batch_aborted_items_total", model="generator", reason=reason) - aborted == 4
+    assert metric("scheduler_aborted_items_total", model="generator", reason=reason) - aborted == 4
     # One model call each for the static batcher; one per forward pass for the continuous loop.
     assert metric("model_batch_seconds_count", model="generator") - batches == (gate.steps if continuous else 2)
     if continuous:
-        assert metric("batch_abort_steps_bucket", model="generator", le="1.0") == metric(
-            "batch_abort_steps_count", model="generator"
+        assert metric("scheduler_abort_steps_bucket", model="generator", le="1.0") == metric(
+            "scheduler_abort_steps_count", model="generator"
         )

@@ -90,13 +90,13 @@ async def test_prefer_respond_async_answers_202_and_the_item_runs_in_the_backgro
     items = deferred.json()
     assert deferred.headers["location"] == items[0]["url"] and len(items) == 2
     assert (await client.get(items[0]["url"])).json()["status"] == "queued"
-    background = metric("batch_background_items_total", model="generator")
+    background = metric("scheduler_background_items_total", model="generator")
     await runtime.batch.run_once()
     outputs = [(await client.get(item["url"])).json() for item in items]
     assert all(o["status"] == "succeeded" and o["usage"]["output_tokens"] == 3 for o in outputs)
     direct = (await client.post("/generate", json={"prompts": ["A dog"], "max_new_tokens": 3})).json()[0]
     assert outputs[1]["output"]["text"] == direct["completion"]
-    assert metric("batch_background_items_total", model="generator") == background + 2
+    assert metric("scheduler_background_items_total", model="generator") == background + 2
     predicted = await client.post("/predict", json={"text": "fine"}, headers={"Prefer": "respond-async"})
     assert predicted.status_code == 202
     refused = await client.post("/generate", json={"prompts": ["x" * 5000]}, headers={"Prefer": "respond-async"})
@@ -355,11 +355,11 @@ async def test_interactive_requests_wait_behind_at_most_one_background_batch(cli
             },
         )
     ).json()
-    waited = {key: metric(f"batch_background_batches_waited_{key}", model="generator") for key in ("count", "sum")}
-    over_one = metric("batch_background_batches_waited_count", model="generator") - metric(
-        "batch_background_batches_waited_bucket", model="generator", le="1.0"
+    waited = {key: metric(f"scheduler_background_batches_waited_{key}", model="generator") for key in ("count", "sum")}
+    over_one = metric("scheduler_background_batches_waited_count", model="generator") - metric(
+        "scheduler_background_batches_waited_bucket", model="generator", le="1.0"
     )
-    background = metric("batch_background_items_total", model="generator")
+    background = metric("scheduler_background_items_total", model="generator")
     batcher = runtime.generation.batcher
     entered, release = hold_first_model_call(batcher)
     running = asyncio.create_task(runtime.batch.run_once())
@@ -382,15 +382,15 @@ async def test_interactive_requests_wait_behind_at_most_one_background_batch(cli
         answered += len(responses)
     await running
     assert (await client.get(f"/batch/jobs/{job['id']}")).json()["status"] == "completed"
-    observed = metric("batch_background_batches_waited_count", model="generator") - waited["count"]
+    observed = metric("scheduler_background_batches_waited_count", model="generator") - waited["count"]
     assert answered >= 3 and observed == answered
-    assert metric("batch_background_batches_waited_sum", model="generator") - waited["sum"] >= 3
+    assert metric("scheduler_background_batches_waited_sum", model="generator") - waited["sum"] >= 3
     assert (
-        metric("batch_background_batches_waited_count", model="generator")
-        - metric("batch_background_batches_waited_bucket", model="generator", le="1.0")
+        metric("scheduler_background_batches_waited_count", model="generator")
+        - metric("scheduler_background_batches_waited_bucket", model="generator", le="1.0")
         == over_one
     )
-    assert metric("batch_background_items_total", model="generator") - background == 500
+    assert metric("scheduler_background_items_total", model="generator") - background == 500
     sizes = runtime.generation.batcher.background_max_size
     assert sizes == runtime.settings.batch_background_max_size
 

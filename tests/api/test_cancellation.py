@@ -25,7 +25,7 @@ async def test_a_request_whose_client_disconnected_is_dropped_before_its_batch(s
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
             first = asyncio.create_task(client.post("/generate", json={"prompts": ["warm up"], "max_new_tokens": 2}))
             await gate.wait_entered()
-            dropped_before = metric("batch_dropped_items_total", model="generator", reason="cancelled")
+            dropped_before = metric("scheduler_dropped_items_total", model="generator", reason="cancelled")
             body = json.dumps({"prompts": ["nobody will read this"], "max_new_tokens": 2}).encode()
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(
@@ -40,7 +40,7 @@ async def test_a_request_whose_client_disconnected_is_dropped_before_its_batch(s
             assert (await first).status_code == 200
             await asyncio.sleep(0.1)
         assert len(gate.batches) == 1
-        assert metric("batch_dropped_items_total", model="generator", reason="cancelled") - dropped_before == 1
+        assert metric("scheduler_dropped_items_total", model="generator", reason="cancelled") - dropped_before == 1
     finally:
         server.should_exit = True
         await serving

@@ -7,8 +7,8 @@ from tests.support.app import serving
 
 
 async def test_identical_requests_in_flight_leave_room_for_another(settings):
-    """BATCH_QUEUE_LIMIT=8: eight identical requests are one computation, so a ninth, different one is admitted."""
-    limited = settings.model_copy(update={"batch_queue_limit": 8})
+    """SCHEDULER_QUEUE_LIMIT=8: eight identical requests are one computation, so a ninth, different one is admitted."""
+    limited = settings.model_copy(update={"scheduler_queue_limit": 8})
     async with serving(limited) as client:
         runtime = client.app.state.runtime
         cache = runtime.cache

@@ -50,7 +50,7 @@ async def test_an_error_injected_once_fails_its_rows_with_500_and_later_requests
 
 
 async def test_a_loop_failing_every_turn_makes_readiness_and_then_liveness_503(settings, monkeypatch):
-    settings = settings.model_copy(update={"batch_loop_max_failures": 3})
+    settings = settings.model_copy(update={"scheduler_loop_max_failures": 3})
     monkeypatch.setattr(ContinuousBatcher, "_park_or_resume", lambda self: 1 / 0)
     async with serving(settings) as client:
         batcher = client.app.state.runtime.generation.batcher
@@ -68,7 +68,7 @@ async def test_a_loop_failing_every_turn_makes_readiness_and_then_liveness_503(s
 
 
 async def test_a_forward_pass_held_beyond_the_stall_limit_makes_readiness_503_not_liveness(settings):
-    async with serving(settings.model_copy(update={"batch_stall_s": 0.3})) as client:
+    async with serving(settings.model_copy(update={"scheduler_stall_s": 0.3})) as client:
         gate = Gate(client.app.state.runtime.generation.batcher)
         request = asyncio.create_task(generate(client, "held"))
         await gate.wait_entered()
@@ -137,7 +137,7 @@ async def test_the_first_health_against_a_hung_database_is_bounded_at_the_check_
 
 
 async def test_a_request_of_more_items_than_the_queue_holds_is_a_422_naming_the_limit(settings):
-    async with serving(settings.model_copy(update={"batch_queue_limit": 2})) as client:
+    async with serving(settings.model_copy(update={"scheduler_queue_limit": 2})) as client:
         response = await client.post("/predict", json={"texts": ["a", "b", "c"]})
-        assert response.status_code == 422 and "BATCH_QUEUE_LIMIT=2" in response.text
+        assert response.status_code == 422 and "SCHEDULER_QUEUE_LIMIT=2" in response.text
         assert (await client.post("/predict", json={"texts": ["a", "b"]})).status_code == 200

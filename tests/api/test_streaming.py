@@ -101,7 +101,7 @@ async def test_a_client_that_disconnects_stops_its_rows_and_the_request_is_recor
     base_url, app = live_app
     runtime = app.state.runtime
     continuous = runtime.settings.generator_scheduler == "continuous"
-    gone = metric("batch_aborted_items_total", model="generator", reason="cancelled")
+    gone = metric("scheduler_aborted_items_total", model="generator", reason="cancelled")
     async with httpx.AsyncClient(base_url=base_url) as client:
         body = {"prompts": ["A very long story"], "max_new_tokens": 256, "stream": True}
         async with client.stream("POST", "/generate", json=body) as response:
@@ -111,10 +111,10 @@ async def test_a_client_that_disconnects_stops_its_rows_and_the_request_is_recor
                     if line.startswith("data: "):
                         break
     for _ in range(200):
-        if metric("batch_aborted_items_total", model="generator", reason="cancelled") > gone:
+        if metric("scheduler_aborted_items_total", model="generator", reason="cancelled") > gone:
             break
         await asyncio.sleep(0.05)
-    assert metric("batch_aborted_items_total", model="generator", reason="cancelled") - gone == 1
+    assert metric("scheduler_aborted_items_total", model="generator", reason="cancelled") - gone == 1
     await runtime.recorder.flush()
     now = datetime.now(UTC)
     window = {

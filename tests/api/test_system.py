@@ -34,7 +34,7 @@ async def test_metrics_are_prometheus_text_with_model_and_http_series(app_client
         "model_batches_total",
         "model_items_total",
         "model_batch_size_bucket",
-        "batch_queue_wait_seconds_bucket",
+        "scheduler_queue_wait_seconds_bucket",
         "http_requests_total",
         "http_request_duration_seconds_bucket",
     ):

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from server.core.config import Settings, settings_errors
+from server.core.config import Settings, former_names, settings_errors
 
 
 def errors_for(monkeypatch: pytest.MonkeyPatch, **env: str) -> list[str]:
@@ -30,6 +30,10 @@ def errors_for(monkeypatch: pytest.MonkeyPatch, **env: str) -> list[str]:
         ("CACHE_ALLOW_CLIENT_BYPASS", "maybe", "expected true or false"),
         ("REDIS_URL", "localhost:6379", "expected redis://"),
         ("DATABASE_URL", "mysql://db/x", "expected sqlite+aiosqlite:///"),
+        ("SCHEDULER_MAX_SIZE", "0", "expected an integer >= 1 and <= 1024"),
+        # A former name is still read, and an error names the variable as the user wrote it.
+        ("BATCH_MAX_SIZE", "lots", "expected an integer >= 1 and <= 1024"),
+        ("BATCH_STALL_S", "-1", "expected a number > 0"),
     ],
 )
 def test_a_bad_setting_is_one_line_with_variable_value_and_accepted_forms(monkeypatch, name, value, expected):
@@ -55,3 +59,32 @@ def test_a_database_password_is_not_repeated(monkeypatch):
 def test_log_levels_are_case_insensitive(monkeypatch):
     monkeypatch.setenv("LOG_LEVEL", "WARNING")
     assert Settings(_env_file=None).log_level == "warning"
+
+
+FORMER_NAMES = {
+    "SCHEDULER_MAX_SIZE": ("BATCH_MAX_SIZE", "7"),
+    "SCHEDULER_MAX_WAIT_MS": ("BATCH_MAX_WAIT_MS", "2.5"),
+    "SCHEDULER_QUEUE_LIMIT": ("BATCH_QUEUE_LIMIT", "9"),
+    "SCHEDULER_LOOP_MAX_FAILURES": ("BATCH_LOOP_MAX_FAILURES", "3"),
+    "SCHEDULER_LOOP_FAILURE_WINDOW_S": ("BATCH_LOOP_FAILURE_WINDOW_S", "11"),
+    "SCHEDULER_STALL_S": ("BATCH_STALL_S", "13"),
+}
+
+
+@pytest.mark.parametrize(("name", "former"), FORMER_NAMES.items())
+def test_a_renamed_setting_is_still_read_under_its_former_name(monkeypatch, name, former):
+    old, value = former
+    monkeypatch.setenv(old, value)
+    assert float(getattr(Settings(_env_file=None), name.lower())) == float(value)
+    assert former_names(name.lower()) == (old.lower(),)
+
+
+def test_the_new_name_wins_when_both_are_set(monkeypatch):
+    monkeypatch.setenv("BATCH_QUEUE_LIMIT", "5")
+    monkeypatch.setenv("SCHEDULER_QUEUE_LIMIT", "6")
+    assert Settings(_env_file=None).scheduler_queue_limit == 6
+
+
+def test_every_former_name_is_listed_here():
+    renamed = {name.upper() for name in Settings.model_fields if former_names(name)}
+    assert renamed == set(FORMER_NAMES)

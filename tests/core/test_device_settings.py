@@ -36,11 +36,11 @@ def test_a_device_is_auto_cpu_cuda_or_cuda_n(monkeypatch, value):
 
 
 def test_the_defaults_leave_the_choice_to_the_machine(monkeypatch):
-    for name in ("DEVICE", "GENERATOR_DTYPE", "GENERATOR_FP32_KERNELS", "BATCH_MAX_SIZE"):
+    for name in ("DEVICE", "GENERATOR_DTYPE", "GENERATOR_FP32_KERNELS", "SCHEDULER_MAX_SIZE"):
         monkeypatch.delenv(name, raising=False)
     settings = Settings(_env_file=None)
     assert (settings.device, settings.generator_dtype, settings.generator_fp32_kernels) == ("auto", "auto", "auto")
-    assert settings.batch_max_size is None
+    assert settings.scheduler_max_size is None
 
 
 def test_cuda_settings_that_fit_are_accepted(monkeypatch):

@@ -66,12 +66,12 @@ class ReportFailed(Exception):
 
 
 RECOMMENDATIONS = {
-    "p95_latency_ms": "Latency is high: check batch_queue_wait_seconds and model_batch_seconds; add replicas or "
-    "lower BATCH_MAX_SIZE if batches are slow, raise CACHE_TTL_S if repeats are common.",
+    "p95_latency_ms": "Latency is high: check scheduler_queue_wait_seconds and model_batch_seconds; add replicas or "
+    "lower SCHEDULER_MAX_SIZE if batches are slow, raise CACHE_TTL_S if repeats are common.",
     "p99_latency_ms": "Tail latency is high: look for long generations (max_new_tokens) sharing batches, and for "
     'cache stampedes (cache_requests_total{result="error"}).',
     "error_rate": "Requests are failing: group the failures by status in the request records; 503s mean the "
-    "queue is full (raise BATCH_QUEUE_LIMIT or add replicas), 504s mean REQUEST_TIMEOUT_S is too short "
+    "queue is full (raise SCHEDULER_QUEUE_LIMIT or add replicas), 504s mean REQUEST_TIMEOUT_S is too short "
     "for the load, 500s point at the model.",
     "min_cache_hit_ratio": "Few answers come from the cache: check that clients send deterministic requests "
     "(greedy or seeded) and that CACHE_TTL_S and CACHE_MAX_ITEMS are large enough.",

@@ -6,7 +6,7 @@ configured id GENERATOR_MODEL, e.g. `gpt2`). Provider bodies are checked for wha
 to OpenAI and Anthropic as given (their APIs judge them), while Gemini's adapter reads only the fields below.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -86,16 +86,11 @@ class Embeddings(BaseModel):
     input: list[Prompt] = Field(min_length=1)
 
 
-def _embedding(body: dict) -> type[BaseModel]:
-    return Embeddings if isinstance(body.get("input"), list) else Embedding
-
-
-Schema = type[BaseModel] | Callable[[dict], type[BaseModel]]
-SCHEMAS: dict[tuple[str, str], Schema] = {
+SCHEMAS: dict[tuple[str, str], type[BaseModel]] = {
     ("local", "generate"): LocalGenerate,
     ("local", "predict"): LocalPredict,
     ("openai", "chat"): Chat,
-    ("openai", "embedding"): _embedding,
+    ("openai", "embedding"): Embedding,
     ("anthropic", "chat"): Chat,
     ("gemini", "chat"): GeminiChat,
 }
@@ -123,9 +118,9 @@ def check_bodies(provider: str, kind: str, bodies: Sequence[tuple[str, dict]], l
         return
     errors = []
     for index, (custom_id, body) in enumerate(bodies):
-        model = schema if isinstance(schema, type) else schema(body)
+        listed = schema is Embedding and isinstance(body, dict) and isinstance(body.get("input"), list)
         try:
-            model.model_validate(body)
+            (Embeddings if listed else schema).model_validate(body)
         except ValidationError as exc:
             for error in exc.errors():
                 field = ".".join(str(part) for part in error["loc"]) or "body"

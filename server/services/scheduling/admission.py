@@ -48,12 +48,12 @@ class AdmissionGate:
                     FieldError(
                         ("body",),
                         f"{count} items: more than the {self.name} model's queue holds "
-                        f"(BATCH_QUEUE_LIMIT={self.limit}); split the request",
+                        f"(SCHEDULER_QUEUE_LIMIT={self.limit}); split the request",
                     )
                 ]
             )
         if self.waiting() + self.reserved + count > self.limit:
-            metrics.BATCH_REJECTED.labels(self.name).inc(count)
+            metrics.SCHEDULER_REJECTED.labels(self.name).inc(count)
             raise Overloaded(self.name, self.retry_after_s())
 
     @contextmanager

@@ -18,12 +18,12 @@ Semantics (the continuous `Batcher` of interface.py; `MicroBatcher` in static.py
   and at most `background_max_size` of them run at once, so an interactive arrival joins at the next admission
   instead of waiting for a batch to end. While interactive rows run, background rows sit out (parked, their KV
   cache kept) and rejoin after, so they do not slow the interactive steps either
-  (`batch_background_batches_waited` observes, per interactive row, the background admissions while it waited).
+  (`scheduler_background_batches_waited` observes, per interactive row, the background admissions while it waited).
 - Bounded queue and whole-request admission: as `MicroBatcher` (`AdmissionGate`): 503 past `queue_limit` waiting
   rows, and a request that gets 503 has had none of its rows computed. A job that joins an existing row takes no
   room.
 - Deadlines and disconnects: a caller that times out (504) or is cancelled leaves its row; a row with no caller
-  left is dropped before the next step (`batch_abort_steps` observes the steps in between: at most one).
+  left is dropped before the next step (`scheduler_abort_steps` observes the steps in between: at most one).
 - Equal deterministic jobs share one row; a caller that joins a running row first receives its tokens so far. Each
   caller keeps its own deadline, and an interactive caller makes a background row interactive.
 - Streaming: a caller's `on_tokens(token_ids, logprobs)` runs on the event loop after each step that gave its row
@@ -249,7 +249,7 @@ class ContinuousBatcher:
         callers = [_Caller(loop.create_future(), on_tokens, background) for _ in items]
         for job, caller in zip(items, callers, strict=True):
             self._subscribe(job, caller, time.monotonic())
-        metrics.BATCH_QUEUE_DEPTH.labels(self.name).set(self.queued)
+        metrics.SCHEDULER_QUEUE_DEPTH.labels(self.name).set(self.queued)
         self._wakeup.set()
         return await answers(self.name, callers, timeout_s)
 
@@ -355,7 +355,7 @@ class ContinuousBatcher:
         with self._lock:
             live = [row for row in self._waiting if not row.gone]
             if dropped := len(self._waiting) - len(live):
-                metrics.BATCH_DROPPED.labels(self.name, "cancelled").inc(dropped)
+                metrics.SCHEDULER_DROPPED.labels(self.name, "cancelled").inc(dropped)
             self._waiting = deque(live)
             running = self._batch.sequences if self._batch is not None else []
             if not live:
@@ -386,21 +386,21 @@ class ContinuousBatcher:
             chosen = candidates[: max(room, 0)] if due else []
             for row in chosen:
                 self._waiting.remove(row)
-        metrics.BATCH_QUEUE_DEPTH.labels(self.name).set(self.queued)
+        metrics.SCHEDULER_QUEUE_DEPTH.labels(self.name).set(self.queued)
         return chosen
 
     def _prefill(self, rows: list[_Row]) -> None:
-        wait = metrics.BATCH_QUEUE_WAIT.labels(self.name)
+        wait = metrics.SCHEDULER_QUEUE_WAIT.labels(self.name)
         now = time.monotonic()
         for row in rows:
             wait.observe(now - row.enqueued_at)
         metrics.MODEL_ITEMS.labels(self.name).inc(len(rows))
-        behind = metrics.BATCH_BACKGROUND_WAITED.labels(self.name)
+        behind = metrics.SCHEDULER_BACKGROUND_WAITED.labels(self.name)
         for row in rows:
             if not row.background:
                 behind.observe(self._background_admissions - row.background_before)
         if background := sum(row.background for row in rows):
-            metrics.BATCH_BACKGROUND_ITEMS.labels(self.name).inc(background)
+            metrics.SCHEDULER_BACKGROUND_ITEMS.labels(self.name).inc(background)
             self._background_admissions += 1
         self._background_prefilling = int(background > 0)
         try:
@@ -535,8 +535,8 @@ class ContinuousBatcher:
             if row.finish_reason:
                 continue
             if row.gone:
-                metrics.BATCH_ABORTED.labels(self.name, row.callers[0].abandoned_because).inc()
-                metrics.BATCH_ABORT_STEPS.labels(self.name).observe(self.steps - row.gone_at_step)
+                metrics.SCHEDULER_ABORTED.labels(self.name, row.callers[0].abandoned_because).inc()
+                metrics.SCHEDULER_ABORT_STEPS.labels(self.name).observe(self.steps - row.gone_at_step)
                 continue
             keep.append(index)
         if done := [row for row in batch.sequences if row.finish_reason]:

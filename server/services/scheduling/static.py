@@ -17,7 +17,7 @@ Semantics (what other servers do is in docs/design-decisions.md):
 - Two priority classes: interactive items (the default) always go first; `background` items (the batch
   offload's `local` provider) are dispatched only when no interactive item waits, and in batches of at
   most `background_max_size`, so an interactive arrival waits behind at most one small background batch
-  (observed per interactive item in `batch_background_batches_waited{model}`).
+  (observed per interactive item in `scheduler_background_batches_waited{model}`).
 - Items with equal `dedup_key_of` (not None) in one batch are computed once; each caller gets the result. An
   interactive batch takes the waiting background items equal to its own along (they are promoted, not computed
   twice).
@@ -30,7 +30,7 @@ Semantics (what other servers do is in docs/design-decisions.md):
 - Cancelled items (client gone, deadline passed) still waiting are dropped, never computed.
 - Abandoned items stop mid-computation: `compute(items, abandoned)` may call `abandoned(i)` between its steps
   (a decoding step, say); it turns true once every caller of item i is gone, and `compute` may then return
-  `ABORTED` for that item instead of finishing it (counted in `batch_aborted_items_total{model,reason}`).
+  `ABORTED` for that item instead of finishing it (counted in `scheduler_aborted_items_total{model,reason}`).
 - A batch that raises is bisected (each half retried, a failing half split again, about 2 log2(n) calls for one
   guilty item among n), so only the guilty item's caller gets `ModelFailed`.
 - Supervision (server/core/supervisor.py): an error that escapes the loop fails the batch it was running with a
@@ -214,7 +214,7 @@ class MicroBatcher(Generic[T, R]):
         self.gate.take(self._computations([*self._queue, *entries]) - self._computations(self._queue))
         self._queue.extend(entries)
         self._history.arrived_since += len(entries)
-        metrics.BATCH_QUEUE_DEPTH.labels(self.name).set(len(self._queue))
+        metrics.SCHEDULER_QUEUE_DEPTH.labels(self.name).set(len(self._queue))
         self._wakeup.set()
         return await answers(self.name, entries, timeout_s)
 
@@ -233,7 +233,7 @@ class MicroBatcher(Generic[T, R]):
     def _prune(self) -> None:
         live = deque(e for e in self._queue if not e.future.done())
         if dropped := len(self._queue) - len(live):
-            metrics.BATCH_DROPPED.labels(self.name, "cancelled").inc(dropped)
+            metrics.SCHEDULER_DROPPED.labels(self.name, "cancelled").inc(dropped)
             self._queue = live
 
     async def _run_forever(self) -> None:
@@ -245,7 +245,7 @@ class MicroBatcher(Generic[T, R]):
                 continue
             await self._linger()
             batch = self._take_batch()
-            metrics.BATCH_QUEUE_DEPTH.labels(self.name).set(len(self._queue))
+            metrics.SCHEDULER_QUEUE_DEPTH.labels(self.name).set(len(self._queue))
             if batch:
                 await self._execute(batch)
 
@@ -329,8 +329,8 @@ class MicroBatcher(Generic[T, R]):
     async def _execute(self, batch: list[list[_Entry[T, R]]]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        wait = metrics.BATCH_QUEUE_WAIT.labels(self.name)
-        behind = metrics.BATCH_BACKGROUND_WAITED.labels(self.name)
+        wait = metrics.SCHEDULER_QUEUE_WAIT.labels(self.name)
+        behind = metrics.SCHEDULER_BACKGROUND_WAITED.labels(self.name)
         background = batch[0][0].background
         for entries in batch:
             for entry in entries:
@@ -339,7 +339,7 @@ class MicroBatcher(Generic[T, R]):
                     behind.observe(self._background_batches - entry.background_batches_before)
         self._background_batches += background
         if background:
-            metrics.BATCH_BACKGROUND_ITEMS.labels(self.name).inc(len(batch))
+            metrics.SCHEDULER_BACKGROUND_ITEMS.labels(self.name).inc(len(batch))
         self._running_background = background
         items = [entries[0].item for entries in batch]
         self._running = batch
@@ -353,7 +353,7 @@ class MicroBatcher(Generic[T, R]):
             outcomes = await loop.run_in_executor(self.executor, self._bisect, items, liveness)
         for index, (entries, outcome) in enumerate(zip(batch, outcomes, strict=True)):
             if isinstance(outcome, Aborted):
-                metrics.BATCH_ABORTED.labels(self.name, liveness.reason(index)).inc()
+                metrics.SCHEDULER_ABORTED.labels(self.name, liveness.reason(index)).inc()
                 continue
             for entry in entries:
                 if entry.future.done():

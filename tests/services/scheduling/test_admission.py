@@ -24,7 +24,7 @@ class Queue:
         self.waiting += count
 
     def rejected(self) -> float:
-        return metric("batch_rejected_items_total", model=self.name)
+        return metric("scheduler_rejected_items_total", model=self.name)
 
 
 def test_a_request_larger_than_the_whole_queue_is_an_input_error_not_overloaded():
@@ -33,7 +33,7 @@ def test_a_request_larger_than_the_whole_queue_is_an_input_error_not_overloaded(
         pytest.fail("admitted")
     [error] = caught.value.errors
     assert error.loc == ("body",)
-    assert "5 items" in error.msg and "BATCH_QUEUE_LIMIT=4" in error.msg
+    assert "5 items" in error.msg and "SCHEDULER_QUEUE_LIMIT=4" in error.msg
     with pytest.raises(InputError):
         queue.submit(5)
     assert queue.rejected() == 0

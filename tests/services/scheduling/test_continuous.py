@@ -191,8 +191,8 @@ async def test_interactive_rows_join_first_and_background_rows_are_capped(make, 
 
 async def test_a_cancelled_caller_frees_its_row_within_one_step(make, generator):
     batcher, passes = make()
-    before = metric("batch_abort_steps_count", model="generator")
-    within_one = metric("batch_abort_steps_bucket", model="generator", le="1.0")
+    before = metric("scheduler_abort_steps_count", model="generator")
+    within_one = metric("scheduler_abort_steps_bucket", model="generator", le="1.0")
     other = asyncio.create_task(batcher.submit([job(generator, "stays", 20)], timeout_s=30))
     doomed = asyncio.create_task(batcher.submit([job(generator, "leaves", 200)], timeout_s=30))
     await passes.hold_before(5)
@@ -202,8 +202,8 @@ async def test_a_cancelled_caller_frees_its_row_within_one_step(make, generator)
     await other
     leaves = tuple(generator.encode("leaves"))
     assert sum(leaves in prompts for _, prompts in passes.log) <= 6
-    assert metric("batch_abort_steps_count", model="generator") - before == 1
-    assert metric("batch_abort_steps_bucket", model="generator", le="1.0") - within_one == 1
+    assert metric("scheduler_abort_steps_count", model="generator") - before == 1
+    assert metric("scheduler_abort_steps_bucket", model="generator", le="1.0") - within_one == 1
 
 
 async def test_deadline_is_a_504_and_the_row_leaves_at_the_next_step(make, generator):

@@ -266,7 +266,7 @@ async def test_an_item_whose_callers_are_gone_is_aborted_mid_computation(reason)
         "stepper", stepper, executor, max_batch_size=4, max_wait_s=0.001, queue_limit=10, dedup_key_of=lambda item: item
     )
     batcher.start()
-    before = metric("batch_aborted_items_total", model="stepper", reason=reason)
+    before = metric("scheduler_aborted_items_total", model="stepper", reason=reason)
     try:
         callers = [
             asyncio.create_task(batcher.submit([1], timeout_s=0.2 if reason == "deadline" else 10)) for _ in range(2)
@@ -286,10 +286,10 @@ async def test_an_item_whose_callers_are_gone_is_aborted_mid_computation(reason)
             await asyncio.sleep(0.01)
         assert stepper.saw_abandoned == [True]
         for _ in range(100):
-            if metric("batch_aborted_items_total", model="stepper", reason=reason) > before:
+            if metric("scheduler_aborted_items_total", model="stepper", reason=reason) > before:
                 break
             await asyncio.sleep(0.01)
-        assert metric("batch_aborted_items_total", model="stepper", reason=reason) == before + 1
+        assert metric("scheduler_aborted_items_total", model="stepper", reason=reason) == before + 1
     finally:
         await batcher.close()
         executor.shutdown()
@@ -297,8 +297,8 @@ async def test_an_item_whose_callers_are_gone_is_aborted_mid_computation(reason)
 
 async def test_background_items_run_only_when_no_interactive_item_waits(model, make_batcher):
     batcher = make_batcher(max_batch_size=4, background_max_size=2)
-    behind_before = metric("batch_background_batches_waited_count", model="test")
-    waited_before = metric("batch_background_batches_waited_sum", model="test")
+    behind_before = metric("scheduler_background_batches_waited_count", model="test")
+    waited_before = metric("scheduler_background_batches_waited_sum", model="test")
     first = await hold(model, batcher, item=100)
     background = [asyncio.create_task(batcher.submit([i], timeout_s=10, background=True)) for i in range(1, 6)]
     await asyncio.sleep(0.01)
@@ -317,10 +317,10 @@ async def test_background_items_run_only_when_no_interactive_item_waits(model, m
     model.gate.set()
     await asyncio.gather(*running, late)
     assert model.calls[-3:] == [[20, 21], [30], [22]]
-    observed = metric("batch_background_batches_waited_count", model="test") - behind_before
-    within_one = metric("batch_background_batches_waited_bucket", model="test", le="1.0")
-    assert observed == 4 and within_one == metric("batch_background_batches_waited_count", model="test")
-    assert metric("batch_background_batches_waited_sum", model="test") - waited_before == 1
+    observed = metric("scheduler_background_batches_waited_count", model="test") - behind_before
+    within_one = metric("scheduler_background_batches_waited_bucket", model="test", le="1.0")
+    assert observed == 4 and within_one == metric("scheduler_background_batches_waited_count", model="test")
+    assert metric("scheduler_background_batches_waited_sum", model="test") - waited_before == 1
 
 
 async def test_a_failed_batch_is_bisected_not_retried_item_by_item(model, make_batcher):
