@@ -1,3 +1,6 @@
+from server.api.pagination import encode_cursor
+
+
 async def test_history_is_newest_first_and_pages_by_cursor_and_offset(client):
     for i in range(5):
         await client.post("/generate", json={"prompts": [f"prompt {i}"], "max_new_tokens": 2})
@@ -38,8 +41,13 @@ async def test_bad_paging_parameters_are_422(client):
         {"limit": 0},
         {"limit": 1000},
         {"cursor": "abc"},
+        # A row id is not a cursor: cursors are the opaque tokens every list of this API hands out.
+        {"cursor": "5"},
+        {"cursor": encode_cursor("0")},
+        {"cursor": encode_cursor("1e3")},
+        {"cursor": encode_cursor("2026-01-01T00:00:00", "job-id")},
         {"offset": -1},
-        {"cursor": 5, "offset": 0},
+        {"cursor": encode_cursor("5"), "offset": 0},
         {"kind": "everything"},
     ):
         assert (await client.get("/history", params=params)).status_code == 422

@@ -1,6 +1,5 @@
 """Batch offload jobs: create, list, read, change, delete; their requests and responses."""
 
-import base64
 import csv
 import io
 import json
@@ -9,7 +8,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 from fastapi.responses import StreamingResponse
 
 from server.api.deps import AdminDep, OffloadDep, PrincipalDep, ScopeDep
@@ -41,6 +40,7 @@ from server.api.offload.schemas import (
     SchedulerOut,
     UsageOut,
 )
+from server.api.pagination import Cursor, decode_cursor, encode_cursor
 from server.core.destinations import public_form
 from server.db.batch_models import BatchItem, BatchJob
 from server.services.offload.jobs import Counts, JobSpec, NewItem
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/batch", tags=["batch"], route_class=JSONBodyRoute)
 PAGE = Annotated[int, Query(ge=1, le=1000)]
 JobId = Annotated[str, Path(max_length=64)]
-Cursor = Annotated[str | None, Query(max_length=2000, description="`next_cursor` of the previous page")]
 # What a spreadsheet reads as the start of a formula (OWASP's CSV injection list).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -59,20 +58,6 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 def inert(value: object) -> object:
     """A CSV cell that no spreadsheet evaluates: text starting like a formula gets a leading `'`."""
     return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
-
-
-def encode_cursor(*parts: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps(parts).encode()).decode()
-
-
-def decode_cursor(cursor: str, size: int) -> list[str]:
-    try:
-        parts = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        if isinstance(parts, list) and len(parts) == size and all(isinstance(p, str) for p in parts):
-            return parts
-    except ValueError:
-        pass
-    raise HTTPException(422, [{"type": "value_error", "loc": ["query", "cursor"], "msg": "not a cursor of this list"}])
 
 
 def job_out(job: BatchJob, counts: Counts) -> JobOut:

@@ -3,6 +3,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Query
 
 from server.api.deps import RuntimeDep, ScopeDep
+from server.api.pagination import Cursor, decode_cursor, encode_cursor, not_a_cursor
 from server.api.responses import LIMITED_ROUTE_ERRORS, error_responses
 from server.api.schemas import MAX_OFFSET, MAX_ROW_ID, ErrorOut
 from server.api.serving.schemas import (
@@ -51,7 +52,7 @@ async def history(
     scope: ScopeDep,
     kind: Kind = "generations",
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
-    cursor: Annotated[int | None, Query(ge=1, le=MAX_ROW_ID, description="`next_cursor` of the previous page")] = None,
+    cursor: Cursor = None,
     offset: Annotated[int | None, Query(ge=0, le=MAX_OFFSET, description="Instead of `cursor`, not with it")] = None,
 ) -> HistoryPage:
     """Stored generations (or predictions) of the caller's tenant, newest first (an admin sees every tenant's, or
@@ -61,11 +62,21 @@ async def history(
             422, [{"type": "value_error", "loc": ["query", "offset"], "msg": "give cursor or offset, not both"}]
         )
     rows, next_cursor = await list_records(
-        runtime.sessions, kind, tenant=scope, limit=limit, cursor=cursor, offset=offset
+        runtime.sessions, kind, tenant=scope, limit=limit, cursor=_row_id(cursor), offset=offset
     )
     return HistoryPage(
-        items=[history_item(row) for row in rows], next_cursor=None if next_cursor is None else str(next_cursor)
+        items=[history_item(row) for row in rows],
+        next_cursor=None if next_cursor is None else encode_cursor(str(next_cursor)),
     )
+
+
+def _row_id(cursor: str | None) -> int | None:
+    if cursor is None:
+        return None
+    [row_id] = decode_cursor(cursor, 1)
+    if not row_id.isdigit() or not 1 <= int(row_id) <= MAX_ROW_ID:
+        raise not_a_cursor()
+    return int(row_id)
 
 
 @router.get(
