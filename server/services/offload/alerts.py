@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.core import clock, metrics
+from server.core.provider_names import LOCAL
 from server.db.batch_models import BatchAlert, BatchItem, BatchJob, ProviderBatch
 from server.services.offload.webhooks import Webhooks
 
@@ -80,7 +81,7 @@ class BatchAlerts:
             stuck_local = await session.scalar(
                 select(func.count())
                 .select_from(BatchJob)
-                .where(BatchJob.provider == "local", BatchJob.status == "in_progress", BatchJob.submitted_at < old)
+                .where(BatchJob.provider == LOCAL, BatchJob.status == "in_progress", BatchJob.submitted_at < old)
             )
             queued = await session.scalar(
                 select(func.count()).select_from(BatchItem).where(BatchItem.status == "queued")

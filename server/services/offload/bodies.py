@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+from server.core.provider_names import LOCAL
 from server.core.request_types import REQUEST_CONFIG, Prompt, Text, storable
 from server.services.errors import FieldError, InputError
 
@@ -87,8 +88,8 @@ class Embeddings(BaseModel):
 
 
 SCHEMAS: dict[tuple[str, str], type[BaseModel]] = {
-    ("local", "generate"): LocalGenerate,
-    ("local", "predict"): LocalPredict,
+    (LOCAL, "generate"): LocalGenerate,
+    (LOCAL, "predict"): LocalPredict,
     ("openai", "chat"): Chat,
     ("openai", "embedding"): Embedding,
     ("anthropic", "chat"): Chat,
@@ -99,7 +100,7 @@ SCHEMAS: dict[tuple[str, str], type[BaseModel]] = {
 def check_model(provider: str, kind: str, model: str, accepted: frozenset[str], loc: tuple[str | int, ...]) -> None:
     """A local generate job runs on the served generator (`accepted`: its names): another model name is refused,
     not silently replaced."""
-    if provider != "local" or kind != "generate":
+    if provider != LOCAL or kind != "generate":
         return
     if model not in accepted:
         raise InputError(

@@ -7,7 +7,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.core.config import Settings
 from server.core.destinations import DestinationPolicy
-from server.core.provider_names import PAID_PROVIDERS
+from server.core.provider_names import LOCAL, PAID_PROVIDERS
 from server.providers.anthropic_batch import AnthropicBatch
 from server.providers.base import BatchLimits, BatchProvider
 from server.providers.gemini_batch import GeminiBatch
@@ -106,7 +106,7 @@ def build_batch_offload(
     return BatchOffload(
         sessions,
         jobs,
-        ProviderRegistry(frozenset({"local", *adapters})),
+        ProviderRegistry(frozenset({LOCAL, *adapters})),
         prices,
         worker,
         runner,

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.core import clock
 from server.core.aio import wait_event
+from server.core.provider_names import LOCAL
 from server.db.batch_models import BatchItem, BatchJob
 from server.db.session import affected
 from server.services.errors import DeadlineExceeded, InputError, ModelFailed, Overloaded
@@ -97,7 +98,7 @@ class LocalRunner:
 
     async def requeue_orphans(self) -> int:
         """Queue again the local items a previous lease holder had claimed and not finished."""
-        local_jobs = select(BatchJob.id).where(BatchJob.provider == "local")
+        local_jobs = select(BatchJob.id).where(BatchJob.provider == LOCAL)
         async with self.sessions() as session, session.begin():
             moved = await session.execute(
                 move_items(
@@ -111,7 +112,7 @@ class LocalRunner:
 
     async def requeue_stale(self) -> int:
         """Queue again the local items claimed more than `requeue_s` ago that this runner is not computing."""
-        local_jobs = select(BatchJob.id).where(BatchJob.provider == "local")
+        local_jobs = select(BatchJob.id).where(BatchJob.provider == LOCAL)
         now = clock.now()
         async with self.sessions() as session, session.begin():
             moved = await session.execute(
@@ -137,7 +138,7 @@ class LocalRunner:
             select(BatchItem, BatchJob.kind, BatchJob.id)
             .join(BatchJob, BatchJob.id == BatchItem.job_id)
             .where(
-                BatchJob.provider == "local",
+                BatchJob.provider == LOCAL,
                 BatchJob.status.in_(IN_FLIGHT_STATUSES),
                 BatchJob.cancel_requested.is_(False),
                 BatchItem.status == "queued",

@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.core.provider_names import LOCAL
+
 log = logging.getLogger(__name__)
 SHIPPED = Path(__file__).with_name("prices.json")
 MILLION = 1_000_000
@@ -95,7 +97,7 @@ class PriceTable:
             )
 
     def cost(self, provider: str, model: str, input_tokens: int, output_tokens: int) -> Cost:
-        if provider == "local":
+        if provider == LOCAL:
             reference = self._reference()
             return Cost(0.0, reference.realtime.of(input_tokens, output_tokens) if reference else None)
         prices = self.lookup(provider, model)

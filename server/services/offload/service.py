@@ -427,7 +427,7 @@ class BatchOffload:
         bodies = [{"prompt": prompt, **{k: v for k, v in fields.items() if v is not None}} for prompt in prompts]
         return await self.enqueue(
             principal,
-            provider="local",
+            provider=LOCAL,
             model=self.generation.generator.name,
             kind="generate",
             job_type=DEFERRED_JOB_TYPE,
@@ -443,7 +443,7 @@ class BatchOffload:
         self.sentiment.check(texts, field)
         return await self.enqueue(
             principal,
-            provider="local",
+            provider=LOCAL,
             model=self.sentiment.classifier.name,
             kind="predict",
             job_type=DEFERRED_JOB_TYPE,

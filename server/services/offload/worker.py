@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.core import clock, metrics
 from server.core.aio import wait_event
+from server.core.provider_names import LOCAL
 from server.db.batch_models import BatchItem, BatchJob, ProviderBatch
 from server.db.session import affected
 from server.providers.base import (
@@ -186,7 +187,7 @@ class BatchWorker:
                         select(BatchJob)
                         .where(
                             BatchJob.status.in_(IN_FLIGHT_STATUSES),
-                            BatchJob.provider != "local",
+                            BatchJob.provider != LOCAL,
                             BatchJob.cancel_requested.is_(False),
                             BatchJob.id.in_(waiting),
                         )
