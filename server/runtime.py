@@ -85,6 +85,7 @@ def describe_models(generator: TextGenerator, classifier: SentimentClassifier) -
             "revision": model.revision,
             "precision": model.precision,
             "kernels": model.kernels,
+            "kernels_reason": model.kernels_reason,
             "device": str(model.device),
             "dtype": model.placement.dtype_name,
             "offline_stand_in": model.standin,

@@ -46,10 +46,14 @@ TOPICS = [
 ]
 ENGINES: dict[str, tuple[Precision, Kernels]] = {
     "": ("fp32", "torch"),
-    "fast_": ("fp32", "onednn"),
+    "fast_": ("fp32", "auto"),
     "int8_": ("int8", "torch"),
 }
-ENGINE_NAMES = {"": "transformers fp32 (generate)", "fast_": "fp32, our loop, oneDNN", "int8_": "int8, our loop"}
+ENGINE_NAMES = {
+    "": "transformers fp32 (generate)",
+    "fast_": "fp32, our loop, kernels measured here",
+    "int8_": "int8, our loop",
+}
 
 
 def prompt(tag: str, client: int, round_: int) -> str:
@@ -64,7 +68,7 @@ def review(index: int) -> str:
 
 def served_engine(precision: Precision, kernels: Kernels) -> str:
     """The engine prefix of a server started with these settings."""
-    return "int8_" if precision == "int8" else "fast_" if kernels == "onednn" else ""
+    return "int8_" if precision == "int8" else "" if kernels == "torch" else "fast_"
 
 
 def _median_s(call: Callable[[], object], repeats: int) -> float:
@@ -215,7 +219,12 @@ class ClassifierLimit:
     def summary(self, texts: int = 256) -> dict:
         """Each served precision against the reference: offline items/s and equal labels over `texts` reviews."""
         reviews, reference = [review(i) for i in range(texts)], self.items_per_s("reference")
-        summary: dict = {"reference_items_per_s": reference, "compared": texts}
+        fp32 = self.models["fp32"]
+        summary: dict = {
+            "reference_items_per_s": reference,
+            "compared": texts,
+            "kernels": f"{fp32.kernels}: {fp32.kernels_reason}",
+        }
         for precision in PRECISIONS:
             agreement = label_agreement(
                 self.models["reference"], self.models[precision], reviews, batch_size=self.batch_size

@@ -56,13 +56,8 @@ from server.bench.scheduling import (
 )
 from server.core.config import PROJECT_ROOT, get_settings
 from server.ml.device import CPU_BATCH_MAX_SIZE, CPU_FLOAT32, kernels_for
+from server.ml.kernels import cpu_model_and_flags
 from server.ml.offline import DISTILBERT_BASE, GPT2_124M, build_classifier, build_generator, standin_marker_exists
-
-# The extensions that decide which kernels are fast here: AVX2/FMA (fp32), AVX-512 and its VNNI (int8) and BF16 forms,
-# AMX (bf16 and int8 matrix units).
-ISA_FLAGS = frozenset(
-    {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"}
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -374,18 +369,10 @@ def measure_predict(base_url: str, classifier: ClassifierLimit, precision: str, 
 
 def machine() -> dict:
     """The CPU (model and the ISA extensions the kernels care about), as /proc/cpuinfo names them, and torch's."""
-    info = {"model": platform.processor() or platform.machine(), "flags": []}
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    fields = dict(line.split(":", 1) for line in lines if ":" in line)
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
-    info["model"] = fields.get("model name", info["model"])
-    info["flags"] = sorted(set(fields.get("flags", "").split()) & ISA_FLAGS)
+    cpu, isa = cpu_model_and_flags()
     return {
-        "cpu": info["model"],
-        "isa": info["flags"],
+        "cpu": cpu,
+        "isa": isa,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
@@ -582,6 +569,7 @@ def summarize(
     return {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
+        "kernels": f"{offline.models['fast_'].kernels}: {offline.models['fast_'].kernels_reason}",
         "model": str(generator_dir),
         "new_tokens": args.new_tokens,
         "long_tokens": args.long_tokens,
@@ -602,6 +590,7 @@ def summarize(
 def table(results: dict) -> str:
     lines = [
         f"model {results['model']}, {results['new_tokens']} new tokens; {describe(results['machine'])}",
+        f"fp32 kernels: generator {results['kernels']}; classifier {results['classifier']['kernels']}",
         "",
     ]
     full = max(int(k.rsplit("_", 1)[1]) for k in results["offline"])

@@ -134,9 +134,9 @@ class Settings(BaseSettings):
         "auto",
         description=(
             "Who computes the generator's fp32 Linear layers on the CPU: onednn (weights packed at load: same "
-            "precision, about 2x faster) or torch (its default GEMM, exactly as transformers runs it); auto: onednn "
-            "on the CPU, "
-            "torch on a GPU (onednn is refused there)"
+            "precision, about 2x faster on AVX2 CPUs) or torch (its default GEMM, exactly as transformers runs it); "
+            "auto: each Linear shape on whichever of the two was faster at every row count timed on this CPU (once, "
+            "cached under MODELS_CACHE_DIR/kernels), torch on a GPU (onednn is refused there)"
         ),
     )
     sentiment_fp32_kernels: Literal["auto", "onednn", "torch"] = Field(

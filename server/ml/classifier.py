@@ -19,6 +19,8 @@ class SentimentClassifier(PretrainedModel):
     """A loaded classifier and its tokenizer. `classify` blocks: call it from the executor only."""
 
     auto_class = AutoModelForSequenceClassification
+    # Each token of each text is a row of every Linear layer: one short text, and a batch of them.
+    kernel_rows = (32, 512)
 
     def classify(self, texts: Sequence[str]) -> list[Sentiment]:
         batch = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)

@@ -177,7 +177,8 @@ def default_batch_max_size(placement: Placement, config: object) -> int:
 
 
 def kernels_for(setting: str, placement: Placement) -> Kernels:
-    """`*_FP32_KERNELS` resolved: `auto` is oneDNN on the CPU (the fast exact path) and torch's own GEMM on a GPU."""
-    if setting == "auto":
-        return "torch" if placement.device.type == "cuda" else "onednn"
+    """`*_FP32_KERNELS` resolved: `auto` is measured on the CPU (server/ml/kernels.py) and torch's own GEMM on a
+    GPU."""
+    if setting == "auto" and placement.device.type == "cuda":
+        return "torch"
     return cast(Kernels, setting)

@@ -27,7 +27,7 @@ from server.ml.decoding import Decoder, GenerationParams
 from server.ml.decoding import Sequence as DecodedSequence
 from server.ml.device import CPU_FLOAT32, Placement
 from server.ml.loader import PretrainedModel
-from server.ml.precision import Kernels, Precision
+from server.ml.precision import Precision, ServedKernels
 from server.ml.sampling import RowSampler, TokenLogprob
 
 
@@ -96,10 +96,11 @@ class TextGenerator(PretrainedModel):
         revision: str,
         standin: bool,
         precision: Precision = "fp32",
-        kernels: Kernels = "torch",
+        kernels: ServedKernels = "torch",
         placement: Placement = CPU_FLOAT32,
+        kernels_reason: str = "",
     ):
-        super().__init__(model, tokenizer, name, revision, standin, precision, kernels, placement)
+        super().__init__(model, tokenizer, name, revision, standin, precision, kernels, placement, kernels_reason)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -21,8 +21,9 @@ from transformers import AutoTokenizer
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from server.ml import offline
-from server.ml.device import CPU_FLOAT32, Placement
-from server.ml.precision import Kernels, Precision, apply_precision, usable_kernels
+from server.ml.device import CPU_BATCH_MAX_SIZE, CPU_FLOAT32, Placement
+from server.ml.kernels import measured_choice
+from server.ml.precision import Kernels, Precision, ServedKernels, apply_precision, linear_onednn, usable_kernels
 
 log = logging.getLogger(__name__)
 Kind = Literal["generator", "classifier"]
@@ -119,6 +120,9 @@ class PretrainedModel:
     auto_class: ClassVar[type[_BaseAutoModelClass]]
     # The attention implementation `load` asks for (None: transformers' default for the architecture).
     attention: ClassVar[str | None] = None
+    # The rows a Linear layer sees per call, where `auto` kernels are timed: a lone request and a full batch (a
+    # decoding step has one row per sequence; a classifier, one per token of every text).
+    kernel_rows: ClassVar[tuple[int, ...]] = (1, CPU_BATCH_MAX_SIZE)
 
     def __init__(
         self,
@@ -128,16 +132,18 @@ class PretrainedModel:
         revision: str,
         standin: bool,
         precision: Precision = "fp32",
-        kernels: Kernels = "torch",
+        kernels: ServedKernels = "torch",
         placement: Placement = CPU_FLOAT32,
+        kernels_reason: str = "",
     ):
         """`model` already computes in `precision` on `placement` (see `load`); `name` and `revision` are the
-        checkpoint's."""
+        checkpoint's; `kernels_reason` says why its fp32 Linear layers run on `kernels`."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.precision = precision
         self.placement = placement
-        self.kernels = kernels if precision == "fp32" else "torch"
+        self.kernels: ServedKernels = kernels if precision == "fp32" else "torch"
+        self.kernels_reason = kernels_reason if precision == "fp32" else f"{precision}: quantized kernels"
         self.tag = ("" if precision == "fp32" else f":{precision}") + placement.suffix
         self.name = f"{name}{self.tag}"
         self.checkpoint_revision = revision
@@ -180,13 +186,16 @@ class PretrainedModel:
         ).to(placement.device)
         revision = weights_revision(model.config, location)
         kernels = usable_kernels(kernels)
-        return cls(
-            apply_precision(model, precision, kernels),
-            tokenizer,
-            location.name,
-            revision,
-            location.standin,
-            precision,
-            kernels,
-            placement,
-        )
+        served: ServedKernels
+        if precision == "fp32" and kernels == "auto":
+            choice = measured_choice(model, cls.kernel_rows, Path(cache_dir))
+            model, served, reason = linear_onednn(model, choice.onednn), choice.summary, choice.reason
+            log.info("%s fp32 kernels: %s (%s)", location.name, served, reason)
+        else:
+            # `auto` left here is a GPU's or an int8 model's: torch's own kernels.
+            served = "torch" if kernels == "auto" else kernels
+            model, reason = (
+                apply_precision(model, precision, served),
+                "as configured (*_FP32_KERNELS; auto is torch's on a GPU)",
+            )
+        return cls(model, tokenizer, location.name, revision, location.standin, precision, served, placement, reason)

@@ -18,6 +18,7 @@ warnings are silenced at the one call, by message, and nowhere else.
 
 import logging
 import warnings
+from collections.abc import Collection
 from typing import Literal, get_args
 
 import torch
@@ -30,13 +31,18 @@ log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "int8"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
-Kernels = Literal["onednn", "torch"]
+# `auto`: measured per Linear shape on this CPU (server/ml/kernels.py); a model then reports `onednn`, `torch` or
+# `mixed`.
+Kernels = Literal["auto", "onednn", "torch"]
+ServedKernels = Literal["onednn", "torch", "mixed"]
 
 
 def usable_kernels(kernels: Kernels) -> Kernels:
-    """`kernels`, or `torch` (with a warning) where this torch build has no oneDNN: the default must not stop a
-    server from starting, and `/` and `/health` then say which kernels run."""
-    if kernels == "onednn" and not torch.backends.mkldnn.is_available():
+    """`kernels`, or `torch` where this torch build has no oneDNN (with a warning if oneDNN was asked for): the
+    default must not stop a server from starting, and `/` and `/health` then say which kernels run."""
+    if kernels != "torch" and not torch.backends.mkldnn.is_available():
+        if kernels == "auto":
+            return "torch"
         log.warning(
             "this torch build has no oneDNN: fp32 Linear layers run on torch's default GEMM instead "
             "(set GENERATOR_FP32_KERNELS / SENTIMENT_FP32_KERNELS=torch to silence this)"
@@ -45,9 +51,10 @@ def usable_kernels(kernels: Kernels) -> Kernels:
     return kernels
 
 
-def apply_precision(model: nn.Module, precision: Precision, kernels: Kernels = "torch") -> nn.Module:
-    """The model computing in `precision`; fp32 with `kernels="onednn"` runs its Linear layers on oneDNN. Either
-    conversion changes `model` itself, in seconds: copy it first to keep the original."""
+def apply_precision(model: nn.Module, precision: Precision, kernels: Literal["onednn", "torch"] = "torch") -> nn.Module:
+    """The model computing in `precision`; fp32 with `kernels="onednn"` runs its Linear layers on oneDNN (`auto` is
+    the loader's: it measures first). Either conversion changes `model` itself, in seconds: copy it first to keep
+    the original."""
     if precision == "fp32":
         return linear_onednn(model) if kernels == "onednn" else model
     if precision != "int8":
@@ -114,8 +121,9 @@ class OneDnnLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
 
-def linear_onednn(model: nn.Module) -> nn.Module:
-    """Every Linear (GPT-2's Conv1D projections and LM head included) computed by oneDNN, in fp32, in place.
+def linear_onednn(model: nn.Module, shapes: Collection[tuple[int, int]] | None = None) -> nn.Module:
+    """Every Linear (GPT-2's Conv1D projections and LM head included) computed by oneDNN, in fp32, in place; with
+    `shapes`, only the Linear layers of those (in, out) shapes (the others stay on torch's GEMM).
 
     Why: on this project's CPUs torch's default fp32 GEMM is slow at the few rows a decoding step has (GPT-2's LM
     head: 8.1 ms for one row against 1.7 ms with oneDNN's packed weights; 23.6 against 6.3 ms for 32 rows), and a
@@ -127,7 +135,7 @@ def linear_onednn(model: nn.Module) -> nn.Module:
     untie_output_embeddings(model)
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
+            if type(child) is nn.Linear and (shapes is None or (child.in_features, child.out_features) in shapes):
                 setattr(parent, child_name, OneDnnLinear(child))
     return model
 

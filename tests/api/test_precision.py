@@ -18,14 +18,17 @@ async def test_int8_models_answer_and_say_so_in_names_root_and_health(settings):
             assert models[role]["name"].endswith(":int8") and models[role]["revision"].endswith(":int8")
 
 
-async def test_fp32_on_onednn_is_the_default_and_keeps_its_names(app_client):
+async def test_fp32_on_kernels_measured_here_is_the_default_and_keeps_its_names(app_client):
     generated = await app_client.post("/generate", json={"prompts": ["Once upon a time"], "max_new_tokens": 2})
     assert generated.json()[0]["model_name"] == "offline-stand-in:gpt2"
     root = (await app_client.get("/")).json()["models"]
-    assert {role: (m["precision"], m["kernels"], m["name"]) for role, m in root.items()} == {
-        "generator": ("fp32", "onednn", "offline-stand-in:gpt2"),
-        "sentiment": ("fp32", "onednn", "offline-stand-in:distilbert"),
+    assert {role: (m["precision"], m["name"]) for role, m in root.items()} == {
+        "generator": ("fp32", "offline-stand-in:gpt2"),
+        "sentiment": ("fp32", "offline-stand-in:distilbert"),
     }
+    for model in root.values():
+        assert model["kernels"] in ("onednn", "torch", "mixed")
+        assert "oneDNN where it beat torch's GEMM" in model["kernels_reason"]
 
 
 async def test_torch_kernels_are_a_setting_away(settings):

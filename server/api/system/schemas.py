@@ -23,10 +23,11 @@ class ModelInfo(BaseModel):
     )
     revision: str = Field(description="The weights served (checkpoint revision, with the same suffixes as `name`)")
     precision: Literal["fp32", "int8"] = Field(description="GENERATOR_PRECISION or SENTIMENT_PRECISION")
-    kernels: Literal["onednn", "torch"] = Field(
-        description="Who computes the fp32 Linear layers: oneDNN or torch's "
-        "default GEMM (GENERATOR_FP32_KERNELS, SENTIMENT_FP32_KERNELS)"
+    kernels: Literal["onednn", "torch", "mixed"] = Field(
+        description="Who computes the fp32 Linear layers: oneDNN, torch's default GEMM, or each where it was faster "
+        "on this CPU (GENERATOR_FP32_KERNELS, SENTIMENT_FP32_KERNELS)"
     )
+    kernels_reason: str = Field(description="Why: measured on this CPU (auto, and with what result), or as set")
     device: str = Field(description="Where the model runs: cpu, or cuda:N (DEVICE)")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(description="GENERATOR_DTYPE or SENTIMENT_DTYPE, resolved")
     offline_stand_in: bool

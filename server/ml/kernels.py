@@ -1,0 +1,181 @@
+"""Which kernels compute a model's fp32 Linear layers on this CPU, chosen by measuring them, not assumed.
+
+oneDNN with packed weights (`precision.OneDnnLinear`) is about 2x torch's default GEMM for a decoding step on the AMD
+EPYC (AVX2) machines this project was tuned on, but a lone request ran 1.11x slower with it on an Intel Xeon
+(AVX-512, AMX). So under `*_FP32_KERNELS=auto` each distinct Linear shape of the model (in and out features) is timed
+with both kernels at the row counts the model sees (for the generator: one row, a lone request's decoding step, and a
+full batch), and gets oneDNN only where oneDNN is faster at every one of them: never slower than transformers' own
+kernels on any measured shape. The choice is a pure function of the timings (`choose`), so it is tested with
+injected timings; the timings are cached per CPU model, ISA flags, torch build, thread count and shapes, under
+`MODELS_CACHE_DIR/kernels/`, so only the first start on a machine pays the measurement (a few seconds for GPT-2).
+
+Both kernels compute in fp32; only the summation order differs, so outputs may differ in their last bits: greedy
+output is checked identical to transformers' whatever the mix (tests/ml/test_kernels.py).
+"""
+
+import hashlib
+import json
+import logging
+import platform
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from server.ml.precision import OneDnnLinear, ServedKernels
+
+log = logging.getLogger(__name__)
+
+Shape = tuple[int, int]  # (in_features, out_features)
+# The extensions that decide which kernels are fast (as /proc/cpuinfo names them): AVX2/FMA (fp32), AVX-512 and its
+# VNNI (int8) and BF16 forms, AMX (bf16 and int8 matrix units).
+ISA_FLAGS = frozenset(
+    {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"}
+)
+REPEATS = 15
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """oneDNN for `onednn` (the shapes it won), torch's GEMM for the rest; `reason` says how it was decided."""
+
+    onednn: frozenset[Shape]
+    shapes: frozenset[Shape]
+    reason: str
+
+    @property
+    def summary(self) -> ServedKernels:
+        """`onednn`, `torch`, or `mixed` (some shapes each)."""
+        if self.onednn == self.shapes:
+            return "onednn"
+        return "mixed" if self.onednn else "torch"
+
+
+def linear_shapes(model: nn.Module) -> list[Shape]:
+    """The distinct (in, out) shapes of the model's Linear layers (GPT-2's Conv1D projections included)."""
+    shapes = set()
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            shapes.add((module.in_features, module.out_features))
+        elif isinstance(module, Conv1D):
+            shapes.add((module.nx, module.nf))
+    return sorted(shapes)
+
+
+def choose(timings: dict[Shape, dict[int, dict[str, float]]]) -> frozenset[Shape]:
+    """The shapes oneDNN computes faster than torch at every measured row count (`timings[shape][rows][kernel]`
+    in seconds); a tie goes to torch, the reference."""
+    return frozenset(
+        shape
+        for shape, by_rows in timings.items()
+        if by_rows and all(times["onednn"] < times["torch"] for times in by_rows.values())
+    )
+
+
+def _seconds(run, x: torch.Tensor) -> float:
+    with torch.inference_mode():
+        run(x)  # the first call allocates and dispatches; it is not what a decoding step pays
+        samples = []
+        for _ in range(REPEATS):
+            start = time.perf_counter()
+            run(x)
+            samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def measure(shapes: Iterable[Shape], rows: Sequence[int]) -> dict[Shape, dict[int, dict[str, float]]]:
+    """Median seconds of one call per shape, row count and kernel, on random weights of that shape."""
+    generator = torch.Generator().manual_seed(0)
+    timings: dict[Shape, dict[int, dict[str, float]]] = {}
+    for in_features, out_features in shapes:
+        linear = nn.Linear(in_features, out_features)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(out_features, in_features, generator=generator) * 0.02)
+        kernels = {"torch": linear.forward, "onednn": OneDnnLinear(linear)}
+        timings[(in_features, out_features)] = {}
+        for count in rows:
+            x = torch.randn(count, in_features, generator=generator)
+            timings[(in_features, out_features)][count] = {name: _seconds(run, x) for name, run in kernels.items()}
+    return timings
+
+
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """The CPU's model name and its `ISA_FLAGS`, as /proc/cpuinfo names them (elsewhere: the platform's name)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    return model, sorted(flags & ISA_FLAGS)
+
+
+def cpu_identity() -> dict[str, object]:
+    """What the timings depend on besides the shapes: the CPU, its kernel-relevant flags, torch, threads."""
+    cpu, flags = cpu_model_and_flags()
+    return {"cpu": cpu, "flags": flags, "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def measured_choice(model: nn.Module, rows: Sequence[int], cache_dir: Path | None) -> KernelChoice:
+    """The kernels for `model`'s Linear shapes on this CPU, measured once and cached in `cache_dir` (None: not
+    cached). An unreadable cache file is measured again and rewritten."""
+    shapes = linear_shapes(model)
+    identity = cpu_identity()
+    key = {**identity, "shapes": shapes, "rows": list(rows)}
+    path = None
+    if cache_dir is not None:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        path = cache_dir / "kernels" / f"{digest}.json"
+    timings = _cached(path)
+    source = "cached"
+    if timings is None or set(timings) != set(shapes):
+        started = time.perf_counter()
+        timings = measure(shapes, rows)
+        source = f"measured in {time.perf_counter() - started:.1f} s"
+        if path is not None:
+            _store(path, key, timings)
+    onednn = choose(timings)
+    reason = (
+        f"oneDNN where it beat torch's GEMM at {' and '.join(map(str, rows))} rows on {identity['cpu']} "
+        f"({len(onednn)} of {len(shapes)} Linear shapes; {source})"
+    )
+    return KernelChoice(onednn, frozenset(shapes), reason)
+
+
+def _cached(path: Path | None) -> dict[Shape, dict[int, dict[str, float]]] | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        stored = json.loads(path.read_text())["timings"]
+        return {
+            (int(entry["in"]), int(entry["out"])): {
+                int(count): {"torch": float(t["torch"]), "onednn": float(t["onednn"])}
+                for count, t in entry["rows"].items()
+            }
+            for entry in stored
+        }
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("kernel timings %s unreadable (%s): measuring again", path, exc)
+        return None
+
+
+def _store(path: Path, key: dict, timings: dict[Shape, dict[int, dict[str, float]]]) -> None:
+    entries = [
+        {"in": i, "out": o, "rows": {str(n): t for n, t in by_rows.items()}} for (i, o), by_rows in timings.items()
+    ]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".tmp")
+        partial.write_text(json.dumps({"key": key, "timings": entries}, indent=1))
+        partial.replace(path)
+    except OSError as exc:
+        log.warning("kernel timings not cached in %s (%s): the next start measures again", path, exc)

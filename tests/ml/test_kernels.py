@@ -1,0 +1,120 @@
+import json
+
+import pytest
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from server.ml import kernels
+from server.ml.decoding import GenerationParams
+from server.ml.generator import TextGenerator
+from server.ml.kernels import KernelChoice, choose, linear_shapes, measured_choice
+from server.ml.loader import locate
+from server.ml.precision import OneDnnLinear, linear_onednn
+from tests.ml.conftest import LONG, MIDDLE, SHORT
+
+PROMPTS = ["Once upon a time", "The weather today is", "A", LONG, MIDDLE, SHORT]
+
+
+def timing(torch_s: float, onednn_s: float) -> dict[str, float]:
+    return {"torch": torch_s, "onednn": onednn_s}
+
+
+def test_onednn_gets_a_shape_only_where_it_is_faster_at_every_row_count():
+    timings = {
+        (768, 2304): {1: timing(2.0, 1.0), 32: timing(8.0, 3.0)},  # faster at both
+        (768, 768): {1: timing(1.0, 1.2), 32: timing(4.0, 2.0)},  # slower for a lone request
+        (3072, 768): {1: timing(1.0, 0.5), 32: timing(4.0, 4.5)},  # slower for a batch
+        (768, 3072): {1: timing(1.0, 1.0), 32: timing(4.0, 4.0)},  # a tie goes to torch, the reference
+    }
+    assert choose(timings) == {(768, 2304)}
+    # The same timings, the same choice.
+    assert choose(dict(reversed(timings.items()))) == choose(timings)
+    assert choose({}) == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("onednn", "summary"), [({(1, 2), (3, 4)}, "onednn"), ({(1, 2)}, "mixed"), (set(), "torch")]
+)
+def test_a_choice_is_summed_up_as_onednn_torch_or_mixed(onednn, summary):
+    assert KernelChoice(frozenset(onednn), frozenset({(1, 2), (3, 4)}), "").summary == summary
+
+
+def generator(standins, kernels: str = "torch") -> TextGenerator:
+    location = locate(str(standins[0]), "generator", "local", standins[0].parent)
+    return TextGenerator.load(location, str(standins[0].parent), "fp32", kernels)
+
+
+def test_the_shapes_are_those_of_every_linear_and_conv1d(standins):
+    model = generator(standins).model
+    shapes = linear_shapes(model)
+    expected = {(m.nx, m.nf) for m in model.modules() if isinstance(m, Conv1D)}
+    expected |= {(m.in_features, m.out_features) for m in model.modules() if type(m) is nn.Linear}
+    assert shapes == sorted(expected) and len(shapes) >= 4
+
+
+def test_timings_are_measured_once_per_machine_and_read_back(standins, tmp_path, monkeypatch):
+    model = generator(standins).model
+    first = measured_choice(model, (1, 4), tmp_path)
+    [cached] = (tmp_path / "kernels").glob("*.json")
+    stored = json.loads(cached.read_text())
+    assert stored["key"]["rows"] == [1, 4] and stored["key"]["cpu"] == kernels.cpu_identity()["cpu"]
+    assert "measured in" in first.reason and "1 and 4 rows" in first.reason
+
+    def no_measuring(*_):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(kernels, "measure", no_measuring)
+    again = measured_choice(model, (1, 4), tmp_path)
+    assert again.onednn == first.onednn and "cached" in again.reason
+
+
+def test_cached_timings_decide_the_choice_and_a_broken_file_is_measured_again(standins, tmp_path, monkeypatch):
+    model = generator(standins).model
+    measured_choice(model, (1, 4), tmp_path)
+    [cached] = (tmp_path / "kernels").glob("*.json")
+    stored = json.loads(cached.read_text())
+    for entry in stored["timings"]:  # oneDNN made to win everywhere: the choice follows the file
+        entry["rows"] = {rows: timing(2.0, 1.0) for rows in entry["rows"]}
+    cached.write_text(json.dumps(stored))
+    assert measured_choice(model, (1, 4), tmp_path).summary == "onednn"
+
+    cached.write_text("{not json")
+    fake = {shape: {1: timing(1.0, 2.0), 4: timing(1.0, 2.0)} for shape in linear_shapes(model)}
+    monkeypatch.setattr(kernels, "measure", lambda shapes, rows: fake)
+    assert measured_choice(model, (1, 4), tmp_path).summary == "torch"
+    assert json.loads(cached.read_text())["timings"]  # rewritten
+
+
+def test_any_mix_of_kernels_gives_transformers_greedy_output(standins):
+    reference = generator(standins)
+    params = GenerationParams(max_new_tokens=12)
+    prompts = [reference.encode(p) for p in PROMPTS]
+    expected = [reference.generate([p], params)[0] for p in prompts]
+    shapes = linear_shapes(reference.model)
+    for onednn in (shapes[::2], shapes[1::2]):
+        mixed = generator(standins)
+        linear_onednn(mixed.model, onednn)
+        packed = {(m.in_features, m.out_features) for m in mixed.model.modules() if isinstance(m, OneDnnLinear)}
+        assert packed == set(onednn)
+        assert mixed.generate(prompts, params) == expected
+        assert [mixed.generate([p], params)[0] for p in prompts] == expected
+
+
+def test_auto_kernels_are_measured_at_load_and_say_why(standins, monkeypatch):
+    fake = {}
+
+    def measure(shapes, rows):
+        shapes = list(shapes)
+        fake.update({shape: {n: timing(1.0, 0.5 if shape == shapes[0] else 2.0) for n in rows} for shape in shapes})
+        return fake
+
+    monkeypatch.setattr(kernels, "measure", measure)
+    loaded = generator(standins, "auto")
+    assert loaded.kernels == "mixed" and "1 of" in loaded.kernels_reason and "rows" in loaded.kernels_reason
+    assert rows_seen(fake) == set(TextGenerator.kernel_rows)
+    packed = [m for m in loaded.model.modules() if isinstance(m, OneDnnLinear)]
+    assert {(m.in_features, m.out_features) for m in packed} == {min(fake)}
+
+
+def rows_seen(timings) -> set[int]:
+    return {rows for by_rows in timings.values() for rows in by_rows}
