@@ -32,9 +32,7 @@ def test_onednn_gets_a_shape_only_where_it_is_faster_at_every_row_count():
     assert choose({}) == frozenset()
 
 
-@pytest.mark.parametrize(
-    ("onednn", "summary"), [({(1, 2), (3, 4)}, "onednn"), ({(1, 2)}, "mixed"), (set(), "torch")]
-)
+@pytest.mark.parametrize(("onednn", "summary"), [({(1, 2), (3, 4)}, "onednn"), ({(1, 2)}, "mixed"), (set(), "torch")])
 def test_a_choice_is_summed_up_as_onednn_torch_or_mixed(onednn, summary):
     assert KernelChoice(frozenset(onednn), frozenset({(1, 2), (3, 4)}), "").summary == summary
 
