@@ -4,8 +4,10 @@ oneDNN with packed weights (`precision.OneDnnLinear`) is about 2x torch's defaul
 EPYC (AVX2) machines this project was tuned on, but a lone request ran 1.11x slower with it on an Intel Xeon
 (AVX-512, AMX). So under `*_FP32_KERNELS=auto` each distinct Linear shape of the model (in and out features) is timed
 with both kernels at the row counts the model sees (for the generator: one row, a lone request's decoding step, and a
-full batch), and gets oneDNN only where oneDNN is faster at every one of them: never slower than transformers' own
-kernels on any measured shape. The choice is a pure function of the timings (`choose`), so it is tested with
+full batch), and gets whichever costs the model less. Each row count weighs the same: a shape's time at it is taken
+as a share of the whole model's time there (all shapes on torch), so a lone request's latency counts as much as a
+batch's throughput. Measured on the AMD EPYC (AVX2) bench machine for GPT-2-124M: oneDNN won every shape in
+total; it was slower for one row only on the two smallest, by 0.04 ms of a 42 ms step, and 1.4x faster for 32. The choice is a pure function of the timings (`choose`), so it is tested with
 injected timings; the timings are cached per CPU model, ISA flags, torch build, thread count and shapes, under
 `MODELS_CACHE_DIR/kernels/`, so only the first start on a machine pays the measurement (a few seconds for GPT-2).
 
@@ -56,24 +58,35 @@ class KernelChoice:
         return "mixed" if self.onednn else "torch"
 
 
-def linear_shapes(model: nn.Module) -> list[Shape]:
-    """The distinct (in, out) shapes of the model's Linear layers (GPT-2's Conv1D projections included)."""
-    shapes = set()
+def linear_shapes(model: nn.Module) -> dict[Shape, int]:
+    """The distinct (in, out) shapes of the model's Linear layers (GPT-2's Conv1D projections included), in order,
+    with how many layers have each."""
+    shapes: dict[Shape, int] = {}
     for module in model.modules():
         if type(module) is nn.Linear:
-            shapes.add((module.in_features, module.out_features))
+            shape = (module.in_features, module.out_features)
         elif isinstance(module, Conv1D):
-            shapes.add((module.nx, module.nf))
-    return sorted(shapes)
+            shape = (module.nx, module.nf)
+        else:
+            continue
+        shapes[shape] = shapes.get(shape, 0) + 1
+    return dict(sorted(shapes.items()))
 
 
-def choose(timings: dict[Shape, dict[int, dict[str, float]]]) -> frozenset[Shape]:
-    """The shapes oneDNN computes faster than torch at every measured row count (`timings[shape][rows][kernel]`
-    in seconds); a tie goes to torch, the reference."""
+def choose(timings: dict[Shape, dict[int, dict[str, float]]], layers: dict[Shape, int]) -> frozenset[Shape]:
+    """The shapes oneDNN costs the model less on (`timings[shape][rows][kernel]`, seconds of one call; `layers`,
+    how many layers have each shape): summed over the row counts, each as a share of the model's time at that row
+    count on torch. A tie goes to torch, the reference."""
+    model_time: dict[int, float] = {}
+    for shape, by_rows in timings.items():
+        for rows, times in by_rows.items():
+            model_time[rows] = model_time.get(rows, 0.0) + layers.get(shape, 1) * times["torch"]
+
+    def cost(by_rows: dict[int, dict[str, float]], kernel: str) -> float:
+        return sum(times[kernel] / model_time[rows] for rows, times in by_rows.items() if model_time[rows] > 0)
+
     return frozenset(
-        shape
-        for shape, by_rows in timings.items()
-        if by_rows and all(times["onednn"] < times["torch"] for times in by_rows.values())
+        shape for shape, by_rows in timings.items() if by_rows and cost(by_rows, "onednn") < cost(by_rows, "torch")
     )
 
 
@@ -130,7 +143,7 @@ def measured_choice(model: nn.Module, rows: Sequence[int], cache_dir: Path | Non
     cached). An unreadable cache file is measured again and rewritten."""
     shapes = linear_shapes(model)
     identity = cpu_identity()
-    key = {**identity, "shapes": shapes, "rows": list(rows)}
+    key = {**identity, "shapes": [[*shape, count] for shape, count in shapes.items()], "rows": list(rows)}
     path = None
     if cache_dir is not None:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -143,9 +156,9 @@ def measured_choice(model: nn.Module, rows: Sequence[int], cache_dir: Path | Non
         source = f"measured in {time.perf_counter() - started:.1f} s"
         if path is not None:
             _store(path, key, timings)
-    onednn = choose(timings)
+    onednn = choose(timings, shapes)
     reason = (
-        f"oneDNN where it beat torch's GEMM at {' and '.join(map(str, rows))} rows on {identity['cpu']} "
+        f"oneDNN where it beat torch's GEMM over {' and '.join(map(str, rows))} rows on {identity['cpu']} "
         f"({len(onednn)} of {len(shapes)} Linear shapes; {source})"
     )
     return KernelChoice(onednn, frozenset(shapes), reason)

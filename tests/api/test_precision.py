@@ -28,7 +28,7 @@ async def test_fp32_on_kernels_measured_here_is_the_default_and_keeps_its_names(
     }
     for model in root.values():
         assert model["kernels"] in ("onednn", "torch", "mixed")
-        assert "oneDNN where it beat torch's GEMM" in model["kernels_reason"]
+        assert "oneDNN where it beat torch's GEMM over" in model["kernels_reason"]
 
 
 async def test_torch_kernels_are_a_setting_away(settings):
