@@ -5,10 +5,11 @@ EPYC (AVX2) machines this project was tuned on, but a lone request ran 1.11x slo
 (AVX-512, AMX). So under `*_FP32_KERNELS=auto` each distinct Linear shape of the model (in and out features) is timed
 with both kernels at the row counts the model sees (for the generator: one row, a lone request's decoding step, and a
 full batch), and gets whichever costs the model less. Each row count weighs the same: a shape's time at it is taken
-as a share of the whole model's time there (all shapes on torch), so a lone request's latency counts as much as a
-batch's throughput. Measured on the AMD EPYC (AVX2) bench machine for GPT-2-124M: oneDNN won every shape in
-total; it was slower for one row only on the two smallest, by 0.04 ms of a 42 ms step, and 1.4x faster for 32. The choice is a pure function of the timings (`choose`), so it is tested with
-injected timings; the timings are cached per CPU model, ISA flags, torch build, thread count and shapes, under
+as a share of the whole model's time there (all shapes on torch, each counted once per layer), so a lone request's
+latency counts as much as a batch's throughput. On the AMD EPYC (AVX2) machine, GPT-2-124M's 768x768 projection
+went to torch (oneDNN 0.04 ms slower for one row, about even overall) and its four other shapes to oneDNN. The
+choice is a pure function of the timings (`choose`), so it is tested with injected timings; the timings are cached
+per CPU model, ISA flags, torch build, thread count and shapes, under
 `MODELS_CACHE_DIR/kernels/`, so only the first start on a machine pays the measurement (a few seconds for GPT-2).
 
 Both kernels compute in fp32; only the summation order differs, so outputs may differ in their last bits: greedy
