@@ -49,6 +49,7 @@ ENGINES: dict[str, tuple[Precision, Kernels]] = {
     "fast_": ("fp32", "auto"),
     "int8_": ("int8", "torch"),
 }
+WEIGHT_BYTES = {"fp32": 4, "int8": 1}
 ENGINE_NAMES = {
     "": "transformers fp32 (generate)",
     "fast_": "fp32, our loop, kernels measured here",
@@ -85,6 +86,14 @@ def gemm_gflops(size: int = 2048, repeats: int = 5) -> float:
     """This machine's sustained fp32 matrix-multiply rate, probed now (the fp32 arithmetic limit's yardstick)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     return 2 * size**3 / _median_s(lambda: torch.mm(a, b), repeats) / 1e9
+
+
+def memory_gbps(megabytes: int = 1024, repeats: int = 5) -> float:
+    """This machine's memory read rate, probed now: a sum over a tensor larger than most caches (the yardstick of a
+    lone request, whose every decoding step reads all the weights once; a CPU whose cache holds the weights can beat
+    it)."""
+    source = torch.ones(megabytes * 2**20 // 4)
+    return source.numel() * 4 / _median_s(source.sum, repeats) / 1e9
 
 
 def int8_gemm_gops(size: int = 2048, repeats: int = 5) -> float:
@@ -171,10 +180,12 @@ class OfflineLimit:
         (the fp32 or int8 GEMM probe), and how many greedy sequences equal transformers'."""
         limits, per_token = self.overall(), flops_per_token(self.generator)
         probes = {"fp32": gemm_gflops(), "int8": int8_gemm_gops()}
+        memory = memory_gbps()
         prompts = [prompt(f"{SERVER_TAG}{batch_size}", i, 0) for i in range(batch_size)]
         summary: dict = {
             "gemm_gflops": probes["fp32"],
             "int8_gemm_gops": probes["int8"],
+            "memory_gbps": memory,
             "gflop_per_token": per_token / 1e9,
             "compared": len(prompts),
         }
@@ -195,6 +206,13 @@ class OfflineLimit:
                 "tokens_per_s": tokens_per_s,
                 "lone_ms": lone["latency_ms"],
                 "share_of_gemm_limit": tokens_per_s * per_token / (probes[precision] * 1e9),
+                # A lone request reads every weight once per token (a multiply-add per weight: per_token / 2).
+                "lone_share_of_memory": new_tokens
+                * per_token
+                / 2
+                * WEIGHT_BYTES[precision]
+                / (lone["latency_ms"] / 1e3)
+                / (memory * 1e9),
                 "vs_transformers_batch": full["requests_per_s"] / reference[0]["requests_per_s"],
                 "vs_transformers_lone": lone["latency_ms"] / reference[1]["latency_ms"],
                 "identical": identical,

@@ -634,10 +634,10 @@ def table(results: dict) -> str:
     lines.append("")
     lines.append(
         f"| engine (offline, {results['new_tokens']} greedy tokens) | tokens/s at batch {full} | vs "
-        f"transformers | share of the GEMM probe | lone request ms | vs transformers | greedy output "
-        "identical to transformers |"
+        f"transformers | share of the GEMM probe | lone request ms | vs transformers | lone request's weight reads, "
+        f"share of the {engines['memory_gbps']:.1f} GB/s memory probe | greedy output identical to transformers |"
     )
-    lines.append("|---|---:|---:|---:|---:|---:|---:|")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
     for engine, (precision, _) in ENGINES.items():
         data = engines[engine or "transformers_"]
         probe = (
@@ -648,7 +648,8 @@ def table(results: dict) -> str:
         lines.append(
             f"| {data['name']} | {data['tokens_per_s']:.0f} | {data['vs_transformers_batch']:.2f}x | "
             f"{data['share_of_gemm_limit']:.0%} of {probe} | {data['lone_ms']:.0f} | "
-            f"{data['vs_transformers_lone']:.2f}x | {data['identical']}/{engines['compared']} |"
+            f"{data['vs_transformers_lone']:.2f}x | {data['lone_share_of_memory']:.0%} | "
+            f"{data['identical']}/{engines['compared']} |"
         )
     lines.append("")
     for data in results["predict"].values():
