@@ -38,10 +38,20 @@ def settings_conflict(role: str, device: str, dtype: str, precision: str, kernel
             f"{role}_FP32_KERNELS=onednn is a CPU path (oneDNN packed weights): set DEVICE=cpu, or "
             f"{role}_FP32_KERNELS=auto on a GPU"
         )
-    if device == "cpu" and dtype in ("float16", "bfloat16"):
+    if device == "cpu" and dtype == "float16":
         return (
-            f"{role}_DTYPE={dtype} is refused on the CPU (slower than float32 there, and it changes outputs): "
-            f"set {role}_DTYPE=auto or float32, or DEVICE=cuda"
+            f"{role}_DTYPE=float16 is refused on the CPU (slower than float32 there, and it changes outputs): "
+            f"set {role}_DTYPE=auto or float32 (bfloat16 on a CPU with AVX512-BF16 or AMX), or DEVICE=cuda"
+        )
+    if dtype in ("float16", "bfloat16") and precision == "int8":
+        return (
+            f"{role}_PRECISION=int8 quantizes float32 weights: set {role}_DTYPE=auto or float32, or "
+            f"{role}_PRECISION=fp32"
+        )
+    if dtype in ("float16", "bfloat16") and kernels == "onednn":
+        return (
+            f"{role}_FP32_KERNELS=onednn packs float32 weights: set {role}_FP32_KERNELS=auto (or torch) with "
+            f"{role}_DTYPE={dtype}"
         )
     return None
 
@@ -153,8 +163,9 @@ class Settings(BaseSettings):
         "auto",
         description=(
             "The generator's floating-point type: auto (bfloat16 on a GPU that computes it, else float16 on a GPU; "
-            "float32 on the CPU); half types are refused on the CPU. Other than the CPU's float32, the model answers "
-            "as `<name>:<device>:<dtype>`"
+            "float32 on the CPU); on the CPU float16 is refused, and bfloat16 is opt-in on CPUs with AVX512-BF16 or "
+            "AMX only (refused elsewhere: slower than float32 there). Other than the CPU's float32, the model "
+            "answers as `<name>:<device>:<dtype>`"
         ),
     )
     sentiment_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(

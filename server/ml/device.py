@@ -3,8 +3,8 @@
 `auto` picks CUDA when torch sees a GPU, else the CPU; on a GPU the dtype `auto` is bfloat16 where the GPU computes
 it natively, else float16, and on the CPU float32, as the server always ran. Settings that exist for one device
 only are refused on the other with one line, never ignored: the oneDNN fp32 kernels and int8 dynamic quantization
-are CPU code, and half precision on the CPU is slower than float32 there (no fast kernels in eager mode) while
-changing outputs.
+are CPU code, float16 on the CPU is slower than float32 there (no fast kernels in eager mode) while changing
+outputs, and so is bfloat16 except on CPUs with AVX512-BF16 or AMX, where it is opt-in (`*_DTYPE=bfloat16`) like int8.
 
 A model's name and cache revision carry the device class and dtype (`gpt2:cuda:bfloat16`) wherever its outputs can
 differ from the CPU float32 ones, as `:int8` does: answers computed on one never serve as the other's. CPU float32
@@ -19,6 +19,7 @@ from typing import Literal, cast, get_args
 import torch
 
 from server.core.config import Settings, settings_conflict
+from server.ml.kernels import cpu_model_and_flags
 from server.ml.precision import Kernels
 
 DTypeSetting = Literal["auto", "float32", "float16", "bfloat16"]
@@ -98,7 +99,19 @@ def resolve(role: str, device: str, dtype: str, precision: str, kernels: str) ->
     resolved_device = "cuda" if placed.type == "cuda" else "cpu"
     if problem := settings_conflict(role, resolved_device, dtype, precision, kernels):
         raise DeviceRefused(problem if device != "auto" else f"{problem} (DEVICE=auto found a {placed.type} device)")
+    if placed.type == "cpu" and dtype == "bfloat16" and not cpu_has_bf16():
+        cpu, flags = cpu_model_and_flags()
+        raise DeviceRefused(
+            f"{role}_DTYPE=bfloat16 needs a CPU with AVX512-BF16 or AMX, where it runs on the matrix units; this "
+            f"one ({cpu}: {', '.join(flags) or 'no AVX'}) would compute it slower than float32: set "
+            f"{role}_DTYPE=auto or float32"
+        )
     return Placement(placed, resolve_dtype(dtype, placed))
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16)."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_model_and_flags()[1]))
 
 
 def placements(settings: Settings) -> tuple[Placement, Placement]:

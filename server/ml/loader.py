@@ -187,15 +187,15 @@ class PretrainedModel:
         revision = weights_revision(model.config, location)
         kernels = usable_kernels(kernels)
         served: ServedKernels
-        if precision == "fp32" and kernels == "auto":
+        if precision == "fp32" and kernels == "auto" and placement.dtype == torch.float32:
             choice = measured_choice(model, cls.kernel_rows, Path(cache_dir))
             model, served, reason = linear_onednn(model, choice.onednn), choice.summary, choice.reason
             log.info("%s fp32 kernels: %s (%s)", location.name, served, reason)
         else:
-            # `auto` left here is a GPU's or an int8 model's: torch's own kernels.
+            # `auto` left here is a GPU's, an int8 model's or a half-precision one's: torch's own kernels.
             served = "torch" if kernels == "auto" else kernels
             model, reason = (
                 apply_precision(model, precision, served),
-                "as configured (*_FP32_KERNELS; auto is torch's on a GPU)",
+                "as configured (*_FP32_KERNELS; auto is torch's on a GPU and in bfloat16)",
             )
         return cls(model, tokenizer, location.name, revision, location.standin, precision, served, placement, reason)

@@ -21,7 +21,14 @@ def refusal(monkeypatch: pytest.MonkeyPatch, **env: str) -> list[str]:
         ({"DEVICE": "cuda:1", "SENTIMENT_PRECISION": "int8"}, "SENTIMENT_PRECISION=int8 runs on the CPU only"),
         ({"DEVICE": "cuda", "GENERATOR_FP32_KERNELS": "onednn"}, "GENERATOR_FP32_KERNELS=onednn is a CPU path"),
         ({"DEVICE": "cpu", "SENTIMENT_DTYPE": "float16"}, "SENTIMENT_DTYPE=float16 is refused on the CPU"),
-        ({"DEVICE": "cpu", "GENERATOR_DTYPE": "bfloat16"}, "GENERATOR_DTYPE=bfloat16 is refused on the CPU"),
+        (
+            {"GENERATOR_DTYPE": "bfloat16", "GENERATOR_PRECISION": "int8"},
+            "GENERATOR_PRECISION=int8 quantizes float32 weights",
+        ),
+        (
+            {"SENTIMENT_DTYPE": "bfloat16", "SENTIMENT_FP32_KERNELS": "onednn"},
+            "SENTIMENT_FP32_KERNELS=onednn packs float32 weights",
+        ),
     ],
 )
 def test_a_setting_for_the_other_device_is_refused_in_one_line(monkeypatch, env, expected):

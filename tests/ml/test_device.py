@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config
 
+from server.ml import device, kernels
 from server.ml.decoding import GenerationParams
 from server.ml.device import (
     CPU_BATCH_MAX_SIZE,
@@ -53,16 +54,25 @@ def test_an_unknown_device_is_refused():
         resolve_device("gpu")
 
 
-@pytest.mark.parametrize(
-    ("dtype", "precision", "kernels", "refusal"),
-    [
-        ("bfloat16", "fp32", "auto", "GENERATOR_DTYPE=bfloat16 is refused on the CPU"),
-        ("float16", "fp32", "torch", "GENERATOR_DTYPE=float16 is refused on the CPU"),
-    ],
-)
-def test_half_precision_is_refused_on_the_cpu(dtype, precision, kernels, refusal):
-    with pytest.raises(DeviceRefused, match=refusal):
-        resolve("GENERATOR", "cpu", dtype, precision, kernels)
+def test_float16_is_refused_on_the_cpu():
+    with pytest.raises(DeviceRefused, match="GENERATOR_DTYPE=float16 is refused on the CPU"):
+        resolve("GENERATOR", "cpu", "float16", "fp32", "torch")
+
+
+@pytest.mark.parametrize("flags", [[], ["avx2", "fma"], ["avx512f", "avx512_vnni"]])
+def test_bfloat16_is_refused_on_a_cpu_without_bf16_units(monkeypatch, flags):
+    monkeypatch.setattr(device, "cpu_model_and_flags", lambda: ("Some CPU", flags))
+    with pytest.raises(DeviceRefused) as refused:
+        resolve("SENTIMENT", "cpu", "bfloat16", "fp32", "auto")
+    assert str(refused.value).startswith("SENTIMENT_DTYPE=bfloat16 needs a CPU with AVX512-BF16 or AMX")
+    assert f"(Some CPU: {', '.join(flags) or 'no AVX'})" in str(refused.value)
+
+
+@pytest.mark.parametrize("flags", [["avx512f", "avx512_bf16"], ["amx_tile", "amx_bf16"]])
+def test_bfloat16_is_opt_in_on_a_cpu_with_bf16_units(monkeypatch, flags):
+    monkeypatch.setattr(device, "cpu_model_and_flags", lambda: ("Some Xeon", flags))
+    assert resolve("GENERATOR", "cpu", "bfloat16", "fp32", "auto") == Placement(torch.device("cpu"), torch.bfloat16)
+    assert resolve("GENERATOR", "cpu", "auto", "fp32", "auto") == CPU_FLOAT32
 
 
 def test_cpu_dtypes_resolve_to_float32_unless_named():
@@ -120,3 +130,16 @@ def test_cpu_memory_is_the_systems():
     assert seen["device"] == "cpu"
     assert 0 < seen["memory_free_bytes"] <= seen["memory_total_bytes"]
     assert seen["memory_used_bytes"] == seen["memory_total_bytes"] - seen["memory_free_bytes"]
+
+
+def test_auto_kernels_in_bfloat16_are_torch_s_not_measured(standins, monkeypatch):
+    def no_measuring(*_):
+        raise AssertionError("fp32 kernels measured for a bfloat16 model")
+
+    monkeypatch.setattr(kernels, "measure", no_measuring)
+    location = locate(str(standins[0]), "generator", "local", standins[0].parent)
+    placement = Placement(torch.device("cpu"), torch.bfloat16)
+    model = TextGenerator.load(location, str(standins[0].parent), "fp32", "auto", placement)
+    assert model.kernels == "torch" and "bfloat16" in model.kernels_reason
+    [out] = model.generate([model.encode("Once")], GenerationParams(max_new_tokens=3))
+    assert len(out.token_ids) <= 3
