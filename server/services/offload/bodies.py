@@ -123,7 +123,7 @@ def check_bodies(provider: str, kind: str, bodies: Sequence[tuple[str, dict]], l
         return
     errors = []
     for index, (custom_id, body) in enumerate(bodies):
-        model = schema if isinstance(schema, type) else schema(body)
+        model: type[BaseModel] = schema if isinstance(schema, type) else schema(body)
         try:
             model.model_validate(body)
         except ValidationError as exc:
