@@ -69,7 +69,12 @@ def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
         assert 0 <= engines[engine]["identical"] <= 32 and engines[engine]["share_of_gemm_limit"] > 0
     fast, reference = engines["fast_"], engines["transformers_"]
     assert fast["vs_transformers_batch"] == fast["tokens_per_s"] / reference["tokens_per_s"]
-    assert "| fp32, our loop, oneDNN |" in run.stdout and "| int8, our loop |" in run.stdout
+    assert "| fp32, our loop, kernels measured here |" in run.stdout and "| int8, our loop |" in run.stdout
+    assert engines["memory_gbps"] > 0 and 0 < fast["lone_share_of_memory"]
+    # Which kernels each model runs, and why, in the JSON and the table.
+    assert "oneDNN where it beat torch's GEMM over 1 and 32 rows" in results["kernels"]
+    assert "oneDNN where it beat torch's GEMM over 32 and 512 rows" in results["classifier"]["kernels"]
+    assert f"fp32 kernels: generator {results['kernels']}" in run.stdout
     for precision in ("fp32", "int8"):
         predict = results["predict"][precision]
         assert predict["failures"] == 0 and predict["requests"] == 4 * 2 and predict["concurrency"] == 4
