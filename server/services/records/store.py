@@ -37,6 +37,9 @@ class Record(NamedTuple):
     row: dict
 
 
+SQLITE_ERROR = 1  # sqlite3's primary result code for an error in the statement itself
+
+
 def classify(exc: BaseException) -> Reason:
     """Whether the rows (`rejected`) or the database (`timeout`, `unavailable`, `error`) caused a failed write."""
     if any(isinstance(cause, TimeoutError) for cause in (exc, getattr(exc, "orig", None), exc.__cause__)):
@@ -47,6 +50,7 @@ def classify(exc: BaseException) -> Reason:
     if isinstance(exc, DBAPIError):
         unavailable = (
             isinstance(exc, OperationalError | InterfaceError)
+            and not _sqlite_generic_error(exc)
             or exc.connection_invalidated
             or state[:2] in UNAVAILABLE_SQLSTATES
         )
@@ -54,6 +58,17 @@ def classify(exc: BaseException) -> Reason:
     if isinstance(exc, StatementError | ValueError | TypeError):
         return "rejected"
     return "unavailable" if isinstance(exc, OSError) else "error"
+
+
+def _sqlite_generic_error(exc: DBAPIError) -> bool:
+    """SQLite's SQLITE_ERROR (a missing table or column, bad SQL): its driver raises OperationalError for it as for
+    a locked or unopenable file, so the result code tells the database's fault from its unavailability."""
+    orig = exc.orig
+    for error in (orig, getattr(orig, "__cause__", None)):
+        code = getattr(error, "sqlite_errorcode", None)
+        if code is not None:
+            return code & 0xFF == SQLITE_ERROR
+    return False
 
 
 def describe(exc: BaseException) -> str:
