@@ -56,16 +56,21 @@ def write_spill(directory: Path, database: str, kind: Kind, entries: Sequence[En
     directory.mkdir(parents=True, exist_ok=True)
     name = f"{kind}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
     temporary = directory / f".{name}.tmp"
-    with temporary.open("w", encoding="utf-8") as out:
-        out.write(json.dumps({"format": FORMAT, "kind": kind, "database": database, "rows": len(entries)}) + "\n")
-        for record, reason in entries:
-            line = {"table": record.table.name, "row": record.row}
-            if reason is not None:
-                line["reason"] = reason
-            out.write(json.dumps(line, default=_json_value) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, directory / name)
+    try:
+        with temporary.open("w", encoding="utf-8") as out:
+            out.write(json.dumps({"format": FORMAT, "kind": kind, "database": database, "rows": len(entries)}) + "\n")
+            for record, reason in entries:
+                line = {"table": record.table.name, "row": record.row}
+                if reason is not None:
+                    line["reason"] = reason
+                out.write(json.dumps(line, default=_json_value) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, directory / name)
+    except BaseException:
+        # A half-written file is nobody's: the rows are still the caller's to keep or report.
+        temporary.unlink(missing_ok=True)
+        raise
     return directory / name
 
 
