@@ -25,9 +25,7 @@ from transformers import (
 
 from server.ml.decoding import Decoder, GenerationParams
 from server.ml.decoding import Sequence as DecodedSequence
-from server.ml.device import CPU_FLOAT32, Placement
 from server.ml.loader import PretrainedModel
-from server.ml.precision import Precision, ServedKernels
 from server.ml.sampling import RowSampler, TokenLogprob
 
 
@@ -88,19 +86,8 @@ class TextGenerator(PretrainedModel):
     # torch's fused kernels (flash or memory-efficient on a GPU) rather than an eager softmax.
     attention = "sdpa"
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        name: str,
-        revision: str,
-        standin: bool,
-        precision: Precision = "fp32",
-        kernels: ServedKernels = "torch",
-        placement: Placement = CPU_FLOAT32,
-        kernels_reason: str = "",
-    ):
-        super().__init__(model, tokenizer, name, revision, standin, precision, kernels, placement, kernels_reason)
+    def _ready(self) -> None:
+        tokenizer, model = self.tokenizer, self.model
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -148,6 +148,10 @@ class PretrainedModel:
         self.name = f"{name}{self.tag}"
         self.checkpoint_revision = revision
         self.standin = standin
+        self._ready()
+
+    def _ready(self) -> None:
+        """What a kind of model prepares once its fields are set (the generator: padding, its decoder)."""
 
     @property
     def device(self) -> torch.device:
