@@ -20,13 +20,6 @@ from tests.services.records.test_store import hold_the_rows, prediction
 
 
 @pytest.fixture
-async def engine(database_url: str):
-    engine = create_engine(database_url, timeout_s=5)
-    yield engine
-    await engine.dispose()
-
-
-@pytest.fixture
 def settings(tmp_path) -> Settings:
     """Only what a replay reads: no models are loaded."""
     return Settings(

@@ -70,13 +70,6 @@ def request(i: int, latency_ms: float = 12.0) -> Record:
 
 
 @pytest.fixture
-async def engine(database_url: str):
-    engine = create_engine(database_url, timeout_s=5)
-    yield engine
-    await engine.dispose()
-
-
-@pytest.fixture
 async def migrated(engine, database_url: str):
     await asyncio.to_thread(migrate.upgrade, database_url)
     return engine
