@@ -21,8 +21,9 @@ from server.core.config import PROJECT_ROOT
 from server.ml.classifier import SentimentClassifier
 from server.ml.decoding import Sequence
 from server.ml.generator import GenerationParams, TextGenerator
+from server.ml.kernels import candidates
 from server.ml.loader import locate
-from server.ml.precision import PRECISIONS, Kernels, Precision, quantize_linear_int8
+from server.ml.precision import PRECISIONS, Kernels, Precision, int8_engines_available, quantize_linear_int8
 
 BENCH_MODELS = PROJECT_ROOT / "models_cache" / "bench"
 SERVER_TAG = "s"
@@ -97,12 +98,17 @@ def memory_gbps(megabytes: int = 1024, repeats: int = 5) -> float:
 
 
 def int8_gemm_gops(size: int = 2048, repeats: int = 5) -> float:
-    """The same for int8: a dynamically quantized Linear (fbgemm, the int8 model's kernel), input quantization
-    included."""
+    """The same for int8: a dynamically quantized Linear, input quantization included, on the faster of the two
+    engines an int8 model chooses between (fbgemm and oneDNN, server/ml/kernels.py)."""
+    linear = nn.Linear(size, size, bias=False)
+    layers = (
+        list(candidates(linear, "int8").values())
+        if int8_engines_available()
+        else [quantize_linear_int8(nn.Sequential(linear))]
+    )
+    x = torch.randn(size, size)
     with torch.inference_mode():
-        layer = quantize_linear_int8(nn.Sequential(nn.Linear(size, size, bias=False)))
-        x = torch.randn(size, size)
-        return 2 * size**3 / _median_s(lambda: layer(x), repeats) / 1e9
+        return max(2 * size**3 / _median_s(partial(layer, x), repeats) / 1e9 for layer in layers)
 
 
 def flops_per_token(generator: TextGenerator) -> float:
@@ -237,11 +243,12 @@ class ClassifierLimit:
     def summary(self, texts: int = 256) -> dict:
         """Each served precision against the reference: offline items/s and equal labels over `texts` reviews."""
         reviews, reference = [review(i) for i in range(texts)], self.items_per_s("reference")
-        fp32 = self.models["fp32"]
+        fp32, int8 = self.models["fp32"], self.models["int8"]
         summary: dict = {
             "reference_items_per_s": reference,
             "compared": texts,
             "kernels": f"{fp32.kernels}: {fp32.kernels_reason}",
+            "int8_kernels": f"{int8.kernels}: {int8.kernels_reason}",
         }
         for precision in PRECISIONS:
             agreement = label_agreement(

@@ -24,10 +24,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import torch
@@ -58,6 +58,7 @@ from server.core.config import PROJECT_ROOT, get_settings
 from server.ml.device import CPU_BATCH_MAX_SIZE, CPU_FLOAT32, kernels_for
 from server.ml.kernels import cpu_model_and_flags
 from server.ml.offline import DISTILBERT_BASE, GPT2_124M, build_classifier, build_generator, standin_marker_exists
+from server.ml.precision import PRECISIONS, Precision
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,6 +119,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--repeats", type=int, default=3, help="interleaved repeats of each workload with --against (default 3)"
+    )
+    parser.add_argument(
+        "--ours",
+        type=our_precisions,
+        default="fp32",
+        help="with --against: the precisions our server runs in, one server each, compared in the same run "
+        "(comma-separated among fp32, int8; default fp32; the first is what the others are given against)",
     )
     parser.add_argument("--output", type=Path, help="JSON results (default: bench-results/bench-<time>.json)")
     parser.add_argument(
@@ -411,6 +419,14 @@ def server_env(generator_dir: Path, classifier_dir: Path, **overrides: str) -> d
     }
 
 
+def our_precisions(given: str) -> list[Precision]:
+    """`--ours`: distinct precisions, in order (argparse turns the error into a one-line usage error)."""
+    precisions = list(dict.fromkeys(p.strip() for p in given.split(",") if p.strip()))
+    if not precisions or any(p not in PRECISIONS for p in precisions):
+        raise argparse.ArgumentTypeError(f"{given!r}: expected one or more of {', '.join(PRECISIONS)}, comma-separated")
+    return cast(list[Precision], precisions)
+
+
 def run_against(args: argparse.Namespace) -> dict:
     """Our server, started here as for the other phases, beside the servers of --against (server/bench/against.py)."""
     if args.quick:
@@ -433,8 +449,14 @@ def run_against(args: argparse.Namespace) -> dict:
         asyncio.run(against.discover(address, address))
         for address in (against.base_url(url) for url in args.against.split(",") if url.strip())
     ]
-    with server_factory(Path(tempfile.mkdtemp(prefix="bench-against-")), env)("ours") as (url, _):
-        targets = [asyncio.run(against.discover(against.OURS, url)), *others]
+    serve = server_factory(Path(tempfile.mkdtemp(prefix="bench-against-")), env)
+    with ExitStack() as servers:
+        ours: list[against.Target] = []
+        for precision in args.ours:
+            name = against.OURS if not ours else f"{against.OURS} {precision}"
+            url, _ = servers.enter_context(serve(name.replace(" ", "-"), GENERATOR_PRECISION=precision))
+            ours.append(asyncio.run(against.discover(name, url)))
+        targets = [*ours, *others]
         with tqdm(total=args.repeats * len(plan) * len(targets), desc="against", file=sys.stderr) as bar:
             compared = against.compare(targets, plan, args.repeats, args.new_tokens, bar)
     return {
@@ -570,6 +592,7 @@ def summarize(
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "kernels": f"{offline.models['fast_'].kernels}: {offline.models['fast_'].kernels_reason}",
+        "int8_kernels": f"{offline.models['int8_'].kernels}: {offline.models['int8_'].kernels_reason}",
         "model": str(generator_dir),
         "new_tokens": args.new_tokens,
         "long_tokens": args.long_tokens,
@@ -591,6 +614,7 @@ def table(results: dict) -> str:
     lines = [
         f"model {results['model']}, {results['new_tokens']} new tokens; {describe(results['machine'])}",
         f"fp32 kernels: generator {results['kernels']}; classifier {results['classifier']['kernels']}",
+        f"int8 kernels: generator {results['int8_kernels']}; classifier {results['classifier']['int8_kernels']}",
         "",
     ]
     full = max(int(k.rsplit("_", 1)[1]) for k in results["offline"])

@@ -14,8 +14,14 @@ per CPU model, ISA flags, torch build, thread count and shapes, under
 
 Both kernels compute in fp32; only the summation order differs, so outputs may differ in their last bits: greedy
 output is checked identical to transformers' whatever the mix (tests/ml/test_kernels.py).
+
+An int8 model's Linear layers are chosen the same way, always (no setting: it is a speed choice only), between
+torch's two quantized engines: fbgemm, the reference, and oneDNN, whose int8 kernels use AVX512-VNNI and AMX where the
+CPU has them. Both quantize the same way (per-channel int8 weights, each input per call); only the summation order
+differs. On the AMD EPYC (AVX2) machine fbgemm won every GPT-2 shape (oneDNN 1.3x to 2.8x slower).
 """
 
+import copy
 import hashlib
 import json
 import logging
@@ -30,7 +36,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from server.ml.precision import OneDnnLinear, ServedKernels
+from server.ml.precision import INT8_ENGINES, OneDnnLinear, Precision, ServedKernels, quantize_linear_int8
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +47,27 @@ ISA_FLAGS = frozenset(
     {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"}
 )
 REPEATS = 15
+# The kernels timed against each other per precision: the reference (a tie goes to it), then oneDNN.
+CANDIDATES: dict[Precision, tuple[ServedKernels, ServedKernels]] = {"fp32": ("torch", "onednn"), "int8": INT8_ENGINES}
+WHO = {"torch": "torch's GEMM", "fbgemm": "fbgemm's int8 GEMM"}
 
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """oneDNN for `onednn` (the shapes it won), torch's GEMM for the rest; `reason` says how it was decided."""
+    """oneDNN for `onednn` (the shapes it won), the `reference` kernels (torch's GEMM in fp32, fbgemm in int8) for
+    the rest; `reason` says how it was decided."""
 
     onednn: frozenset[Shape]
     shapes: frozenset[Shape]
     reason: str
+    reference: ServedKernels = "torch"
 
     @property
     def summary(self) -> ServedKernels:
-        """`onednn`, `torch`, or `mixed` (some shapes each)."""
+        """`onednn`, the reference, or `mixed` (some shapes each)."""
         if self.onednn == self.shapes:
             return "onednn"
-        return "mixed" if self.onednn else "torch"
+        return "mixed" if self.onednn else self.reference
 
 
 def linear_shapes(model: nn.Module) -> dict[Shape, int]:
@@ -74,20 +85,22 @@ def linear_shapes(model: nn.Module) -> dict[Shape, int]:
     return dict(sorted(shapes.items()))
 
 
-def choose(timings: dict[Shape, dict[int, dict[str, float]]], layers: dict[Shape, int]) -> frozenset[Shape]:
+def choose(
+    timings: dict[Shape, dict[int, dict[str, float]]], layers: dict[Shape, int], reference: str = "torch"
+) -> frozenset[Shape]:
     """The shapes oneDNN costs the model less on (`timings[shape][rows][kernel]`, seconds of one call; `layers`,
     how many layers have each shape): summed over the row counts, each as a share of the model's time at that row
-    count on torch. A tie goes to torch, the reference."""
+    count on the `reference` kernels. A tie goes to the reference."""
     model_time: dict[int, float] = {}
     for shape, by_rows in timings.items():
         for rows, times in by_rows.items():
-            model_time[rows] = model_time.get(rows, 0.0) + layers.get(shape, 1) * times["torch"]
+            model_time[rows] = model_time.get(rows, 0.0) + layers.get(shape, 1) * times[reference]
 
     def cost(by_rows: dict[int, dict[str, float]], kernel: str) -> float:
         return sum(times[kernel] / model_time[rows] for rows, times in by_rows.items() if model_time[rows] > 0)
 
     return frozenset(
-        shape for shape, by_rows in timings.items() if by_rows and cost(by_rows, "onednn") < cost(by_rows, "torch")
+        shape for shape, by_rows in timings.items() if by_rows and cost(by_rows, "onednn") < cost(by_rows, reference)
     )
 
 
@@ -102,7 +115,21 @@ def _seconds(run, x: torch.Tensor) -> float:
     return statistics.median(samples)
 
 
-def measure(shapes: Iterable[Shape], rows: Sequence[int]) -> dict[Shape, dict[int, dict[str, float]]]:
+def candidates(linear: nn.Linear, precision: Precision) -> dict[str, nn.Module]:
+    """`linear` computed by each of `precision`'s candidate kernels (copies: `linear` is left as it is)."""
+    if precision == "fp32":
+        return {"torch": linear, "onednn": OneDnnLinear(linear)}
+    shape = (linear.in_features, linear.out_features)
+    return {
+        # In a Sequential: quantization replaces a model's children, not the model itself.
+        "fbgemm": quantize_linear_int8(nn.Sequential(copy.deepcopy(linear)), onednn=()),
+        "onednn": quantize_linear_int8(nn.Sequential(copy.deepcopy(linear)), onednn={shape}),
+    }
+
+
+def measure(
+    shapes: Iterable[Shape], rows: Sequence[int], precision: Precision = "fp32"
+) -> dict[Shape, dict[int, dict[str, float]]]:
     """Median seconds of one call per shape, row count and kernel, on random weights of that shape."""
     generator = torch.Generator().manual_seed(0)
     timings: dict[Shape, dict[int, dict[str, float]]] = {}
@@ -110,7 +137,7 @@ def measure(shapes: Iterable[Shape], rows: Sequence[int]) -> dict[Shape, dict[in
         linear = nn.Linear(in_features, out_features)
         with torch.no_grad():
             linear.weight.copy_(torch.randn(out_features, in_features, generator=generator) * 0.02)
-        kernels = {"torch": linear.forward, "onednn": OneDnnLinear(linear)}
+        kernels = candidates(linear, precision)
         timings[(in_features, out_features)] = {}
         for count in rows:
             x = torch.randn(count, in_features, generator=generator)
@@ -139,41 +166,48 @@ def cpu_identity() -> dict[str, object]:
     return {"cpu": cpu, "flags": flags, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
-def measured_choice(model: nn.Module, rows: Sequence[int], cache_dir: Path | None) -> KernelChoice:
-    """The kernels for `model`'s Linear shapes on this CPU, measured once and cached in `cache_dir` (None: not
-    cached). An unreadable cache file is measured again and rewritten."""
+def measured_choice(
+    model: nn.Module, rows: Sequence[int], cache_dir: Path | None, precision: Precision = "fp32"
+) -> KernelChoice:
+    """The kernels for `model`'s Linear shapes in `precision` on this CPU, measured once and cached in `cache_dir`
+    (None: not cached). An unreadable cache file is measured again and rewritten."""
     shapes = linear_shapes(model)
     identity = cpu_identity()
-    key = {**identity, "shapes": [[*shape, count] for shape, count in shapes.items()], "rows": list(rows)}
+    reference, _ = CANDIDATES[precision]
+    key = {
+        **identity,
+        "precision": precision,
+        "shapes": [[*shape, count] for shape, count in shapes.items()],
+        "rows": list(rows),
+    }
     path = None
     if cache_dir is not None:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         path = cache_dir / "kernels" / f"{digest}.json"
-    timings = _cached(path)
+    timings = _cached(path, CANDIDATES[precision])
     source = "cached"
     if timings is None or set(timings) != set(shapes):
         started = time.perf_counter()
-        timings = measure(shapes, rows)
+        timings = measure(shapes, rows, precision)
         source = f"measured in {time.perf_counter() - started:.1f} s"
         if path is not None:
             _store(path, key, timings)
-    onednn = choose(timings, shapes)
+    onednn = choose(timings, shapes, reference)
     reason = (
-        f"oneDNN where it beat torch's GEMM over {' and '.join(map(str, rows))} rows on {identity['cpu']} "
-        f"({len(onednn)} of {len(shapes)} Linear shapes; {source})"
+        f"{precision}: oneDNN where it beat {WHO[reference]} over {' and '.join(map(str, rows))} rows on "
+        f"{identity['cpu']} ({len(onednn)} of {len(shapes)} Linear shapes; {source})"
     )
-    return KernelChoice(onednn, frozenset(shapes), reason)
+    return KernelChoice(onednn, frozenset(shapes), reason, reference)
 
 
-def _cached(path: Path | None) -> dict[Shape, dict[int, dict[str, float]]] | None:
+def _cached(path: Path | None, kernels: Sequence[str]) -> dict[Shape, dict[int, dict[str, float]]] | None:
     if path is None or not path.exists():
         return None
     try:
         stored = json.loads(path.read_text())["timings"]
         return {
             (int(entry["in"]), int(entry["out"])): {
-                int(count): {"torch": float(t["torch"]), "onednn": float(t["onednn"])}
-                for count, t in entry["rows"].items()
+                int(count): {kernel: float(t[kernel]) for kernel in kernels} for count, t in entry["rows"].items()
             }
             for entry in stored
         }

@@ -23,7 +23,16 @@ from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from server.ml import offline
 from server.ml.device import CPU_BATCH_MAX_SIZE, CPU_FLOAT32, Placement
 from server.ml.kernels import measured_choice
-from server.ml.precision import Kernels, Precision, ServedKernels, apply_precision, linear_onednn, usable_kernels
+from server.ml.precision import (
+    Kernels,
+    Precision,
+    ServedKernels,
+    apply_precision,
+    int8_engines_available,
+    linear_onednn,
+    quantize_linear_int8,
+    usable_kernels,
+)
 
 log = logging.getLogger(__name__)
 Kind = Literal["generator", "classifier"]
@@ -137,13 +146,13 @@ class PretrainedModel:
         kernels_reason: str = "",
     ):
         """`model` already computes in `precision` on `placement` (see `load`); `name` and `revision` are the
-        checkpoint's; `kernels_reason` says why its fp32 Linear layers run on `kernels`."""
+        checkpoint's; `kernels_reason` says why its Linear layers run on `kernels`."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.precision = precision
         self.placement = placement
-        self.kernels: ServedKernels = kernels if precision == "fp32" else "torch"
-        self.kernels_reason = kernels_reason if precision == "fp32" else f"{precision}: quantized kernels"
+        self.kernels = kernels
+        self.kernels_reason = kernels_reason
         self.tag = ("" if precision == "fp32" else f":{precision}") + placement.suffix
         self.name = f"{name}{self.tag}"
         self.checkpoint_revision = revision
@@ -191,15 +200,21 @@ class PretrainedModel:
         revision = weights_revision(model.config, location)
         kernels = usable_kernels(kernels)
         served: ServedKernels
-        if precision == "fp32" and kernels == "auto" and placement.dtype == torch.float32:
+        if precision == "int8" and int8_engines_available():
+            choice = measured_choice(model, cls.kernel_rows, Path(cache_dir), "int8")
+            model, served, reason = quantize_linear_int8(model, choice.onednn), choice.summary, choice.reason
+        elif precision == "int8":
+            model, served = apply_precision(model, precision), "torch"
+            reason = f"int8: torch's default quantized engine ({torch.backends.quantized.engine}; no fbgemm here)"
+        elif kernels == "auto" and placement.dtype == torch.float32:
             choice = measured_choice(model, cls.kernel_rows, Path(cache_dir))
             model, served, reason = linear_onednn(model, choice.onednn), choice.summary, choice.reason
-            log.info("%s fp32 kernels: %s (%s)", location.name, served, reason)
         else:
-            # `auto` left here is a GPU's, an int8 model's or a half-precision one's: torch's own kernels.
+            # `auto` left here is a GPU's or a half-precision one's: torch's own kernels.
             served = "torch" if kernels == "auto" else kernels
             model, reason = (
                 apply_precision(model, precision, served),
                 "as configured (*_FP32_KERNELS; auto is torch's on a GPU and in bfloat16)",
             )
+        log.info("%s %s kernels: %s (%s)", location.name, precision, served, reason)
         return cls(model, tokenizer, location.name, revision, location.standin, precision, served, placement, reason)

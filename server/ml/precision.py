@@ -2,8 +2,10 @@
 and for fp32 who computes the Linear layers: torch's default GEMM, or oneDNN (`linear_onednn`, the fast exact path).
 
 `int8` stores every `nn.Linear` weight as int8 (one scale per output channel) and quantizes each layer's input on the
-fly, so matrix products run as int8 GEMMs (fbgemm); embeddings, layer norms and attention stay fp32. It changes
-outputs (see docs/precision.md): it is opt-in, and a quantized model answers under another name.
+fly, so matrix products run as int8 GEMMs; embeddings, layer norms and attention stay fp32. It changes outputs (see
+docs/precision.md): it is opt-in, and a quantized model answers under another name. Two of torch's quantized engines
+compute these GEMMs: fbgemm (AVX2 and AVX-512) and oneDNN (which reaches the VNNI and AMX int8 units); both apply the
+same quantization, so they differ only in the summation order, and server/ml/kernels.py times them per Linear shape.
 
 GPT-2's projections are transformers' `Conv1D`, a Linear whose weight is stored transposed, which quantization does
 not recognise: they are turned into `nn.Linear` first (on its own an exact change), so that every projection, not
@@ -18,7 +20,8 @@ warnings are silenced at the one call, by message, and nowhere else.
 
 import logging
 import warnings
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from typing import Literal, get_args
 
 import torch
@@ -34,7 +37,10 @@ PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 # `auto`: measured per Linear shape on this CPU (server/ml/kernels.py); a model then reports `onednn`, `torch` or
 # `mixed`.
 Kernels = Literal["auto", "onednn", "torch"]
-ServedKernels = Literal["onednn", "torch", "mixed"]
+# fbgemm: torch's quantized engine for int8 on x86 without oneDNN's int8 units.
+ServedKernels = Literal["onednn", "torch", "fbgemm", "mixed"]
+# The quantized engines timed for int8, the reference first.
+INT8_ENGINES: tuple[ServedKernels, ServedKernels] = ("fbgemm", "onednn")
 
 
 def usable_kernels(kernels: Kernels) -> Kernels:
@@ -53,14 +59,12 @@ def usable_kernels(kernels: Kernels) -> Kernels:
 
 def apply_precision(model: nn.Module, precision: Precision, kernels: Literal["onednn", "torch"] = "torch") -> nn.Module:
     """The model computing in `precision`; fp32 with `kernels="onednn"` runs its Linear layers on oneDNN (`auto` is
-    the loader's: it measures first). Either conversion changes `model` itself, in seconds: copy it first to keep
-    the original."""
+    the loader's: it measures first); int8 on torch's default quantized engine (the loader measures which engine
+    each shape gets). Either conversion changes `model` itself, in seconds: copy it first to keep the original."""
     if precision == "fp32":
         return linear_onednn(model) if kernels == "onednn" else model
     if precision != "int8":
         raise ValueError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    linear_from_conv1d(model)
-    untie_output_embeddings(model)
     return quantize_linear_int8(model)
 
 
@@ -140,11 +144,49 @@ def linear_onednn(model: nn.Module, shapes: Collection[tuple[int, int]] | None =
     return model
 
 
-def quantize_linear_int8(model: nn.Module) -> nn.Module:
-    """Dynamic int8 quantization of every `nn.Linear`, in place: int8 weights per output channel, inputs per call."""
-    with warnings.catch_warnings():
+def int8_engines_available() -> bool:
+    """Whether this torch build has both quantized engines to choose from (x86 builds do; ARM ones have qnnpack)."""
+    return set(INT8_ENGINES) <= set(torch.backends.quantized.supported_engines)
+
+
+@contextmanager
+def quantized_engine(engine: str | None) -> Iterator[None]:
+    """torch's quantized engine set to `engine` (None: left as it is) while weights are packed: the packed weight
+    keeps its engine's kernels for good, whatever the engine is set to when it is called, so this is global state
+    only at load."""
+    previous = torch.backends.quantized.engine
+    if engine is not None:
+        torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def quantize_linear_int8(model: nn.Module, onednn: Collection[tuple[int, int]] | None = None) -> nn.Module:
+    """Dynamic int8 quantization of every Linear (GPT-2's Conv1D projections and LM head included), in place: int8
+    weights per output channel, inputs per call. With `onednn` (shapes, in and out features), those shapes are
+    packed for oneDNN's int8 kernels and the others for fbgemm's; without it, for torch's default engine."""
+    linear_from_conv1d(model)
+    untie_output_embeddings(model)
+    if onednn is None:
+        return _quantize(model, {nn.Linear}, None)
+    names = {
+        name: (module.in_features, module.out_features) in onednn
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear
+    }
+    _quantize(model, {name for name, on_onednn in names.items() if on_onednn}, "onednn")
+    return _quantize(model, {name for name, on_onednn in names.items() if not on_onednn}, "fbgemm")
+
+
+def _quantize(model: nn.Module, which: set, engine: str | None) -> nn.Module:
+    if not which:
+        return model
+    with warnings.catch_warnings(), quantized_engine(engine):
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
         warnings.filterwarnings(
             "ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel", category=UserWarning
         )
-        return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+        qconfigs = dict.fromkeys(which, per_channel_dynamic_qconfig)
+        return quantize_dynamic(model, qconfigs, dtype=torch.qint8, inplace=True)

@@ -16,6 +16,8 @@ async def test_int8_models_answer_and_say_so_in_names_root_and_health(settings):
         for role in ("generator", "sentiment"):
             assert models[role]["precision"] == "int8"
             assert models[role]["name"].endswith(":int8") and models[role]["revision"].endswith(":int8")
+            assert models[role]["kernels"] in ("onednn", "fbgemm", "mixed")
+            assert "int8: oneDNN where it beat fbgemm's int8 GEMM over" in models[role]["kernels_reason"]
 
 
 async def test_fp32_on_kernels_measured_here_is_the_default_and_keeps_its_names(app_client):

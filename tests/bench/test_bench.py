@@ -75,6 +75,9 @@ def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
     assert "oneDNN where it beat torch's GEMM over 1 and 32 rows" in results["kernels"]
     assert "oneDNN where it beat torch's GEMM over 32 and 512 rows" in results["classifier"]["kernels"]
     assert f"fp32 kernels: generator {results['kernels']}" in run.stdout
+    assert "int8: oneDNN where it beat fbgemm's int8 GEMM over 1 and 32 rows" in results["int8_kernels"]
+    assert "int8: oneDNN where it beat fbgemm's int8 GEMM over 32 and 512" in results["classifier"]["int8_kernels"]
+    assert f"int8 kernels: generator {results['int8_kernels']}" in run.stdout
     for precision in ("fp32", "int8"):
         predict = results["predict"][precision]
         assert predict["failures"] == 0 and predict["requests"] == 4 * 2 and predict["concurrency"] == 4

@@ -7,14 +7,15 @@ from tests.support.servers import free_port, start_server
 
 
 def test_against_drives_another_server_through_the_same_workloads_interleaved(standins, tmp_path):
-    """`bench --against` with a second instance of our own server: both get every workload, the same number of
-    requests, `ignore_eos` (ours takes it), and figures against ours."""
+    """`bench --against` with a second instance of our own server, and ours in fp32 and int8 started by the bench:
+    all get every workload, the same number of requests, `ignore_eos` (ours takes it), and figures against ours."""
     other, port = start_server(standins, tmp_path, INGRESS_RATE_LIMIT="off", API_KEYS="")
     url = f"http://127.0.0.1:{port}/v1"
     output = tmp_path / "against.json"
     try:
         run = subprocess.run(
-            [sys.executable, "-m", "server", "bench", "--quick", "--against", url, "--output", str(output)],
+            [sys.executable, "-m", "server", "bench", "--quick", "--against", url, "--ours", "fp32,int8"]
+            + ["--output", str(output)],
             cwd=PROJECT_ROOT,
             capture_output=True,
             text=True,
@@ -27,11 +28,13 @@ def test_against_drives_another_server_through_the_same_workloads_interleaved(st
     results = json.loads(output.read_text())
     compared = results["against"]
     base = url.removesuffix("/v1")
-    assert [server["name"] for server in compared["servers"]] == ["ours", base]
+    assert [server["name"] for server in compared["servers"]] == ["ours", "ours int8", base]
     assert all(server["ignore_eos"] for server in compared["servers"])
+    models = {server["name"]: server["model"] for server in compared["servers"]}
+    assert models["ours int8"] == f"{models['ours']}:int8" and models[base] == models["ours"]
     assert [workload["name"] for workload in compared["workloads"]] == ["lone", "c=4", "mixed c=4"]
     repeats = compared["repeats"]
-    for name in ("ours", base):
+    for name in ("ours", "ours int8", base):
         for workload in compared["workloads"]:
             row = compared["results"][name][workload["name"]]
             assert row["failures"] == 0
@@ -42,7 +45,20 @@ def test_against_drives_another_server_through_the_same_workloads_interleaved(st
     assert theirs["lone"]["vs_ours"] == theirs["lone"]["p50_ms"] / ours["lone"]["p50_ms"]
     assert theirs["c=4"]["vs_ours"] == theirs["c=4"]["requests_per_s"] / ours["c=4"]["requests_per_s"]
     assert results["machine"]["cpu"] and "torch_cpu_capability" in results["machine"]
-    assert f"| {base} |" in run.stdout and "| ours |" in run.stdout and "CPU " in run.stdout
+    assert f"| {base} |" in run.stdout and "| ours |" in run.stdout and "| ours int8 |" in run.stdout
+    assert "CPU " in run.stdout
+
+
+def test_our_precisions_must_be_known_ones():
+    run = subprocess.run(
+        [sys.executable, "-m", "server", "bench", "--quick", "--against", "http://127.0.0.1:1", "--ours", "fp32,fp8"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert "argument --ours: 'fp32,fp8': expected one or more of fp32, int8" in run.stderr
 
 
 def test_a_server_that_cannot_be_driven_stops_the_run_with_one_line():

@@ -1,7 +1,11 @@
+import copy
 import json
 
 import pytest
+import torch
 from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from server.ml import kernels
@@ -9,7 +13,7 @@ from server.ml.decoding import GenerationParams
 from server.ml.generator import TextGenerator
 from server.ml.kernels import KernelChoice, choose, linear_shapes, measured_choice
 from server.ml.loader import locate
-from server.ml.precision import OneDnnLinear, linear_onednn
+from server.ml.precision import OneDnnLinear, int8_engines_available, linear_onednn, quantize_linear_int8
 from tests.ml.conftest import LONG, MIDDLE, SHORT
 
 PROMPTS = ["Once upon a time", "The weather today is", "A", LONG, MIDDLE, SHORT]
@@ -44,14 +48,34 @@ def test_a_shape_weighs_by_how_many_layers_have_it():
     assert choose(timings, {(8, 8): 1, (8, 99): 1}) == frozenset()
 
 
-@pytest.mark.parametrize(("onednn", "summary"), [({(1, 2), (3, 4)}, "onednn"), ({(1, 2)}, "mixed"), (set(), "torch")])
-def test_a_choice_is_summed_up_as_onednn_torch_or_mixed(onednn, summary):
-    assert KernelChoice(frozenset(onednn), frozenset({(1, 2), (3, 4)}), "").summary == summary
+def test_in_int8_the_reference_is_fbgemm():
+    timings = {
+        (8, 8): {1: {"fbgemm": 1.0, "onednn": 0.5}, 32: {"fbgemm": 4.0, "onednn": 2.0}},
+        (8, 32): {1: {"fbgemm": 1.0, "onednn": 1.0}, 32: {"fbgemm": 4.0, "onednn": 4.0}},  # a tie: fbgemm
+        (32, 8): {1: {"fbgemm": 1.0, "onednn": 3.0}, 32: {"fbgemm": 4.0, "onednn": 3.0}},
+    }
+    assert choose(timings, dict.fromkeys(timings, 1), "fbgemm") == {(8, 8)}
+    with pytest.raises(KeyError):  # fp32 timings name torch, never fbgemm
+        choose(timings, dict.fromkeys(timings, 1))
 
 
-def generator(standins, kernels: str = "torch") -> TextGenerator:
+@pytest.mark.parametrize(
+    ("onednn", "reference", "summary"),
+    [
+        ({(1, 2), (3, 4)}, "torch", "onednn"),
+        ({(1, 2)}, "torch", "mixed"),
+        (set(), "torch", "torch"),
+        (set(), "fbgemm", "fbgemm"),
+        ({(3, 4)}, "fbgemm", "mixed"),
+    ],
+)
+def test_a_choice_is_summed_up_as_onednn_the_reference_or_mixed(onednn, reference, summary):
+    assert KernelChoice(frozenset(onednn), frozenset({(1, 2), (3, 4)}), "", reference).summary == summary
+
+
+def generator(standins, kernels: str = "torch", precision: str = "fp32") -> TextGenerator:
     location = locate(str(standins[0]), "generator", "local", standins[0].parent)
-    return TextGenerator.load(location, str(standins[0].parent), "fp32", kernels)
+    return TextGenerator.load(location, str(standins[0].parent), precision, kernels)
 
 
 def test_the_shapes_are_those_of_every_linear_and_conv1d(standins):
@@ -91,7 +115,7 @@ def test_cached_timings_decide_the_choice_and_a_broken_file_is_measured_again(st
 
     cached.write_text("{not json")
     fake = {shape: {1: timing(1.0, 2.0), 4: timing(1.0, 2.0)} for shape in linear_shapes(model)}
-    monkeypatch.setattr(kernels, "measure", lambda shapes, rows: fake)
+    monkeypatch.setattr(kernels, "measure", lambda shapes, rows, precision: fake)
     assert measured_choice(model, (1, 4), tmp_path).summary == "torch"
     assert json.loads(cached.read_text())["timings"]  # rewritten
 
@@ -114,7 +138,7 @@ def test_any_mix_of_kernels_gives_transformers_greedy_output(standins):
 def test_auto_kernels_are_measured_at_load_and_say_why(standins, monkeypatch):
     fake = {}
 
-    def measure(shapes, rows):
+    def measure(shapes, rows, precision):
         shapes = list(shapes)
         fake.update({shape: {n: timing(1.0, 0.5 if shape == shapes[0] else 2.0) for n in rows} for shape in shapes})
         return fake
@@ -129,3 +153,66 @@ def test_auto_kernels_are_measured_at_load_and_say_why(standins, monkeypatch):
 
 def rows_seen(timings) -> set[int]:
     return {rows for by_rows in timings.values() for rows in by_rows}
+
+
+needs_both_engines = pytest.mark.skipif(not int8_engines_available(), reason="this torch build lacks fbgemm or oneDNN")
+
+
+@needs_both_engines
+def test_int8_layers_are_packed_for_the_engine_their_shape_was_given(standins):
+    # fbgemm and oneDNN quantize alike but sum in another order: each layer's output says which engine packed it.
+    fp32 = AutoModelForCausalLM.from_pretrained(standins[0]).eval()
+    shapes = list(linear_shapes(fp32))
+    every = {
+        engine: quantize_linear_int8(copy.deepcopy(fp32), onednn=onednn)
+        for engine, onednn in (("fbgemm", ()), ("onednn", shapes))
+    }
+    mixed = quantize_linear_int8(copy.deepcopy(fp32), onednn=shapes[::2])
+    by_engine = {engine: dict(model.named_modules()) for engine, model in every.items()}
+    layers = [(name, m) for name, m in mixed.named_modules() if isinstance(m, DynamicQuantizedLinear)]
+    assert len(layers) == sum(linear_shapes(fp32).values())
+    for name, layer in layers:
+        x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(1))
+        on_onednn = (layer.in_features, layer.out_features) in shapes[::2]
+        same, other = ("onednn", "fbgemm") if on_onednn else ("fbgemm", "onednn")
+        with torch.inference_mode():
+            assert torch.equal(layer(x), by_engine[same][name](x))
+            assert not torch.equal(layer(x), by_engine[other][name](x))
+
+
+@needs_both_engines
+def test_int8_engines_are_measured_at_load_cached_apart_from_fp32_and_say_why(standins, tmp_path, monkeypatch):
+    model = generator(standins).model
+    measured_choice(model, (1, 4), tmp_path)
+    int8 = measured_choice(model, (1, 4), tmp_path, "int8")
+    assert len(list((tmp_path / "kernels").glob("*.json"))) == 2
+    assert "int8: oneDNN where it beat fbgemm's int8 GEMM over 1 and 4 rows" in int8.reason
+    assert int8.summary in ("onednn", "fbgemm", "mixed")
+
+    seen = []
+
+    def measure(shapes, rows, precision):
+        seen.append(precision)
+        shapes = list(shapes)
+        return {s: {n: {"fbgemm": 1.0, "onednn": 0.5 if s == shapes[-1] else 2.0} for n in rows} for s in shapes}
+
+    monkeypatch.setattr(kernels, "measure", measure)
+    loaded = generator(standins, precision="int8")
+    assert seen == ["int8"] and loaded.kernels == "mixed" and "1 of" in loaded.kernels_reason
+    quantized = [m for m in loaded.model.modules() if isinstance(m, DynamicQuantizedLinear)]
+    assert len(quantized) == sum(linear_shapes(model).values())
+
+
+@needs_both_engines
+def test_any_mix_of_int8_engines_gives_the_same_greedy_output(standins):
+    params = GenerationParams(max_new_tokens=12)
+    fp32 = AutoModelForCausalLM.from_pretrained(standins[0]).eval()
+    shapes = list(linear_shapes(fp32))
+    tokenizer = generator(standins).tokenizer
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    outputs = []
+    for onednn in ((), shapes[::2], shapes[1::2], shapes):
+        int8 = quantize_linear_int8(copy.deepcopy(fp32), onednn=onednn)
+        model = TextGenerator(int8, tokenizer, "stand-in", "r", True, "int8")
+        outputs.append((model.generate(prompts, params), [model.generate([p], params)[0] for p in prompts]))
+    assert all(output == outputs[0] for output in outputs)

@@ -4,6 +4,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from server.ml.precision import ServedKernels
+
 
 class CheckOut(BaseModel):
     status: Literal["ok", "degraded", "down"]
@@ -23,9 +25,10 @@ class ModelInfo(BaseModel):
     )
     revision: str = Field(description="The weights served (checkpoint revision, with the same suffixes as `name`)")
     precision: Literal["fp32", "int8"] = Field(description="GENERATOR_PRECISION or SENTIMENT_PRECISION")
-    kernels: Literal["onednn", "torch", "mixed"] = Field(
-        description="Who computes the fp32 Linear layers: oneDNN, torch's default GEMM, or each where it was faster "
-        "on this CPU (GENERATOR_FP32_KERNELS, SENTIMENT_FP32_KERNELS)"
+    kernels: ServedKernels = Field(
+        description="Who computes the Linear layers: in fp32 oneDNN, torch's default GEMM, or each where it was "
+        "faster on this CPU (GENERATOR_FP32_KERNELS, SENTIMENT_FP32_KERNELS); in int8 oneDNN's or fbgemm's int8 "
+        "kernels, or each where it was faster (always measured)"
     )
     kernels_reason: str = Field(description="Why: measured on this CPU (auto, and with what result), or as set")
     device: str = Field(description="Where the model runs: cpu, or cuda:N (DEVICE)")
