@@ -171,13 +171,16 @@ def test_int8_layers_are_packed_for_the_engine_their_shape_was_given(standins):
     by_engine = {engine: dict(model.named_modules()) for engine, model in every.items()}
     layers = [(name, m) for name, m in mixed.named_modules() if isinstance(m, DynamicQuantizedLinear)]
     assert len(layers) == sum(linear_shapes(fp32).values())
+    told_apart = 0
     for name, layer in layers:
         x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(1))
-        on_onednn = (layer.in_features, layer.out_features) in shapes[::2]
-        same, other = ("onednn", "fbgemm") if on_onednn else ("fbgemm", "onednn")
+        expected = "onednn" if (layer.in_features, layer.out_features) in shapes[::2] else "fbgemm"
         with torch.inference_mode():
-            assert torch.equal(layer(x), by_engine[same][name](x))
-            assert not torch.equal(layer(x), by_engine[other][name](x))
+            outputs = {engine: modules[name](x) for engine, modules in by_engine.items()}
+            assert torch.equal(layer(x), outputs[expected])
+        told_apart += not torch.equal(outputs["fbgemm"], outputs["onednn"])
+    if not told_apart:  # the check above then cannot tell the engines apart
+        pytest.skip("fbgemm and oneDNN give bit-identical outputs on this CPU")
 
 
 @needs_both_engines
