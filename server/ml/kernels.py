@@ -18,7 +18,7 @@ output is checked identical to transformers' whatever the mix (tests/ml/test_ker
 An int8 model's Linear layers are chosen the same way, always (no setting: it is a speed choice only), between
 torch's two quantized engines: fbgemm, the reference, and oneDNN, whose int8 kernels use AVX512-VNNI and AMX where the
 CPU has them. Both quantize the same way (per-channel int8 weights, each input per call); only the summation order
-differs. On the AMD EPYC (AVX2) machine fbgemm won every GPT-2 shape (oneDNN 1.3x to 2.8x slower).
+differs. On the AMD EPYC (AVX2) machine fbgemm won every GPT-2 shape (oneDNN 1.3x to 3.3x slower).
 """
 
 import copy

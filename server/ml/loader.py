@@ -205,7 +205,8 @@ class PretrainedModel:
             model, served, reason = quantize_linear_int8(model, choice.onednn), choice.summary, choice.reason
         elif precision == "int8":
             model, served = apply_precision(model, precision), "torch"
-            reason = f"int8: torch's default quantized engine ({torch.backends.quantized.engine}; no fbgemm here)"
+            engine = torch.backends.quantized.engine
+            reason = f"int8: torch's default quantized engine ({engine}): this torch build lacks fbgemm or oneDNN"
         elif kernels == "auto" and placement.dtype == torch.float32:
             choice = measured_choice(model, cls.kernel_rows, Path(cache_dir))
             model, served, reason = linear_onednn(model, choice.onednn), choice.summary, choice.reason
