@@ -37,7 +37,7 @@ PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 # `auto`: measured per Linear shape on this CPU (server/ml/kernels.py); a model then reports `onednn`, `torch` or
 # `mixed`.
 Kernels = Literal["auto", "onednn", "torch"]
-# fbgemm: torch's quantized engine for int8 on x86 without oneDNN's int8 units.
+# fbgemm: torch's other int8 engine beside oneDNN, for the shapes where it measured faster.
 ServedKernels = Literal["onednn", "torch", "fbgemm", "mixed"]
 # The quantized engines timed for int8, the reference first.
 INT8_ENGINES: tuple[ServedKernels, ServedKernels] = ("fbgemm", "onednn")
