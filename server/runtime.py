@@ -17,6 +17,7 @@ from server.core.tenants import KeyRing
 from server.db import migrate
 from server.db.session import create_engine, session_factory
 from server.ml import configure_threads
+from server.ml.allocator import keep_freed_memory
 from server.ml.classifier import Sentiment, SentimentClassifier
 from server.ml.device import default_batch_max_size, kernels_for, memory, placements
 from server.ml.generator import Generation, TextGenerator
@@ -105,6 +106,7 @@ async def load_models(settings: Settings, executor: Executor) -> tuple[TextGener
         locate, settings.sentiment_model, "classifier", settings.model_source, settings.models_cache_dir
     )
     loop = asyncio.get_running_loop()
+    log.info("memory allocator: %s", keep_freed_memory())
     await loop.run_in_executor(executor, configure_threads, settings.torch_num_threads)
     return (
         await loop.run_in_executor(

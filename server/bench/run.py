@@ -55,6 +55,7 @@ from server.bench.scheduling import (
     measure_mixed,
 )
 from server.core.config import PROJECT_ROOT, get_settings
+from server.ml.allocator import keep_freed_memory
 from server.ml.device import CPU_BATCH_MAX_SIZE, CPU_FLOAT32, kernels_for
 from server.ml.kernels import cpu_model_and_flags
 from server.ml.offline import DISTILBERT_BASE, GPT2_124M, build_classifier, build_generator, standin_marker_exists
@@ -386,6 +387,8 @@ def machine() -> dict:
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        # Idempotent: what the bench process runs its engines with (set at the start of `run`).
+        "allocator": keep_freed_memory(),
     }
 
 
@@ -478,6 +481,9 @@ def run(args: argparse.Namespace) -> dict:
     settings = get_settings()
     with tqdm(total=phases, desc="bench", unit="phase", file=sys.stderr) as bar:
         generator_dir, classifier_dir = ensure_models(args)
+        # The engines measured here, transformers' included, run with the allocator the server sets for itself
+        # (and `machine()` reports it).
+        keep_freed_memory()
         bar.set_postfix_str("offline limits")
         offline = OfflineLimit(generator_dir, args.batch_size, args.new_tokens, (3, 1) if args.quick else (4, 2))
         classifier = ClassifierLimit(

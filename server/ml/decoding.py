@@ -16,6 +16,7 @@ from typing import Generic, Literal, Protocol, TypeVar, cast
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from server.ml.sampling import RowSampler, TokenLogprob, shaped
 
@@ -87,6 +88,61 @@ def _filled(cache: DynamicCache) -> list[_LayerTensors]:
     """The layers of a batch's cache, which its prefill filled: transformers types them as possibly empty or of
     other kinds (linear attention) than the plain attention layers of the models served here."""
     return cast(list[_LayerTensors], cache.layers)
+
+
+class GrowingLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values are views of buffers with room for `SPARE` more positions.
+
+    `DynamicLayer.update` concatenates, so every decoding step copies the whole cache into a fresh allocation: on
+    an Intel Xeon (AVX-512) that was 30% of a batch of 32 rows' time (page faults on the new memory, then the copy).
+    Here a step writes its one position into the spare room and the layer's tensors become one position longer
+    views; only when the room is used up (or `DecodeBatch` replaced the tensors: rows left or joined) are they
+    copied once into new buffers. The values are the same, so is every output.
+    """
+
+    SPARE = 64
+    keys: torch.Tensor
+    values: torch.Tensor
+    _written: tuple[torch.Tensor, torch.Tensor] | None
+    _buffers: tuple[torch.Tensor, ...]
+    _capacity: int
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._written, self._capacity = None, 0
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length, added = self.get_seq_length(), key_states.shape[-2]
+        if self._written is None or self._written[0] is not self.keys or self._capacity < length + added:
+            self._buffers = tuple(
+                self._grown(old, new, length, added)
+                for old, new in ((self.keys, key_states), (self.values, value_states))
+            )
+            self._capacity = length + added + self.SPARE
+        keys_buffer, values_buffer = self._buffers
+        keys_buffer[:, :, length : length + added] = key_states
+        values_buffer[:, :, length : length + added] = value_states
+        self.keys, self.values = keys_buffer[:, :, : length + added], values_buffer[:, :, : length + added]
+        self._written = (self.keys, self.values)
+        return self.keys, self.values
+
+    def _grown(self, old: torch.Tensor, new: torch.Tensor, length: int, added: int) -> torch.Tensor:
+        batch, heads, _, width = new.shape
+        buffer = new.new_empty((batch, heads, length + added + self.SPARE, width))
+        if length:
+            buffer[:, :, :length] = old
+        return buffer
+
+
+def growing_cache(config) -> DynamicCache:
+    """A `DynamicCache` for `config` whose full-attention layers grow in place (`GrowingLayer`)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 @dataclass(eq=False)
@@ -161,7 +217,7 @@ class Decoder:
             [[0] * (width - len(row)) + [1] * len(row) for row in inputs], dtype=torch.long, device=self.device
         )
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        batch = DecodeBatch(sequences, DynamicCache(config=self.model.config), mask, mask.sum(dim=-1))
+        batch = DecodeBatch(sequences, growing_cache(self.model.config), mask, mask.sum(dim=-1))
         scoring = [row for row, s in enumerate(sequences) if s.params.prompt_logprobs and s.prompt_logprobs is None]
         # Prompt log-probabilities come from the last hidden states of this same pass; the logits the rows pick
         # from stay those of the last position alone, as they are computed without them (a wider product would
@@ -203,8 +259,10 @@ class Decoder:
         while unfinished := [
             i for i, row in enumerate(batch.sequences) if not row.finish_reason and not abandoned(rows[i])
         ]:
-            batch.keep(unfinished)
-            rows = [rows[i] for i in unfinished]
+            if len(unfinished) < len(batch):
+                # `keep` copies every layer's cache: only worth it when a row leaves.
+                batch.keep(unfinished)
+                rows = [rows[i] for i in unfinished]
             self.step(batch)
 
     def _score_prompt(self, sequence: Sequence, hidden: torch.Tensor) -> None:
@@ -222,7 +280,8 @@ class Decoder:
         """Pick every row's next token on the device (greedy rows by one argmax, the others each from its own
         shaped logits or sampler, written into the same tensor), then copy the picks to the host once."""
         scores = scores.float()
-        picks = scores.argmax(dim=-1)
+        # The same first index of the largest score as `argmax`, which took 2.5x as long over GPT-2's vocabulary.
+        picks = scores.max(dim=-1).indices
         for row, sequence in enumerate(batch.sequences):
             params = sequence.params
             if params.shapes_logits and len(sequence.tokens) < params.max_new_tokens:

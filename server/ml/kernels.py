@@ -55,12 +55,15 @@ WHO = {"torch": "torch's GEMM", "fbgemm": "fbgemm's int8 GEMM"}
 @dataclass(frozen=True)
 class KernelChoice:
     """oneDNN for `onednn` (the shapes it won), the `reference` kernels (torch's GEMM in fp32, fbgemm in int8) for
-    the rest; `reason` says how it was decided."""
+    the rest; `reason` says how it was decided. `lone_on_reference`: the oneDNN shapes whose one-row calls (a lone
+    request's decoding step) still run on the reference because it was faster there (fp32 only, see
+    `one_row_reference`)."""
 
     onednn: frozenset[Shape]
     shapes: frozenset[Shape]
     reason: str
     reference: ServedKernels = "torch"
+    lone_on_reference: frozenset[Shape] = frozenset()
 
     @property
     def summary(self) -> ServedKernels:
@@ -86,22 +89,44 @@ def linear_shapes(model: nn.Module) -> dict[Shape, int]:
 
 
 def choose(
-    timings: dict[Shape, dict[int, dict[str, float]]], layers: dict[Shape, int], reference: str = "torch"
+    timings: dict[Shape, dict[int, dict[str, float]]],
+    layers: dict[Shape, int],
+    reference: str = "torch",
+    one_row_on_either: bool = False,
 ) -> frozenset[Shape]:
     """The shapes oneDNN costs the model less on (`timings[shape][rows][kernel]`, seconds of one call; `layers`,
     how many layers have each shape): summed over the row counts, each as a share of the model's time at that row
-    count on the `reference` kernels. A tie goes to the reference."""
+    count on the `reference` kernels. A tie goes to the reference. `one_row_on_either`: a oneDNN shape's one-row
+    calls run on whichever kernel is faster there (`one_row_reference`), so they cost oneDNN the lesser time."""
     model_time: dict[int, float] = {}
     for shape, by_rows in timings.items():
         for rows, times in by_rows.items():
             model_time[rows] = model_time.get(rows, 0.0) + layers.get(shape, 1) * times[reference]
 
     def cost(by_rows: dict[int, dict[str, float]], kernel: str) -> float:
-        return sum(times[kernel] / model_time[rows] for rows, times in by_rows.items() if model_time[rows] > 0)
+        def paid(rows: int, times: dict[str, float]) -> float:
+            return min(times.values()) if one_row_on_either and rows == 1 and kernel == "onednn" else times[kernel]
+
+        return sum(paid(rows, times) / model_time[rows] for rows, times in by_rows.items() if model_time[rows] > 0)
 
     return frozenset(
         shape for shape, by_rows in timings.items() if by_rows and cost(by_rows, "onednn") < cost(by_rows, reference)
     )
+
+
+def one_row_reference(timings: dict[Shape, dict[int, dict[str, float]]], onednn: frozenset[Shape]) -> frozenset[Shape]:
+    """The oneDNN shapes that torch's GEMM computes faster for one row.
+
+    A lone request reads every weight once per token, so its Linear calls are bound by memory: on an Intel Xeon
+    (AVX-512) torch's GEMM read GPT-2's weights at 30 GB/s for one row against oneDNN's 24 GB/s with weights packed
+    for 32 rows, while oneDNN was 1.1x to 1.3x faster for 32 rows. Those shapes keep their plain weight beside the
+    packed one and call torch's GEMM for one row (`precision.OneDnnLinear`), at the price of both copies in memory.
+    """
+    return frozenset(shape for shape in onednn if 1 in timings[shape] and _faster_on_torch(timings[shape][1]))
+
+
+def _faster_on_torch(times: dict[str, float]) -> bool:
+    return times["torch"] < times["onednn"]
 
 
 def _seconds(run, x: torch.Tensor) -> float:
@@ -116,7 +141,8 @@ def _seconds(run, x: torch.Tensor) -> float:
 
 
 def candidates(linear: nn.Linear, precision: Precision) -> dict[str, nn.Module]:
-    """`linear` computed by each of `precision`'s candidate kernels (copies: `linear` is left as it is)."""
+    """`linear` computed by each of `precision`'s candidate kernels (copies: `linear` is left as it is). In `fp32`
+    the kernels compute in the Linear's own dtype (float32, or bfloat16 on a CPU with bf16 units)."""
     if precision == "fp32":
         return {"torch": linear, "onednn": OneDnnLinear(linear)}
     shape = (linear.in_features, linear.out_features)
@@ -128,19 +154,19 @@ def candidates(linear: nn.Linear, precision: Precision) -> dict[str, nn.Module]:
 
 
 def measure(
-    shapes: Iterable[Shape], rows: Sequence[int], precision: Precision = "fp32"
+    shapes: Iterable[Shape], rows: Sequence[int], precision: Precision = "fp32", dtype: torch.dtype = torch.float32
 ) -> dict[Shape, dict[int, dict[str, float]]]:
-    """Median seconds of one call per shape, row count and kernel, on random weights of that shape."""
+    """Median seconds of one call per shape, row count and kernel, on random weights of that shape in `dtype`."""
     generator = torch.Generator().manual_seed(0)
     timings: dict[Shape, dict[int, dict[str, float]]] = {}
     for in_features, out_features in shapes:
         linear = nn.Linear(in_features, out_features)
         with torch.no_grad():
             linear.weight.copy_(torch.randn(out_features, in_features, generator=generator) * 0.02)
-        kernels = candidates(linear, precision)
+        kernels = candidates(linear.to(dtype), precision)
         timings[(in_features, out_features)] = {}
         for count in rows:
-            x = torch.randn(count, in_features, generator=generator)
+            x = torch.randn(count, in_features, generator=generator).to(dtype)
             timings[(in_features, out_features)][count] = {name: _seconds(run, x) for name, run in kernels.items()}
     return timings
 
@@ -169,14 +195,18 @@ def cpu_identity() -> dict[str, object]:
 def measured_choice(
     model: nn.Module, rows: Sequence[int], cache_dir: Path | None, precision: Precision = "fp32"
 ) -> KernelChoice:
-    """The kernels for `model`'s Linear shapes in `precision` on this CPU, measured once and cached in `cache_dir`
-    (None: not cached). An unreadable cache file is measured again and rewritten."""
+    """The kernels for `model`'s Linear shapes in `precision` (in fp32: in the model's dtype, float32 or
+    bfloat16) on this CPU, measured once and cached in `cache_dir` (None: not cached). An unreadable cache file is
+    measured again and rewritten."""
     shapes = linear_shapes(model)
     identity = cpu_identity()
     reference, _ = CANDIDATES[precision]
+    dtype = next(model.parameters()).dtype if precision == "fp32" else torch.float32
+    # What the reason calls the arithmetic: fp32 weights computed in float32 unless the model is bfloat16.
+    label = str(dtype).removeprefix("torch.") if dtype != torch.float32 else precision
     key = {
         **identity,
-        "precision": precision,
+        "precision": label,
         "shapes": [[*shape, count] for shape, count in shapes.items()],
         "rows": list(rows),
     }
@@ -188,16 +218,18 @@ def measured_choice(
     source = "cached"
     if timings is None or set(timings) != set(shapes):
         started = time.perf_counter()
-        timings = measure(shapes, rows, precision)
+        timings = measure(shapes, rows, precision, dtype)
         source = f"measured in {time.perf_counter() - started:.1f} s"
         if path is not None:
             _store(path, key, timings)
-    onednn = choose(timings, shapes, reference)
+    onednn = choose(timings, shapes, reference, one_row_on_either=precision == "fp32")
+    lone = one_row_reference(timings, onednn) if precision == "fp32" else frozenset()
+    alone = f", {len(lone)} of them on torch's GEMM for one row" if lone else ""
     reason = (
-        f"{precision}: oneDNN where it beat {WHO[reference]} over {' and '.join(map(str, rows))} rows on "
-        f"{identity['cpu']} ({len(onednn)} of {len(shapes)} Linear shapes; {source})"
+        f"{label}: oneDNN where it beat {WHO[reference]} over {' and '.join(map(str, rows))} rows on "
+        f"{identity['cpu']} ({len(onednn)} of {len(shapes)} Linear shapes{alone}; {source})"
     )
-    return KernelChoice(onednn, frozenset(shapes), reason, reference)
+    return KernelChoice(onednn, frozenset(shapes), reason, reference, lone)
 
 
 def _cached(path: Path | None, kernels: Sequence[str]) -> dict[Shape, dict[int, dict[str, float]]] | None:

@@ -30,6 +30,7 @@ from server.ml.precision import (
     apply_precision,
     int8_engines_available,
     linear_onednn,
+    onednn_computes,
     quantize_linear_int8,
     usable_kernels,
 )
@@ -207,15 +208,17 @@ class PretrainedModel:
             model, served = apply_precision(model, precision), "torch"
             engine = torch.backends.quantized.engine
             reason = f"int8: torch's default quantized engine ({engine}): this torch build lacks fbgemm or oneDNN"
-        elif kernels == "auto" and placement.dtype == torch.float32:
+        elif kernels == "auto" and placement.device.type == "cpu" and onednn_computes(placement.dtype):
             choice = measured_choice(model, cls.kernel_rows, Path(cache_dir))
-            model, served, reason = linear_onednn(model, choice.onednn), choice.summary, choice.reason
+            model, served = linear_onednn(model, choice.onednn, choice.lone_on_reference), choice.summary
+            reason = choice.reason
         else:
-            # `auto` left here is a GPU's or a half-precision one's: torch's own kernels.
+            # `auto` left here is a GPU's, or bfloat16's where oneDNN lacks bf16 kernels: torch's own kernels.
             served = "torch" if kernels == "auto" else kernels
             model, reason = (
                 apply_precision(model, precision, served),
-                "as configured (*_FP32_KERNELS; auto is torch's on a GPU and in bfloat16)",
+                "as configured (*_FP32_KERNELS; auto is torch's on a GPU, and in bfloat16 without oneDNN's bf16 "
+                "kernels)",
             )
         log.info("%s %s kernels: %s (%s)", location.name, precision, served, reason)
         return cls(model, tokenizer, location.name, revision, location.standin, precision, served, placement, reason)

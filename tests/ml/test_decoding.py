@@ -1,6 +1,6 @@
 import torch
 
-from server.ml.decoding import DecodeBatch, GenerationParams, Sequence
+from server.ml.decoding import DecodeBatch, GenerationParams, GrowingLayer, Sequence
 from server.ml.generator import Generation, TextGenerator
 from tests.ml.conftest import LONG, MIDDLE, SHORT
 
@@ -136,3 +136,28 @@ def test_rows_split_off_and_merged_back_keep_their_tokens(generator: TextGenerat
         while not all(s.finish_reason for s in rows):
             step(batch)
     assert [generator.result(s) for s in rows] == reference
+
+
+def test_a_decoding_step_writes_its_position_into_the_cache_in_place(generator: TextGenerator):
+    params = GenerationParams(max_new_tokens=8)
+    rows = [Sequence(tuple(generator.encode(p)), params) for p in (LONG, SHORT)]
+    with torch.inference_mode():
+        batch = generator.decoder.prefill(rows)
+        generator.decoder.step(batch)
+        layer = batch.cache.layers[0]
+        where, length = layer.keys.data_ptr(), layer.keys.shape[2]
+        generator.decoder.step(batch)
+        assert (layer.keys.data_ptr(), layer.keys.shape[2]) == (where, length + 1)
+        assert layer.values.shape == layer.keys.shape
+        batch.keep([0])  # a row left: the tensors were replaced, so the next step copies them into new room once
+        generator.decoder.step(batch)
+        assert layer.keys.data_ptr() != where and layer.keys.shape[:3] == (1, layer.keys.shape[1], length + 2)
+
+
+def test_rows_keep_transformers_tokens_when_the_cache_outgrows_its_room(generator: TextGenerator, monkeypatch):
+    monkeypatch.setattr(GrowingLayer, "SPARE", 1)  # a new buffer every other step
+    params = GenerationParams(max_new_tokens=10)
+    prompts = [generator.encode(p) for p in PROMPTS]
+    reference = [generator.generate([p], params)[0] for p in prompts]
+    out = decode(generator, [Sequence(tuple(p), params) for p in prompts])
+    assert [out[i] for i in range(len(prompts))] == reference

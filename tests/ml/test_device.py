@@ -24,6 +24,7 @@ from server.ml.device import (
 )
 from server.ml.generator import TextGenerator
 from server.ml.loader import locate
+from server.ml.precision import OneDnnLinear
 from server.services.cache.keys import cache_key
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without a GPU does")
@@ -132,11 +133,33 @@ def test_cpu_memory_is_the_systems():
     assert seen["memory_used_bytes"] == seen["memory_total_bytes"] - seen["memory_free_bytes"]
 
 
-def test_auto_kernels_in_bfloat16_are_torch_s_not_measured(standins, monkeypatch):
+def test_auto_kernels_in_bfloat16_are_measured_in_bfloat16_where_onednn_computes_it(standins, monkeypatch):
+    seen = []
+
+    def measure(shapes, rows, precision, dtype):
+        seen.append(dtype)
+        return {shape: {n: {"torch": 2.0, "onednn": 1.0} for n in rows} for shape in shapes}
+
+    monkeypatch.setattr(kernels, "measure", measure)
+    location = locate(str(standins[0]), "generator", "local", standins[0].parent)
+    placement = Placement(torch.device("cpu"), torch.bfloat16)
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("oneDNN has no bf16 kernels on this CPU")
+    model = TextGenerator.load(location, str(standins[0].parent), "fp32", "auto", placement)
+    assert seen == [torch.bfloat16]
+    assert model.kernels == "onednn" and model.kernels_reason.startswith("bfloat16: oneDNN where it beat")
+    packed = [m for m in model.model.modules() if isinstance(m, OneDnnLinear)]
+    assert packed and all(m.packed_weight.dtype == torch.bfloat16 for m in packed)
+    [out] = model.generate([model.encode("Once")], GenerationParams(max_new_tokens=3))
+    assert len(out.token_ids) <= 3
+
+
+def test_auto_kernels_in_bfloat16_are_torch_s_where_onednn_has_no_bf16_kernels(standins, monkeypatch):
     def no_measuring(*_):
-        raise AssertionError("fp32 kernels measured for a bfloat16 model")
+        raise AssertionError("kernels measured for a dtype oneDNN does not compute")
 
     monkeypatch.setattr(kernels, "measure", no_measuring)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     location = locate(str(standins[0]), "generator", "local", standins[0].parent)
     placement = Placement(torch.device("cpu"), torch.bfloat16)
     model = TextGenerator.load(location, str(standins[0].parent), "fp32", "auto", placement)

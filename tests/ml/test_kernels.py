@@ -1,5 +1,6 @@
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -115,7 +116,7 @@ def test_cached_timings_decide_the_choice_and_a_broken_file_is_measured_again(st
 
     cached.write_text("{not json")
     fake = {shape: {1: timing(1.0, 2.0), 4: timing(1.0, 2.0)} for shape in linear_shapes(model)}
-    monkeypatch.setattr(kernels, "measure", lambda shapes, rows, precision: fake)
+    monkeypatch.setattr(kernels, "measure", lambda shapes, rows, precision, dtype: fake)
     assert measured_choice(model, (1, 4), tmp_path).summary == "torch"
     assert json.loads(cached.read_text())["timings"]  # rewritten
 
@@ -138,7 +139,7 @@ def test_any_mix_of_kernels_gives_transformers_greedy_output(standins):
 def test_auto_kernels_are_measured_at_load_and_say_why(standins, monkeypatch):
     fake = {}
 
-    def measure(shapes, rows, precision):
+    def measure(shapes, rows, precision, dtype):
         shapes = list(shapes)
         fake.update({shape: {n: timing(1.0, 0.5 if shape == shapes[0] else 2.0) for n in rows} for shape in shapes})
         return fake
@@ -194,7 +195,7 @@ def test_int8_engines_are_measured_at_load_cached_apart_from_fp32_and_say_why(st
 
     seen = []
 
-    def measure(shapes, rows, precision):
+    def measure(shapes, rows, precision, dtype):
         seen.append(precision)
         shapes = list(shapes)
         return {s: {n: {"fbgemm": 1.0, "onednn": 0.5 if s == shapes[-1] else 2.0} for n in rows} for s in shapes}
@@ -219,3 +220,51 @@ def test_any_mix_of_int8_engines_gives_the_same_greedy_output(standins):
         model = TextGenerator(int8, tokenizer, "stand-in", "r", True, "int8")
         outputs.append((model.generate(prompts, params), [model.generate([p], params)[0] for p in prompts]))
     assert all(output == outputs[0] for output in outputs)
+
+
+def test_one_row_runs_on_torch_for_the_onednn_shapes_torch_computes_faster_alone():
+    timings = {
+        (8, 8): {1: timing(1.0, 2.0), 32: timing(20.0, 10.0)},  # slower alone, faster batched
+        (8, 32): {1: timing(1.0, 0.5), 32: timing(20.0, 10.0)},  # faster at both
+        (32, 8): {1: timing(1.0, 1.5), 32: timing(10.0, 20.0)},  # torch's anyway
+    }
+    one_each = dict.fromkeys(timings, 1)
+    # Weighed as before, (8, 8) loses more alone than it gains batched; with its one-row calls on torch it gains.
+    assert choose(timings, one_each) == {(8, 32)}
+    onednn = choose(timings, one_each, one_row_on_either=True)
+    assert onednn == {(8, 8), (8, 32)}
+    assert kernels.one_row_reference(timings, onednn) == {(8, 8)}
+    assert kernels.one_row_reference({(8, 8): {32: timing(1.0, 2.0)}}, frozenset({(8, 8)})) == frozenset()
+
+
+@pytest.mark.parametrize("gelu", [None, "tanh", "none"])
+def test_a_layer_kept_plain_beside_its_packed_weight_computes_one_row_on_torch(gelu):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96)
+    packed, both = OneDnnLinear(linear, gelu), OneDnnLinear(linear, gelu, lone_on_torch=True)
+    activation = nn.Identity() if gelu is None else nn.GELU(approximate=gelu)
+    one, many = torch.randn(1, 1, 64), torch.randn(3, 64)
+    with torch.inference_mode():
+        assert torch.equal(both(one), activation(linear(one)))
+        assert torch.equal(both(many), packed(many))
+        assert not torch.equal(packed(one), both(one))  # oneDNN sums in another order: the two paths differ
+
+
+def test_a_measured_choice_keeps_one_row_on_torch_where_it_was_faster(standins, monkeypatch):
+    reference = generator(standins)
+    params = GenerationParams(max_new_tokens=12)
+    prompts = [reference.encode(p) for p in PROMPTS]
+    expected = [reference.generate([p], params)[0] for p in prompts]
+    shutil.rmtree(standins[0].parent / "kernels", ignore_errors=True)  # other tests' timings, cached
+    monkeypatch.setattr(
+        kernels,
+        "measure",
+        lambda shapes, rows, precision, dtype: {s: {1: timing(1, 2), 32: timing(2, 1)} for s in shapes},
+    )
+    loaded = generator(standins, "auto")
+    shutil.rmtree(standins[0].parent / "kernels")
+    packed = [m for m in loaded.model.modules() if isinstance(m, OneDnnLinear)]
+    assert packed and all(m.plain_weight is not None for m in packed)
+    assert loaded.kernels == "onednn" and "of them on torch's GEMM for one row" in loaded.kernels_reason
+    assert loaded.generate(prompts, params) == expected
+    assert [loaded.generate([p], params)[0] for p in prompts] == expected

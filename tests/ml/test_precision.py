@@ -5,13 +5,14 @@ import torch
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.activations import GELUActivation, NewGELUActivation
 from transformers.pytorch_utils import Conv1D
 
 from server.ml.classifier import SentimentClassifier
 from server.ml.decoding import GenerationParams, Sequence
 from server.ml.generator import TextGenerator
 from server.ml.loader import locate
-from server.ml.precision import apply_precision, linear_from_conv1d
+from server.ml.precision import OneDnnLinear, apply_precision, fuse_gelu, linear_from_conv1d
 from tests.ml.conftest import LONG, MIDDLE, SHORT
 
 PROMPTS = ["Once upon a time", "The weather today is", "A"]
@@ -119,3 +120,31 @@ def test_a_torch_build_without_onednn_serves_on_torch_kernels_and_says_so(standi
     generator = TextGenerator.load(location, str(standins[0].parent), "fp32", "onednn")
     assert generator.kernels == "torch" and any(isinstance(m, Conv1D) for m in generator.model.modules())
     assert "has no oneDNN" in caplog.text
+
+
+def test_the_gelu_after_a_feed_forward_linear_runs_inside_its_onednn_call(standins):
+    generator = TextGenerator.load(
+        locate(str(standins[0]), "generator", "local", standins[0].parent), str(standins[0].parent), "fp32", "onednn"
+    )
+    classifier = SentimentClassifier.load(
+        locate(str(standins[1]), "classifier", "local", standins[1].parent), str(standins[1].parent), "fp32", "onednn"
+    )
+    blocks = [m for m in generator.model.modules() if hasattr(m, "c_fc")]
+    ffns = [m for m in classifier.model.modules() if hasattr(m, "lin1")]
+    assert blocks and ffns
+    assert all((b.c_fc.attribute, b.c_fc.algorithm, type(b.act)) == ("gelu", "tanh", nn.Identity) for b in blocks)
+    assert all((f.lin1.attribute, f.lin1.algorithm, type(f.activation)) == ("gelu", "none", nn.Identity) for f in ffns)
+
+
+@pytest.mark.parametrize("activation", [NewGELUActivation(), GELUActivation()])
+def test_a_fused_gelu_rounds_within_a_few_units_of_the_last_place_of_transformers_own(activation):
+    torch.manual_seed(0)
+    parent = nn.Module()
+    parent.c_fc, parent.act = OneDnnLinear(nn.Linear(768, 3072)), activation
+    x = torch.randn(8, 768)
+    with torch.inference_mode():
+        expected = activation(parent.c_fc(x))
+        fuse_gelu(parent)
+        got = parent.c_fc(x)
+    assert isinstance(parent.act, nn.Identity)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
