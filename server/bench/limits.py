@@ -2,8 +2,9 @@
 
 Generator engines (`ENGINES`, a key prefix each): `""` is transformers' `generate` in fp32 with torch's GEMM, the
 reference every ratio is taken against; `fast_` is the server's default, our decoding loop with fp32 Linear layers
-on oneDNN; `int8_` is our loop on the int8 model (`GENERATOR_PRECISION=int8`). The arithmetic yardsticks (a GEMM
-probe in fp32 and in int8) are measured in the same run.
+on the kernels measured fastest on this CPU; `int8_` is our loop on the int8 model (`GENERATOR_PRECISION=int8`);
+`bf16_`, on a CPU with bf16 units only, our loop in bfloat16 (`GENERATOR_DTYPE=bfloat16`). The arithmetic yardsticks
+(a GEMM probe in each of fp32, int8 and bf16) are measured in the same run.
 """
 
 import statistics
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -20,6 +22,7 @@ from server.bench.agreement import greedy_agreement, label_agreement
 from server.core.config import PROJECT_ROOT
 from server.ml.classifier import SentimentClassifier
 from server.ml.decoding import Sequence
+from server.ml.device import DTYPES, Placement, cpu_has_bf16
 from server.ml.generator import GenerationParams, TextGenerator
 from server.ml.kernels import candidates
 from server.ml.loader import locate
@@ -45,16 +48,34 @@ TOPICS = [
     "islands",
     "castles",
 ]
-ENGINES: dict[str, tuple[Precision, Kernels]] = {
-    "": ("fp32", "torch"),
-    "fast_": ("fp32", "auto"),
-    "int8_": ("int8", "torch"),
+
+
+class Engine(NamedTuple):
+    """How a generator engine is loaded: the settings of a server that runs it."""
+
+    precision: Precision
+    kernels: Kernels
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @property
+    def arithmetic(self) -> str:
+        """What its matrix products compute in: `fp32`, `int8` or `bf16` (the GEMM probe it is set against)."""
+        return "bf16" if self.dtype == "bfloat16" else self.precision
+
+
+ENGINES: dict[str, Engine] = {
+    "": Engine("fp32", "torch"),
+    "fast_": Engine("fp32", "auto"),
+    "int8_": Engine("int8", "torch"),
+    # bfloat16 is refused on a CPU without bf16 units (server/ml/device.py): there is nothing to measure there.
+    **({"bf16_": Engine("fp32", "auto", "bfloat16")} if cpu_has_bf16() else {}),
 }
-WEIGHT_BYTES = {"fp32": 4, "int8": 1}
+WEIGHT_BYTES = {"fp32": 4, "int8": 1, "bf16": 2}
 ENGINE_NAMES = {
     "": "transformers fp32 (generate)",
     "fast_": "fp32, our loop, kernels measured here",
     "int8_": "int8, our loop",
+    "bf16_": "bfloat16, our loop, kernels measured here",
 }
 
 
@@ -83,9 +104,9 @@ def _median_s(call: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def gemm_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """This machine's sustained fp32 matrix-multiply rate, probed now (the fp32 arithmetic limit's yardstick)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def gemm_gflops(size: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """This machine's sustained matrix-multiply rate in `dtype`, probed now (the arithmetic limit's yardstick)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     return 2 * size**3 / _median_s(lambda: torch.mm(a, b), repeats) / 1e9
 
 
@@ -122,8 +143,14 @@ class OfflineLimit:
     def __init__(self, model_dir: Path, batch_size: int, new_tokens: int, repeats: tuple[int, int]):
         location = locate(str(model_dir), "generator", "local", BENCH_MODELS)
         self.models = {
-            engine: TextGenerator.load(location, str(BENCH_MODELS), precision, kernels)
-            for engine, (precision, kernels) in ENGINES.items()
+            engine: TextGenerator.load(
+                location,
+                str(BENCH_MODELS),
+                spec.precision,
+                spec.kernels,
+                Placement(torch.device("cpu"), DTYPES[spec.dtype]),
+            )
+            for engine, spec in ENGINES.items()
         }
         self.generator = self.models[""]
         self.params = GenerationParams(max_new_tokens=new_tokens)
@@ -186,17 +213,20 @@ class OfflineLimit:
         (the fp32 or int8 GEMM probe), and how many greedy sequences equal transformers'."""
         limits, per_token = self.overall(), flops_per_token(self.generator)
         probes = {"fp32": gemm_gflops(), "int8": int8_gemm_gops()}
+        if "bf16_" in ENGINES:
+            probes["bf16"] = gemm_gflops(dtype=torch.bfloat16)
         memory = memory_gbps()
         prompts = [prompt(f"{SERVER_TAG}{batch_size}", i, 0) for i in range(batch_size)]
         summary: dict = {
             "gemm_gflops": probes["fp32"],
             "int8_gemm_gops": probes["int8"],
+            **({"bf16_gemm_gflops": probes["bf16"]} if "bf16" in probes else {}),
             "memory_gbps": memory,
             "gflop_per_token": per_token / 1e9,
             "compared": len(prompts),
         }
         reference = limits[f"batch_{batch_size}"], limits["batch_1"]
-        for engine, (precision, _) in ENGINES.items():
+        for engine, spec in ENGINES.items():
             full, lone = limits[f"{engine}batch_{batch_size}"], limits[f"{engine}batch_1"]
             tokens_per_s = full["requests_per_s"] * new_tokens
             identical = (
@@ -208,15 +238,15 @@ class OfflineLimit:
             )
             summary[engine or "transformers_"] = {
                 "name": ENGINE_NAMES[engine],
-                "precision": precision,
+                "precision": spec.arithmetic,
                 "tokens_per_s": tokens_per_s,
                 "lone_ms": lone["latency_ms"],
-                "share_of_gemm_limit": tokens_per_s * per_token / (probes[precision] * 1e9),
+                "share_of_gemm_limit": tokens_per_s * per_token / (probes[spec.arithmetic] * 1e9),
                 # A lone request reads every weight once per token (a multiply-add per weight: per_token / 2).
                 "lone_share_of_memory": new_tokens
                 * per_token
                 / 2
-                * WEIGHT_BYTES[precision]
+                * WEIGHT_BYTES[spec.arithmetic]
                 / (lone["latency_ms"] / 1e3)
                 / (memory * 1e9),
                 "vs_transformers_batch": full["requests_per_s"] / reference[0]["requests_per_s"],

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import torch
@@ -59,7 +59,6 @@ from server.ml.allocator import keep_freed_memory
 from server.ml.device import CPU_BATCH_MAX_SIZE, CPU_FLOAT32, kernels_for
 from server.ml.kernels import cpu_model_and_flags
 from server.ml.offline import DISTILBERT_BASE, GPT2_124M, build_classifier, build_generator, standin_marker_exists
-from server.ml.precision import PRECISIONS, Precision
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,7 +125,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=our_precisions,
         default="fp32",
         help="with --against: the precisions our server runs in, one server each, compared in the same run "
-        "(comma-separated among fp32, int8; default fp32; the first is what the others are given against)",
+        "(comma-separated among fp32, int8, bf16 (on a CPU with bf16 units); default fp32; the first is what the "
+        "others are given against)",
     )
     parser.add_argument("--output", type=Path, help="JSON results (default: bench-results/bench-<time>.json)")
     parser.add_argument(
@@ -422,12 +422,20 @@ def server_env(generator_dir: Path, classifier_dir: Path, **overrides: str) -> d
     }
 
 
-def our_precisions(given: str) -> list[Precision]:
-    """`--ours`: distinct precisions, in order (argparse turns the error into a one-line usage error)."""
+# The settings a server of ours runs with in each arithmetic `--ours` names (bf16 on a CPU with bf16 units only).
+OURS: dict[str, dict[str, str]] = {
+    "fp32": {},
+    "int8": {"GENERATOR_PRECISION": "int8", "SENTIMENT_PRECISION": "int8"},
+    "bf16": {"GENERATOR_DTYPE": "bfloat16", "SENTIMENT_DTYPE": "bfloat16"},
+}
+
+
+def our_precisions(given: str) -> list[str]:
+    """`--ours`: distinct arithmetics, in order (argparse turns the error into a one-line usage error)."""
     precisions = list(dict.fromkeys(p.strip() for p in given.split(",") if p.strip()))
-    if not precisions or any(p not in PRECISIONS for p in precisions):
-        raise argparse.ArgumentTypeError(f"{given!r}: expected one or more of {', '.join(PRECISIONS)}, comma-separated")
-    return cast(list[Precision], precisions)
+    if not precisions or any(p not in OURS for p in precisions):
+        raise argparse.ArgumentTypeError(f"{given!r}: expected one or more of {', '.join(OURS)}, comma-separated")
+    return precisions
 
 
 def run_against(args: argparse.Namespace) -> dict:
@@ -457,7 +465,7 @@ def run_against(args: argparse.Namespace) -> dict:
         ours: list[against.Target] = []
         for precision in args.ours:
             name = against.OURS if not ours else f"{against.OURS} {precision}"
-            url, _ = servers.enter_context(serve(name.replace(" ", "-"), GENERATOR_PRECISION=precision))
+            url, _ = servers.enter_context(serve(name.replace(" ", "-"), **OURS[precision]))
             ours.append(asyncio.run(against.discover(name, url)))
         targets = [*ours, *others]
         with tqdm(total=args.repeats * len(plan) * len(targets), desc="against", file=sys.stderr) as bar:
@@ -477,7 +485,8 @@ def run(args: argparse.Namespace) -> dict:
     levels = [int(c) for c in args.concurrency.split(",")]
     int8_levels = sorted({1, max(levels)})
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    phases = 5 + len(levels) * (1 if args.no_baseline else 2) + len(int8_levels)
+    half_servers = [engine for engine in ("int8_", "bf16_") if engine in ENGINES]
+    phases = 5 + len(levels) * (1 if args.no_baseline else 2) + len(int8_levels) * len(half_servers)
     settings = get_settings()
     with tqdm(total=phases, desc="bench", unit="phase", file=sys.stderr) as bar:
         generator_dir, classifier_dir = ensure_models(args)
@@ -520,6 +529,10 @@ def run(args: argparse.Namespace) -> dict:
         with serve("int8", GENERATOR_PRECISION="int8", SENTIMENT_PRECISION="int8") as (url, _):
             server_rows += drive(url, SERVER_TAG, int8_levels, args.rounds, args.new_tokens, bar, offline, "int8_")
             predict["int8"] = measure_predict(url, classifier, "int8", max(levels), args.predict_rounds)
+        if "bf16_" in ENGINES:
+            bar.set_postfix_str("bf16 server")
+            with serve("bf16", **OURS["bf16"]) as (url, _):
+                server_rows += drive(url, SERVER_TAG, int8_levels, args.rounds, args.new_tokens, bar, offline, "bf16_")
         bar.set_postfix_str("static scheduler")
         with serve("static", GENERATOR_SCHEDULER="static") as (url, _):
             mixed = compare_mixed(
@@ -599,6 +612,11 @@ def summarize(
         "machine": machine(),
         "kernels": f"{offline.models['fast_'].kernels}: {offline.models['fast_'].kernels_reason}",
         "int8_kernels": f"{offline.models['int8_'].kernels}: {offline.models['int8_'].kernels_reason}",
+        **(
+            {"bf16_kernels": f"{offline.models['bf16_'].kernels}: {offline.models['bf16_'].kernels_reason}"}
+            if "bf16_" in offline.models
+            else {}
+        ),
         "model": str(generator_dir),
         "new_tokens": args.new_tokens,
         "long_tokens": args.long_tokens,
@@ -621,6 +639,7 @@ def table(results: dict) -> str:
         f"model {results['model']}, {results['new_tokens']} new tokens; {describe(results['machine'])}",
         f"fp32 kernels: generator {results['kernels']}; classifier {results['classifier']['kernels']}",
         f"int8 kernels: generator {results['int8_kernels']}; classifier {results['classifier']['int8_kernels']}",
+        *([f"bf16 kernels: generator {results['bf16_kernels']}"] if "bf16_kernels" in results else []),
         "",
     ]
     full = max(int(k.rsplit("_", 1)[1]) for k in results["offline"])
@@ -632,6 +651,8 @@ def table(results: dict) -> str:
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for engine in ENGINES:
         for size in (1, full):
+            if f"{engine}batch_{size}" not in results["offline"]:
+                continue
             data = results["offline"][f"{engine}batch_{size}"]
             lines.append(
                 f"| offline batch {size} | {ENGINE_NAMES[engine]} | - | {data['requests_per_s']:.2f} | - | "
@@ -668,13 +689,16 @@ def table(results: dict) -> str:
         f"share of the {engines['memory_gbps']:.1f} GB/s memory probe | greedy output identical to transformers |"
     )
     lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for engine, (precision, _) in ENGINES.items():
+    probes = {
+        "fp32": f"{engines['gemm_gflops']:.0f} GFLOPS fp32",
+        "int8": f"{engines['int8_gemm_gops']:.0f} GOPS int8",
+        "bf16": f"{engines.get('bf16_gemm_gflops', 0):.0f} GFLOPS bf16",
+    }
+    for engine in ENGINES:
+        if (engine or "transformers_") not in engines:
+            continue
         data = engines[engine or "transformers_"]
-        probe = (
-            f"{engines['gemm_gflops']:.0f} GFLOPS fp32"
-            if precision == "fp32"
-            else f"{engines['int8_gemm_gops']:.0f} GOPS int8"
-        )
+        probe = probes[data["precision"]]
         lines.append(
             f"| {data['name']} | {data['tokens_per_s']:.0f} | {data['vs_transformers_batch']:.2f}x | "
             f"{data['share_of_gemm_limit']:.0%} of {probe} | {data['lone_ms']:.0f} | "

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+from server.bench.limits import ENGINES
 from server.core.config import PROJECT_ROOT
 
 
@@ -17,14 +18,15 @@ def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(output.read_text())
-    assert set(results["offline"]) == {f"{engine}batch_{size}" for engine in ("", "fast_", "int8_") for size in (1, 32)}
-    # Brackets around each level: fp32 server 1, 4; int8 server 1, 4.
-    assert results["offline"]["batch_32"]["brackets"] == 6
+    # bfloat16 where the CPU has bf16 units, as the bench decides for itself.
+    half = ["int8_", "bf16_"] if "bf16_" in ENGINES else ["int8_"]
+    assert set(results["offline"]) == {f"{engine}batch_{size}" for engine in ["", "fast_", *half] for size in (1, 32)}
+    # Brackets around each level: fp32 server 1, 4; int8 server 1, 4 (and bf16 server 1, 4): 3 per server.
+    assert results["offline"]["batch_32"]["brackets"] == 3 * (1 + len(half))
     assert [(row["engine"], row["concurrency"]) for row in results["server"]] == [
         ("fast_", 1),
         ("fast_", 4),
-        ("int8_", 1),
-        ("int8_", 4),
+        *[(engine, c) for engine in half for c in (1, 4)],
     ]
     assert [row["concurrency"] for row in results["baseline"]] == [1, 4]
     for row in results["server"]:
@@ -65,7 +67,7 @@ def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
     engines = results["engines"]
     assert engines["gemm_gflops"] > 0 and engines["int8_gemm_gops"] > 0 and engines["compared"] == 32
     assert engines["transformers_"]["identical"] == 32 and engines["transformers_"]["vs_transformers_batch"] == 1
-    for engine in ("fast_", "int8_"):
+    for engine in ["fast_", *half]:
         assert 0 <= engines[engine]["identical"] <= 32 and engines[engine]["share_of_gemm_limit"] > 0
     fast, reference = engines["fast_"], engines["transformers_"]
     assert fast["vs_transformers_batch"] == fast["tokens_per_s"] / reference["tokens_per_s"]
@@ -78,6 +80,10 @@ def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
     assert "int8: oneDNN where it beat fbgemm's int8 GEMM over 1 and 32 rows" in results["int8_kernels"]
     assert "int8: oneDNN where it beat fbgemm's int8 GEMM over 32 and 512" in results["classifier"]["int8_kernels"]
     assert f"int8 kernels: generator {results['int8_kernels']}" in run.stdout
+    if "bf16_" in ENGINES:
+        assert results["bf16_kernels"].startswith(("onednn: bfloat16: oneDNN where it beat", "mixed: bfloat16:"))
+        assert engines["bf16_gemm_gflops"] > 0 and engines["bf16_"]["precision"] == "bf16"
+        assert "| server | bfloat16, our loop, kernels measured here | 4 |" in run.stdout
     for precision in ("fp32", "int8"):
         predict = results["predict"][precision]
         assert predict["failures"] == 0 and predict["requests"] == 4 * 2 and predict["concurrency"] == 4

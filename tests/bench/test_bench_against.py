@@ -58,7 +58,7 @@ def test_our_precisions_must_be_known_ones():
         timeout=60,
     )
     assert run.returncode == 2
-    assert "argument --ours: 'fp32,fp8': expected one or more of fp32, int8" in run.stderr
+    assert "argument --ours: 'fp32,fp8': expected one or more of fp32, int8, bf16" in run.stderr
 
 
 def test_a_server_that_cannot_be_driven_stops_the_run_with_one_line():
