@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.activations import GELUActivation, NewGELUActivation
+from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
 from transformers.pytorch_utils import Conv1D
 
 from server.ml.classifier import SentimentClassifier
@@ -55,6 +55,15 @@ def test_int8_generator_quantizes_every_projection_and_the_lm_head_and_keeps_the
     assert isinstance(int8.lm_head, DynamicQuantizedLinear)
     assert not any(name.startswith("lm_head") for name, _ in int8.named_parameters())
     assert not torch.equal(logits(int8, standins[0]), logits(fp32, standins[0]))
+
+
+def test_int8_computes_gpt2_s_gelu_in_one_call_of_the_same_formula(standins):
+    fp32 = load(TextGenerator, standins[0], "fp32").model
+    int8 = load(TextGenerator, standins[0], "int8").model
+    assert {type(block.mlp.act) for block in fp32.transformer.h} == {NewGELUActivation}
+    assert {type(block.mlp.act) for block in int8.transformer.h} == {GELUTanh}
+    x = torch.randn(4, 3072)
+    assert torch.allclose(GELUTanh()(x), NewGELUActivation()(x), rtol=1e-5, atol=1e-6)
 
 
 def test_int8_classifier_quantizes_every_linear_layer(standins):
