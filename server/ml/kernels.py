@@ -1,4 +1,4 @@
-"""Which kernels compute a model's fp32 Linear layers on this CPU, chosen by measuring them, not assumed.
+"""Which kernels compute a model's Linear layers on this CPU, chosen by measuring them, not assumed.
 
 oneDNN with packed weights (`precision.OneDnnLinear`) is about 2x torch's default GEMM for a decoding step on the AMD
 EPYC (AVX2) machines this project was tuned on, but a lone request ran 1.11x slower with it on an Intel Xeon
@@ -6,14 +6,17 @@ EPYC (AVX2) machines this project was tuned on, but a lone request ran 1.11x slo
 with both kernels at the row counts the model sees (for the generator: one row, a lone request's decoding step, and a
 full batch), and gets whichever costs the model less. Each row count weighs the same: a shape's time at it is taken
 as a share of the whole model's time there (all shapes on torch, each counted once per layer), so a lone request's
-latency counts as much as a batch's throughput. On the AMD EPYC (AVX2) machine, GPT-2-124M's 768x768 projection
-went to torch (oneDNN 0.04 ms slower for one row, about even overall) and its four other shapes to oneDNN. The
-choice is a pure function of the timings (`choose`), so it is tested with injected timings; the timings are cached
-per CPU model, ISA flags, torch build, thread count and shapes, under
+latency counts as much as a batch's throughput. A oneDNN shape whose one-row calls torch computes faster keeps its
+plain weight too and sends one row to torch (`one_row_reference`), so its one-row cost is the lesser of the two. On
+the AMD EPYC (AVX2) machine, GPT-2-124M's 768x768 projection went to torch (oneDNN 0.04 ms slower for one row, about
+even overall) and its four other shapes to oneDNN; on an Intel Xeon (AVX-512, AMX) all five went to oneDNN, four of
+them with one row on torch. The choice is a pure function of the timings (`choose`), so it is tested with injected
+timings; the timings are cached per CPU model, ISA flags, torch build, thread count, dtype and shapes, under
 `MODELS_CACHE_DIR/kernels/`, so only the first start on a machine pays the measurement (a few seconds for GPT-2).
 
-Both kernels compute in fp32; only the summation order differs, so outputs may differ in their last bits: greedy
-output is checked identical to transformers' whatever the mix (tests/ml/test_kernels.py).
+Both kernels compute in the model's dtype (float32, or bfloat16 on a CPU with bf16 units, where oneDNN runs it on
+the AMX tiles); only the summation order differs, so outputs may differ in their last bits: greedy output is checked
+identical to transformers' whatever the mix (tests/ml/test_kernels.py).
 
 An int8 model's Linear layers are chosen the same way, always (no setting: it is a speed choice only), between
 torch's two quantized engines: fbgemm, the reference, and oneDNN, whose int8 kernels use AVX512-VNNI and AMX where the
