@@ -59,8 +59,7 @@ WHO = {"torch": "torch's GEMM", "fbgemm": "fbgemm's int8 GEMM"}
 class KernelChoice:
     """oneDNN for `onednn` (the shapes it won), the `reference` kernels (torch's GEMM in fp32, fbgemm in int8) for
     the rest; `reason` says how it was decided. `lone_on_reference`: the oneDNN shapes whose one-row calls (a lone
-    request's decoding step) still run on the reference because it was faster there (fp32 only, see
-    `one_row_reference`)."""
+    request's decoding step) still run on the reference because it was faster there (`one_row_reference`)."""
 
     onednn: frozenset[Shape]
     shapes: frozenset[Shape]
@@ -117,19 +116,23 @@ def choose(
     )
 
 
-def one_row_reference(timings: dict[Shape, dict[int, dict[str, float]]], onednn: frozenset[Shape]) -> frozenset[Shape]:
-    """The oneDNN shapes that torch's GEMM computes faster for one row.
+def one_row_reference(
+    timings: dict[Shape, dict[int, dict[str, float]]], onednn: frozenset[Shape], reference: str = "torch"
+) -> frozenset[Shape]:
+    """The oneDNN shapes that the `reference` kernels compute faster for one row.
 
     A lone request reads every weight once per token, so its Linear calls are bound by memory: on an Intel Xeon
     (AVX-512) torch's GEMM read GPT-2's weights at 30 GB/s for one row against oneDNN's 24 GB/s with weights packed
-    for 32 rows, while oneDNN was 1.1x to 1.3x faster for 32 rows. Those shapes keep their plain weight beside the
-    packed one and call torch's GEMM for one row (`precision.OneDnnLinear`), at the price of both copies in memory.
+    for 32 rows, while oneDNN was 1.1x to 1.3x faster for 32 rows; in int8, fbgemm was 12% to 21% faster than oneDNN
+    for one row, while oneDNN's AMX kernels were 2x to 3x faster for a batch's prefill (1024 rows). Those shapes keep
+    a second copy of their weight for the reference and call it for one row (`precision.OneDnnLinear`,
+    `precision.OneRowApart`), at the price of that copy in memory.
     """
-    return frozenset(shape for shape in onednn if 1 in timings[shape] and _faster_on_torch(timings[shape][1]))
+    return frozenset(shape for shape in onednn if 1 in timings[shape] and _faster_on(reference, timings[shape][1]))
 
 
-def _faster_on_torch(times: dict[str, float]) -> bool:
-    return times["torch"] < times["onednn"]
+def _faster_on(reference: str, times: dict[str, float]) -> bool:
+    return times[reference] < times["onednn"]
 
 
 def _seconds(run, x: torch.Tensor) -> float:
@@ -225,9 +228,9 @@ def measured_choice(
         source = f"measured in {time.perf_counter() - started:.1f} s"
         if path is not None:
             _store(path, key, timings)
-    onednn = choose(timings, shapes, reference, one_row_on_either=precision == "fp32")
-    lone = one_row_reference(timings, onednn) if precision == "fp32" else frozenset()
-    alone = f", {len(lone)} of them on torch's GEMM for one row" if lone else ""
+    onednn = choose(timings, shapes, reference, one_row_on_either=True)
+    lone = one_row_reference(timings, onednn, reference)
+    alone = f", {len(lone)} of them on {WHO[reference]} for one row" if lone else ""
     reason = (
         f"{label}: oneDNN where it beat {WHO[reference]} over {' and '.join(map(str, rows))} rows on "
         f"{identity['cpu']} ({len(onednn)} of {len(shapes)} Linear shapes{alone}; {source})"

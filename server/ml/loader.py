@@ -203,7 +203,8 @@ class PretrainedModel:
         served: ServedKernels
         if precision == "int8" and int8_engines_available():
             choice = measured_choice(model, cls.kernel_rows, Path(cache_dir), "int8")
-            model, served, reason = quantize_linear_int8(model, choice.onednn), choice.summary, choice.reason
+            model = quantize_linear_int8(model, choice.onednn, choice.lone_on_reference)
+            served, reason = choice.summary, choice.reason
         elif precision == "int8":
             model, served = apply_precision(model, precision), "torch"
             engine = torch.backends.quantized.engine

@@ -18,6 +18,7 @@ mode, as the server runs, it is slower than fp32 for one row (pytorch/ao#4365, p
 warnings are silenced at the one call, by message, and nowhere else.
 """
 
+import copy
 import logging
 import warnings
 from collections.abc import Collection, Iterator
@@ -248,23 +249,52 @@ def one_call_gelu(model: nn.Module) -> nn.Module:
     return model
 
 
-def quantize_linear_int8(model: nn.Module, onednn: Collection[tuple[int, int]] | None = None) -> nn.Module:
+class OneRowApart(nn.Module):
+    """One Linear layer computed two ways: `one_row` for a one-row input (a lone request's decoding step), `rows`
+    for every other (see `kernels.one_row_reference`)."""
+
+    def __init__(self, rows: nn.Module, one_row: nn.Module, in_features: int):
+        super().__init__()
+        self.rows, self.one_row, self.in_features = rows, one_row, in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.one_row(x) if x.numel() == self.in_features else self.rows(x)
+
+
+def quantize_linear_int8(
+    model: nn.Module,
+    onednn: Collection[tuple[int, int]] | None = None,
+    lone_on_fbgemm: Collection[tuple[int, int]] = (),
+) -> nn.Module:
     """Dynamic int8 quantization of every Linear (GPT-2's Conv1D projections and LM head included), in place: int8
     weights per output channel, inputs per call. With `onednn` (shapes, in and out features), those shapes are
-    packed for oneDNN's int8 kernels and the others for fbgemm's; without it, for torch's default engine. GPT-2's
-    GELU becomes torch's one-call form (`one_call_gelu`)."""
+    packed for oneDNN's int8 kernels and the others for fbgemm's; without it, for torch's default engine. The
+    `lone_on_fbgemm` shapes among `onednn` are packed for both, and a one-row input goes to fbgemm (`OneRowApart`).
+    GPT-2's GELU becomes torch's one-call form (`one_call_gelu`)."""
     linear_from_conv1d(model)
     untie_output_embeddings(model)
     one_call_gelu(model)
     if onednn is None:
         return _quantize(model, {nn.Linear}, None)
-    names = {
-        name: (module.in_features, module.out_features) in onednn
+    shapes = {
+        name: (module.in_features, module.out_features)
         for name, module in model.named_modules()
         if type(module) is nn.Linear
     }
-    _quantize(model, {name for name, on_onednn in names.items() if on_onednn}, "onednn")
-    return _quantize(model, {name for name, on_onednn in names.items() if not on_onednn}, "fbgemm")
+    apart = {
+        name: copy.deepcopy(model.get_submodule(name))
+        for name, shape in shapes.items()
+        if shape in onednn and shape in lone_on_fbgemm
+    }
+    _quantize(model, {name for name, shape in shapes.items() if shape in onednn}, "onednn")
+    _quantize(model, {name for name, shape in shapes.items() if shape not in onednn}, "fbgemm")
+    for name, linear in apart.items():
+        # In a Sequential: quantization replaces a model's children, not the model itself.
+        one_row = _quantize(nn.Sequential(linear), {nn.Linear}, "fbgemm").get_submodule("0")
+        parent, _, child = name.rpartition(".")
+        holder = model.get_submodule(parent)
+        setattr(holder, child, OneRowApart(getattr(holder, child), one_row, shapes[name][0]))
+    return model
 
 
 def _quantize(model: nn.Module, which: set, engine: str | None) -> nn.Module:

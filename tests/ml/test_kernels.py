@@ -14,7 +14,13 @@ from server.ml.decoding import GenerationParams
 from server.ml.generator import TextGenerator
 from server.ml.kernels import KernelChoice, choose, linear_shapes, measured_choice
 from server.ml.loader import locate
-from server.ml.precision import OneDnnLinear, int8_engines_available, linear_onednn, quantize_linear_int8
+from server.ml.precision import (
+    OneDnnLinear,
+    OneRowApart,
+    int8_engines_available,
+    linear_onednn,
+    quantize_linear_int8,
+)
 from tests.ml.conftest import LONG, MIDDLE, SHORT
 
 PROMPTS = ["Once upon a time", "The weather today is", "A", LONG, MIDDLE, SHORT]
@@ -182,6 +188,40 @@ def test_int8_layers_are_packed_for_the_engine_their_shape_was_given(standins):
         told_apart += not torch.equal(outputs["fbgemm"], outputs["onednn"])
     if not told_apart:  # the check above then cannot tell the engines apart
         pytest.skip("fbgemm and oneDNN give bit-identical outputs on this CPU")
+
+
+@needs_both_engines
+def test_an_int8_shape_kept_apart_for_one_row_runs_one_row_on_fbgemm_and_more_on_onednn(standins):
+    fp32 = AutoModelForCausalLM.from_pretrained(standins[0]).eval()
+    shapes = list(linear_shapes(fp32))
+    every = {
+        engine: dict(quantize_linear_int8(copy.deepcopy(fp32), onednn=onednn).named_modules())
+        for engine, onednn in (("fbgemm", ()), ("onednn", shapes))
+    }
+    apart = quantize_linear_int8(copy.deepcopy(fp32), onednn=shapes, lone_on_fbgemm=shapes[:1])
+    layers = [(name, m) for name, m in apart.named_modules() if isinstance(m, OneRowApart)]
+    assert len(layers) == linear_shapes(fp32)[shapes[0]]
+    told_apart = 0
+    for name, layer in layers:
+        one, many = (
+            torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(1)) for rows in (1, 3)
+        )
+        with torch.inference_mode():
+            assert torch.equal(layer(one), every["fbgemm"][name](one))
+            assert torch.equal(layer(many), every["onednn"][name](many))
+            told_apart += not torch.equal(every["fbgemm"][name](one), every["onednn"][name](one))
+    if not told_apart:
+        pytest.skip("fbgemm and oneDNN give bit-identical outputs on this CPU")
+
+
+def test_int8_one_row_stays_on_fbgemm_where_it_was_faster_there():
+    timings = {
+        (8, 8): {1: {"fbgemm": 1.0, "onednn": 1.2}, 32: {"fbgemm": 4.0, "onednn": 2.0}},
+        (8, 32): {1: {"fbgemm": 1.0, "onednn": 0.5}, 32: {"fbgemm": 4.0, "onednn": 2.0}},
+    }
+    onednn = choose(timings, dict.fromkeys(timings, 1), "fbgemm", one_row_on_either=True)
+    assert onednn == {(8, 8), (8, 32)}
+    assert kernels.one_row_reference(timings, onednn, "fbgemm") == {(8, 8)}
 
 
 @needs_both_engines
