@@ -7,7 +7,8 @@ with both kernels at the row counts the model sees (for the generator: one row, 
 full batch), and gets whichever costs the model less. Each row count weighs the same: a shape's time at it is taken
 as a share of the whole model's time there (all shapes on torch, each counted once per layer), so a lone request's
 latency counts as much as a batch's throughput. A oneDNN shape whose one-row calls torch computes faster keeps its
-plain weight too and sends one row to torch (`one_row_reference`), so its one-row cost is the lesser of the two. On
+plain Linear too and sends one row to it (`one_row_reference`, `precision.OneRowApart`), so its one-row cost is the
+lesser of the two. On
 the AMD EPYC (AVX2) machine, GPT-2-124M's 768x768 projection went to torch (oneDNN 0.04 ms slower for one row, about
 even overall) and its four other shapes to oneDNN; on an Intel Xeon (AVX-512, AMX) all five went to oneDNN, four of
 them with one row on torch. The choice is a pure function of the timings (`choose`), so it is tested with injected
@@ -94,12 +95,11 @@ def choose(
     timings: dict[Shape, dict[int, dict[str, float]]],
     layers: dict[Shape, int],
     reference: str = "torch",
-    one_row_on_either: bool = False,
 ) -> frozenset[Shape]:
     """The shapes oneDNN costs the model less on (`timings[shape][rows][kernel]`, seconds of one call; `layers`,
     how many layers have each shape): summed over the row counts, each as a share of the model's time at that row
-    count on the `reference` kernels. A tie goes to the reference. `one_row_on_either`: a oneDNN shape's one-row
-    calls run on whichever kernel is faster there (`one_row_reference`), so they cost oneDNN the lesser time."""
+    count on the `reference` kernels. A tie goes to the reference. A oneDNN shape's one-row calls run on whichever
+    kernel is faster there (`one_row_reference`), so at one row oneDNN costs the lesser of the two times."""
     model_time: dict[int, float] = {}
     for shape, by_rows in timings.items():
         for rows, times in by_rows.items():
@@ -107,7 +107,7 @@ def choose(
 
     def cost(by_rows: dict[int, dict[str, float]], kernel: str) -> float:
         def paid(rows: int, times: dict[str, float]) -> float:
-            return min(times.values()) if one_row_on_either and rows == 1 and kernel == "onednn" else times[kernel]
+            return min(times.values()) if rows == 1 and kernel == "onednn" else times[kernel]
 
         return sum(paid(rows, times) / model_time[rows] for rows, times in by_rows.items() if model_time[rows] > 0)
 
@@ -125,8 +125,8 @@ def one_row_reference(
     (AVX-512) torch's GEMM read GPT-2's weights at 30 GB/s for one row against oneDNN's 24 GB/s with weights packed
     for 32 rows, while oneDNN was 1.1x to 1.3x faster for 32 rows; in int8, fbgemm was 12% to 21% faster than oneDNN
     for one row, while oneDNN's AMX kernels were 2x to 3x faster for a batch's prefill (1024 rows). Those shapes keep
-    a second copy of their weight for the reference and call it for one row (`precision.OneDnnLinear`,
-    `precision.OneRowApart`), at the price of that copy in memory.
+    a second copy of their weight for the reference and call it for one row (`precision.OneRowApart`), at the price
+    of that copy in memory.
     """
     return frozenset(shape for shape in onednn if 1 in timings[shape] and _faster_on(reference, timings[shape][1]))
 
@@ -228,7 +228,7 @@ def measured_choice(
         source = f"measured in {time.perf_counter() - started:.1f} s"
         if path is not None:
             _store(path, key, timings)
-    onednn = choose(timings, shapes, reference, one_row_on_either=True)
+    onednn = choose(timings, shapes, reference)
     lone = one_row_reference(timings, onednn, reference)
     alone = f", {len(lone)} of them on {WHO[reference]} for one row" if lone else ""
     reason = (

@@ -112,41 +112,42 @@ class OneDnnLinear(nn.Module):
     Through torch's own ops for this (`mkldnn._reorder_linear_weight` and `mkldnn._linear_pointwise`, those that
     `torch.compile` emits for a Linear on CPU), so no input or output is converted per call, unlike `MkldnnLinear`.
     `gelu` ("tanh" or "none", the exact erf form) applies that GELU to the output inside the same oneDNN call, as
-    `torch.compile` fuses it (see `fuse_gelu`). With `lone_on_torch` the plain weight is kept too (a second copy),
-    and a one-row input runs on torch's GEMM, faster there on some CPUs (`kernels.one_row_reference`).
+    `torch.compile` fuses it (see `fuse_gelu`).
     """
 
     in_features: int
     out_features: int
     packed_weight: torch.Tensor
-    plain_weight: torch.Tensor | None
     bias: torch.Tensor | None
 
-    def __init__(
-        self,
-        linear: "nn.Linear | OneDnnLinear",
-        gelu: Literal["tanh", "none"] | None = None,
-        lone_on_torch: bool = False,
-    ):
-        """From a Linear, or from another `OneDnnLinear` (its weights shared, `lone_on_torch` kept) to fuse `gelu`."""
+    def __init__(self, linear: "nn.Linear | OneDnnLinear", gelu: Literal["tanh", "none"] | None = None):
+        """From a Linear, or from another `OneDnnLinear` (its packed weight shared) to fuse `gelu`."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         if isinstance(linear, OneDnnLinear):
-            packed, plain = linear.packed_weight, linear.plain_weight
+            packed = linear.packed_weight
         else:
-            weight = linear.weight.detach()
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACKED_FOR_ROWS)
-            plain = weight if lone_on_torch else None
+            packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().contiguous(), PACKED_FOR_ROWS)
         self.register_buffer("packed_weight", packed, persistent=False)
-        self.register_buffer("plain_weight", plain, persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
         self.attribute, self.algorithm = ("none", "") if gelu is None else ("gelu", gelu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.plain_weight is not None and x.numel() == self.in_features:
-            output = nn.functional.linear(x, self.plain_weight, self.bias)
-            return output if self.attribute == "none" else nn.functional.gelu(output, approximate=self.algorithm)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, self.attribute, [], self.algorithm)
+
+
+class OneRowApart(nn.Module):
+    """One Linear layer computed by two kernels: `one_row` for a one-row input (a lone request's decoding step),
+    `rows` for every other. `rows` is oneDNN's packing; `one_row` is the reference kernel, where it measured faster
+    for one row (`kernels.one_row_reference`): the plain Linear (torch's GEMM) in float32 and bfloat16, fbgemm's
+    packing in int8. The price is the second copy of the weight."""
+
+    def __init__(self, rows: nn.Module, one_row: nn.Module, in_features: int):
+        super().__init__()
+        self.rows, self.one_row, self.in_features = rows, one_row, in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.one_row(x) if x.numel() == self.in_features else self.rows(x)
 
 
 # The feed-forward blocks whose first Linear feeds an activation and nothing else (the forward is
@@ -175,10 +176,20 @@ def fuse_gelu(model: nn.Module) -> nn.Module:
     for parent in list(model.modules()):
         for first, activation in FEED_FORWARD_NAMES:
             linear, act = getattr(parent, first, None), getattr(parent, activation, None)
-            if isinstance(linear, OneDnnLinear) and linear.attribute == "none" and (form := _gelu_form(act)):
-                setattr(parent, first, OneDnnLinear(linear, gelu=form))
+            if act is not None and (form := _gelu_form(act)) and (fused := _with_gelu(linear, act, form)):
+                setattr(parent, first, fused)
                 setattr(parent, activation, nn.Identity())
     return model
+
+
+def _with_gelu(linear: nn.Module | None, act: nn.Module, form: Literal["tanh", "none"]) -> nn.Module | None:
+    """`linear` followed by `act` in one module (None: `linear` has no oneDNN call to take it): a `OneRowApart`
+    fuses it into its oneDNN packing and runs its one-row kernel, then `act` itself."""
+    if isinstance(linear, OneDnnLinear) and linear.attribute == "none":
+        return OneDnnLinear(linear, gelu=form)
+    if isinstance(linear, OneRowApart) and (rows := _with_gelu(linear.rows, act, form)):
+        return OneRowApart(rows, nn.Sequential(linear.one_row, act), linear.in_features)
+    return None
 
 
 def onednn_computes(dtype: torch.dtype) -> bool:
@@ -197,7 +208,7 @@ def linear_onednn(
     """Every Linear (GPT-2's Conv1D projections and LM head included) computed by oneDNN, in the model's dtype
     (float32, or bfloat16 on a CPU with bf16 units), in place, the GELU after a feed-forward block's first Linear
     fused into it (`fuse_gelu`); with `shapes`, only the Linear layers of those (in, out) shapes (the others stay on
-    torch's GEMM); those of `lone_on_torch` call torch's GEMM for one row (see `OneDnnLinear`).
+    torch's GEMM); those of `lone_on_torch` keep their plain Linear for one-row inputs too (`OneRowApart`).
 
     Why: on this project's CPUs torch's default fp32 GEMM is slow at the few rows a decoding step has (GPT-2's LM
     head: 8.1 ms for one row against 1.7 ms with oneDNN's packed weights; 23.6 against 6.3 ms for 32 rows), and a
@@ -211,7 +222,9 @@ def linear_onednn(
         for child_name, child in list(parent.named_children()):
             shape = (getattr(child, "in_features", 0), getattr(child, "out_features", 0))
             if type(child) is nn.Linear and (shapes is None or shape in shapes):
-                setattr(parent, child_name, OneDnnLinear(child, lone_on_torch=shape in lone_on_torch))
+                packed = OneDnnLinear(child)
+                apart = OneRowApart(packed, child, child.in_features) if shape in lone_on_torch else packed
+                setattr(parent, child_name, apart)
     return fuse_gelu(model)
 
 
@@ -247,18 +260,6 @@ def one_call_gelu(model: nn.Module) -> nn.Module:
             if type(child) is NewGELUActivation:
                 setattr(parent, name, GELUTanh())
     return model
-
-
-class OneRowApart(nn.Module):
-    """One Linear layer computed two ways: `one_row` for a one-row input (a lone request's decoding step), `rows`
-    for every other (see `kernels.one_row_reference`)."""
-
-    def __init__(self, rows: nn.Module, one_row: nn.Module, in_features: int):
-        super().__init__()
-        self.rows, self.one_row, self.in_features = rows, one_row, in_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.one_row(x) if x.numel() == self.in_features else self.rows(x)
 
 
 def quantize_linear_int8(
