@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from server.ml.decode_step import gpt2_decode_step
 from server.ml.sampling import RowSampler, TokenLogprob, shaped
 
 FinishReason = Literal["stop", "length"]
@@ -205,6 +206,7 @@ class Decoder:
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        self.lean_step = gpt2_decode_step(model)
 
     def prefill(self, sequences: list[S]) -> DecodeBatch[S]:
         """Run each row's prompt (and the tokens it already has: a row resumed alone after a failure) and pick
@@ -240,13 +242,13 @@ class Decoder:
         """Feed every row its last token and pick the next one."""
         ids = torch.tensor([[s.tokens[-1]] for s in batch.sequences], dtype=torch.long, device=self.device)
         mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
-        logits = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=batch.positions.unsqueeze(1),
-            cache=batch.cache,
-            use_cache=True,
-        ).logits
+        positions = batch.positions.unsqueeze(1)
+        if self.lean_step is not None:
+            logits = self.lean_step(ids, mask, positions, batch.cache)
+        else:
+            logits = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, cache=batch.cache, use_cache=True
+            ).logits
         batch.mask = mask
         batch.positions = batch.positions + 1
         self._advance(batch, logits[:, -1, :])
