@@ -6,7 +6,8 @@ arguments, dispatches the attention through its registry and wraps every output 
 2 ms of a 25 ms fp32 step for a lone request on an Intel Xeon (AVX-512), 1.4 ms of a 10.5 ms int8 one, 2.7 ms of a
 30 ms int8 step for 32 rows. `gpt2_decode_step` runs the same modules and the same torch ops in the same order on
 the same tensors, so its logits are bit for bit the model's own (tests/ml/test_decode_step.py compares them, in
-float32, bfloat16 and int8, with and without padding); everything else is left out.
+float32, bfloat16 and int8, with and without padding); everything else is left out, hooks on the model's own
+forward included (those on its modules run).
 
 It is used only where that holds by construction: a GPT-2 in eval mode, on the CPU, with transformers' `sdpa`
 attention and no cross-attention. Anything else (another architecture, a GPU, whose attention kernels transformers

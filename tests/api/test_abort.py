@@ -11,13 +11,14 @@ BLOCK_AT_STEP = 5
 
 
 class StepGate:
-    """Counts the generator's forward passes and holds the model inside pass number `BLOCK_AT_STEP`."""
+    """Counts the generator's forward passes and holds the model inside pass number `BLOCK_AT_STEP`: at its token
+    embedding, which every pass calls once (a decoding step runs the model's modules, not its forward)."""
 
     def __init__(self, model):
         self.steps = 0
         self.blocked = threading.Event()
         self.release = threading.Event()
-        self.hook = model.register_forward_pre_hook(self._step)
+        self.hook = model.get_input_embeddings().register_forward_pre_hook(self._step)
 
     def _step(self, module, args) -> None:
         self.steps += 1
