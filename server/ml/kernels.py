@@ -10,9 +10,10 @@ latency counts as much as a batch's throughput. A oneDNN shape whose one-row cal
 plain Linear too and sends one row to it (`one_row_reference`, `precision.OneRowApart`), so its one-row cost is the
 lesser of the two. On the AMD EPYC (AVX2) machine, GPT-2-124M's 768x768 projection went to torch (oneDNN 0.04 ms
 slower for one row, about even overall) and its four other shapes to oneDNN; on an Intel Xeon (AVX-512, AMX) all
-five went to oneDNN, four of them with one row on torch. The choice is a pure function of the timings (`choose`), so it is tested with injected
-timings; the timings are cached per CPU model, ISA flags, torch build, thread count, dtype and shapes, under
-`MODELS_CACHE_DIR/kernels/`, so only the first start on a machine pays the measurement (a few seconds for GPT-2).
+five went to oneDNN, four of them with one row on torch. The choice is a pure function of the timings (`choose`),
+so it is tested with injected timings; the timings are cached per CPU model, ISA flags, torch build, thread count,
+dtype and shapes, under `MODELS_CACHE_DIR/kernels/`, so only the first start on a machine pays the measurement (a
+few seconds for GPT-2).
 
 Both kernels compute in the model's dtype (float32, or bfloat16 on a CPU with bf16 units, where oneDNN runs it on
 the AMX tiles); only the summation order differs, so outputs may differ in their last bits: greedy output is checked
