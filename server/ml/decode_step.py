@@ -6,8 +6,12 @@ arguments, dispatches the attention through its registry and wraps every output 
 2 ms of a 25 ms fp32 step for a lone request on an Intel Xeon (AVX-512), 1.4 ms of a 10.5 ms int8 one, 2.7 ms of a
 30 ms int8 step for 32 rows. `gpt2_decode_step` runs the same modules and the same torch ops in the same order on
 the same tensors, so its logits are bit for bit the model's own (tests/ml/test_decode_step.py compares them, in
-float32, bfloat16 and int8, with and without padding); everything else is left out, hooks on the model's own
-forward included (those on its modules run).
+float32, bfloat16 and int8, with and without padding); everything else is left out. That includes `nn.Module`'s
+call machinery around each layer norm, Linear and activation (their `forward` is called), the eval-mode dropouts
+(which return their input), and so every forward hook of the model and of those modules, apart from the two
+embeddings'. On an AMD EPYC Zen 4 that, with int8's direct op call (`precision.Int8Linear`), took a lone 16-token
+request offline from 153 to 141 ms in int8, 417 to 403 in fp32 and 241 to 235 in bfloat16 (medians of 36 runs,
+old and new interleaved in one process).
 
 It is used only where that holds by construction: a GPT-2 in eval mode, on the CPU, with transformers' `sdpa`
 attention and no cross-attention. Anything else (another architecture, a GPU, whose attention kernels transformers
@@ -41,7 +45,20 @@ def gpt2_decode_step(model: torch.nn.Module) -> DecodeStep | None:
     ):
         return None
     transformer = gpt2.transformer
-    blocks = cast(list[GPT2Block], list(transformer.h))
+    layers = [
+        (
+            block.ln_1.forward,
+            block.attn.c_attn.forward,
+            block.attn.c_proj.forward,
+            block.ln_2.forward,
+            block.mlp.c_fc.forward,
+            block.mlp.act.forward,
+            block.mlp.c_proj.forward,
+            block.attn,
+        )
+        for block in cast(list[GPT2Block], list(transformer.h))
+    ]
+    final_norm, head = transformer.ln_f.forward, gpt2.lm_head.forward
 
     def step(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
         rows = ids.shape[0]
@@ -49,16 +66,15 @@ def gpt2_decode_step(model: torch.nn.Module) -> DecodeStep | None:
         # With one query per row every column up to it is causal: the mask is the padding alone, and none where
         # there is none, as transformers' `sdpa_mask` gives it.
         padding = None if bool(mask.all()) else mask.bool()[:, None, None, :]
-        for index, block in enumerate(blocks):
-            attention = block.attn
-            query, key, value = attention.c_attn(block.ln_1(hidden)).split(attention.split_size, dim=2)
+        for index, (ln_1, c_attn, c_proj, ln_2, c_fc, act, mlp_proj, attention) in enumerate(layers):
+            query, key, value = c_attn(ln_1(hidden)).split(attention.split_size, dim=2)
             query, key, value = (t.view(rows, 1, -1, attention.head_dim).transpose(1, 2) for t in (query, key, value))
             key, value = cache.update(key, value, index)
             attended = functional.scaled_dot_product_attention(
                 query, key, value, attn_mask=padding, dropout_p=0.0, scale=attention.scaling, is_causal=False
             )
-            hidden = attention.c_proj(attended.transpose(1, 2).reshape(rows, 1, -1)) + hidden
-            hidden = hidden + block.mlp(block.ln_2(hidden))
-        return gpt2.lm_head(transformer.ln_f(hidden))
+            hidden = c_proj(attended.transpose(1, 2).reshape(rows, 1, -1)) + hidden
+            hidden = hidden + mlp_proj(act(c_fc(ln_2(hidden))))
+        return head(final_norm(hidden))
 
     return step

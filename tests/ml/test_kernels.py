@@ -1,6 +1,7 @@
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,9 +83,10 @@ def test_a_choice_is_summed_up_as_onednn_the_reference_or_mixed(onednn, referenc
     assert KernelChoice(frozenset(onednn), frozenset({(1, 2), (3, 4)}), "", reference).summary == summary
 
 
-def generator(standins, kernels: str = "torch", precision: str = "fp32") -> TextGenerator:
+def generator(standins, kernels: str = "torch", precision: str = "fp32", cache: Path | None = None) -> TextGenerator:
+    """The stand-in; with `cache`, its kernel timings kept there (the shared cache answers with other tests')."""
     location = locate(str(standins[0]), "generator", "local", standins[0].parent)
-    return TextGenerator.load(location, str(standins[0].parent), precision, kernels)
+    return TextGenerator.load(location, str(cache or standins[0].parent), precision, kernels)
 
 
 def test_the_shapes_are_those_of_every_linear_and_conv1d(standins):
@@ -243,7 +245,7 @@ def test_int8_engines_are_measured_at_load_cached_apart_from_fp32_and_say_why(st
         return {s: {n: {"fbgemm": 1.0, "onednn": 0.5 if s == shapes[-1] else 2.0} for n in rows} for s in shapes}
 
     monkeypatch.setattr(kernels, "measure", measure)
-    loaded = generator(standins, precision="int8")
+    loaded = generator(standins, precision="int8", cache=tmp_path / "injected")
     assert seen == ["int8"] and loaded.kernels == "mixed" and "1 of" in loaded.kernels_reason
     quantized = [m for m in loaded.model.modules() if isinstance(m, DynamicQuantizedLinear)]
     assert len(quantized) == sum(linear_shapes(model).values())

@@ -1,9 +1,12 @@
+import copy
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
 from transformers.pytorch_utils import Conv1D
@@ -12,7 +15,16 @@ from server.ml.classifier import SentimentClassifier
 from server.ml.decoding import GenerationParams, Sequence
 from server.ml.generator import TextGenerator
 from server.ml.loader import locate
-from server.ml.precision import OneDnnLinear, apply_precision, fuse_gelu, linear_from_conv1d
+from server.ml.precision import (
+    Int8Linear,
+    OneDnnLinear,
+    apply_precision,
+    fuse_gelu,
+    int8_engines_available,
+    linear_from_conv1d,
+    quantize_linear_int8,
+    quantized_engine,
+)
 from tests.ml.conftest import LONG, MIDDLE, SHORT
 
 PROMPTS = ["Once upon a time", "The weather today is", "A"]
@@ -64,6 +76,23 @@ def test_int8_computes_gpt2_s_gelu_in_one_call_of_the_same_formula(standins):
     assert {type(block.mlp.act) for block in int8.transformer.h} == {GELUTanh}
     x = torch.randn(4, 3072)
     assert torch.allclose(GELUTanh()(x), NewGELUActivation()(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["fbgemm", "onednn"])
+@pytest.mark.parametrize("rows", [1, 7])
+def test_int8_linear_calls_torch_s_op_and_gives_its_bits(engine, rows):
+    if not int8_engines_available():
+        pytest.skip("this torch build has one quantized engine")
+    linear = nn.Linear(96, 40)
+    ours = quantize_linear_int8(nn.Sequential(copy.deepcopy(linear)), onednn={(96, 40)} if engine == "onednn" else ())
+    with quantized_engine(engine), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+        qconfig = {nn.Linear: per_channel_dynamic_qconfig}
+        torch_s = quantize_dynamic(nn.Sequential(linear), qconfig, dtype=torch.qint8)
+    assert type(ours[0]) is Int8Linear and type(torch_s[0]) is DynamicQuantizedLinear
+    x = torch.randn(rows, 96) * 3
+    with torch.inference_mode():
+        assert torch.equal(ours(x), torch_s(x))
 
 
 def test_int8_classifier_quantizes_every_linear_layer(standins):
