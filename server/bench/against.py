@@ -115,8 +115,13 @@ def compare(targets: list[Target], plan: list[Workload], repeats: int, new_token
     """Every workload on every target, `repeats` times, interleaved; figures per target and workload, with ours as
     the reference (`vs_ours`: requests/s over ours; for `lone`, p50 over ours)."""
     runs: dict[str, dict[str, list[LoadResult]]] = {t.name: {w.name: [] for w in plan} for t in targets}
+    # One unmeasured round of every workload on every server first: a server's first load at full width is slow
+    # (llama.cpp's server, just started, served 12.3 req/s at 32 clients on a Zen 4 and 18.5-21.1 in the runs after,
+    # as its slots' memory was first touched), and that would be charged to whichever server ran first.
     for target in targets:
-        asyncio.run(run_load(target.url, 1, 2, body_for(target, plan[0], "warmup", new_tokens), "/v1/completions"))
+        for workload in plan:
+            body = body_for(target, workload, "warmup", new_tokens)
+            asyncio.run(run_load(target.url, workload.concurrency, 1, body, "/v1/completions"))
     for repeat in range(repeats):
         for workload in plan:
             first = repeat % len(targets)

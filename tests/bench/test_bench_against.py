@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import httpx
+
 from server.core.config import PROJECT_ROOT
 from tests.support.servers import free_port, start_server
 
@@ -21,12 +23,18 @@ def test_against_drives_another_server_through_the_same_workloads_interleaved(st
             text=True,
             timeout=300,
         )
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text if run.returncode == 0 else ""
     finally:
         other.terminate()
         other.wait(30)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(output.read_text())
     compared = results["against"]
+    served = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("http_requests_total{") and 'route="/v1/completions"' in line
+    )
     base = url.removesuffix("/v1")
     assert [server["name"] for server in compared["servers"]] == ["ours", "ours int8", base]
     assert all(server["ignore_eos"] for server in compared["servers"])
@@ -40,6 +48,9 @@ def test_against_drives_another_server_through_the_same_workloads_interleaved(st
             assert row["failures"] == 0
             assert row["requests"] == repeats * workload["concurrency"] * workload["rounds"]
             assert len(row["repeats"]) == repeats and row["requests_per_s"] > 0 and row["tokens_per_s"] > 0
+    measured = sum(row["requests"] for row in compared["results"][base].values())
+    # Besides the discovery probes, one unmeasured round of every workload at its width.
+    assert served - measured >= sum(workload["concurrency"] for workload in compared["workloads"])
     ours, theirs = compared["results"]["ours"], compared["results"][base]
     assert all(ours[workload]["vs_ours"] == 1 for workload in ours)
     assert theirs["lone"]["vs_ours"] == theirs["lone"]["p50_ms"] / ours["lone"]["p50_ms"]
