@@ -76,7 +76,10 @@ async def run_load(
             for item in answer if isinstance(answer, list) else [answer]:
                 tokens += item.get("usage", {}).get("completion_tokens", 0)
 
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    # A connection idle for a second is not reused: servers close idle keep-alive connections after a few seconds
+    # (uvicorn's default, ours, is 5), aiohttp would keep them for 15, and a request sent just as the server closes
+    # one fails with "Server disconnected" (it stopped a bench run once, in the mixed phase's tail).
+    connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=1.0)
     async with aiohttp.ClientSession(
         base_url, connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)
     ) as session:
