@@ -1,6 +1,5 @@
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -84,7 +83,7 @@ def test_a_choice_is_summed_up_as_onednn_the_reference_or_mixed(onednn, referenc
 
 
 def generator(standins, kernels: str = "torch", precision: str = "fp32", cache: Path | None = None) -> TextGenerator:
-    """The stand-in; with `cache`, its kernel timings kept there (the shared cache answers with other tests')."""
+    """The stand-in; with `cache`, its kernel timings kept there, so injected ones neither meet nor leave others."""
     location = locate(str(standins[0]), "generator", "local", standins[0].parent)
     return TextGenerator.load(location, str(cache or standins[0].parent), precision, kernels)
 
@@ -146,7 +145,7 @@ def test_any_mix_of_kernels_gives_transformers_greedy_output(standins):
         assert [mixed.generate([p], params)[0] for p in prompts] == expected
 
 
-def test_auto_kernels_are_measured_at_load_and_say_why(standins, monkeypatch):
+def test_auto_kernels_are_measured_at_load_and_say_why(standins, monkeypatch, tmp_path):
     fake = {}
 
     def measure(shapes, rows, precision, dtype):
@@ -155,7 +154,7 @@ def test_auto_kernels_are_measured_at_load_and_say_why(standins, monkeypatch):
         return fake
 
     monkeypatch.setattr(kernels, "measure", measure)
-    loaded = generator(standins, "auto")
+    loaded = generator(standins, "auto", cache=tmp_path)
     assert loaded.kernels == "mixed" and "1 of" in loaded.kernels_reason and "rows" in loaded.kernels_reason
     assert rows_seen(fake) == set(TextGenerator.kernel_rows)
     packed = [m for m in loaded.model.modules() if isinstance(m, OneDnnLinear)]
@@ -304,19 +303,17 @@ def test_a_layer_kept_plain_beside_its_packed_weight_computes_one_row_on_torch_w
         assert not torch.equal(packed(one), apart(one))  # oneDNN sums in another order: the two paths differ
 
 
-def test_a_measured_choice_keeps_one_row_on_torch_where_it_was_faster(standins, monkeypatch):
+def test_a_measured_choice_keeps_one_row_on_torch_where_it_was_faster(standins, monkeypatch, tmp_path):
     reference = generator(standins)
     params = GenerationParams(max_new_tokens=12)
     prompts = [reference.encode(p) for p in PROMPTS]
     expected = [reference.generate([p], params)[0] for p in prompts]
-    shutil.rmtree(standins[0].parent / "kernels", ignore_errors=True)  # other tests' timings, cached
     monkeypatch.setattr(
         kernels,
         "measure",
         lambda shapes, rows, precision, dtype: {s: {1: timing(1, 2), 32: timing(2, 1)} for s in shapes},
     )
-    loaded = generator(standins, "auto")
-    shutil.rmtree(standins[0].parent / "kernels")
+    loaded = generator(standins, "auto", cache=tmp_path)
     apart = [m for m in loaded.model.modules() if isinstance(m, OneRowApart)]
     packed = [m for m in loaded.model.modules() if isinstance(m, OneDnnLinear)]
     assert apart and len(apart) == len(packed) and all(isinstance(m.rows, OneDnnLinear) for m in apart)
