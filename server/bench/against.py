@@ -9,11 +9,16 @@ server, TGI, another build of ours), driven by one client with the same prompts 
 - Same work everywhere: the same prompts for every server, each distinct (no cache can answer), and `ignore_eos:
   true` to every server that accepts it (one probe request finds out), so that each generates exactly `max_tokens`
   tokens; `usage` shows what a server that refuses it generated.
+- Distinct from every earlier run's too: the servers compared may outlive a run, and each run's prompts carry a tag
+  of their own. A llama.cpp server that had already served a run's prompts reused its slots' prompt caches and
+  skipped most of their prefill (q8_0 on an AMD EPYC Zen 4: 34 req/s at 32 clients against 18 on new prompts);
+  another server of ours would have answered them from its response cache.
 - Each server is asked for the first model of its `/v1/models`. A server not answering `/v1/completions` stops the
   run with its answer, before anything is measured.
 """
 
 import asyncio
+import secrets
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -115,19 +120,19 @@ def compare(targets: list[Target], plan: list[Workload], repeats: int, new_token
     """Every workload on every target, `repeats` times, interleaved; figures per target and workload, with ours as
     the reference (`vs_ours`: requests/s over ours; for `lone`, p50 over ours)."""
     runs: dict[str, dict[str, list[LoadResult]]] = {t.name: {w.name: [] for w in plan} for t in targets}
-    # One unmeasured round of every workload on every server first: a server's first load at full width is slow
-    # (llama.cpp's server, just started, served 12.3 req/s at 32 clients on a Zen 4 and 18.5-21.1 in the runs after,
-    # as its slots' memory was first touched), and that would be charged to whichever server ran first.
+    run = secrets.token_hex(3)
+    # One unmeasured round of every workload on every server first, on prompts of its own: what a server does once,
+    # at its first load at full width (first touch of its memory, lazy set-up), is charged to none of the repeats.
     for target in targets:
         for workload in plan:
-            body = body_for(target, workload, "warmup", new_tokens)
+            body = body_for(target, workload, f"{run}-warmup", new_tokens)
             asyncio.run(run_load(target.url, workload.concurrency, 1, body, "/v1/completions"))
     for repeat in range(repeats):
         for workload in plan:
             first = repeat % len(targets)
             for target in targets[first:] + targets[:first]:
                 bar.set_postfix_str(f"{workload.name} on {target.name}")
-                body = body_for(target, workload, f"vs{repeat}-{workload.name}", new_tokens)
+                body = body_for(target, workload, f"{run}-vs{repeat}-{workload.name}", new_tokens)
                 result = asyncio.run(
                     run_load(target.url, workload.concurrency, workload.rounds, body, "/v1/completions")
                 )

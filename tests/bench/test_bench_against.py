@@ -1,9 +1,12 @@
+import asyncio
 import json
 import subprocess
 import sys
 
 import httpx
+from tqdm import tqdm
 
+from server.bench import against
 from server.core.config import PROJECT_ROOT
 from tests.support.servers import free_port, start_server
 
@@ -58,6 +61,33 @@ def test_against_drives_another_server_through_the_same_workloads_interleaved(st
     assert results["machine"]["cpu"] and "torch_cpu_capability" in results["machine"]
     assert f"| {base} |" in run.stdout and "| ours |" in run.stdout and "| ours int8 |" in run.stdout
     assert "CPU " in run.stdout
+
+
+def cache_outcomes(metrics: str, result: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("cache_requests_total{") and f'result="{result}"' in line
+    )
+
+
+def test_a_second_run_sends_prompts_no_server_has_seen(standins, tmp_path):
+    """The servers compared may outlive a run: a second run against the same server of ours finds nothing of the
+    first in its response cache (nor would llama.cpp's slots find their prompts cached)."""
+    other, port = start_server(standins, tmp_path, INGRESS_RATE_LIMIT="off", API_KEYS="")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        target = asyncio.run(against.discover(against.OURS, url))
+        plan = [against.Workload("lone", 1, 2)]
+        for _ in range(2):
+            against.compare([target], plan, repeats=1, new_tokens=2, bar=tqdm(disable=True))
+        metrics = httpx.get(f"{url}/metrics").text
+    finally:
+        other.terminate()
+        other.wait(30)
+    # Each run: its warm-up round and its two measured requests, all computed.
+    assert cache_outcomes(metrics, "miss") >= 2 * 3
+    assert cache_outcomes(metrics, "hit") == 0
 
 
 def test_our_precisions_must_be_known_ones():
