@@ -14,6 +14,7 @@ reports as new (`analytics.rollups`).
 """
 
 import asyncio
+import functools
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from typing import Literal, NamedTuple
@@ -79,7 +80,10 @@ def describe(exc: BaseException) -> str:
     return (f"{type(driver).__name__}: {lines[0]}" if lines else type(driver).__name__)[:REASON_MAX_CHARS]
 
 
+@functools.cache
 def _statement(dialect: str, table: Table):
+    """Built once per table: SQLAlchemy memoizes a statement's cache key on the object, and building this one anew
+    for every flush, then keying it, took most of a one-row flush's CPU (on the event loop, beside the decoding)."""
     try:
         insert = INSERTS[dialect]
     except KeyError:
