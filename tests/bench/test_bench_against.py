@@ -11,6 +11,15 @@ from server.core.config import PROJECT_ROOT
 from tests.support.servers import free_port, start_server
 
 
+def counted(metrics: str, counter: str, label: str) -> float:
+    """The sum of `counter` over the series of a Prometheus text page that carry `label`."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith(f"{counter}{{") and label in line
+    )
+
+
 def test_against_drives_another_server_through_the_same_workloads_interleaved(standins, tmp_path):
     """`bench --against` with a second instance of our own server, and ours in fp32 and int8 started by the bench:
     all get every workload, the same number of requests, `ignore_eos` (ours takes it), and figures against ours."""
@@ -33,11 +42,7 @@ def test_against_drives_another_server_through_the_same_workloads_interleaved(st
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(output.read_text())
     compared = results["against"]
-    served = sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in metrics.splitlines()
-        if line.startswith("http_requests_total{") and 'route="/v1/completions"' in line
-    )
+    served = counted(metrics, "http_requests_total", 'route="/v1/completions"')
     base = url.removesuffix("/v1")
     assert [server["name"] for server in compared["servers"]] == ["ours", "ours int8", base]
     assert all(server["ignore_eos"] for server in compared["servers"])
@@ -63,14 +68,6 @@ def test_against_drives_another_server_through_the_same_workloads_interleaved(st
     assert "CPU " in run.stdout
 
 
-def cache_outcomes(metrics: str, result: str) -> float:
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in metrics.splitlines()
-        if line.startswith("cache_requests_total{") and f'result="{result}"' in line
-    )
-
-
 def test_a_second_run_sends_prompts_no_server_has_seen(standins, tmp_path):
     """The servers compared may outlive a run: a second run against the same server of ours finds nothing of the
     first in its response cache (nor would llama.cpp's slots find their prompts cached)."""
@@ -86,8 +83,8 @@ def test_a_second_run_sends_prompts_no_server_has_seen(standins, tmp_path):
         other.terminate()
         other.wait(30)
     # Each run: its warm-up round and its two measured requests, all computed.
-    assert cache_outcomes(metrics, "miss") >= 2 * 3
-    assert cache_outcomes(metrics, "hit") == 0
+    assert counted(metrics, "cache_requests_total", 'result="miss"') >= 2 * 3
+    assert counted(metrics, "cache_requests_total", 'result="hit"') == 0
 
 
 def test_our_precisions_must_be_known_ones():

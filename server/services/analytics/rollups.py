@@ -82,8 +82,7 @@ async def add_to_rollups(session: AsyncSession, records: list[dict]) -> None:
 
 @functools.cache
 def _upsert(dialect: str) -> postgresql.Insert | sqlite.Insert:
-    """Built once per dialect, as the record inserts are (`records.store`): its `excluded` alias and update
-    expressions were most of the cost of adding one request to the rollups."""
+    """Built once per dialect, as the record inserts are (`records.store._statement`, which says what it saves)."""
     statement = INSERTS[dialect](TABLE)
     new = statement.excluded
     updates = {name: TABLE.c[name] + new[name] for name in ADDITIVE_COLUMNS}

@@ -82,8 +82,9 @@ def describe(exc: BaseException) -> str:
 
 @functools.cache
 def _statement(dialect: str, table: Table):
-    """Built once per table: SQLAlchemy memoizes a statement's cache key on the object, and building this one anew
-    for every flush, then keying it, took most of a one-row flush's CPU (on the event loop, beside the decoding)."""
+    """Built once per table, as the rollups' statement is: SQLAlchemy memoizes a statement's cache key on the object.
+    Built anew and keyed at every flush, the two took half of a one-row flush's CPU on the event loop, beside the
+    decoding (2.36 against 1.22 ms on an AMD EPYC Zen 4)."""
     try:
         insert = INSERTS[dialect]
     except KeyError:
