@@ -183,6 +183,9 @@ async def test_without_a_gemini_key_the_report_is_a_fallback_at_once(keyed):
 
 
 async def test_with_gemini_the_report_is_written_by_it(settings, database_url):
+    """The second report is the first one's, from the cache: its key is the digest of the measured data, so no
+    record may be written between the two (the tests' 20 ms flush once wrote the first request's record in between,
+    and the second report, on new data, was a new one)."""
     with FakeGemini().serve() as fake:
         app = create_app(
             settings.model_copy(
@@ -191,6 +194,7 @@ async def test_with_gemini_the_report_is_written_by_it(settings, database_url):
                     "batch_worker": "off",
                     "gemini_api_key": "k",
                     "gemini_base_url": fake.base_url,
+                    "record_flush_interval_ms": 60_000.0,
                 }
             )
         )
