@@ -8,16 +8,8 @@ from tqdm import tqdm
 
 from server.bench import against
 from server.core.config import PROJECT_ROOT
+from tests.support.metrics import counted
 from tests.support.servers import free_port, start_server
-
-
-def counted(metrics: str, counter: str, label: str) -> float:
-    """The sum of `counter` over the series of a Prometheus text page that carry `label`."""
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in metrics.splitlines()
-        if line.startswith(f"{counter}{{") and label in line
-    )
 
 
 def test_against_drives_another_server_through_the_same_workloads_interleaved(standins, tmp_path):

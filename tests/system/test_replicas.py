@@ -10,16 +10,14 @@ import httpx
 import pytest
 
 from server.bench.run import server_process
+from tests.support.metrics import counted
 from tests.support.servers import RedisServer, free_port
 
 LOCK_TTL_S = 2.0
 
 
 def items_computed(base_url: str) -> float:
-    for line in httpx.get(f"{base_url}/metrics").text.splitlines():
-        if line.startswith('model_items_total{model="generator"}'):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return counted(httpx.get(f"{base_url}/metrics").text, "model_items_total", 'model="generator"')
 
 
 @pytest.fixture
