@@ -3,10 +3,11 @@ for a lock leaves nothing behind that never ends."""
 
 import asyncio
 import sqlite3
+import threading
 import time
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import OperationalError
 
 from server.db.session import SQLiteConnection, create_engine
@@ -51,8 +52,22 @@ async def test_a_statement_cancelled_twice_while_it_waits_for_a_lock_leaves_no_t
         async with engine.begin() as writer:
             await writer.execute(text("INSERT INTO t VALUES (2)"))
 
+    # Cancelled only once its INSERT is in the connection's thread: a loaded CI machine once took longer than a fixed
+    # wait to get there, and a cancel before it leaves no closing task to test.
+    waiting = threading.Event()
+
+    def sent(conn, cursor, statement, *args) -> None:
+        if "VALUES (2)" in statement:
+            waiting.set()
+
+    event.listen(engine.sync_engine, "before_cursor_execute", sent)
     writing = asyncio.create_task(write())
-    await asyncio.sleep(0.3)
+    for _ in range(500):
+        if waiting.is_set():
+            break
+        await asyncio.sleep(0.01)
+    assert waiting.is_set(), "the INSERT never reached the connection"
+    await asyncio.sleep(0.1)
     writing.cancel()
     await asyncio.sleep(0.05)
     writing.cancel()

@@ -30,14 +30,16 @@ async def test_contenders_starting_together_elect_exactly_one(sessions):
 
 
 async def test_a_lease_kept_during_long_work_is_not_taken_over_and_a_lost_one_stops_its_holder(sessions):
-    first, second = Lease(sessions, ttl_s=0.3, owner="first"), Lease(sessions, ttl_s=0.3, owner="second")
+    # A TTL of 1.2 s renews every 0.4 s: a renewal may be late by 0.8 s (a loaded CI machine once made 0.3 s late
+    # enough) while the work still outlasts the TTL, which only the renewals explain.
+    first, second = Lease(sessions, ttl_s=1.2, owner="first"), Lease(sessions, ttl_s=1.2, owner="second")
     assert await first.acquire()
     async with first.kept():
-        for _ in range(5):
+        for _ in range(8):
             await asyncio.sleep(0.2)
             assert not await second.acquire()
     await first.ensure()
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(1.3)
     assert await second.acquire()
     # The old holder does not know yet: its fenced writes change nothing, and its next check stops it.
     async with sessions() as session, session.begin():
