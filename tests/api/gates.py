@@ -38,3 +38,11 @@ class Gate:
 
     async def wait_entered(self) -> None:
         await asyncio.to_thread(self.entered.wait, 10)
+
+
+async def until_queued(batcher: MicroBatcher | ContinuousBatcher, items: int) -> None:
+    """Wait until at least `items` wait in the batcher's queue, rather than a fixed time: a request gets there after
+    a few awaits, and the CPU time for them, which a loaded machine may not give within a fixed wait."""
+    async with asyncio.timeout(30):
+        while batcher.queued < items:
+            await asyncio.sleep(0.01)

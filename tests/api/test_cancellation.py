@@ -6,7 +6,7 @@ import pytest
 import uvicorn
 
 from server.main import create_app
-from tests.api.gates import Gate
+from tests.api.gates import Gate, until_queued
 from tests.support.metrics import metric
 from tests.support.servers import free_port
 
@@ -21,11 +21,13 @@ async def test_a_request_whose_client_disconnected_is_dropped_before_its_batch(s
     while not server.started:
         await asyncio.sleep(0.02)
     try:
-        gate = Gate(app.state.runtime.generation.batcher)
+        batcher = app.state.runtime.generation.batcher
+        gate = Gate(batcher)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
             first = asyncio.create_task(client.post("/generate", json={"prompts": ["warm up"], "max_new_tokens": 2}))
             await gate.wait_entered()
             dropped_before = metric("scheduler_dropped_items_total", model="generator", reason="cancelled")
+            ended_before = metric("http_request_duration_seconds_count", method="POST", route="/generate")
             body = json.dumps({"prompts": ["nobody will read this"], "max_new_tokens": 2}).encode()
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(
@@ -33,12 +35,18 @@ async def test_a_request_whose_client_disconnected_is_dropped_before_its_batch(s
                 b"content-length: %d\r\n\r\n%s" % (len(body), body)
             )
             await writer.drain()
-            await asyncio.sleep(0.2)
+            # Each step waits for what it needs, not a fixed time (which a loaded machine may exceed): the request
+            # waits in the queue, then the server ends it as its client left, and only then is the model let go.
+            await until_queued(batcher, 1)
             writer.close()
-            await asyncio.sleep(0.2)
+            async with asyncio.timeout(30):
+                while metric("http_request_duration_seconds_count", method="POST", route="/generate") == ended_before:
+                    await asyncio.sleep(0.01)
             gate.open.set()
             assert (await first).status_code == 200
-            await asyncio.sleep(0.1)
+            async with asyncio.timeout(30):
+                while metric("scheduler_dropped_items_total", model="generator", reason="cancelled") == dropped_before:
+                    await asyncio.sleep(0.01)
         assert len(gate.batches) == 1
         assert metric("scheduler_dropped_items_total", model="generator", reason="cancelled") - dropped_before == 1
     finally:

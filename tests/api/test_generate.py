@@ -4,7 +4,7 @@ import httpx
 import pytest
 
 from server.ml.generator import GenerationParams
-from tests.api.gates import Gate
+from tests.api.gates import Gate, until_queued
 from tests.support.metrics import metric
 
 
@@ -131,7 +131,7 @@ class TestStaticBatcher:
         first = asyncio.create_task(generate(app_client, ["warm up"], max_new_tokens=2))
         await gate.wait_entered()
         requests = [asyncio.create_task(generate(app_client, [p], **param_sets[i % 3])) for i, p in enumerate(prompts)]
-        await asyncio.sleep(0.3)
+        await until_queued(runtime.generation.batcher, 100)
         gate.open.set()
         responses = await asyncio.gather(*requests)
         await first
@@ -166,7 +166,7 @@ class TestStaticBatcher:
             asyncio.create_task(generate(app_client, ["Same prompt"], max_new_tokens=4, temperature=1.0))
             for _ in range(2)
         ]
-        await asyncio.sleep(0.2)
+        await until_queued(runtime.generation.batcher, 3)
         gate.open.set()
         bodies = [(await t).json()[0] for t in same]
         await asyncio.gather(first, *sampled)
@@ -180,7 +180,7 @@ class TestStaticBatcher:
         await gate.wait_entered()
         many = asyncio.create_task(generate(app_client, ["a b", "c d", "e f"], max_new_tokens=2))
         one = asyncio.create_task(generate(app_client, ["g h"], max_new_tokens=2))
-        await asyncio.sleep(0.2)
+        await until_queued(runtime.generation.batcher, 4)
         gate.open.set()
         await asyncio.gather(first, many, one)
         assert [len(batch) for batch in gate.batches] == [1, 4]

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from tests.api.gates import Gate
+from tests.api.gates import Gate, until_queued
 from tests.api.test_generate import generate
 
 
@@ -21,7 +21,7 @@ async def test_full_queue_answers_503_with_retry_after(settings, app_client):
     first = asyncio.create_task(generate(app_client, ["warm up"], max_new_tokens=2))
     await gate.wait_entered()
     queued = asyncio.create_task(generate(app_client, ["one", "two"], max_new_tokens=2))
-    await asyncio.sleep(0.1)
+    await until_queued(runtime.generation.batcher, 2)
     refused = await generate(app_client, ["three"], max_new_tokens=2)
     assert refused.status_code == 503
     assert int(refused.headers["retry-after"]) >= 1
@@ -32,10 +32,11 @@ async def test_full_queue_answers_503_with_retry_after(settings, app_client):
 
 async def test_deadline_answers_504_and_the_item_is_never_computed(app_client):
     runtime = app_client.app.state.runtime
-    runtime.generation.timeout_s = 0.2
     gate = Gate(runtime.generation.batcher)
     first = asyncio.create_task(generate(app_client, ["warm up"], max_new_tokens=2))
     await gate.wait_entered()
+    # Only the late request has the short deadline: the first's, on a loaded machine, could pass before its batch.
+    runtime.generation.timeout_s = 0.2
     late = await generate(app_client, ["too late"], max_new_tokens=2)
     assert late.status_code == 504 and "REQUEST_TIMEOUT_S" in late.json()["detail"]
     gate.open.set()
@@ -67,7 +68,7 @@ async def test_a_request_that_does_not_fit_the_queue_is_refused_whole(app_client
     first = asyncio.create_task(generate(app_client, ["warm up"], max_new_tokens=2))
     await gate.wait_entered()
     queued = asyncio.create_task(generate(app_client, ["one"], max_new_tokens=2))
-    await asyncio.sleep(0.1)
+    await until_queued(runtime.generation.batcher, 1)
     refused = await generate(app_client, ["two", "three", "four"], max_new_tokens=2)
     assert refused.status_code == 503
     gate.open.set()

@@ -1,6 +1,6 @@
 import asyncio
 
-from tests.api.gates import Gate
+from tests.api.gates import Gate, until_queued
 
 
 async def test_single_text_gives_one_object(app_client):
@@ -27,7 +27,7 @@ async def test_concurrent_texts_share_batches_and_duplicates_are_computed_once(a
     first = asyncio.create_task(app_client.post("/predict", json={"text": "warm up"}))
     await gate.wait_entered()
     requests = [asyncio.create_task(app_client.post("/predict", json={"texts": [f"text {i % 5}"]})) for i in range(20)]
-    await asyncio.sleep(0.2)
+    await until_queued(runtime.sentiment.batcher, 5)
     gate.open.set()
     assert [r.status_code for r in await asyncio.gather(*requests)] == [200] * 20
     await first

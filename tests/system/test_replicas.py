@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from server.bench.run import server_process
 from tests.support.metrics import counted
@@ -84,19 +85,27 @@ async def test_waiters_answer_when_the_lock_holder_process_dies(standins, redis_
             for n, port in (("holder", free_port()), ("waiter", free_port()))
         )
         target = {"prompts": ["The holder dies holding this"], "max_new_tokens": 4}
+        observer = Redis.from_url(redis_server.url)
         async with httpx.AsyncClient(timeout=120) as client:
+            # Sampled without a seed, the backlog is not cached and takes no lock: the target's is the only one.
             backlog = [
                 asyncio.create_task(
                     client.post(
                         f"{holder}/generate",
-                        json={"prompts": [f"busy {i} {j}" for j in range(32)], "max_new_tokens": 256},
+                        json={"prompts": [f"busy {i} {j}" for j in range(32)], "max_new_tokens": 256, "temperature": 1},
                     )
                 )
                 for i in range(10)
             ]
-            await asyncio.sleep(0.5)
+            # Each step waits for what it needs rather than a fixed time, which a loaded machine may exceed: the
+            # holder's model is busy with rows waiting behind, then the holder holds the target's lock.
+            async with asyncio.timeout(60):
+                while counted((await client.get(f"{holder}/metrics")).text, "scheduler_queue_depth", "generator") < 32:
+                    await asyncio.sleep(0.05)
             doomed = asyncio.create_task(client.post(f"{holder}/generate", json=target))
-            await asyncio.sleep(0.5)
+            async with asyncio.timeout(60):
+                while not await observer.keys("lock:*"):
+                    await asyncio.sleep(0.05)
             started = time.monotonic()
             waiting = asyncio.create_task(client.post(f"{waiter}/generate", json=target))
             await asyncio.sleep(0.3)
@@ -105,6 +114,7 @@ async def test_waiters_answer_when_the_lock_holder_process_dies(standins, redis_
             answer = await waiting
             elapsed = time.monotonic() - started
             await asyncio.gather(doomed, *backlog, return_exceptions=True)
+        await observer.aclose()
         assert answer.status_code == 200 and answer.json()[0]["cached"] is False
         assert items_computed(waiter) == 1
         assert elapsed < LOCK_TTL_S + 30

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 import pytest
 
 from server.services.cache import MemoryStore, RedisStore, ResponseCache
-from server.services.cache.redis_store import lock_key
+from server.services.cache.redis_store import done_channel, lock_key
 from server.services.errors import DeadlineExceeded
 from server.services.infra.circuit import CircuitBreaker
 from server.services.infra.redis_client import REDIS_FAILURES, open_redis
@@ -76,20 +76,36 @@ async def test_bypass_recomputes_and_refreshes_the_entry(cache):
 
 
 async def test_a_caller_leaving_does_not_cancel_the_computation_for_the_others(cache):
-    compute = Computation(0.2)
+    started, release, calls = asyncio.Event(), asyncio.Event(), []
+
+    async def compute(index: int) -> bytes:
+        calls.append(index)
+        started.set()
+        await release.wait()
+        return b"value"
+
     leaving = asyncio.create_task(cache.resolve("t", ["k"], compute))
-    await compute.started.wait()
+    await started.wait()
     staying = asyncio.create_task(cache.resolve("t", ["k"], compute))
-    await asyncio.sleep(0.01)
+    # The first caller leaves once the second has joined (on Redis, after a lookup that a loaded machine delays).
+    for _ in range(500):
+        if cache._flights["k"].waiters == 2:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the second caller did not join the computation")
     leaving.cancel()
-    assert (await staying)[0][0] == b"value-0"
-    assert compute.calls == 1
+    await asyncio.gather(leaving, return_exceptions=True)
+    release.set()
+    assert (await staying)[0][0] == b"value"
+    assert calls == [0]
 
 
 async def test_the_last_caller_leaving_cancels_the_computation(cache):
-    cancelled = asyncio.Event()
+    started, cancelled = asyncio.Event(), asyncio.Event()
 
     async def compute(index: int) -> bytes:
+        started.set()
         try:
             await asyncio.sleep(10)
         except asyncio.CancelledError:
@@ -98,7 +114,7 @@ async def test_the_last_caller_leaving_cancels_the_computation(cache):
         return b"never"
 
     only = asyncio.create_task(cache.resolve("t", ["k"], compute))
-    await asyncio.sleep(0.05)
+    await started.wait()
     only.cancel()
     await asyncio.wait_for(cancelled.wait(), 2)
 
@@ -176,10 +192,11 @@ async def test_redis_down_computes_counts_skips_redis_then_recovers(redis_server
 
 
 async def test_waiting_for_another_process_is_not_cut_by_the_socket_timeout(redis_server):
-    """The stampede wait sleeps on the subscription, far longer than REDIS_TIMEOUT_S."""
-    clients = [open_redis(redis_server.url, timeout_s=0.05) for _ in range(2)]
+    """The stampede wait sleeps on the subscription, far longer than REDIS_TIMEOUT_S (0.2 s: a loaded machine can
+    take longer than 0.05 s over an ordinary command)."""
+    clients = [open_redis(redis_server.url, timeout_s=0.2) for _ in range(2)]
     caches = [ResponseCache(RedisStore(client, ttl_s=60, lock_ttl_s=5), lock_ttl_s=5) for client in clients]
-    compute = Computation(0.5)
+    compute = Computation(1.0)
     leader = asyncio.create_task(caches[0].resolve("t", ["slow"], compute))
     await compute.started.wait()
     assert await caches[1].resolve("t", ["slow"], compute) == [(b"value-0", "coalesced")]
@@ -267,10 +284,13 @@ async def test_a_lock_left_by_a_redis_stall_is_settled_when_the_circuit_closes(r
     holder_client.circuit = CircuitBreaker("redis", failures=REDIS_FAILURES, clock=clock)
     holder = ResponseCache(RedisStore(holder_client, ttl_s=60, lock_ttl_s=30), lock_ttl_s=30)
     other = ResponseCache(RedisStore(other_client, ttl_s=60, lock_ttl_s=30), lock_ttl_s=30)
-    compute = Computation(0.5)
+    compute = Computation(1.0)
     first = [asyncio.create_task(holder.resolve("t", [key], compute)) for key in ("mine", "theirs")]
-    await compute.started.wait()
-    await asyncio.sleep(0.1)
+    # Redis stops while both hold their locks and compute: not before the second lock (a loaded machine can take
+    # longer than a fixed wait over it), nor after a computation ends.
+    async with asyncio.timeout(10):
+        while compute.calls < 2:
+            await asyncio.sleep(0.005)
     os.kill(redis_server.process.pid, signal.SIGSTOP)
     try:
         assert [answer[0][1] for answer in await asyncio.gather(*first)] == ["miss", "miss"]
@@ -279,7 +299,10 @@ async def test_a_lock_left_by_a_redis_stall_is_settled_when_the_circuit_closes(r
         os.kill(redis_server.process.pid, signal.SIGCONT)
     assert await other_client.exists(lock_key("mine"), lock_key("theirs")) == 2, "both releases failed"
     waiter = asyncio.create_task(other.resolve("t", ["theirs"], compute))
-    await asyncio.sleep(0.2)
+    # The other process waits on the lock's channel before this one settles it (not after a fixed 0.2 s).
+    async with asyncio.timeout(10):
+        while (await other_client.pubsub_numsub(done_channel("theirs")))[0][1] != 1:
+            await asyncio.sleep(0.01)
     clock.now += holder_client.circuit.interval_s
     assert await asyncio.wait_for(holder.resolve("t", ["mine"], compute), 3) == [(b"value-0", "coalesced")]
     assert await asyncio.wait_for(waiter, 3) == [(b"value-0", "coalesced")]

@@ -1,18 +1,27 @@
 import asyncio
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import update
 
+from server.core import clock
 from server.db.batch_models import WorkerLease
 from server.services.offload.lease import Lease, LeaseLost
 
 
-async def test_one_holder_at_a_time_and_a_takeover_fences_the_old_holder(sessions):
+async def test_one_holder_at_a_time_and_a_takeover_fences_the_old_holder(sessions, monkeypatch):
+    # The expiry is read from `clock.now()`, which here moves only when the test moves it: in real time, a loaded CI
+    # machine could let the 0.3 s TTL run out between the calls that expect it not to have.
+    now = clock.now()
+    monkeypatch.setattr(clock, "now", lambda: now)
     first, second = Lease(sessions, ttl_s=0.3, owner="first"), Lease(sessions, ttl_s=0.3, owner="second")
     assert await first.acquire() and first.token == 1
+    now += timedelta(seconds=0.29)
     assert not await second.acquire()
     assert await first.acquire() and first.token == 1
-    await asyncio.sleep(0.4)
+    now += timedelta(seconds=0.29)
+    assert not await second.acquire(), "renewed by its holder's acquire"
+    now += timedelta(seconds=0.31)
     assert await second.acquire() and second.token == 2
     assert (await second.holder()).owner == "second"
     assert not await first.renew() and first.token is None

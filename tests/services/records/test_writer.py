@@ -206,7 +206,14 @@ async def test_a_row_no_backend_can_encode_is_set_aside_on_both(engine, database
 async def test_backoff_holds_when_a_full_buffer_keeps_waking_the_writer(engine, database_url, tmp_path):
     records = writer(engine, database_url, tmp_path, interval_s=5.0, max_items=10, shutdown_timeout_s=0.5)
     records.start()
-    for i in range(50):
+    records.add(PredictionRecord, [prediction(j) for j in range(10)])
+    # The first write has failed (no tables) before the others arrive, so that they all wake the writer in its
+    # backoff: on a loaded machine, failing it (a first connection) can take longer than the loop below.
+    for _ in range(500):
+        if records.failures:
+            break
+        await asyncio.sleep(0.01)
+    for i in range(1, 50):
         records.add(PredictionRecord, [prediction(i * 10 + j) for j in range(10)])
         await asyncio.sleep(0.005)
     attempts = sum(records.failures.values())

@@ -208,8 +208,10 @@ async def test_a_cancelled_caller_frees_its_row_within_one_step(make, generator)
 
 async def test_deadline_is_a_504_and_the_row_leaves_at_the_next_step(make, generator):
     batcher, passes = make()
-    slow = asyncio.create_task(batcher.submit([job(generator, "slow", 200)], timeout_s=0.5))
+    # A deadline well after the three passes before the hold, which took up to 0.25 s with the CPUs busy.
+    slow = asyncio.create_task(batcher.submit([job(generator, "slow", 200)], timeout_s=2.0))
     await passes.hold_before(3)
+    assert not slow.done() and len(passes.log) == 3, "held before the deadline"
     with pytest.raises(DeadlineExceeded):
         await slow
     passes.let_go()
