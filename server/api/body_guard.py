@@ -17,8 +17,9 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.cancellation import CLIENT_CLOSED
+
 _CLOSE = {"Connection": "close"}
-CLIENT_CLOSED = 499  # nginx's code for a client that left before the answer
 
 
 class BodyGuardMiddleware:

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from server.api.cancellation import CLIENT_CLOSED, ClientClosed
 from server.core.logging import REQUEST_ID
 from server.services.errors import BlockedPrompt, DeadlineExceeded, InputError, ModelFailed, NotGranted, Overloaded
 from server.services.offload.jobs import JobConflict, JobNotFound
@@ -144,6 +145,11 @@ async def _model_failed(request: Request, exc: ModelFailed) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=500)
 
 
+async def _client_closed(request: Request, exc: ClientClosed) -> JSONResponse:
+    # Nobody reads it: the status is for the metrics, the access log and the records.
+    return JSONResponse({"detail": str(exc)}, status_code=CLIENT_CLOSED)
+
+
 def install(app: FastAPI) -> None:
     # Starlette types a handler as taking any Exception; each of these takes the class it is registered for.
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
@@ -157,3 +163,4 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Overloaded, _overloaded)  # type: ignore[arg-type]
     app.add_exception_handler(DeadlineExceeded, _deadline)  # type: ignore[arg-type]
     app.add_exception_handler(ModelFailed, _model_failed)  # type: ignore[arg-type]
+    app.add_exception_handler(ClientClosed, _client_closed)  # type: ignore[arg-type]

@@ -4,7 +4,9 @@ import json
 import httpx
 import pytest
 import uvicorn
+from starlette.requests import Request
 
+from server.api.cancellation import ClientClosed, unless_disconnected
 from server.main import create_app
 from tests.api.gates import Gate, until_queued
 from tests.support.metrics import metric
@@ -28,6 +30,10 @@ async def test_a_request_whose_client_disconnected_is_dropped_before_its_batch(s
             await gate.wait_entered()
             dropped_before = metric("scheduler_dropped_items_total", model="generator", reason="cancelled")
             ended_before = metric("http_request_duration_seconds_count", method="POST", route="/generate")
+            answered = {
+                status: metric("http_requests_total", method="POST", route="/generate", status=status)
+                for status in ("499", "500")
+            }
             body = json.dumps({"prompts": ["nobody will read this"], "max_new_tokens": 2}).encode()
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(
@@ -48,7 +54,46 @@ async def test_a_request_whose_client_disconnected_is_dropped_before_its_batch(s
                 while metric("scheduler_dropped_items_total", model="generator", reason="cancelled") == dropped_before:
                     await asyncio.sleep(0.01)
         assert len(gate.batches) == 1
+        # A client that left is a 499 (ClientClosed), not the 500 of a CancelledError escaping the app.
+        for status, change in (("499", 1), ("500", 0)):
+            now = metric("http_requests_total", method="POST", route="/generate", status=status)
+            assert now - answered[status] == change, status
         assert metric("scheduler_dropped_items_total", model="generator", reason="cancelled") - dropped_before == 1
     finally:
         server.should_exit = True
         await serving
+
+
+def _request(receive) -> Request:
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
+
+
+async def test_a_disconnect_cancels_the_work_and_ends_the_handler_with_client_closed():
+    left = asyncio.Event()
+
+    async def receive():
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    work = asyncio.create_task(asyncio.sleep(60))
+    handler = asyncio.create_task(unless_disconnected(_request(receive), work))
+    await asyncio.sleep(0)
+    left.set()
+    with pytest.raises(ClientClosed):
+        await handler
+    assert work.cancelled()
+
+
+async def test_a_handler_cancelled_itself_stays_cancelled_and_cancels_its_work():
+    """A server shutting down cancels the handler: that is no client leaving, and must propagate as it is."""
+
+    async def receive():
+        await asyncio.Event().wait()
+
+    work = asyncio.create_task(asyncio.sleep(60))
+    handler = asyncio.create_task(unless_disconnected(_request(receive), work))
+    await asyncio.sleep(0)
+    handler.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await handler
+    assert work.cancelled()
