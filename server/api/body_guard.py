@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.cancellation import CLIENT_CLOSED
+from server.services.analytics.request_log import CLIENT_CLOSED
 
 _CLOSE = {"Connection": "close"}
 

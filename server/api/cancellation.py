@@ -14,8 +14,6 @@ from fastapi import Request
 
 T = TypeVar("T")
 
-CLIENT_CLOSED = 499  # nginx's code for a client that left before the answer
-
 
 class ClientClosed(Exception):
     """The client disconnected before its answer, and its work was cancelled."""

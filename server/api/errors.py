@@ -9,8 +9,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from server.api.cancellation import CLIENT_CLOSED, ClientClosed
+from server.api.cancellation import ClientClosed
 from server.core.logging import REQUEST_ID
+from server.services.analytics.request_log import CLIENT_CLOSED
 from server.services.errors import BlockedPrompt, DeadlineExceeded, InputError, ModelFailed, NotGranted, Overloaded
 from server.services.offload.jobs import JobConflict, JobNotFound
 
