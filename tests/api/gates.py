@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from server.services.scheduling.continuous import ContinuousBatcher
 from server.services.scheduling.static import MicroBatcher
+from tests.support.waiting import until
 
 
 class Gate:
@@ -43,6 +44,4 @@ class Gate:
 async def until_queued(batcher: MicroBatcher | ContinuousBatcher, items: int) -> None:
     """Wait until at least `items` wait in the batcher's queue, rather than a fixed time: a request gets there after
     a few awaits, and the CPU time for them, which a loaded machine may not give within a fixed wait."""
-    async with asyncio.timeout(30):
-        while batcher.queued < items:
-            await asyncio.sleep(0.01)
+    await until(lambda: batcher.queued >= items)

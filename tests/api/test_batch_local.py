@@ -19,6 +19,7 @@ from server.services.offload.pricing import PriceTable
 from server.services.offload.worker import finish_job
 from server.services.scheduling.continuous import ContinuousBatcher
 from tests.support.metrics import metric
+from tests.support.waiting import until
 
 
 def prompt(custom_id: str, text: str) -> dict:
@@ -368,10 +369,7 @@ async def test_interactive_requests_wait_behind_at_most_one_background_batch(cli
         asyncio.create_task(client.post("/generate", json={"prompts": [f"first {i}"], "max_new_tokens": 4}))
         for i in range(3)
     ]
-    for _ in range(500):
-        if interactive_waiting(batcher) == 3:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: interactive_waiting(batcher) == 3, 5)
     release.set()
     assert [(await task).status_code for task in first] == [200, 200, 200]
     answered = 3

@@ -10,6 +10,7 @@ import uvicorn
 from server.main import create_app
 from tests.support.metrics import metric
 from tests.support.servers import free_port
+from tests.support.waiting import until
 
 HEAD = (
     b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n"
@@ -63,7 +64,5 @@ async def test_a_client_that_leaves_mid_body_is_recorded_499_not_400(port):
     with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
         client.sendall(HEAD + b'{"text": "half')
         await asyncio.sleep(0.3)
-    async with asyncio.timeout(10):
-        while metric("http_requests_total", **labels, status="499") == before["499"]:
-            await asyncio.sleep(0.05)
+    await until(lambda: metric("http_requests_total", **labels, status="499") > before["499"], 10, 0.05)
     assert metric("http_requests_total", **labels, status="400") == before["400"]

@@ -4,6 +4,7 @@ import asyncio
 import threading
 
 from tests.support.app import serving
+from tests.support.waiting import until
 
 
 async def test_identical_requests_in_flight_leave_room_for_another(settings):
@@ -17,12 +18,7 @@ async def test_identical_requests_in_flight_leave_room_for_another(settings):
         runtime.generation.batcher.executor.submit(held.wait, 30)
         body = {"prompts": ["the same story"], "max_new_tokens": 8}
         same = [asyncio.create_task(client.post("/generate", json=body)) for _ in range(8)]
-        for _ in range(500):
-            if sum(flight.waiters for flight in cache._flights.values()) == 8:
-                break
-            await asyncio.sleep(0.01)
-        else:
-            raise AssertionError("the identical requests did not all join one computation")
+        await until(lambda: sum(flight.waiters for flight in cache._flights.values()) == 8, 5)
         other = asyncio.create_task(client.post("/generate", json={"prompts": ["something else"], "max_new_tokens": 2}))
         await asyncio.sleep(0.1)
         held.set()

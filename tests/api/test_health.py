@@ -14,6 +14,7 @@ from server.services.scheduling.continuous import ContinuousBatcher
 from tests.api.gates import Gate, until_queued
 from tests.support.app import serving
 from tests.support.metrics import metric
+from tests.support.waiting import until
 
 
 async def generate(client: httpx.AsyncClient, prompt: str, tokens: int = 4) -> httpx.Response:
@@ -58,9 +59,7 @@ async def test_a_loop_failing_every_turn_makes_readiness_and_then_liveness_503(s
         assert (await client.get("/health/live")).status_code == 200
         for attempt in range(3):
             assert (await generate(client, f"attempt {attempt}")).status_code == 500
-            async with asyncio.timeout(10):
-                while batcher.supervisor.state == "restarting":
-                    await asyncio.sleep(0.01)
+            await until(lambda: batcher.supervisor.state != "restarting", 10)
         ready, live = await client.get("/health"), await client.get("/health/live")
         assert ready.status_code == 503 and live.status_code == 503
         assert live.json()["checks"]["models"]["detail"]["generator"]["state"] == "failed"

@@ -3,15 +3,9 @@ import logging
 
 from server.core.supervisor import RestartPolicy, Supervisor
 from tests.support.metrics import metric
+from tests.support.waiting import until
 
-_sleep = asyncio.sleep  # `until` keeps polling while a test replaces asyncio.sleep
 FAST = RestartPolicy(backoff_s=0.001, max_backoff_s=0.01, window_s=60)
-
-
-async def until(condition, timeout_s: float = 5.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await _sleep(0.001)
 
 
 async def test_a_loop_that_raises_is_restarted_after_its_owned_work_is_failed(caplog):

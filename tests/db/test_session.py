@@ -11,6 +11,7 @@ from sqlalchemy import event, text
 from sqlalchemy.exc import OperationalError
 
 from server.db.session import SQLiteConnection, create_engine
+from tests.support.waiting import until
 
 
 async def test_sqlite_connections_open_the_urls_file_and_wait_for_a_lock_only_timeout_s(tmp_path):
@@ -62,11 +63,7 @@ async def test_a_statement_cancelled_twice_while_it_waits_for_a_lock_leaves_no_t
 
     event.listen(engine.sync_engine, "before_cursor_execute", sent)
     writing = asyncio.create_task(write())
-    for _ in range(500):
-        if waiting.is_set():
-            break
-        await asyncio.sleep(0.01)
-    assert waiting.is_set(), "the INSERT never reached the connection"
+    await until(waiting.is_set, 5)
     await asyncio.sleep(0.1)
     writing.cancel()
     await asyncio.sleep(0.05)

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from server.bench.run import server_process
 from tests.support.metrics import counted
 from tests.support.servers import RedisServer, free_port
+from tests.support.waiting import until
 
 LOCK_TTL_S = 2.0
 
@@ -97,15 +98,16 @@ async def test_waiters_answer_when_the_lock_holder_process_dies(standins, redis_
                 )
                 for i in range(10)
             ]
+
             # Each step waits for what it needs rather than a fixed time, which a loaded machine may exceed: the
             # holder's model is busy with rows waiting behind, then the holder holds the target's lock.
-            async with asyncio.timeout(60):
-                while counted((await client.get(f"{holder}/metrics")).text, "scheduler_queue_depth", "generator") < 32:
-                    await asyncio.sleep(0.05)
+            async def queued() -> bool:
+                page = (await client.get(f"{holder}/metrics")).text
+                return counted(page, "scheduler_queue_depth", "generator") >= 32
+
+            await until(queued, 60, 0.05)
             doomed = asyncio.create_task(client.post(f"{holder}/generate", json=target))
-            async with asyncio.timeout(60):
-                while not await observer.keys("lock:*"):
-                    await asyncio.sleep(0.05)
+            await until(lambda: observer.keys("lock:*"), 60, 0.05)
             started = time.monotonic()
             waiting = asyncio.create_task(client.post(f"{waiter}/generate", json=target))
             await asyncio.sleep(0.3)

@@ -12,6 +12,7 @@ from server.services.infra.circuit import CircuitBreaker
 from server.services.infra.redis_client import REDIS_FAILURES, open_redis
 from tests.support.clock import Clock
 from tests.support.metrics import metric
+from tests.support.waiting import until
 
 
 class Computation:
@@ -88,12 +89,7 @@ async def test_a_caller_leaving_does_not_cancel_the_computation_for_the_others(c
     await started.wait()
     staying = asyncio.create_task(cache.resolve("t", ["k"], compute))
     # The first caller leaves once the second has joined (on Redis, after a lookup that a loaded machine delays).
-    for _ in range(500):
-        if cache._flights["k"].waiters == 2:
-            break
-        await asyncio.sleep(0.01)
-    else:
-        raise AssertionError("the second caller did not join the computation")
+    await until(lambda: cache._flights["k"].waiters == 2, 5)
     leaving.cancel()
     await asyncio.gather(leaving, return_exceptions=True)
     release.set()
@@ -288,9 +284,7 @@ async def test_a_lock_left_by_a_redis_stall_is_settled_when_the_circuit_closes(r
     first = [asyncio.create_task(holder.resolve("t", [key], compute)) for key in ("mine", "theirs")]
     # Redis stops while both hold their locks and compute: not before the second lock (a loaded machine can take
     # longer than a fixed wait over it), nor after a computation ends.
-    async with asyncio.timeout(10):
-        while compute.calls < 2:
-            await asyncio.sleep(0.005)
+    await until(lambda: compute.calls >= 2, 10, 0.005)
     os.kill(redis_server.process.pid, signal.SIGSTOP)
     try:
         assert [answer[0][1] for answer in await asyncio.gather(*first)] == ["miss", "miss"]
@@ -299,10 +293,12 @@ async def test_a_lock_left_by_a_redis_stall_is_settled_when_the_circuit_closes(r
         os.kill(redis_server.process.pid, signal.SIGCONT)
     assert await other_client.exists(lock_key("mine"), lock_key("theirs")) == 2, "both releases failed"
     waiter = asyncio.create_task(other.resolve("t", ["theirs"], compute))
+
     # The other process waits on the lock's channel before this one settles it (not after a fixed 0.2 s).
-    async with asyncio.timeout(10):
-        while (await other_client.pubsub_numsub(done_channel("theirs")))[0][1] != 1:
-            await asyncio.sleep(0.01)
+    async def subscribed() -> bool:
+        return (await other_client.pubsub_numsub(done_channel("theirs")))[0][1] == 1
+
+    await until(subscribed, 10)
     clock.now += holder_client.circuit.interval_s
     assert await asyncio.wait_for(holder.resolve("t", ["mine"], compute), 3) == [(b"value-0", "coalesced")]
     assert await asyncio.wait_for(waiter, 3) == [(b"value-0", "coalesced")]

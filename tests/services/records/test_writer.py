@@ -22,6 +22,7 @@ from server.services.records import RecordWriter
 from server.services.records.replay import replay_spill
 from server.services.records.spill import database_identity, write_spill
 from server.services.records.store import Record
+from tests.support.waiting import until
 
 
 def prediction(i: int, text: str | None = None) -> dict:
@@ -209,10 +210,7 @@ async def test_backoff_holds_when_a_full_buffer_keeps_waking_the_writer(engine, 
     records.add(PredictionRecord, [prediction(j) for j in range(10)])
     # The first write has failed (no tables) before the others arrive, so that they all wake the writer in its
     # backoff: on a loaded machine, failing it (a first connection) can take longer than the loop below.
-    for _ in range(500):
-        if records.failures:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: records.failures, 5)
     for i in range(1, 50):
         records.add(PredictionRecord, [prediction(i * 10 + j) for j in range(10)])
         await asyncio.sleep(0.005)

@@ -13,6 +13,7 @@ from server.ml.generator import TextGenerator
 from server.services.errors import DeadlineExceeded, ModelFailed, Overloaded
 from server.services.scheduling.continuous import ContinuousBatcher
 from tests.support.metrics import metric
+from tests.support.waiting import until
 
 
 @dataclass(frozen=True)
@@ -139,10 +140,7 @@ async def test_tokens_stream_after_each_step_and_add_up_to_the_answer(make, gene
         batcher.submit([job(generator, "Streaming", 7)], timeout_s=30, on_tokens=lambda ids, _: chunks.append(ids))
     )
     await passes.hold_before(1)
-    for _ in range(500):
-        if chunks:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: chunks, 5)
     # The first token arrived while the loop was held after the prefill: before any decoding step ran.
     assert len(chunks) == 1 and len(chunks[0]) == 1 and len(passes.log) == 1
     passes.let_go()
@@ -273,12 +271,6 @@ class FailOnce:
             return original(batch, *args)
 
         monkeypatch.setattr(DecodeBatch, name, failing)
-
-
-async def until(condition, timeout_s: float = 20.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("surgery", ["extend", "keep"])

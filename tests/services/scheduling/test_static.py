@@ -9,6 +9,7 @@ from server.core.supervisor import RestartPolicy
 from server.services.errors import DeadlineExceeded, ModelFailed, Overloaded
 from server.services.scheduling.static import ABORTED, MicroBatcher
 from tests.support.metrics import metric
+from tests.support.waiting import until
 
 
 class Model:
@@ -281,10 +282,7 @@ async def test_an_item_whose_callers_are_gone_is_aborted_mid_computation(reason)
         results = await asyncio.gather(*callers, return_exceptions=True)
         expected = asyncio.CancelledError if reason == "cancelled" else DeadlineExceeded
         assert all(isinstance(result, expected) for result in results)
-        for _ in range(500):
-            if stepper.saw_abandoned:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: stepper.saw_abandoned, 5)
         assert stepper.saw_abandoned == [True]
         for _ in range(100):
             if metric("scheduler_aborted_items_total", model="stepper", reason=reason) > before:
@@ -348,9 +346,7 @@ async def test_an_error_that_escapes_the_loop_fails_its_batch_and_the_loop_resta
     assert await batcher.submit([3], timeout_s=10) == [6]
     with pytest.raises(ModelFailed, match="ZeroDivisionError"):
         await batcher.submit(["poison"], timeout_s=10)
-    async with asyncio.timeout(5):
-        while batcher.supervisor.state != "failed":
-            await asyncio.sleep(0.01)
+    await until(lambda: batcher.supervisor.state == "failed", 5)
     with pytest.raises(ModelFailed, match="restart"):
         await batcher.submit([3], timeout_s=10)
 
