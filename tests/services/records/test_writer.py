@@ -116,11 +116,11 @@ async def test_background_task_flushes_on_its_interval_and_close_flushes_the_res
     records = writer(engine, database_url, tmp_path, interval_s=0.02)
     records.start()
     records.add(PredictionRecord, [prediction(1)])
-    for _ in range(100):
-        if await count(engine, PredictionRecord) == 1:
-            break
-        await asyncio.sleep(0.02)
-    assert await count(engine, PredictionRecord) == 1
+
+    async def written() -> bool:
+        return await count(engine, PredictionRecord) == 1
+
+    await until(written, 10, 0.02)
     records.flush_interval_s = 60
     await asyncio.sleep(0.05)
     records.add(PredictionRecord, [prediction(2), prediction(3)])

@@ -284,10 +284,7 @@ async def test_an_item_whose_callers_are_gone_is_aborted_mid_computation(reason)
         assert all(isinstance(result, expected) for result in results)
         await until(lambda: stepper.saw_abandoned, 5)
         assert stepper.saw_abandoned == [True]
-        for _ in range(100):
-            if metric("scheduler_aborted_items_total", model="stepper", reason=reason) > before:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: metric("scheduler_aborted_items_total", model="stepper", reason=reason) > before, 5)
         assert metric("scheduler_aborted_items_total", model="stepper", reason=reason) == before + 1
     finally:
         await batcher.close()
