@@ -87,6 +87,7 @@ def describe_models(generator: TextGenerator, classifier: SentimentClassifier) -
             "precision": model.precision,
             "kernels": model.kernels,
             "kernels_reason": model.kernels_reason,
+            "memory_pages": model.memory_pages,
             "device": str(model.device),
             "dtype": model.placement.dtype_name,
             "offline_stand_in": model.standin,

@@ -617,6 +617,7 @@ def summarize(
             if "bf16_" in offline.models
             else {}
         ),
+        "memory_pages": offline.models["fast_"].memory_pages,
         "model": str(generator_dir),
         "new_tokens": args.new_tokens,
         "long_tokens": args.long_tokens,
@@ -640,6 +641,7 @@ def table(results: dict) -> str:
         f"fp32 kernels: generator {results['kernels']}; classifier {results['classifier']['kernels']}",
         f"int8 kernels: generator {results['int8_kernels']}; classifier {results['classifier']['int8_kernels']}",
         *([f"bf16 kernels: generator {results['bf16_kernels']}"] if "bf16_kernels" in results else []),
+        f"memory pages (the fp32 generator's): {results['memory_pages']}",
         "",
     ]
     full = max(int(k.rsplit("_", 1)[1]) for k in results["offline"])

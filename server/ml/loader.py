@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import socket
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal, Self
@@ -21,6 +22,7 @@ from transformers import AutoTokenizer
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from server.ml import offline
+from server.ml.allocator import Pages, on_huge_pages
 from server.ml.device import CPU_BATCH_MAX_SIZE, CPU_FLOAT32, Placement
 from server.ml.kernels import measured_choice
 from server.ml.precision import (
@@ -145,15 +147,18 @@ class PretrainedModel:
         kernels: ServedKernels = "torch",
         placement: Placement = CPU_FLOAT32,
         kernels_reason: str = "",
+        memory_pages: str = "",
     ):
         """`model` already computes in `precision` on `placement` (see `load`); `name` and `revision` are the
-        checkpoint's; `kernels_reason` says why its Linear layers run on `kernels`."""
+        checkpoint's; `kernels_reason` says why its Linear layers run on `kernels`, `memory_pages` what pages its
+        memory sits on (`allocator.on_huge_pages`)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.precision = precision
         self.placement = placement
         self.kernels = kernels
         self.kernels_reason = kernels_reason
+        self.memory_pages = memory_pages
         self.tag = ("" if precision == "fp32" else f":{precision}") + placement.suffix
         self.name = f"{name}{self.tag}"
         self.checkpoint_revision = revision
@@ -187,39 +192,53 @@ class PretrainedModel:
         placement: Placement = CPU_FLOAT32,
     ) -> Self:
         """Load the model and tokenizer onto `placement`'s device in its dtype, then convert the model to
-        `precision` and, in fp32, `kernels` (seconds, see `precision.py`; both CPU only, see `device.py`)."""
-        tokenizer = AutoTokenizer.from_pretrained(
-            location.path, cache_dir=cache_dir, local_files_only=location.local_files_only
-        )
-        model = cls.auto_class.from_pretrained(
-            location.path,
-            cache_dir=cache_dir,
-            local_files_only=location.local_files_only,
-            dtype=placement.dtype,
-            attn_implementation=cls.attention,
-        ).to(placement.device)
-        revision = weights_revision(model.config, location)
-        kernels = usable_kernels(kernels)
-        served: ServedKernels
-        if precision == "int8" and int8_engines_available():
-            choice = measured_choice(model, cls.kernel_rows, Path(cache_dir), "int8")
-            model = quantize_linear_int8(model, choice.onednn, choice.lone_on_reference)
-            served, reason = choice.summary, choice.reason
-        elif precision == "int8":
-            model, served = apply_precision(model, precision), "torch"
-            engine = torch.backends.quantized.engine
-            reason = f"int8: torch's default quantized engine ({engine}): this torch build lacks fbgemm or oneDNN"
-        elif kernels == "auto" and placement.device.type == "cpu" and onednn_computes(placement.dtype):
-            choice = measured_choice(model, cls.kernel_rows, Path(cache_dir))
-            model, served = linear_onednn(model, choice.onednn, choice.lone_on_reference), choice.summary
-            reason = choice.reason
-        else:
-            # `auto` left here is a GPU's, or bfloat16's where oneDNN lacks bf16 kernels: torch's own kernels.
-            served = "torch" if kernels == "auto" else kernels
-            model, reason = (
-                apply_precision(model, precision, served),
-                "as configured (*_FP32_KERNELS; auto is torch's on a GPU, and in bfloat16 without oneDNN's bf16 "
-                "kernels)",
+        `precision` and, in fp32, `kernels` (seconds, see `precision.py`; both CPU only, see `device.py`). On the
+        CPU, the memory all this allocated then moves onto 2 MiB pages (seconds more, see `allocator.py`)."""
+        on_cpu = placement.device.type == "cpu"
+        with on_huge_pages() if on_cpu else nullcontext(Pages("as the device keeps them")) as pages:
+            tokenizer = AutoTokenizer.from_pretrained(
+                location.path, cache_dir=cache_dir, local_files_only=location.local_files_only
             )
+            model = cls.auto_class.from_pretrained(
+                location.path,
+                cache_dir=cache_dir,
+                local_files_only=location.local_files_only,
+                dtype=placement.dtype,
+                attn_implementation=cls.attention,
+            ).to(placement.device)
+            revision = weights_revision(model.config, location)
+            kernels = usable_kernels(kernels)
+            served: ServedKernels
+            if precision == "int8" and int8_engines_available():
+                choice = measured_choice(model, cls.kernel_rows, Path(cache_dir), "int8")
+                model = quantize_linear_int8(model, choice.onednn, choice.lone_on_reference)
+                served, reason = choice.summary, choice.reason
+            elif precision == "int8":
+                model, served = apply_precision(model, precision), "torch"
+                engine = torch.backends.quantized.engine
+                reason = f"int8: torch's default quantized engine ({engine}): this torch build lacks fbgemm or oneDNN"
+            elif kernels == "auto" and placement.device.type == "cpu" and onednn_computes(placement.dtype):
+                choice = measured_choice(model, cls.kernel_rows, Path(cache_dir))
+                model, served = linear_onednn(model, choice.onednn, choice.lone_on_reference), choice.summary
+                reason = choice.reason
+            else:
+                # `auto` left here is a GPU's, or bfloat16's where oneDNN lacks bf16 kernels: torch's own kernels.
+                served = "torch" if kernels == "auto" else kernels
+                model, reason = (
+                    apply_precision(model, precision, served),
+                    "as configured (*_FP32_KERNELS; auto is torch's on a GPU, and in bfloat16 without oneDNN's bf16 "
+                    "kernels)",
+                )
         log.info("%s %s kernels: %s (%s)", location.name, precision, served, reason)
-        return cls(model, tokenizer, location.name, revision, location.standin, precision, served, placement, reason)
+        return cls(
+            model,
+            tokenizer,
+            location.name,
+            revision,
+            location.standin,
+            precision,
+            served,
+            placement,
+            reason,
+            pages.summary,
+        )

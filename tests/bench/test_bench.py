@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -80,6 +81,8 @@ def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
     assert "int8: oneDNN where it beat fbgemm's int8 GEMM over 1 and 32 rows" in results["int8_kernels"]
     assert "int8: oneDNN where it beat fbgemm's int8 GEMM over 32 and 512" in results["classifier"]["int8_kernels"]
     assert f"int8 kernels: generator {results['int8_kernels']}" in run.stdout
+    assert f"memory pages (the fp32 generator's): {results['memory_pages']}" in run.stdout
+    assert re.match(r"\d+ of \d+ MiB moved to 2 MiB pages|nothing to move|left on 4 KiB pages", results["memory_pages"])
     if "bf16_" in ENGINES:
         assert results["bf16_kernels"].startswith(("onednn: bfloat16: oneDNN where it beat", "mixed: bfloat16:"))
         assert engines["bf16_gemm_gflops"] > 0 and engines["bf16_"]["precision"] == "bf16"

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,77 @@ def test_another_c_library_is_left_as_it_is(monkeypatch):
 @needs_glibc
 def test_glibc_says_what_it_kept():
     assert allocator.keep_freed_memory().startswith("freed memory kept (mmap threshold 32 MiB")
+
+
+SMAPS = """\
+55d0c0000000-55d0c0400000 rw-p 00000000 00:00 0                          [heap]
+Size:               4096 kB
+VmFlags: rd wr mr mw me ac
+7f0000000000-7f0000800000 rw-p 00000000 00:00 0
+Size:               8192 kB
+THPeligible:           0
+VmFlags: rd wr mr mw me ac
+7f0000800000-7f0001000000 rw-p 00000000 00:00 0
+VmFlags: rd wr mr mw me ac nh
+7f0001000000-7f0001400000 rw-p 00001000 08:01 1234                       /usr/lib/libtorch_cpu.so
+VmFlags: rd wr mr mw me ac
+7f0001400000-7f0001800000 r--p 00000000 00:00 0
+VmFlags: rd mr mw me ac
+7ffc00000000-7ffc00400000 rw-p 00000000 00:00 0                          [stack]
+VmFlags: rd wr mr mw me gd ac
+"""
+
+
+def test_only_private_writable_anonymous_memory_that_may_be_on_huge_pages_is_a_candidate():
+    # The heap and an anonymous mmap; not a thread stack marked `nh`, a file, read-only memory or the main stack.
+    assert allocator.anonymous_ranges(SMAPS) == [(0x55D0C0000000, 0x55D0C0400000), (0x7F0000000000, 0x7F0000800000)]
+
+
+def test_new_memory_is_what_no_earlier_mapping_covered_in_whole_huge_pages():
+    mib = 2**20
+    before = [(0, 10 * mib), (20 * mib, 21 * mib)]
+    after = [(0, 13 * mib), (20 * mib, 21 * mib), (30 * mib + 4096, 35 * mib)]
+    # The heap grew by 3 MiB (one whole 2 MiB page in it), a mapping stayed, a new one starts off a page boundary.
+    assert allocator.new_ranges(before, after) == [(10 * mib, 12 * mib), (32 * mib, 34 * mib)]
+    assert allocator.new_ranges(after, after) == []
+
+
+def test_the_systems_switch_set_to_never_leaves_memory_as_it_is(tmp_path):
+    switch = tmp_path / "enabled"
+    switch.write_text("always madvise [never]\n")
+    summary = allocator.collapse([(0, 4 * 2**20)], switch)
+    assert summary.startswith("left on 4 KiB pages (4 MiB)") and "never" in summary
+    assert allocator.collapse([], switch).startswith("nothing to move")
+
+
+def huge_kib(address: int) -> int:
+    """AnonHugePages of the mapping that holds `address` in this process."""
+    lines = allocator.SMAPS.read_text().splitlines()
+    for index, line in enumerate(lines):
+        fields = line.split()
+        if not fields[0].endswith(":"):
+            low, high = (int(bound, 16) for bound in fields[0].split("-"))
+            if low <= address < high:
+                huge = next(entry for entry in lines[index + 1 :] if entry.startswith("AnonHugePages:"))
+                return int(huge.split()[1])
+    raise LookupError(hex(address))
+
+
+collapsible = pytest.mark.skipif(
+    allocator.platform.system() != "Linux"
+    or tuple(int(part) for part in allocator.platform.release().split(".")[:2]) < (6, 1)
+    or not allocator.THP_SWITCH.exists()
+    or "[never]" in allocator.THP_SWITCH.read_text(),
+    reason="MADV_COLLAPSE: Linux 6.1 or later, transparent huge pages not off",
+)
+
+
+@collapsible
+def test_memory_allocated_in_the_block_ends_on_huge_pages():
+    import torch
+
+    with allocator.on_huge_pages() as pages:
+        weights = torch.ones(64 * 2**20 // 4)
+    assert huge_kib(weights.data_ptr() + weights.nbytes // 2) >= 2048
+    assert re.fullmatch(r"(\d+) of \1 MiB moved to 2 MiB pages in [\d.]+ s \(MADV_COLLAPSE\)", pages.summary)
+    assert float(weights.sum()) == weights.numel()  # the contents moved with the pages

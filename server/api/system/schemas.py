@@ -31,6 +31,10 @@ class ModelInfo(BaseModel):
         "kernels, or each where it was faster (always measured)"
     )
     kernels_reason: str = Field(description="Why: measured on this CPU (auto, and with what result), or as set")
+    memory_pages: str = Field(
+        description="How much of the memory the model's load allocated was moved onto 2 MiB pages (on the CPU), or why "
+        "none was"
+    )
     device: str = Field(description="Where the model runs: cpu, or cuda:N (DEVICE)")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(description="GENERATOR_DTYPE or SENTIMENT_DTYPE, resolved")
     offline_stand_in: bool
