@@ -1,3 +1,5 @@
+import errno
+import os
 import re
 import subprocess
 import sys
@@ -135,6 +137,8 @@ def test_memory_allocated_in_the_block_ends_on_huge_pages():
 
     with allocator.on_huge_pages() as pages:
         weights = torch.ones(64 * 2**20 // 4)
+    if any(busy in pages.summary for busy in (os.strerror(errno.EAGAIN), os.strerror(errno.ENOMEM))):
+        pytest.skip(f"the kernel found no free 2 MiB page here: {pages.summary}")
     assert huge_kib(weights.data_ptr() + weights.nbytes // 2) >= 2048
     assert re.fullmatch(r"(\d+) of \1 MiB moved to 2 MiB pages in [\d.]+ s \(MADV_COLLAPSE\)", pages.summary)
     assert float(weights.sum()) == weights.numel()  # the contents moved with the pages
