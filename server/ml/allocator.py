@@ -20,6 +20,7 @@ as it is. Collapsing copies the memory once (about 3 s for GPT-2-124M in fp32) a
 """
 
 import ctypes
+import errno
 import logging
 import os
 import platform
@@ -58,6 +59,7 @@ def keep_freed_memory() -> str:
 # madvise's advice numbers (linux/mman.h).
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
 HUGE_PAGE = 2 * 2**20
+COLLAPSE_TRIES = 3
 THP_SWITCH = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 SMAPS = Path("/proc/self/smaps")
 Range = tuple[int, int]
@@ -146,3 +148,13 @@ def collapse(ranges: list[Range], switch: Path = THP_SWITCH) -> str:
     if errors:
         summary += f"; the rest refused ({', '.join(sorted(errors))}), left to khugepaged where marked"
     return summary
+
+
+def _collapse_one(libc: ctypes.CDLL, low: int, high: int) -> int:
+    """0, or the error of the last try: EAGAIN (a page locked for now, a transient failure) is tried again."""
+    for _ in range(COLLAPSE_TRIES):
+        if libc.madvise(low, high - low, MADV_COLLAPSE) == 0:
+            return 0
+        if (error := ctypes.get_errno()) != errno.EAGAIN:
+            return error
+    return errno.EAGAIN

@@ -1,3 +1,4 @@
+import ctypes
 import errno
 import os
 import re
@@ -142,3 +143,28 @@ def test_memory_allocated_in_the_block_ends_on_huge_pages():
     assert huge_kib(weights.data_ptr() + weights.nbytes // 2) >= 2048
     assert re.fullmatch(r"(\d+) of \1 MiB moved to 2 MiB pages in [\d.]+ s \(MADV_COLLAPSE\)", pages.summary)
     assert float(weights.sum()) == weights.numel()  # the contents moved with the pages
+
+
+class ScriptedLibc:
+    """madvise answering from a script of errors (0: success), as ctypes reports them."""
+
+    def __init__(self, *errors: int):
+        self.errors, self.calls = list(errors), 0
+
+    def madvise(self, address: int, length: int, advice: int) -> int:
+        self.calls += 1
+        ctypes.set_errno(error := self.errors.pop(0))
+        return -1 if error else 0
+
+
+@pytest.mark.parametrize(
+    ("script", "result", "calls"),
+    [
+        ((errno.EAGAIN, errno.EAGAIN, 0), 0, 3),  # transient: tried again
+        ((errno.EAGAIN,) * 3, errno.EAGAIN, 3),  # but not forever
+        ((errno.EINVAL, 0), errno.EINVAL, 1),  # a kernel without MADV_COLLAPSE: no second try
+    ],
+)
+def test_a_collapse_is_tried_again_only_when_the_kernel_says_try_again(script, result, calls):
+    libc = ScriptedLibc(*script)
+    assert allocator._collapse_one(libc, 0, 2**21) == result and libc.calls == calls
