@@ -112,10 +112,10 @@ def anonymous_ranges(smaps: str) -> list[Range]:
 
 def new_ranges(before: list[Range], after: list[Range]) -> list[Range]:
     """The parts of `after` that no range of `before` covered, trimmed inward to whole 2 MiB pages."""
-    found = []
+    found, earlier = [], sorted(before)
     for low, high in after:
         start = low
-        for old_low, old_high in sorted(before):
+        for old_low, old_high in earlier:
             if old_high <= start or old_low >= high:
                 continue
             if old_low > start:
