@@ -217,7 +217,7 @@ class PretrainedModel:
                 model, served = apply_precision(model, precision), "torch"
                 engine = torch.backends.quantized.engine
                 reason = f"int8: torch's default quantized engine ({engine}): this torch build lacks fbgemm or oneDNN"
-            elif kernels == "auto" and placement.device.type == "cpu" and onednn_computes(placement.dtype):
+            elif kernels == "auto" and on_cpu and onednn_computes(placement.dtype):
                 choice = measured_choice(model, cls.kernel_rows, Path(cache_dir))
                 model, served = linear_onednn(model, choice.onednn, choice.lone_on_reference), choice.summary
                 reason = choice.reason
