@@ -88,6 +88,7 @@ def describe_models(generator: TextGenerator, classifier: SentimentClassifier) -
             "kernels": model.kernels,
             "kernels_reason": model.kernels_reason,
             "memory_pages": model.memory_pages,
+            "head_screen": model.head_screen,
             "device": str(model.device),
             "dtype": model.placement.dtype_name,
             "offline_stand_in": model.standin,

@@ -618,6 +618,7 @@ def summarize(
             else {}
         ),
         "memory_pages": offline.models["fast_"].memory_pages,
+        "head_screen": offline.models["fast_"].head_screen,
         "model": str(generator_dir),
         "new_tokens": args.new_tokens,
         "long_tokens": args.long_tokens,
@@ -642,6 +643,7 @@ def table(results: dict) -> str:
         f"int8 kernels: generator {results['int8_kernels']}; classifier {results['classifier']['int8_kernels']}",
         *([f"bf16 kernels: generator {results['bf16_kernels']}"] if "bf16_kernels" in results else []),
         f"memory pages (the fp32 generator's): {results['memory_pages']}",
+        f"LM head screen (the fp32 generator's): {results['head_screen']}",
         "",
     ]
     full = max(int(k.rsplit("_", 1)[1]) for k in results["offline"])

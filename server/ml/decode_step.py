@@ -1,17 +1,17 @@
 """One decoding step of GPT-2 (one new token per row) without transformers' per-call machinery.
 
 A decoding step's arithmetic is small: a lone request's step reads every weight once, one of 32 rows does 8 GFLOP.
-Around it `GPT2LMHeadModel.forward` builds the attention mask (`create_causal_mask`), checks and routes its
-arguments, dispatches the attention through its registry and wraps every output in a dataclass, layer by layer:
-2 ms of a 25 ms fp32 step for a lone request on an Intel Xeon (AVX-512), 1.4 ms of a 10.5 ms int8 one, 2.7 ms of a
-30 ms int8 step for 32 rows. `gpt2_decode_step` runs the same modules and the same torch ops in the same order on
-the same tensors, so its logits are bit for bit the model's own (tests/ml/test_decode_step.py compares them, in
-float32, bfloat16 and int8, with and without padding); everything else is left out. That includes `nn.Module`'s
-call machinery around each layer norm, Linear and activation (their `forward` is called), the eval-mode dropouts
-(which return their input), and so every forward hook of the model and of those modules, apart from the two
+Around it `GPT2LMHeadModel.forward` builds the attention mask (`create_causal_mask`), checks and routes its arguments,
+dispatches the attention through its registry and wraps every output in a dataclass, layer by layer: 2 ms of a 25 ms
+fp32 step for a lone request on an Intel Xeon (AVX-512), 1.4 ms of a 10.5 ms int8 one, 2.7 ms of a 30 ms int8 step for
+32 rows. `gpt2_decode_step` runs the same modules and the same torch ops in the same order on the same tensors, up to
+the LM head, which the decoder applies, so its logits are bit for bit the model's own (tests/ml/test_decode_step.py
+compares them, in float32, bfloat16 and int8, with and without padding); everything else is left out. That includes
+`nn.Module`'s call machinery around each layer norm, Linear and activation (their `forward` is called), the eval-mode
+dropouts (which return their input), and so every forward hook of the model and of those modules, apart from the two
 embeddings'. On an AMD EPYC Zen 4 that, with int8's direct op call (`precision.Int8Linear`), took a lone 16-token
-request offline from 153 to 141 ms in int8, 417 to 403 in fp32 and 241 to 235 in bfloat16 (medians of 36 runs,
-old and new interleaved in one process).
+request offline from 153 to 141 ms in int8, 417 to 403 in fp32 and 241 to 235 in bfloat16 (medians of 36 runs, old and
+new interleaved in one process).
 
 It is used only where that holds by construction: a GPT-2 in eval mode, on the CPU, with transformers' `sdpa`
 attention and no cross-attention. Anything else (another architecture, a GPU, whose attention kernels transformers
@@ -27,7 +27,8 @@ from torch.nn import functional
 from transformers import DynamicCache, GPT2LMHeadModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
-# (last tokens [rows, 1], attention mask [rows, columns], positions [rows, 1], cache) -> logits [rows, 1, vocabulary]
+# (last tokens [rows, 1], attention mask [rows, columns], positions [rows, 1], cache) -> the hidden states after the
+# final norm [rows, 1, width], what the LM head takes (the decoder applies it: server/ml/screen.py may stand in)
 DecodeStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache], torch.Tensor]
 
 
@@ -58,7 +59,7 @@ def gpt2_decode_step(model: torch.nn.Module) -> DecodeStep | None:
         )
         for block in cast(list[GPT2Block], list(transformer.h))
     ]
-    final_norm, head = transformer.ln_f.forward, gpt2.lm_head.forward
+    final_norm = transformer.ln_f.forward
 
     def step(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
         rows = ids.shape[0]
@@ -75,6 +76,6 @@ def gpt2_decode_step(model: torch.nn.Module) -> DecodeStep | None:
             )
             hidden = c_proj(attended.transpose(1, 2).reshape(rows, 1, -1)) + hidden
             hidden = hidden + mlp_proj(act(c_fc(ln_2(hidden))))
-        return head(final_norm(hidden))
+        return final_norm(hidden)
 
     return step

@@ -20,6 +20,7 @@ from transformers.cache_utils import DynamicLayer
 
 from server.ml.decode_step import gpt2_decode_step
 from server.ml.sampling import RowSampler, TokenLogprob, shaped
+from server.ml.screen import ScreenedHead
 
 FinishReason = Literal["stop", "length"]
 
@@ -48,6 +49,12 @@ class GenerationParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def argmax_only(self) -> bool:
+        """Whether the row's pick is the plain argmax of its logits and nothing else reads them (no penalty, no
+        sampler, no log-probabilities): such a row may be picked by the LM head's screen (server/ml/screen.py)."""
+        return self.greedy and not self.shapes_logits and self.logprobs is None
 
     @property
     def shapes_logits(self) -> bool:
@@ -207,6 +214,9 @@ class Decoder:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.lean_step = gpt2_decode_step(model)
+        self.head = model.get_output_embeddings().forward
+        # Set by the generator where the screen measured faster than the head (`screen.screened_head`).
+        self.screen: ScreenedHead | None = None
 
     def prefill(self, sequences: list[S]) -> DecodeBatch[S]:
         """Run each row's prompt (and the tokens it already has: a row resumed alone after a failure) and pick
@@ -243,12 +253,17 @@ class Decoder:
         ids = torch.tensor([[s.tokens[-1]] for s in batch.sequences], dtype=torch.long, device=self.device)
         mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
         positions = batch.positions.unsqueeze(1)
-        if self.lean_step is not None:
-            logits = self.lean_step(ids, mask, positions, batch.cache)
-        else:
+        if self.lean_step is None:
             logits = self.model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, cache=batch.cache, use_cache=True
             ).logits
+        else:
+            hidden = self.lean_step(ids, mask, positions, batch.cache)
+            if self.screen is not None and len(batch) == 1 and batch.sequences[0].params.argmax_only:
+                batch.mask, batch.positions = mask, batch.positions + 1
+                self._append(batch, self.screen.pick(hidden[:, -1, :]).tolist(), None)
+                return
+            logits = self.head(hidden)
         batch.mask = mask
         batch.positions = batch.positions + 1
         self._advance(batch, logits[:, -1, :])
@@ -297,7 +312,11 @@ class Decoder:
                 picks[row] = chosen.argmax() if sequence.sampler is None else sequence.sampler.draw(chosen)
             elif sequence.sampler is not None and len(sequence.tokens) < params.max_new_tokens:
                 picks[row] = sequence.sampler.draw(scores[row])
-        tokens = picks.tolist()
+        self._append(batch, picks.tolist(), scores)
+
+    def _append(self, batch: DecodeBatch, tokens: list[int], scores: torch.Tensor | None) -> None:
+        """Give every row its picked token, with its log-probabilities where it reports them (from `scores`,
+        which only rows that report none may go without: `GenerationParams.argmax_only`)."""
         for row, sequence in enumerate(batch.sequences):
             params = sequence.params
             if len(sequence.tokens) >= params.max_new_tokens:
@@ -306,6 +325,7 @@ class Decoder:
                 continue
             token = tokens[row]
             if params.logprobs is not None:
+                assert scores is not None, "a row that reports log-probabilities is picked from its logits"
                 sequence.logprobs.append(
                     TokenLogprob.at(torch.log_softmax(scores[row], dim=-1), token, params.logprobs)
                 )

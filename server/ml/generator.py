@@ -27,6 +27,7 @@ from server.ml.decoding import Decoder, GenerationParams
 from server.ml.decoding import Sequence as DecodedSequence
 from server.ml.loader import PretrainedModel
 from server.ml.sampling import RowSampler, TokenLogprob
+from server.ml.screen import screened_head
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,14 @@ class TextGenerator(PretrainedModel):
         self.context_size = int(getattr(model.config, "n_positions", None) or model.config.max_position_embeddings)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.decoder = Decoder(self.model, tokenizer)
+        if self.precision == "fp32" and self.decoder.lean_step is not None:
+            # A real hidden state to time the screen on: its candidates, so its time, depend on one.
+            ids = torch.tensor([[tokenizer.eos_token_id or 0]], device=self.decoder.device)
+            with torch.inference_mode():
+                hidden = self.model.base_model(input_ids=ids).last_hidden_state[:, -1, :]
+            self.decoder.screen, self.head_screen = screened_head(self.model, hidden)
+        else:
+            self.head_screen = "off: only for a float32 GPT-2 on the CPU (the lean decoding step)"
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)

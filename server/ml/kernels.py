@@ -135,7 +135,8 @@ def _faster_on(reference: str, times: dict[str, float]) -> bool:
     return times[reference] < times["onednn"]
 
 
-def _seconds(run, x: torch.Tensor) -> float:
+def seconds(run, x: torch.Tensor) -> float:
+    """Median seconds of one call `run(x)`, after one call that is not counted."""
     with torch.inference_mode():
         run(x)  # the first call allocates and dispatches; it is not what a decoding step pays
         samples = []
@@ -173,7 +174,7 @@ def measure(
         timings[(in_features, out_features)] = {}
         for count in rows:
             x = torch.randn(count, in_features, generator=generator).to(dtype)
-            timings[(in_features, out_features)][count] = {name: _seconds(run, x) for name, run in kernels.items()}
+            timings[(in_features, out_features)][count] = {name: seconds(run, x) for name, run in kernels.items()}
     return timings
 
 

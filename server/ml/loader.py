@@ -135,6 +135,8 @@ class PretrainedModel:
     # The rows a Linear layer sees per call, where `auto` kernels are timed: a lone request and a full batch (a
     # decoding step has one row per sequence; a classifier, one per token of every text).
     kernel_rows: ClassVar[tuple[int, ...]] = (1, CPU_BATCH_MAX_SIZE)
+    # Whether greedy one-row steps skip the LM head's full product, and why (the generator's: server/ml/screen.py).
+    head_screen: str = "off: not a generator"
 
     def __init__(
         self,

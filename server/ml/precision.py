@@ -316,13 +316,21 @@ class Int8Linear(DynamicLinear):
 LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default
 
 
-def _quantize(model: nn.Module, which: set, engine: str | None) -> nn.Module:
-    if not which:
-        return model
-    with warnings.catch_warnings(), quantized_engine(engine):
+@contextmanager
+def quantization_warnings_silenced() -> Iterator[None]:
+    """torch's deprecation warnings for its quantization APIs (see the module's docstring) silenced, by message, for
+    the calls inside only."""
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
         warnings.filterwarnings(
             "ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel", category=UserWarning
         )
+        yield
+
+
+def _quantize(model: nn.Module, which: set, engine: str | None) -> nn.Module:
+    if not which:
+        return model
+    with quantization_warnings_silenced(), quantized_engine(engine):
         qconfigs = dict.fromkeys(which, per_channel_dynamic_qconfig)
         return quantize_dynamic(model, qconfigs, dtype=torch.qint8, mapping={nn.Linear: Int8Linear}, inplace=True)

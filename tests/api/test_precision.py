@@ -1,6 +1,7 @@
 import re
 
 from tests.support.app import serving
+from tests.support.models import SCREEN
 
 # What the loads may have done with their memory on whatever machine runs the tests (server/ml/allocator.py).
 PAGES = r"\d+ of \d+ MiB moved to 2 MiB pages|nothing to move|left on 4 KiB pages|left as they are"
@@ -37,6 +38,8 @@ async def test_fp32_on_kernels_measured_here_is_the_default_and_keeps_its_names(
         assert model["kernels"] in ("onednn", "torch", "mixed")
         assert "oneDNN where it beat torch's GEMM over" in model["kernels_reason"]
         assert re.match(PAGES, model["memory_pages"])
+    assert re.match(SCREEN, root["generator"]["head_screen"])
+    assert root["sentiment"]["head_screen"] == "off: not a generator"
 
 
 async def test_torch_kernels_are_a_setting_away(settings):

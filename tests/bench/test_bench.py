@@ -5,6 +5,7 @@ import sys
 
 from server.bench.limits import ENGINES
 from server.core.config import PROJECT_ROOT
+from tests.support.models import SCREEN
 
 
 def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
@@ -83,6 +84,8 @@ def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
     assert f"int8 kernels: generator {results['int8_kernels']}" in run.stdout
     assert f"memory pages (the fp32 generator's): {results['memory_pages']}" in run.stdout
     assert re.match(r"\d+ of \d+ MiB moved to 2 MiB pages|nothing to move|left on 4 KiB pages", results["memory_pages"])
+    assert f"LM head screen (the fp32 generator's): {results['head_screen']}" in run.stdout
+    assert re.match(SCREEN, results["head_screen"])
     if "bf16_" in ENGINES:
         assert results["bf16_kernels"].startswith(("onednn: bfloat16: oneDNN where it beat", "mixed: bfloat16:"))
         assert engines["bf16_gemm_gflops"] > 0 and engines["bf16_"]["precision"] == "bf16"

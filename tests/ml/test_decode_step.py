@@ -39,7 +39,7 @@ def test_the_lean_step_gives_the_models_own_logits_bit_for_bit(standins, tmp_pat
             ids = torch.tensor([[s.tokens[-1]] for s in ours.sequences])
             mask = torch.cat([ours.mask, ours.mask.new_ones((len(ours), 1))], dim=1)
             positions = ours.positions.unsqueeze(1)
-            lean = decoder.lean_step(ids, mask, positions, ours.cache)
+            lean = decoder.head(decoder.lean_step(ids, mask, positions, ours.cache))
             own = decoder.model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, cache=theirs.cache, use_cache=True
             ).logits

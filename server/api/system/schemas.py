@@ -35,6 +35,11 @@ class ModelInfo(BaseModel):
         description="How much of the memory the model's load allocated was moved onto 2 MiB pages (on the CPU), or why "
         "none was"
     )
+    head_screen: str = Field(
+        description="Whether a greedy one-row decoding step picks its token from an int8 screen of the LM head and "
+        "its candidates' exact float32 logits instead of the full head (the same token), with the timings that "
+        "decided it at load, or why not"
+    )
     device: str = Field(description="Where the model runs: cpu, or cuda:N (DEVICE)")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(description="GENERATOR_DTYPE or SENTIMENT_DTYPE, resolved")
     offline_stand_in: bool
