@@ -27,6 +27,7 @@ from server.ml.generator import GenerationParams, TextGenerator
 from server.ml.kernels import candidates
 from server.ml.loader import locate
 from server.ml.precision import PRECISIONS, Kernels, Precision, int8_engines_available, quantize_linear_int8
+from server.ml.screen import ScreenedHead
 
 BENCH_MODELS = PROJECT_ROOT / "models_cache" / "bench"
 SERVER_TAG = "s"
@@ -137,6 +138,16 @@ def flops_per_token(generator: TextGenerator) -> float:
     return 2.0 * sum(m.weight.numel() for m in generator.model.modules() if isinstance(m, nn.Linear | Conv1D))
 
 
+def lone_bytes(screen: ScreenedHead | None, weights: float, new_tokens: int, arithmetic: str) -> float:
+    """The weight bytes a lone request reads: every weight once per token (`weights`, a multiply-add each), but for
+    the decoding steps whose pick `screen` makes (server/ml/screen.py), which read the LM head's int8 copy."""
+    per_weight = WEIGHT_BYTES[arithmetic]
+    if screen is None:
+        return new_tokens * weights * per_weight
+    head = screen.weight.numel()
+    return new_tokens * weights * per_weight - (new_tokens - 1) * head * (per_weight - WEIGHT_BYTES["int8"])
+
+
 class OfflineLimit:
     """Every generator engine at batch 1 and the full batch, measured in brackets between the server's levels."""
 
@@ -242,11 +253,10 @@ class OfflineLimit:
                 "tokens_per_s": tokens_per_s,
                 "lone_ms": lone["latency_ms"],
                 "share_of_gemm_limit": tokens_per_s * per_token / (probes[spec.arithmetic] * 1e9),
-                # A lone request reads every weight once per token (a multiply-add per weight: per_token / 2).
-                "lone_share_of_memory": new_tokens
-                * per_token
-                / 2
-                * WEIGHT_BYTES[spec.arithmetic]
+                # transformers' `generate` (engine "") computes the full head; our loop may screen it.
+                "lone_share_of_memory": lone_bytes(
+                    self.models[engine].decoder.screen if engine else None, per_token / 2, new_tokens, spec.arithmetic
+                )
                 / (lone["latency_ms"] / 1e3)
                 / (memory * 1e9),
                 "vs_transformers_batch": full["requests_per_s"] / reference[0]["requests_per_s"],
