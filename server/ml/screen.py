@@ -53,7 +53,7 @@ GAIN = INPUT_LEVELS / 2
 SCREENED_OP = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default
 # The screen gives up (the full head computes the row) beyond this share of the vocabulary as candidates.
 MOST_CANDIDATES = 1 / 8
-# The float32 rounding of a product of two floats, per factor (the op's scale times the integer sum, the scales).
+# float32's unit roundoff: the relative error of one float32 operation.
 UNIT_ROUNDING = 2.0**-24
 
 
