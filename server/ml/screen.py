@@ -80,9 +80,10 @@ class ScreenedHead:
         self.width = width
         self.most = max(1, int(vocabulary * MOST_CANDIDATES))
 
-    def screen(self, hidden: torch.Tensor) -> tuple[torch.Tensor, float] | None:
-        """`approx` (every token's int8 logit for `hidden`, [1, width]) and the bound `B` on how far each lies from
-        the real logit (None where `hidden` is zero: nothing to scale)."""
+    def screen(self, hidden: torch.Tensor) -> tuple[torch.Tensor, float, float] | None:
+        """`approx` (every token's int8 logit for `hidden`, [1, width]), the bound `B` on how far each lies from the
+        real logit, and `R`, how far a float32 logit may (see the module's docstring); None where `hidden` is zero:
+        nothing to scale."""
         peak = float(hidden.abs().max())
         if peak == 0.0:
             return None
@@ -103,11 +104,12 @@ class ScreenedHead:
             + 2 * UNIT_ROUNDING * residual_norm
         )
         norm = float(hidden.norm())
-        return approx, (
+        bound = (
             input_error * self.weight_norm
             + (norm + input_error) * self.error_norm
             + 8 * UNIT_ROUNDING * (norm + 2 * residual_norm + input_error) * (self.weight_norm + self.error_norm)
         )
+        return approx, bound, self.dot_rounding * norm * self.weight_norm
 
     def candidates(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """The tokens whose float32 logit may be the largest for `hidden` ([1, width]), ascending; None where the
@@ -115,10 +117,8 @@ class ScreenedHead:
         screened = self.screen(hidden)
         if screened is None:
             return None
-        approx, bound = screened
-        # 2B, plus the float32 rounding of both logits compared (see the module's docstring, step 3).
-        margin = 2 * bound + 2 * self.dot_rounding * float(hidden.norm()) * self.weight_norm
-        candidates = (approx >= approx.max() - margin).nonzero().squeeze(1)
+        approx, bound, rounding = screened
+        candidates = (approx >= approx.max() - 2 * bound - 2 * rounding).nonzero().squeeze(1)
         return candidates if len(candidates) <= self.most else None
 
     def pick(self, hidden: torch.Tensor) -> torch.Tensor:

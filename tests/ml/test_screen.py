@@ -62,7 +62,7 @@ def test_the_bound_holds_for_every_token():
     for x in hidden_states(32):
         screened = screen.screen(x[None])
         assert screened is not None
-        approx, bound = screened
+        approx, bound, _ = screened
         assert float((approx.double() - exact @ x.double()).abs().max()) <= bound
 
 
