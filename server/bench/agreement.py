@@ -1,14 +1,15 @@
 """How often a model served in another precision answers exactly as the fp32 model does (a count, not a timing).
 
-int8 changes outputs; these functions say how much, for docs/precision.md and the benchmark: the share of prompts whose
-greedy continuation is token for token the same, and the share of texts given the same sentiment label.
+int8 changes outputs; these say how much, for docs/precision.md and the benchmark: the share of prompts whose greedy
+continuation through our decoding loop is token for token transformers' own, and the share of texts given the same
+sentiment label.
 """
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from server.ml.classifier import SentimentClassifier
-from server.ml.generator import GenerationParams, TextGenerator
+from server.ml.generator import Generation, GenerationParams, TextGenerator
 
 
 @dataclass(frozen=True)
@@ -33,28 +34,32 @@ def _in_batches(call: Callable[[Sequence], list], inputs: Sequence, batch_size: 
     ]
 
 
-def greedy_agreement(
-    reference: TextGenerator,
-    candidate: TextGenerator,
-    prompts: Sequence[str],
-    *,
-    new_tokens: int = 16,
-    batch_size: int = 32,
-) -> Agreement:
-    """Of `prompts`, how many get the same greedy continuation from both generators.
+class GreedyReference:
+    """transformers' greedy continuations of `prompts`, against which generators are counted.
 
-    Each prompt is continued by `new_tokens` greedy tokens (fewer where the end-of-text token comes first), in
-    batches of `batch_size` through `TextGenerator.generate`, the server's own code path; two continuations agree
-    when their token ids are identical. Both generators must share a tokenizer (the prompts are encoded by
-    `reference`). Blocks for the duration of the generation: call it from a thread in async code.
+    Each prompt is continued by `new_tokens` greedy tokens (fewer where the end-of-text token comes first): by
+    `reference` through transformers' `generate` (`TextGenerator.generate`), and by each candidate through the
+    continuous loop's decoder (`TextGenerator.complete`: what the default scheduler serves, its lean decoding step
+    and, in a batch of one, the LM head's screen included). Both run in batches of the same size, so that a batch's
+    padding is the same on both sides; the reference's continuations are computed once per batch size. Two
+    continuations agree when their token ids are identical. The candidates must share the reference's tokenizer
+    (the prompts are encoded by it). Blocks for the duration of the generation: call it from a thread in async code.
     """
-    params = GenerationParams(max_new_tokens=new_tokens)
-    encoded = [reference.encode(prompt) for prompt in prompts]
 
-    def continuations(generator: TextGenerator) -> list[list[int]]:
-        return [g.token_ids for g in _in_batches(lambda batch: generator.generate(batch, params), encoded, batch_size)]
+    def __init__(self, reference: TextGenerator, prompts: Sequence[str], *, new_tokens: int = 16):
+        self.reference = reference
+        self.encoded = [reference.encode(prompt) for prompt in prompts]
+        self.params = GenerationParams(max_new_tokens=new_tokens)
+        self._continuations: dict[int, list[list[int]]] = {}
 
-    return _agreement(continuations(reference), continuations(candidate))
+    def _continue(self, call: Callable[..., list[Generation]], batch_size: int) -> list[list[int]]:
+        return [g.token_ids for g in _in_batches(lambda batch: call(batch, self.params), self.encoded, batch_size)]
+
+    def agreement(self, candidate: TextGenerator, batch_size: int) -> Agreement:
+        """Of the prompts, how many `candidate` continues as the reference does, both in batches of `batch_size`."""
+        if batch_size not in self._continuations:
+            self._continuations[batch_size] = self._continue(self.reference.generate, batch_size)
+        return _agreement(self._continuations[batch_size], self._continue(candidate.complete, batch_size))
 
 
 def label_agreement(

@@ -23,7 +23,7 @@ import torch
 from server.bench.limits import BENCH_MODELS, prompt
 from server.bench.load import run_load
 from server.bench.scheduling import measure_first_token
-from server.ml.decoding import GenerationParams, Sequence
+from server.ml.decoding import GenerationParams
 from server.ml.device import Placement, memory, resolve
 from server.ml.generator import TextGenerator
 from server.ml.loader import locate
@@ -75,10 +75,7 @@ class GpuOffline:
         return [out.token_ids for out in self.model.generate(prompts, params)]
 
     def _ours(self, prompts: list[list[int]], params: GenerationParams) -> list[list[int]]:
-        sequences = [Sequence(tuple(p), params) for p in prompts]
-        with torch.inference_mode():
-            self.model.decoder.complete(sequences)
-        return [self.model.result(s).token_ids for s in sequences]
+        return [out.token_ids for out in self.model.complete(prompts, params)]
 
     def measure(self, size: int, new_tokens: int) -> dict:
         params = GenerationParams(max_new_tokens=new_tokens)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from server.bench.agreement import greedy_agreement, label_agreement
+from server.bench.agreement import GreedyReference, label_agreement
 from server.core.config import PROJECT_ROOT
 from server.ml.classifier import SentimentClassifier
 from server.ml.decoding import Sequence
@@ -221,7 +221,8 @@ class OfflineLimit:
 
     def engine_summary(self, new_tokens: int, batch_size: int) -> dict:
         """Each engine against transformers (same run): tokens/s, lone latency, share of its arithmetic limit
-        (the fp32 or int8 GEMM probe), and how many greedy sequences equal transformers'."""
+        (the fp32 or int8 GEMM probe), and how many greedy sequences of our loop equal transformers' `generate`'s, in
+        batches and alone (`agreement.GreedyReference`)."""
         limits, per_token = self.overall(), flops_per_token(self.generator)
         probes = {"fp32": gemm_gflops(), "int8": int8_gemm_gops()}
         if "bf16_" in ENGINES:
@@ -237,16 +238,16 @@ class OfflineLimit:
             "compared": len(prompts),
         }
         reference = limits[f"batch_{batch_size}"], limits["batch_1"]
+        greedy = GreedyReference(self.generator, prompts, new_tokens=new_tokens)
         for engine, spec in ENGINES.items():
             full, lone = limits[f"{engine}batch_{batch_size}"], limits[f"{engine}batch_1"]
             tokens_per_s = full["requests_per_s"] * new_tokens
-            identical = (
-                len(prompts)
-                if not engine
-                else greedy_agreement(
-                    self.generator, self.models[engine], prompts, new_tokens=new_tokens, batch_size=batch_size
-                ).identical
-            )
+            # Our loop's continuations against transformers' `generate`, in batches as the row's tokens/s and one
+            # at a time as its lone request (where the LM head's screen picks); transformers' row is the reference.
+            identical = identical_lone = len(prompts)
+            if engine:
+                model = self.models[engine]
+                identical, identical_lone = (greedy.agreement(model, size).identical for size in (batch_size, 1))
             summary[engine or "transformers_"] = {
                 "name": ENGINE_NAMES[engine],
                 "precision": spec.arithmetic,
@@ -262,6 +263,7 @@ class OfflineLimit:
                 "vs_transformers_batch": full["requests_per_s"] / reference[0]["requests_per_s"],
                 "vs_transformers_lone": lone["latency_ms"] / reference[1]["latency_ms"],
                 "identical": identical,
+                "identical_lone": identical_lone,
             }
         return summary
 

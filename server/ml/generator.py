@@ -120,7 +120,7 @@ class TextGenerator(PretrainedModel):
         not apply as the continuous one does (penalties, end-of-text rules, log-probabilities, no new tokens) run
         the continuous loop's decoder on this batch instead."""
         if _decoder_only(params):
-            return self._complete(prompts, params, seeds or [None] * len(prompts), abandoned)
+            return self.complete(prompts, params, seeds, abandoned)
         batch = self.tokenizer.pad({"input_ids": [list(p) for p in prompts]}, padding=True, return_tensors="pt").to(
             self.device
         )
@@ -158,13 +158,17 @@ class TextGenerator(PretrainedModel):
             results.append(self.result(sequence))
         return results
 
-    def _complete(
+    def complete(
         self,
         prompts: Sequence[Sequence[int]],
         params: GenerationParams,
-        seeds: Sequence[int | None],
-        abandoned: Callable[[int], bool],
+        seeds: Sequence[int | None] | None = None,
+        abandoned: Callable[[int], bool] = lambda row: False,
     ) -> list[Generation]:
+        """One batch through the continuous loop's decoder (`decoding.Decoder.complete`: the default scheduler's
+        arithmetic, its lean decoding step and the LM head's screen included), nobody joining; as `generate` takes
+        `seeds` and `abandoned`."""
+        seeds = seeds or [None] * len(prompts)
         sequences = [DecodedSequence(tuple(prompt), params, seed) for prompt, seed in zip(prompts, seeds, strict=True)]
         with torch.inference_mode():
             self.decoder.complete(sequences, abandoned)

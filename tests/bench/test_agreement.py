@@ -1,6 +1,8 @@
 from pathlib import Path
 
-from server.bench.agreement import Agreement, greedy_agreement, label_agreement
+import torch
+
+from server.bench.agreement import Agreement, GreedyReference, label_agreement
 from server.ml.classifier import SentimentClassifier
 from server.ml.generator import GenerationParams, TextGenerator
 from server.ml.loader import locate
@@ -14,10 +16,12 @@ def load(cls, directory: Path, precision: str = "fp32"):
     return cls.load(locate(str(directory), kind, "local", directory.parent), str(directory.parent), precision)
 
 
-def test_a_generator_agrees_with_itself_on_every_prompt(standins):
+def test_a_generator_agrees_with_itself_on_every_prompt_in_batches_and_alone(standins):
     generator = load(TextGenerator, standins[0])
-    agreement = greedy_agreement(generator, generator, PROMPTS, new_tokens=6, batch_size=2)
-    assert agreement == Agreement(len(PROMPTS), len(PROMPTS)) and agreement.share == 1.0
+    greedy = GreedyReference(generator, PROMPTS, new_tokens=6)
+    for batch_size in (2, 1):
+        agreement = greedy.agreement(generator, batch_size)
+        assert agreement == Agreement(len(PROMPTS), len(PROMPTS)) and agreement.share == 1.0
 
 
 def test_greedy_agreement_counts_the_prompts_whose_continuations_are_identical(standins, tmp_path):
@@ -26,12 +30,34 @@ def test_greedy_agreement_counts_the_prompts_whose_continuations_are_identical(s
     params = GenerationParams(max_new_tokens=6)
     alone = [
         reference.generate([reference.encode(p)], params)[0].token_ids
-        == other.generate([reference.encode(p)], params)[0].token_ids
+        == other.complete([reference.encode(p)], params)[0].token_ids
         for p in PROMPTS
     ]
-    agreement = greedy_agreement(reference, other, PROMPTS, new_tokens=6, batch_size=2)
+    agreement = GreedyReference(reference, PROMPTS, new_tokens=6).agreement(other, 1)
     assert agreement == Agreement(sum(alone), len(PROMPTS)) and agreement.identical < len(PROMPTS)
     assert agreement.share == sum(alone) / len(PROMPTS)
+
+
+class OffByOne:
+    """A screen whose pick is the token after the argmax: what a wrong one-row pick would do."""
+
+    def __init__(self, generator: TextGenerator):
+        self.head = generator.model.get_output_embeddings()
+        self.picks = 0
+
+    def pick(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.picks += 1
+        return (self.head(hidden).argmax(dim=-1) + 1) % self.head.out_features
+
+
+def test_the_candidate_runs_our_decoding_loop_whose_one_row_steps_the_screen_picks(standins):
+    """The candidate's continuations are our loop's, not `generate`'s: a wrong pick in one-row steps (the LM
+    head's screen) shows in the count of lone prompts, and batches of several rows never use it."""
+    reference, candidate = load(TextGenerator, standins[0]), load(TextGenerator, standins[0])
+    candidate.decoder.screen = wrong = OffByOne(candidate)  # type: ignore[assignment]
+    greedy = GreedyReference(reference, PROMPTS, new_tokens=6)
+    assert greedy.agreement(candidate, 5) == Agreement(len(PROMPTS), len(PROMPTS)) and wrong.picks == 0
+    assert greedy.agreement(candidate, 1) == Agreement(0, len(PROMPTS)) and wrong.picks == 5 * 5
 
 
 def test_label_agreement_counts_identical_labels(standins):

@@ -68,9 +68,11 @@ def test_quick_bench_measures_every_phase_and_writes_json(tmp_path):
     assert "mixed lengths (4 clients" in run.stdout and "streaming c=1: first token" in run.stdout
     engines = results["engines"]
     assert engines["gemm_gflops"] > 0 and engines["int8_gemm_gops"] > 0 and engines["compared"] == 32
-    assert engines["transformers_"]["identical"] == 32 and engines["transformers_"]["vs_transformers_batch"] == 1
+    assert engines["transformers_"]["identical"] == engines["transformers_"]["identical_lone"] == 32
+    assert engines["transformers_"]["vs_transformers_batch"] == 1
     for engine in ["fast_", *half]:
-        assert 0 <= engines[engine]["identical"] <= 32 and engines[engine]["share_of_gemm_limit"] > 0
+        assert 0 <= engines[engine]["identical"] <= 32 and 0 <= engines[engine]["identical_lone"] <= 32
+        assert engines[engine]["share_of_gemm_limit"] > 0
     fast, reference = engines["fast_"], engines["transformers_"]
     assert fast["vs_transformers_batch"] == fast["tokens_per_s"] / reference["tokens_per_s"]
     assert "| fp32, our loop, kernels measured here |" in run.stdout and "| int8, our loop |" in run.stdout
