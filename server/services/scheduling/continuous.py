@@ -12,7 +12,10 @@ Semantics (the continuous `Batcher` of interface.py; `MicroBatcher` in static.py
 - When rows join: an idle model admits at once. A prefill is a forward pass of its own, so while rows run, waiting
   rows join once they number at least `JOIN_FRACTION` of the running batch or the oldest has waited
   `JOIN_AFTER_STEPS` steps. After the running batch drained, the loop lingers for the callers it just answered,
-  as `MicroBatcher` does: until as many arrived, at most `max(max_wait_s, LINGER_FRACTION * busy period)`.
+  as `MicroBatcher` does: until as many arrived, at most `max(max_wait_s, LINGER_FRACTION * their batch time)`,
+  where their batch time is the longest the rows answered last spent in the batch (joined to finished), as a
+  static batch's duration is its rows'. Not the loop's busy period, which grows with the load's length: a lone
+  request arriving after the load ended could wait a tenth of it.
 - Two priority classes: interactive rows always join first; background rows (the batch offload's `local` provider)
   join only when no interactive row waits or runs (each join is a prefill that delays the running rows' next step),
   and at most `background_max_size` of them run at once, so an interactive arrival joins at the next admission
@@ -106,6 +109,7 @@ class _Row(DecodedSequence):
     callers: list[_Caller] = field(default_factory=list)
     enqueued_at: float = 0.0
     enqueued_step: int = 0
+    joined_at: float = 0.0  # when its last prefill ran (time.monotonic)
     delivered: list[int] = field(default_factory=list)
     delivered_logprobs: list[TokenLogprob] = field(default_factory=list)
     sent: int = 0
@@ -161,6 +165,7 @@ class ContinuousBatcher:
         self._history = History()
         self.sizes = BatchSizes(name)
         self._finished_callers = 0
+        self._finished_batch_s = 0.0
         self._step_seconds = 0.0
         self._row_steps = 16.0
         self._closing = False
@@ -310,7 +315,6 @@ class ContinuousBatcher:
             await self._linger()
             # Lingering is the loop's choice, not a stall: the stall clock counts from here.
             self._progress_at = time.monotonic()
-            started = loop.time()
             drained: Future[None] = Future()
             # Running from the start: the loop cannot be cancelled mid-turn, it ends at the next turn (`_closing`).
             drained.set_running_or_notify_cancel()
@@ -320,7 +324,7 @@ class ContinuousBatcher:
             # Rows waiting now arrived after the loop's last look, that is after the batch drained.
             self._history = History(
                 done_at=finished,
-                duration_s=finished - started,
+                duration_s=self._finished_batch_s,
                 callers=self._finished_callers,
                 arrived_since=len(self._waiting),
             )
@@ -411,6 +415,9 @@ class ContinuousBatcher:
     def _join(self, rows: list[_Row]) -> bool:
         """Prefill `rows` (resumed from the tokens they have) into the running batch; False when the pass failed
         (the rows are then suspects)."""
+        joined_at = time.monotonic()
+        for row in rows:
+            row.joined_at = joined_at
         try:
             joined = self._forward("prefill", rows, lambda: self.generator.decoder.prefill(list(rows)))
         except Exception as exc:
@@ -541,6 +548,7 @@ class ContinuousBatcher:
             keep.append(index)
         if done := [row for row in batch.sequences if row.finish_reason]:
             self._finished_callers = sum(len(row.callers) for row in done)
+            self._finished_batch_s = time.monotonic() - min(row.joined_at for row in done)
             self._row_steps = 0.9 * self._row_steps + 0.1 * sum(len(row.tokens) for row in done) / len(done)
         if len(keep) < len(batch):
             batch.keep(keep)

@@ -106,6 +106,26 @@ async def test_a_short_row_leaves_early_and_a_newcomer_joins_a_running_long_row(
     assert [kind for kind, _ in passes.log].count("prefill") == 2
 
 
+async def test_the_linger_after_a_long_busy_period_counts_the_answered_rows_time_in_the_batch(make, generator):
+    """The loop lingers for the callers it answered last at most a tenth of the time their rows spent in the batch, as
+    a static batch's duration is its rows', not a tenth of the loop's busy period, which grows without bound."""
+    batcher, passes = make()
+    first = asyncio.create_task(batcher.submit([job(generator, "A long story", 30, ignore_eos=True)], timeout_s=30))
+    await passes.hold_before(2)
+    await asyncio.sleep(1.5)  # the loop is busy, on the first row, for longer than the rows answered last
+    passes.let_go()
+    await until(lambda: len(passes.log) > 4)
+    # Two rows that join together and finish together, after the first: the rows answered last.
+    last = [job(generator, text, 60, ignore_eos=True) for text in ("Second story", "Third story")]
+    started = asyncio.get_running_loop().time()
+    await asyncio.gather(first, batcher.submit(last, timeout_s=30))
+    in_batch = asyncio.get_running_loop().time() - started
+    await until(lambda: batcher._history.callers > 0)  # the loop's record of its drain
+    history = batcher._history
+    assert history.callers == 2
+    assert 0 < history.duration_s <= in_batch + 0.05 and history.duration_s < 1.0
+
+
 async def test_the_loop_gives_its_thread_back_after_every_step(make, generator):
     """Both models share one torch thread (runtime.torch_thread): other work on it runs between two steps."""
     batcher, passes = make()
