@@ -139,13 +139,14 @@ def flops_per_token(generator: TextGenerator) -> float:
 
 
 def lone_bytes(screen: ScreenedHead | None, weights: float, new_tokens: int, arithmetic: str) -> float:
-    """The weight bytes a lone request reads: every weight once per token (`weights`, a multiply-add each), but for
-    the decoding steps whose pick `screen` makes (server/ml/screen.py), which read the LM head's int8 copy."""
+    """The weight bytes a lone request reads: every weight once per token (`weights`, a multiply-add each), but
+    where `screen` makes the pick (server/ml/screen.py: every pick of a lone greedy row, the prefill's included),
+    which reads the LM head's int8 copy instead."""
     per_weight = WEIGHT_BYTES[arithmetic]
     if screen is None:
         return new_tokens * weights * per_weight
     head = screen.weight.numel()
-    return new_tokens * weights * per_weight - (new_tokens - 1) * head * (per_weight - WEIGHT_BYTES["int8"])
+    return new_tokens * (weights * per_weight - head * (per_weight - WEIGHT_BYTES["int8"]))
 
 
 class OfflineLimit:

@@ -234,6 +234,14 @@ class Decoder:
         # Prompt log-probabilities come from the last hidden states of this same pass; the logits the rows pick
         # from stay those of the last position alone, as they are computed without them (a wider product would
         # change their last bits, and so possibly a neighbour's greedy token).
+        screen = self.screen if len(sequences) == 1 and sequences[0].params.argmax_only and not scoring else None
+        if screen is not None:
+            # A lone greedy row's first pick, as its steps' (`step`): the LM head's screen on the last hidden state.
+            hidden = self.model.base_model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, cache=batch.cache, use_cache=True
+            ).last_hidden_state
+            self._append(batch, screen.pick(hidden[:, -1, :]).tolist(), None)
+            return batch
         output = self.model(
             input_ids=ids,
             attention_mask=mask,

@@ -50,14 +50,14 @@ class OffByOne:
         return (self.head(hidden).argmax(dim=-1) + 1) % self.head.out_features
 
 
-def test_the_candidate_runs_our_decoding_loop_whose_one_row_steps_the_screen_picks(standins):
-    """The candidate's continuations are our loop's, not `generate`'s: a wrong pick in one-row steps (the LM
-    head's screen) shows in the count of lone prompts, and batches of several rows never use it."""
+def test_the_candidate_runs_our_decoding_loop_whose_lone_rows_the_screen_picks(standins):
+    """The candidate's continuations are our loop's, not `generate`'s: a wrong pick by the LM head's screen, which
+    picks a lone greedy row's tokens, shows in the count of lone prompts; batches of several rows never use it."""
     reference, candidate = load(TextGenerator, standins[0]), load(TextGenerator, standins[0])
     candidate.decoder.screen = wrong = OffByOne(candidate)  # type: ignore[assignment]
     greedy = GreedyReference(reference, PROMPTS, new_tokens=6)
     assert greedy.agreement(candidate, 5) == Agreement(len(PROMPTS), len(PROMPTS)) and wrong.picks == 0
-    assert greedy.agreement(candidate, 1) == Agreement(0, len(PROMPTS)) and wrong.picks == 5 * 5
+    assert greedy.agreement(candidate, 1) == Agreement(0, len(PROMPTS)) and wrong.picks == 5 * 6  # every pick
 
 
 def test_label_agreement_counts_identical_labels(standins):

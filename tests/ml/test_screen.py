@@ -199,10 +199,21 @@ def test_a_lone_greedy_request_is_picked_by_the_screen_with_the_full_heads_token
     params = GenerationParams(max_new_tokens=12, ignore_eos=True)
     prompts = [generator.encode(p) for p in (SHORT, MIDDLE, LONG)]
     screened = [generator.generate([prompt], params)[0].token_ids for prompt in prompts]
-    assert len(calls) == 3 * 11  # every decoding step; the prefill's pick is the full head's
+    assert len(calls) == 3 * 12  # every pick, the prefill's and each decoding step's
     generator.decoder.screen = None
     assert screened == [generator.generate([prompt], params)[0].token_ids for prompt in prompts]
-    assert len(calls) == 3 * 11
+    assert len(calls) == 3 * 12
+
+
+def test_a_row_scoring_its_prompt_is_prefilled_by_the_full_head_and_its_steps_screened(screened_generator):
+    """Its prompt's log-probabilities come from the prefill's hidden states over the whole prompt and the full head."""
+    generator = screened_generator
+    calls = counting(generator)
+    [sequence] = generator.complete(
+        [generator.encode(MIDDLE)], GenerationParams(max_new_tokens=6, ignore_eos=True, prompt_logprobs=True)
+    )
+    assert len(calls) == 5 and len(sequence.token_ids) == 6
+    assert sequence.prompt_logprobs is not None and len(sequence.prompt_logprobs) == len(generator.encode(MIDDLE))
 
 
 @pytest.mark.parametrize(
