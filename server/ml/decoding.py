@@ -231,9 +231,6 @@ class Decoder:
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         batch = DecodeBatch(sequences, growing_cache(self.model.config), mask, mask.sum(dim=-1))
         scoring = [row for row, s in enumerate(sequences) if s.params.prompt_logprobs and s.prompt_logprobs is None]
-        # Prompt log-probabilities come from the last hidden states of this same pass; the logits the rows pick
-        # from stay those of the last position alone, as they are computed without them (a wider product would
-        # change their last bits, and so possibly a neighbour's greedy token).
         screen = self.screen if len(sequences) == 1 and sequences[0].params.argmax_only and not scoring else None
         if screen is not None:
             # A lone greedy row's first pick, as its steps' (`step`): the LM head's screen on the last hidden state.
@@ -242,6 +239,9 @@ class Decoder:
             ).last_hidden_state
             self._append(batch, screen.pick(hidden[:, -1, :]).tolist(), None)
             return batch
+        # Prompt log-probabilities come from the last hidden states of this same pass; the logits the rows pick
+        # from stay those of the last position alone, as they are computed without them (a wider product would
+        # change their last bits, and so possibly a neighbour's greedy token).
         output = self.model(
             input_ids=ids,
             attention_mask=mask,
