@@ -231,9 +231,9 @@ class Decoder:
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         batch = DecodeBatch(sequences, growing_cache(self.model.config), mask, mask.sum(dim=-1))
         scoring = [row for row, s in enumerate(sequences) if s.params.prompt_logprobs and s.prompt_logprobs is None]
-        screen = self.screen if len(sequences) == 1 and sequences[0].params.argmax_only and not scoring else None
+        # A row scoring its prompt needs the full head over every position (`_score_prompt`).
+        screen = None if scoring else self._screen_for(sequences)
         if screen is not None:
-            # A lone greedy row's first pick, as its steps' (`step`): the LM head's screen on the last hidden state.
             hidden = self.model.base_model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, cache=batch.cache, use_cache=True
             ).last_hidden_state
@@ -267,14 +267,19 @@ class Decoder:
             ).logits
         else:
             hidden = self.lean_step(ids, mask, positions, batch.cache)
-            if self.screen is not None and len(batch) == 1 and batch.sequences[0].params.argmax_only:
+            if (screen := self._screen_for(batch.sequences)) is not None:
                 batch.mask, batch.positions = mask, batch.positions + 1
-                self._append(batch, self.screen.pick(hidden[:, -1, :]).tolist(), None)
+                self._append(batch, screen.pick(hidden[:, -1, :]).tolist(), None)
                 return
             logits = self.head(hidden)
         batch.mask = mask
         batch.positions = batch.positions + 1
         self._advance(batch, logits[:, -1, :])
+
+    def _screen_for(self, rows: list[S]) -> ScreenedHead | None:
+        """The LM head's screen where it makes the pick: a lone row whose pick is the plain argmax (its prefill and
+        its steps); a pass of several rows is a matrix product, which the full head computes faster."""
+        return self.screen if len(rows) == 1 and rows[0].params.argmax_only else None
 
     def complete(self, sequences: list[Sequence], abandoned: Callable[[int], bool] = lambda row: False) -> None:
         """Decode these rows to their end with nobody joining: the continuous loop's arithmetic for one batch. A
