@@ -82,8 +82,8 @@ class ScreenedHead:
 
     def screen(self, hidden: torch.Tensor) -> tuple[torch.Tensor, float, float] | None:
         """`approx` (every token's int8 logit for `hidden`, [1, width]), the bound `B` on how far each lies from the
-        real logit, and `R`, how far a float32 logit may (see the module's docstring); None where `hidden` is zero:
-        nothing to scale."""
+        real logit, and `R`, how far a float32 logit may lie from the real one (see the module's docstring); None where
+        `hidden` is zero: nothing to scale."""
         peak = float(hidden.abs().max())
         if peak == 0.0:
             return None
