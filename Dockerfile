@@ -3,6 +3,10 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HOST=0.0.0.0 PORT=8000 MODEL_SOURCE=local
 WORKDIR /app
 RUN useradd --create-home --uid 1000 app
+# g++ builds the one-row kernel for the CPU the container runs on, at its first model load (server/ml/matvec.py),
+# into TORCH_EXTENSIONS_DIR; without it the kernels are chosen without that one.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+ENV TORCH_EXTENSIONS_DIR=/app/models_cache/torch_extensions
 
 # The CPU build of torch first: a bare torch requirement would pull a multi-GB CUDA build. For a GPU image pass the
 # CUDA build's index: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 (docs/gpu.md).

@@ -29,7 +29,6 @@ import copy
 import hashlib
 import json
 import logging
-import platform
 import statistics
 import time
 from collections.abc import Iterable, Sequence
@@ -40,6 +39,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from server.ml import matvec
+from server.ml.cpu import cpu_info
+from server.ml.matvec import MatVecLinear
 from server.ml.precision import INT8_ENGINES, OneDnnLinear, Precision, ServedKernels, quantize_linear_int8
 
 log = logging.getLogger(__name__)
@@ -53,20 +55,24 @@ ISA_FLAGS = frozenset(
 REPEATS = 15
 # The kernels timed against each other per precision: the reference (a tie goes to it), then oneDNN.
 CANDIDATES: dict[Precision, tuple[ServedKernels, ServedKernels]] = {"fp32": ("torch", "onednn"), "int8": INT8_ENGINES}
-WHO = {"torch": "torch's GEMM", "fbgemm": "fbgemm's int8 GEMM"}
+# Timed for one row only, beside a float32 model's two: our matrix-vector kernel (server/ml/matvec.py), where built.
+ONE_ROW = "matvec"
+WHO = {"torch": "torch's GEMM", "fbgemm": "fbgemm's int8 GEMM", ONE_ROW: "our matrix-vector kernel"}
 
 
 @dataclass(frozen=True)
 class KernelChoice:
     """oneDNN for `onednn` (the shapes it won), the `reference` kernels (torch's GEMM in fp32, fbgemm in int8) for
     the rest; `reason` says how it was decided. `lone_on_reference`: the oneDNN shapes whose one-row calls (a lone
-    request's decoding step) still run on the reference because it was faster there (`one_row_reference`)."""
+    request's decoding step) still run on the reference because it was faster there (`one_row_reference`);
+    `lone_on_matvec`, those whose one-row calls run on our matrix-vector kernel (`one_row_matvec`)."""
 
     onednn: frozenset[Shape]
     shapes: frozenset[Shape]
     reason: str
     reference: ServedKernels = "torch"
     lone_on_reference: frozenset[Shape] = frozenset()
+    lone_on_matvec: frozenset[Shape] = frozenset()
 
     @property
     def summary(self) -> ServedKernels:
@@ -99,7 +105,8 @@ def choose(
     """The shapes oneDNN costs the model less on (`timings[shape][rows][kernel]`, seconds of one call; `layers`,
     how many layers have each shape): summed over the row counts, each as a share of the model's time at that row
     count on the `reference` kernels. A tie goes to the reference. A oneDNN shape's one-row calls run on whichever
-    kernel is faster there (`one_row_reference`), so at one row oneDNN costs the lesser of the two times."""
+    kernel is fastest there (`one_row_reference`, `one_row_matvec`), so at one row oneDNN costs the least of the
+    times."""
     model_time: dict[int, float] = {}
     for shape, by_rows in timings.items():
         for rows, times in by_rows.items():
@@ -119,7 +126,7 @@ def choose(
 def one_row_reference(
     timings: dict[Shape, dict[int, dict[str, float]]], onednn: frozenset[Shape], reference: str = "torch"
 ) -> frozenset[Shape]:
-    """The oneDNN shapes that the `reference` kernels compute faster for one row.
+    """The oneDNN shapes that the `reference` kernels compute fastest for one row.
 
     A lone request reads every weight once per token, so its Linear calls are bound by memory: on an Intel Xeon
     (AVX-512) torch's GEMM read GPT-2's weights at 30 GB/s for one row against oneDNN's 24 GB/s with weights packed
@@ -128,11 +135,20 @@ def one_row_reference(
     a second copy of their weight for the reference and call it for one row (`precision.OneRowApart`), at the price
     of that copy in memory.
     """
-    return frozenset(shape for shape in onednn if 1 in timings[shape] and _faster_on(reference, timings[shape][1]))
+    return frozenset(shape for shape in onednn if _fastest_one_row(timings[shape]) == reference)
 
 
-def _faster_on(reference: str, times: dict[str, float]) -> bool:
-    return times[reference] < times["onednn"]
+def one_row_matvec(timings: dict[Shape, dict[int, dict[str, float]]], onednn: frozenset[Shape]) -> frozenset[Shape]:
+    """The oneDNN shapes that our matrix-vector kernel (server/ml/matvec.py) computes fastest for one row: a second
+    copy of their weight for it, as for `one_row_reference`."""
+    return frozenset(shape for shape in onednn if _fastest_one_row(timings[shape]) == ONE_ROW)
+
+
+def _fastest_one_row(by_rows: dict[int, dict[str, float]]) -> str | None:
+    """The kernel timed fastest for one row (a tie goes to the first timed: the reference, then oneDNN), None where
+    one row was not timed."""
+    times = by_rows.get(1)
+    return None if times is None else min(times, key=times.__getitem__)
 
 
 def seconds(run, x: torch.Tensor) -> float:
@@ -149,9 +165,13 @@ def seconds(run, x: torch.Tensor) -> float:
 
 def candidates(linear: nn.Linear, precision: Precision) -> dict[str, nn.Module]:
     """`linear` computed by each of `precision`'s candidate kernels (copies: `linear` is left as it is). In `fp32`
-    the kernels compute in the Linear's own dtype (float32, or bfloat16 on a CPU with bf16 units)."""
+    the kernels compute in the Linear's own dtype (float32, or bfloat16 on a CPU with bf16 units); a float32 one
+    also by our matrix-vector kernel where it is built (one row only: `ONE_ROW`)."""
     if precision == "fp32":
-        return {"torch": linear, "onednn": OneDnnLinear(linear)}
+        kernels: dict[str, nn.Module] = {"torch": linear, "onednn": OneDnnLinear(linear)}
+        if _one_row_kernel_for(linear.weight.dtype):
+            kernels[ONE_ROW] = MatVecLinear(linear)
+        return kernels
     shape = (linear.in_features, linear.out_features)
     return {
         # In a Sequential: quantization replaces a model's children, not the model itself.
@@ -174,23 +194,20 @@ def measure(
         timings[(in_features, out_features)] = {}
         for count in rows:
             x = torch.randn(count, in_features, generator=generator).to(dtype)
-            timings[(in_features, out_features)][count] = {name: seconds(run, x) for name, run in kernels.items()}
+            timings[(in_features, out_features)][count] = {
+                name: seconds(run, x) for name, run in kernels.items() if count == 1 or name != ONE_ROW
+            }
     return timings
 
 
 def cpu_model_and_flags() -> tuple[str, list[str]]:
     """The CPU's model name and its `ISA_FLAGS`, as /proc/cpuinfo names them (elsewhere: the platform's name)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
+    model, flags = cpu_info()
     return model, sorted(flags & ISA_FLAGS)
+
+
+def _one_row_kernel_for(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 and matvec.available()
 
 
 def cpu_identity() -> dict[str, object]:
@@ -211,9 +228,11 @@ def measured_choice(
     dtype = next(model.parameters()).dtype if precision == "fp32" else torch.float32
     # What the reason calls the arithmetic: fp32 weights computed in float32 unless the model is bfloat16.
     label = str(dtype).removeprefix("torch.") if dtype != torch.float32 else precision
+    one_row = precision == "fp32" and _one_row_kernel_for(dtype)
     key = {
         **identity,
         "precision": label,
+        "kernels": [*CANDIDATES[precision], *([ONE_ROW] if one_row else [])],
         "shapes": [[*shape, count] for shape, count in shapes.items()],
         "rows": list(rows),
     }
@@ -230,13 +249,19 @@ def measured_choice(
         if path is not None:
             _store(path, key, timings)
     onednn = choose(timings, shapes, reference)
-    lone = one_row_reference(timings, onednn, reference)
-    alone = f", {len(lone)} of them on {WHO[reference]} for one row" if lone else ""
+    lone, lone_matvec = one_row_reference(timings, onednn, reference), one_row_matvec(timings, onednn)
+    alone = "".join(
+        f", {len(chosen)} of them on {WHO[kernel]} for one row"
+        for kernel, chosen in ((reference, lone), (ONE_ROW, lone_matvec))
+        if chosen
+    )
+    if precision == "fp32" and dtype == torch.float32 and not one_row:
+        alone += f"; {WHO[ONE_ROW]} {matvec.build()[1]}"
     reason = (
         f"{label}: oneDNN where it beat {WHO[reference]} over {' and '.join(map(str, rows))} rows on "
         f"{identity['cpu']} ({len(onednn)} of {len(shapes)} Linear shapes{alone}; {source})"
     )
-    return KernelChoice(onednn, frozenset(shapes), reason, reference, lone)
+    return KernelChoice(onednn, frozenset(shapes), reason, reference, lone, lone_matvec)
 
 
 def _cached(path: Path | None, kernels: Sequence[str]) -> dict[Shape, dict[int, dict[str, float]]] | None:
@@ -246,13 +271,21 @@ def _cached(path: Path | None, kernels: Sequence[str]) -> dict[Shape, dict[int, 
         stored = json.loads(path.read_text())["timings"]
         return {
             (int(entry["in"]), int(entry["out"])): {
-                int(count): {kernel: float(t[kernel]) for kernel in kernels} for count, t in entry["rows"].items()
+                int(count): _timed(t, kernels) for count, t in entry["rows"].items()
             }
             for entry in stored
         }
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("kernel timings %s unreadable (%s): measuring again", path, exc)
         return None
+
+
+def _timed(times: dict, kernels: Sequence[str]) -> dict[str, float]:
+    """One row count's stored timings: every kernel timed at every row count, and our matrix-vector kernel's for
+    one row where it was."""
+    if missing := set(kernels) - set(times):
+        raise KeyError(f"no timing for {', '.join(sorted(missing))}")
+    return {kernel: float(seconds_) for kernel, seconds_ in times.items() if kernel in kernels or kernel == ONE_ROW}
 
 
 def _store(path: Path, key: dict, timings: dict[Shape, dict[int, dict[str, float]]]) -> None:

@@ -221,7 +221,8 @@ class PretrainedModel:
                 reason = f"int8: torch's default quantized engine ({engine}): this torch build lacks fbgemm or oneDNN"
             elif kernels == "auto" and on_cpu and onednn_computes(placement.dtype):
                 choice = measured_choice(model, cls.kernel_rows, Path(cache_dir))
-                model, served = linear_onednn(model, choice.onednn, choice.lone_on_reference), choice.summary
+                model = linear_onednn(model, choice.onednn, choice.lone_on_reference, choice.lone_on_matvec)
+                served = choice.summary
                 reason = choice.reason
             else:
                 # `auto` left here is a GPU's, or bfloat16's where oneDNN lacks bf16 kernels: torch's own kernels.

@@ -33,6 +33,8 @@ from transformers import PreTrainedModel
 from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
 from transformers.pytorch_utils import Conv1D
 
+from server.ml.matvec import MatVecLinear
+
 log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "int8"]
@@ -139,9 +141,10 @@ class OneDnnLinear(nn.Module):
 
 class OneRowApart(nn.Module):
     """One Linear layer computed by two kernels: `one_row` for a one-row input (a lone request's decoding step),
-    `rows` for every other. `rows` is oneDNN's packing; `one_row` is the reference kernel, where it measured faster
-    for one row (`kernels.one_row_reference`): the plain Linear (torch's GEMM) in float32 and bfloat16, fbgemm's
-    packing in int8. The price is the second copy of the weight."""
+    `rows` for every other. `rows` is oneDNN's packing; `one_row` is the kernel that measured fastest for one row
+    where it was not oneDNN: the reference (`kernels.one_row_reference`: the plain Linear, torch's GEMM, in float32
+    and bfloat16, fbgemm's packing in int8) or, in float32, our matrix-vector kernel (`kernels.one_row_matvec`,
+    server/ml/matvec.py). The price is the second copy of the weight."""
 
     def __init__(self, rows: nn.Module, one_row: nn.Module, in_features: int):
         super().__init__()
@@ -205,11 +208,13 @@ def linear_onednn(
     model: nn.Module,
     shapes: Collection[tuple[int, int]] | None = None,
     lone_on_torch: Collection[tuple[int, int]] = (),
+    lone_on_matvec: Collection[tuple[int, int]] = (),
 ) -> nn.Module:
     """Every Linear (GPT-2's Conv1D projections and LM head included) computed by oneDNN, in the model's dtype
     (float32, or bfloat16 on a CPU with bf16 units), in place, the GELU after a feed-forward block's first Linear
     fused into it (`fuse_gelu`); with `shapes`, only the Linear layers of those (in, out) shapes (the others stay on
-    torch's GEMM); those of `lone_on_torch` keep their plain Linear for one-row inputs too (`OneRowApart`).
+    torch's GEMM); those of `lone_on_torch` keep their plain Linear for one-row inputs too, those of
+    `lone_on_matvec` a copy for our matrix-vector kernel (`OneRowApart`).
 
     Why: on this project's CPUs torch's default fp32 GEMM is slow at the few rows a decoding step has (GPT-2's LM
     head: 8.1 ms for one row against 1.7 ms with oneDNN's packed weights; 23.6 against 6.3 ms for 32 rows), and a
@@ -223,9 +228,12 @@ def linear_onednn(
         for child_name, child in list(parent.named_children()):
             shape = (getattr(child, "in_features", 0), getattr(child, "out_features", 0))
             if type(child) is nn.Linear and (shapes is None or shape in shapes):
-                packed = OneDnnLinear(child)
-                apart = OneRowApart(packed, child, child.in_features) if shape in lone_on_torch else packed
-                setattr(parent, child_name, apart)
+                packed: nn.Module = OneDnnLinear(child)
+                if shape in lone_on_matvec:
+                    packed = OneRowApart(packed, MatVecLinear(child), child.in_features)
+                elif shape in lone_on_torch:
+                    packed = OneRowApart(packed, child, child.in_features)
+                setattr(parent, child_name, packed)
     return fuse_gelu(model)
 
 

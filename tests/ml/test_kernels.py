@@ -15,6 +15,7 @@ from server.ml.decoding import GenerationParams
 from server.ml.generator import TextGenerator
 from server.ml.kernels import KernelChoice, choose, linear_shapes, measured_choice
 from server.ml.loader import locate
+from server.ml.matvec import MatVecLinear
 from server.ml.precision import (
     OneDnnLinear,
     OneRowApart,
@@ -103,6 +104,9 @@ def test_timings_are_measured_once_per_machine_and_read_back(standins, tmp_path,
     [cached] = (tmp_path / "kernels").glob("*.json")
     stored = json.loads(cached.read_text())
     assert stored["key"]["rows"] == [1, 4] and stored["key"]["cpu"] == kernels.cpu_identity()["cpu"]
+    # Our matrix-vector kernel computes one row only, so it is timed there only.
+    assert all(set(entry["rows"]["1"]) == {"torch", "onednn", "matvec"} for entry in stored["timings"])
+    assert all(set(entry["rows"]["4"]) == {"torch", "onednn"} for entry in stored["timings"])
     assert "measured in" in first.reason and "over 1 and 4 rows" in first.reason
 
     def no_measuring(*_):
@@ -278,6 +282,28 @@ def test_one_row_runs_on_torch_for_the_onednn_shapes_torch_computes_faster_alone
     assert kernels.one_row_reference({(8, 8): {32: timing(1.0, 2.0)}}, frozenset({(8, 8)})) == frozenset()
 
 
+def test_one_row_goes_to_our_matvec_kernel_where_it_was_the_fastest_there():
+    def one_row(torch_s: float, onednn_s: float, matvec_s: float) -> dict[str, float]:
+        return {**timing(torch_s, onednn_s), "matvec": matvec_s}
+
+    timings = {
+        (8, 8): {1: one_row(2.0, 1.5, 1.0), 32: timing(20.0, 10.0)},  # matvec fastest alone
+        (8, 32): {1: one_row(1.0, 1.5, 1.2), 32: timing(20.0, 10.0)},  # torch fastest alone
+        (32, 8): {1: one_row(2.0, 1.0, 1.0), 32: timing(20.0, 10.0)},  # a tie stays on oneDNN
+        (32, 32): {1: one_row(0.9, 3.0, 0.5), 32: timing(10.0, 20.0)},  # oneDNN loses overall even so
+    }
+    onednn = choose(timings, dict.fromkeys(timings, 1))
+    assert onednn == {(8, 8), (8, 32), (32, 8)}
+    assert kernels.one_row_matvec(timings, onednn) == {(8, 8)}
+    assert kernels.one_row_reference(timings, onednn) == {(8, 32)}
+    # Counted at its one-row time, oneDNN wins a shape it would lose on its own time alone.
+    closer = {
+        (8, 8): {1: one_row(1.0, 4.0, 0.5), 32: timing(2.0, 1.8)},
+        (8, 32): {1: timing(1.0, 1.0), 32: timing(2.0, 2.0)},
+    }
+    assert choose(closer, dict.fromkeys(closer, 1)) == {(8, 8)}
+
+
 class FeedForward(nn.Module):
     def __init__(self, c_fc: nn.Module, act: nn.Module):
         super().__init__()
@@ -301,6 +327,30 @@ def test_a_layer_kept_plain_beside_its_packed_weight_computes_one_row_on_torch_w
         assert torch.equal(apart(one), activation(linear(one)))
         assert torch.equal(apart(many), packed(many))
         assert not torch.equal(packed(one), apart(one))  # oneDNN sums in another order: the two paths differ
+
+
+def test_a_measured_choice_puts_one_row_on_our_matvec_kernel_and_keeps_transformers_greedy_output(
+    standins, monkeypatch, tmp_path
+):
+    reference = generator(standins)
+    params = GenerationParams(max_new_tokens=12)
+    prompts = [reference.encode(p) for p in PROMPTS]
+    expected = [reference.generate([p], params)[0] for p in prompts]
+    alone = {**timing(2, 2), "matvec": 1}
+    monkeypatch.setattr(
+        kernels,
+        "measure",
+        lambda shapes, rows, precision, dtype: {s: {1: alone, 32: timing(2, 1)} for s in shapes},
+    )
+    loaded = generator(standins, "auto", cache=tmp_path)
+    apart = [m for m in loaded.model.modules() if isinstance(m, OneRowApart)]
+    one_row = [m for m in loaded.model.modules() if isinstance(m, MatVecLinear)]
+    assert apart and len(one_row) == len(apart) == sum(linear_shapes(reference.model).values())
+    assert loaded.kernels == "onednn" and "of them on our matrix-vector kernel for one row" in loaded.kernels_reason
+    assert loaded.generate(prompts, params) == expected
+    # One prompt at a time: every product of every step is one row, on the kernel.
+    assert [loaded.generate([p], params)[0] for p in prompts] == expected
+    assert [loaded.complete([p], params)[0] for p in prompts] == expected
 
 
 def test_a_measured_choice_keeps_one_row_on_torch_where_it_was_faster(standins, monkeypatch, tmp_path):

@@ -1,0 +1,90 @@
+"""A float32 Linear layer's one-row product by a kernel of our own (`matvec.cpp`), built for this CPU at first use.
+
+Why: a lone request's decoding step is one-row products over every weight, bound by how fast they are read (GPT-2's
+blocks: 340 MB a step). On an AMD EPYC Zen 4 (2 cores) oneDNN's packed product read GPT-2's 48 block weights at 21
+to 23 GB/s and torch's GEMM (MKL) at 14, while ggml, llama.cpp's library, read the same 48 products at 28 to 36 GB/s
+in the same minutes (a one-off C program against its build), near the machine's 34 GB/s memory probe: its f32 server
+decoded a token of GPT-2-124M, LM head included, in 16 to 19 ms where our step took 21. What it does differently is
+read several weight rows side by side (tinyBLAS, four per thread): this kernel reads eight, and read at 31 GB/s in
+the same script (four: 26, two: 22). `server/ml/kernels.py` times it against torch's GEMM and oneDNN for one row at
+load, and a Linear shape's one-row calls go to it only where it was the fastest there; rows in batches stay on the
+kernels chosen for them (`precision.OneRowApart`), at the price of a second copy of those weights in memory.
+
+Its sums run in another order than torch's and oneDNN's (16 lanes, then across them), so its outputs may differ from
+theirs in their last bits, as theirs do from each other's: greedy output is checked identical to transformers' on the
+test prompts (tests/ml/test_kernels.py) and on the bench's.
+
+Built by torch's C++ extension loader (a C++ compiler, ninja, the Python headers) into torch's extension directory
+(`TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions), once per machine: about 35 s at the first start on 2 cores,
+a second after. The build targets the CPU it runs on (`-march=native`) and is named after the CPU's model, flags and
+the source, so a cache carried to another CPU builds again rather than running instructions that CPU lacks. Where it
+cannot be built (no compiler: the reason is logged and given with the kernel choice), the kernels are chosen without
+it.
+"""
+
+import hashlib
+import logging
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from server.ml.cpu import cpu_info
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("matvec.cpp")
+MatVec = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+@cache
+def build() -> tuple[MatVec | None, str]:
+    """The kernel (`matvec(x, weight, bias)`: one row `x` through `weight` [out, in], contiguous float32) and how
+    it was had, or None and why not. Built once per process; torch's loader reuses an earlier build."""
+    cpu, flags = cpu_info()
+    identity = "\n".join([cpu, *sorted(flags), torch.__version__, SOURCE.read_text()])
+    digest = hashlib.sha256(identity.encode()).hexdigest()
+    try:
+        # Imported here: the loader brings setuptools in, which a process that builds nothing need not load.
+        from torch.utils import cpp_extension
+
+        module = cpp_extension.load(
+            f"server_matvec_{digest[:12]}",
+            [str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+        )
+    except (RuntimeError, OSError, ImportError) as exc:
+        reason = f"not built ({str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__})"
+        log.warning("our matrix-vector kernel %s: one-row products stay on torch's GEMM and oneDNN", reason)
+        return None, reason
+    return module.matvec, "built for this CPU"
+
+
+def available() -> bool:
+    return build()[0] is not None
+
+
+class MatVecLinear(nn.Module):
+    """An `nn.Linear` in float32 for one-row inputs only, on the kernel above: its weight as one contiguous [out, in]
+    matrix (a copy where the Linear's is a transposed view, as GPT-2's projections are)."""
+
+    in_features: int
+    out_features: int
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        kernel, reason = build()
+        if kernel is None:
+            raise RuntimeError(f"our matrix-vector kernel is {reason}")
+        self.kernel = kernel
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", linear.weight.detach().contiguous(), persistent=False)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(x, self.weight, self.bias)

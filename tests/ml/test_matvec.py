@@ -1,0 +1,87 @@
+import pytest
+import torch
+from torch import nn
+from torch.utils import cpp_extension
+from transformers.pytorch_utils import Conv1D
+
+from server.ml import kernels, matvec
+from server.ml.matvec import MatVecLinear
+from server.ml.precision import linear_from_conv1d
+
+
+def rounding_bound(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """How far two float32 sums of the same products may lie apart, per output (twice one sum's error bound)."""
+    width = weight.shape[1]
+    magnitude = weight.double().abs() @ x.double().abs().reshape(-1)
+    if bias is not None:
+        magnitude += bias.double().abs()
+    return 2 * (width + 1) * 2.0**-24 * magnitude + 1e-12
+
+
+# Widths and heights off the kernel's 16 lanes and 8 rows, and GPT-2's own shapes.
+SHAPES = [(5, 7), (17, 33), (16, 8), (64, 200), (768, 2304), (3072, 768)]
+
+
+@pytest.mark.parametrize(("width", "height"), SHAPES)
+@pytest.mark.parametrize("biased", [True, False], ids=["bias", "no bias"])
+def test_one_row_is_torchs_product_to_float_rounding_at_any_shape(width, height, biased):
+    generator = torch.Generator().manual_seed(width * height)
+    linear = nn.Linear(width, height, bias=biased)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(height, width, generator=generator))
+    kernel = MatVecLinear(linear)
+    for x in (torch.randn(1, width, generator=generator), torch.randn(1, 1, width, generator=generator)):
+        with torch.inference_mode():
+            got, expected = kernel(x), linear(x)
+        assert got.shape == expected.shape
+        bound = rounding_bound(linear.weight.detach(), x, linear.bias)
+        assert ((got - expected).double().abs().reshape(-1) <= bound).all()
+
+
+def test_the_kernel_refuses_what_it_does_not_compute():
+    kernel, _ = matvec.build()
+    assert kernel is not None
+    weight = torch.randn(8, 4)
+    for x, w, message in (
+        (torch.randn(2, 4), weight, "one float32 row"),
+        (torch.randn(1, 5), weight, "one float32 row"),
+        (torch.randn(1, 8), weight.t(), "contiguous float32 matrix"),
+        (torch.randn(1, 4), weight.double(), "contiguous float32 matrix"),
+    ):
+        with pytest.raises(RuntimeError, match=message):
+            kernel(x, w, None)
+
+
+def test_gpt2s_transposed_projection_gets_a_contiguous_copy_of_its_weight():
+    conv = Conv1D(24, 16)  # nf, nx: a [16, 24] weight, transposed against a Linear's
+    holder = linear_from_conv1d(nn.Sequential(conv))
+    linear = holder[0]
+    assert not linear.weight.is_contiguous()
+    kernel = MatVecLinear(linear)
+    assert kernel.weight.is_contiguous() and torch.equal(kernel.weight, linear.weight)
+    x = torch.randn(1, 16)
+    with torch.inference_mode():
+        assert ((kernel(x) - conv(x)).double().abs().reshape(-1) <= rounding_bound(kernel.weight, x, conv.bias)).all()
+
+
+def test_the_lm_heads_contiguous_weight_is_shared_not_copied():
+    linear = nn.Linear(32, 64, bias=False)
+    assert MatVecLinear(linear).weight.data_ptr() == linear.weight.data_ptr()
+
+
+def test_without_a_compiler_the_kernel_is_left_out_and_the_choice_says_why(monkeypatch, tmp_path):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension 'server_matvec': c++: command not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    matvec.build.cache_clear()
+    try:
+        assert matvec.build() == (None, "not built (Error building extension 'server_matvec': c++: command not found)")
+        assert not matvec.available()
+        with pytest.raises(RuntimeError, match="not built"):
+            MatVecLinear(nn.Linear(4, 4))
+        assert set(kernels.candidates(nn.Linear(4, 4), "fp32")) == {"torch", "onednn"}
+        choice = kernels.measured_choice(nn.Sequential(nn.Linear(16, 16)), (1, 4), tmp_path)
+        assert "our matrix-vector kernel not built (" in choice.reason and not choice.lone_on_matvec
+    finally:
+        matvec.build.cache_clear()  # the next test builds again (torch's loader finds the earlier build)
