@@ -7,11 +7,19 @@ import httpx
 import pytest
 
 from server.core.config import Settings
+from server.ml import matvec
 from server.ml.offline import build_standins
 from tests.support.app import serving
 from tests.support.servers import PostgresServer, RedisServer
 
 _databases = itertools.count()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def matvec_built() -> None:
+    """Our one-row kernel built before any test starts a server: the first build on a machine takes about 35 s,
+    longer than a server's start is given in the tests."""
+    assert matvec.available(), matvec.build()[1]
 
 
 @pytest.fixture(scope="session")

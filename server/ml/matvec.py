@@ -17,18 +17,21 @@ test prompts (tests/ml/test_kernels.py) and on the bench's.
 Built by torch's C++ extension loader (a C++ compiler, ninja, the Python headers) into torch's extension directory
 (`TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions), once per machine: about 35 s at the first start on 2 cores,
 a second after. The build targets the CPU it runs on (`-march=native`) and is named after the CPU's model, flags and
-the source, so a cache carried to another CPU builds again rather than running instructions that CPU lacks. Where it
+the source (and the Python and torch it is built for), so a cache carried to another CPU builds again rather than running instructions that CPU lacks. Where it
 cannot be built (no compiler: the reason is logged and given with the kernel choice), the kernels are chosen without
 it.
 """
 
 import hashlib
 import logging
+import os
+import sys
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from torch import nn
 
 from server.ml.cpu import cpu_info
@@ -44,18 +47,27 @@ def build() -> tuple[MatVec | None, str]:
     """The kernel (`matvec(x, weight, bias)`: one row `x` through `weight` [out, in], contiguous float32) and how
     it was had, or None and why not. Built once per process; torch's loader reuses an earlier build."""
     cpu, flags = cpu_info()
-    identity = "\n".join([cpu, *sorted(flags), torch.__version__, SOURCE.read_text()])
+    identity = "\n".join([cpu, *sorted(flags), sys.version, torch.__version__, SOURCE.read_text()])
     digest = hashlib.sha256(identity.encode()).hexdigest()
+    name = f"server_matvec_{digest[:12]}"
     try:
         # Imported here: the loader brings setuptools in, which a process that builds nothing need not load.
         from torch.utils import cpp_extension
 
-        module = cpp_extension.load(
-            f"server_matvec_{digest[:12]}",
-            [str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-        )
+        directory = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
+        directory.mkdir(parents=True, exist_ok=True)
+        # torch's loader serialises builds with a lock file that a process killed mid-build leaves behind, and
+        # every later load then waits on it forever. An OS lock dies with its process: whoever holds this one is
+        # the only builder, so a lock file found under it is stale.
+        with FileLock(directory.parent / f"{name}.lock"):
+            (directory / "lock").unlink(missing_ok=True)
+            module = cpp_extension.load(
+                name,
+                [str(SOURCE)],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(directory),
+            )
     except (RuntimeError, OSError, ImportError) as exc:
         reason = f"not built ({str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__})"
         log.warning("our matrix-vector kernel %s: one-row products stay on torch's GEMM and oneDNN", reason)

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -85,3 +89,16 @@ def test_without_a_compiler_the_kernel_is_left_out_and_the_choice_says_why(monke
         assert "our matrix-vector kernel not built (" in choice.reason and not choice.lone_on_matvec
     finally:
         matvec.build.cache_clear()  # the next test builds again (torch's loader finds the earlier build)
+
+
+def test_a_lock_left_by_a_build_killed_midway_does_not_stop_the_next(tmp_path):
+    # torch's loader waits as long as its lock file exists; a process killed while building leaves it behind.
+    environment = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    load = [sys.executable, "-c", "from server.ml import matvec; print(matvec.build()[1])"]
+    assert subprocess.run(load, env=environment, capture_output=True, text=True, timeout=300).stdout.strip() == (
+        "built for this CPU"
+    )
+    [directory] = [path for path in tmp_path.iterdir() if path.is_dir()]
+    (directory / "lock").touch()
+    again = subprocess.run(load, env=environment, capture_output=True, text=True, timeout=120)
+    assert again.stdout.strip() == "built for this CPU" and not (directory / "lock").exists()
