@@ -16,10 +16,10 @@ test prompts (tests/ml/test_kernels.py) and on the bench's.
 
 Built by torch's C++ extension loader (a C++ compiler, ninja, the Python headers) into torch's extension directory
 (`TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions), once per machine: about 35 s at the first start on 2 cores,
-a second after. The build targets the CPU it runs on (`-march=native`) and is named after the CPU's model, flags and
-the source (and the Python and torch it is built for), so a cache carried to another CPU builds again rather than running instructions that CPU lacks. Where it
-cannot be built (no compiler: the reason is logged and given with the kernel choice), the kernels are chosen without
-it.
+a second after. The build targets the CPU it runs on (`-march=native`) and is named after the CPU's model and flags,
+the Python and torch it is built for and the source, so a cache carried to another CPU builds again rather than run
+instructions that CPU lacks. Where it cannot be built (no compiler: the reason is logged and given with the kernel
+choice), the kernels are chosen without it.
 """
 
 import hashlib
