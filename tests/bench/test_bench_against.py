@@ -7,6 +7,7 @@ import httpx
 from tqdm import tqdm
 
 from server.bench import against
+from server.bench.limits import prompt
 from server.core.config import PROJECT_ROOT
 from tests.support.metrics import counted
 from tests.support.servers import free_port, start_server
@@ -102,3 +103,12 @@ def test_a_server_that_cannot_be_driven_stops_the_run_with_one_line():
     )
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith(f"bench --against: {url}: ClientConnectorError")
+
+
+def test_prompts_differ_from_their_first_word_so_that_no_prefix_cache_computes_part_of_one():
+    """llama.cpp's server computes only what follows the longest prefix a prompt shares with its slot's last one."""
+    target = against.Target("other", "http://127.0.0.1:1", "model", ignore_eos=True)
+    body = against.body_for(target, against.Workload("c=32", 32, 12), "run-vs0-c=32", 16)
+    prompts = {(client, round_): body(client, round_)["prompt"] for client in range(32) for round_ in range(12)}
+    assert len({text.split()[0] for text in prompts.values()}) == len(prompts)
+    assert all(text.split(" ", 1)[1] == prompt("run-vs0-c=32", *key) for key, text in prompts.items())
