@@ -165,13 +165,13 @@ def seconds(run, x: torch.Tensor) -> float:
     return statistics.median(samples)
 
 
-def candidates(linear: nn.Linear, precision: Precision) -> dict[str, nn.Module]:
+def candidates(linear: nn.Linear, precision: Precision, one_row: bool = True) -> dict[str, nn.Module]:
     """`linear` computed by each of `precision`'s candidate kernels (copies: `linear` is left as it is). In `fp32`
     the kernels compute in the Linear's own dtype (float32, or bfloat16 on a CPU with bf16 units); a float32 one
-    also by our matrix-vector kernel where it is built (one row only: `ONE_ROW`)."""
+    also by our matrix-vector kernel where it is built and `one_row` inputs are to be timed (`ONE_ROW`)."""
     if precision == "fp32":
         kernels: dict[str, nn.Module] = {"torch": linear, "onednn": OneDnnLinear(linear)}
-        if _one_row_kernel_for(linear.weight.dtype):
+        if one_row and _one_row_kernel_for(linear.weight.dtype):
             kernels[ONE_ROW] = MatVecLinear(linear)
         return kernels
     shape = (linear.in_features, linear.out_features)
@@ -192,7 +192,7 @@ def measure(
         linear = nn.Linear(in_features, out_features)
         with torch.no_grad():
             linear.weight.copy_(torch.randn(out_features, in_features, generator=generator) * 0.02)
-        kernels = candidates(linear.to(dtype), precision)
+        kernels = candidates(linear.to(dtype), precision, one_row=1 in rows)
         timings[(in_features, out_features)] = {}
         for count in rows:
             x = torch.randn(count, in_features, generator=generator).to(dtype)
@@ -230,7 +230,9 @@ def measured_choice(
     dtype = next(model.parameters()).dtype if precision == "fp32" else torch.float32
     # What the reason calls the arithmetic: fp32 weights computed in float32 unless the model is bfloat16.
     label = str(dtype).removeprefix("torch.") if dtype != torch.float32 else precision
-    one_row = precision == "fp32" and _one_row_kernel_for(dtype)
+    # Our one-row kernel only where one row is timed: a classifier never sees one, and is neither built for nor
+    # wrapped in it.
+    one_row = precision == "fp32" and 1 in rows and _one_row_kernel_for(dtype)
     key = {
         **identity,
         "precision": label,
@@ -257,7 +259,7 @@ def measured_choice(
         for kernel, chosen in ((reference, lone), (ONE_ROW, lone_matvec))
         if chosen
     )
-    if precision == "fp32" and dtype == torch.float32 and not one_row:
+    if precision == "fp32" and dtype == torch.float32 and 1 in rows and not one_row:
         alone += f"; {WHO[ONE_ROW]} {matvec.build()[1]}"
     reason = (
         f"{label}: oneDNN where it beat {WHO[reference]} over {' and '.join(map(str, rows))} rows on "

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from transformers import AutoModelForCausalLM
-from transformers.activations import GELUActivation, NewGELUActivation
+from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
 from transformers.pytorch_utils import Conv1D
 
-from server.ml import kernels
+from server.ml import kernels, matvec
 from server.ml.decoding import GenerationParams
 from server.ml.generator import TextGenerator
 from server.ml.kernels import KernelChoice, choose, linear_shapes, measured_choice
@@ -327,6 +327,30 @@ def test_a_layer_kept_plain_beside_its_packed_weight_computes_one_row_on_torch_w
         assert torch.equal(apart(one), activation(linear(one)))
         assert torch.equal(apart(many), packed(many))
         assert not torch.equal(packed(one), apart(one))  # oneDNN sums in another order: the two paths differ
+
+
+def test_after_our_kernel_a_tanh_gelu_runs_in_torchs_one_pass_form():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96)
+    for act, after in ((NewGELUActivation(), GELUTanh), (GELUActivation(), GELUActivation)):
+        block = fuse_gelu(FeedForward(OneRowApart(OneDnnLinear(linear), MatVecLinear(linear), 64), act))
+        kernel, gelu = block.c_fc.one_row
+        assert isinstance(kernel, MatVecLinear) and type(gelu) is after
+        one = torch.randn(1, 1, 64)
+        with torch.inference_mode():
+            assert torch.equal(block.c_fc(one), gelu(kernel(one)))
+            assert torch.allclose(block.c_fc(one), act(linear(one)), rtol=0, atol=1e-5)
+
+
+def test_a_model_never_timed_at_one_row_is_neither_built_for_nor_wrapped_in_our_kernel(monkeypatch, tmp_path):
+    def unwanted() -> bool:
+        raise AssertionError("our one-row kernel asked for by a model timed at batches only")
+
+    monkeypatch.setattr(matvec, "available", unwanted)
+    choice = measured_choice(nn.Sequential(nn.Linear(16, 16)), (4, 8), tmp_path)
+    assert not choice.lone_on_matvec and "matrix-vector" not in choice.reason
+    [cached] = (tmp_path / "kernels").glob("*.json")
+    assert json.loads(cached.read_text())["key"]["kernels"] == ["torch", "onednn"]
 
 
 def test_a_measured_choice_puts_one_row_on_our_matvec_kernel_and_keeps_transformers_greedy_output(

@@ -26,14 +26,24 @@ def rounding_bound(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | N
 SHAPES = [(5, 7), (17, 33), (16, 8), (64, 200), (768, 2304), (3072, 768)]
 
 
+def linear_holding(weight: torch.Tensor, biased: bool) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=biased)
+    linear.weight = nn.Parameter(weight)
+    return linear
+
+
 @pytest.mark.parametrize(("width", "height"), SHAPES)
 @pytest.mark.parametrize("biased", [True, False], ids=["bias", "no bias"])
-def test_one_row_is_torchs_product_to_float_rounding_at_any_shape(width, height, biased):
+@pytest.mark.parametrize("layout", ["in place", "blocked"])
+def test_one_row_is_torchs_product_to_float_rounding_at_any_shape(width, height, biased, layout):
     generator = torch.Generator().manual_seed(width * height)
-    linear = nn.Linear(width, height, bias=biased)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(height, width, generator=generator))
+    # A contiguous weight is read in place; a transposed view (GPT-2's projections) is copied blocked.
+    weight = torch.randn(height, width, generator=generator)
+    if layout == "blocked":
+        weight = weight.t().contiguous().t()
+    linear = linear_holding(weight, biased)
     kernel = MatVecLinear(linear)
+    assert kernel.weight.dim() == (2 if layout == "in place" else 4)
     for x in (torch.randn(1, width, generator=generator), torch.randn(1, 1, width, generator=generator)):
         with torch.inference_mode():
             got, expected = kernel(x), linear(x)
@@ -42,30 +52,43 @@ def test_one_row_is_torchs_product_to_float_rounding_at_any_shape(width, height,
         assert ((got - expected).double().abs().reshape(-1) <= bound).all()
 
 
+def test_the_blocked_layout_interleaves_eight_rows_zero_padded_to_whole_blocks():
+    weight = torch.arange(9 * 17, dtype=torch.float32).reshape(9, 17) + 1
+    layout = matvec.blocked(weight)
+    assert layout.shape == (2, 2, 8, 16)
+    assert torch.equal(layout[0, 0, 3], weight[3, :16]) and torch.equal(layout[0, 1, 3, :1], weight[3, 16:])
+    assert torch.equal(layout[1, 1, 0, :1], weight[8, 16:])
+    assert layout[0, 1, :, 1:].eq(0).all() and layout[1, :, 1:].eq(0).all()  # the padding adds nothing
+
+
 def test_the_kernel_refuses_what_it_does_not_compute():
     kernel, _ = matvec.build()
     assert kernel is not None
     weight = torch.randn(8, 4)
-    for x, w, message in (
-        (torch.randn(2, 4), weight, "one float32 row"),
-        (torch.randn(1, 5), weight, "one float32 row"),
-        (torch.randn(1, 8), weight.t(), "contiguous float32 matrix"),
-        (torch.randn(1, 4), weight.double(), "contiguous float32 matrix"),
+    for x, w, out, message in (
+        (torch.randn(2, 4), weight, 8, "one float32 row"),
+        (torch.randn(1, 5), weight, 8, "one float32 row"),
+        (torch.randn(1, 8), weight.t(), 4, "contiguous float32 matrix"),
+        (torch.randn(1, 4), weight.double(), 8, "contiguous float32 matrix"),
+        (torch.randn(1, 4), weight, 7, "contiguous float32 matrix of `out` rows"),
+        (torch.randn(1, 4), matvec.blocked(weight), 9, "contiguous float32 matrix of `out` rows"),
+        (torch.randn(1, 17), matvec.blocked(weight), 8, "one float32 row"),
     ):
         with pytest.raises(RuntimeError, match=message):
-            kernel(x, w, None)
+            kernel(x, w, None, out)
 
 
-def test_gpt2s_transposed_projection_gets_a_contiguous_copy_of_its_weight():
+def test_gpt2s_transposed_projection_gets_a_blocked_copy_of_its_weight():
     conv = Conv1D(24, 16)  # nf, nx: a [16, 24] weight, transposed against a Linear's
     holder = linear_from_conv1d(nn.Sequential(conv))
     linear = holder[0]
     assert not linear.weight.is_contiguous()
     kernel = MatVecLinear(linear)
-    assert kernel.weight.is_contiguous() and torch.equal(kernel.weight, linear.weight)
+    assert torch.equal(kernel.weight, matvec.blocked(linear.weight.detach()))
     x = torch.randn(1, 16)
     with torch.inference_mode():
-        assert ((kernel(x) - conv(x)).double().abs().reshape(-1) <= rounding_bound(kernel.weight, x, conv.bias)).all()
+        bound = rounding_bound(linear.weight.detach(), x, conv.bias)
+        assert ((kernel(x) - conv(x)).double().abs().reshape(-1) <= bound).all()
 
 
 def test_the_lm_heads_contiguous_weight_is_shared_not_copied():
