@@ -124,7 +124,7 @@ def int8_gemm_gops(size: int = 2048, repeats: int = 5) -> float:
     engines an int8 model chooses between (fbgemm and oneDNN, server/ml/kernels.py)."""
     linear = nn.Linear(size, size, bias=False)
     layers = (
-        list(candidates(linear, "int8").values())
+        list(candidates(linear, "int8", one_row=False).values())
         if int8_engines_available()
         else [quantize_linear_int8(nn.Sequential(linear))]
     )

@@ -7,10 +7,11 @@ kernels at the row counts the model sees (for the generator: one row, a lone req
 and gets whichever costs the model less. Each row count weighs the same: a shape's time at it is taken as a share of the
 whole model's time there (all shapes on torch, each counted once per layer), so a lone request's latency counts as much
 as a batch's throughput. A oneDNN shape whose one-row calls torch computes faster keeps its plain Linear too and sends
-one row to it (`one_row_reference`, `precision.OneRowApart`), so its one-row cost is the lesser of the two. In float32 a
-third kernel is timed for one row only, our own matrix-vector product (server/ml/matvec.py, where this machine could
-build it), and takes a oneDNN shape's one-row calls where it was the fastest there (`one_row_matvec`): on an AMD EPYC
-Zen 4 all five GPT-2 shapes. Before it existed, on the AMD EPYC (AVX2) machine, GPT-2-124M's 768x768 projection went to
+one row to it (`one_row_reference`, `precision.OneRowApart`), so its one-row cost is the lesser of the two. In float32
+and int8 a third kernel is timed for one row only, our own matrix-vector product (server/ml/matvec.py, where this
+machine could build it; in int8, where it has AVX512-VNNI), and takes a shape's one-row calls, whichever kernel has its
+other rows, where it was the fastest there (`one_row_matvec`): on an AMD EPYC Zen 4 all five GPT-2 shapes. Before it
+existed, on the AMD EPYC (AVX2) machine, GPT-2-124M's 768x768 projection went to
 torch (oneDNN 0.04 ms slower for one row, about even overall) and its four other shapes to oneDNN; on an Intel Xeon
 (AVX-512, AMX) all five went to oneDNN, four of them with one row on torch. The choice is a pure function of the timings
 (`choose`), so it is tested with injected timings; the timings are cached per CPU model, ISA flags, torch build, thread
@@ -24,7 +25,8 @@ identical to transformers' whatever the mix (tests/ml/test_kernels.py).
 An int8 model's Linear layers are chosen the same way, always (no setting: it is a speed choice only), between
 torch's two quantized engines: fbgemm, the reference, and oneDNN, whose int8 kernels use AVX512-VNNI and AMX where the
 CPU has them. Both quantize the same way (per-channel int8 weights, each input per call); only the summation order
-differs. On the AMD EPYC (AVX2) machine fbgemm won every GPT-2 shape (oneDNN 1.3x to 3.3x slower).
+differs. On the AMD EPYC (AVX2) machine fbgemm won every GPT-2 shape (oneDNN 1.3x to 3.3x slower). Our int8 kernel
+quantizes as fbgemm does, too.
 """
 
 import copy
@@ -43,7 +45,7 @@ from transformers.pytorch_utils import Conv1D
 
 from server.ml import matvec
 from server.ml.cpu import cpu_info
-from server.ml.matvec import MatVecLinear
+from server.ml.matvec import Int8MatVecLinear, MatVecLinear
 from server.ml.precision import INT8_ENGINES, OneDnnLinear, Precision, ServedKernels, quantize_linear_int8
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,8 @@ ISA_FLAGS = frozenset(
 REPEATS = 15
 # The kernels timed against each other per precision: the reference (a tie goes to it), then oneDNN.
 CANDIDATES: dict[Precision, tuple[ServedKernels, ServedKernels]] = {"fp32": ("torch", "onednn"), "int8": INT8_ENGINES}
-# Timed for one row only, beside a float32 model's two: our matrix-vector kernel (server/ml/matvec.py), where built.
+# Timed for one row only, beside the two of a float32 or int8 model: our matrix-vector kernel (server/ml/matvec.py),
+# where built (in int8, where the CPU has AVX512-VNNI).
 ONE_ROW = "matvec"
 WHO = {"torch": "torch's GEMM", "fbgemm": "fbgemm's int8 GEMM", ONE_ROW: "our matrix-vector kernel"}
 
@@ -67,7 +70,8 @@ class KernelChoice:
     """oneDNN for `onednn` (the shapes it won), the `reference` kernels (torch's GEMM in fp32, fbgemm in int8) for
     the rest; `reason` says how it was decided. `lone_on_reference`: the oneDNN shapes whose one-row calls (a lone
     request's decoding step) still run on the reference because it was faster there (`one_row_reference`);
-    `lone_on_matvec`, those whose one-row calls run on our matrix-vector kernel (`one_row_matvec`)."""
+    `lone_on_matvec`, the shapes, oneDNN's or the reference's, whose one-row calls run on our matrix-vector kernel
+    (`one_row_matvec`)."""
 
     onednn: frozenset[Shape]
     shapes: frozenset[Shape]
@@ -106,9 +110,9 @@ def choose(
 ) -> frozenset[Shape]:
     """The shapes oneDNN costs the model less on (`timings[shape][rows][kernel]`, seconds of one call; `layers`,
     how many layers have each shape): summed over the row counts, each as a share of the model's time at that row
-    count on the `reference` kernels. A tie goes to the reference. A oneDNN shape's one-row calls run on whichever
-    kernel is fastest there (`one_row_reference`, `one_row_matvec`), so at one row oneDNN costs the least of the
-    times."""
+    count on the `reference` kernels. A tie goes to the reference. A shape's one-row calls run on whichever kernel is
+    fastest there, our matrix-vector kernel included (`one_row_matvec`), and a oneDNN shape's on the reference too
+    where it is (`one_row_reference`): at one row a kernel costs the least of the times it may hand the row to."""
     model_time: dict[int, float] = {}
     for shape, by_rows in timings.items():
         for rows, times in by_rows.items():
@@ -116,7 +120,9 @@ def choose(
 
     def cost(by_rows: dict[int, dict[str, float]], kernel: str) -> float:
         def paid(rows: int, times: dict[str, float]) -> float:
-            return min(times.values()) if rows == 1 and kernel == "onednn" else times[kernel]
+            if rows != 1:
+                return times[kernel]
+            return min(time for name, time in times.items() if name in (kernel, ONE_ROW) or kernel == "onednn")
 
         return sum(paid(rows, times) / model_time[rows] for rows, times in by_rows.items() if model_time[rows] > 0)
 
@@ -141,16 +147,22 @@ def one_row_reference(
 
 
 def one_row_matvec(timings: dict[Shape, dict[int, dict[str, float]]], onednn: frozenset[Shape]) -> frozenset[Shape]:
-    """The oneDNN shapes that our matrix-vector kernel (server/ml/matvec.py) computes fastest for one row: a second
+    """The shapes whose one-row calls our matrix-vector kernel (server/ml/matvec.py) computes fastest: against all
+    three kernels for a oneDNN shape, against the reference for the others (they hold no oneDNN packing). A second
     copy of their weight for it, as for `one_row_reference`."""
-    return frozenset(shape for shape in onednn if _fastest_one_row(timings[shape]) == ONE_ROW)
+    return frozenset(
+        shape for shape, by_rows in timings.items() if _fastest_one_row(by_rows, everything=shape in onednn) == ONE_ROW
+    )
 
 
-def _fastest_one_row(by_rows: dict[int, dict[str, float]]) -> str | None:
-    """The kernel timed fastest for one row (a tie goes to the first timed: the reference, then oneDNN), None where
-    one row was not timed."""
+def _fastest_one_row(by_rows: dict[int, dict[str, float]], everything: bool = True) -> str | None:
+    """The kernel timed fastest for one row (a tie goes to the first timed: the reference, then oneDNN), among all
+    of them or (`everything` false) all but oneDNN; None where one row was not timed."""
     times = by_rows.get(1)
-    return None if times is None else min(times, key=times.__getitem__)
+    if times is None:
+        return None
+    allowed = {name: time for name, time in times.items() if everything or name != "onednn"}
+    return min(allowed, key=allowed.__getitem__)
 
 
 def seconds(run, x: torch.Tensor) -> float:
@@ -165,21 +177,23 @@ def seconds(run, x: torch.Tensor) -> float:
     return statistics.median(samples)
 
 
-def candidates(linear: nn.Linear, precision: Precision, one_row: bool = True) -> dict[str, nn.Module]:
+def candidates(linear: nn.Linear, precision: Precision, one_row: bool) -> dict[str, nn.Module]:
     """`linear` computed by each of `precision`'s candidate kernels (copies: `linear` is left as it is). In `fp32`
-    the kernels compute in the Linear's own dtype (float32, or bfloat16 on a CPU with bf16 units); a float32 one
-    also by our matrix-vector kernel where it is built and `one_row` inputs are to be timed (`ONE_ROW`)."""
+    the kernels compute in the Linear's own dtype (float32, or bfloat16 on a CPU with bf16 units); a float32 or int8
+    one also by our matrix-vector kernel where it is here and `one_row` inputs are to be timed (`ONE_ROW`)."""
+    with_one_row = one_row and _one_row_kernel_for(precision, linear.weight.dtype)
     if precision == "fp32":
         kernels: dict[str, nn.Module] = {"torch": linear, "onednn": OneDnnLinear(linear)}
-        if one_row and _one_row_kernel_for(linear.weight.dtype):
+        if with_one_row:
             kernels[ONE_ROW] = MatVecLinear(linear)
         return kernels
     shape = (linear.in_features, linear.out_features)
-    return {
-        # In a Sequential: quantization replaces a model's children, not the model itself.
-        "fbgemm": quantize_linear_int8(nn.Sequential(copy.deepcopy(linear)), onednn=()),
-        "onednn": quantize_linear_int8(nn.Sequential(copy.deepcopy(linear)), onednn={shape}),
-    }
+    # In a Sequential: quantization replaces a model's children, not the model itself.
+    fbgemm = quantize_linear_int8(nn.Sequential(copy.deepcopy(linear)), onednn=())
+    kernels = {"fbgemm": fbgemm, "onednn": quantize_linear_int8(nn.Sequential(copy.deepcopy(linear)), onednn={shape})}
+    if with_one_row:
+        kernels[ONE_ROW] = Int8MatVecLinear(fbgemm.get_submodule("0"))
+    return kernels
 
 
 def measure(
@@ -208,7 +222,9 @@ def cpu_model_and_flags() -> tuple[str, list[str]]:
     return model, sorted(flags & ISA_FLAGS)
 
 
-def _one_row_kernel_for(dtype: torch.dtype) -> bool:
+def _one_row_kernel_for(precision: Precision, dtype: torch.dtype) -> bool:
+    if precision == "int8":
+        return matvec.int8_available()
     return dtype == torch.float32 and matvec.available()
 
 
@@ -232,7 +248,7 @@ def measured_choice(
     label = str(dtype).removeprefix("torch.") if dtype != torch.float32 else precision
     # Our one-row kernel only where one row is timed: a classifier never sees one, and is neither built for nor
     # wrapped in it.
-    one_row = precision == "fp32" and 1 in rows and _one_row_kernel_for(dtype)
+    one_row = 1 in rows and _one_row_kernel_for(precision, dtype)
     key = {
         **identity,
         "precision": label,
@@ -254,13 +270,11 @@ def measured_choice(
             _store(path, key, timings)
     onednn = choose(timings, shapes, reference)
     lone, lone_matvec = one_row_reference(timings, onednn, reference), one_row_matvec(timings, onednn)
-    alone = "".join(
-        f", {len(chosen)} of them on {WHO[kernel]} for one row"
-        for kernel, chosen in ((reference, lone), (ONE_ROW, lone_matvec))
-        if chosen
-    )
-    if precision == "fp32" and dtype == torch.float32 and 1 in rows and not one_row:
-        alone += f"; {WHO[ONE_ROW]} {matvec.build()[1]}"
+    alone = f", {len(lone)} of them on {WHO[reference]} for one row" if lone else ""
+    if lone_matvec:
+        alone += f", {len(lone_matvec)} on {WHO[ONE_ROW]} for one row"
+    if 1 in rows and not one_row and (precision == "int8" or dtype == torch.float32):
+        alone += f"; {WHO[ONE_ROW]} {matvec.unavailable(precision)}"
     reason = (
         f"{label}: oneDNN where it beat {WHO[reference]} over {' and '.join(map(str, rows))} rows on "
         f"{identity['cpu']} ({len(onednn)} of {len(shapes)} Linear shapes{alone}; {source})"

@@ -213,7 +213,7 @@ class PretrainedModel:
             served: ServedKernels
             if precision == "int8" and int8_engines_available():
                 choice = measured_choice(model, cls.kernel_rows, Path(cache_dir), "int8")
-                model = quantize_linear_int8(model, choice.onednn, choice.lone_on_reference)
+                model = quantize_linear_int8(model, choice.onednn, choice.lone_on_reference, choice.lone_on_matvec)
                 served, reason = choice.summary, choice.reason
             elif precision == "int8":
                 model, served = apply_precision(model, precision), "torch"

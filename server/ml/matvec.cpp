@@ -10,11 +10,25 @@
 // one sequential stream instead of eight short ones; the hardware prefetchers follow it further. On the Zen 4 a
 // thread alone read GPT-2's 48 block weights at 20 GB/s blocked against 16 in place, two threads 28.6 to 30.2 GB/s
 // against 26.9 to 27.7 (three runs). Blocking costs a copy, so matvec.py blocks only weights it must copy anyway.
+//
+// int8 (`matvec_int8`, where the CPU has AVX512-VNNI): torch's dynamic quantization, computed as fbgemm computes it
+// (the weight int8 per output row, the input quantized per call to 7-bit unsigned with a zero point, int32 sums),
+// blocked alike with 64-byte pieces, one VNNI instruction per piece. On the Zen 4 it read GPT-2's 48 block weights at
+// 19 to 20 GB/s against fbgemm's 15 to 18 (fbgemm reads one row at a time).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
 #include <vector>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define SERVER_INT8_UNITS 1
+#else
+#define SERVER_INT8_UNITS 0
+#endif
 
 namespace {
 
@@ -113,9 +127,98 @@ torch::Tensor matvec(const torch::Tensor& x, const torch::Tensor& weight, const 
   return y;
 }
 
+
+// The input's scale and zero point as torch's dynamic quantization chooses them for fbgemm
+// (`quant_utils::ChooseQuantizationParams` with reduce_range: levels 0..127, the range widened to hold 0).
+std::pair<float, int32_t> input_grid(const float* x, int64_t in) {
+  constexpr int32_t kHighest = 127;
+  constexpr float kSmallestScale = 6.1e-5f;
+  float low = 0.f, high = 0.f;
+  for (int64_t l = 0; l < in; ++l) low = std::min(low, x[l]), high = std::max(high, x[l]);
+  double scale = (static_cast<double>(high) - low) / kHighest;
+  if (static_cast<float>(scale) == 0.f || std::isinf(1.f / static_cast<float>(scale))) scale = 0.1;
+  if (scale < kSmallestScale) {
+    const float amplifier = kSmallestScale / static_cast<float>(scale);
+    scale = kSmallestScale;
+    if (low == 0.f) {
+      high = kSmallestScale * kHighest;
+    } else if (high == 0.f) {
+      low = -kSmallestScale * kHighest;
+    } else {
+      low *= amplifier, high *= amplifier;
+    }
+  }
+  const double from_low = -low / scale, from_high = kHighest - high / scale;
+  const double initial = -std::abs(low / scale) < kHighest - std::abs(high / scale) ? from_low : from_high;
+  const int32_t zero = initial < 0 ? 0 : initial > kHighest ? kHighest : static_cast<int32_t>(std::nearbyint(initial));
+  return {static_cast<float>(scale), zero};
+}
+
+#if SERVER_INT8_UNITS
+constexpr int64_t kBytes = 64;
+
+// Blocks [first, last) of an int8 blocked W ([out/8, in/64, 8, 64]) against the quantized input `x` (padded alike).
+void blocked_int8(const int8_t* w, const uint8_t* x, const float* scales, const int32_t* sums, const float* b,
+                  float* y, int64_t in, int64_t out, float x_scale, int32_t zero, int64_t first, int64_t last) {
+  for (int64_t block = first; block < last; ++block) {
+    __m512i acc[kRows];
+    for (int64_t i = 0; i < kRows; ++i) acc[i] = _mm512_setzero_si512();
+    const int8_t* pieces = w + block * kRows * in;
+    for (int64_t l = 0; l < in; l += kBytes) {
+      const __m512i xs = _mm512_loadu_si512(x + l);
+      for (int64_t i = 0; i < kRows; ++i)
+        acc[i] = _mm512_dpbusd_epi32(acc[i], xs, _mm512_loadu_si512(pieces + l * kRows + i * kBytes));
+    }
+    for (int64_t i = 0, r = block * kRows; i < kRows && r < out; ++i, ++r) {
+      const int32_t total = _mm512_reduce_add_epi32(acc[i]) - zero * sums[r];
+      y[r] = static_cast<float>(total) * x_scale * scales[r] + (b ? b[r] : 0.f);
+    }
+  }
+}
+#endif
+
+torch::Tensor matvec_int8(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
+                          const torch::Tensor& sums, const c10::optional<torch::Tensor>& bias, int64_t out) {
+#if SERVER_INT8_UNITS
+  TORCH_CHECK(weight.dim() == 4 && weight.is_contiguous() && weight.scalar_type() == torch::kChar &&
+                  weight.size(2) == kRows && weight.size(3) == kBytes && weight.size(0) * kRows >= out &&
+                  weight.size(0) * kRows < out + kRows,
+              "matvec_int8: the weight must be a blocked int8 matrix of `out` rows");
+  TORCH_CHECK(scales.is_contiguous() && scales.scalar_type() == torch::kFloat && scales.numel() == out &&
+                  sums.is_contiguous() && sums.scalar_type() == torch::kInt && sums.numel() == out,
+              "matvec_int8: a float32 scale and an int32 sum per row");
+  const int64_t in = x.size(-1), padded = weight.size(1) * kBytes;
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.numel() == in && padded - kBytes < in && in <= padded,
+              "matvec_int8: the input must be one float32 row of the weight's width");
+  TORCH_CHECK(!bias || (bias->is_contiguous() && bias->scalar_type() == torch::kFloat && bias->numel() == out),
+              "matvec_int8: the bias must be a contiguous float32 vector of the weight's height");
+  const torch::Tensor row = x.contiguous();
+  const float* xs = row.data_ptr<float>();
+  const auto [x_scale, zero] = input_grid(xs, in);
+  // fbgemm's rounding: multiplied by the inverse scale, to nearest even, then shifted by the zero point.
+  const float inverse = 1.f / x_scale;
+  std::vector<uint8_t> quantized(padded, 0);
+  for (int64_t l = 0; l < in; ++l)
+    quantized[l] = static_cast<uint8_t>(std::clamp(zero + std::nearbyint(xs[l] * inverse), 0.f, 255.f));
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = out;
+  torch::Tensor y = torch::empty(shape, x.options());
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  at::parallel_for(0, weight.size(0), kGrainRows / kRows, [&](int64_t first, int64_t last) {
+    blocked_int8(weight.data_ptr<int8_t>(), quantized.data(), scales.data_ptr<float>(), sums.data_ptr<int32_t>(), b,
+                 y.data_ptr<float>(), padded, out, x_scale, zero, first, last);
+  });
+  return y;
+#else
+  TORCH_CHECK(false, "matvec_int8: this CPU has no AVX512-VNNI");
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   // The GIL is let go for the product, as torch's own ops do: the server's event loop runs beside it.
   module.def("matvec", &matvec, pybind11::call_guard<pybind11::gil_scoped_release>());
+  module.def("matvec_int8", &matvec_int8, pybind11::call_guard<pybind11::gil_scoped_release>());
+  module.attr("int8_units") = static_cast<bool>(SERVER_INT8_UNITS);
 }

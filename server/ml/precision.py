@@ -33,7 +33,7 @@ from transformers import PreTrainedModel
 from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
 from transformers.pytorch_utils import Conv1D
 
-from server.ml.matvec import MatVecLinear
+from server.ml.matvec import Int8MatVecLinear, MatVecLinear
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +141,11 @@ class OneDnnLinear(nn.Module):
 
 class OneRowApart(nn.Module):
     """One Linear layer computed by two kernels: `one_row` for a one-row input (a lone request's decoding step),
-    `rows` for every other. `rows` is oneDNN's packing; `one_row` is the kernel that measured fastest for one row
-    where it was not oneDNN: the reference (`kernels.one_row_reference`: the plain Linear, torch's GEMM, in float32
-    and bfloat16, fbgemm's packing in int8) or, in float32, our matrix-vector kernel (`kernels.one_row_matvec`,
-    server/ml/matvec.py). The price is the second copy of the weight."""
+    `rows` for every other. `rows` is oneDNN's packing, or the reference's where our kernel takes one row; `one_row`
+    is the kernel that measured fastest for one row where it was not `rows`: the reference (`kernels.
+    one_row_reference`: the plain Linear, torch's GEMM, in float32 and bfloat16, fbgemm's packing in int8) or, in
+    float32 and int8, our matrix-vector kernel (`kernels.one_row_matvec`, server/ml/matvec.py). The price is the
+    second copy of the weight."""
 
     def __init__(self, rows: nn.Module, one_row: nn.Module, in_features: int):
         super().__init__()
@@ -218,7 +219,7 @@ def linear_onednn(
     (float32, or bfloat16 on a CPU with bf16 units), in place, the GELU after a feed-forward block's first Linear
     fused into it (`fuse_gelu`); with `shapes`, only the Linear layers of those (in, out) shapes (the others stay on
     torch's GEMM); those of `lone_on_torch` keep their plain Linear for one-row inputs too, those of
-    `lone_on_matvec` a copy for our matrix-vector kernel (`OneRowApart`).
+    `lone_on_matvec` (on oneDNN or not) a copy for our matrix-vector kernel (`OneRowApart`).
 
     Why: on this project's CPUs torch's default fp32 GEMM is slow at the few rows a decoding step has (GPT-2's LM
     head: 8.1 ms for one row against 1.7 ms with oneDNN's packed weights; 23.6 against 6.3 ms for 32 rows), and a
@@ -238,6 +239,8 @@ def linear_onednn(
                 elif shape in lone_on_torch:
                     packed = OneRowApart(packed, child, child.in_features)
                 setattr(parent, child_name, packed)
+            elif type(child) is nn.Linear and shape in lone_on_matvec:
+                setattr(parent, child_name, OneRowApart(child, MatVecLinear(child), child.in_features))
     return fuse_gelu(model)
 
 
@@ -279,11 +282,13 @@ def quantize_linear_int8(
     model: nn.Module,
     onednn: Collection[tuple[int, int]] | None = None,
     lone_on_fbgemm: Collection[tuple[int, int]] = (),
+    lone_on_matvec: Collection[tuple[int, int]] = (),
 ) -> nn.Module:
     """Dynamic int8 quantization of every Linear (GPT-2's Conv1D projections and LM head included), in place: int8
     weights per output channel, inputs per call. With `onednn` (shapes, in and out features), those shapes are
     packed for oneDNN's int8 kernels and the others for fbgemm's; without it, for torch's default engine. The
-    `lone_on_fbgemm` shapes among `onednn` are packed for both, and a one-row input goes to fbgemm (`OneRowApart`).
+    `lone_on_fbgemm` shapes among `onednn` are packed for both, and a one-row input goes to fbgemm (`OneRowApart`);
+    the `lone_on_matvec` shapes, whichever engine packs them, send a one-row input to our int8 matrix-vector kernel.
     GPT-2's GELU becomes torch's one-call form (`one_call_gelu`)."""
     linear_from_conv1d(model)
     untie_output_embeddings(model)
@@ -308,6 +313,11 @@ def quantize_linear_int8(
         parent, _, child = name.rpartition(".")
         holder = model.get_submodule(parent)
         setattr(holder, child, OneRowApart(getattr(holder, child), one_row, shapes[name][0]))
+    for name, shape in shapes.items():
+        if shape in lone_on_matvec:
+            parent, _, child = name.rpartition(".")
+            holder, quantized = model.get_submodule(parent), model.get_submodule(name)
+            setattr(holder, child, OneRowApart(quantized, Int8MatVecLinear(quantized), shape[0]))
     return model
 
 

@@ -15,7 +15,7 @@ from server.ml.decoding import GenerationParams
 from server.ml.generator import TextGenerator
 from server.ml.kernels import KernelChoice, choose, linear_shapes, measured_choice
 from server.ml.loader import locate
-from server.ml.matvec import MatVecLinear
+from server.ml.matvec import Int8MatVecLinear, MatVecLinear
 from server.ml.precision import (
     OneDnnLinear,
     OneRowApart,
@@ -254,6 +254,45 @@ def test_int8_engines_are_measured_at_load_cached_apart_from_fp32_and_say_why(st
     assert len(quantized) == sum(linear_shapes(model).values())
 
 
+needs_int8_units = pytest.mark.skipif(not matvec.int8_available(), reason="our int8 kernel needs AVX512-VNNI")
+
+
+@needs_both_engines
+@needs_int8_units
+def test_int8_one_row_on_our_kernel_gives_fbgemms_greedy_output(standins):
+    params = GenerationParams(max_new_tokens=12)
+    fp32 = AutoModelForCausalLM.from_pretrained(standins[0]).eval()
+    shapes = list(linear_shapes(fp32))
+    tokenizer = generator(standins).tokenizer
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    fbgemm = TextGenerator(quantize_linear_int8(copy.deepcopy(fp32), onednn=()), tokenizer, "s", "r", True, "int8")
+    # fbgemm's shapes and oneDNN's alike send one row to the kernel.
+    ours = quantize_linear_int8(copy.deepcopy(fp32), onednn=shapes[::2], lone_on_matvec=shapes)
+    apart = [m for m in ours.modules() if isinstance(m, OneRowApart)]
+    assert len(apart) == sum(linear_shapes(fp32).values())
+    assert all(isinstance(m.one_row, Int8MatVecLinear) and isinstance(m.rows, DynamicQuantizedLinear) for m in apart)
+    model = TextGenerator(ours, tokenizer, "s", "r", True, "int8")
+    expected = [fbgemm.generate([p], params)[0] for p in prompts]
+    assert [model.generate([p], params)[0] for p in prompts] == expected
+    assert [model.complete([p], params)[0] for p in prompts] == expected
+    assert model.generate(prompts, params) == fbgemm.generate(prompts, params)
+
+
+@needs_both_engines
+@needs_int8_units
+def test_int8_one_row_goes_to_our_kernel_where_it_was_timed_fastest(standins, monkeypatch, tmp_path):
+    alone = {"fbgemm": 2.0, "onednn": 3.0, "matvec": 1.0}
+    monkeypatch.setattr(
+        kernels,
+        "measure",
+        lambda shapes, rows, precision, dtype: {s: {1: alone, 32: {"fbgemm": 1.0, "onednn": 2.0}} for s in shapes},
+    )
+    loaded = generator(standins, precision="int8", cache=tmp_path)
+    one_row = [m for m in loaded.model.modules() if isinstance(m, Int8MatVecLinear)]
+    assert len(one_row) == sum(linear_shapes(generator(standins).model).values())
+    assert loaded.kernels == "fbgemm" and "on our matrix-vector kernel for one row" in loaded.kernels_reason
+
+
 @needs_both_engines
 def test_any_mix_of_int8_engines_gives_the_same_greedy_output(standins):
     params = GenerationParams(max_new_tokens=12)
@@ -294,14 +333,31 @@ def test_one_row_goes_to_our_matvec_kernel_where_it_was_the_fastest_there():
     }
     onednn = choose(timings, dict.fromkeys(timings, 1))
     assert onednn == {(8, 8), (8, 32), (32, 8)}
-    assert kernels.one_row_matvec(timings, onednn) == {(8, 8)}
+    # (32, 32) stays on torch, which holds no oneDNN packing: its one row goes to the kernel all the same.
+    assert kernels.one_row_matvec(timings, onednn) == {(8, 8), (32, 32)}
     assert kernels.one_row_reference(timings, onednn) == {(8, 32)}
+    # Against the reference alone for a shape left on it: oneDNN's faster one row is not there to take.
+    kept = {(8, 8): {1: one_row(1.0, 0.2, 0.8), 32: timing(1.0, 5.0)}}
+    assert choose(kept, {(8, 8): 1}) == frozenset() and kernels.one_row_matvec(kept, frozenset()) == {(8, 8)}
     # Counted at its one-row time, oneDNN wins a shape it would lose on its own time alone.
     closer = {
         (8, 8): {1: one_row(1.0, 4.0, 0.5), 32: timing(2.0, 1.8)},
         (8, 32): {1: timing(1.0, 1.0), 32: timing(2.0, 2.0)},
     }
     assert choose(closer, dict.fromkeys(closer, 1)) == {(8, 8)}
+
+
+def test_a_shape_left_on_torch_sends_one_row_to_our_kernel_beside_oneDNNs_shapes():
+    model = linear_onednn(
+        nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 32)), shapes={(16, 32)}, lone_on_matvec={(16, 16), (16, 32)}
+    )
+    assert [(type(m.rows), type(m.one_row)) for m in model] == [
+        (nn.Linear, MatVecLinear),
+        (OneDnnLinear, MatVecLinear),
+    ]
+    one, many = torch.randn(1, 16), torch.randn(3, 16)
+    with torch.inference_mode():
+        assert torch.equal(model[0](one), model[0].one_row(one)) and torch.equal(model[0](many), model[0].rows(many))
 
 
 class FeedForward(nn.Module):
@@ -370,7 +426,7 @@ def test_a_measured_choice_puts_one_row_on_our_matvec_kernel_and_keeps_transform
     apart = [m for m in loaded.model.modules() if isinstance(m, OneRowApart)]
     one_row = [m for m in loaded.model.modules() if isinstance(m, MatVecLinear)]
     assert apart and len(one_row) == len(apart) == sum(linear_shapes(reference.model).values())
-    assert loaded.kernels == "onednn" and "of them on our matrix-vector kernel for one row" in loaded.kernels_reason
+    assert loaded.kernels == "onednn" and "on our matrix-vector kernel for one row" in loaded.kernels_reason
     assert loaded.generate(prompts, params) == expected
     # One prompt at a time: every product of every step is one row, on the kernel.
     assert [loaded.generate([p], params)[0] for p in prompts] == expected

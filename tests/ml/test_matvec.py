@@ -9,8 +9,8 @@ from torch.utils import cpp_extension
 from transformers.pytorch_utils import Conv1D
 
 from server.ml import kernels, matvec
-from server.ml.matvec import MatVecLinear
-from server.ml.precision import linear_from_conv1d
+from server.ml.matvec import Int8MatVecLinear, MatVecLinear
+from server.ml.precision import Int8Linear, linear_from_conv1d, quantize_linear_int8
 
 
 def rounding_bound(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -62,8 +62,9 @@ def test_the_blocked_layout_interleaves_eight_rows_zero_padded_to_whole_blocks()
 
 
 def test_the_kernel_refuses_what_it_does_not_compute():
-    kernel, _ = matvec.build()
-    assert kernel is not None
+    built, _ = matvec.build()
+    assert built is not None
+    kernel = built.matvec
     weight = torch.randn(8, 4)
     for x, w, out, message in (
         (torch.randn(2, 4), weight, 8, "one float32 row"),
@@ -96,6 +97,63 @@ def test_the_lm_heads_contiguous_weight_is_shared_not_copied():
     assert MatVecLinear(linear).weight.data_ptr() == linear.weight.data_ptr()
 
 
+needs_int8_units = pytest.mark.skipif(not matvec.int8_available(), reason="our int8 kernel needs AVX512-VNNI")
+
+
+def quantized(width: int, height: int, biased: bool, generator: torch.Generator) -> Int8Linear:
+    linear = nn.Linear(width, height, bias=biased)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(height, width, generator=generator))
+    return quantize_linear_int8(nn.Sequential(linear), onednn=()).get_submodule("0")
+
+
+# Inputs of every sign mix (the zero point at either end or inside), all zero (the grid's fallback scale) and tiny
+# (its smallest scale).
+INPUTS = {
+    "mixed": lambda g, n: torch.randn(1, n, generator=g),
+    "positive": lambda g, n: torch.rand(1, n, generator=g) + 0.5,
+    "negative": lambda g, n: -torch.rand(1, n, generator=g),
+    "zero": lambda g, n: torch.zeros(1, n),
+    "tiny": lambda g, n: torch.randn(1, n, generator=g) * 1e-6,
+}
+
+
+@needs_int8_units
+@pytest.mark.parametrize(("width", "height"), SHAPES)
+@pytest.mark.parametrize("biased", [True, False], ids=["bias", "no bias"])
+def test_the_int8_kernel_is_fbgemms_product_to_float_rounding(width, height, biased):
+    generator = torch.Generator().manual_seed(width + height)
+    layer = quantized(width, height, biased, generator)
+    kernel = Int8MatVecLinear(layer)
+    for name, make in INPUTS.items():
+        x = make(generator, width)
+        with torch.inference_mode():
+            got, expected = kernel(x), layer(x)
+        # The same int32 sums: only the scaling's rounding differs (a few units in the last place).
+        assert torch.allclose(got, expected, rtol=4e-6, atol=1e-30), name
+
+
+@needs_int8_units
+def test_the_int8_kernel_refuses_what_it_does_not_compute():
+    layer = quantized(24, 16, True, torch.Generator().manual_seed(0))
+    kernel = Int8MatVecLinear(layer)
+    with pytest.raises(RuntimeError, match="one float32 row"):
+        kernel(torch.randn(2, 24))
+    with pytest.raises(RuntimeError, match="blocked int8 matrix"):
+        kernel.kernel(torch.randn(1, 24), kernel.weight, kernel.scales, kernel.sums, kernel.bias, 17)
+
+
+def test_the_int8_kernel_takes_quantized_layers_only():
+    with pytest.raises(TypeError, match="not Linear"):
+        Int8MatVecLinear(nn.Linear(16, 16))
+
+
+@pytest.mark.skipif(matvec.int8_available(), reason="this CPU has AVX512-VNNI")
+def test_without_int8_units_the_int8_kernel_is_refused_and_says_why():
+    with pytest.raises(RuntimeError, match="no AVX512-VNNI"):
+        Int8MatVecLinear(quantized(16, 16, True, torch.Generator().manual_seed(0)))
+
+
 def test_without_a_compiler_the_kernel_is_left_out_and_the_choice_says_why(monkeypatch, tmp_path):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Error building extension 'server_matvec': c++: command not found")
@@ -107,7 +165,7 @@ def test_without_a_compiler_the_kernel_is_left_out_and_the_choice_says_why(monke
         assert not matvec.available()
         with pytest.raises(RuntimeError, match="not built"):
             MatVecLinear(nn.Linear(4, 4))
-        assert set(kernels.candidates(nn.Linear(4, 4), "fp32")) == {"torch", "onednn"}
+        assert set(kernels.candidates(nn.Linear(4, 4), "fp32", one_row=True)) == {"torch", "onednn"}
         choice = kernels.measured_choice(nn.Sequential(nn.Linear(16, 16)), (1, 4), tmp_path)
         assert "our matrix-vector kernel not built (" in choice.reason and not choice.lone_on_matvec
     finally:
