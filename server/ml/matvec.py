@@ -117,9 +117,19 @@ def blocked(weight: torch.Tensor, piece: int = LANES) -> torch.Tensor:
     """`weight` [out, in] in the kernel's blocked layout: [out/8, in/piece, 8, piece], zero-padded to whole blocks
     (pieces of 16 floats; of 64 bytes in int8)."""
     out, width = weight.shape
-    padded = weight.new_zeros(-(-out // ROWS) * ROWS, -(-width // piece) * piece)
-    padded[:out, :width] = weight
-    return padded.view(padded.shape[0] // ROWS, ROWS, padded.shape[1] // piece, piece).transpose(1, 2).contiguous()
+    rows, columns = -(-out // ROWS) * ROWS, -(-width // piece) * piece
+    if (rows, columns) != (out, width):
+        padded = weight.new_zeros(rows, columns)
+        padded[:out, :width] = weight
+        weight = padded
+    # One copy from the (possibly transposed) weight itself: a padded or reshaped intermediate would be a second
+    # allocation of the weight's size, which the process keeps as heap afterwards.
+    return (
+        weight.unflatten(0, (rows // ROWS, ROWS))
+        .unflatten(2, (columns // piece, piece))
+        .permute(0, 2, 1, 3)
+        .contiguous()
+    )
 
 
 def _kernels() -> Kernels:
