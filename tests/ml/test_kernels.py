@@ -257,14 +257,21 @@ def test_int8_engines_are_measured_at_load_cached_apart_from_fp32_and_say_why(st
 needs_int8_units = pytest.mark.skipif(not matvec.int8_available(), reason="our int8 kernel needs AVX512-VNNI")
 
 
-@needs_both_engines
-@needs_int8_units
-def test_int8_one_row_on_our_kernel_gives_fbgemms_greedy_output(standins):
+def int8_setting(standins):
+    """What the int8 greedy-output tests share: their parameters, the stand-in in fp32 to quantize (copies of it),
+    its Linear shapes, its tokenizer and the test prompts encoded."""
     params = GenerationParams(max_new_tokens=12)
     fp32 = AutoModelForCausalLM.from_pretrained(standins[0]).eval()
     shapes = list(linear_shapes(fp32))
     tokenizer = generator(standins).tokenizer
     prompts = [tokenizer.encode(p) for p in PROMPTS]
+    return params, fp32, shapes, tokenizer, prompts
+
+
+@needs_both_engines
+@needs_int8_units
+def test_int8_one_row_on_our_kernel_gives_fbgemms_greedy_output(standins):
+    params, fp32, shapes, tokenizer, prompts = int8_setting(standins)
     fbgemm = TextGenerator(quantize_linear_int8(copy.deepcopy(fp32), onednn=()), tokenizer, "s", "r", True, "int8")
     # fbgemm's shapes and oneDNN's alike send one row to the kernel.
     ours = quantize_linear_int8(copy.deepcopy(fp32), onednn=shapes[::2], lone_on_matvec=shapes)
@@ -295,11 +302,7 @@ def test_int8_one_row_goes_to_our_kernel_where_it_was_timed_fastest(standins, mo
 
 @needs_both_engines
 def test_any_mix_of_int8_engines_gives_the_same_greedy_output(standins):
-    params = GenerationParams(max_new_tokens=12)
-    fp32 = AutoModelForCausalLM.from_pretrained(standins[0]).eval()
-    shapes = list(linear_shapes(fp32))
-    tokenizer = generator(standins).tokenizer
-    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    params, fp32, shapes, tokenizer, prompts = int8_setting(standins)
     outputs = []
     for onednn in ((), shapes[::2], shapes[1::2], shapes):
         int8 = quantize_linear_int8(copy.deepcopy(fp32), onednn=onednn)
