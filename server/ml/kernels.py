@@ -181,7 +181,7 @@ def candidates(linear: nn.Linear, precision: Precision, one_row: bool) -> dict[s
     """`linear` computed by each of `precision`'s candidate kernels (copies: `linear` is left as it is). In `fp32`
     the kernels compute in the Linear's own dtype (float32, or bfloat16 on a CPU with bf16 units); a float32 or int8
     one also by our matrix-vector kernel where it is here and `one_row` inputs are to be timed (`ONE_ROW`)."""
-    with_one_row = one_row and _one_row_kernel_for(precision, linear.weight.dtype)
+    with_one_row = one_row and _one_row_offered(precision, linear.weight.dtype)
     if precision == "fp32":
         kernels: dict[str, nn.Module] = {"torch": linear, "onednn": OneDnnLinear(linear)}
         if with_one_row:
@@ -222,10 +222,14 @@ def cpu_model_and_flags() -> tuple[str, list[str]]:
     return model, sorted(flags & ISA_FLAGS)
 
 
-def _one_row_kernel_for(precision: Precision, dtype: torch.dtype) -> bool:
-    if precision == "int8":
-        return matvec.int8_available()
-    return dtype == torch.float32 and matvec.available()
+def _one_row_form(precision: Precision, dtype: torch.dtype) -> matvec.Form | None:
+    """Our matrix-vector kernel's form for `precision`'s Linear layers in `dtype` (None: it has none)."""
+    return "int8" if precision == "int8" else matvec.FLOAT_FORMS.get(dtype)
+
+
+def _one_row_offered(precision: Precision, dtype: torch.dtype) -> bool:
+    form = _one_row_form(precision, dtype)
+    return form is not None and matvec.has(form)
 
 
 def cpu_identity() -> dict[str, object]:
@@ -248,7 +252,7 @@ def measured_choice(
     label = str(dtype).removeprefix("torch.") if dtype != torch.float32 else precision
     # Our one-row kernel only where one row is timed: a classifier never sees one, and is neither built for nor
     # wrapped in it.
-    one_row = 1 in rows and _one_row_kernel_for(precision, dtype)
+    one_row = 1 in rows and _one_row_offered(precision, dtype)
     key = {
         **identity,
         "precision": label,
@@ -273,8 +277,8 @@ def measured_choice(
     alone = f", {len(lone)} of them on {WHO[reference]} for one row" if lone else ""
     if lone_matvec:
         alone += f", {len(lone_matvec)} on {WHO[ONE_ROW]} for one row"
-    if 1 in rows and not one_row and (precision == "int8" or dtype == torch.float32):
-        alone += f"; {WHO[ONE_ROW]} {matvec.unavailable(precision)}"
+    if 1 in rows and not one_row and (form := _one_row_form(precision, dtype)) is not None:
+        alone += f"; {WHO[ONE_ROW]} {matvec.unavailable(form)}"
     reason = (
         f"{label}: oneDNN where it beat {WHO[reference]} over {' and '.join(map(str, rows))} rows on "
         f"{identity['cpu']} ({len(onednn)} of {len(shapes)} Linear shapes{alone}; {source})"

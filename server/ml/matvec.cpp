@@ -21,13 +21,21 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define SERVER_INT8_UNITS 1
 #else
 #define SERVER_INT8_UNITS 0
+#endif
+#if defined(__AVX512BF16__)
+#define SERVER_BF16_UNITS 1
+#else
+#define SERVER_BF16_UNITS 0
 #endif
 
 namespace {
@@ -52,81 +60,116 @@ inline float total(Lanes v) {
   return sum;
 }
 
-// Rows [first, last) of an in-place W, R at a time (the last rows, fewer than kRows, one at a time).
-template <int64_t R>
-void in_place(const float* w, const float* x, const float* b, float* y, int64_t in, int64_t first, int64_t last) {
-  const int64_t body = in - in % kLanes;
+// What a weight type's products take: how many of its values one vector holds (a piece), and how a piece of W
+// times a piece of x is added to a row's 16 float32 sums.
+struct Float32 {
+  using W = float;
+  static constexpr int64_t kPiece = kLanes;
+  static Lanes add(Lanes sums, const float* w, const float* x) { return sums + load(w) * load(x); }
+};
+
+#if SERVER_BF16_UNITS
+// bfloat16 weights and input, 32 to a vector, their products exact in float32 and summed in float32 by one
+// AVX512-BF16 instruction per piece, as oneDNN's bf16 kernels sum; half float32's bytes read.
+struct BFloat16 {
+  using W = c10::BFloat16;
+  static constexpr int64_t kPiece = 2 * kLanes;
+  static Lanes add(Lanes sums, const W* w, const W* x) {
+    return _mm512_dpbf16_ps(sums, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_loadu_si512(x));
+  }
+};
+#endif
+
+// Rows [first, last) of an in-place W, R at a time (the last rows, fewer than kRows, one at a time), into y in W's
+// type: float32 sums, rounded once.
+template <typename T, int64_t R, typename W = typename T::W>
+void in_place(const W* w, const W* x, const W* b, W* y, int64_t in, int64_t first, int64_t last) {
+  const int64_t body = in - in % T::kPiece;
   for (int64_t r = first; r + R <= last; r += R) {
     Lanes sums[R] = {};
     float tails[R] = {};
-    const float* block = w + r * in;
-    for (int64_t l = 0; l < body; l += kLanes) {
-      const Lanes xs = load(x + l);
-      for (int64_t i = 0; i < R; ++i) sums[i] += load(block + i * in + l) * xs;
-    }
+    const W* block = w + r * in;
+    for (int64_t l = 0; l < body; l += T::kPiece)
+      for (int64_t i = 0; i < R; ++i) sums[i] = T::add(sums[i], block + i * in + l, x + l);
     for (int64_t l = body; l < in; ++l)
-      for (int64_t i = 0; i < R; ++i) tails[i] += block[i * in + l] * x[l];
-    for (int64_t i = 0; i < R; ++i) y[r + i] = total(sums[i]) + tails[i] + (b ? b[r + i] : 0.f);
+      for (int64_t i = 0; i < R; ++i) tails[i] += static_cast<float>(block[i * in + l]) * static_cast<float>(x[l]);
+    for (int64_t i = 0; i < R; ++i)
+      y[r + i] = static_cast<W>(total(sums[i]) + tails[i] + (b ? static_cast<float>(b[r + i]) : 0.f));
   }
 }
 
 // Blocks [first, last) of a blocked W whose padded width is `in` (x padded alike); rows past `out` are padding.
-void blocked(const float* w, const float* x, const float* b, float* y, int64_t in, int64_t out, int64_t first,
-             int64_t last) {
+template <typename T, typename W = typename T::W>
+void blocked(const W* w, const W* x, const W* b, W* y, int64_t in, int64_t out, int64_t first, int64_t last) {
   for (int64_t block = first; block < last; ++block) {
     Lanes sums[kRows] = {};
-    const float* pieces = w + block * kRows * in;
-    for (int64_t l = 0; l < in; l += kLanes) {
-      const Lanes xs = load(x + l);
-      for (int64_t i = 0; i < kRows; ++i) sums[i] += load(pieces + l * kRows + i * kLanes) * xs;
-    }
-    for (int64_t i = 0, r = block * kRows; i < kRows && r < out; ++i, ++r) y[r] = total(sums[i]) + (b ? b[r] : 0.f);
+    const W* pieces = w + block * kRows * in;
+    for (int64_t l = 0; l < in; l += T::kPiece)
+      for (int64_t i = 0; i < kRows; ++i) sums[i] = T::add(sums[i], pieces + l * kRows + i * T::kPiece, x + l);
+    for (int64_t i = 0, r = block * kRows; i < kRows && r < out; ++i, ++r)
+      y[r] = static_cast<W>(total(sums[i]) + (b ? static_cast<float>(b[r]) : 0.f));
   }
 }
 
-torch::Tensor matvec(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
-                     int64_t out) {
-  const bool is_blocked = weight.dim() == 4;
-  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == torch::kFloat &&
-                  (is_blocked ? weight.size(2) == kRows && weight.size(3) == kLanes && weight.size(0) * kRows >= out &&
-                                    weight.size(0) * kRows < out + kRows
-                              : weight.dim() == 2 && weight.size(0) == out),
-              "matvec: the weight must be a contiguous float32 matrix of `out` rows, in place or blocked");
-  const int64_t in = x.size(-1), padded = is_blocked ? weight.size(1) * kLanes : in;
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.numel() == in && (is_blocked ? padded - kLanes < in && in <= padded
-                                                                                  : weight.size(1) == in),
-              "matvec: the input must be one float32 row of the weight's width");
-  TORCH_CHECK(!bias || (bias->is_contiguous() && bias->scalar_type() == torch::kFloat && bias->numel() == out),
-              "matvec: the bias must be a contiguous float32 vector of the weight's height");
+template <typename T, typename W = typename T::W>
+void product(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
+             torch::Tensor& y, int64_t in, int64_t out) {
   const torch::Tensor row = x.contiguous();
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = out;
-  torch::Tensor y = torch::empty(shape, x.options());
-  const float* w = weight.data_ptr<float>();
-  const float* b = bias ? bias->data_ptr<float>() : nullptr;
-  float* ys = y.data_ptr<float>();
-  if (is_blocked) {
-    std::vector<float> widened;
-    const float* xs = row.data_ptr<float>();
+  const W* xs = row.data_ptr<W>();
+  const W* w = weight.data_ptr<W>();
+  const W* b = bias ? bias->data_ptr<W>() : nullptr;
+  W* ys = y.data_ptr<W>();
+  if (weight.dim() == 4) {
+    const int64_t padded = weight.size(1) * T::kPiece;
+    std::vector<W> widened;
     if (padded != in) {
-      widened.assign(padded, 0.f);
+      widened.assign(padded, W(0.f));
       std::copy(xs, xs + in, widened.begin());
       xs = widened.data();
     }
     at::parallel_for(0, weight.size(0), kGrainRows / kRows, [&](int64_t first, int64_t last) {
-      blocked(w, xs, b, ys, padded, out, first, last);
+      blocked<T>(w, xs, b, ys, padded, out, first, last);
     });
-    return y;
+    return;
   }
-  const float* xs = row.data_ptr<float>();
   const int64_t blocks = out / kRows;
   at::parallel_for(0, blocks, kGrainRows / kRows, [&](int64_t first, int64_t last) {
-    in_place<kRows>(w, xs, b, ys, in, first * kRows, last * kRows);
+    in_place<T, kRows>(w, xs, b, ys, in, first * kRows, last * kRows);
   });
-  in_place<1>(w, xs, b, ys, in, blocks * kRows, out);
-  return y;
+  in_place<T, 1>(w, xs, b, ys, in, blocks * kRows, out);
 }
 
+torch::Tensor matvec(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
+                     int64_t out) {
+  const auto type = weight.scalar_type();
+  TORCH_CHECK(type == torch::kFloat || (type == torch::kBFloat16 && SERVER_BF16_UNITS),
+              SERVER_BF16_UNITS ? "matvec: the weight must be float32 or bfloat16"
+                                : "matvec: the weight must be float32 (this CPU has no AVX512-BF16)");
+  const bool is_blocked = weight.dim() == 4;
+  const int64_t piece = type == torch::kFloat ? kLanes : 2 * kLanes;
+  TORCH_CHECK(weight.is_contiguous() &&
+                  (is_blocked ? weight.size(2) == kRows && weight.size(3) == piece && weight.size(0) * kRows >= out &&
+                                    weight.size(0) * kRows < out + kRows
+                              : weight.dim() == 2 && weight.size(0) == out),
+              "matvec: the weight must be a contiguous matrix of `out` rows, in place or blocked");
+  const int64_t in = x.size(-1), padded = is_blocked ? weight.size(1) * piece : in;
+  TORCH_CHECK(x.scalar_type() == type && x.numel() == in && (is_blocked ? padded - piece < in && in <= padded
+                                                                         : weight.size(1) == in),
+              "matvec: the input must be one row of the weight's width and type");
+  TORCH_CHECK(!bias || (bias->is_contiguous() && bias->scalar_type() == type && bias->numel() == out),
+              "matvec: the bias must be a contiguous vector of the weight's height and type");
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = out;
+  torch::Tensor y = torch::empty(shape, x.options());
+#if SERVER_BF16_UNITS
+  if (type == torch::kBFloat16) {
+    product<BFloat16>(x, weight, bias, y, in, out);
+    return y;
+  }
+#endif
+  product<Float32>(x, weight, bias, y, in, out);
+  return y;
+}
 
 // The input's scale and zero point as torch's dynamic quantization chooses them for fbgemm
 // (`quant_utils::ChooseQuantizationParams` with reduce_range: levels 0..127, the range widened to hold 0).
@@ -221,4 +264,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("matvec", &matvec, pybind11::call_guard<pybind11::gil_scoped_release>());
   module.def("matvec_int8", &matvec_int8, pybind11::call_guard<pybind11::gil_scoped_release>());
   module.attr("int8_units") = static_cast<bool>(SERVER_INT8_UNITS);
+  module.attr("bf16_units") = static_cast<bool>(SERVER_BF16_UNITS);
 }

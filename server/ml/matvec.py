@@ -38,7 +38,7 @@ import sys
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from filelock import FileLock
@@ -62,13 +62,26 @@ class Kernels(Protocol):
         [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int], torch.Tensor
     ]
     int8_units: bool
+    bf16_units: bool
+
+
+# The kernel's forms by the arithmetic they compute: float32 wherever it is built; bfloat16 and int8 on the CPU
+# units their instructions need (the module attribute that says the build has them, and what the units are called).
+Form = Literal["float32", "bfloat16", "int8"]
+UNITS: dict[Form, tuple[str, str]] = {
+    "bfloat16": ("bf16_units", "AVX512-BF16"),
+    "int8": ("int8_units", "AVX512-VNNI"),
+}
+# The values of a weight's blocked piece: one vector's worth (16 float32, 32 bfloat16, 64 int8).
+PIECES: dict[Form, int] = {"float32": LANES, "bfloat16": 2 * LANES, "int8": BYTES}
+FLOAT_FORMS: dict[torch.dtype, Form] = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
 @cache
 def build() -> tuple[Kernels | None, str]:
-    """The kernels (`matvec(x, weight, bias, out)`: one row `x` through `weight`, float32 [out, in] contiguous or
-    `blocked`; `matvec_int8`, where `int8_units`) and how they were had, or None and why not. Built once per process;
-    torch's loader reuses an earlier build."""
+    """The kernels (`matvec(x, weight, bias, out)`: one row `x` through `weight`, float32 or, where `bf16_units`,
+    bfloat16, [out, in] contiguous or `blocked`; `matvec_int8`, where `int8_units`) and how they were had, or None and
+    why not. Built once per process; torch's loader reuses an earlier build."""
     cpu, flags = cpu_info()
     identity = "\n".join([cpu, *sorted(flags), sys.version, torch.__version__, SOURCE.read_text()])
     digest = hashlib.sha256(identity.encode()).hexdigest()
@@ -98,24 +111,21 @@ def build() -> tuple[Kernels | None, str]:
     return module, "built for this CPU"
 
 
-def available() -> bool:
-    return build()[0] is not None
-
-
-def int8_available() -> bool:
+def has(form: Form) -> bool:
+    """Whether the kernel is here in `form`."""
     kernels = build()[0]
-    return kernels is not None and kernels.int8_units
+    return kernels is not None and (form not in UNITS or bool(getattr(kernels, UNITS[form][0])))
 
 
-def unavailable(precision: str) -> str:
-    """Why the kernel for `precision` (fp32 or int8) is not here."""
+def unavailable(form: Form) -> str:
+    """Why the kernel is not here in `form`."""
     kernels, reason = build()
-    return reason if kernels is None or precision != "int8" else "has no int8 form on this CPU (no AVX512-VNNI)"
+    return reason if kernels is None or form not in UNITS else f"has no {form} form on this CPU (no {UNITS[form][1]})"
 
 
-def blocked(weight: torch.Tensor, piece: int = LANES) -> torch.Tensor:
+def blocked(weight: torch.Tensor, piece: int) -> torch.Tensor:
     """`weight` [out, in] in the kernel's blocked layout: [out/8, in/piece, 8, piece], zero-padded to whole blocks
-    (pieces of 16 floats; of 64 bytes in int8)."""
+    (`PIECES`)."""
     out, width = weight.shape
     rows, columns = -(-out // ROWS) * ROWS, -(-width // piece) * piece
     if (rows, columns) != (out, width):
@@ -132,17 +142,17 @@ def blocked(weight: torch.Tensor, piece: int = LANES) -> torch.Tensor:
     )
 
 
-def _kernels() -> Kernels:
-    kernels, reason = build()
-    if kernels is None:
-        raise RuntimeError(f"our matrix-vector kernel is {reason}")
+def _kernels(form: Form) -> Kernels:
+    kernels = build()[0]
+    if kernels is None or not has(form):
+        raise RuntimeError(f"our matrix-vector kernel {unavailable(form)}")
     return kernels
 
 
 class MatVecLinear(nn.Module):
-    """An `nn.Linear` in float32 for one-row inputs only, on the kernel above: its weight read in place where it is
-    one contiguous [out, in] matrix, else a `blocked` copy (GPT-2's projections, whose weights are transposed
-    views)."""
+    """An `nn.Linear` in float32 or bfloat16 for one-row inputs only, on the kernel above: its weight read in place
+    where it is one contiguous [out, in] matrix, else a `blocked` copy (GPT-2's projections, whose weights are
+    transposed views)."""
 
     in_features: int
     out_features: int
@@ -151,10 +161,15 @@ class MatVecLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.kernel = _kernels().matvec
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
-        self.register_buffer("weight", weight if weight.is_contiguous() else blocked(weight), persistent=False)
+        form = FLOAT_FORMS.get(weight.dtype)
+        if form is None:
+            raise TypeError(f"our matrix-vector kernel computes float32 or bfloat16, not {weight.dtype}")
+        self.kernel = _kernels(form).matvec
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer(
+            "weight", weight if weight.is_contiguous() else blocked(weight, PIECES[form]), persistent=False
+        )
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,16 +192,13 @@ class Int8MatVecLinear(nn.Module):
         super().__init__()
         if not isinstance(quantized, DynamicLinear):
             raise TypeError(f"our int8 kernel takes a dynamically quantized Linear, not {type(quantized).__name__}")
-        kernels = _kernels()
-        if not kernels.int8_units:
-            raise RuntimeError(f"our matrix-vector kernel {unavailable('int8')}")
-        self.kernel = kernels.matvec_int8
+        self.kernel = _kernels("int8").matvec_int8
         weight = quantized.weight()
         if weight.qscheme() != torch.per_channel_affine or bool(weight.q_per_channel_zero_points().any()):
             raise ValueError("our int8 kernel takes per-channel int8 weights without zero points")
         values = weight.int_repr()
         self.in_features, self.out_features = quantized.in_features, quantized.out_features
-        self.register_buffer("weight", blocked(values, BYTES), persistent=False)
+        self.register_buffer("weight", blocked(values, PIECES["int8"]), persistent=False)
         self.register_buffer("scales", weight.q_per_channel_scales().float().contiguous(), persistent=False)
         self.register_buffer("sums", values.sum(dim=1, dtype=torch.int32), persistent=False)
         bias = quantized.bias()

@@ -12,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from server.ml import kernels, matvec
 from server.ml.decoding import GenerationParams
+from server.ml.device import CPU_FLOAT32, Placement
 from server.ml.generator import TextGenerator
 from server.ml.kernels import KernelChoice, choose, linear_shapes, measured_choice
 from server.ml.loader import locate
@@ -83,10 +84,16 @@ def test_a_choice_is_summed_up_as_onednn_the_reference_or_mixed(onednn, referenc
     assert KernelChoice(frozenset(onednn), frozenset({(1, 2), (3, 4)}), "", reference).summary == summary
 
 
-def generator(standins, kernels: str = "torch", precision: str = "fp32", cache: Path | None = None) -> TextGenerator:
+def generator(
+    standins,
+    kernels: str = "torch",
+    precision: str = "fp32",
+    cache: Path | None = None,
+    placement: Placement = CPU_FLOAT32,
+) -> TextGenerator:
     """The stand-in; with `cache`, its kernel timings kept there, so injected ones neither meet nor leave others."""
     location = locate(str(standins[0]), "generator", "local", standins[0].parent)
-    return TextGenerator.load(location, str(cache or standins[0].parent), precision, kernels)
+    return TextGenerator.load(location, str(cache or standins[0].parent), precision, kernels, placement)
 
 
 def test_the_shapes_are_those_of_every_linear_and_conv1d(standins):
@@ -254,7 +261,7 @@ def test_int8_engines_are_measured_at_load_cached_apart_from_fp32_and_say_why(st
     assert len(quantized) == sum(linear_shapes(model).values())
 
 
-needs_int8_units = pytest.mark.skipif(not matvec.int8_available(), reason="our int8 kernel needs AVX512-VNNI")
+needs_int8_units = pytest.mark.skipif(not matvec.has("int8"), reason="our int8 kernel needs AVX512-VNNI")
 
 
 def int8_setting(standins):
@@ -402,10 +409,10 @@ def test_after_our_kernel_a_tanh_gelu_runs_in_torchs_one_pass_form():
 
 
 def test_a_model_never_timed_at_one_row_is_neither_built_for_nor_wrapped_in_our_kernel(monkeypatch, tmp_path):
-    def unwanted() -> bool:
+    def unwanted(form) -> bool:
         raise AssertionError("our one-row kernel asked for by a model timed at batches only")
 
-    monkeypatch.setattr(matvec, "available", unwanted)
+    monkeypatch.setattr(matvec, "has", unwanted)
     choice = measured_choice(nn.Sequential(nn.Linear(16, 16)), (4, 8), tmp_path)
     assert not choice.lone_on_matvec and "matrix-vector" not in choice.reason
     [cached] = (tmp_path / "kernels").glob("*.json")
@@ -432,6 +439,31 @@ def test_a_measured_choice_puts_one_row_on_our_matvec_kernel_and_keeps_transform
     assert loaded.kernels == "onednn" and "on our matrix-vector kernel for one row" in loaded.kernels_reason
     assert loaded.generate(prompts, params) == expected
     # One prompt at a time: every product of every step is one row, on the kernel.
+    assert [loaded.generate([p], params)[0] for p in prompts] == expected
+    assert [loaded.complete([p], params)[0] for p in prompts] == expected
+
+
+@pytest.mark.skipif(not matvec.has("bfloat16"), reason="our bfloat16 kernel needs AVX512-BF16")
+def test_in_bfloat16_a_measured_choice_puts_one_row_on_our_kernel_and_keeps_torchs_greedy_output(
+    standins, monkeypatch, tmp_path
+):
+    bf16 = Placement(torch.device("cpu"), torch.bfloat16)
+    reference = generator(standins, placement=bf16)
+    params = GenerationParams(max_new_tokens=12)
+    prompts = [reference.encode(p) for p in PROMPTS]
+    expected = [reference.generate([p], params)[0] for p in prompts]
+    seen = []
+
+    def measure(shapes, rows, precision, dtype):
+        seen.append(dtype)
+        return {s: {1: {"torch": 2, "onednn": 3, "matvec": 1}, 32: timing(1, 2)} for s in shapes}
+
+    monkeypatch.setattr(kernels, "measure", measure)
+    loaded = generator(standins, "auto", cache=tmp_path, placement=bf16)
+    one_row = [m for m in loaded.model.modules() if isinstance(m, MatVecLinear)]
+    assert seen == [torch.bfloat16] and all(m.weight.dtype == torch.bfloat16 for m in one_row)
+    assert len(one_row) == sum(linear_shapes(reference.model).values())
+    assert loaded.kernels == "torch" and "5 on our matrix-vector kernel for one row" in loaded.kernels_reason
     assert [loaded.generate([p], params)[0] for p in prompts] == expected
     assert [loaded.complete([p], params)[0] for p in prompts] == expected
 
