@@ -7,15 +7,16 @@ kernels at the row counts the model sees (for the generator: one row, a lone req
 and gets whichever costs the model less. Each row count weighs the same: a shape's time at it is taken as a share of the
 whole model's time there (all shapes on torch, each counted once per layer), so a lone request's latency counts as much
 as a batch's throughput. A oneDNN shape whose one-row calls torch computes faster keeps its plain Linear too and sends
-one row to it (`one_row_reference`, `precision.OneRowApart`), so its one-row cost is the lesser of the two. In float32
-and int8 a third kernel is timed for one row only, our own matrix-vector product (server/ml/matvec.py, where this
-machine could build it; in int8, where it has AVX512-VNNI), and takes a shape's one-row calls, whichever kernel has its
-other rows, where it was the fastest there (`one_row_matvec`): on an AMD EPYC Zen 4 all five GPT-2 shapes. Before it
+one row to it (`one_row_reference`, `precision.OneRowApart`), so its one-row cost is the lesser of the two. A third
+kernel is timed for one row only, our own matrix-vector product (server/ml/matvec.py, where this machine could build
+it: in float32; in bfloat16 where the CPU has AVX512-BF16; in int8 where it has AVX512-VNNI), and takes a shape's
+one-row calls, whichever kernel has its other rows, where it was the fastest there (`one_row_matvec`): on an AMD EPYC
+Zen 4 all five GPT-2 shapes in each. Before it
 existed, on the AMD EPYC (AVX2) machine, GPT-2-124M's 768x768 projection went to
 torch (oneDNN 0.04 ms slower for one row, about even overall) and its four other shapes to oneDNN; on an Intel Xeon
 (AVX-512, AMX) all five went to oneDNN, four of them with one row on torch. The choice is a pure function of the timings
 (`choose`), so it is tested with injected timings; the timings are cached per CPU model, ISA flags, torch build, thread
-count, dtype and shapes, under `MODELS_CACHE_DIR/kernels/`, so only the first start on a machine pays the measurement (a
+count, dtype, shapes and (where it is timed) our kernel's source, under `MODELS_CACHE_DIR/kernels/`, so only the first start on a machine pays the measurement (a
 few seconds for GPT-2).
 
 Both kernels compute in the model's dtype (float32, or bfloat16 on a CPU with bf16 units, where oneDNN runs it on
@@ -257,6 +258,8 @@ def measured_choice(
         **identity,
         "precision": label,
         "kernels": [*CANDIDATES[precision], *([ONE_ROW] if one_row else [])],
+        # Our kernel's timings hold for its source only (torch's kernels are keyed by torch's version).
+        **({"one_row_source": matvec.source_digest()} if one_row else {}),
         "shapes": [[*shape, count] for shape, count in shapes.items()],
         "rows": list(rows),
     }

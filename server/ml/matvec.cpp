@@ -1,4 +1,5 @@
-// One row through a float32 Linear layer, y = W x + b, at the memory's rate (server/ml/matvec.py says why).
+// One row through a float32 (or bfloat16, or int8) Linear layer, y = W x + b, at the memory's rate (server/ml/matvec.py
+// says why).
 //
 // Each thread takes a contiguous run of output rows and computes them eight at a time: eight streams of weights read
 // side by side against one copy of x, one 16-wide accumulator each. Fewer streams per thread left the memory idle
@@ -10,6 +11,9 @@
 // one sequential stream instead of eight short ones; the hardware prefetchers follow it further. On the Zen 4 a
 // thread alone read GPT-2's 48 block weights at 20 GB/s blocked against 16 in place, two threads 28.6 to 30.2 GB/s
 // against 26.9 to 27.7 (three runs). Blocking costs a copy, so matvec.py blocks only weights it must copy anyway.
+//
+// bfloat16 (where the CPU has AVX512-BF16): the same loops over bfloat16 weights and input, 32 values to a piece, one
+// `vdpbf16ps` per piece (exact products summed in float32), each output rounded to bfloat16 once.
 //
 // int8 (`matvec_int8`, where the CPU has AVX512-VNNI): torch's dynamic quantization, computed as fbgemm computes it
 // (the weight int8 per output row, the input quantized per call to 7-bit unsigned with a zero point, int32 sums),

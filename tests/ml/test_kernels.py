@@ -124,6 +124,18 @@ def test_timings_are_measured_once_per_machine_and_read_back(standins, tmp_path,
     assert again.onednn == first.onednn and "cached" in again.reason
 
 
+def test_a_changed_one_row_kernel_is_timed_again(standins, tmp_path, monkeypatch):
+    model = generator(standins).model
+    measured_choice(model, (1, 4), tmp_path)
+    monkeypatch.setattr(matvec, "source_digest", lambda: "another source")
+    assert "measured in" in measured_choice(model, (1, 4), tmp_path).reason
+    assert len(list((tmp_path / "kernels").glob("*.json"))) == 2
+    # A model never timed at one row does not depend on it.
+    measured_choice(model, (4,), tmp_path)
+    monkeypatch.setattr(matvec, "source_digest", lambda: "a third source")
+    assert "cached" in measured_choice(model, (4,), tmp_path).reason
+
+
 def test_cached_timings_decide_the_choice_and_a_broken_file_is_measured_again(standins, tmp_path, monkeypatch):
     model = generator(standins).model
     measured_choice(model, (1, 4), tmp_path)
