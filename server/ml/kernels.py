@@ -12,12 +12,12 @@ kernel is timed for one row only, our own matrix-vector product (server/ml/matve
 it: in float32; in bfloat16 where the CPU has AVX512-BF16; in int8 where it has AVX512-VNNI), and takes a shape's
 one-row calls, whichever kernel has its other rows, where it was the fastest there (`one_row_matvec`): on an AMD EPYC
 Zen 4 all five GPT-2 shapes in each. Before it
-existed, on the AMD EPYC (AVX2) machine, GPT-2-124M's 768x768 projection went to
-torch (oneDNN 0.04 ms slower for one row, about even overall) and its four other shapes to oneDNN; on an Intel Xeon
-(AVX-512, AMX) all five went to oneDNN, four of them with one row on torch. The choice is a pure function of the timings
-(`choose`), so it is tested with injected timings; the timings are cached per CPU model, ISA flags, torch build, thread
-count, dtype, shapes and (where it is timed) our kernel's source, under `MODELS_CACHE_DIR/kernels/`, so only the first start on a machine pays the measurement (a
-few seconds for GPT-2).
+existed, on the AMD EPYC (AVX2) machine, GPT-2-124M's 768x768 projection went to torch (oneDNN 0.04 ms slower for one
+row, about even overall) and its four other shapes to oneDNN; on an Intel Xeon (AVX-512, AMX) all five went to oneDNN,
+four of them with one row on torch. The choice is a pure function of the timings (`choose`), so it is tested with
+injected timings; the timings are cached per CPU model, ISA flags, torch build, thread count, dtype, shapes and (where
+it is timed) our kernel's source, under `MODELS_CACHE_DIR/kernels/`, so only the first start on a machine pays the
+measurement (a few seconds for GPT-2).
 
 Both kernels compute in the model's dtype (float32, or bfloat16 on a CPU with bf16 units, where oneDNN runs it on
 the AMX tiles); only the summation order differs, so outputs may differ in their last bits: greedy output is checked
@@ -180,8 +180,8 @@ def seconds(run, x: torch.Tensor) -> float:
 
 def candidates(linear: nn.Linear, precision: Precision, one_row: bool) -> dict[str, nn.Module]:
     """`linear` computed by each of `precision`'s candidate kernels (copies: `linear` is left as it is). In `fp32`
-    the kernels compute in the Linear's own dtype (float32, or bfloat16 on a CPU with bf16 units); a float32 or int8
-    one also by our matrix-vector kernel where it is here and `one_row` inputs are to be timed (`ONE_ROW`)."""
+    the kernels compute in the Linear's own dtype (float32, or bfloat16 on a CPU with bf16 units); each also by our
+    matrix-vector kernel where it is here in that form and `one_row` inputs are to be timed (`ONE_ROW`)."""
     with_one_row = one_row and _one_row_offered(precision, linear.weight.dtype)
     if precision == "fp32":
         kernels: dict[str, nn.Module] = {"torch": linear, "onednn": OneDnnLinear(linear)}

@@ -21,8 +21,9 @@ weights at 15 to 18 GB/s, this kernel, eight rows blocked, at 19 to 20.
 
 In bfloat16 (`GENERATOR_DTYPE=bfloat16`, on a CPU with AVX512-BF16) the float32 kernel's form reads bfloat16 weights,
 half the bytes: one AVX512-BF16 instruction multiplies 32 pairs exactly and sums them in float32, and each output is
-rounded to bfloat16 once, as oneDNN's bf16 kernels compute. On the Zen 4 it read GPT-2's 48 bfloat16 block weights
-(in cache) 1.4x to 2.7x faster than oneDNN's packed bf16 product at one row; the LM head, read in place, about as fast.
+rounded to bfloat16 once, as oneDNN's bf16 kernels compute. On the Zen 4 it computed one row of GPT-2's four block
+shapes 1.5x to 2.7x faster than oneDNN's packed bf16 product (each timed alone, its weight in cache); the LM head, read
+in place from memory, took 4.3 to 4.8 ms against oneDNN's 3.3 to 3.8, so its row stays on oneDNN there.
 
 Its sums run in another order than torch's and oneDNN's (16 lanes, then across them), so its outputs may differ from
 theirs in their last bits, as theirs do from each other's: greedy output is checked identical to transformers' on the
