@@ -1,5 +1,5 @@
 """What this CPU is, as /proc/cpuinfo says: what kernel timings (server/ml/kernels.py) and builds for this CPU
-(server/ml/matvec.py) are keyed by."""
+(server/ml/matvec.py) are keyed by; and its largest cache, which the kernel timings read past."""
 
 import platform
 from functools import cache
@@ -20,3 +20,24 @@ def cpu_info() -> tuple[str, frozenset[str]]:
     except OSError:
         pass
     return model, flags
+
+
+# What a CPU whose caches cannot be read is taken to have: a large server part's share.
+ASSUMED_CACHE_BYTES = 32 << 20
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+@cache
+def largest_cache_bytes(caches: Path = CACHES) -> int:
+    """The size of the CPU's largest cache (its last level, as sysfs gives it for CPU 0), else `ASSUMED_CACHE_BYTES`."""
+    sizes = []
+    for entry in caches.glob("index*"):
+        try:
+            size = (entry / "size").read_text().strip()
+            sizes.append(int(size[:-1]) * _UNITS[size[-1]] if size[-1] in _UNITS else int(size))
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(sizes, default=ASSUMED_CACHE_BYTES)

@@ -17,7 +17,9 @@ row, about even overall) and its four other shapes to oneDNN; on an Intel Xeon (
 four of them with one row on torch. The choice is a pure function of the timings (`choose`), so it is tested with
 injected timings; the timings are cached per CPU model, ISA flags, torch build, thread count, dtype, shapes and (where
 it is timed) our kernel's source, under `MODELS_CACHE_DIR/kernels/`, so only the first start on a machine pays the
-measurement (a few seconds for GPT-2).
+measurement (for GPT-2-124M on an AMD EPYC Zen 4: 3 s in fp32 and bfloat16, 15 s in int8, whose weights are quantized
+copy by copy). Each shape is timed on its weights read from memory, as a decoding step reads them (`seconds`,
+`streamed_copies`).
 
 Both kernels compute in the model's dtype (float32, or bfloat16 on a CPU with bf16 units, where oneDNN runs it on
 the AMX tiles); only the summation order differs, so outputs may differ in their last bits: greedy output is checked
@@ -36,16 +38,17 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 from transformers.pytorch_utils import Conv1D
 
 from server.ml import matvec
-from server.ml.cpu import cpu_info
+from server.ml.cpu import cpu_info, largest_cache_bytes
 from server.ml.matvec import Int8MatVecLinear, MatVecLinear
 from server.ml.precision import INT8_ENGINES, OneDnnLinear, Precision, ServedKernels, quantize_linear_int8
 
@@ -58,6 +61,9 @@ ISA_FLAGS = frozenset(
     {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"}
 )
 REPEATS = 15
+# The most copies of one weight timed (`streamed_copies`): GPT-2's smallest int8 weight, 0.6 MB, takes 109 to pass
+# twice 32 MiB.
+MOST_COPIES = 256
 # The kernels timed against each other per precision: the reference (a tie goes to it), then oneDNN.
 CANDIDATES: dict[Precision, tuple[ServedKernels, ServedKernels]] = {"fp32": ("torch", "onednn"), "int8": INT8_ENGINES}
 # Timed for one row only, beside the two of a float32 or int8 model: our matrix-vector kernel (server/ml/matvec.py),
@@ -166,16 +172,33 @@ def _fastest_one_row(by_rows: dict[int, dict[str, float]], everything: bool = Tr
     return min(allowed, key=allowed.__getitem__)
 
 
-def seconds(run, x: torch.Tensor) -> float:
-    """Median seconds of one call `run(x)`, after one call that is not counted."""
+def seconds(runs: Sequence[Callable[[torch.Tensor], object]], x: torch.Tensor) -> float:
+    """Median seconds of one call, each on the next of `runs` in turn, after one call on each that is not counted.
+
+    `runs` are one kernel on several copies of a weight (`streamed_copies`): a decoding step reads each weight from
+    memory, not from the cache that calls on one copy would keep it in, and the kernels' order can differ there. On
+    an AMD EPYC Zen 4 (32 MiB of cache) our int8 kernel took 30 us to fbgemm's 45 for one row of 3072x768 in cache,
+    100 to 116 read from memory; in bfloat16, at 768x2304, it tied oneDNN in cache (83 us) and led it from memory
+    (254 to 264)."""
     with torch.inference_mode():
-        run(x)  # the first call allocates and dispatches; it is not what a decoding step pays
+        for run in runs:
+            run(x)  # the first call allocates and dispatches; it is not what a decoding step pays
         samples = []
-        for _ in range(REPEATS):
+        for call in range(REPEATS):
             start = time.perf_counter()
-            run(x)
+            runs[call % len(runs)](x)
             samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def streamed_copies(shape: Shape, layers: dict[Shape, int], weight_bytes: int) -> int:
+    """How many copies of a weight of `shape` to time it on: as many as a decoding step reads between two reads of
+    it (every Linear weight of the model, `layers` of each shape, `weight_bytes` a value), but no more than pass
+    twice the CPU's largest cache (nor `MOST_COPIES`), beyond which every one is read from memory anyway. A model
+    that fits in the cache is timed in it, as its steps run."""
+    each = shape[0] * shape[1] * weight_bytes
+    model = sum(count * i * o for (i, o), count in layers.items()) * weight_bytes
+    return max(1, min(MOST_COPIES, -(-min(model, 2 * largest_cache_bytes()) // each)))
 
 
 def candidates(linear: nn.Linear, precision: Precision, one_row: bool) -> dict[str, nn.Module]:
@@ -198,21 +221,31 @@ def candidates(linear: nn.Linear, precision: Precision, one_row: bool) -> dict[s
 
 
 def measure(
-    shapes: Iterable[Shape], rows: Sequence[int], precision: Precision = "fp32", dtype: torch.dtype = torch.float32
+    layers: dict[Shape, int], rows: Sequence[int], precision: Precision = "fp32", dtype: torch.dtype = torch.float32
 ) -> dict[Shape, dict[int, dict[str, float]]]:
-    """Median seconds of one call per shape, row count and kernel, on random weights of that shape in `dtype`."""
+    """Median seconds of one call per shape (`layers`: the model's Linear shapes, how many layers have each), row
+    count and kernel, on random weights of that shape in `dtype`, as far from the cache as a decoding step reads them
+    (`streamed_copies` of each, built one after another: none is left to the next shape)."""
     generator = torch.Generator().manual_seed(0)
+    weight_bytes = 1 if precision == "int8" else dtype.itemsize
     timings: dict[Shape, dict[int, dict[str, float]]] = {}
-    for in_features, out_features in shapes:
-        linear = nn.Linear(in_features, out_features)
-        with torch.no_grad():
-            linear.weight.copy_(torch.randn(out_features, in_features, generator=generator) * 0.02)
-        kernels = candidates(linear.to(dtype), precision, one_row=1 in rows)
-        timings[(in_features, out_features)] = {}
+    for shape in layers:
+        in_features, out_features = shape
+        copies = []
+        for _ in range(streamed_copies(shape, layers, weight_bytes)):
+            # Not initialised: its weights are drawn here.
+            linear = skip_init(nn.Linear, in_features, out_features)
+            with torch.no_grad():
+                linear.weight.copy_(torch.randn(out_features, in_features, generator=generator) * 0.02)
+                linear.bias.copy_(torch.randn(out_features, generator=generator) * 0.02)
+            copies.append(candidates(linear.to(dtype), precision, one_row=1 in rows))
+        timings[shape] = {}
         for count in rows:
             x = torch.randn(count, in_features, generator=generator).to(dtype)
-            timings[(in_features, out_features)][count] = {
-                name: seconds(run, x) for name, run in kernels.items() if count == 1 or name != ONE_ROW
+            timings[shape][count] = {
+                name: seconds([kernels[name] for kernels in copies], x)
+                for name in copies[0]
+                if count == 1 or name != ONE_ROW
             }
     return timings
 

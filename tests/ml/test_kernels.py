@@ -105,6 +105,40 @@ def test_the_shapes_are_those_of_every_linear_and_conv1d(standins):
     assert sum(shapes.values()) == sum(type(m) is nn.Linear or isinstance(m, Conv1D) for m in model.modules())
 
 
+def test_each_timed_call_runs_on_the_next_copy_after_one_uncounted_call_on_each():
+    calls = []
+    runs = [lambda x, i=i: calls.append(i) for i in range(3)]
+    assert kernels.seconds(runs, torch.zeros(1)) >= 0
+    assert calls == [0, 1, 2] + [i % 3 for i in range(kernels.REPEATS)]
+
+
+@pytest.mark.parametrize(
+    ("cache_bytes", "copies"),
+    [
+        (1 << 20, {(64, 64): 18, (64, 256): 5}),  # the whole model (288 KiB) fits: as many as a step reads
+        (64 << 10, {(64, 64): 8, (64, 256): 2}),  # twice the cache (128 KiB) and no more
+    ],
+)
+def test_a_weight_is_timed_on_as_many_copies_as_a_step_reads_between_two_reads_of_it(monkeypatch, cache_bytes, copies):
+    monkeypatch.setattr(kernels, "largest_cache_bytes", lambda: cache_bytes)
+    layers = {(64, 64): 10, (64, 256): 2}
+    assert {shape: kernels.streamed_copies(shape, layers, 4) for shape in layers} == copies
+    built: dict[tuple[int, int], list[torch.Tensor]] = {}
+    real = kernels.candidates
+
+    def candidates(linear, precision, one_row):
+        built.setdefault((linear.in_features, linear.out_features), []).append(linear.weight.detach().clone())
+        return real(linear, precision, one_row)
+
+    monkeypatch.setattr(kernels, "candidates", candidates)
+    timings = kernels.measure(layers, (1, 4))
+    assert {shape: len(weights) for shape, weights in built.items()} == copies
+    # Distinct weights: no copy is read from the cache another left it in.
+    assert all(not torch.equal(weights[0], weights[1]) for weights in built.values())
+    assert set(timings) == set(layers) and all(set(timings[shape]) == {1, 4} for shape in layers)
+    assert kernels.streamed_copies((8, 8), {(8, 8): 10_000}, 4) == kernels.MOST_COPIES
+
+
 def test_timings_are_measured_once_per_machine_and_read_back(standins, tmp_path, monkeypatch):
     model = generator(standins).model
     first = measured_choice(model, (1, 4), tmp_path)
