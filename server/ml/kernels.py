@@ -64,6 +64,7 @@ REPEATS = 15
 # The most copies of one weight timed (`streamed_copies`): GPT-2's smallest int8 weight, 0.6 MB, takes 109 to pass
 # twice 32 MiB.
 MOST_COPIES = 256
+TIMED = "streamed copies"
 # The kernels timed against each other per precision: the reference (a tie goes to it), then oneDNN.
 CANDIDATES: dict[Precision, tuple[ServedKernels, ServedKernels]] = {"fp32": ("torch", "onednn"), "int8": INT8_ENGINES}
 # Timed for one row only, beside the two of a float32 or int8 model: our matrix-vector kernel (server/ml/matvec.py),
@@ -291,6 +292,8 @@ def measured_choice(
         **identity,
         "precision": label,
         "kernels": [*CANDIDATES[precision], *([ONE_ROW] if one_row else [])],
+        # How the timings were taken: those taken otherwise (on weights in cache, before 2026-12-08) are taken again.
+        "timed": TIMED,
         # Our kernel's timings hold for its source only (torch's kernels are keyed by torch's version).
         **({"one_row_source": matvec.source_digest()} if one_row else {}),
         "shapes": [[*shape, count] for shape, count in shapes.items()],

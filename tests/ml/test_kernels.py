@@ -145,6 +145,7 @@ def test_timings_are_measured_once_per_machine_and_read_back(standins, tmp_path,
     [cached] = (tmp_path / "kernels").glob("*.json")
     stored = json.loads(cached.read_text())
     assert stored["key"]["rows"] == [1, 4] and stored["key"]["cpu"] == kernels.cpu_identity()["cpu"]
+    assert stored["key"]["timed"] == kernels.TIMED
     # Our matrix-vector kernel computes one row only, so it is timed there only.
     assert all(set(entry["rows"]["1"]) == {"torch", "onednn", "matvec"} for entry in stored["timings"])
     assert all(set(entry["rows"]["4"]) == {"torch", "onednn"} for entry in stored["timings"])
