@@ -25,8 +25,6 @@ def cpu_info() -> tuple[str, frozenset[str]]:
 # What a CPU whose caches cannot be read is taken to have: a large server part's share.
 ASSUMED_CACHE_BYTES = 32 << 20
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
 CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
 
 

@@ -8,18 +8,17 @@ and gets whichever costs the model less. Each row count weighs the same: a shape
 whole model's time there (all shapes on torch, each counted once per layer), so a lone request's latency counts as much
 as a batch's throughput. A oneDNN shape whose one-row calls torch computes faster keeps its plain Linear too and sends
 one row to it (`one_row_reference`, `precision.OneRowApart`), so its one-row cost is the lesser of the two. A third
-kernel is timed for one row only, our own matrix-vector product (server/ml/matvec.py, where this machine could build
-it: in float32; in bfloat16 where the CPU has AVX512-BF16; in int8 where it has AVX512-VNNI), and takes a shape's
-one-row calls, whichever kernel has its other rows, where it was the fastest there (`one_row_matvec`): on an AMD EPYC
-Zen 4 all five GPT-2 shapes in each. Before it
-existed, on the AMD EPYC (AVX2) machine, GPT-2-124M's 768x768 projection went to torch (oneDNN 0.04 ms slower for one
-row, about even overall) and its four other shapes to oneDNN; on an Intel Xeon (AVX-512, AMX) all five went to oneDNN,
-four of them with one row on torch. The choice is a pure function of the timings (`choose`), so it is tested with
-injected timings; the timings are cached per CPU model, ISA flags, torch build, thread count, dtype, shapes and (where
-it is timed) our kernel's source, under `MODELS_CACHE_DIR/kernels/`, so only the first start on a machine pays the
-measurement (for GPT-2-124M on an AMD EPYC Zen 4: 3 s in fp32 and bfloat16, 15 s in int8, whose weights are quantized
-copy by copy). Each shape is timed on its weights read from memory, as a decoding step reads them (`seconds`,
-`streamed_copies`).
+kernel is timed for one row only, our own matrix-vector product (server/ml/matvec.py, where this machine could build it:
+in float32; in bfloat16 where the CPU has AVX512-BF16; in int8 where it has AVX512-VNNI), and takes a shape's one-row
+calls, whichever kernel has its other rows, where it was the fastest there (`one_row_matvec`): on an AMD EPYC Zen 4 all
+five GPT-2 shapes in float32 and int8. Before it existed, on the AMD EPYC (AVX2) machine, GPT-2-124M's 768x768
+projection went to torch (oneDNN 0.04 ms slower for one row, about even overall) and its four other shapes to oneDNN; on
+an Intel Xeon (AVX-512, AMX) all five went to oneDNN, four of them with one row on torch. The choice is a pure function
+of the timings (`choose`), so it is tested with injected timings; the timings are cached per CPU model, ISA flags, torch
+build, thread count, dtype, shapes and (where it is timed) our kernel's source, under `MODELS_CACHE_DIR/kernels/`, so
+only the first start on a machine pays the measurement (for GPT-2-124M on an AMD EPYC Zen 4: 3 s in fp32 and bfloat16,
+15 s in int8, whose weights are quantized copy by copy). Each shape is timed on its weights read from memory, as a
+decoding step reads them (`seconds`, `streamed_copies`).
 
 Both kernels compute in the model's dtype (float32, or bfloat16 on a CPU with bf16 units, where oneDNN runs it on
 the AMX tiles); only the summation order differs, so outputs may differ in their last bits: greedy output is checked
