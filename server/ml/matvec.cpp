@@ -25,7 +25,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
